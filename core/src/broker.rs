@@ -1,0 +1,50 @@
+//! The `Broker` contract: publish/subscribe between relay nodes.
+//!
+//! Why this shape: a relay node subscribes to one topic per user it holds, which can be tens of
+//! thousands of topics, so deliveries come through one [`BrokerSink`] given at construction
+//! rather than one stream per subscription. `publish` answers how many receivers took the
+//! payload where the broker can know (Redis counts subscribers, NATS can use request/reply),
+//! because the relay promises senders a truthful "delivered" or "offline". Failures are errors,
+//! never silent drops, so the relay can answer "broker unavailable".
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::BrokerError;
+use crate::health::Health;
+
+/// Receives payloads for subscribed topics.
+pub trait BrokerSink: Send + Sync {
+    /// Called for each payload on a subscribed topic. Returns whether something local took it
+    /// (for brokers that report delivery back to the publisher). Must not block.
+    fn deliver(&self, topic: &str, payload: Bytes) -> bool;
+}
+
+/// What the broker knows about a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// How many receivers took the payload, if the broker can tell. `Some(0)` means nobody.
+    pub receivers: Option<u64>,
+}
+
+/// Pub/sub between relay nodes.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// The kind name this broker registered under.
+    fn kind(&self) -> &'static str;
+    /// Publishes a payload to a topic.
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<PublishReceipt, BrokerError>;
+    /// Starts delivering a topic's payloads to this broker's sink. Subscribing twice is a no-op.
+    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError>;
+    /// Stops delivering a topic. Unsubscribing an unknown topic is a no-op.
+    async fn unsubscribe(&self, topic: &str) -> Result<(), BrokerError>;
+    /// Whether the broker is reachable.
+    async fn health(&self) -> Health {
+        Health::Up
+    }
+}
+
+/// A handle to a broker as hosts hold it.
+pub type SharedBroker = Arc<dyn Broker>;

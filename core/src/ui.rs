@@ -1,0 +1,205 @@
+//! The `UiFrontend` contract: the client's user interface.
+//!
+//! Why this shape: the client logic must not know whether a person is looking at a full-screen
+//! terminal, a line-mode prompt or a test harness, so the frontend is driven by a closed set of
+//! [`AppEvent`]s and answers with a closed set of [`UserAction`]s over channels. Closed enums are
+//! matched exhaustively, so adding an event forces every frontend to decide what to do with it.
+//! The frontend owns the terminal for as long as `run` runs and must restore it when it returns.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::id::UserId;
+
+/// A conversation: one contact or one group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConversationId {
+    /// A one-to-one conversation with a contact.
+    Direct(UserId),
+    /// A client-side group, by its group id (hex).
+    Group(String),
+}
+
+/// Delivery state of an outgoing message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting in the outbox or in flight.
+    Sending,
+    /// A live session of every recipient took it.
+    Delivered,
+    /// The recipient was offline; it was not delivered.
+    Offline,
+    /// The relay refused it or it could not be sent.
+    Failed,
+}
+
+/// Connection state shown in the status bar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connecting or reconnecting (attempt number).
+    Connecting(u32),
+    /// Connected and authenticated.
+    Online,
+    /// Disconnected; retrying after the given number of seconds.
+    Offline {
+        /// Seconds until the next attempt.
+        retry_in_secs: u64,
+        /// Why the last attempt failed.
+        reason: String,
+    },
+}
+
+/// A message as the interface shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatLine {
+    /// The conversation it belongs to.
+    pub conversation: ConversationId,
+    /// The message id (hex), for delivery updates.
+    pub message_id: String,
+    /// Who wrote it.
+    pub sender: UserId,
+    /// The sender's handle or local name, if known.
+    pub sender_name: Option<String>,
+    /// Whether I wrote it.
+    pub outgoing: bool,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The text.
+    pub text: String,
+    /// For outgoing messages, the delivery state.
+    pub delivery: Option<DeliveryState>,
+}
+
+/// A conversation as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// Which conversation.
+    pub id: ConversationId,
+    /// Its display name.
+    pub name: String,
+    /// Unread messages.
+    pub unread: u32,
+    /// Preview of the last message.
+    pub last_preview: Option<String>,
+    /// Time of the last activity, ms since the epoch.
+    pub last_activity_ms: u64,
+    /// Whether the contact's safety number was verified.
+    pub verified: bool,
+    /// Whether the contact's key changed and sending is blocked until re-verification.
+    pub key_changed: bool,
+    /// Whether this is a request from someone not in the contacts.
+    pub request: bool,
+}
+
+/// Everything the client tells the interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AppEvent {
+    /// The connection state changed.
+    Connection(ConnectionState),
+    /// The conversation list changed.
+    Conversations(Vec<ConversationSummary>),
+    /// History for a conversation, oldest first.
+    History {
+        /// Which conversation.
+        conversation: ConversationId,
+        /// The lines.
+        lines: Vec<ChatLine>,
+    },
+    /// A new message, incoming or outgoing.
+    Message(ChatLine),
+    /// An outgoing message's delivery state changed.
+    Delivery {
+        /// Which conversation.
+        conversation: ConversationId,
+        /// Which message (hex id).
+        message_id: String,
+        /// The new state.
+        state: DeliveryState,
+    },
+    /// A pinned contact's identity key changed: sending is blocked until re-verification.
+    KeyChanged {
+        /// The contact.
+        contact: UserId,
+        /// Their handle.
+        handle: String,
+    },
+    /// The safety number for a contact, on request.
+    SafetyNumber {
+        /// The contact.
+        contact: UserId,
+        /// The 60 digits.
+        number: String,
+        /// Whether it is marked verified.
+        verified: bool,
+    },
+    /// Whether a handle is free on the relay (onboarding).
+    HandleAvailability {
+        /// The handle checked.
+        handle: String,
+        /// Whether it is free.
+        available: bool,
+    },
+    /// Something the person should know.
+    Notice(String),
+    /// Something failed; the text says what to do.
+    Error(String),
+    /// The client is shutting down; the interface should return.
+    Shutdown,
+}
+
+/// Everything the person can ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UserAction {
+    /// Send text to a conversation.
+    Send {
+        /// Where.
+        conversation: ConversationId,
+        /// What.
+        text: String,
+    },
+    /// Load history of a conversation.
+    LoadHistory {
+        /// Which conversation.
+        conversation: ConversationId,
+        /// How many lines at most.
+        limit: usize,
+    },
+    /// The conversation was opened (read up to now).
+    MarkRead(ConversationId),
+    /// Add a contact by handle or user id.
+    AddContact(String),
+    /// Show the safety number of a contact, optionally marking it verified.
+    Verify {
+        /// The contact.
+        contact: UserId,
+        /// Whether to mark it verified.
+        mark_verified: bool,
+    },
+    /// Check whether a handle is free (onboarding).
+    CheckHandle(String),
+    /// A slash command from a plugin or the palette.
+    Command {
+        /// The command name without the slash.
+        name: String,
+        /// The rest of the line.
+        args: String,
+    },
+    /// Quit.
+    Quit,
+}
+
+/// A user interface.
+#[async_trait]
+pub trait UiFrontend: Send {
+    /// The kind name this frontend registered under.
+    fn kind(&self) -> &'static str;
+    /// Runs until the person quits or [`AppEvent::Shutdown`] arrives.
+    async fn run(
+        &mut self,
+        events: mpsc::Receiver<AppEvent>,
+        actions: mpsc::Sender<UserAction>,
+    ) -> Result<(), Error>;
+}

@@ -1,0 +1,874 @@
+//! The wire protocol between client and relay: versioned binary frames.
+//!
+//! One WebSocket binary message carries exactly one frame. Every frame starts with the protocol
+//! version byte and a type byte; fields follow in a fixed order, integers big-endian, strings
+//! and byte strings with a length prefix. The format is written by hand (no serializer) so that
+//! it is stable, specified byte for byte in `docs/PROTOCOL.md`, and decodable without panics or
+//! unbounded allocation: every length is checked against the bytes actually present and against
+//! a per-field limit before anything is allocated.
+//!
+//! Envelopes travel inside `Send` and `Deliver` as opaque bytes; decoding a frame never looks
+//! inside them, and they are borrowed from the input buffer rather than copied.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::crypto::envelope::{MESSAGE_ID_LEN, MessageId};
+use crate::crypto::keys::SignedPrekey;
+use crate::error::WireError;
+use crate::id::{Handle, USER_ID_LEN, UserId};
+use crate::record::IdentityRecord;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The default and largest frame a relay accepts, in bytes.
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+/// Longest token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 2048;
+/// Longest error message, in bytes.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Longest relay id, in bytes.
+pub const MAX_RELAY_ID_LEN: usize = 255;
+/// Most outcomes in one send result (matches the envelope's recipient limit).
+pub const MAX_OUTCOMES: usize = crate::crypto::envelope::MAX_RECIPIENTS;
+/// Bytes in an authentication nonce.
+pub const NONCE_LEN: usize = 32;
+
+/// A request id chosen by the client; replies carry it back. 0 means "not tied to a request".
+pub type RequestId = u32;
+
+/// Error codes carried by [`Frame::Error`], rejected send outcomes and WebSocket close frames
+/// (close code = 4000 + error code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame could not be decoded.
+    Malformed,
+    /// The protocol version is not supported.
+    UnsupportedVersion,
+    /// The frame exceeds the size limit.
+    FrameTooLarge,
+    /// The frame needs an authenticated session.
+    NotAuthenticated,
+    /// The authentication proof did not verify, or the nonce was already used.
+    AuthFailed,
+    /// The resume token has expired.
+    TokenExpired,
+    /// The resume token is not valid.
+    TokenInvalid,
+    /// The handle belongs to someone else.
+    HandleTaken,
+    /// The handle breaks the handle rules.
+    HandleInvalid,
+    /// No such user.
+    NotFound,
+    /// Too many requests; slow down.
+    RateLimited,
+    /// Too many connections from this address.
+    TooManyConnections,
+    /// The signed prekey does not verify.
+    BadPrekey,
+    /// The session's outbound queue overflowed; messages were dropped.
+    QueueOverflow,
+    /// The broker is unavailable, so the message could not reach other nodes.
+    BrokerUnavailable,
+    /// The identity store is unavailable.
+    StoreUnavailable,
+    /// The relay failed internally.
+    Internal,
+    /// A handshake or idle timeout expired.
+    Timeout,
+    /// The session is already authenticated.
+    AlreadyAuthenticated,
+    /// A relay hook denied the operation.
+    HookDenied,
+    /// The envelope is malformed.
+    BadEnvelope,
+    /// This identity is already registered.
+    AlreadyRegistered,
+    /// The relay is shutting down.
+    ShuttingDown,
+    /// The frame is not valid in this direction or state.
+    Unexpected,
+    /// More recipients than allowed.
+    TooManyRecipients,
+    /// A code this build does not know (from a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    const TABLE: &'static [(u16, ErrorCode)] = &[
+        (1, ErrorCode::Malformed),
+        (2, ErrorCode::UnsupportedVersion),
+        (3, ErrorCode::FrameTooLarge),
+        (4, ErrorCode::NotAuthenticated),
+        (5, ErrorCode::AuthFailed),
+        (6, ErrorCode::TokenExpired),
+        (7, ErrorCode::TokenInvalid),
+        (8, ErrorCode::HandleTaken),
+        (9, ErrorCode::HandleInvalid),
+        (10, ErrorCode::NotFound),
+        (11, ErrorCode::RateLimited),
+        (12, ErrorCode::TooManyConnections),
+        (13, ErrorCode::BadPrekey),
+        (14, ErrorCode::QueueOverflow),
+        (15, ErrorCode::BrokerUnavailable),
+        (16, ErrorCode::StoreUnavailable),
+        (17, ErrorCode::Internal),
+        (18, ErrorCode::Timeout),
+        (19, ErrorCode::AlreadyAuthenticated),
+        (20, ErrorCode::HookDenied),
+        (21, ErrorCode::BadEnvelope),
+        (22, ErrorCode::AlreadyRegistered),
+        (23, ErrorCode::ShuttingDown),
+        (24, ErrorCode::Unexpected),
+        (25, ErrorCode::TooManyRecipients),
+    ];
+
+    /// The numeric code.
+    pub fn as_u16(self) -> u16 {
+        if let ErrorCode::Other(n) = self {
+            return n;
+        }
+        Self::TABLE
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map(|(n, _)| *n)
+            .unwrap_or(17)
+    }
+
+    /// The code for a number; unknown numbers are kept as [`ErrorCode::Other`].
+    pub fn from_u16(n: u16) -> Self {
+        Self::TABLE
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, c)| *c)
+            .unwrap_or(ErrorCode::Other(n))
+    }
+
+    /// The stable snake_case name used in logs, metrics and JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::HandleTaken => "handle_taken",
+            ErrorCode::HandleInvalid => "handle_invalid",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::BadPrekey => "bad_prekey",
+            ErrorCode::QueueOverflow => "queue_overflow",
+            ErrorCode::BrokerUnavailable => "broker_unavailable",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::HookDenied => "hook_denied",
+            ErrorCode::BadEnvelope => "bad_envelope",
+            ErrorCode::AlreadyRegistered => "already_registered",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unexpected => "unexpected",
+            ErrorCode::TooManyRecipients => "too_many_recipients",
+            ErrorCode::Other(_) => "other",
+        }
+    }
+
+    /// The WebSocket close code that carries this error.
+    pub fn close_code(self) -> u16 {
+        4000u16.saturating_add(self.as_u16().min(999))
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Other(n) => write!(f, "error code {n}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+impl From<&WireError> for ErrorCode {
+    fn from(e: &WireError) -> Self {
+        match e {
+            WireError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// What happened to one recipient of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A live session of the recipient took the message.
+    Delivered,
+    /// No session of the recipient is connected anywhere; the message was not stored.
+    Offline,
+    /// The relay refused or could not deliver, with the reason.
+    Rejected(ErrorCode),
+}
+
+/// One recipient's outcome in a [`Frame::SendResult`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecipientOutcome {
+    /// The recipient.
+    pub user_id: UserId,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Every frame either side can send. See `docs/PROTOCOL.md` for the byte layout of each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    // Relay to client.
+    /// First frame on every connection: who the relay is and a fresh nonce to sign.
+    Challenge {
+        /// The relay's (cluster's) id, bound into every proof so proofs cannot be replayed to
+        /// another relay.
+        relay_id: String,
+        /// A fresh random nonce, used once.
+        nonce: [u8; NONCE_LEN],
+        /// The relay's clock, for the client to estimate skew.
+        server_time_ms: u64,
+        /// The largest frame the relay accepts.
+        max_frame: u32,
+    },
+    /// The session is authenticated.
+    AuthOk {
+        /// The authenticated user.
+        user_id: UserId,
+        /// A short-lived token to resume on any node of the cluster.
+        token: String,
+        /// When the token expires.
+        token_expires_ms: u64,
+    },
+    /// A looked-up identity record.
+    Record {
+        /// The lookup this answers.
+        request_id: RequestId,
+        /// The record (the client verifies it).
+        record: IdentityRecord,
+    },
+    /// A request succeeded with nothing to return.
+    Ack {
+        /// The request this answers.
+        request_id: RequestId,
+    },
+    /// What happened to each recipient of a send.
+    SendResult {
+        /// The send this answers.
+        request_id: RequestId,
+        /// The envelope's message id.
+        message_id: MessageId,
+        /// One outcome per recipient.
+        outcomes: Vec<RecipientOutcome>,
+    },
+    /// A sealed envelope for this session's user.
+    Deliver {
+        /// The envelope bytes, untouched by the relay.
+        envelope: Bytes,
+    },
+    /// Something failed.
+    Error {
+        /// The request that failed, or 0.
+        request_id: RequestId,
+        /// What kind of failure.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+
+    // Client to relay.
+    /// Register a new identity under a handle, proving possession of the identity key.
+    Register {
+        /// The requested handle (validated by the relay, so a bad one gets its own code).
+        handle: String,
+        /// The Ed25519 identity key.
+        identity_key: [u8; 32],
+        /// The first signed prekey.
+        prekey: SignedPrekey,
+        /// Signature over the registration statement (see [`register_statement`]).
+        signature: [u8; 64],
+    },
+    /// Log in by signing the challenge.
+    Auth {
+        /// Who is logging in.
+        user_id: UserId,
+        /// Signature over the login statement (see [`login_statement`]).
+        signature: [u8; 64],
+    },
+    /// Resume with a token from [`Frame::AuthOk`].
+    Resume {
+        /// The token.
+        token: String,
+    },
+    /// Look up a record by handle.
+    LookupHandle {
+        /// Echoed in the reply.
+        request_id: RequestId,
+        /// The handle.
+        handle: String,
+    },
+    /// Look up a record by user id.
+    LookupId {
+        /// Echoed in the reply.
+        request_id: RequestId,
+        /// The user id.
+        user_id: UserId,
+    },
+    /// Replace this user's signed prekey.
+    RotatePrekey {
+        /// Echoed in the reply.
+        request_id: RequestId,
+        /// The new prekey.
+        prekey: SignedPrekey,
+    },
+    /// Send a sealed envelope to the recipients named in its header.
+    Send {
+        /// Echoed in the send result.
+        request_id: RequestId,
+        /// The envelope.
+        envelope: Bytes,
+    },
+
+    // Either direction.
+    /// Liveness probe.
+    Ping {
+        /// Echoed in the pong.
+        nonce: u64,
+    },
+    /// Answer to a ping.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+}
+
+mod tag {
+    pub const CHALLENGE: u8 = 0x01;
+    pub const AUTH_OK: u8 = 0x02;
+    pub const RECORD: u8 = 0x03;
+    pub const ACK: u8 = 0x04;
+    pub const SEND_RESULT: u8 = 0x05;
+    pub const DELIVER: u8 = 0x06;
+    pub const ERROR: u8 = 0x07;
+    pub const REGISTER: u8 = 0x10;
+    pub const AUTH: u8 = 0x11;
+    pub const RESUME: u8 = 0x12;
+    pub const LOOKUP_HANDLE: u8 = 0x13;
+    pub const LOOKUP_ID: u8 = 0x14;
+    pub const ROTATE_PREKEY: u8 = 0x15;
+    pub const SEND: u8 = 0x16;
+    pub const PING: u8 = 0x20;
+    pub const PONG: u8 = 0x21;
+}
+
+const OUTCOME_DELIVERED: u8 = 0;
+const OUTCOME_OFFLINE: u8 = 1;
+const OUTCOME_REJECTED: u8 = 2;
+
+/// The statement a client signs to register: binds the relay, the challenge nonce, the handle,
+/// the identity key and the prekey, so a registration proof cannot be replayed elsewhere or
+/// reused with another handle or prekey.
+pub fn register_statement(
+    relay_id: &str,
+    nonce: &[u8; NONCE_LEN],
+    handle: &str,
+    identity_key: &[u8; 32],
+    prekey: &SignedPrekey,
+) -> Vec<u8> {
+    let mut t = crate::crypto::transcript::Transcript::new("syncra/v1/register");
+    t.bytes(relay_id.as_bytes())
+        .fixed(nonce)
+        .bytes(handle.as_bytes())
+        .fixed(identity_key)
+        .fixed(&prekey.public)
+        .u64(prekey.created_at)
+        .fixed(&prekey.signature);
+    t.finish()
+}
+
+/// The statement a client signs to log in: binds the relay and the one-time nonce.
+pub fn login_statement(relay_id: &str, nonce: &[u8; NONCE_LEN], user_id: &UserId) -> Vec<u8> {
+    let mut t = crate::crypto::transcript::Transcript::new("syncra/v1/login");
+    t.bytes(relay_id.as_bytes())
+        .fixed(nonce)
+        .fixed(user_id.as_bytes());
+    t.finish()
+}
+
+impl Frame {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Challenge { .. } => "challenge",
+            Frame::AuthOk { .. } => "auth_ok",
+            Frame::Record { .. } => "record",
+            Frame::Ack { .. } => "ack",
+            Frame::SendResult { .. } => "send_result",
+            Frame::Deliver { .. } => "deliver",
+            Frame::Error { .. } => "error",
+            Frame::Register { .. } => "register",
+            Frame::Auth { .. } => "auth",
+            Frame::Resume { .. } => "resume",
+            Frame::LookupHandle { .. } => "lookup_handle",
+            Frame::LookupId { .. } => "lookup_id",
+            Frame::RotatePrekey { .. } => "rotate_prekey",
+            Frame::Send { .. } => "send",
+            Frame::Ping { .. } => "ping",
+            Frame::Pong { .. } => "pong",
+        }
+    }
+
+    /// Encodes the frame.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len_hint());
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    fn encoded_len_hint(&self) -> usize {
+        match self {
+            Frame::Deliver { envelope } | Frame::Send { envelope, .. } => 16 + envelope.len(),
+            Frame::SendResult { outcomes, .. } => 32 + outcomes.len() * 24,
+            _ => 256,
+        }
+    }
+
+    /// Encodes the frame into a buffer.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        out.put_u8(PROTOCOL_VERSION);
+        match self {
+            Frame::Challenge {
+                relay_id,
+                nonce,
+                server_time_ms,
+                max_frame,
+            } => {
+                out.put_u8(tag::CHALLENGE);
+                put_str8(out, relay_id);
+                out.put_slice(nonce);
+                out.put_u64(*server_time_ms);
+                out.put_u32(*max_frame);
+            }
+            Frame::AuthOk {
+                user_id,
+                token,
+                token_expires_ms,
+            } => {
+                out.put_u8(tag::AUTH_OK);
+                out.put_slice(user_id.as_bytes());
+                put_str16(out, token);
+                out.put_u64(*token_expires_ms);
+            }
+            Frame::Record { request_id, record } => {
+                out.put_u8(tag::RECORD);
+                out.put_u32(*request_id);
+                out.put_slice(record.user_id.as_bytes());
+                put_str8(out, record.handle.as_str());
+                out.put_slice(&record.identity_key);
+                put_prekey(out, &record.prekey);
+            }
+            Frame::Ack { request_id } => {
+                out.put_u8(tag::ACK);
+                out.put_u32(*request_id);
+            }
+            Frame::SendResult {
+                request_id,
+                message_id,
+                outcomes,
+            } => {
+                out.put_u8(tag::SEND_RESULT);
+                out.put_u32(*request_id);
+                out.put_slice(message_id);
+                out.put_u16(outcomes.len().min(u16::MAX as usize) as u16);
+                for o in outcomes {
+                    out.put_slice(o.user_id.as_bytes());
+                    match o.outcome {
+                        Outcome::Delivered => {
+                            out.put_u8(OUTCOME_DELIVERED);
+                            out.put_u16(0);
+                        }
+                        Outcome::Offline => {
+                            out.put_u8(OUTCOME_OFFLINE);
+                            out.put_u16(0);
+                        }
+                        Outcome::Rejected(code) => {
+                            out.put_u8(OUTCOME_REJECTED);
+                            out.put_u16(code.as_u16());
+                        }
+                    }
+                }
+            }
+            Frame::Deliver { envelope } => {
+                out.put_u8(tag::DELIVER);
+                put_bytes32(out, envelope);
+            }
+            Frame::Error {
+                request_id,
+                code,
+                message,
+            } => {
+                out.put_u8(tag::ERROR);
+                out.put_u32(*request_id);
+                out.put_u16(code.as_u16());
+                put_str16(out, message);
+            }
+            Frame::Register {
+                handle,
+                identity_key,
+                prekey,
+                signature,
+            } => {
+                out.put_u8(tag::REGISTER);
+                put_str8(out, handle);
+                out.put_slice(identity_key);
+                put_prekey(out, prekey);
+                out.put_slice(signature);
+            }
+            Frame::Auth { user_id, signature } => {
+                out.put_u8(tag::AUTH);
+                out.put_slice(user_id.as_bytes());
+                out.put_slice(signature);
+            }
+            Frame::Resume { token } => {
+                out.put_u8(tag::RESUME);
+                put_str16(out, token);
+            }
+            Frame::LookupHandle { request_id, handle } => {
+                out.put_u8(tag::LOOKUP_HANDLE);
+                out.put_u32(*request_id);
+                put_str8(out, handle);
+            }
+            Frame::LookupId {
+                request_id,
+                user_id,
+            } => {
+                out.put_u8(tag::LOOKUP_ID);
+                out.put_u32(*request_id);
+                out.put_slice(user_id.as_bytes());
+            }
+            Frame::RotatePrekey { request_id, prekey } => {
+                out.put_u8(tag::ROTATE_PREKEY);
+                out.put_u32(*request_id);
+                put_prekey(out, prekey);
+            }
+            Frame::Send {
+                request_id,
+                envelope,
+            } => {
+                out.put_u8(tag::SEND);
+                out.put_u32(*request_id);
+                put_bytes32(out, envelope);
+            }
+            Frame::Ping { nonce } => {
+                out.put_u8(tag::PING);
+                out.put_u64(*nonce);
+            }
+            Frame::Pong { nonce } => {
+                out.put_u8(tag::PONG);
+                out.put_u64(*nonce);
+            }
+        }
+    }
+
+    /// Decodes one frame, refusing anything over `max_frame` bytes. Never panics; envelope bytes
+    /// are shared with `input`, not copied.
+    pub fn decode(input: &Bytes, max_frame: usize) -> Result<Frame, WireError> {
+        if input.len() > max_frame {
+            return Err(WireError::TooLarge {
+                size: input.len(),
+                max: max_frame,
+            });
+        }
+        let mut r = Reader { buf: input, pos: 0 };
+        let version = r.u8("version")?;
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let kind = r.u8("type")?;
+        let frame = match kind {
+            tag::CHALLENGE => Frame::Challenge {
+                relay_id: r.str8("relay_id", MAX_RELAY_ID_LEN)?,
+                nonce: r.array("nonce")?,
+                server_time_ms: r.u64("server_time_ms")?,
+                max_frame: r.u32("max_frame")?,
+            },
+            tag::AUTH_OK => Frame::AuthOk {
+                user_id: r.user_id("user_id")?,
+                token: r.str16("token", MAX_TOKEN_LEN)?,
+                token_expires_ms: r.u64("token_expires_ms")?,
+            },
+            tag::RECORD => {
+                let request_id = r.u32("request_id")?;
+                let user_id = r.user_id("user_id")?;
+                let handle = r.str8("handle", crate::id::HANDLE_MAX_LEN)?;
+                let handle = Handle::parse(&handle).map_err(|_| WireError::Invalid {
+                    field: "handle",
+                    why: "not a valid handle",
+                })?;
+                Frame::Record {
+                    request_id,
+                    record: IdentityRecord {
+                        user_id,
+                        handle,
+                        identity_key: r.array("identity_key")?,
+                        prekey: r.prekey()?,
+                    },
+                }
+            }
+            tag::ACK => Frame::Ack {
+                request_id: r.u32("request_id")?,
+            },
+            tag::SEND_RESULT => {
+                let request_id = r.u32("request_id")?;
+                let message_id: [u8; MESSAGE_ID_LEN] = r.array("message_id")?;
+                let count = r.u16("outcome_count")? as usize;
+                if count > MAX_OUTCOMES {
+                    return Err(WireError::Invalid {
+                        field: "outcome_count",
+                        why: "more outcomes than recipients allowed",
+                    });
+                }
+                // 23 bytes per outcome must be present before we allocate for them.
+                r.need(count * (USER_ID_LEN + 3), "outcomes")?;
+                let mut outcomes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let user_id = r.user_id("outcome.user_id")?;
+                    let kind = r.u8("outcome.kind")?;
+                    let code = r.u16("outcome.code")?;
+                    let outcome = match kind {
+                        OUTCOME_DELIVERED => Outcome::Delivered,
+                        OUTCOME_OFFLINE => Outcome::Offline,
+                        OUTCOME_REJECTED => Outcome::Rejected(ErrorCode::from_u16(code)),
+                        _ => {
+                            return Err(WireError::Invalid {
+                                field: "outcome.kind",
+                                why: "unknown outcome",
+                            });
+                        }
+                    };
+                    outcomes.push(RecipientOutcome { user_id, outcome });
+                }
+                Frame::SendResult {
+                    request_id,
+                    message_id,
+                    outcomes,
+                }
+            }
+            tag::DELIVER => Frame::Deliver {
+                envelope: r.bytes32("envelope")?,
+            },
+            tag::ERROR => Frame::Error {
+                request_id: r.u32("request_id")?,
+                code: ErrorCode::from_u16(r.u16("code")?),
+                message: r.str16("message", MAX_MESSAGE_LEN)?,
+            },
+            tag::REGISTER => Frame::Register {
+                handle: r.str8("handle", crate::id::HANDLE_MAX_LEN * 4)?,
+                identity_key: r.array("identity_key")?,
+                prekey: r.prekey()?,
+                signature: r.array("signature")?,
+            },
+            tag::AUTH => Frame::Auth {
+                user_id: r.user_id("user_id")?,
+                signature: r.array("signature")?,
+            },
+            tag::RESUME => Frame::Resume {
+                token: r.str16("token", MAX_TOKEN_LEN)?,
+            },
+            tag::LOOKUP_HANDLE => Frame::LookupHandle {
+                request_id: r.u32("request_id")?,
+                handle: r.str8("handle", crate::id::HANDLE_MAX_LEN * 4)?,
+            },
+            tag::LOOKUP_ID => Frame::LookupId {
+                request_id: r.u32("request_id")?,
+                user_id: r.user_id("user_id")?,
+            },
+            tag::ROTATE_PREKEY => Frame::RotatePrekey {
+                request_id: r.u32("request_id")?,
+                prekey: r.prekey()?,
+            },
+            tag::SEND => Frame::Send {
+                request_id: r.u32("request_id")?,
+                envelope: r.bytes32("envelope")?,
+            },
+            tag::PING => Frame::Ping {
+                nonce: r.u64("nonce")?,
+            },
+            tag::PONG => Frame::Pong {
+                nonce: r.u64("nonce")?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        let rest = input.len() - r.pos;
+        if rest != 0 {
+            return Err(WireError::Trailing(rest));
+        }
+        Ok(frame)
+    }
+}
+
+/// Encodes a `Deliver` frame around envelope bytes without building a [`Frame`] first. The relay
+/// encodes each envelope once and shares the result between every session it goes to.
+pub fn encode_deliver(envelope: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(6 + envelope.len());
+    out.put_u8(PROTOCOL_VERSION);
+    out.put_u8(tag::DELIVER);
+    put_bytes32(&mut out, envelope);
+    out.freeze()
+}
+
+fn put_str8(out: &mut BytesMut, s: &str) {
+    let bytes = s.as_bytes();
+    let n = bytes.len().min(u8::MAX as usize);
+    out.put_u8(n as u8);
+    out.put_slice(&bytes[..n]);
+}
+
+fn put_str16(out: &mut BytesMut, s: &str) {
+    let bytes = s.as_bytes();
+    let n = bytes.len().min(u16::MAX as usize);
+    out.put_u16(n as u16);
+    out.put_slice(&bytes[..n]);
+}
+
+fn put_bytes32(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32(b.len().min(u32::MAX as usize) as u32);
+    out.put_slice(b);
+}
+
+fn put_prekey(out: &mut BytesMut, p: &SignedPrekey) {
+    out.put_slice(&p.public);
+    out.put_u64(p.created_at);
+    out.put_slice(&p.signature);
+}
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn need(&self, n: usize, what: &'static str) -> Result<(), WireError> {
+        if self.buf.len().saturating_sub(self.pos) < n {
+            Err(WireError::Truncated(what))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], WireError> {
+        self.need(n, what)?;
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array(what)?))
+    }
+
+    fn user_id(&mut self, what: &'static str) -> Result<UserId, WireError> {
+        Ok(UserId::from_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, n: usize, what: &'static str) -> Result<String, WireError> {
+        let bytes = self.take(n, what)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| WireError::Invalid {
+                field: what,
+                why: "not UTF-8",
+            })
+    }
+
+    fn str8(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
+        let n = self.u8(what)? as usize;
+        if n > max {
+            return Err(WireError::Invalid {
+                field: what,
+                why: "too long",
+            });
+        }
+        self.string(n, what)
+    }
+
+    fn str16(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
+        let n = self.u16(what)? as usize;
+        if n > max {
+            return Err(WireError::Invalid {
+                field: what,
+                why: "too long",
+            });
+        }
+        self.string(n, what)
+    }
+
+    fn bytes32(&mut self, what: &'static str) -> Result<Bytes, WireError> {
+        let n = self.u32(what)? as usize;
+        self.need(n, what)?;
+        let b = self.buf.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
+    }
+
+    fn prekey(&mut self) -> Result<SignedPrekey, WireError> {
+        Ok(SignedPrekey {
+            public: self.array("prekey.public")?,
+            created_at: self.u64("prekey.created_at")?,
+            signature: self.array("prekey.signature")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_round_trip() {
+        for (n, code) in ErrorCode::TABLE {
+            assert_eq!(code.as_u16(), *n);
+            assert_eq!(ErrorCode::from_u16(*n), *code);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
+        assert_eq!(ErrorCode::Other(999).as_u16(), 999);
+        assert_eq!(ErrorCode::RateLimited.close_code(), 4011);
+    }
+
+    #[test]
+    fn deliver_helper_matches_frame_encoding() {
+        let env = Bytes::from_static(b"sealed bytes");
+        assert_eq!(
+            encode_deliver(&env),
+            Frame::Deliver {
+                envelope: env.clone()
+            }
+            .encode()
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! `syncra-store-sqlite`: the embedded default `IdentityStore` on SQLite.
+//!
+//! Status: not built yet; the relay issue fills this crate.

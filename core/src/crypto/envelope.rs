@@ -236,51 +236,84 @@ pub fn seal_with_rng<R: CryptoRng>(
         }
     }
 
-    // Step 1: per-message randomness.
-    let mut content_key = Zeroizing::new([0u8; 32]);
-    rng.fill_bytes(content_key.as_mut());
+    // Step 1: per-message randomness (the content key and nonce are drawn in `encrypt_and_wrap`).
     let mut message_id = [0u8; MESSAGE_ID_LEN];
     rng.fill_bytes(&mut message_id);
-    let mut nonce = [0u8; NONCE_LEN];
-    rng.fill_bytes(&mut nonce);
-
-    let header = encode_header(&message_id, recipients);
-    let header_hash: [u8; 32] = Sha256::digest(&header).into();
     let digest = recipients_digest(recipients);
-    let sender_id = sender.user_id();
-    let padded = pad(body);
 
     // Step 2: sign.
-    let to_sign = signing_bytes(
-        ENVELOPE_VERSION,
-        &sender_id,
+    let inner = build_inner(
+        &sender.user_id(),
+        &sender.public(),
+        sender,
         &digest,
         &message_id,
         timestamp_ms,
+        body,
+    );
+
+    // Steps 3 and 4: encrypt once, wrap per recipient.
+    let bytes = encrypt_and_wrap(&inner, &message_id, recipients, rng)?;
+    Ok(SealedEnvelope { message_id, bytes })
+}
+
+/// Builds the signed inner plaintext. `claimed_sender` and `sender_key` are separate parameters
+/// only so that tests can forge mismatches; [`seal`] always passes the signer's own.
+fn build_inner(
+    claimed_sender: &UserId,
+    sender_key: &IdentityPublicKey,
+    signer: &IdentityKeyPair,
+    digest: &[u8; 32],
+    message_id: &MessageId,
+    timestamp_ms: u64,
+    body: &[u8],
+) -> Zeroizing<Vec<u8>> {
+    let padded = pad(body);
+    let to_sign = signing_bytes(
+        ENVELOPE_VERSION,
+        claimed_sender,
+        digest,
+        message_id,
+        timestamp_ms,
         &padded,
     );
-    let signature = sender.sign(&to_sign);
-
-    // Step 3: encrypt.
+    let signature = signer.sign(&to_sign);
     let mut inner = Zeroizing::new(Vec::with_capacity(INNER_FIXED + padded.len()));
-    inner.extend_from_slice(sender_id.as_bytes());
-    inner.extend_from_slice(&sender.public());
+    inner.extend_from_slice(claimed_sender.as_bytes());
+    inner.extend_from_slice(sender_key);
     inner.extend_from_slice(&timestamp_ms.to_be_bytes());
-    inner.extend_from_slice(&digest);
+    inner.extend_from_slice(digest);
     inner.extend_from_slice(&signature);
     inner.extend_from_slice(&padded);
+    inner
+}
+
+/// Encrypts an inner plaintext under a fresh content key with the header as associated data,
+/// and wraps the content key (bound to the header by its hash) to every recipient's prekey.
+fn encrypt_and_wrap<R: CryptoRng>(
+    inner: &[u8],
+    message_id: &MessageId,
+    recipients: &[Recipient],
+    rng: &mut R,
+) -> Result<Vec<u8>, SealError> {
+    let mut content_key = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(content_key.as_mut());
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+
+    let header = encode_header(message_id, recipients);
+    let header_hash: [u8; 32] = Sha256::digest(&header).into();
     let cipher = Aes256Gcm::new(&(*content_key).into());
     let ciphertext = cipher
         .encrypt(
             &Nonce::from(nonce),
             Payload {
-                msg: &inner,
+                msg: inner,
                 aad: &header,
             },
         )
         .map_err(|_| SealError::Encrypt)?;
 
-    // Step 4: wrap the content key (bound to this header) once per recipient.
     let mut wrap_plain = Zeroizing::new([0u8; 64]);
     wrap_plain[..32].copy_from_slice(content_key.as_ref());
     wrap_plain[32..].copy_from_slice(&header_hash);
@@ -306,10 +339,7 @@ pub fn seal_with_rng<R: CryptoRng>(
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&(ciphertext.len() as u32).to_be_bytes());
     out.extend_from_slice(&ciphertext);
-    Ok(SealedEnvelope {
-        message_id,
-        bytes: out,
-    })
+    Ok(out)
 }
 
 /// Reads the routing header of an envelope without any key. This is all a relay ever does with
@@ -493,16 +523,12 @@ pub struct OpenedMessage {
 }
 
 impl Opener<'_> {
-    /// Opens and checks an envelope. Each failed check has its own error, in this order: shape,
-    /// wrap for me, wrap decryption, header integrity, ciphertext integrity, sender key,
-    /// signature, recipient binding, timestamp, replay. A message that fails any check does not
-    /// enter the replay guard.
-    pub fn open(
+    /// Finds my wrap, unwraps the content key, checks the header binding and decrypts. Returns
+    /// the parsed envelope and the inner plaintext, unverified.
+    fn decrypt<'b>(
         &self,
-        bytes: &[u8],
-        guard: &mut ReplayGuard,
-        now_ms: u64,
-    ) -> Result<OpenedMessage, OpenError> {
+        bytes: &'b [u8],
+    ) -> Result<(ParsedEnvelope<'b>, Zeroizing<Vec<u8>>), OpenError> {
         let env = parse(bytes)?;
 
         // Which wrap is mine?
@@ -560,6 +586,20 @@ impl Opener<'_> {
                 )
                 .map_err(|_| OpenError::BadCiphertext)?,
         );
+        Ok((env, inner))
+    }
+
+    /// Opens and checks an envelope. Each failed check has its own error, in this order: shape,
+    /// wrap for me, wrap decryption, header integrity, ciphertext integrity, sender key,
+    /// signature, recipient binding, timestamp, replay. A message that fails any check does not
+    /// enter the replay guard.
+    pub fn open(
+        &self,
+        bytes: &[u8],
+        guard: &mut ReplayGuard,
+        now_ms: u64,
+    ) -> Result<OpenedMessage, OpenError> {
+        let (env, inner) = self.decrypt(bytes)?;
         if inner.len() < INNER_FIXED + MIN_BUCKET {
             return Err(OpenError::Malformed("inner message too short"));
         }
@@ -633,6 +673,58 @@ impl Opener<'_> {
             body,
         })
     }
+}
+
+/// What a malicious *recipient* or *sender* can do with the format, exposed so that the
+/// negative tests can build each forgery the open checks must catch. Nothing here gives more
+/// power than holding a content key or an identity key already gives.
+#[doc(hidden)]
+pub mod forge {
+    use super::*;
+
+    /// Decrypts an envelope as a recipient, skipping every check after decryption.
+    pub fn decrypt_inner(
+        opener: &Opener<'_>,
+        bytes: &[u8],
+    ) -> Result<(EnvelopeHeader, Vec<u8>), OpenError> {
+        let (env, inner) = opener.decrypt(bytes)?;
+        Ok((env.header, inner.to_vec()))
+    }
+
+    /// Builds an inner plaintext claiming `claimed_sender`, carrying `sender_key`, signed by
+    /// `signer`, bound to the given recipients.
+    pub fn inner(
+        claimed_sender: &UserId,
+        sender_key: &IdentityPublicKey,
+        signer: &IdentityKeyPair,
+        signed_for: &[Recipient],
+        message_id: &MessageId,
+        timestamp_ms: u64,
+        body: &[u8],
+    ) -> Vec<u8> {
+        build_inner(
+            claimed_sender,
+            sender_key,
+            signer,
+            &recipients_digest(signed_for),
+            message_id,
+            timestamp_ms,
+            body,
+        )
+        .to_vec()
+    }
+
+    /// Encrypts an inner plaintext for a new recipient list, as someone holding it could.
+    pub fn reencrypt(
+        inner: &[u8],
+        message_id: &MessageId,
+        recipients: &[Recipient],
+    ) -> Result<Vec<u8>, SealError> {
+        encrypt_and_wrap(inner, message_id, recipients, &mut crate::crypto::os_rng())
+    }
+
+    /// Byte offset of the padded plaintext inside the inner plaintext.
+    pub const PADDED_OFFSET: usize = INNER_FIXED;
 }
 
 #[cfg(test)]

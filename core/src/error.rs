@@ -132,6 +132,9 @@ pub enum OpenError {
     /// The bytes are not a well-formed envelope.
     #[error("malformed envelope: {0}")]
     Malformed(&'static str),
+    /// The envelope names more recipients than allowed.
+    #[error("the envelope names {0} recipients, more than allowed")]
+    TooManyRecipients(usize),
     /// The envelope has a version this build does not speak.
     #[error("envelope version {0} is not supported")]
     UnsupportedVersion(u8),

@@ -30,6 +30,9 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_RELAY_ID_LEN: usize = 255;
 /// Most outcomes in one send result (matches the envelope's recipient limit).
 pub const MAX_OUTCOMES: usize = crate::crypto::envelope::MAX_RECIPIENTS;
+/// Longest handle field in requests, in bytes. Longer than a valid handle so the relay can
+/// answer `handle_invalid` with a reason instead of `malformed`.
+pub const MAX_HANDLE_FIELD: usize = 128;
 /// Bytes in an authentication nonce.
 pub const NONCE_LEN: usize = 32;
 
@@ -451,7 +454,7 @@ impl Frame {
                 max_frame,
             } => {
                 out.put_u8(tag::CHALLENGE);
-                put_str8(out, relay_id);
+                put_str8(out, relay_id, MAX_RELAY_ID_LEN);
                 out.put_slice(nonce);
                 out.put_u64(*server_time_ms);
                 out.put_u32(*max_frame);
@@ -463,14 +466,14 @@ impl Frame {
             } => {
                 out.put_u8(tag::AUTH_OK);
                 out.put_slice(user_id.as_bytes());
-                put_str16(out, token);
+                put_str16(out, token, MAX_TOKEN_LEN);
                 out.put_u64(*token_expires_ms);
             }
             Frame::Record { request_id, record } => {
                 out.put_u8(tag::RECORD);
                 out.put_u32(*request_id);
                 out.put_slice(record.user_id.as_bytes());
-                put_str8(out, record.handle.as_str());
+                put_str8(out, record.handle.as_str(), crate::id::HANDLE_MAX_LEN);
                 out.put_slice(&record.identity_key);
                 put_prekey(out, &record.prekey);
             }
@@ -486,7 +489,10 @@ impl Frame {
                 out.put_u8(tag::SEND_RESULT);
                 out.put_u32(*request_id);
                 out.put_slice(message_id);
-                out.put_u16(outcomes.len().min(u16::MAX as usize) as u16);
+                // More outcomes than recipients cannot happen; cut rather than write a frame the
+                // peer would refuse.
+                let outcomes = &outcomes[..outcomes.len().min(MAX_OUTCOMES)];
+                out.put_u16(outcomes.len() as u16);
                 for o in outcomes {
                     out.put_slice(o.user_id.as_bytes());
                     match o.outcome {
@@ -517,7 +523,7 @@ impl Frame {
                 out.put_u8(tag::ERROR);
                 out.put_u32(*request_id);
                 out.put_u16(code.as_u16());
-                put_str16(out, message);
+                put_str16(out, message, MAX_MESSAGE_LEN);
             }
             Frame::Register {
                 handle,
@@ -526,7 +532,7 @@ impl Frame {
                 signature,
             } => {
                 out.put_u8(tag::REGISTER);
-                put_str8(out, handle);
+                put_str8(out, handle, MAX_HANDLE_FIELD);
                 out.put_slice(identity_key);
                 put_prekey(out, prekey);
                 out.put_slice(signature);
@@ -538,12 +544,12 @@ impl Frame {
             }
             Frame::Resume { token } => {
                 out.put_u8(tag::RESUME);
-                put_str16(out, token);
+                put_str16(out, token, MAX_TOKEN_LEN);
             }
             Frame::LookupHandle { request_id, handle } => {
                 out.put_u8(tag::LOOKUP_HANDLE);
                 out.put_u32(*request_id);
-                put_str8(out, handle);
+                put_str8(out, handle, MAX_HANDLE_FIELD);
             }
             Frame::LookupId {
                 request_id,
@@ -608,10 +614,14 @@ impl Frame {
                 let request_id = r.u32("request_id")?;
                 let user_id = r.user_id("user_id")?;
                 let handle = r.str8("handle", crate::id::HANDLE_MAX_LEN)?;
-                let handle = Handle::parse(&handle).map_err(|_| WireError::Invalid {
-                    field: "handle",
-                    why: "not a valid handle",
-                })?;
+                // Records carry canonical handles only, so a record re-encodes to the same bytes.
+                let handle = Handle::parse(&handle)
+                    .ok()
+                    .filter(|h| h.as_str() == handle)
+                    .ok_or(WireError::Invalid {
+                        field: "handle",
+                        why: "not a canonical handle",
+                    })?;
                 Frame::Record {
                     request_id,
                     record: IdentityRecord {
@@ -643,6 +653,12 @@ impl Frame {
                     let kind = r.u8("outcome.kind")?;
                     let code = r.u16("outcome.code")?;
                     let outcome = match kind {
+                        OUTCOME_DELIVERED | OUTCOME_OFFLINE if code != 0 => {
+                            return Err(WireError::Invalid {
+                                field: "outcome.code",
+                                why: "must be 0 unless rejected",
+                            });
+                        }
                         OUTCOME_DELIVERED => Outcome::Delivered,
                         OUTCOME_OFFLINE => Outcome::Offline,
                         OUTCOME_REJECTED => Outcome::Rejected(ErrorCode::from_u16(code)),
@@ -670,7 +686,7 @@ impl Frame {
                 message: r.str16("message", MAX_MESSAGE_LEN)?,
             },
             tag::REGISTER => Frame::Register {
-                handle: r.str8("handle", crate::id::HANDLE_MAX_LEN * 4)?,
+                handle: r.str8("handle", MAX_HANDLE_FIELD)?,
                 identity_key: r.array("identity_key")?,
                 prekey: r.prekey()?,
                 signature: r.array("signature")?,
@@ -684,7 +700,7 @@ impl Frame {
             },
             tag::LOOKUP_HANDLE => Frame::LookupHandle {
                 request_id: r.u32("request_id")?,
-                handle: r.str8("handle", crate::id::HANDLE_MAX_LEN * 4)?,
+                handle: r.str8("handle", MAX_HANDLE_FIELD)?,
             },
             tag::LOOKUP_ID => Frame::LookupId {
                 request_id: r.u32("request_id")?,
@@ -724,18 +740,29 @@ pub fn encode_deliver(envelope: &[u8]) -> Bytes {
     out.freeze()
 }
 
-fn put_str8(out: &mut BytesMut, s: &str) {
-    let bytes = s.as_bytes();
-    let n = bytes.len().min(u8::MAX as usize);
-    out.put_u8(n as u8);
-    out.put_slice(&bytes[..n]);
+/// The longest prefix of `s` that fits in `max` bytes without splitting a character. Encoders
+/// cut to the same limits the decoder enforces, so an encoded frame always decodes.
+fn fit(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
-fn put_str16(out: &mut BytesMut, s: &str) {
-    let bytes = s.as_bytes();
-    let n = bytes.len().min(u16::MAX as usize);
-    out.put_u16(n as u16);
-    out.put_slice(&bytes[..n]);
+fn put_str8(out: &mut BytesMut, s: &str, max: usize) {
+    let s = fit(s, max.min(u8::MAX as usize));
+    out.put_u8(s.len() as u8);
+    out.put_slice(s.as_bytes());
+}
+
+fn put_str16(out: &mut BytesMut, s: &str, max: usize) {
+    let s = fit(s, max.min(u16::MAX as usize));
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
 }
 
 fn put_bytes32(out: &mut BytesMut, b: &[u8]) {
@@ -858,6 +885,22 @@ mod tests {
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
         assert_eq!(ErrorCode::Other(999).as_u16(), 999);
         assert_eq!(ErrorCode::RateLimited.close_code(), 4011);
+    }
+
+    #[test]
+    fn encoders_cut_to_decoder_limits_on_char_boundaries() {
+        let long = "é".repeat(MAX_MESSAGE_LEN);
+        let f = Frame::Error {
+            request_id: 1,
+            code: ErrorCode::Internal,
+            message: long,
+        };
+        let Frame::Error { message, .. } = Frame::decode(&f.encode(), DEFAULT_MAX_FRAME).unwrap()
+        else {
+            panic!("not an error frame")
+        };
+        assert!(message.len() <= MAX_MESSAGE_LEN);
+        assert!(message.chars().all(|c| c == 'é'));
     }
 
     #[test]

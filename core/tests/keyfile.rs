@@ -100,3 +100,15 @@ fn missing_file_names_the_path() {
     assert!(matches!(err, KeyFileError::Io { .. }));
     assert!(err.to_string().contains("nope.key"), "{err}");
 }
+
+#[test]
+fn a_file_without_secrets_does_not_accept_any_passphrase() {
+    let empty = UnlockedKeyFile::create(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut os_rng())
+        .unwrap()
+        .seal()
+        .unwrap();
+    assert!(matches!(
+        empty.unlock(b"anything", true),
+        Err(KeyFileError::Corrupt(_))
+    ));
+}

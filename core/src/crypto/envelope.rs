@@ -133,6 +133,9 @@ fn unpad(padded: &[u8]) -> Result<&[u8], OpenError> {
                 "padding shorter than its length field",
             ))?;
     let len = u32::from_be_bytes(len_bytes) as usize;
+    if len > MAX_BODY {
+        return Err(OpenError::Malformed("body longer than allowed"));
+    }
     if padded.len() != padded_len(len) {
         return Err(OpenError::Malformed(
             "padding does not match the bucket rule",
@@ -369,7 +372,7 @@ fn parse(bytes: &[u8]) -> Result<ParsedEnvelope<'_>, OpenError> {
         return Err(OpenError::Malformed("no recipients"));
     }
     if count > MAX_RECIPIENTS {
-        return Err(OpenError::Malformed("too many recipients"));
+        return Err(OpenError::TooManyRecipients(count));
     }
     let list_at = count_at + 2;
     let list = take(list_at, count * RECIPIENT_LEN, "truncated recipient list")?;
@@ -591,7 +594,7 @@ impl Opener<'_> {
 
     /// Opens and checks an envelope. Each failed check has its own error, in this order: shape,
     /// wrap for me, wrap decryption, header integrity, ciphertext integrity, sender key,
-    /// signature, recipient binding, timestamp, replay. A message that fails any check does not
+    /// signature, recipient binding, padding, timestamp, replay. A message that fails any check does not
     /// enter the replay guard.
     pub fn open(
         &self,
@@ -647,6 +650,8 @@ impl Opener<'_> {
             return Err(OpenError::NotBoundRecipient);
         }
 
+        let body = unpad(padded)?.to_vec();
+
         let window = guard.window();
         if timestamp_ms.saturating_add(window.max_age_ms) < now_ms {
             return Err(OpenError::TooOld {
@@ -662,7 +667,6 @@ impl Opener<'_> {
             return Err(OpenError::Replayed);
         }
 
-        let body = unpad(padded)?.to_vec();
         guard.insert(sender, env.header.message_id, now_ms);
         Ok(OpenedMessage {
             sender,

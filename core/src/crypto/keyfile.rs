@@ -74,7 +74,7 @@ impl KdfParams {
     }
 
     fn is_weaker_than_minimum(&self) -> bool {
-        self.m_kib < Self::MINIMUM.m_kib || self.t < Self::MINIMUM.t
+        self.m_kib < Self::MINIMUM.m_kib || self.t < Self::MINIMUM.t || self.p < Self::MINIMUM.p
     }
 }
 
@@ -253,6 +253,10 @@ impl KeyFile {
             .ok()
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| KeyFileError::Corrupt("salt is not 16 base64 bytes".into()))?;
+        if self.secrets.is_empty() {
+            // With nothing to unwrap, any passphrase would "work": refuse instead.
+            return Err(KeyFileError::Corrupt("the file holds no secrets".into()));
+        }
         let mut wrapped = BTreeMap::new();
         for (name, value) in &self.secrets {
             let bytes = BASE64

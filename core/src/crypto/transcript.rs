@@ -1,6 +1,8 @@
 //! Explicit, unambiguous byte strings for signatures and hashes.
 //!
-//! Every signed or hashed statement in Syncra is built here by hand, never by a serializer: a
+//! Every signed statement and every hash over variable-length input in Syncra is built here by
+//! hand, never by a serializer (hashes over fixed-length fields only, such as the user id and
+//! safety numbers, concatenate them directly): a
 //! serializer's output can change with a crate upgrade, and a signature over ambiguous bytes
 //! can be replayed in another context. Each transcript starts with a domain label, and every
 //! variable-length field carries a 32-bit big-endian length prefix.

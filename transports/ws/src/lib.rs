@@ -1,7 +1,534 @@
 //! `syncra-transport-ws`: the WebSocket transport (tokio-tungstenite on rustls), both the relay's
 //! accepting side and the client's connecting side.
 //!
-//! It must never offer plaintext WebSocket on a non-loopback address unless the operator says a
-//! TLS-terminating proxy is in front, and never enables permessage-deflate.
+//! One WebSocket binary message carries one protocol frame. Text messages are a protocol error.
 //!
-//! Status: not built yet; the relay issue fills this crate.
+//! What this crate must never do:
+//! - offer plaintext WebSocket on a non-loopback address, unless the operator says a
+//!   TLS-terminating proxy is in front (`behind_tls_proxy = true`);
+//! - enable permessage-deflate (compression next to secrets invites CRIME-style oracles, and
+//!   decompression bombs); tungstenite is built without it;
+//! - connect to a `wss://` relay without verifying its certificate (system roots, or a pinned CA
+//!   file for self-hosting);
+//! - trust `X-Forwarded-For` from anyone but the configured proxies.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use syncra_core::error::{PluginError, TransportError};
+use syncra_core::registry::{Kinds, typed_config};
+use syncra_core::transport::{
+    CloseReason, Connection, FrameSink, FrameStream, Incoming, Listener, PeerInfo, Transport,
+};
+use syncra_core::wire::{DEFAULT_MAX_FRAME, ErrorCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// The kind name this transport registers under.
+pub const KIND: &str = "ws";
+
+/// TLS certificate and key for the accepting side.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM file with the certificate chain.
+    pub cert: PathBuf,
+    /// PEM file with the private key.
+    pub key: PathBuf,
+}
+
+/// Configuration of the WebSocket transport (`[transport]` with `kind = "ws"`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Serve TLS with this certificate (relay side). Without it, only loopback is allowed
+    /// unless `behind_tls_proxy` is set.
+    pub tls: Option<TlsFiles>,
+    /// A TLS-terminating proxy is in front: allow plaintext on any address.
+    pub behind_tls_proxy: bool,
+    /// Proxies whose `X-Forwarded-For` header is believed (only with `behind_tls_proxy`).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Largest frame accepted, in bytes.
+    pub max_frame: usize,
+    /// Client side: a PEM file of CA certificates to trust instead of the system roots
+    /// (self-hosted relays with their own CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            tls: None,
+            behind_tls_proxy: false,
+            trusted_proxies: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]),
+            ],
+            max_frame: DEFAULT_MAX_FRAME,
+            ca_file: None,
+        }
+    }
+}
+
+/// The WebSocket transport.
+pub struct WsTransport {
+    config: WsConfig,
+    acceptor: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for WsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsTransport")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_error(message: String) -> TransportError {
+    TransportError::Config(message)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| config_error(format!("reading certificates from {}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| config_error(format!("parsing certificates in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(config_error(format!(
+            "{} contains no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl WsTransport {
+    /// Builds the transport, loading TLS material now so a bad file fails at start-up with its
+    /// path in the message, not at the first connection.
+    pub fn new(config: WsConfig) -> Result<Self, TransportError> {
+        let acceptor = match &config.tls {
+            None => None,
+            Some(files) => {
+                let certs = read_certs(&files.cert)?;
+                let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+                    config_error(format!("reading private key {}: {e}", files.key.display()))
+                })?;
+                let server = rustls::ServerConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| config_error(format!("tls: {e}")))?
+                    .with_no_client_auth()
+                    .with_single_cert(certs, key)
+                    .map_err(|e| {
+                        config_error(format!(
+                            "certificate {} and key {} do not form a usable pair: {e}",
+                            files.cert.display(),
+                            files.key.display()
+                        ))
+                    })?;
+                Some(TlsAcceptor::from(Arc::new(server)))
+            }
+        };
+        Ok(WsTransport { config, acceptor })
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .max_message_size(Some(self.config.max_frame))
+            .max_frame_size(Some(self.config.max_frame))
+    }
+
+    fn client_tls(&self) -> Result<TlsConnector, TransportError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.config.ca_file {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots.add(cert).map_err(|e| {
+                        config_error(format!("CA certificate in {}: {e}", path.display()))
+                    })?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    // A malformed system certificate is skipped, like every TLS client does.
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(config_error(
+                        "no system CA certificates found; install ca-certificates or set ca_file"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config_error(format!("tls: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// Registers the `ws` transport.
+pub fn register(kinds: &mut Kinds<Arc<dyn Transport>, ()>) -> Result<(), PluginError> {
+    kinds.register(KIND, |config, ()| async move {
+        let config: WsConfig = typed_config("transport", KIND, config)?;
+        let transport = WsTransport::new(config).map_err(|e| PluginError::Start {
+            category: "transport",
+            kind: KIND.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Arc::new(transport) as Arc<dyn Transport>)
+    })
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+#[async_trait]
+impl Transport for WsTransport {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn bind(&self, address: &str) -> Result<Box<dyn Listener>, TransportError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "bind",
+                address: address.to_owned(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| TransportError::Io {
+            action: "bind",
+            address: address.to_owned(),
+            source,
+        })?;
+        if self.acceptor.is_none() && !self.config.behind_tls_proxy && !is_loopback(&local) {
+            return Err(config_error(format!(
+                "refusing plaintext WebSocket on non-loopback address {local}: configure \
+                 [transport.tls] cert and key, or set behind_tls_proxy = true if a \
+                 TLS-terminating proxy is in front"
+            )));
+        }
+        Ok(Box::new(WsListener {
+            listener,
+            local,
+            acceptor: self.acceptor.clone(),
+            ws_config: self.ws_config(),
+            max_frame: self.config.max_frame,
+            trust_forwarded: self.config.behind_tls_proxy,
+            trusted_proxies: self.config.trusted_proxies.clone(),
+        }))
+    }
+
+    async fn connect(&self, url: &str) -> Result<Connection, TransportError> {
+        let request = tungstenite::client::IntoClientRequest::into_client_request(url)
+            .map_err(|e| config_error(format!("{url:?} is not a WebSocket URL: {e}")))?;
+        let uri = request.uri().clone();
+        let secure = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => {
+                return Err(config_error(format!(
+                    "{url:?}: the relay URL must start with ws:// or wss://"
+                )));
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| config_error(format!("{url:?} has no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "connect",
+                address: format!("{host}:{port}"),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr().map_err(|source| TransportError::Io {
+            action: "connect",
+            address: format!("{host}:{port}"),
+            source,
+        })?;
+        let peer_info = PeerInfo {
+            addr: peer,
+            forwarded_for: None,
+        };
+        let handshake_err = |why: String| TransportError::Handshake {
+            peer: url.to_owned(),
+            why,
+        };
+        if secure {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| config_error(format!("{host:?} is not a valid TLS server name")))?;
+            let tls = self
+                .client_tls()?
+                .connect(name, tcp)
+                .await
+                .map_err(|e| handshake_err(format!("tls: {e}")))?;
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config()))
+                    .await
+                    .map_err(|e| handshake_err(e.to_string()))?;
+            Ok(split(ws, peer_info, self.config.max_frame))
+        } else {
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(request, tcp, Some(self.ws_config()))
+                    .await
+                    .map_err(|e| handshake_err(e.to_string()))?;
+            Ok(split(ws, peer_info, self.config.max_frame))
+        }
+    }
+}
+
+struct WsListener {
+    listener: TcpListener,
+    local: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    ws_config: WebSocketConfig,
+    max_frame: usize,
+    trust_forwarded: bool,
+    trusted_proxies: Vec<IpAddr>,
+}
+
+/// Reads the client address a trusted proxy put in `X-Forwarded-For` (the right-most entry is
+/// the one the proxy itself appended).
+fn forwarded_for(request: &Request) -> Option<IpAddr> {
+    let value = request.headers().get("x-forwarded-for")?.to_str().ok()?;
+    value.rsplit(',').next()?.trim().parse().ok()
+}
+
+#[async_trait]
+impl Listener for WsListener {
+    async fn accept(&mut self) -> Result<Incoming, TransportError> {
+        let (tcp, addr) = self
+            .listener
+            .accept()
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "accept",
+                address: self.local.to_string(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = self.acceptor.clone();
+        let ws_config = self.ws_config;
+        let max_frame = self.max_frame;
+        let trust = self.trust_forwarded && self.trusted_proxies.contains(&addr.ip());
+        let handshake = async move {
+            let mut forwarded = None;
+            let callback = |req: &Request, resp: Response| {
+                if trust {
+                    forwarded = forwarded_for(req);
+                }
+                Ok(resp)
+            };
+            let fail = |why: String| TransportError::Handshake {
+                peer: addr.to_string(),
+                why,
+            };
+            let conn = match acceptor {
+                Some(acceptor) => {
+                    let tls = acceptor
+                        .accept(tcp)
+                        .await
+                        .map_err(|e| fail(format!("tls: {e}")))?;
+                    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                        tls,
+                        callback,
+                        Some(ws_config),
+                    )
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                    split(
+                        ws,
+                        PeerInfo {
+                            addr,
+                            forwarded_for: forwarded,
+                        },
+                        max_frame,
+                    )
+                }
+                None => {
+                    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                        tcp,
+                        callback,
+                        Some(ws_config),
+                    )
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                    split(
+                        ws,
+                        PeerInfo {
+                            addr,
+                            forwarded_for: forwarded,
+                        },
+                        max_frame,
+                    )
+                }
+            };
+            Ok(conn)
+        };
+        Ok(Incoming {
+            addr,
+            handshake: Box::pin(handshake),
+        })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.acceptor.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}/", self.local)
+    }
+}
+
+fn split<S>(ws: WebSocketStream<S>, peer: PeerInfo, max_frame: usize) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    Connection {
+        sink: Box::new(WsSink { sink }),
+        stream: Box::new(WsStream {
+            stream,
+            close: None,
+            max_frame,
+        }),
+        peer,
+    }
+}
+
+struct WsSink<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+}
+
+fn io_error(e: tungstenite::Error) -> TransportError {
+    match e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            TransportError::Closed("connection closed".into())
+        }
+        tungstenite::Error::Capacity(c) => TransportError::Other(format!("capacity: {c}")),
+        other => TransportError::Other(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl<S> FrameSink for WsSink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn send(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        for frame in frames {
+            self.sink
+                .feed(Message::Binary(frame.clone()))
+                .await
+                .map_err(io_error)?;
+        }
+        self.sink.flush().await.map_err(io_error)
+    }
+
+    async fn close(&mut self, reason: CloseReason) -> Result<(), TransportError> {
+        let code = match reason.code {
+            Some(code) => CloseCode::from(code.close_code()),
+            None => CloseCode::Normal,
+        };
+        let mut message = reason.message;
+        // Close reasons are limited to 123 bytes by RFC 6455.
+        while message.len() > 120 {
+            message.pop();
+        }
+        let frame = CloseFrame {
+            code,
+            reason: message.into(),
+        };
+        self.sink
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(io_error)?;
+        self.sink.close().await.map_err(io_error)
+    }
+}
+
+struct WsStream<S> {
+    stream: SplitStream<WebSocketStream<S>>,
+    close: Option<CloseReason>,
+    max_frame: usize,
+}
+
+#[async_trait]
+impl<S> FrameStream for WsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
+        loop {
+            match self.stream.next().await? {
+                Ok(Message::Binary(bytes)) => return Some(Ok(bytes)),
+                Ok(Message::Text(_)) => {
+                    return Some(Err(TransportError::Other(
+                        "text messages are not part of the protocol; frames are binary".into(),
+                    )));
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Ok(Message::Close(frame)) => {
+                    self.close = Some(match frame {
+                        Some(f) => {
+                            let n = u16::from(f.code);
+                            CloseReason {
+                                code: (4000..5000)
+                                    .contains(&n)
+                                    .then(|| ErrorCode::from_u16(n - 4000)),
+                                message: f.reason.to_string(),
+                            }
+                        }
+                        None => CloseReason::normal(""),
+                    });
+                    return None;
+                }
+                Err(tungstenite::Error::Capacity(c)) => {
+                    return Some(Err(TransportError::TooLarge {
+                        size: match c {
+                            tungstenite::error::CapacityError::MessageTooLong { size, .. } => size,
+                            _ => 0,
+                        },
+                        max: self.max_frame,
+                    }));
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return None;
+                }
+                Err(e) => return Some(Err(io_error(e))),
+            }
+        }
+    }
+
+    fn close_reason(&self) -> Option<CloseReason> {
+        self.close.clone()
+    }
+}

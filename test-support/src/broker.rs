@@ -1,0 +1,347 @@
+//! The [`Broker`] conformance suite and a recording [`BrokerSink`].
+//!
+//! The suite sees a broker the way a relay cluster does: two nodes on one backend, each with its
+//! own sink. It never sleeps to wait for something. Deliveries are awaited with a deadline, and
+//! the absence of a delivery is shown with a *fence*: after the publish that must not arrive,
+//! the same node publishes a marker on a topic the receiver does hear, and everything the
+//! receiver got before the marker is checked. That relies on one ordering property that every
+//! supported backend has (memory: synchronous; Redis and NATS: per connection): two publishes
+//! from one node reach one receiving node in the order they were made.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use syncra_core::{Broker, BrokerSink, Health, PublishReceipt};
+use tokio::sync::mpsc;
+
+use crate::DEADLINE;
+use crate::fixtures::unique_name;
+
+/// One payload as a sink saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The topic it came on.
+    pub topic: String,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// A [`BrokerSink`] that records every delivery into a channel and reports it taken.
+#[derive(Debug)]
+pub struct RecordingSink {
+    tx: mpsc::UnboundedSender<Delivery>,
+}
+
+impl RecordingSink {
+    /// A sink and the receiving end of what it records.
+    pub fn new() -> (Arc<Self>, Deliveries) {
+        // Unbounded because `deliver` must not block; a test's traffic is bounded anyway.
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(RecordingSink { tx }), Deliveries { rx })
+    }
+}
+
+impl BrokerSink for RecordingSink {
+    fn deliver(&self, topic: &str, payload: Bytes) -> bool {
+        self.tx
+            .send(Delivery {
+                topic: topic.to_owned(),
+                payload,
+            })
+            .is_ok()
+    }
+}
+
+/// What a [`RecordingSink`] received, in order.
+#[derive(Debug)]
+pub struct Deliveries {
+    rx: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Deliveries {
+    /// The next delivery, waiting at most [`DEADLINE`].
+    ///
+    /// # Panics
+    ///
+    /// If nothing arrives in time; `what` says what was expected.
+    pub async fn next(&mut self, what: &str) -> Delivery {
+        match tokio::time::timeout(DEADLINE, self.rx.recv()).await {
+            Ok(Some(delivery)) => delivery,
+            Ok(None) => panic!("{what}: the sink was dropped"),
+            Err(_) => panic!("{what}: nothing delivered within {DEADLINE:?}"),
+        }
+    }
+
+    /// Everything delivered before the first delivery of `payload` on `topic`, waiting at most
+    /// [`DEADLINE`] for it. The marker itself is consumed.
+    ///
+    /// # Panics
+    ///
+    /// If the marker does not arrive in time.
+    pub async fn until_marker(
+        &mut self,
+        topic: &str,
+        payload: &Bytes,
+        what: &str,
+    ) -> Vec<Delivery> {
+        let mut before = Vec::new();
+        loop {
+            let delivery = self.next(what).await;
+            if delivery.topic == topic && delivery.payload == *payload {
+                return before;
+            }
+            before.push(delivery);
+        }
+    }
+
+    /// A delivery that has already arrived, if any.
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// One node of the pair a case runs on.
+struct Node {
+    broker: Arc<dyn Broker>,
+    inbox: Deliveries,
+}
+
+/// Runs every broker rule against node pairs made by `make_nodes`.
+///
+/// `make_nodes(sink_a, sink_b)` must return two brokers attached to the same backend (two relay
+/// nodes of one cluster), the first delivering to `sink_a` and the second to `sink_b`. It is
+/// called once per case. Topics are made unique per case, so the backend may be shared between
+/// cases and tests. A `subscribe` that has returned must be in effect: the relay relies on that
+/// when it tells a sender that a recipient who just connected is online.
+///
+/// # Panics
+///
+/// On the first rule the broker breaks, naming the case.
+pub async fn broker_conformance<F, Fut>(make_nodes: F)
+where
+    F: Fn(Arc<dyn BrokerSink>, Arc<dyn BrokerSink>) -> Fut,
+    Fut: Future<Output = (Arc<dyn Broker>, Arc<dyn Broker>)>,
+{
+    let pair = || async {
+        let (sink_a, inbox_a) = RecordingSink::new();
+        let (sink_b, inbox_b) = RecordingSink::new();
+        let (a, b) = make_nodes(sink_a, sink_b).await;
+        (
+            Node {
+                broker: a,
+                inbox: inbox_a,
+            },
+            Node {
+                broker: b,
+                inbox: inbox_b,
+            },
+        )
+    };
+    publish_reaches_a_subscriber_on_another_node(pair().await).await;
+    publish_to_nobody_counts_zero(pair().await).await;
+    subscribing_twice_delivers_once(pair().await).await;
+    unsubscribe_stops_delivery(pair().await).await;
+    both_nodes_receive(pair().await).await;
+    order_is_preserved(pair().await).await;
+    large_binary_payload_is_intact(pair().await).await;
+    health_is_up(pair().await).await;
+}
+
+async fn subscribe(node: &Node, topic: &str, case: &str) {
+    node.broker
+        .subscribe(topic)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: subscribe({topic}) failed: {e}"));
+}
+
+async fn unsubscribe(node: &Node, topic: &str, case: &str) {
+    node.broker
+        .unsubscribe(topic)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: unsubscribe({topic}) failed: {e}"));
+}
+
+async fn publish(node: &Node, topic: &str, payload: &Bytes, case: &str) -> PublishReceipt {
+    node.broker
+        .publish(topic, payload.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish({topic}) failed: {e}"))
+}
+
+/// Asserts a receipt reports `expected` receivers, or does not know (`None`).
+fn assert_receivers(receipt: PublishReceipt, expected: u64, case: &str) {
+    assert!(
+        matches!(receipt.receivers, Some(n) if n == expected) || receipt.receivers.is_none(),
+        "{case}: expected receivers Some({expected}) (or None if the broker cannot know), got {:?}",
+        receipt.receivers
+    );
+}
+
+/// Subscribes `receiver` to a fresh marker topic, publishes the marker from `sender` and returns
+/// what arrived in `inbox` (the receiver's) before it. Leaves the marker subscription in place.
+async fn fence(
+    sender: &dyn Broker,
+    receiver: &dyn Broker,
+    inbox: &mut Deliveries,
+    case: &str,
+) -> Vec<Delivery> {
+    let topic = unique_name("conformance.marker");
+    let marker = Bytes::from(unique_name("marker"));
+    receiver
+        .subscribe(&topic)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: subscribe({topic}) for the fence failed: {e}"));
+    sender
+        .publish(&topic, marker.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publishing the fence marker failed: {e}"));
+    inbox
+        .until_marker(
+            &topic,
+            &marker,
+            &format!("{case}: waiting for the fence marker"),
+        )
+        .await
+}
+
+async fn publish_reaches_a_subscriber_on_another_node((mut a, mut b): (Node, Node)) {
+    let case = "publish reaches another node";
+    let topic = unique_name("conformance.user");
+    let payload = Bytes::from_static(b"sealed envelope");
+    subscribe(&b, &topic, case).await;
+    let receipt = publish(&a, &topic, &payload, case).await;
+    assert_receivers(receipt, 1, case);
+    let got = b.inbox.next(case).await;
+    assert_eq!(
+        got,
+        Delivery {
+            topic: topic.clone(),
+            payload
+        },
+        "{case}: the subscriber must get the exact topic and payload"
+    );
+    let stray = fence(&*a.broker, &*b.broker, &mut b.inbox, case).await;
+    assert_eq!(stray, [], "{case}: one publish must be delivered once");
+    let stray = fence(&*a.broker, &*a.broker, &mut a.inbox, case).await;
+    assert_eq!(
+        stray,
+        [],
+        "{case}: the publishing node did not subscribe and must get nothing"
+    );
+}
+
+async fn publish_to_nobody_counts_zero((a, _b): (Node, Node)) {
+    let case = "publish to nobody";
+    let topic = unique_name("conformance.nobody");
+    let receipt = publish(&a, &topic, &Bytes::from_static(b"anyone?"), case).await;
+    assert_receivers(receipt, 0, case);
+}
+
+async fn subscribing_twice_delivers_once((a, mut b): (Node, Node)) {
+    let case = "subscribe twice";
+    let topic = unique_name("conformance.twice");
+    let payload = Bytes::from_static(b"once");
+    subscribe(&b, &topic, case).await;
+    subscribe(&b, &topic, case).await;
+    let receipt = publish(&a, &topic, &payload, case).await;
+    assert_receivers(receipt, 1, case);
+    let got = fence(&*a.broker, &*b.broker, &mut b.inbox, case).await;
+    assert_eq!(
+        got,
+        [Delivery { topic, payload }],
+        "{case}: a node subscribed twice must get each payload once"
+    );
+}
+
+async fn unsubscribe_stops_delivery((a, mut b): (Node, Node)) {
+    let case = "unsubscribe";
+    let topic = unique_name("conformance.leaving");
+    unsubscribe(
+        &b,
+        &unique_name("conformance.never"),
+        &format!("{case} (unknown topic)"),
+    )
+    .await;
+
+    subscribe(&b, &topic, case).await;
+    let before = Bytes::from_static(b"before");
+    publish(&a, &topic, &before, case).await;
+    let got = b.inbox.next(case).await;
+    assert_eq!(got.payload, before, "{case}: delivery before unsubscribing");
+
+    unsubscribe(&b, &topic, case).await;
+    let receipt = publish(&a, &topic, &Bytes::from_static(b"after"), case).await;
+    assert_receivers(receipt, 0, case);
+    let stray = fence(&*a.broker, &*b.broker, &mut b.inbox, case).await;
+    assert_eq!(
+        stray,
+        [],
+        "{case}: nothing may be delivered after unsubscribe returned"
+    );
+}
+
+async fn both_nodes_receive((mut a, mut b): (Node, Node)) {
+    let case = "both nodes subscribed";
+    let topic = unique_name("conformance.shared");
+    let payload = Bytes::from_static(b"to both");
+    subscribe(&a, &topic, case).await;
+    subscribe(&b, &topic, case).await;
+    let receipt = publish(&a, &topic, &payload, case).await;
+    assert_receivers(receipt, 2, case);
+    let expected = Delivery { topic, payload };
+    assert_eq!(
+        a.inbox.next(case).await,
+        expected,
+        "{case}: the publishing node is subscribed too and must receive"
+    );
+    assert_eq!(b.inbox.next(case).await, expected, "{case}: the other node");
+}
+
+async fn order_is_preserved((a, mut b): (Node, Node)) {
+    let case = "ordering";
+    let topic = unique_name("conformance.ordered");
+    subscribe(&b, &topic, case).await;
+    for i in 0..100u32 {
+        publish(&a, &topic, &Bytes::from(i.to_be_bytes().to_vec()), case).await;
+    }
+    for i in 0..100u32 {
+        let got = b.inbox.next(&format!("{case}: payload {i}")).await;
+        assert_eq!(got.topic, topic, "{case}: payload {i} topic");
+        assert_eq!(
+            got.payload.as_ref(),
+            i.to_be_bytes(),
+            "{case}: payloads on one topic must arrive in publish order"
+        );
+    }
+}
+
+async fn large_binary_payload_is_intact((a, mut b): (Node, Node)) {
+    let case = "64 KiB binary payload";
+    let topic = unique_name("conformance.large");
+    // Every byte value, NULs and invalid UTF-8 included, in a pattern that is not periodic at a
+    // power of two, so a truncation or a dropped chunk cannot go unnoticed.
+    let payload: Bytes = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    subscribe(&b, &topic, case).await;
+    publish(&a, &topic, &payload, case).await;
+    let got = b.inbox.next(case).await;
+    assert_eq!(got.payload.len(), payload.len(), "{case}: length");
+    assert!(
+        got.payload == payload,
+        "{case}: the bytes must arrive unchanged"
+    );
+}
+
+async fn health_is_up((a, b): (Node, Node)) {
+    for (name, node) in [("a", &a), ("b", &b)] {
+        assert_eq!(
+            node.broker.health().await,
+            Health::Up,
+            "health: node {name} of a fresh broker must be up"
+        );
+        assert!(!node.broker.kind().is_empty(), "kind: must not be empty");
+    }
+}

@@ -1,5 +1,6 @@
 //! Criterion benchmarks of Syncra's envelope against its primitives and against Olm.
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented items.
+#![allow(clippy::unwrap_used)] // A benchmark that cannot set up should stop loudly.
 //!
 //! Run with `cargo bench -p syncra-bench --bench crypto`. Results and method are recorded in
 //! `docs/BENCHMARKS.md`. The primitives' floor for one 1:1 message is one Ed25519 sign, one

@@ -2,6 +2,7 @@
 //!
 //! The forgeries are built with `envelope::forge`, which can do exactly what a malicious
 //! recipient (holding a content key) or a malicious sender (holding an identity key) can do.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use syncra_core::crypto::envelope::{
     self, AcceptWindow, OpenedMessage, Opener, Recipient, ReplayGuard, forge,

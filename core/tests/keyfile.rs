@@ -1,5 +1,6 @@
 //! The key file refuses a wrong passphrase and every kind of damage with its own error, and
 //! never loses the secret on a failed attempt.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use syncra_core::crypto::keyfile::{KdfParams, KeyFile, UnlockedKeyFile};
 use syncra_core::crypto::os_rng;

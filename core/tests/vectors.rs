@@ -5,6 +5,7 @@
 //! implementation: the stream is `SHA-256(seed || counter_u64_be)` for counter = 0, 1, 2, ...
 //! concatenated. Regenerate with `SYNCRA_REGENERATE_VECTORS=1 cargo test -p syncra-core --test
 //! vectors` — only when the format changes on purpose, together with a version bump.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::convert::Infallible;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! Wire protocol: round trips for every frame (property-based) and a refusal for every kind of
 //! bad input, each with its own error.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use bytes::Bytes;
 use proptest::prelude::*;

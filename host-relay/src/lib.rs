@@ -1,3 +1,411 @@
 //! `syncra-relay`: the blind relay host.
 //!
-//! Status: not built yet; the relay issue fills this crate.
+//! It authenticates sessions (challenge–response over the identity key, short-lived resume
+//! tokens), looks up public identity records, and forwards sealed envelopes to the live
+//! sessions of their recipients — on this node directly, on other nodes through the broker. It
+//! reads only envelope headers (recipient ids); it never holds a private key, never sees a
+//! plaintext and stores no message.
+//!
+//! What it must never do: log or store envelope contents, tokens or proofs; let one slow or
+//! hostile client slow anyone else; report "delivered" for a message no session took.
+//!
+//! One entry point with injected shutdown ([`run`]) serves both the binary and the tests, which
+//! use [`Relay::start`] to run a real relay on `127.0.0.1:0`.
+
+pub mod config;
+mod limits;
+mod metrics;
+mod router;
+mod session;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use syncra_core::broker::{Broker, BrokerSink};
+use syncra_core::crypto::keyfile::create_private_dir;
+use syncra_core::registry::PluginRegistry;
+use syncra_core::transport::{CloseReason, Listener};
+use syncra_core::wire::ErrorCode;
+use syncra_core::{Health, IdentityStore};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+pub use config::RelayConfig;
+use limits::{LimitSettings, Limits};
+use metrics::Metrics;
+use router::{Router, RouterSink};
+use tokens::TokenKeys;
+
+/// Handshakes in progress at once; more wait in the kernel's accept queue. Bounds the memory a
+/// flood of slow handshakes can pin.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// The plugins compiled into this build.
+pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
+    #[allow(unused_mut)]
+    let mut registry = PluginRegistry::default();
+    #[cfg(feature = "transport-ws")]
+    syncra_transport_ws::register(&mut registry.transports)?;
+    #[cfg(feature = "broker-memory")]
+    syncra_broker_memory::register(&mut registry.brokers)?;
+    #[cfg(feature = "store-sqlite")]
+    syncra_store_sqlite::register(&mut registry.stores)?;
+    Ok(registry)
+}
+
+/// Everything a node's sessions share.
+pub(crate) struct NodeState {
+    pub(crate) config: RelayConfig,
+    pub(crate) store: Arc<dyn IdentityStore>,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) tokens: TokenKeys,
+    pub(crate) limits: Limits,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) router: Arc<Router>,
+}
+
+/// A running relay node.
+pub struct Relay {
+    url: String,
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    state: Arc<NodeState>,
+    stop: watch::Sender<bool>,
+    accept_task: tokio::task::JoinHandle<JoinSet<()>>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("url", &self.url)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Health of the node's dependencies, as `/healthz` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthReport {
+    /// `ok` when broker and store are up, `degraded` otherwise.
+    pub status: &'static str,
+    /// The broker's health.
+    pub broker: Health,
+    /// The identity store's health.
+    pub store: Health,
+    /// Authenticated sessions on this node.
+    pub sessions: i64,
+}
+
+impl Relay {
+    /// Creates the plugins, binds the listener and the admin endpoint and starts accepting.
+    /// Returns once the relay is reachable.
+    pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
+        let registry = plugin_registry()?;
+        Self::start_with(config, &registry).await
+    }
+
+    /// Like [`Relay::start`] with an explicit plugin registry.
+    pub async fn start_with(
+        config: RelayConfig,
+        registry: &PluginRegistry,
+    ) -> anyhow::Result<Relay> {
+        create_private_dir(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let tokens = TokenKeys::load_or_create(
+            &config.token_key_path(),
+            &config.relay_id,
+            config.auth.token_ttl_secs,
+        )?;
+        let store = registry
+            .stores
+            .create(config.store_section(), ())
+            .await
+            .context("starting the identity store ([store])")?;
+        let transport = registry
+            .transports
+            .create(config.transport_section(), ())
+            .await
+            .context("starting the transport ([transport])")?;
+
+        let mut node_id = [0u8; router::NODE_ID_LEN];
+        syncra_core::crypto::fill_random(&mut node_id);
+        let router = Arc::new(Router::new(node_id, config.limits.overflow));
+        let metrics = Arc::new(Metrics::default());
+        let sink: Arc<dyn BrokerSink> = Arc::new(RouterSink {
+            router: router.clone(),
+            received: metrics.broker_in.clone(),
+        });
+        let broker = registry
+            .brokers
+            .create(config.broker.clone(), sink)
+            .await
+            .context("starting the broker ([broker])")?;
+
+        let listener = transport
+            .bind(&config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let url = listener.url();
+        let local_addr = listener.local_addr();
+
+        let l = &config.limits;
+        let limits = Limits::new(LimitSettings {
+            user_rate: l.messages_per_second_per_user,
+            user_burst: l.message_burst_per_user,
+            address_rate: l.messages_per_second_per_address,
+            address_burst: l.message_burst_per_address,
+            connections_per_address: l.connections_per_address,
+            auth_per_minute: config.auth.attempts_per_minute_per_address,
+        });
+        let state = Arc::new(NodeState {
+            config,
+            store,
+            broker,
+            tokens,
+            limits,
+            metrics,
+            router,
+        });
+
+        let (stop, stop_rx) = watch::channel(false);
+        let (admin_addr, admin_task) = if state.config.admin_listen.is_empty() {
+            (None, None)
+        } else {
+            let (addr, task) = start_admin(state.clone(), stop_rx.clone()).await?;
+            (Some(addr), Some(task))
+        };
+        let accept_task = tokio::spawn(accept_loop(state.clone(), listener, stop_rx));
+        Ok(Relay {
+            url,
+            local_addr,
+            admin_addr,
+            state,
+            stop,
+            accept_task,
+            admin_task,
+        })
+    }
+
+    /// The URL clients connect to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The bound client address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound admin address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.state.config
+    }
+
+    /// The Prometheus exposition of this node's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render()
+    }
+
+    /// The node's health.
+    pub async fn health(&self) -> HealthReport {
+        health(&self.state).await
+    }
+
+    /// Stops accepting, closes every session with `shutting_down` after flushing what is
+    /// queued for it, and waits (up to the drain timeout) for the sessions to end.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let mut sessions = self.accept_task.await.context("the accept loop panicked")?;
+        for queue in self.state.router.all_sessions() {
+            queue.close(CloseReason::error(
+                ErrorCode::ShuttingDown,
+                "the relay is restarting; reconnect shortly",
+            ));
+        }
+        let drain = Duration::from_secs(self.state.config.limits.drain_timeout_secs);
+        let drained = tokio::time::timeout(drain, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                remaining = sessions.len(),
+                "drain timeout passed; closing the remaining sessions"
+            );
+            sessions.abort_all();
+        }
+        if let Some(task) = self.admin_task {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+async fn health(state: &NodeState) -> HealthReport {
+    let broker = state.broker.health().await;
+    let store = state.store.health().await;
+    let status = if broker.is_up() && store.is_up() {
+        "ok"
+    } else {
+        "degraded"
+    };
+    HealthReport {
+        status,
+        broker,
+        store,
+        sessions: state.metrics.sessions.get(),
+    }
+}
+
+async fn accept_loop(
+    state: Arc<NodeState>,
+    mut listener: Box<dyn Listener>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let mut sessions = JoinSet::new();
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => r,
+            // Reap finished sessions so the set does not grow with history.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let incoming = match incoming {
+            Ok(i) => i,
+            Err(e) => {
+                // Usually EMFILE or a reset during accept; back off briefly, keep serving.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        state.metrics.connections.inc();
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .refused
+                .get_or_create(&[("reason", "too_many_handshakes")])
+                .inc();
+            continue;
+        };
+        let state = state.clone();
+        sessions.spawn(async move {
+            let timeout = Duration::from_secs(state.config.limits.handshake_timeout_secs);
+            let conn = tokio::time::timeout(timeout, incoming.handshake).await;
+            drop(permit);
+            match conn {
+                Ok(Ok(conn)) => session::serve(state, conn).await,
+                Ok(Err(e)) => {
+                    state
+                        .metrics
+                        .refused
+                        .get_or_create(&[("reason", "handshake_failed")])
+                        .inc();
+                    tracing::debug!(peer = %incoming.addr, "handshake failed: {e}");
+                }
+                Err(_) => {
+                    state
+                        .metrics
+                        .refused
+                        .get_or_create(&[("reason", "handshake_timeout")])
+                        .inc();
+                }
+            }
+        });
+    }
+    sessions
+}
+
+async fn start_admin(
+    state: Arc<NodeState>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+
+    let addr = state.config.admin_listen.clone();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("admin endpoint: binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let health_state = state.clone();
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let state = health_state.clone();
+                async move {
+                    let report = health(&state).await;
+                    let code = if report.status == "ok" {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (code, axum::Json(report))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let state = state.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        state.metrics.render(),
+                    )
+                }
+            }),
+        );
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        });
+        if let Err(e) = serve.await {
+            warn!("admin endpoint stopped: {e}");
+        }
+    });
+    Ok((local, task))
+}
+
+/// Runs a relay until `shutdown` completes, then drains it. Used by the binary.
+pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let broker_kind = config.broker["kind"].as_str().unwrap_or("?").to_owned();
+    let store = config.store_section();
+    let store_kind = store["kind"].as_str().unwrap_or("?").to_owned();
+    let relay = Relay::start(config).await?;
+    let cfg = relay.config();
+    info!(
+        "syncra-relay listening on {} (relay id {:?})",
+        relay.url(),
+        cfg.relay_id
+    );
+    match relay.admin_addr() {
+        Some(a) => info!("admin endpoint on http://{a} (/healthz, /metrics)"),
+        None => info!("admin endpoint disabled"),
+    }
+    info!("data directory {}", cfg.data_dir.display());
+    match store.get("path").and_then(|p| p.as_str()) {
+        Some(path) => info!("identity store: {store_kind} ({path}); broker: {broker_kind}"),
+        None => info!("identity store: {store_kind}; broker: {broker_kind}"),
+    }
+    shutdown.await;
+    info!("shutting down: draining sessions");
+    relay.shutdown().await?;
+    info!("stopped");
+    Ok(())
+}

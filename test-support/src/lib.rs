@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod relay;
 pub mod store;
 
 pub use broker::{Deliveries, Delivery, RecordingSink, broker_conformance};

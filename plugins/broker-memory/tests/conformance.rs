@@ -1,4 +1,5 @@
 //! The broker conformance suite on in-process brokers: two nodes on one hub.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::sync::Arc;
 

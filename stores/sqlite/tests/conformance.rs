@@ -1,5 +1,6 @@
 //! The identity store conformance suite on SQLite: in memory, on files, and on one database
 //! shared by every case (the way a Postgres test database is used).
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::sync::Arc;
 

@@ -340,6 +340,8 @@ impl Listener for WsListener {
         let trust = self.trust_forwarded && self.trusted_proxies.contains(&addr.ip());
         let handshake = async move {
             let mut forwarded = None;
+            // The error type is fixed by tungstenite's `Callback` trait.
+            #[allow(clippy::result_large_err)]
             let callback = |req: &Request, resp: Response| {
                 if trust {
                     forwarded = forwarded_for(req);

@@ -1,5 +1,6 @@
 //! The WebSocket transport over real sockets: plaintext on loopback, TLS end to end with a
 //! generated certificate, the plaintext refusal off loopback, close reasons, limits.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::time::Duration;
 
@@ -156,8 +157,7 @@ async fn tls_client_refuses_a_certificate_it_cannot_verify() {
     let err = client
         .connect(&format!("wss://localhost:{port}/"))
         .await
-        .err()
-        .expect("must refuse");
+        .expect_err("must refuse");
     assert!(matches!(err, TransportError::Handshake { .. }), "{err}");
 }
 
@@ -172,8 +172,7 @@ async fn bad_tls_files_fail_at_start_naming_the_file() {
         }),
         ..WsConfig::default()
     })
-    .err()
-    .expect("must fail");
+    .expect_err("must fail");
     assert!(err.to_string().contains("missing.crt"), "{err}");
 }
 
@@ -202,7 +201,7 @@ async fn oversized_frames_are_refused_by_the_receiver() {
 async fn bad_urls_are_clear_errors() {
     let t = WsTransport::new(WsConfig::default()).unwrap();
     for url in ["http://127.0.0.1:1/", "not a url", "ftp://x/"] {
-        let err = t.connect(url).await.err().expect("must fail");
+        let err = t.connect(url).await.expect_err("must fail");
         assert!(matches!(err, TransportError::Config(_)), "{url}: {err}");
     }
 }

@@ -1,0 +1,463 @@
+//! Relay configuration: defaults, a TOML file and `SYNCRA_` environment variables (figment).
+//!
+//! Every default is safe and runnable on one laptop: loopback listener, in-process broker,
+//! SQLite in a private data directory. Unknown keys are errors that name the key and the file.
+//! Plugin sections (`[transport]`, `[broker]`, `[store]`) are checked by the plugin's own typed
+//! config when it is created, with the same strictness.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable prefix; `__` separates nesting (`SYNCRA_BROKER__KIND=nats`).
+pub const ENV_PREFIX: &str = "SYNCRA_";
+
+/// Top-level keys, so unrelated `SYNCRA_*` variables (the client's `SYNCRA_HOME`,
+/// `SYNCRA_PASSPHRASE`) are not mistaken for relay settings.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "relay_id",
+    "data_dir",
+    "listen",
+    "admin_listen",
+    "log",
+    "transport",
+    "broker",
+    "store",
+    "auth",
+    "limits",
+];
+
+/// The whole relay configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The relay's (cluster's) identity, bound into every login and registration proof so a
+    /// proof made for one relay cannot be replayed to another. All nodes of a cluster share it.
+    pub relay_id: String,
+    /// Where the relay keeps its files (SQLite database, token signing key). Created 0700.
+    pub data_dir: PathBuf,
+    /// Where clients connect.
+    pub listen: String,
+    /// Where `/healthz` and `/metrics` are served. Empty disables the admin endpoint.
+    pub admin_listen: String,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log: String,
+    /// Transport plugin section (`kind` plus its own keys).
+    pub transport: serde_json::Value,
+    /// Broker plugin section.
+    pub broker: serde_json::Value,
+    /// Identity store plugin section.
+    pub store: serde_json::Value,
+    /// Authentication settings.
+    pub auth: AuthConfig,
+    /// Limits.
+    pub limits: LimitsConfig,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lifetime of a resume token.
+    pub token_ttl_secs: u64,
+    /// File with the Ed25519 seed that signs resume tokens. Created (0600) if missing. Every
+    /// node of a cluster must use the same key so that a token from one node resumes on another.
+    /// Relative paths are relative to `data_dir`.
+    pub token_key_file: PathBuf,
+    /// Failed authentication attempts allowed per connection before it is closed.
+    pub max_attempts_per_connection: u32,
+    /// Authentication attempts (register, auth, resume) per client address per minute.
+    pub attempts_per_minute_per_address: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_ttl_secs: 15 * 60,
+            token_key_file: PathBuf::from("token-signing.key"),
+            max_attempts_per_connection: 3,
+            attempts_per_minute_per_address: 30,
+        }
+    }
+}
+
+/// What to do when a session's outbound queue is full.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Refuse the message for that session (the sender gets `rejected: queue_overflow` if no
+    /// other session of the recipient took it) and tell the slow client how many it missed.
+    Reject,
+    /// Close the slow session with `queue_overflow`; it reconnects and catches up.
+    Disconnect,
+}
+
+/// Limits. Each one, when hit, produces its own error code.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest frame accepted, in bytes.
+    pub max_frame: usize,
+    /// Messages (sends) per second per user, sustained.
+    pub messages_per_second_per_user: u32,
+    /// Burst allowance per user.
+    pub message_burst_per_user: u32,
+    /// Messages per second per client address, sustained (covers many users behind one
+    /// address and unauthenticated floods).
+    pub messages_per_second_per_address: u32,
+    /// Burst allowance per address.
+    pub message_burst_per_address: u32,
+    /// Simultaneous connections per client address.
+    pub connections_per_address: u32,
+    /// Time to complete the TLS/WebSocket handshake and authenticate.
+    pub handshake_timeout_secs: u64,
+    /// A session that sends nothing (not even a ping) for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Frames queued per session before the overflow policy applies.
+    pub queue_capacity: usize,
+    /// Frames written per batch by a session's writer.
+    pub write_batch: usize,
+    /// What to do when a session's queue is full.
+    pub overflow: OverflowPolicy,
+    /// How long SIGTERM waits for sessions to drain before closing them.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame: syncra_core::wire::DEFAULT_MAX_FRAME,
+            messages_per_second_per_user: 50,
+            message_burst_per_user: 200,
+            messages_per_second_per_address: 500,
+            message_burst_per_address: 2000,
+            connections_per_address: 64,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 120,
+            queue_capacity: 1024,
+            write_batch: 64,
+            overflow: OverflowPolicy::Reject,
+            drain_timeout_secs: 5,
+        }
+    }
+}
+
+/// The default data directory: `$XDG_DATA_HOME/syncra-relay`, else
+/// `~/.local/share/syncra-relay`, else `./syncra-relay-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("syncra-relay");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home)
+            .join(".local")
+            .join("share")
+            .join("syncra-relay");
+    }
+    PathBuf::from("syncra-relay-data")
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            relay_id: "syncra-local".into(),
+            data_dir: default_data_dir(),
+            listen: "127.0.0.1:7443".into(),
+            admin_listen: "127.0.0.1:7444".into(),
+            log: "info".into(),
+            transport: serde_json::json!({ "kind": "ws" }),
+            broker: serde_json::json!({ "kind": "memory" }),
+            // The SQLite path is filled in from `data_dir` when absent; see `store_section`.
+            store: serde_json::json!({ "kind": "sqlite" }),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// Turns `SYNCRA_A__B=v` variables into a nested dictionary `{a: {b: v}}`, parsing values the
+/// way figment's `Env` provider does (`7` is a number, `true` a boolean). Only relay keys are
+/// taken, so the client's `SYNCRA_HOME` or `SYNCRA_PASSPHRASE` are never read here.
+fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> figment::value::Dict {
+    use figment::value::{Dict, Value};
+    let mut root = Dict::new();
+    for (key, raw) in env {
+        let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) || !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+            continue;
+        }
+        let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
+        let mut dict = &mut root;
+        for segment in &path[..path.len() - 1] {
+            let entry = dict
+                .entry(segment.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if entry.as_dict().is_none() {
+                *entry = Value::from(Dict::new());
+            }
+            let Value::Dict(_, inner) = entry else {
+                unreachable!("just made a dict")
+            };
+            dict = inner;
+        }
+        dict.insert(path[path.len() - 1].clone(), value);
+    }
+    root
+}
+
+/// Where a setting came from, for error messages.
+fn describe(file: Option<&Path>) -> String {
+    match file {
+        Some(f) => format!("{} (or SYNCRA_* environment variables)", f.display()),
+        None => "SYNCRA_* environment variables".into(),
+    }
+}
+
+impl RelayConfig {
+    /// Loads defaults, then the file (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`RelayConfig::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(RelayConfig::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Serialized::globals(env_dict(env)));
+        let mut config: RelayConfig = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration in {}: {e}", describe(file)))?;
+        config.validate().with_context(|| describe(file))?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            // Relative paths in a config file are relative to the file.
+            if config.data_dir.is_relative() && !dir.as_os_str().is_empty() {
+                config.data_dir = dir.join(&config.data_dir);
+            }
+        }
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.relay_id.is_empty() || self.relay_id.len() > syncra_core::wire::MAX_RELAY_ID_LEN {
+            bail!("relay_id must be 1 to 255 bytes");
+        }
+        for (name, section) in [
+            ("transport", &self.transport),
+            ("broker", &self.broker),
+            ("store", &self.store),
+        ] {
+            match section.get("kind") {
+                Some(serde_json::Value::String(_)) => {}
+                _ => bail!("[{name}] needs a `kind` (a string)"),
+            }
+        }
+        if self.limits.queue_capacity == 0 || self.limits.write_batch == 0 {
+            bail!("limits.queue_capacity and limits.write_batch must be at least 1");
+        }
+        if self.limits.max_frame < 1024 || self.limits.max_frame > 16 * 1024 * 1024 {
+            bail!("limits.max_frame must be between 1 KiB and 16 MiB");
+        }
+        Ok(())
+    }
+
+    /// The store section with defaults that depend on other settings filled in.
+    pub fn store_section(&self) -> serde_json::Value {
+        let mut store = self.store.clone();
+        if store.get("kind").and_then(|k| k.as_str()) == Some("sqlite")
+            && store.get("path").is_none()
+            && let Some(map) = store.as_object_mut()
+        {
+            map.insert(
+                "path".into(),
+                serde_json::Value::String(
+                    self.data_dir
+                        .join("identities.db")
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+            );
+        }
+        store
+    }
+
+    /// The transport section, with the relay's frame limit passed down.
+    pub fn transport_section(&self) -> serde_json::Value {
+        let mut t = self.transport.clone();
+        if let Some(map) = t.as_object_mut() {
+            map.entry("max_frame")
+                .or_insert(serde_json::json!(self.limits.max_frame));
+        }
+        t
+    }
+
+    /// The token key file path, resolved against the data directory.
+    pub fn token_key_path(&self) -> PathBuf {
+        if self.auth.token_key_file.is_absolute() {
+            self.auth.token_key_file.clone()
+        } else {
+            self.data_dir.join(&self.auth.token_key_file)
+        }
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> anyhow::Result<String> {
+        let mut value = serde_json::to_value(self)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("store".into(), self.store_section());
+        }
+        redact(&mut value);
+        let toml_value: toml::Value = serde_json::from_value(value)?;
+        Ok(toml::to_string_pretty(&toml_value)?)
+    }
+}
+
+const SECRET_KEYS: &[&str] = &["password", "secret", "token", "private_key", "passphrase"];
+
+/// Replaces secret values: keys that name a secret, and passwords inside URLs.
+pub fn redact(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let k = key.to_ascii_lowercase();
+                if SECRET_KEYS.iter().any(|s| k.contains(s))
+                    && !k.ends_with("_file")
+                    && v.is_string()
+                {
+                    *v = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        serde_json::Value::String(s) => {
+            if let Some(clean) = redact_url_password(s) {
+                *s = clean;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:<redacted>@host/...`.
+fn redact_url_password(s: &str) -> Option<String> {
+    let scheme_end = s.find("://")? + 3;
+    let rest = &s[scheme_end..];
+    let at = rest.find('@')?;
+    let authority = &rest[..at];
+    if authority.contains('/') {
+        return None;
+    }
+    let colon = authority.find(':')?;
+    Some(format!(
+        "{}{}:<redacted>{}",
+        &s[..scheme_end],
+        &authority[..colon],
+        &rest[at..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_runnable_on_a_laptop() {
+        let c = RelayConfig::load_with_env(None, env(&[])).unwrap();
+        assert!(c.listen.starts_with("127.0.0.1:"));
+        assert_eq!(c.broker["kind"], "memory");
+        assert_eq!(c.store["kind"], "sqlite");
+        assert!(
+            c.store_section()["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("identities.db")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            RelayConfig::load_with_env(Some(&path), env(&[])).unwrap_err()
+        );
+        assert!(err.contains("listn"), "{err}");
+        assert!(err.contains("relay.toml"), "{err}");
+        std::fs::write(&path, "[limits]\nmax_fram = 5\n").unwrap();
+        let err = format!(
+            "{:#}",
+            RelayConfig::load_with_env(Some(&path), env(&[])).unwrap_err()
+        );
+        assert!(err.contains("max_fram"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscore_nesting() {
+        let c = RelayConfig::load_with_env(
+            None,
+            env(&[
+                ("SYNCRA_BROKER__KIND", "nats"),
+                ("SYNCRA_BROKER__URL", "nats://127.0.0.1:4222"),
+                ("SYNCRA_LIMITS__QUEUE_CAPACITY", "7"),
+                ("SYNCRA_LISTEN", "127.0.0.1:9000"),
+                // The client's variables are not relay settings and must not be errors.
+                ("SYNCRA_HOME", "/tmp/x"),
+                ("SYNCRA_PASSPHRASE", "hunter2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.broker["kind"], "nats");
+        assert_eq!(c.broker["url"], "nats://127.0.0.1:4222");
+        assert_eq!(c.limits.queue_capacity, 7);
+        assert_eq!(c.listen, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = RelayConfig::load_with_env(Some(Path::new("/nonexistent/relay.toml")), env(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_printed() {
+        let c = RelayConfig {
+            store: serde_json::json!({
+                "kind": "postgres",
+                "url": "postgres://syncra:s3cret@db.example:5432/syncra",
+                "password": "also-secret",
+            }),
+            ..RelayConfig::default()
+        };
+        let printed = c.to_redacted_toml().unwrap();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(!printed.contains("also-secret"), "{printed}");
+        assert!(printed.contains("postgres://syncra:<redacted>@db.example:5432/syncra"));
+        // File paths that merely mention a secret are not secrets.
+        assert!(printed.contains("token-signing.key"), "{printed}");
+    }
+}

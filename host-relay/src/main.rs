@@ -1,0 +1,79 @@
+//! The `syncra-relay` binary: configuration, logging and signals around [`syncra_relay::run`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use syncra_relay::RelayConfig;
+use tracing_subscriber::EnvFilter;
+
+/// The Syncra blind relay: forwards sealed envelopes it cannot open.
+///
+/// With no configuration it serves on 127.0.0.1:7443 with an in-process broker and a SQLite
+/// identity store in its data directory. A TOML file (--config) and SYNCRA_* environment
+/// variables (`__` for nesting, e.g. SYNCRA_BROKER__KIND=nats) override the defaults.
+#[derive(Parser, Debug)]
+#[command(name = "syncra-relay", version)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "SYNCRA_RELAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay (the default).
+    Serve,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = RelayConfig::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            print!("{}", config.to_redacted_toml()?);
+            Ok(())
+        }
+        Command::Serve => {
+            let filter = EnvFilter::try_from_default_env()
+                .or_else(|_| EnvFilter::try_new(&config.log))
+                .context("invalid log filter")?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_target(false)
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(syncra_relay::run(config, shutdown_signal()))
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

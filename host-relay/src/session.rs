@@ -1,0 +1,689 @@
+//! One client connection: handshake, authentication, then the request loop.
+//!
+//! The state machine is small and closed: *unauthenticated* (only `Register`, `Auth`, `Resume`
+//! and `Ping` are allowed; each attempt consumes the nonce and a new challenge follows a
+//! failure) and *authenticated* (lookups, prekey rotation, sends, pings). Every bad input gets
+//! an `Error` frame with its code; the connection is closed only when continuing would be
+//! pointless or abusive (too many failed logins, a frame over the size limit, a timeout).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use syncra_core::crypto::envelope::parse_header;
+use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
+use syncra_core::error::{OpenError, StoreError, TransportError};
+use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
+use syncra_core::wire::{
+    self, ErrorCode, Frame, NONCE_LEN, Outcome, RecipientOutcome, RequestId, login_statement,
+    register_statement,
+};
+use syncra_core::{Handle, IdentityRecord, UserId};
+use tracing::{debug, info, warn};
+
+use crate::NodeState;
+use crate::router::{SessionOutbox, SessionQueue, user_topic};
+use crate::tokens::TokenError;
+
+/// Malformed frames tolerated on one connection before it is closed.
+const MAX_MALFORMED: u32 = 16;
+/// Prekeys dated further ahead than this are refused: a far-future prekey would block every
+/// later rotation (rotations must not go back in time).
+const MAX_PREKEY_FUTURE_SECS: u64 = 24 * 3600;
+/// How long a store call may take before the request fails with `store_unavailable`.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn error_frame(request_id: RequestId, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    Frame::Error {
+        request_id,
+        code,
+        message: message.into(),
+    }
+    .encode()
+}
+
+fn store_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::HandleTaken(_) => ErrorCode::HandleTaken,
+        StoreError::AlreadyRegistered(_) => ErrorCode::AlreadyRegistered,
+        StoreError::NotFound(_) => ErrorCode::NotFound,
+        StoreError::Invalid(_) | StoreError::StalePrekey => ErrorCode::BadPrekey,
+        _ => ErrorCode::StoreUnavailable,
+    }
+}
+
+async fn with_store_timeout<T>(
+    f: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(STORE_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable(
+            "the identity store did not answer in time".into(),
+        )),
+    }
+}
+
+/// Sends frames directly on the sink (before the writer task exists).
+async fn send_now(sink: &mut Box<dyn FrameSink>, frame: Bytes) -> Result<(), TransportError> {
+    sink.send(&[frame]).await
+}
+
+/// What a receive produced.
+enum Received {
+    Frame(Frame),
+    Bad(ErrorCode, String),
+    Fatal(CloseReason),
+    Closed,
+}
+
+async fn receive(state: &NodeState, stream: &mut Box<dyn FrameStream>, ip: IpAddr) -> Received {
+    match stream.recv().await {
+        None => Received::Closed,
+        Some(Err(TransportError::TooLarge { size, max })) => Received::Fatal(CloseReason::error(
+            ErrorCode::FrameTooLarge,
+            format!("frame of {size} bytes exceeds the {max}-byte limit"),
+        )),
+        Some(Err(TransportError::Closed(_))) => Received::Closed,
+        Some(Err(e)) => Received::Bad(ErrorCode::Malformed, e.to_string()),
+        Some(Ok(bytes)) => {
+            if !state.limits.address_message(ip) {
+                return Received::Bad(
+                    ErrorCode::RateLimited,
+                    "too many frames from your address; slow down".into(),
+                );
+            }
+            match Frame::decode(&bytes, state.config.limits.max_frame) {
+                Ok(frame) => {
+                    state
+                        .metrics
+                        .frames_in
+                        .get_or_create(&[("kind", frame.kind())])
+                        .inc();
+                    Received::Frame(frame)
+                }
+                Err(e) => Received::Bad(ErrorCode::from(&e), e.to_string()),
+            }
+        }
+    }
+}
+
+fn fresh_challenge(state: &NodeState) -> ([u8; NONCE_LEN], Bytes) {
+    let mut nonce = [0u8; NONCE_LEN];
+    syncra_core::crypto::fill_random(&mut nonce);
+    let frame = Frame::Challenge {
+        relay_id: state.config.relay_id.clone(),
+        nonce,
+        server_time_ms: syncra_core::now_ms(),
+        max_frame: state.config.limits.max_frame as u32,
+    }
+    .encode();
+    (nonce, frame)
+}
+
+/// An authentication outcome.
+enum AuthResult {
+    Ok(UserId),
+    Failed(ErrorCode, String),
+}
+
+fn check_prekey_date(prekey: &SignedPrekey) -> Result<(), String> {
+    let now = syncra_core::now_ms() / 1000;
+    if prekey.created_at > now + MAX_PREKEY_FUTURE_SECS {
+        return Err("the prekey is dated more than a day in the future; check your clock".into());
+    }
+    Ok(())
+}
+
+async fn register(
+    state: &NodeState,
+    nonce: &[u8; NONCE_LEN],
+    handle: String,
+    identity_key: [u8; 32],
+    prekey: SignedPrekey,
+    signature: [u8; 64],
+) -> AuthResult {
+    let parsed = match Handle::parse(&handle) {
+        Ok(h) => h,
+        Err(e) => return AuthResult::Failed(ErrorCode::HandleInvalid, e.to_string()),
+    };
+    let statement = register_statement(
+        &state.config.relay_id,
+        nonce,
+        &handle,
+        &identity_key,
+        &prekey,
+    );
+    if verify_signature(&identity_key, &statement, &signature).is_err() {
+        return AuthResult::Failed(
+            ErrorCode::AuthFailed,
+            "the registration proof does not verify with this identity key".into(),
+        );
+    }
+    if let Err(why) = check_prekey_date(&prekey) {
+        return AuthResult::Failed(ErrorCode::BadPrekey, why);
+    }
+    let record = IdentityRecord {
+        user_id: UserId::from_identity_key(&identity_key),
+        handle: parsed,
+        identity_key,
+        prekey,
+    };
+    match with_store_timeout(state.store.register(&record)).await {
+        Ok(()) => {
+            info!(user = %record.user_id.short(), "registered");
+            AuthResult::Ok(record.user_id)
+        }
+        Err(e) => {
+            let code = store_code(&e);
+            let message = match &e {
+                StoreError::HandleTaken(h) => {
+                    format!("handle {h:?} is taken; pick another handle")
+                }
+                _ => e.to_string(),
+            };
+            AuthResult::Failed(code, message)
+        }
+    }
+}
+
+async fn login(
+    state: &NodeState,
+    nonce: &[u8; NONCE_LEN],
+    user: UserId,
+    signature: [u8; 64],
+) -> AuthResult {
+    let record = match with_store_timeout(state.store.by_id(&user)).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return AuthResult::Failed(
+                ErrorCode::NotFound,
+                format!("user {user} is not registered on this relay; register first"),
+            );
+        }
+        Err(e) => return AuthResult::Failed(store_code(&e), e.to_string()),
+    };
+    let statement = login_statement(&state.config.relay_id, nonce, &user);
+    if verify_signature(&record.identity_key, &statement, &signature).is_err() {
+        return AuthResult::Failed(
+            ErrorCode::AuthFailed,
+            "the login proof does not verify; the nonce may be stale or the key wrong".into(),
+        );
+    }
+    AuthResult::Ok(user)
+}
+
+fn resume(state: &NodeState, token: &str) -> AuthResult {
+    match state.tokens.verify(token, syncra_core::now_ms()) {
+        Ok(user) => AuthResult::Ok(user),
+        Err(TokenError::Expired) => AuthResult::Failed(
+            ErrorCode::TokenExpired,
+            "the resume token has expired; log in again".into(),
+        ),
+        Err(TokenError::Invalid) => AuthResult::Failed(
+            ErrorCode::TokenInvalid,
+            "the resume token is not valid for this relay".into(),
+        ),
+    }
+}
+
+/// Runs one connection to completion.
+pub async fn serve(state: Arc<NodeState>, conn: Connection) {
+    let Connection {
+        mut sink,
+        mut stream,
+        peer,
+    } = conn;
+    let ip = peer.client_ip();
+    let Some(_slot) = state.limits.connect(ip) else {
+        state
+            .metrics
+            .refused
+            .get_or_create(&[("reason", "too_many_connections")])
+            .inc();
+        let _ = sink
+            .close(CloseReason::error(
+                ErrorCode::TooManyConnections,
+                "too many connections from your address",
+            ))
+            .await;
+        return;
+    };
+
+    let handshake_deadline = tokio::time::Instant::now()
+        + Duration::from_secs(state.config.limits.handshake_timeout_secs);
+    let user = match tokio::time::timeout_at(
+        handshake_deadline,
+        authenticate(&state, &mut sink, &mut stream, ip),
+    )
+    .await
+    {
+        Ok(Some(user)) => user,
+        Ok(None) => return,
+        Err(_) => {
+            let _ = sink
+                .close(CloseReason::error(
+                    ErrorCode::Timeout,
+                    "authentication took too long",
+                ))
+                .await;
+            return;
+        }
+    };
+
+    // Authenticated: the token goes out first, directly, then the writer owns the sink.
+    let auth_ok = match state.tokens.issue(&user, syncra_core::now_ms()) {
+        Ok((token, token_expires_ms)) => Frame::AuthOk {
+            user_id: user,
+            token,
+            token_expires_ms,
+        }
+        .encode(),
+        Err(e) => {
+            warn!("cannot issue a resume token: {e:#}");
+            let _ = sink
+                .close(CloseReason::error(ErrorCode::Internal, "internal error"))
+                .await;
+            return;
+        }
+    };
+    let outbox = SessionQueue::channel(
+        state.router.next_session_id(),
+        state.config.limits.queue_capacity,
+    );
+    let queue = outbox.queue.clone();
+    if state.router.add(user, queue.clone())
+        && let Err(e) = state.broker.subscribe(&user_topic(&user)).await
+    {
+        // Local delivery still works; other nodes cannot reach this session until the broker
+        // is back. The health endpoint reports the broker, so this is logged, not fatal.
+        warn!(user = %user.short(), "broker subscribe failed: {e}");
+    }
+    state.metrics.sessions.inc();
+    debug!(user = %user.short(), session = queue.id, "session started");
+    if send_now(&mut sink, auth_ok).await.is_ok() {
+        let writer = tokio::spawn(write_loop(state.clone(), sink, outbox));
+        read_loop(&state, &mut stream, ip, user, &queue).await;
+        queue.close(CloseReason::normal("session ended"));
+        let _ = writer.await;
+    }
+    state.metrics.sessions.dec();
+    if state.router.remove(&user, queue.id) {
+        state.limits.forget_user(&user);
+        if let Err(e) = state.broker.unsubscribe(&user_topic(&user)).await {
+            warn!(user = %user.short(), "broker unsubscribe failed: {e}");
+        }
+    }
+    debug!(user = %user.short(), session = queue.id, "session ended");
+}
+
+/// The unauthenticated phase. Returns the user once authenticated, or `None` if the connection
+/// ended (closed by the peer, or by us after too many failures).
+async fn authenticate(
+    state: &NodeState,
+    sink: &mut Box<dyn FrameSink>,
+    stream: &mut Box<dyn FrameStream>,
+    ip: IpAddr,
+) -> Option<UserId> {
+    let (mut nonce, challenge) = fresh_challenge(state);
+    send_now(sink, challenge).await.ok()?;
+    let mut failures = 0u32;
+    let mut malformed = 0u32;
+    loop {
+        let frame = match receive(state, stream, ip).await {
+            Received::Closed => return None,
+            Received::Fatal(reason) => {
+                let _ = sink.close(reason).await;
+                return None;
+            }
+            Received::Bad(code, message) => {
+                state
+                    .metrics
+                    .errors
+                    .get_or_create(&[("code", code.name())])
+                    .inc();
+                malformed += 1;
+                if malformed > MAX_MALFORMED {
+                    let _ = sink
+                        .close(CloseReason::error(code, "too many bad frames"))
+                        .await;
+                    return None;
+                }
+                send_now(sink, error_frame(0, code, message)).await.ok()?;
+                continue;
+            }
+            Received::Frame(f) => f,
+        };
+        let result = match frame {
+            Frame::Ping { nonce } => {
+                send_now(sink, Frame::Pong { nonce }.encode()).await.ok()?;
+                continue;
+            }
+            Frame::Pong { .. } => continue,
+            Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. }
+                if !state.limits.auth_attempt(ip) =>
+            {
+                AuthResult::Failed(
+                    ErrorCode::RateLimited,
+                    "too many authentication attempts from your address; wait a minute".into(),
+                )
+            }
+            Frame::Register {
+                handle,
+                identity_key,
+                prekey,
+                signature,
+            } => register(state, &nonce, handle, identity_key, prekey, signature).await,
+            Frame::Auth { user_id, signature } => login(state, &nonce, user_id, signature).await,
+            Frame::Resume { token } => resume(state, &token),
+            other => {
+                let code = if is_client_frame(&other) {
+                    ErrorCode::NotAuthenticated
+                } else {
+                    ErrorCode::Unexpected
+                };
+                state
+                    .metrics
+                    .errors
+                    .get_or_create(&[("code", code.name())])
+                    .inc();
+                send_now(
+                    sink,
+                    error_frame(
+                        request_id_of(&other),
+                        code,
+                        format!(
+                            "{} needs an authenticated session; log in first",
+                            other.kind()
+                        ),
+                    ),
+                )
+                .await
+                .ok()?;
+                continue;
+            }
+        };
+        match result {
+            AuthResult::Ok(user) => return Some(user),
+            AuthResult::Failed(code, message) => {
+                state
+                    .metrics
+                    .errors
+                    .get_or_create(&[("code", code.name())])
+                    .inc();
+                failures += 1;
+                if failures >= state.config.auth.max_attempts_per_connection {
+                    let _ = sink.close(CloseReason::error(code, message)).await;
+                    return None;
+                }
+                send_now(sink, error_frame(0, code, message)).await.ok()?;
+                // Every attempt consumes the nonce: a new challenge for the next one.
+                let (next, challenge) = fresh_challenge(state);
+                nonce = next;
+                send_now(sink, challenge).await.ok()?;
+            }
+        }
+    }
+}
+
+fn is_client_frame(f: &Frame) -> bool {
+    matches!(
+        f,
+        Frame::Register { .. }
+            | Frame::Auth { .. }
+            | Frame::Resume { .. }
+            | Frame::LookupHandle { .. }
+            | Frame::LookupId { .. }
+            | Frame::RotatePrekey { .. }
+            | Frame::Send { .. }
+            | Frame::Ping { .. }
+            | Frame::Pong { .. }
+    )
+}
+
+fn request_id_of(f: &Frame) -> RequestId {
+    match f {
+        Frame::LookupHandle { request_id, .. }
+        | Frame::LookupId { request_id, .. }
+        | Frame::RotatePrekey { request_id, .. }
+        | Frame::Send { request_id, .. } => *request_id,
+        _ => 0,
+    }
+}
+
+/// The authenticated phase: requests until the connection ends, the idle timeout passes, or
+/// the session is closed (shutdown, overflow policy).
+async fn read_loop(
+    state: &NodeState,
+    stream: &mut Box<dyn FrameStream>,
+    ip: IpAddr,
+    user: UserId,
+    queue: &SessionQueue,
+) {
+    let idle = Duration::from_secs(state.config.limits.idle_timeout_secs);
+    let mut malformed = 0u32;
+    loop {
+        let received = tokio::select! {
+            r = tokio::time::timeout(idle, receive(state, stream, ip)) => r,
+            _ = queue.closed() => return,
+        };
+        let frame = match received {
+            Err(_) => {
+                queue.close(CloseReason::error(
+                    ErrorCode::Timeout,
+                    "idle for too long; send pings to keep a session open",
+                ));
+                return;
+            }
+            Ok(Received::Closed) => return,
+            Ok(Received::Fatal(reason)) => {
+                queue.close(reason);
+                return;
+            }
+            Ok(Received::Bad(code, message)) => {
+                state
+                    .metrics
+                    .errors
+                    .get_or_create(&[("code", code.name())])
+                    .inc();
+                malformed += 1;
+                if malformed > MAX_MALFORMED {
+                    queue.close(CloseReason::error(code, "too many bad frames"));
+                    return;
+                }
+                if !queue.reply(error_frame(0, code, message)).await {
+                    return;
+                }
+                continue;
+            }
+            Ok(Received::Frame(f)) => f,
+        };
+        let reply = handle_request(state, user, frame).await;
+        if let Some(reply) = reply
+            && !queue.reply(reply).await
+        {
+            return;
+        }
+    }
+}
+
+async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option<Bytes> {
+    let fail = |request_id: RequestId, code: ErrorCode, message: String| {
+        state
+            .metrics
+            .errors
+            .get_or_create(&[("code", code.name())])
+            .inc();
+        Some(error_frame(request_id, code, message))
+    };
+    match frame {
+        Frame::Ping { nonce } => Some(Frame::Pong { nonce }.encode()),
+        Frame::Pong { .. } => None,
+        Frame::LookupHandle { request_id, handle } => {
+            let handle = match Handle::parse(&handle) {
+                Ok(h) => h,
+                Err(e) => return fail(request_id, ErrorCode::HandleInvalid, e.to_string()),
+            };
+            match with_store_timeout(state.store.by_handle(&handle)).await {
+                Ok(Some(record)) => Some(Frame::Record { request_id, record }.encode()),
+                Ok(None) => fail(
+                    request_id,
+                    ErrorCode::NotFound,
+                    format!("nobody is registered as {handle:?}"),
+                ),
+                Err(e) => fail(request_id, store_code(&e), e.to_string()),
+            }
+        }
+        Frame::LookupId {
+            request_id,
+            user_id,
+        } => match with_store_timeout(state.store.by_id(&user_id)).await {
+            Ok(Some(record)) => Some(Frame::Record { request_id, record }.encode()),
+            Ok(None) => fail(
+                request_id,
+                ErrorCode::NotFound,
+                format!("user {user_id} is not registered"),
+            ),
+            Err(e) => fail(request_id, store_code(&e), e.to_string()),
+        },
+        Frame::RotatePrekey { request_id, prekey } => {
+            if let Err(why) = check_prekey_date(&prekey) {
+                return fail(request_id, ErrorCode::BadPrekey, why);
+            }
+            match with_store_timeout(state.store.replace_prekey(&user, &prekey)).await {
+                Ok(()) => Some(Frame::Ack { request_id }.encode()),
+                Err(e) => fail(request_id, store_code(&e), e.to_string()),
+            }
+        }
+        Frame::Send {
+            request_id,
+            envelope,
+        } => {
+            if !state.limits.user_message(&user) {
+                return fail(
+                    request_id,
+                    ErrorCode::RateLimited,
+                    "you are sending too fast; slow down".into(),
+                );
+            }
+            Some(send(state, request_id, envelope).await)
+        }
+        Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. } => fail(
+            0,
+            ErrorCode::AlreadyAuthenticated,
+            "this session is already authenticated".into(),
+        ),
+        other => fail(
+            request_id_of(&other),
+            ErrorCode::Unexpected,
+            format!("{} is not something a client sends", other.kind()),
+        ),
+    }
+}
+
+/// Routes one envelope to every recipient and builds the send result.
+async fn send(state: &NodeState, request_id: RequestId, envelope: Bytes) -> Bytes {
+    let header = match parse_header(&envelope) {
+        Ok(h) => h,
+        Err(e) => {
+            let code = match e {
+                OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
+                _ => ErrorCode::BadEnvelope,
+            };
+            state
+                .metrics
+                .errors
+                .get_or_create(&[("code", code.name())])
+                .inc();
+            return error_frame(request_id, code, e.to_string());
+        }
+    };
+    // One encoded frame, shared by every session it goes to.
+    let frame = wire::encode_deliver(&envelope);
+    let payload = state.router.broker_payload(&frame);
+    let outcomes = join_all(header.recipients.iter().map(|r| {
+        let frame = &frame;
+        let payload = payload.clone();
+        async move {
+            let local = state.router.deliver_local(&r.user_id, frame);
+            let remote = state.broker.publish(&user_topic(&r.user_id), payload).await;
+            let outcome = match (local.taken, remote) {
+                (n, _) if n > 0 => Outcome::Delivered,
+                (_, Ok(receipt)) if receipt.receivers.unwrap_or(0) > 0 => Outcome::Delivered,
+                (_, _) if local.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
+                (_, Ok(_)) => Outcome::Offline,
+                (_, Err(_)) => Outcome::Rejected(ErrorCode::BrokerUnavailable),
+            };
+            let label = match outcome {
+                Outcome::Delivered => "delivered",
+                Outcome::Offline => "offline",
+                Outcome::Rejected(_) => "rejected",
+            };
+            state
+                .metrics
+                .outcomes
+                .get_or_create(&[("outcome", label)])
+                .inc();
+            RecipientOutcome {
+                user_id: r.user_id,
+                outcome,
+            }
+        }
+    }))
+    .await;
+    Frame::SendResult {
+        request_id,
+        message_id: header.message_id,
+        outcomes,
+    }
+    .encode()
+}
+
+/// Drains a session's queue onto the connection in batches until it is closed.
+async fn write_loop(
+    state: Arc<NodeState>,
+    mut sink: Box<dyn FrameSink>,
+    mut outbox: SessionOutbox,
+) {
+    let batch_max = state.config.limits.write_batch;
+    let mut batch: Vec<Bytes> = Vec::with_capacity(batch_max);
+    let queue = outbox.queue.clone();
+    let reason = loop {
+        tokio::select! {
+            biased;
+            n = outbox.rx.recv_many(&mut batch, batch_max) => {
+                if n == 0 {
+                    break CloseReason::normal("session ended");
+                }
+                let dropped = queue.take_dropped();
+                if dropped > 0 {
+                    state.metrics.queue_overflow.inc_by(dropped);
+                    batch.push(error_frame(
+                        0,
+                        ErrorCode::QueueOverflow,
+                        format!("{dropped} messages were refused because this session could not keep up"),
+                    ));
+                }
+                state.metrics.frames_out.inc_by(batch.len() as u64);
+                state.metrics.write_batches.inc();
+                if sink.send(&batch).await.is_err() {
+                    queue.close(CloseReason::normal("connection lost"));
+                    return;
+                }
+                batch.clear();
+            }
+            reason = queue.closed() => break reason,
+        }
+    };
+    // Flush what is already queued (a draining shutdown must not lose accepted deliveries),
+    // then say why we close.
+    outbox.rx.close();
+    while outbox.rx.recv_many(&mut batch, batch_max).await > 0 {
+        if sink.send(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+    let _ = sink.close(reason).await;
+}

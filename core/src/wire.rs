@@ -20,7 +20,8 @@ use crate::record::IdentityRecord;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
-/// The default and largest frame a relay accepts, in bytes.
+/// The default frame limit, in bytes (a relay may configure 1 KiB to 16 MiB and announces its
+/// limit in `Challenge`).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
 /// Longest token, in bytes.
 pub const MAX_TOKEN_LEN: usize = 2048;

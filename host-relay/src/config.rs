@@ -15,6 +15,16 @@ use serde::{Deserialize, Serialize};
 /// The environment variable prefix; `__` separates nesting (`SYNCRA_BROKER__KIND=nats`).
 pub const ENV_PREFIX: &str = "SYNCRA_";
 
+/// `SYNCRA_*` variables that belong to other Syncra programs (the client, the test suite) and
+/// are therefore not relay settings. Any other `SYNCRA_*` variable must name a relay setting:
+/// a typo in the environment is an error, as it is in the file.
+const OTHER_PROGRAMS_VARS: &[&str] = &[
+    "SYNCRA_HOME",
+    "SYNCRA_PASSPHRASE",
+    "SYNCRA_RELAY_CONFIG",
+    "SYNCRA_REGENERATE_VECTORS",
+];
+
 /// Top-level keys, so unrelated `SYNCRA_*` variables (the client's `SYNCRA_HOME`,
 /// `SYNCRA_PASSPHRASE`) are not mistaken for relay settings.
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -55,6 +65,9 @@ pub struct RelayConfig {
     pub auth: AuthConfig,
     /// Limits.
     pub limits: LimitsConfig,
+    /// The file this configuration was read from, for error messages.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Authentication settings.
@@ -91,7 +104,8 @@ pub enum OverflowPolicy {
     /// Refuse the message for that session (the sender gets `rejected: queue_overflow` if no
     /// other session of the recipient took it) and tell the slow client how many it missed.
     Reject,
-    /// Close the slow session with `queue_overflow`; it reconnects and catches up.
+    /// Close the slow session with `queue_overflow`. The relay stores nothing, so what was
+    /// refused is not replayed; the senders were told `rejected: queue_overflow`.
     Disconnect,
 }
 
@@ -174,6 +188,7 @@ impl Default for RelayConfig {
             store: serde_json::json!({ "kind": "sqlite" }),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            source: None,
         }
     }
 }
@@ -181,16 +196,29 @@ impl Default for RelayConfig {
 /// Turns `SYNCRA_A__B=v` variables into a nested dictionary `{a: {b: v}}`, parsing values the
 /// way figment's `Env` provider does (`7` is a number, `true` a boolean). Only relay keys are
 /// taken, so the client's `SYNCRA_HOME` or `SYNCRA_PASSPHRASE` are never read here.
-fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> figment::value::Dict {
+fn env_dict(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<figment::value::Dict> {
     use figment::value::{Dict, Value};
     let mut root = Dict::new();
     for (key, raw) in env {
         let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        if OTHER_PROGRAMS_VARS.contains(&key.as_str()) {
+            continue;
+        }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
         if path.iter().any(String::is_empty) || !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
-            continue;
+            bail!(
+                "unknown setting {key} in the environment; relay settings are {} \
+                 (nested with __, e.g. SYNCRA_BROKER__KIND)",
+                TOP_LEVEL_KEYS
+                    .iter()
+                    .map(|k| format!("SYNCRA_{}", k.to_ascii_uppercase()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         let value: Value = raw.parse().unwrap_or_else(|_| Value::from(raw.clone()));
         let mut dict = &mut root;
@@ -208,7 +236,7 @@ fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> figment::value::
         }
         dict.insert(path[path.len() - 1].clone(), value);
     }
-    root
+    Ok(root)
 }
 
 /// Where a setting came from, for error messages.
@@ -237,11 +265,12 @@ impl RelayConfig {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Serialized::globals(env_dict(env)));
+        figment = figment.merge(Serialized::globals(env_dict(env)?));
         let mut config: RelayConfig = figment
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration in {}: {e}", describe(file)))?;
         config.validate().with_context(|| describe(file))?;
+        config.source = file.map(Path::to_path_buf);
         if let Some(dir) = file.and_then(Path::parent) {
             // Relative paths in a config file are relative to the file.
             if config.data_dir.is_relative() && !dir.as_os_str().is_empty() {
@@ -265,6 +294,9 @@ impl RelayConfig {
                 _ => bail!("[{name}] needs a `kind` (a string)"),
             }
         }
+        if self.transport.get("max_frame").is_some() {
+            bail!("[transport] max_frame is set from [limits] max_frame; set it there instead");
+        }
         if self.limits.queue_capacity == 0 || self.limits.write_batch == 0 {
             bail!("limits.queue_capacity and limits.write_batch must be at least 1");
         }
@@ -272,6 +304,11 @@ impl RelayConfig {
             bail!("limits.max_frame must be between 1 KiB and 16 MiB");
         }
         Ok(())
+    }
+
+    /// Where the settings came from, for error messages.
+    pub fn describe_source(&self) -> String {
+        describe(self.source.as_deref())
     }
 
     /// The store section with defaults that depend on other settings filled in.
@@ -298,8 +335,7 @@ impl RelayConfig {
     pub fn transport_section(&self) -> serde_json::Value {
         let mut t = self.transport.clone();
         if let Some(map) = t.as_object_mut() {
-            map.entry("max_frame")
-                .or_insert(serde_json::json!(self.limits.max_frame));
+            map.insert("max_frame".into(), serde_json::json!(self.limits.max_frame));
         }
         t
     }
@@ -362,13 +398,17 @@ fn redact_url_password(s: &str) -> Option<String> {
     if authority.contains('/') {
         return None;
     }
-    let colon = authority.find(':')?;
-    Some(format!(
-        "{}{}:<redacted>{}",
-        &s[..scheme_end],
-        &authority[..colon],
-        &rest[at..]
-    ))
+    Some(match authority.find(':') {
+        // user:password@host: keep the user, hide the password.
+        Some(colon) => format!(
+            "{}{}:<redacted>{}",
+            &s[..scheme_end],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        // token@host (NATS tokens, Redis ACL passwords): the whole user part is the secret.
+        None => format!("{}<redacted>{}", &s[..scheme_end], &rest[at..]),
+    })
 }
 
 #[cfg(test)]
@@ -427,6 +467,7 @@ mod tests {
                 // The client's variables are not relay settings and must not be errors.
                 ("SYNCRA_HOME", "/tmp/x"),
                 ("SYNCRA_PASSPHRASE", "hunter2"),
+                ("PATH", "/usr/bin"),
             ]),
         )
         .unwrap();
@@ -434,6 +475,15 @@ mod tests {
         assert_eq!(c.broker["url"], "nats://127.0.0.1:4222");
         assert_eq!(c.limits.queue_capacity, 7);
         assert_eq!(c.listen, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn a_typo_in_the_environment_is_an_error() {
+        let err = RelayConfig::load_with_env(None, env(&[("SYNCRA_LISTN", "127.0.0.1:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SYNCRA_LISTN"), "{err}");
+        assert!(err.contains("SYNCRA_LISTEN"), "{err}");
     }
 
     #[test]
@@ -457,6 +507,12 @@ mod tests {
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(!printed.contains("also-secret"), "{printed}");
         assert!(printed.contains("postgres://syncra:<redacted>@db.example:5432/syncra"));
+        let mut v = serde_json::json!({ "url": "nats://s3cret-token@nats.example:4222" });
+        redact(&mut v);
+        assert_eq!(v["url"], "nats://<redacted>@nats.example:4222");
+        let mut v = serde_json::json!({ "url": "https://example.org/path@x" });
+        redact(&mut v);
+        assert_eq!(v["url"], "https://example.org/path@x");
         // File paths that merely mention a secret are not secrets.
         assert!(printed.contains("token-signing.key"), "{printed}");
     }

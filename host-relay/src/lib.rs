@@ -40,8 +40,9 @@ use metrics::Metrics;
 use router::{Router, RouterSink};
 use tokens::TokenKeys;
 
-/// Handshakes in progress at once; more wait in the kernel's accept queue. Bounds the memory a
-/// flood of slow handshakes can pin.
+/// Handshakes in progress at once. Connections beyond it are accepted and dropped at once
+/// (counted as `too_many_handshakes`), which bounds the memory a flood of slow handshakes can
+/// pin while honest clients retry with backoff.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// The plugins compiled into this build.
@@ -66,6 +67,8 @@ pub(crate) struct NodeState {
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Arc<Router>,
+    /// Set when shutdown starts, so sessions that log in during the drain are closed too.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 /// A running relay node.
@@ -125,12 +128,22 @@ impl Relay {
             .stores
             .create(config.store_section(), ())
             .await
-            .context("starting the identity store ([store])")?;
+            .with_context(|| {
+                format!(
+                    "starting the identity store ([store] in {})",
+                    config.describe_source()
+                )
+            })?;
         let transport = registry
             .transports
             .create(config.transport_section(), ())
             .await
-            .context("starting the transport ([transport])")?;
+            .with_context(|| {
+                format!(
+                    "starting the transport ([transport] in {})",
+                    config.describe_source()
+                )
+            })?;
 
         let mut node_id = [0u8; router::NODE_ID_LEN];
         syncra_core::crypto::fill_random(&mut node_id);
@@ -144,7 +157,12 @@ impl Relay {
             .brokers
             .create(config.broker.clone(), sink)
             .await
-            .context("starting the broker ([broker])")?;
+            .with_context(|| {
+                format!(
+                    "starting the broker ([broker] in {})",
+                    config.describe_source()
+                )
+            })?;
 
         let listener = transport
             .bind(&config.listen)
@@ -170,6 +188,7 @@ impl Relay {
             limits,
             metrics,
             router,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
 
         let (stop, stop_rx) = watch::channel(false);
@@ -224,6 +243,9 @@ impl Relay {
     /// Stops accepting, closes every session with `shutting_down` after flushing what is
     /// queued for it, and waits (up to the drain timeout) for the sessions to end.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
         let _ = self.stop.send(true);
         let mut sessions = self.accept_task.await.context("the accept loop panicked")?;
         for queue in self.state.router.all_sessions() {
@@ -301,11 +323,13 @@ async fn accept_loop(
         };
         let state = state.clone();
         sessions.spawn(async move {
-            let timeout = Duration::from_secs(state.config.limits.handshake_timeout_secs);
-            let conn = tokio::time::timeout(timeout, incoming.handshake).await;
+            // One budget for the transport handshake and the login that follows.
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_secs(state.config.limits.handshake_timeout_secs);
+            let conn = tokio::time::timeout_at(deadline, incoming.handshake).await;
             drop(permit);
             match conn {
-                Ok(Ok(conn)) => session::serve(state, conn).await,
+                Ok(Ok(conn)) => session::serve(state, conn, deadline).await,
                 Ok(Err(e)) => {
                     state
                         .metrics

@@ -25,6 +25,11 @@ impl Bucket {
             last: now,
         }
     }
+    /// The level at `now`, refilled at `per_second` up to `burst`.
+    fn level(&self, per_second: f64, burst: u32, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * per_second).min(f64::from(burst))
+    }
 
     /// Takes one token if there is one.
     fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
@@ -46,6 +51,21 @@ struct AddressState {
     connections: u32,
     messages: Bucket,
     auth: Bucket,
+}
+
+impl AddressState {
+    /// Whether both budgets are full again (nothing would be lost by forgetting the address).
+    fn refilled(&self, s: &LimitSettings, now: Instant) -> bool {
+        let burst = f64::from(s.address_burst);
+        let auth = f64::from(s.auth_per_minute);
+        self.messages
+            .level(f64::from(s.address_rate), s.address_burst, now)
+            >= burst
+            && self
+                .auth
+                .level(f64::from(s.auth_per_minute) / 60.0, s.auth_per_minute, now)
+                >= auth
+    }
 }
 
 /// The limits configured for this relay.
@@ -71,6 +91,7 @@ pub struct Limits {
     settings: LimitSettings,
     addresses: DashMap<IpAddr, AddressState>,
     users: DashMap<UserId, Mutex<Bucket>>,
+    last_sweep: Mutex<Instant>,
 }
 
 /// A held connection slot; dropping it frees the slot.
@@ -93,6 +114,7 @@ impl Limits {
             settings,
             addresses: DashMap::new(),
             users: DashMap::new(),
+            last_sweep: Mutex::new(Instant::now()),
         }
     }
 
@@ -114,20 +136,36 @@ impl Limits {
         state.connections += 1;
         Some(ConnectionSlot { limits: self, ip })
     }
-
     fn release(&self, ip: IpAddr) {
-        let remove = match self.addresses.get_mut(&ip) {
-            Some(mut state) => {
-                state.connections = state.connections.saturating_sub(1);
-                state.connections == 0
-            }
-            None => false,
-        };
-        if remove {
-            // Forgetting the buckets of an address with no connections lets a client reset
-            // its budget only by disconnecting, which costs it a handshake per reset.
-            self.addresses.remove_if(&ip, |_, s| s.connections == 0);
+        let s = self.settings;
+        let now = Instant::now();
+        let mut idle = false;
+        if let Some(mut state) = self.addresses.get_mut(&ip) {
+            state.connections = state.connections.saturating_sub(1);
+            // Forget an address only once its budgets have refilled: otherwise reconnecting
+            // would reset them and the limits would be per connection, not per address.
+            idle = state.connections == 0 && state.refilled(&s, now);
         }
+        if idle {
+            self.addresses
+                .remove_if(&ip, |_, st| st.connections == 0 && st.refilled(&s, now));
+        }
+        self.sweep(now);
+    }
+
+    /// Drops idle addresses whose budgets have refilled. Runs at most once per second, on
+    /// disconnects, so the table follows live load rather than history.
+    fn sweep(&self, now: Instant) {
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            if now.saturating_duration_since(*last) < std::time::Duration::from_secs(1) {
+                return;
+            }
+            *last = now;
+        }
+        let s = self.settings;
+        self.addresses
+            .retain(|_, st| st.connections > 0 || !st.refilled(&s, now));
     }
 
     /// One message from an address.
@@ -204,6 +242,17 @@ mod tests {
         assert!(l.connect(ip).is_none());
         drop(a);
         assert!(l.connect(ip).is_some());
+    }
+    #[test]
+    fn reconnecting_does_not_reset_a_spent_budget() {
+        let l = Limits::new(settings());
+        let ip: IpAddr = "10.0.0.4".parse().unwrap();
+        let slot = l.connect(ip).unwrap();
+        assert!(l.auth_attempt(ip) && l.auth_attempt(ip));
+        assert!(!l.auth_attempt(ip));
+        drop(slot);
+        let _slot = l.connect(ip).unwrap();
+        assert!(!l.auth_attempt(ip), "the spent budget survives a reconnect");
     }
 
     #[test]

@@ -73,7 +73,8 @@ async fn send_now(sink: &mut Box<dyn FrameSink>, frame: Bytes) -> Result<(), Tra
 /// What a receive produced.
 enum Received {
     Frame(Frame),
-    Bad(ErrorCode, String),
+    /// A frame that cannot be served: the request id (0 if unknown), the code, the reason.
+    Bad(RequestId, ErrorCode, String),
     Fatal(CloseReason),
     Closed,
 }
@@ -86,26 +87,30 @@ async fn receive(state: &NodeState, stream: &mut Box<dyn FrameStream>, ip: IpAdd
             format!("frame of {size} bytes exceeds the {max}-byte limit"),
         )),
         Some(Err(TransportError::Closed(_))) => Received::Closed,
-        Some(Err(e)) => Received::Bad(ErrorCode::Malformed, e.to_string()),
-        Some(Ok(bytes)) => {
-            if !state.limits.address_message(ip) {
-                return Received::Bad(
-                    ErrorCode::RateLimited,
-                    "too many frames from your address; slow down".into(),
-                );
-            }
-            match Frame::decode(&bytes, state.config.limits.max_frame) {
-                Ok(frame) => {
-                    state
-                        .metrics
-                        .frames_in
-                        .get_or_create(&[("kind", frame.kind())])
-                        .inc();
-                    Received::Frame(frame)
+        Some(Err(e)) => Received::Bad(0, ErrorCode::Malformed, e.to_string()),
+        Some(Ok(bytes)) => match Frame::decode(&bytes, state.config.limits.max_frame) {
+            Ok(frame) => {
+                state
+                    .metrics
+                    .frames_in
+                    .get_or_create(&[("kind", frame.kind())])
+                    .inc();
+                // Decoded first so a throttled request is answered with its own request id.
+                if !state.limits.address_message(ip) {
+                    return Received::Bad(
+                        request_id_of(&frame),
+                        ErrorCode::RateLimited,
+                        "too many frames from your address; slow down".into(),
+                    );
                 }
-                Err(e) => Received::Bad(ErrorCode::from(&e), e.to_string()),
+                Received::Frame(frame)
             }
-        }
+            Err(e) => {
+                // Undecodable frames count against the address budget too.
+                let _ = state.limits.address_message(ip);
+                Received::Bad(0, ErrorCode::from(&e), e.to_string())
+            }
+        },
     }
 }
 
@@ -228,8 +233,9 @@ fn resume(state: &NodeState, token: &str) -> AuthResult {
     }
 }
 
-/// Runs one connection to completion.
-pub async fn serve(state: Arc<NodeState>, conn: Connection) {
+/// Runs one connection to completion. `deadline` bounds the transport handshake and the
+/// authentication together.
+pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::time::Instant) {
     let Connection {
         mut sink,
         mut stream,
@@ -250,27 +256,22 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection) {
             .await;
         return;
     };
-
-    let handshake_deadline = tokio::time::Instant::now()
-        + Duration::from_secs(state.config.limits.handshake_timeout_secs);
-    let user = match tokio::time::timeout_at(
-        handshake_deadline,
-        authenticate(&state, &mut sink, &mut stream, ip),
-    )
-    .await
-    {
-        Ok(Some(user)) => user,
-        Ok(None) => return,
-        Err(_) => {
-            let _ = sink
-                .close(CloseReason::error(
-                    ErrorCode::Timeout,
-                    "authentication took too long",
-                ))
-                .await;
-            return;
-        }
-    };
+    let user =
+        match tokio::time::timeout_at(deadline, authenticate(&state, &mut sink, &mut stream, ip))
+            .await
+        {
+            Ok(Some(user)) => user,
+            Ok(None) => return,
+            Err(_) => {
+                let _ = sink
+                    .close(CloseReason::error(
+                        ErrorCode::Timeout,
+                        "authentication took too long",
+                    ))
+                    .await;
+                return;
+            }
+        };
 
     // Authenticated: the token goes out first, directly, then the writer owns the sink.
     let auth_ok = match state.tokens.issue(&user, syncra_core::now_ms()) {
@@ -302,6 +303,13 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection) {
     }
     state.metrics.sessions.inc();
     debug!(user = %user.short(), session = queue.id, "session started");
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        // Logged in while the relay drains: the shutdown already closed the sessions it knew.
+        queue.close(CloseReason::error(
+            ErrorCode::ShuttingDown,
+            "the relay is restarting; reconnect shortly",
+        ));
+    }
     if send_now(&mut sink, auth_ok).await.is_ok() {
         let writer = tokio::spawn(write_loop(state.clone(), sink, outbox));
         read_loop(&state, &mut stream, ip, user, &queue).await;
@@ -337,7 +345,7 @@ async fn authenticate(
                 let _ = sink.close(reason).await;
                 return None;
             }
-            Received::Bad(code, message) => {
+            Received::Bad(request_id, code, message) => {
                 state
                     .metrics
                     .errors
@@ -350,7 +358,9 @@ async fn authenticate(
                         .await;
                     return None;
                 }
-                send_now(sink, error_frame(0, code, message)).await.ok()?;
+                send_now(sink, error_frame(request_id, code, message))
+                    .await
+                    .ok()?;
                 continue;
             }
             Received::Frame(f) => f,
@@ -378,29 +388,28 @@ async fn authenticate(
             Frame::Auth { user_id, signature } => login(state, &nonce, user_id, signature).await,
             Frame::Resume { token } => resume(state, &token),
             other => {
-                let code = if is_client_frame(&other) {
-                    ErrorCode::NotAuthenticated
+                let (code, message) = if is_client_frame(&other) {
+                    (
+                        ErrorCode::NotAuthenticated,
+                        format!(
+                            "{} needs an authenticated session; log in first",
+                            other.kind()
+                        ),
+                    )
                 } else {
-                    ErrorCode::Unexpected
+                    (
+                        ErrorCode::Unexpected,
+                        format!("{} is not something a client sends", other.kind()),
+                    )
                 };
                 state
                     .metrics
                     .errors
                     .get_or_create(&[("code", code.name())])
                     .inc();
-                send_now(
-                    sink,
-                    error_frame(
-                        request_id_of(&other),
-                        code,
-                        format!(
-                            "{} needs an authenticated session; log in first",
-                            other.kind()
-                        ),
-                    ),
-                )
-                .await
-                .ok()?;
+                send_now(sink, error_frame(request_id_of(&other), code, message))
+                    .await
+                    .ok()?;
                 continue;
             }
         };
@@ -481,7 +490,7 @@ async fn read_loop(
                 queue.close(reason);
                 return;
             }
-            Ok(Received::Bad(code, message)) => {
+            Ok(Received::Bad(request_id, code, message)) => {
                 state
                     .metrics
                     .errors
@@ -492,7 +501,7 @@ async fn read_loop(
                     queue.close(CloseReason::error(code, "too many bad frames"));
                     return;
                 }
-                if !queue.reply(error_frame(0, code, message)).await {
+                if !queue.reply(error_frame(request_id, code, message)).await {
                     return;
                 }
                 continue;

@@ -7,6 +7,7 @@
 pub mod envelope;
 pub mod keyfile;
 pub mod keys;
+pub mod local_box;
 pub mod safety;
 pub mod transcript;
 

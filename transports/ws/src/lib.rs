@@ -314,10 +314,17 @@ struct WsListener {
     trusted_proxies: Vec<IpAddr>,
 }
 
-/// Reads the client address a trusted proxy put in `X-Forwarded-For` (the right-most entry is
-/// the one the proxy itself appended).
+/// Reads the client address a trusted proxy put in `X-Forwarded-For`: the right-most entry of
+/// the last header line is the one the proxy itself added (anything before it came from the
+/// client and may be forged).
 fn forwarded_for(request: &Request) -> Option<IpAddr> {
-    let value = request.headers().get("x-forwarded-for")?.to_str().ok()?;
+    let value = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .last()?
+        .to_str()
+        .ok()?;
     value.rsplit(',').next()?.trim().parse().ok()
 }
 

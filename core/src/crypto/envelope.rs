@@ -218,6 +218,60 @@ pub fn seal_with_rng<R: CryptoRng>(
     timestamp_ms: u64,
     rng: &mut R,
 ) -> Result<SealedEnvelope, SealError> {
+    // Step 1: per-message randomness (the content key and nonce are drawn in `encrypt_and_wrap`).
+    let mut message_id = [0u8; MESSAGE_ID_LEN];
+    rng.fill_bytes(&mut message_id);
+    seal_parts(sender, recipients, body, timestamp_ms, message_id, rng)
+}
+
+/// Seals with a message id chosen by the caller. A client that retries a send after losing the
+/// connection reuses the id, so a recipient who got the first attempt drops the repeat as a
+/// replay. Never reuse an id for a different message.
+pub fn seal_with_id(
+    sender: &IdentityKeyPair,
+    recipients: &[Recipient],
+    body: &[u8],
+    timestamp_ms: u64,
+    message_id: MessageId,
+) -> Result<SealedEnvelope, SealError> {
+    seal_parts(
+        sender,
+        recipients,
+        body,
+        timestamp_ms,
+        message_id,
+        &mut super::os_rng(),
+    )
+}
+
+fn seal_parts<R: CryptoRng>(
+    sender: &IdentityKeyPair,
+    recipients: &[Recipient],
+    body: &[u8],
+    timestamp_ms: u64,
+    message_id: MessageId,
+    rng: &mut R,
+) -> Result<SealedEnvelope, SealError> {
+    check_seal_inputs(recipients, body)?;
+    let digest = recipients_digest(recipients);
+
+    // Step 2: sign.
+    let inner = build_inner(
+        &sender.user_id(),
+        &sender.public(),
+        sender,
+        &digest,
+        &message_id,
+        timestamp_ms,
+        body,
+    );
+
+    // Steps 3 and 4: encrypt once, wrap per recipient.
+    let bytes = encrypt_and_wrap(&inner, &message_id, recipients, rng)?;
+    Ok(SealedEnvelope { message_id, bytes })
+}
+
+fn check_seal_inputs(recipients: &[Recipient], body: &[u8]) -> Result<(), SealError> {
     if recipients.is_empty() {
         return Err(SealError::NoRecipients);
     }
@@ -238,26 +292,7 @@ pub fn seal_with_rng<R: CryptoRng>(
             return Err(SealError::DuplicateRecipient(r.user_id));
         }
     }
-
-    // Step 1: per-message randomness (the content key and nonce are drawn in `encrypt_and_wrap`).
-    let mut message_id = [0u8; MESSAGE_ID_LEN];
-    rng.fill_bytes(&mut message_id);
-    let digest = recipients_digest(recipients);
-
-    // Step 2: sign.
-    let inner = build_inner(
-        &sender.user_id(),
-        &sender.public(),
-        sender,
-        &digest,
-        &message_id,
-        timestamp_ms,
-        body,
-    );
-
-    // Steps 3 and 4: encrypt once, wrap per recipient.
-    let bytes = encrypt_and_wrap(&inner, &message_id, recipients, rng)?;
-    Ok(SealedEnvelope { message_id, bytes })
+    Ok(())
 }
 
 /// Builds the signed inner plaintext. `claimed_sender` and `sender_key` are separate parameters

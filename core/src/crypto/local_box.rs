@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 pub const OVERHEAD: usize = 12 + 16;
 
 /// A key for data at rest.
+#[derive(Clone)]
 pub struct LocalKey(Zeroizing<[u8; 32]>);
 
 impl std::fmt::Debug for LocalKey {

@@ -322,7 +322,7 @@ fn forwarded_for(request: &Request) -> Option<IpAddr> {
         .headers()
         .get_all("x-forwarded-for")
         .iter()
-        .last()?
+        .next_back()?
         .to_str()
         .ok()?;
     value.rsplit(',').next()?.trim().parse().ok()

@@ -1,0 +1,1014 @@
+//! The client engine: everything the headless commands, the terminal UI and the bot runner
+//! share — keys, contacts, groups, history, the outbox and the relay connection.
+//!
+//! It is a plain struct driven by one task (`&mut self` methods): the TUI and the bot runner put
+//! it behind an actor loop; the headless commands call it directly.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use data_encoding::HEXLOWER;
+use syncra_core::crypto::envelope::{
+    AcceptWindow, MESSAGE_ID_LEN, MessageId, Opener, Recipient, ReplayGuard, seal_with_id,
+};
+use syncra_core::crypto::keyfile::KdfParams;
+use syncra_core::crypto::safety::{fingerprint, safety_number};
+use syncra_core::error::OpenError;
+use syncra_core::wire::{ErrorCode, Outcome, RecipientOutcome};
+use syncra_core::{Handle, IdentityRecord, UserId};
+use syncra_transport_ws::WsTransport;
+use tokio::sync::mpsc;
+
+use crate::contacts::{Book, Contact, Group, PinOutcome};
+use crate::history::{Delivery, History, StoredMessage};
+use crate::home::{Home, Settings};
+use crate::keystore::KeyStore;
+use crate::message::{Content, GroupInfo};
+use crate::net::{Login, NetError, Push, Session};
+use crate::outbox::{Outbox, Pending};
+
+/// Where a message goes: a contact or a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A contact, by user id.
+    Direct(UserId),
+    /// A group, by id.
+    Group(String),
+}
+
+impl Target {
+    /// The history file name of this conversation.
+    pub fn conversation(&self) -> String {
+        match self {
+            Target::Direct(id) => id.to_string(),
+            Target::Group(g) => format!("group-{g}"),
+        }
+    }
+
+    /// Parses a history file name back.
+    pub fn from_conversation(name: &str) -> Option<Target> {
+        match name.strip_prefix("group-") {
+            Some(g) => Some(Target::Group(g.to_owned())),
+            None => name.parse().ok().map(Target::Direct),
+        }
+    }
+
+    /// As the UI contract's conversation id.
+    pub fn to_ui(&self) -> syncra_core::ui::ConversationId {
+        match self {
+            Target::Direct(id) => syncra_core::ui::ConversationId::Direct(*id),
+            Target::Group(g) => syncra_core::ui::ConversationId::Group(g.clone()),
+        }
+    }
+}
+
+/// What happened to a send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendReport {
+    /// The message id (hex).
+    pub id: String,
+    /// The overall state.
+    pub state: SendState,
+    /// Per-recipient outcomes, if the relay answered.
+    pub outcomes: Vec<RecipientOutcome>,
+}
+
+/// The overall state of a send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendState {
+    /// Every recipient's live session took it.
+    Delivered,
+    /// At least one recipient was offline (the relay stores nothing).
+    Offline,
+    /// The relay refused it for at least one recipient.
+    Failed(String),
+    /// The relay could not be reached; the message waits in the outbox.
+    Queued(String),
+}
+
+impl SendState {
+    fn delivery(&self) -> Delivery {
+        match self {
+            SendState::Delivered => Delivery::Delivered,
+            SendState::Offline => Delivery::Offline,
+            SendState::Failed(_) => Delivery::Failed,
+            SendState::Queued(_) => Delivery::Sending,
+        }
+    }
+}
+
+/// Something that arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message to show.
+    Message {
+        /// The conversation it belongs to.
+        target: Target,
+        /// The sender.
+        from: UserId,
+        /// The sender's handle (or short id).
+        from_name: String,
+        /// The text.
+        text: String,
+        /// The sender's timestamp.
+        timestamp_ms: u64,
+        /// The message id (hex).
+        id: String,
+        /// The sender is not a contact: this is a message request.
+        request: bool,
+    },
+    /// A message from a new key for a pinned handle: held until the person re-verifies.
+    Held {
+        /// The handle whose key changed.
+        handle: String,
+        /// The new identity's id.
+        from: UserId,
+    },
+    /// A delivery that did not open (tampered, not for me, too old...).
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// A relay notice not tied to a request.
+    Notice(String),
+}
+
+/// Safety-number information about a contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SafetyInfo {
+    /// The contact's handle.
+    pub handle: String,
+    /// The identity the number is for (the new one if the key changed).
+    pub user_id: UserId,
+    /// The 60 digits.
+    pub number: String,
+    /// Whether it is marked verified (after this call).
+    pub verified: bool,
+    /// Whether this is a changed key that was waiting for re-verification.
+    pub key_changed: bool,
+}
+
+fn hex_id(id: &MessageId) -> String {
+    HEXLOWER.encode(id)
+}
+
+fn parse_hex_id(s: &str) -> Option<MessageId> {
+    let bytes = HEXLOWER.decode(s.as_bytes()).ok()?;
+    bytes.try_into().ok()
+}
+
+fn new_message_id() -> MessageId {
+    let mut id = [0u8; MESSAGE_ID_LEN];
+    syncra_core::crypto::fill_random(&mut id);
+    id
+}
+
+/// The client engine.
+pub struct Client {
+    home: Home,
+    settings: Settings,
+    keys: KeyStore,
+    book: Book,
+    history: History,
+    outbox: Outbox,
+    guard: ReplayGuard,
+    transport: Arc<WsTransport>,
+    session: Option<Arc<Session>>,
+    token: Option<String>,
+    pushes_tx: mpsc::Sender<Push>,
+    pushes_rx: Option<mpsc::Receiver<Push>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("home", &self.home.root())
+            .field("user", &self.keys.user_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for creating an identity.
+#[derive(Clone, Copy, Debug)]
+pub struct InitOptions {
+    /// Argon2id parameters.
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            kdf: KdfParams::DEFAULT,
+        }
+    }
+}
+
+impl Client {
+    /// Creates a new identity in `home`. Refuses to overwrite an existing one.
+    pub fn init(home: Home, passphrase: &str, options: InitOptions) -> anyhow::Result<Client> {
+        home.ensure()?;
+        if home.has_identity() {
+            bail!(
+                "{} already has an identity; refusing to overwrite it (use another SYNCRA_HOME)",
+                home.root().display()
+            );
+        }
+        let mut keys = KeyStore::create(passphrase.as_bytes(), options.kdf, now_secs())?;
+        keys.save(&home.key_file())?;
+        if !home.settings_file().exists() {
+            home.save_settings(&Settings::default())?;
+        }
+        Self::assemble(home, keys)
+    }
+
+    /// Unlocks the identity in `home`.
+    pub fn open(home: Home, passphrase: &str) -> anyhow::Result<Client> {
+        home.require_identity()?;
+        let keys = KeyStore::unlock(&home.key_file(), passphrase.as_bytes(), false)?;
+        Self::assemble(home, keys)
+    }
+
+    fn assemble(home: Home, keys: KeyStore) -> anyhow::Result<Client> {
+        let settings = home.settings()?;
+        let book = Book::load(home.contacts_file(), home.groups_file())?;
+        let history = History::new(home.chats_dir(), keys.storage.clone(), settings.fsync);
+        let outbox = Outbox::new(home.outbox_dir(), keys.storage.clone());
+        let transport =
+            crate::net::transport(settings.ca_file.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (pushes_tx, pushes_rx) = mpsc::channel(1024);
+        Ok(Client {
+            home,
+            settings,
+            keys,
+            book,
+            history,
+            outbox,
+            guard: ReplayGuard::new(AcceptWindow::default(), 100_000),
+            transport,
+            session: None,
+            token: None,
+            pushes_tx,
+            pushes_rx: Some(pushes_rx),
+        })
+    }
+
+    /// My user id.
+    pub fn user_id(&self) -> UserId {
+        self.keys.user_id()
+    }
+
+    /// My fingerprint (my half of every safety number).
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.keys.identity.public())
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    /// Contacts and groups.
+    pub fn book(&self) -> &Book {
+        &self.book
+    }
+
+    /// The local history.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Takes the channel of pushes (deliveries, notices) from the relay. Only one consumer.
+    pub fn take_pushes(&mut self) -> Option<mpsc::Receiver<Push>> {
+        self.pushes_rx.take()
+    }
+
+    /// Whether a connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// The current session, if connected.
+    pub fn session(&self) -> Option<Arc<Session>> {
+        self.session.clone().filter(|s| !s.is_closed())
+    }
+
+    fn relay_url(&self) -> anyhow::Result<String> {
+        self.settings
+            .relay
+            .clone()
+            .context("no relay configured; run `syncra register --relay URL --handle NAME` first")
+    }
+
+    /// Registers this identity on a relay under a handle and remembers both.
+    pub async fn register(&mut self, relay: &str, handle: &str) -> anyhow::Result<()> {
+        let parsed = Handle::parse(handle)
+            .map_err(|e| anyhow::anyhow!("{e}; pick another with --handle"))?;
+        let session = Session::connect(
+            &self.transport,
+            relay,
+            &self.keys.identity,
+            Login::Register {
+                handle: parsed.as_str().to_owned(),
+                prekey: self.keys.ring.current().signed().clone(),
+            },
+            None,
+            self.pushes_tx.clone(),
+        )
+        .await
+        .map_err(|e| match e {
+            NetError::Refused {
+                code: ErrorCode::HandleTaken,
+                ..
+            } => anyhow::anyhow!(
+                "handle {:?} is taken; pick another with --handle",
+                parsed.as_str()
+            ),
+            NetError::Refused {
+                code: ErrorCode::HandleInvalid,
+                message,
+            } => anyhow::anyhow!("{message}; pick another with --handle"),
+            NetError::Refused {
+                code: ErrorCode::AlreadyRegistered,
+                ..
+            } => anyhow::anyhow!(
+                "this identity is already registered on {relay} (under another handle)"
+            ),
+            other => anyhow::anyhow!("registering on {relay}: {other}"),
+        })?;
+        self.settings.relay = Some(relay.to_owned());
+        self.settings.handle = Some(parsed.as_str().to_owned());
+        self.home.save_settings(&self.settings)?;
+        self.token = Some(session.token.clone());
+        self.session = Some(session);
+        Ok(())
+    }
+
+    /// Connects (or reconnects) to the configured relay, then rotates the prekey if due and
+    /// sends what waits in the outbox.
+    pub async fn connect(&mut self) -> Result<(), NetError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let url = self
+            .relay_url()
+            .map_err(|e| NetError::Unreachable(e.to_string()))?;
+        let session = Session::connect(
+            &self.transport,
+            &url,
+            &self.keys.identity,
+            Login::Auth,
+            self.token.take(),
+            self.pushes_tx.clone(),
+        )
+        .await?;
+        self.token = Some(session.token.clone());
+        self.session = Some(session);
+        if let Err(e) = self.rotate_prekey_if_due().await {
+            tracing::warn!("prekey rotation failed (will retry): {e:#}");
+        }
+        Ok(())
+    }
+
+    /// Disconnects politely.
+    pub async fn disconnect(&mut self) {
+        if let Some(s) = self.session.take() {
+            s.close().await;
+        }
+    }
+
+    async fn rotate_prekey_if_due(&mut self) -> anyhow::Result<()> {
+        let day = 24 * 3600;
+        let rotation = self.settings.prekey_rotation_days.max(1) * day;
+        let grace = self.settings.prekey_grace_days * day;
+        let before = self.keys.ring.retired().len();
+        let new = self.keys.rotate_if_due(now_secs(), rotation, grace);
+        if new.is_none() && self.keys.ring.retired().len() == before {
+            return Ok(());
+        }
+        // Save first: the new private prekey must exist on disk before anyone can seal to it.
+        self.keys.save(&self.home.key_file())?;
+        if let (Some(prekey), Some(session)) = (new, self.session()) {
+            session.rotate_prekey(prekey).await?;
+            tracing::info!("rotated the signed prekey");
+        }
+        Ok(())
+    }
+
+    fn require_session(&self) -> anyhow::Result<Arc<Session>> {
+        self.session()
+            .context("not connected to the relay; check `syncra status`")
+    }
+
+    /// Looks up `query` (a handle or a user id) and pins it as a contact.
+    pub async fn add_contact(&mut self, query: &str) -> anyhow::Result<(Contact, PinOutcome)> {
+        let session = self.require_session()?;
+        let record = match query.parse::<UserId>() {
+            Ok(id) => session.lookup_id(id).await,
+            Err(_) => session.lookup_handle(query).await,
+        }
+        .map_err(|e| match e {
+            NetError::Refused {
+                code: ErrorCode::NotFound,
+                ..
+            } => anyhow::anyhow!("nobody is registered as {query:?} on this relay"),
+            NetError::Refused {
+                code: ErrorCode::HandleInvalid,
+                message,
+            } => anyhow::anyhow!("{message}"),
+            other => anyhow::anyhow!("looking up {query:?}: {other}"),
+        })?;
+        if record.user_id == self.user_id() {
+            bail!("that is you");
+        }
+        let outcome = self.book.pin(record.clone(), false, syncra_core::now_ms());
+        self.book.save()?;
+        let contact = match &outcome {
+            PinOutcome::KeyChanged(c) => (**c).clone(),
+            _ => self
+                .book
+                .by_id(&record.user_id)
+                .cloned()
+                .context("contact vanished")?,
+        };
+        Ok((contact, outcome))
+    }
+
+    /// The safety number with a contact; with `mark`, marks it verified (and accepts a changed
+    /// key, which is the only way to unblock a contact whose key changed).
+    pub fn verify(&mut self, handle: &str, mark: bool) -> anyhow::Result<SafetyInfo> {
+        let contact = self.book.by_handle(handle).cloned().with_context(|| {
+            format!("{handle:?} is not a contact; add it with `syncra contact add`")
+        })?;
+        let mine = self.keys.identity.public();
+        if let Some(new) = &contact.key_changed {
+            let number = safety_number(&mine, &new.identity_key);
+            if mark {
+                self.book
+                    .accept_key_change(handle, syncra_core::now_ms())
+                    .context("no pending key change")?;
+                self.book.save()?;
+            }
+            return Ok(SafetyInfo {
+                handle: contact.handle,
+                user_id: new.user_id,
+                number,
+                verified: mark,
+                key_changed: true,
+            });
+        }
+        if mark && let Some(c) = self.book.contacts.get_mut(&contact.record.user_id) {
+            c.verified = true;
+            c.request = false;
+            self.book.save()?;
+        }
+        Ok(SafetyInfo {
+            handle: contact.handle.clone(),
+            user_id: contact.record.user_id,
+            number: safety_number(&mine, &contact.record.identity_key),
+            verified: mark || contact.verified,
+            key_changed: false,
+        })
+    }
+
+    /// Resolves `to`: `@name` is a group, anything else a contact handle or user id.
+    pub fn resolve(&self, to: &str) -> anyhow::Result<Target> {
+        if let Some(name) = to.strip_prefix('@') {
+            let g = self
+                .book
+                .group(name)
+                .with_context(|| format!("no group named {name:?}; see `syncra group list`"))?;
+            return Ok(Target::Group(g.id.clone()));
+        }
+        if let Ok(id) = to.parse::<UserId>()
+            && self.book.by_id(&id).is_some()
+        {
+            return Ok(Target::Direct(id));
+        }
+        let c = self.book.by_handle(to).with_context(|| {
+            format!("{to:?} is not a contact; add it with `syncra contact add {to}`")
+        })?;
+        Ok(Target::Direct(c.record.user_id))
+    }
+
+    fn blocked_reason(&self, contact: &Contact) -> Option<String> {
+        contact.key_changed.as_ref().map(|new| {
+            format!(
+                "the identity key of {handle} CHANGED (was {old}, now {new}). This happens when \
+                 {handle} reinstalled Syncra — or when someone is impersonating them. Sending is \
+                 blocked until you compare safety numbers: run `syncra verify {handle}` and, if \
+                 they match what {handle} sees, `syncra verify {handle} --mark-verified`",
+                handle = contact.handle,
+                old = contact.record.user_id.short(),
+                new = new.user_id.short(),
+            )
+        })
+    }
+
+    /// Writes a message to the outbox and history, then tries to send it.
+    pub async fn send_text(&mut self, to: &str, text: &str) -> anyhow::Result<SendReport> {
+        let target = self.resolve(to)?;
+        if let Target::Direct(id) = &target
+            && let Some(c) = self.book.by_id(id)
+            && let Some(why) = self.blocked_reason(c)
+        {
+            bail!(why);
+        }
+        if text.trim().is_empty() {
+            bail!("nothing to send: the message is empty");
+        }
+        let id = hex_id(&new_message_id());
+        let pending = Pending {
+            id: id.clone(),
+            conversation: target.conversation(),
+            text: text.to_owned(),
+            created_ms: syncra_core::now_ms(),
+        };
+        // Durable before anything else: from here on, nothing typed can be lost.
+        self.outbox.put(&pending)?;
+        self.history.append(
+            &pending.conversation,
+            &StoredMessage {
+                id: id.clone(),
+                sender: self.user_id(),
+                outgoing: true,
+                timestamp_ms: pending.created_ms,
+                text: text.to_owned(),
+                delivery: Some(Delivery::Sending),
+                held: false,
+            },
+        )?;
+        if !self.is_connected()
+            && let Err(e) = self.connect().await
+        {
+            if e.is_transient() {
+                return Ok(SendReport {
+                    id,
+                    state: SendState::Queued(e.to_string()),
+                    outcomes: Vec::new(),
+                });
+            }
+            return Err(anyhow::anyhow!("connecting to the relay: {e}"));
+        }
+        self.deliver_pending(&pending).await
+    }
+
+    /// Sends every outbox entry. Returns the reports of those that got a final answer.
+    pub async fn drain_outbox(&mut self) -> anyhow::Result<Vec<SendReport>> {
+        let mut done = Vec::new();
+        for pending in self.outbox.list()? {
+            let report = self.deliver_pending(&pending).await?;
+            if matches!(report.state, SendState::Queued(_)) {
+                break;
+            }
+            done.push(report);
+        }
+        Ok(done)
+    }
+
+    /// Entries waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.list().map(|l| l.len()).unwrap_or(0)
+    }
+
+    async fn recipients_for(
+        &self,
+        target: &Target,
+    ) -> anyhow::Result<(Vec<Recipient>, Option<GroupInfo>)> {
+        let session = self.require_session()?;
+        match target {
+            Target::Direct(id) => {
+                let contact = self
+                    .book
+                    .by_id(id)
+                    .cloned()
+                    .context("the contact of this outbox entry is gone")?;
+                if let Some(why) = self.blocked_reason(&contact) {
+                    bail!(why);
+                }
+                let record = self.fresh_record(&session, &contact).await?;
+                Ok((
+                    vec![Recipient {
+                        user_id: record.user_id,
+                        prekey: record.prekey.public,
+                    }],
+                    None,
+                ))
+            }
+            Target::Group(gid) => {
+                let group = self
+                    .book
+                    .groups
+                    .get(gid)
+                    .cloned()
+                    .context("the group of this outbox entry is gone")?;
+                let mut recipients = Vec::new();
+                for member in group.members.iter().filter(|m| **m != self.user_id()) {
+                    if let Some(c) = self.book.by_id(member)
+                        && let Some(why) = self.blocked_reason(c)
+                    {
+                        bail!(why);
+                    }
+                    let record = session.lookup_id(*member).await.map_err(|e| {
+                        anyhow::anyhow!("looking up group member {}: {e}", member.short())
+                    })?;
+                    recipients.push(Recipient {
+                        user_id: record.user_id,
+                        prekey: record.prekey.public,
+                    });
+                }
+                if recipients.is_empty() {
+                    bail!("the group has no other members");
+                }
+                Ok((
+                    recipients,
+                    Some(GroupInfo {
+                        id: group.id.clone(),
+                        name: group.name.clone(),
+                        members: group.members.clone(),
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// The contact's current record, checked: the handle must still point at the pinned
+    /// identity (else the contact is blocked) and the prekey must be signed by it.
+    async fn fresh_record(
+        &self,
+        session: &Session,
+        contact: &Contact,
+    ) -> anyhow::Result<IdentityRecord> {
+        let by_id = session
+            .lookup_id(contact.record.user_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("looking up {}: {e}", contact.handle))?;
+        if by_id.identity_key != contact.record.identity_key {
+            bail!("the relay returned a different key for {}", contact.handle);
+        }
+        Ok(by_id)
+    }
+
+    async fn deliver_pending(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+        let target = Target::from_conversation(&pending.conversation)
+            .context("outbox entry names an unknown conversation")?;
+        let queued = |e: String| SendReport {
+            id: pending.id.clone(),
+            state: SendState::Queued(e),
+            outcomes: Vec::new(),
+        };
+        if !self.is_connected() {
+            return Ok(queued("not connected".into()));
+        }
+        // Key changes are detected by handle before sending to a contact.
+        if let Target::Direct(id) = &target
+            && let Some(contact) = self.book.by_id(id).cloned()
+            && let Some(session) = self.session()
+        {
+            match session.lookup_handle(&contact.handle).await {
+                Ok(record) if record.user_id != contact.record.user_id => {
+                    self.book.pin(record, false, syncra_core::now_ms());
+                    self.book.save()?;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Ok(queued(e.to_string())),
+                Err(_) => {}
+            }
+        }
+        let (recipients, group) = match self.recipients_for(&target).await {
+            Ok(r) => r,
+            Err(e) => {
+                if !self.is_connected() {
+                    return Ok(queued(e.to_string()));
+                }
+                // Blocked or gone: a final answer; the entry leaves the outbox as failed.
+                return self.finish(pending, SendState::Failed(format!("{e:#}")), Vec::new());
+            }
+        };
+        let content = Content {
+            v: 1,
+            text: pending.text.clone(),
+            group,
+        };
+        let message_id = parse_hex_id(&pending.id).unwrap_or_else(new_message_id);
+        let sealed = seal_with_id(
+            &self.keys.identity,
+            &recipients,
+            &content.encode(),
+            syncra_core::now_ms(),
+            message_id,
+        )
+        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+        let session = match self.session() {
+            Some(s) => s,
+            None => return Ok(queued("not connected".into())),
+        };
+        match session.send(sealed.bytes).await {
+            Ok(outcomes) => {
+                let state = overall(&outcomes);
+                if let SendState::Failed(why) = &state
+                    && outcomes.iter().all(|o| is_transient_rejection(&o.outcome))
+                {
+                    return Ok(queued(why.clone()));
+                }
+                self.finish(pending, state, outcomes)
+            }
+            Err(e) if e.is_transient() => Ok(queued(e.to_string())),
+            Err(e) => self.finish(pending, SendState::Failed(e.to_string()), Vec::new()),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        pending: &Pending,
+        state: SendState,
+        outcomes: Vec<RecipientOutcome>,
+    ) -> anyhow::Result<SendReport> {
+        self.history
+            .set_delivery(&pending.conversation, &pending.id, state.delivery())?;
+        self.outbox.remove(&pending.id)?;
+        Ok(SendReport {
+            id: pending.id.clone(),
+            state,
+            outcomes,
+        })
+    }
+
+    /// Opens a delivery, files it in history and says what to show.
+    pub async fn receive(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
+        let book = &self.book;
+        let pinned = |id: &UserId| book.pinned_key(id);
+        let opener = Opener {
+            me: self.keys.user_id(),
+            prekeys: &self.keys.ring,
+            pinned: &pinned,
+        };
+        let opened = match opener.open(envelope, &mut self.guard, syncra_core::now_ms()) {
+            Ok(m) => m,
+            // A repeat of something already shown (a retried send): shown once.
+            Err(OpenError::Replayed) => return Ok(None),
+            Err(e) => {
+                tracing::warn!("a delivery did not open: {e}");
+                return Ok(Some(Incoming::Rejected {
+                    reason: e.to_string(),
+                }));
+            }
+        };
+        let content = Content::decode(&opened.body);
+        let id = hex_id(&opened.message_id);
+        let from = opened.sender;
+
+        // Who is it? Unknown senders are looked up (their id is self-certifying).
+        let mut request = false;
+        if self.book.by_id(&from).is_none() {
+            let record = match self.session() {
+                Some(s) => s.lookup_id(from).await.ok(),
+                None => None,
+            };
+            match record {
+                Some(record) if record.identity_key == opened.sender_key => {
+                    match self.book.pin(record, true, syncra_core::now_ms()) {
+                        PinOutcome::KeyChanged(old) => {
+                            self.book.save()?;
+                            let conv = Target::Direct(from).conversation();
+                            self.history.append(
+                                &conv,
+                                &StoredMessage {
+                                    id,
+                                    sender: from,
+                                    outgoing: false,
+                                    timestamp_ms: opened.timestamp_ms,
+                                    text: content.text,
+                                    delivery: None,
+                                    held: true,
+                                },
+                            )?;
+                            return Ok(Some(Incoming::Held {
+                                handle: old.handle,
+                                from,
+                            }));
+                        }
+                        _ => {
+                            self.book.save()?;
+                            request = content.group.is_none();
+                        }
+                    }
+                }
+                _ => request = true,
+            }
+        } else if let Some(c) = self.book.by_id(&from) {
+            request = c.request && content.group.is_none();
+        }
+
+        let target = match &content.group {
+            Some(info) => {
+                self.merge_group(info, from, opened.timestamp_ms)?;
+                Target::Group(info.id.clone())
+            }
+            None => Target::Direct(from),
+        };
+        self.history.append(
+            &target.conversation(),
+            &StoredMessage {
+                id: id.clone(),
+                sender: from,
+                outgoing: false,
+                timestamp_ms: opened.timestamp_ms,
+                text: content.text.clone(),
+                delivery: None,
+                held: false,
+            },
+        )?;
+        Ok(Some(Incoming::Message {
+            target,
+            from,
+            from_name: self.book.name_of(&from),
+            text: content.text,
+            timestamp_ms: opened.timestamp_ms,
+            id,
+            request,
+        }))
+    }
+
+    /// Applies the membership carried by a group message from a member.
+    fn merge_group(&mut self, info: &GroupInfo, from: UserId, ts: u64) -> anyhow::Result<()> {
+        match self.book.groups.get_mut(&info.id) {
+            Some(g) => {
+                // Only a current member may change the list, and only forward in time.
+                if g.members.contains(&from) && ts > g.updated_ms && g.members != info.members {
+                    g.members = info.members.clone();
+                    g.name = info.name.clone();
+                    g.updated_ms = ts;
+                }
+            }
+            None => {
+                self.book.groups.insert(
+                    info.id.clone(),
+                    Group {
+                        id: info.id.clone(),
+                        name: self.unique_group_name(&info.name),
+                        members: info.members.clone(),
+                        updated_ms: ts,
+                    },
+                );
+            }
+        }
+        self.book.save()
+    }
+
+    fn unique_group_name(&self, name: &str) -> String {
+        let mut candidate = name.to_owned();
+        let mut n = 2;
+        while self.book.groups.values().any(|g| g.name == candidate) {
+            candidate = format!("{name}-{n}");
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Creates a group with contacts (by handle); I am a member.
+    pub fn group_create(&mut self, name: &str, members: &[String]) -> anyhow::Result<Group> {
+        if name.is_empty() || name.starts_with('@') || name.contains(char::is_whitespace) {
+            bail!("a group name must be one word without a leading @");
+        }
+        if self.book.group(name).is_some() {
+            bail!("a group named {name:?} exists already");
+        }
+        let mut ids = vec![self.user_id()];
+        for m in members {
+            let c = self
+                .book
+                .by_handle(m)
+                .with_context(|| format!("{m:?} is not a contact; add it first"))?;
+            if !ids.contains(&c.record.user_id) {
+                ids.push(c.record.user_id);
+            }
+        }
+        let mut gid = [0u8; 16];
+        syncra_core::crypto::fill_random(&mut gid);
+        let group = Group {
+            id: HEXLOWER.encode(&gid),
+            name: name.to_owned(),
+            members: ids,
+            updated_ms: syncra_core::now_ms(),
+        };
+        self.book.groups.insert(group.id.clone(), group.clone());
+        self.book.save()?;
+        Ok(group)
+    }
+
+    /// Adds or removes members. The new list travels inside the next group message; a removed
+    /// member gets no wrap for it or any later message.
+    pub fn group_update(
+        &mut self,
+        name: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> anyhow::Result<Group> {
+        let gid = self
+            .book
+            .group(name)
+            .with_context(|| format!("no group named {name:?}"))?
+            .id
+            .clone();
+        let mut add_ids = Vec::new();
+        for h in add {
+            add_ids.push(
+                self.book
+                    .by_handle(h)
+                    .with_context(|| format!("{h:?} is not a contact; add it first"))?
+                    .record
+                    .user_id,
+            );
+        }
+        let mut remove_ids = Vec::new();
+        for h in remove {
+            let id = match self.book.by_handle(h) {
+                Some(c) => c.record.user_id,
+                None => h
+                    .parse::<UserId>()
+                    .map_err(|_| anyhow::anyhow!("{h:?} is not a contact or a user id"))?,
+            };
+            remove_ids.push(id);
+        }
+        let me = self.user_id();
+        let group = self.book.groups.get_mut(&gid).context("group vanished")?;
+        for id in add_ids {
+            if !group.members.contains(&id) {
+                group.members.push(id);
+            }
+        }
+        group
+            .members
+            .retain(|m| *m == me || !remove_ids.contains(m));
+        group.updated_ms = syncra_core::now_ms();
+        let g = group.clone();
+        self.book.save()?;
+        Ok(g)
+    }
+
+    /// History of a conversation (visible messages only), oldest first, the last `limit`.
+    pub fn history_of(&self, to: &str, limit: Option<usize>) -> anyhow::Result<Vec<StoredMessage>> {
+        let target = self.resolve(to)?;
+        let (mut messages, _) = self.history.read(&target.conversation())?;
+        // Messages held because a key changed show once that key was accepted (re-verified).
+        let accepted = match &target {
+            Target::Direct(id) => self.book.by_id(id).is_some_and(|c| c.key_changed.is_none()),
+            Target::Group(_) => true,
+        };
+        messages.retain(|m| !m.held || accepted);
+        if let Some(n) = limit
+            && messages.len() > n
+        {
+            messages.drain(..messages.len() - n);
+        }
+        Ok(messages)
+    }
+
+    /// A display name for a user id.
+    pub fn name_of(&self, id: &UserId) -> String {
+        if *id == self.user_id() {
+            return self.settings.handle.clone().unwrap_or_else(|| "me".into());
+        }
+        self.book.name_of(id)
+    }
+
+    /// Saves the key file (after changes such as rotation).
+    pub fn save_keys(&mut self) -> anyhow::Result<()> {
+        self.keys.save(&self.home.key_file())
+    }
+}
+
+fn is_transient_rejection(o: &Outcome) -> bool {
+    matches!(
+        o,
+        Outcome::Rejected(ErrorCode::BrokerUnavailable | ErrorCode::RateLimited)
+    )
+}
+
+/// The overall state from per-recipient outcomes: failed if any was rejected, offline if any
+/// was offline, delivered if all were delivered.
+pub fn overall(outcomes: &[RecipientOutcome]) -> SendState {
+    let rejected: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match o.outcome {
+            Outcome::Rejected(code) => Some(format!("{}: {code}", o.user_id.short())),
+            _ => None,
+        })
+        .collect();
+    if !rejected.is_empty() {
+        return SendState::Failed(format!("refused by the relay ({})", rejected.join(", ")));
+    }
+    if outcomes.iter().any(|o| o.outcome == Outcome::Offline) {
+        return SendState::Offline;
+    }
+    SendState::Delivered
+}
+
+fn now_secs() -> u64 {
+    syncra_core::now_ms() / 1000
+}

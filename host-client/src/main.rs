@@ -1,0 +1,540 @@
+//! The `syncra` binary: headless commands for scripts over [`syncra_client::Client`].
+//!
+//! Exit status of `syncra send`: 0 delivered, 2 recipient offline, 3 queued (relay unreachable;
+//! the message waits in the outbox), 1 failed or any other error.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use syncra_client::contacts::PinOutcome;
+use syncra_client::keystore::PassphraseSource;
+use syncra_client::net::{Push, backoff};
+use syncra_client::{Client, Home, Incoming, InitOptions, SendState, Target};
+use tracing_subscriber::EnvFilter;
+use zeroize::Zeroizing;
+
+/// Syncra: end-to-end-encrypted messaging from the terminal.
+///
+/// Files live under $SYNCRA_HOME (default ~/.syncra). The passphrase comes from
+/// --passphrase-file, else $SYNCRA_PASSPHRASE, else a prompt.
+#[derive(Parser, Debug)]
+#[command(name = "syncra", version)]
+struct Cli {
+    /// Read the passphrase from the first line of this file.
+    #[arg(long, global = true)]
+    passphrase_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new identity (asks for a passphrase twice).
+    Init,
+    /// Register this identity on a relay under a handle.
+    Register {
+        /// The relay URL, e.g. ws://127.0.0.1:7443/ or wss://relay.example/.
+        #[arg(long)]
+        relay: String,
+        /// The handle to register (3-32 of a-z, 0-9, _; starting with a letter).
+        #[arg(long)]
+        handle: String,
+    },
+    /// Manage contacts.
+    Contact {
+        #[command(subcommand)]
+        command: ContactCommand,
+    },
+    /// Show the safety number with a contact; --mark-verified after comparing it.
+    Verify {
+        /// The contact's handle.
+        handle: String,
+        /// Mark it verified (and accept a changed key).
+        #[arg(long)]
+        mark_verified: bool,
+    },
+    /// Send a message to a contact (handle) or a group (@name). Text from stdin if omitted.
+    Send {
+        /// Handle, user id, or @group.
+        to: String,
+        /// The message; read from stdin if absent.
+        text: Vec<String>,
+    },
+    /// Print incoming messages as JSON Lines until interrupted (reconnects by itself).
+    Listen,
+    /// Show a conversation's history.
+    History {
+        /// Handle, user id, or @group.
+        with: String,
+        /// Only the last N messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// JSON Lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a conversation as plaintext JSON Lines (to stdout).
+    Export {
+        /// Handle, user id, or @group.
+        with: String,
+    },
+    /// Manage client-side groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Show identity, relay and connection status.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum ContactCommand {
+    /// Look up a handle or user id on the relay and pin its key.
+    Add {
+        /// Handle or user id.
+        query: String,
+    },
+    /// List contacts.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a group with contacts.
+    Create {
+        /// The group's name.
+        name: String,
+        /// Member handles.
+        members: Vec<String>,
+    },
+    /// Add members.
+    Add {
+        /// The group's name.
+        name: String,
+        /// Member handles.
+        members: Vec<String>,
+    },
+    /// Remove members (they get no key for later messages).
+    Remove {
+        /// The group's name.
+        name: String,
+        /// Member handles.
+        members: Vec<String>,
+    },
+    /// List groups.
+    List,
+}
+
+fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn passphrase(
+    cli_file: &Option<PathBuf>,
+    prompt: &str,
+    confirm: bool,
+) -> anyhow::Result<Zeroizing<String>> {
+    PassphraseSource::choose(cli_file.clone()).read(prompt, confirm)
+}
+
+async fn open(cli: &Cli) -> anyhow::Result<Client> {
+    let home = Home::from_env()?;
+    home.require_identity()?;
+    let pass = passphrase(&cli.passphrase_file, "Passphrase: ", false)?;
+    Client::open(home, &pass)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Some(command) = &cli.command else {
+        bail!(
+            "the terminal UI is not part of this build yet; use the headless commands \
+             (see `syncra --help`)"
+        );
+    };
+    match command {
+        Command::Init => {
+            let home = Home::from_env()?;
+            let pass = passphrase(&cli.passphrase_file, "New passphrase: ", true)?;
+            let client = Client::init(home, &pass, InitOptions::default())?;
+            println!(
+                "created a new identity in {}",
+                client.home().root().display()
+            );
+            println!("user id:     {}", client.user_id());
+            println!("fingerprint: {}", client.fingerprint());
+            println!(
+                "your passphrase protects your identity key and your message history; it \
+                 cannot be recovered, so keep it safe"
+            );
+            println!("next: syncra register --relay ws://127.0.0.1:7443/ --handle YOUR_NAME");
+        }
+        Command::Register { relay, handle } => {
+            let mut client = open(&cli).await?;
+            client.register(relay, handle).await?;
+            println!("registered as {handle} on {relay}");
+            client.disconnect().await;
+        }
+        Command::Contact { command } => match command {
+            ContactCommand::Add { query } => {
+                let mut client = open(&cli).await?;
+                connect(&mut client).await?;
+                let (contact, outcome) = client.add_contact(query).await?;
+                match outcome {
+                    PinOutcome::Pinned => println!(
+                        "added {} ({}); compare safety numbers with `syncra verify {}`",
+                        contact.handle, contact.record.user_id, contact.handle
+                    ),
+                    PinOutcome::Unchanged => {
+                        println!("{} is already a contact (key unchanged)", contact.handle)
+                    }
+                    PinOutcome::KeyChanged(old) => {
+                        eprintln!(
+                            "WARNING: {} now answers with a DIFFERENT identity key; sending to \
+                             {} is blocked until you run `syncra verify {}` and compare safety \
+                             numbers",
+                            old.handle, old.handle, old.handle
+                        );
+                        client.disconnect().await;
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                client.disconnect().await;
+            }
+            ContactCommand::List => {
+                let client = open(&cli).await?;
+                for c in client.book().contacts.values() {
+                    let mark = if c.key_changed.is_some() {
+                        "KEY CHANGED"
+                    } else if c.verified {
+                        "verified"
+                    } else if c.request {
+                        "request"
+                    } else {
+                        "unverified"
+                    };
+                    println!("{}\t{}\t{mark}", c.handle, c.record.user_id);
+                }
+            }
+        },
+        Command::Verify {
+            handle,
+            mark_verified,
+        } => {
+            let mut client = open(&cli).await?;
+            let info = client.verify(handle, *mark_verified)?;
+            if info.key_changed && !mark_verified {
+                println!(
+                    "the identity key of {} CHANGED; the new identity is {}",
+                    info.handle, info.user_id
+                );
+            }
+            println!("safety number with {}:", info.handle);
+            for chunk in info.number.split(' ').collect::<Vec<_>>().chunks(4) {
+                println!("  {}", chunk.join(" "));
+            }
+            if *mark_verified {
+                println!("marked {} as verified", info.handle);
+            } else {
+                println!(
+                    "compare it with what {} sees, then run `syncra verify {} --mark-verified`",
+                    info.handle, info.handle
+                );
+            }
+        }
+        Command::Send { to, text } => {
+            let text = if text.is_empty() {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("type the message, end with Ctrl-D");
+                }
+                let mut buf = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut buf)
+                    .context("reading the message from stdin")?;
+                buf.trim_end_matches('\n').to_owned()
+            } else {
+                text.join(" ")
+            };
+            let mut client = open(&cli).await?;
+            let report = client.send_text(to, &text).await?;
+            // Anything else waiting leaves too while we are connected.
+            if client.is_connected() {
+                let _ = client.drain_outbox().await;
+            }
+            client.disconnect().await;
+            let code = match &report.state {
+                SendState::Delivered => {
+                    println!("delivered");
+                    0
+                }
+                SendState::Offline => {
+                    println!("offline: the recipient is not connected; the relay keeps nothing");
+                    2
+                }
+                SendState::Queued(why) => {
+                    println!("queued: {why}; it will be sent on the next connection");
+                    3
+                }
+                SendState::Failed(why) => {
+                    println!("failed: {why}");
+                    1
+                }
+            };
+            return Ok(ExitCode::from(code));
+        }
+        Command::Listen => {
+            let mut client = open(&cli).await?;
+            listen(&mut client).await?;
+        }
+        Command::History { with, limit, json } => {
+            let client = open(&cli).await?;
+            for m in client.history_of(with, *limit)? {
+                let who = client.name_of(&m.sender);
+                if *json {
+                    println!("{}", message_json(&client, &m));
+                } else {
+                    let mark = match m.delivery {
+                        Some(d) => {
+                            format!(" [{}]", serde_json::to_value(d)?.as_str().unwrap_or(""))
+                        }
+                        None => String::new(),
+                    };
+                    println!("{} {who}: {}{mark}", format_time(m.timestamp_ms), m.text);
+                }
+            }
+        }
+        Command::Export { with } => {
+            let client = open(&cli).await?;
+            for m in client.history_of(with, None)? {
+                println!("{}", message_json(&client, &m));
+            }
+        }
+        Command::Group { command } => {
+            let mut client = open(&cli).await?;
+            match command {
+                GroupCommand::Create { name, members } => {
+                    let g = client.group_create(name, members)?;
+                    println!("created @{} with {} members", g.name, g.members.len());
+                }
+                GroupCommand::Add { name, members } => {
+                    let g = client.group_update(name, members, &[])?;
+                    println!("@{} now has {} members", g.name, g.members.len());
+                }
+                GroupCommand::Remove { name, members } => {
+                    let g = client.group_update(name, &[], members)?;
+                    println!(
+                        "@{} now has {} members; removed members get no key for later messages",
+                        g.name,
+                        g.members.len()
+                    );
+                }
+                GroupCommand::List => {
+                    for g in client.book().groups.values() {
+                        let names: Vec<String> =
+                            g.members.iter().map(|m| client.name_of(m)).collect();
+                        println!("@{}\t{}", g.name, names.join(", "));
+                    }
+                }
+            }
+        }
+        Command::Status => {
+            let mut client = open(&cli).await?;
+            let s = client.settings().clone();
+            println!("home:        {}", client.home().root().display());
+            println!("user id:     {}", client.user_id());
+            println!("fingerprint: {}", client.fingerprint());
+            println!(
+                "handle:      {}",
+                s.handle.as_deref().unwrap_or("(not registered)")
+            );
+            println!("relay:       {}", s.relay.as_deref().unwrap_or("(none)"));
+            println!("contacts:    {}", client.book().contacts.len());
+            println!("groups:      {}", client.book().groups.len());
+            println!("outbox:      {} waiting", client.outbox_len());
+            if s.relay.is_some() {
+                match client.connect().await {
+                    Ok(()) => println!("connection:  ok"),
+                    Err(e) => println!("connection:  {e}"),
+                }
+                client.disconnect().await;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(client: &mut Client) -> anyhow::Result<()> {
+    client
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the relay: {e}"))
+}
+
+fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "from": m.sender.to_string(),
+        "from_handle": client.name_of(&m.sender),
+        "outgoing": m.outgoing,
+        "timestamp_ms": m.timestamp_ms,
+        "text": m.text,
+        "delivery": m.delivery,
+    })
+}
+
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let days = secs / 86400;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}")
+}
+
+/// Prints incoming messages as JSON Lines; reconnects with backoff; drains the outbox on every
+/// (re)connection and every few seconds, so messages written by other processes leave too.
+async fn listen(client: &mut Client) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut pushes = client
+        .take_pushes()
+        .context("deliveries are already being consumed")?;
+    let mut attempt = 0u32;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        if !client.is_connected() {
+            match client.connect().await {
+                Ok(()) => {
+                    attempt = 0;
+                    eprintln!("connected");
+                    if let Err(e) = client.drain_outbox().await {
+                        tracing::warn!("outbox: {e:#}");
+                    }
+                }
+                Err(e) => {
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    eprintln!("disconnected: {e}; retrying in {:.1}s", wait.as_secs_f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = &mut stop => return Ok(()),
+                    }
+                }
+            }
+        }
+        let session = client.session();
+        let closed = async {
+            match &session {
+                Some(s) => s.wait_closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => {
+                client.disconnect().await;
+                return Ok(());
+            }
+            _ = closed => {
+                eprintln!("connection lost");
+                continue;
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                if client.outbox_len() > 0
+                    && let Err(e) = client.drain_outbox().await
+                {
+                    tracing::warn!("outbox: {e:#}");
+                }
+                continue;
+            }
+            push = pushes.recv() => {
+                let Some(push) = push else { return Ok(()) };
+                let line = match push {
+                    Push::Deliver(envelope) => match client.receive(&envelope).await? {
+                        None => continue,
+                        Some(incoming) => incoming_json(client, incoming),
+                    },
+                    Push::Notice(code, message) => json!({
+                        "type": "notice", "code": code.name(), "message": message,
+                    }),
+                };
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
+        }
+    }
+}
+
+fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
+    match incoming {
+        Incoming::Message {
+            target,
+            from,
+            from_name,
+            text,
+            timestamp_ms,
+            id,
+            request,
+        } => {
+            let group = match &target {
+                Target::Group(g) => client.book().groups.get(g).map(|g| g.name.clone()),
+                Target::Direct(_) => None,
+            };
+            json!({
+                "type": if request { "request" } else { "message" },
+                "id": id,
+                "from": from.to_string(),
+                "from_handle": from_name,
+                "group": group,
+                "timestamp_ms": timestamp_ms,
+                "text": text,
+            })
+        }
+        Incoming::Held { handle, from } => json!({
+            "type": "held",
+            "from": from.to_string(),
+            "from_handle": handle,
+            "reason": format!(
+                "the identity key of {handle} changed; the message is held until you run \
+                 `syncra verify {handle}` and mark it verified"
+            ),
+        }),
+        Incoming::Rejected { reason } => json!({ "type": "rejected", "reason": reason }),
+        Incoming::Notice(message) => json!({ "type": "notice", "message": message }),
+    }
+}

@@ -1,0 +1,498 @@
+//! The client's connection to its relay: one authenticated session, requests matched to
+//! replies by request id, deliveries on a channel, keep-alive pings — and a supervisor that
+//! reconnects with jittered backoff, resuming with the token when it can.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use syncra_core::crypto::keys::{IdentityKeyPair, SignedPrekey};
+use syncra_core::transport::{CloseReason, FrameSink, Transport};
+use syncra_core::wire::{
+    DEFAULT_MAX_FRAME, ErrorCode, Frame, RecipientOutcome, RequestId, login_statement,
+    register_statement,
+};
+use syncra_core::{IdentityRecord, UserId};
+use syncra_transport_ws::{WsConfig, WsTransport};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+
+/// How long a request waits for its reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long connecting and authenticating may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval (the relay's default idle timeout is 120 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Connection failures, split by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The relay cannot be reached now; try again later (messages wait in the outbox).
+    #[error("relay unreachable: {0}")]
+    Unreachable(String),
+    /// The relay refused, with a reason.
+    #[error("{message} ({code})")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The connection dropped while waiting.
+    #[error("connection to the relay lost")]
+    Disconnected,
+    /// The relay sent something that makes no sense here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl NetError {
+    /// Whether trying again later might work (as opposed to a refusal).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, NetError::Unreachable(_) | NetError::Disconnected)
+            || matches!(
+                self,
+                NetError::Refused {
+                    code: ErrorCode::RateLimited
+                        | ErrorCode::StoreUnavailable
+                        | ErrorCode::BrokerUnavailable
+                        | ErrorCode::ShuttingDown
+                        | ErrorCode::Timeout,
+                    ..
+                }
+            )
+    }
+}
+
+/// How to authenticate a new connection.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// Register this identity under a handle with this prekey.
+    Register {
+        /// The handle.
+        handle: String,
+        /// The prekey to publish.
+        prekey: SignedPrekey,
+    },
+    /// Log in as an existing user.
+    Auth,
+}
+
+/// What a connected session says besides replies.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// A sealed envelope for me.
+    Deliver(Bytes),
+    /// An error not tied to a request (for example: messages were dropped).
+    Notice(ErrorCode, String),
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<RequestId, oneshot::Sender<Frame>>>>;
+
+/// One authenticated connection.
+pub struct Session {
+    sink: Mutex<Box<dyn FrameSink>>,
+    pending: Pending,
+    next_id: AtomicU32,
+    closed: Arc<AtomicBool>,
+    ended: watch::Receiver<bool>,
+    /// The authenticated user.
+    pub user: UserId,
+    /// The resume token.
+    pub token: String,
+    /// When the token expires (ms since the epoch).
+    pub token_expires_ms: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the transport for a relay URL.
+pub fn transport(ca_file: Option<std::path::PathBuf>) -> Result<Arc<WsTransport>, NetError> {
+    WsTransport::new(WsConfig {
+        ca_file,
+        ..WsConfig::default()
+    })
+    .map(Arc::new)
+    .map_err(|e| NetError::Unreachable(e.to_string()))
+}
+
+impl Session {
+    /// Connects and authenticates: resumes with `token` if given (falling back to a login if
+    /// it has expired), else logs in or registers as `login` says.
+    pub async fn connect(
+        transport: &WsTransport,
+        url: &str,
+        identity: &IdentityKeyPair,
+        login: Login,
+        token: Option<String>,
+        pushes: mpsc::Sender<Push>,
+    ) -> Result<Arc<Session>, NetError> {
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Self::connect_inner(transport, url, identity, login, token, pushes),
+        )
+        .await
+        .map_err(|_| NetError::Unreachable("the relay did not answer in time".into()))?
+    }
+
+    async fn connect_inner(
+        transport: &WsTransport,
+        url: &str,
+        identity: &IdentityKeyPair,
+        login: Login,
+        token: Option<String>,
+        pushes: mpsc::Sender<Push>,
+    ) -> Result<Arc<Session>, NetError> {
+        let conn = transport
+            .connect(url)
+            .await
+            .map_err(|e| NetError::Unreachable(e.to_string()))?;
+        let mut sink = conn.sink;
+        let mut stream = conn.stream;
+        let mut recv = async || -> Result<Frame, NetError> {
+            match stream.recv().await {
+                Some(Ok(bytes)) => Frame::decode(&bytes, DEFAULT_MAX_FRAME)
+                    .map_err(|e| NetError::Protocol(e.to_string())),
+                Some(Err(e)) => Err(NetError::Unreachable(e.to_string())),
+                None => Err(match stream.close_reason() {
+                    Some(CloseReason {
+                        code: Some(code),
+                        message,
+                    }) => NetError::Refused { code, message },
+                    _ => NetError::Disconnected,
+                }),
+            }
+        };
+        let (mut relay_id, mut nonce) = match recv().await? {
+            Frame::Challenge {
+                relay_id, nonce, ..
+            } => (relay_id, nonce),
+            other => {
+                return Err(NetError::Protocol(format!(
+                    "expected a challenge, got {}",
+                    other.kind()
+                )));
+            }
+        };
+        let mut token = token;
+        loop {
+            let frame = if let Some(t) = token.take() {
+                Frame::Resume { token: t }
+            } else {
+                match &login {
+                    Login::Register { handle, prekey } => {
+                        let statement = register_statement(
+                            &relay_id,
+                            &nonce,
+                            handle,
+                            &identity.public(),
+                            prekey,
+                        );
+                        Frame::Register {
+                            handle: handle.clone(),
+                            identity_key: identity.public(),
+                            prekey: prekey.clone(),
+                            signature: identity.sign(&statement),
+                        }
+                    }
+                    Login::Auth => {
+                        let statement = login_statement(&relay_id, &nonce, &identity.user_id());
+                        Frame::Auth {
+                            user_id: identity.user_id(),
+                            signature: identity.sign(&statement),
+                        }
+                    }
+                }
+            };
+            let was_resume = matches!(frame, Frame::Resume { .. });
+            sink.send(&[frame.encode()])
+                .await
+                .map_err(|e| NetError::Unreachable(e.to_string()))?;
+            match recv().await? {
+                Frame::AuthOk {
+                    user_id,
+                    token,
+                    token_expires_ms,
+                } => {
+                    if user_id != identity.user_id() {
+                        return Err(NetError::Protocol(
+                            "the relay authenticated someone else".into(),
+                        ));
+                    }
+                    let (pending, closed, ended) = spawn_reader(stream, pushes);
+                    let session = Arc::new(Session {
+                        sink: Mutex::new(sink),
+                        pending,
+                        next_id: AtomicU32::new(1),
+                        closed,
+                        ended,
+                        user: user_id,
+                        token,
+                        token_expires_ms,
+                    });
+                    spawn_pinger(Arc::downgrade(&session));
+                    return Ok(session);
+                }
+                Frame::Error {
+                    code: ErrorCode::TokenExpired | ErrorCode::TokenInvalid,
+                    ..
+                } if was_resume => {
+                    // Fall back to a full login on the fresh challenge that follows.
+                    match recv().await? {
+                        Frame::Challenge {
+                            relay_id: r,
+                            nonce: n,
+                            ..
+                        } => {
+                            relay_id = r;
+                            nonce = n;
+                        }
+                        other => {
+                            return Err(NetError::Protocol(format!(
+                                "expected a challenge, got {}",
+                                other.kind()
+                            )));
+                        }
+                    }
+                }
+                Frame::Error { code, message, .. } => {
+                    return Err(NetError::Refused { code, message });
+                }
+                other => {
+                    return Err(NetError::Protocol(format!(
+                        "unexpected {} during login",
+                        other.kind()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the connection ends.
+    pub async fn wait_closed(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, make: impl FnOnce(RequestId) -> Frame) -> Result<Frame, NetError> {
+        if self.is_closed() {
+            return Err(NetError::Disconnected);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let frame = make(id).encode();
+        let sent = self.sink.lock().await.send(&[frame]).await;
+        if sent.is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(NetError::Disconnected);
+        }
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match reply {
+            Ok(Ok(Frame::Error { code, message, .. })) => Err(NetError::Refused { code, message }),
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(NetError::Disconnected),
+            Err(_) => Err(NetError::Unreachable(
+                "the relay did not answer in time".into(),
+            )),
+        }
+    }
+
+    /// Looks up a record by handle and verifies it.
+    pub async fn lookup_handle(&self, handle: &str) -> Result<IdentityRecord, NetError> {
+        let handle = handle.to_owned();
+        let reply = self
+            .request(|request_id| Frame::LookupHandle { request_id, handle })
+            .await?;
+        verified_record(reply)
+    }
+
+    /// Looks up a record by user id and verifies it.
+    pub async fn lookup_id(&self, user_id: UserId) -> Result<IdentityRecord, NetError> {
+        let reply = self
+            .request(|request_id| Frame::LookupId {
+                request_id,
+                user_id,
+            })
+            .await?;
+        let record = verified_record(reply)?;
+        if record.user_id != user_id {
+            return Err(NetError::Protocol(
+                "the relay answered with another user's record".into(),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Publishes a new signed prekey.
+    pub async fn rotate_prekey(&self, prekey: SignedPrekey) -> Result<(), NetError> {
+        match self
+            .request(|request_id| Frame::RotatePrekey { request_id, prekey })
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        }
+    }
+
+    /// Sends an envelope; returns one outcome per recipient.
+    pub async fn send(&self, envelope: Vec<u8>) -> Result<Vec<RecipientOutcome>, NetError> {
+        match self
+            .request(|request_id| Frame::Send {
+                request_id,
+                envelope: envelope.into(),
+            })
+            .await?
+        {
+            Frame::SendResult { outcomes, .. } => Ok(outcomes),
+            other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        let _ = self
+            .sink
+            .lock()
+            .await
+            .close(CloseReason::normal("bye"))
+            .await;
+    }
+}
+
+fn verified_record(reply: Frame) -> Result<IdentityRecord, NetError> {
+    match reply {
+        Frame::Record { record, .. } => {
+            // Never trust the relay's word for a key: the id must hash from the key and the
+            // prekey must be signed by it.
+            record
+                .verify()
+                .map_err(|e| NetError::Protocol(format!("the relay sent a bad record: {e}")))?;
+            Ok(record)
+        }
+        other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+    }
+}
+
+fn spawn_reader(
+    mut stream: Box<dyn syncra_core::transport::FrameStream>,
+    pushes: mpsc::Sender<Push>,
+) -> (Pending, Arc<AtomicBool>, watch::Receiver<bool>) {
+    let pending: Pending = Arc::default();
+    let closed = Arc::new(AtomicBool::new(false));
+    let (ended_tx, ended_rx) = watch::channel(false);
+    let p = pending.clone();
+    let c = closed.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(bytes)) = stream.recv().await {
+            let Ok(frame) = Frame::decode(&bytes, DEFAULT_MAX_FRAME) else {
+                tracing::warn!("ignoring an undecodable frame from the relay");
+                continue;
+            };
+            match frame {
+                Frame::Deliver { envelope } => {
+                    // If nobody listens for deliveries, dropping them is the caller's choice.
+                    let _ = pushes.send(Push::Deliver(envelope)).await;
+                }
+                Frame::Error {
+                    request_id: 0,
+                    code,
+                    message,
+                } => {
+                    let _ = pushes.send(Push::Notice(code, message)).await;
+                }
+                Frame::Record { request_id, .. }
+                | Frame::Ack { request_id }
+                | Frame::SendResult { request_id, .. }
+                | Frame::Error { request_id, .. } => {
+                    let waiter = p
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&request_id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(frame);
+                    }
+                }
+                Frame::Pong { .. } | Frame::Ping { .. } | Frame::Challenge { .. } => {}
+                other => tracing::debug!("ignoring {} from the relay", other.kind()),
+            }
+        }
+        if let Some(reason) = stream.close_reason()
+            && let Some(code) = reason.code
+        {
+            let _ = pushes.send(Push::Notice(code, reason.message)).await;
+        }
+        c.store(true, Ordering::Relaxed);
+        // Fail everything still waiting.
+        p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let _ = ended_tx.send(true);
+    });
+    (pending, closed, ended_rx)
+}
+
+fn spawn_pinger(session: std::sync::Weak<Session>) {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            tokio::time::sleep(PING_INTERVAL).await;
+            let Some(s) = session.upgrade() else { return };
+            if s.is_closed() {
+                return;
+            }
+            n += 1;
+            let frame = Frame::Ping { nonce: n }.encode();
+            if s.sink.lock().await.send(&[frame]).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// The delay before reconnect attempt `attempt` (0-based): exponential from 250 ms up to 30 s,
+/// with full jitter so that many clients of a restarted relay do not return at once.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap_ms = 30_000u64;
+    let base = 250u64.saturating_mul(1u64 << attempt.min(16)).min(cap_ms);
+    let mut r = [0u8; 8];
+    syncra_core::crypto::fill_random(&mut r);
+    let jitter = u64::from_le_bytes(r) % (base / 2 + 1);
+    Duration::from_millis(base / 2 + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= Duration::from_secs(30), "{attempt}: {d:?}");
+        }
+        assert!(backoff(0) <= Duration::from_millis(250));
+        assert!(backoff(10) >= Duration::from_secs(15));
+    }
+}

@@ -1,0 +1,506 @@
+//! End to end: real `syncra` processes against a real `syncra-relay` process, each user in
+//! their own temporary SYNCRA_HOME.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use syncra_test_support::DEADLINE;
+use syncra_test_support::process::RelayProcess;
+
+const PASS: &str = "correct horse battery staple";
+
+struct User {
+    home: PathBuf,
+    handle: String,
+}
+
+struct Listener {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Listener {
+    /// Waits for a message with this text, skipping others.
+    fn expect_text(&self, text: &str) -> serde_json::Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no message {text:?} in time"));
+            if line["text"] == text {
+                return line;
+            }
+        }
+    }
+
+    fn expect_nothing_for(&self, d: Duration) {
+        if let Ok(line) = self.lines.recv_timeout(d) {
+            panic!("unexpected line: {line}");
+        }
+    }
+}
+
+fn syncra() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_syncra"));
+    c.env_remove("SYNCRA_HOME")
+        .env_remove("SYNCRA_PASSPHRASE")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+impl User {
+    fn new(root: &std::path::Path, handle: &str) -> User {
+        User {
+            home: root.join(handle),
+            handle: handle.to_owned(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = syncra();
+        c.env("SYNCRA_HOME", &self.home)
+            .env("SYNCRA_PASSPHRASE", PASS)
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run syncra")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "syncra {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs and expects failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "syncra {args:?} should have failed:\nstdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn send(&self, to: &str, text: &str) -> (i32, String) {
+        let out = self.run(&["send", to, text]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn onboard(&self, relay: &str) {
+        self.ok(&["init"]);
+        self.ok(&["register", "--relay", relay, "--handle", &self.handle]);
+    }
+
+    fn listen(&self) -> Listener {
+        let mut child = self
+            .cmd(&["listen"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn syncra listen");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("listen printed a non-JSON line {line:?}: {e}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        // Wait until it is connected: it says so on stderr.
+        let stderr = child.stderr.take().expect("stderr");
+        let (ctx, crx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = ctx.send(line);
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match crx.recv_timeout(left) {
+                Ok(line) if line.contains("connected") && !line.contains("dis") => break,
+                Ok(_) => continue,
+                Err(_) => panic!("syncra listen did not connect in time"),
+            }
+        }
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || while crx.recv().is_ok() {});
+        Listener { child, lines: rx }
+    }
+
+    fn history_json(&self, with: &str) -> Vec<serde_json::Value> {
+        self.ok(&["history", with, "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("history JSON line"))
+            .collect()
+    }
+}
+
+#[test]
+fn two_people_chat_through_a_real_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    let added = alice.ok(&["contact", "add", "bob"]);
+    assert!(added.contains("added bob"), "{added}");
+    bob.ok(&["contact", "add", "alice"]);
+
+    let bob_listen = bob.listen();
+    let (code, out) = alice.send("bob", "hello bob, it's alice");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("delivered"), "{out}");
+    let m = bob_listen.expect_text("hello bob, it's alice");
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["from_handle"], "alice");
+
+    let alice_listen = alice.listen();
+    let (code, out) = bob.send("alice", "hi alice!");
+    assert_eq!(code, 0, "{out}");
+    alice_listen.expect_text("hi alice!");
+
+    // Both sides' history shows both messages, with delivery marks on the sender's side.
+    for (user, with) in [(&alice, "bob"), (&bob, "alice")] {
+        let h = user.history_json(with);
+        let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+        assert_eq!(
+            texts,
+            ["hello bob, it's alice", "hi alice!"],
+            "{}",
+            user.handle
+        );
+        let own = h.iter().find(|m| m["outgoing"] == true).unwrap();
+        assert_eq!(own["delivery"], "delivered");
+    }
+    // Export gives plaintext JSON Lines.
+    let export = alice.ok(&["export", "bob"]);
+    assert_eq!(export.lines().count(), 2);
+    assert!(export.contains("hi alice!"));
+    // The relay's log never contains a plaintext.
+    let log = relay.log_text();
+    assert!(!log.contains("hello bob"), "{log}");
+    // Text from stdin works too.
+    let mut child = alice
+        .cmd(&["send", "bob"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"line one\nline two\n").unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    bob_listen.expect_text("line one\nline two");
+}
+
+#[test]
+fn unknown_senders_arrive_as_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+    let listen = bob.listen();
+    assert_eq!(alice.send("bob", "do we know each other?").0, 0);
+    let m = listen.expect_text("do we know each other?");
+    assert_eq!(m["type"], "request", "{m}");
+    assert_eq!(m["from_handle"], "alice");
+}
+
+#[test]
+fn offline_recipient_and_outbox_across_a_relay_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+
+    // Bob is not connected: Alice learns "offline" (exit status 2).
+    let (code, out) = alice.send("bob", "are you there?");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("offline"), "{out}");
+
+    // The relay goes away: the message is queued (exit status 3) and survives the process.
+    relay.kill();
+    let (code, out) = alice.send("bob", "written while the relay was down");
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("queued"), "{out}");
+    assert!(alice.ok(&["status"]).contains("outbox:      1 waiting"));
+
+    // The relay returns; Bob listens; Alice's long-running listener drains the outbox on
+    // reconnect.
+    relay.restart();
+    let bob_listen = bob.listen();
+    let alice_listen = alice.listen();
+    bob_listen.expect_text("written while the relay was down");
+    drop(alice_listen);
+    assert!(alice.ok(&["status"]).contains("outbox:      0 waiting"));
+    let h = alice.history_json("bob");
+    let queued = h
+        .iter()
+        .find(|m| m["text"] == "written while the relay was down")
+        .unwrap();
+    assert_eq!(queued["delivery"], "delivered");
+    let earlier = h.iter().find(|m| m["text"] == "are you there?").unwrap();
+    assert_eq!(earlier["delivery"], "offline");
+}
+
+#[test]
+fn listener_reconnects_after_the_relay_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+    let bob_listen = bob.listen();
+    relay.restart();
+    // Bob's listener comes back by itself; Alice retries until it is delivered.
+    let deadline = Instant::now() + DEADLINE * 3;
+    loop {
+        let (code, out) = alice.send("bob", "after the restart");
+        if code == 0 {
+            break;
+        }
+        assert!(code == 2 || code == 3, "unexpected: {out}");
+        assert!(Instant::now() < deadline, "bob never reconnected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bob_listen.expect_text("after the restart");
+}
+
+#[test]
+fn a_group_of_three_and_a_removed_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let (alice, bob, carol) = (
+        User::new(dir.path(), "alice"),
+        User::new(dir.path(), "bob"),
+        User::new(dir.path(), "carol"),
+    );
+    for u in [&alice, &bob, &carol] {
+        u.onboard(&relay.url());
+    }
+    alice.ok(&["contact", "add", "bob"]);
+    alice.ok(&["contact", "add", "carol"]);
+    alice.ok(&["group", "create", "trio", "bob", "carol"]);
+    let al = alice.listen();
+    let bl = bob.listen();
+    let cl = carol.listen();
+    let (code, out) = alice.send("@trio", "hello trio");
+    assert_eq!(code, 0, "{out}");
+    for l in [&bl, &cl] {
+        let m = l.expect_text("hello trio");
+        assert_eq!(m["group"], "trio", "{m}");
+    }
+    // Members converge on the group: Bob can answer the group he learned from the message.
+    let (code, out) = bob.send("@trio", "bob here");
+    assert_eq!(code, 0, "{out}");
+    cl.expect_text("bob here");
+    al.expect_text("bob here");
+
+    alice.ok(&["group", "remove", "trio", "carol"]);
+    assert_eq!(alice.send("@trio", "carol is gone").0, 0);
+    bl.expect_text("carol is gone");
+    // Carol gets nothing for it: she has no wrap, so there is nothing she could open.
+    cl.expect_nothing_for(Duration::from_millis(1500));
+    let carol_history = carol.history_json("@trio");
+    assert!(carol_history.iter().all(|m| m["text"] != "carol is gone"));
+}
+
+#[test]
+fn a_changed_key_blocks_sending_until_reverified() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_a = RelayProcess::start(&dir.path().join("relay-a"));
+    let relay_b = RelayProcess::start(&dir.path().join("relay-b"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay_a.url());
+    bob.onboard(&relay_a.url());
+    alice.ok(&["contact", "add", "bob"]);
+    assert_eq!(alice.send("bob", "first").0, 2);
+
+    // On relay B, "bob" is someone else (a new install, or an impersonator the relay favours).
+    let imposter = User {
+        home: dir.path().join("imposter"),
+        handle: "bob".into(),
+    };
+    imposter.onboard(&relay_b.url());
+    alice.ok(&["register", "--relay", &relay_b.url(), "--handle", "alice"]);
+
+    let (code, out) = alice.send("bob", "second");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("CHANGED"), "{out}");
+    assert!(out.contains("syncra verify bob"), "{out}");
+    // Still blocked on the next attempt, and `contact list` says why.
+    let (code, out) = alice.send("bob", "third");
+    assert_eq!(code, 1, "{out}");
+    assert!(alice.ok(&["contact", "list"]).contains("KEY CHANGED"));
+
+    // Verify shows the new identity's safety number; marking it verified unblocks sending.
+    let shown = alice.ok(&["verify", "bob"]);
+    assert!(shown.contains("CHANGED"), "{shown}");
+    alice.ok(&["verify", "bob", "--mark-verified"]);
+    let listen = imposter.listen();
+    let (code, out) = alice.send("bob", "fourth");
+    assert_eq!(code, 0, "{out}");
+    listen.expect_text("fourth");
+}
+
+#[test]
+fn wrong_passphrase_and_damaged_files_are_clear_errors_and_nothing_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+    alice.send("bob", "one");
+    alice.send("bob", "two");
+    let key = alice.home.join("identity.key");
+    let key_bytes = std::fs::read(&key).unwrap();
+
+    // Wrong passphrase.
+    let out = alice
+        .cmd(&["status"])
+        .env("SYNCRA_PASSPHRASE", "not it")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    // A passphrase file works, and a wrong one in a file fails the same way.
+    let pf = dir.path().join("pass.txt");
+    std::fs::write(&pf, format!("{PASS}\n")).unwrap();
+    let out = syncra()
+        .env("SYNCRA_HOME", &alice.home)
+        .args(["--passphrase-file", pf.to_str().unwrap(), "contact", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Corrupt key file.
+    std::fs::write(&key, b"{ this is not a key file").unwrap();
+    let err = alice.fails(&["status"]);
+    assert!(err.contains("damaged") || err.contains("corrupt"), "{err}");
+    assert!(key.exists(), "the damaged key file was left in place");
+    std::fs::write(&key, &key_bytes).unwrap();
+
+    // A corrupt history line is skipped; the lines after it still show.
+    let bob_id = alice
+        .ok(&["contact", "list"])
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let log = alice.home.join("chats").join(format!("{bob_id}.log"));
+    let original = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = original.lines().collect();
+    lines.insert(1, "garbage that is not a history line");
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let h = alice.history_json("bob");
+    let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["one", "two"]);
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains("garbage"),
+        "not deleted"
+    );
+
+    // An unreadable SYNCRA_HOME (a file where a directory should be).
+    let not_a_dir = dir.path().join("file-home");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let out = syncra()
+        .env("SYNCRA_HOME", &not_a_dir)
+        .env("SYNCRA_PASSPHRASE", PASS)
+        .args(["status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("file-home"), "{err}");
+    assert_eq!(std::fs::read(&not_a_dir).unwrap(), b"x");
+
+    // No identity yet: a clear next step.
+    let fresh = User::new(dir.path(), "nobody");
+    let err = fresh.fails(&["status"]);
+    assert!(err.contains("syncra init"), "{err}");
+    // init refuses to overwrite.
+    let err = alice.fails(&["init"]);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(std::fs::read(&key).unwrap(), key_bytes);
+}
+
+#[test]
+fn registration_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    alice.onboard(&relay.url());
+    let other = User::new(dir.path(), "other");
+    other.ok(&["init"]);
+    let err = other.fails(&["register", "--relay", &relay.url(), "--handle", "alice"]);
+    assert!(
+        err.contains("\"alice\" is taken; pick another with --handle"),
+        "{err}"
+    );
+    let err = other.fails(&["register", "--relay", &relay.url(), "--handle", "x"]);
+    assert!(err.contains("pick another with --handle"), "{err}");
+    let err = other.fails(&[
+        "register",
+        "--relay",
+        "ws://127.0.0.1:1/",
+        "--handle",
+        "other",
+    ]);
+    assert!(
+        err.contains("unreachable") || err.contains("connect"),
+        "{err}"
+    );
+    let err = other.fails(&["contact", "add", "alice"]);
+    assert!(err.contains("register"), "{err}");
+}

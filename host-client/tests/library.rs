@@ -1,0 +1,136 @@
+//! The client library against an in-process relay: prekey rotation on schedule, duplicates
+//! shown once, tampered deliveries reported, history at rest.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+use syncra_client::keystore::KeyStore;
+use syncra_client::net::Push;
+use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
+use syncra_core::crypto::keyfile::KdfParams;
+use syncra_test_support::DEADLINE;
+use syncra_test_support::relay::TestRelay;
+
+const PASS: &str = "pw for tests";
+
+fn options() -> InitOptions {
+    InitOptions {
+        kdf: KdfParams::MINIMUM,
+    }
+}
+
+async fn user(dir: &std::path::Path, relay: &TestRelay, handle: &str) -> Client {
+    let mut c = Client::init(Home::at(dir.join(handle)), PASS, options()).unwrap();
+    c.register(relay.url(), handle).await.unwrap();
+    c
+}
+
+async fn next_delivery(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<u8> {
+    loop {
+        match tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Push::Deliver(e) => return e.to_vec(),
+            Push::Notice(..) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_overdue_prekey_is_rotated_published_and_the_old_one_kept_for_grace() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::at(dir.path().join("bob"));
+    home.ensure().unwrap();
+    // A key file whose prekey is 8 days old.
+    let eight_days_ago = syncra_core::now_ms() / 1000 - 8 * 24 * 3600;
+    let mut ks = KeyStore::create(PASS.as_bytes(), KdfParams::MINIMUM, eight_days_ago).unwrap();
+    let old_prekey = *ks.ring.current().public();
+    ks.save(&home.key_file()).unwrap();
+    let mut bob = Client::open(home.clone(), PASS).unwrap();
+    bob.register(relay.url(), "bob").await.unwrap();
+    bob.disconnect().await;
+
+    // The next connection rotates and publishes.
+    let mut bob = Client::open(home.clone(), PASS).unwrap();
+    bob.connect().await.unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let record = alice.session().unwrap().lookup_handle("bob").await.unwrap();
+    assert_ne!(
+        record.prekey.public, old_prekey,
+        "the relay has the new prekey"
+    );
+    // The old private prekey is still in the key file (grace period), the new one too.
+    let ks = KeyStore::unlock(&home.key_file(), PASS.as_bytes(), false).unwrap();
+    assert!(ks.ring.find(&old_prekey).is_some());
+    assert_eq!(ks.ring.current().public(), &record.prekey.public);
+
+    // Messages sealed to the new prekey open.
+    alice.add_contact("bob").await.unwrap();
+    let mut pushes = bob.take_pushes().unwrap();
+    let report = alice.send_text("bob", "after rotation").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered);
+    let env = next_delivery(&mut pushes).await;
+    match bob.receive(&env).await.unwrap() {
+        Some(Incoming::Message { text, .. }) => assert_eq!(text, "after rotation"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_delivery_is_shown_once_and_a_tampered_one_is_reported() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    let mut pushes = bob.take_pushes().unwrap();
+    alice.send_text("bob", "only once").await.unwrap();
+    let env = next_delivery(&mut pushes).await;
+    assert!(matches!(
+        bob.receive(&env).await.unwrap(),
+        Some(Incoming::Message { .. })
+    ));
+    // The same envelope again (a retried send that had in fact arrived): nothing to show.
+    assert_eq!(bob.receive(&env).await.unwrap(), None);
+    assert_eq!(bob.history_of("alice", None).unwrap().len(), 1);
+
+    let mut tampered = env.clone();
+    let last = tampered.len() - 3;
+    tampered[last] ^= 0x20;
+    assert!(matches!(
+        bob.receive(&tampered).await.unwrap(),
+        Some(Incoming::Rejected { .. })
+    ));
+}
+
+#[tokio::test]
+async fn history_is_unreadable_without_the_passphrase() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let _bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    alice.send_text("bob", "a secret plan").await.unwrap();
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(13).any(|w| w == b"a secret plan"),
+            "plaintext found in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -92,10 +92,82 @@ pub struct ConversationSummary {
     pub request: bool,
 }
 
+/// A secret typed by the person (a passphrase). Its `Debug` never shows it and it is wiped from
+/// memory when dropped, so it can travel in actions without leaking into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(zeroize::Zeroizing<String>);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(zeroize::Zeroizing::new(s.into()))
+    }
+
+    /// The secret text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// What I know about myself once unlocked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Me {
+    /// My user id.
+    pub user_id: UserId,
+    /// My handle, if registered.
+    pub handle: Option<String>,
+    /// My relay, if registered.
+    pub relay: Option<String>,
+    /// My fingerprint (my half of every safety number).
+    pub fingerprint: String,
+}
+
+/// A command a plugin or the client offers in the command palette.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandInfo {
+    /// The name, without the slash.
+    pub name: String,
+    /// One line of help.
+    pub help: String,
+}
+
 /// Everything the client tells the interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AppEvent {
+    /// There is no identity: walk the person through creating one.
+    Onboarding {
+        /// The relay to offer by default.
+        default_relay: String,
+    },
+    /// An identity exists and must be unlocked with its passphrase.
+    Locked {
+        /// Whose identity.
+        user_id: UserId,
+        /// Its handle, if registered.
+        handle: Option<String>,
+    },
+    /// Unlocking failed (wrong passphrase, damaged file); the text says what to do.
+    UnlockFailed(String),
+    /// Creating or registering the identity failed; the text says what to do.
+    OnboardingFailed(String),
+    /// The result of checking a relay address (reachable, TLS) during onboarding.
+    RelayCheck {
+        /// The address checked.
+        url: String,
+        /// What was found, or why it is not usable.
+        result: Result<String, String>,
+    },
+    /// Unlocked (or just created): the main screen can open.
+    Ready(Me),
+    /// Commands offered by plugins, for the palette.
+    Commands(Vec<CommandInfo>),
     /// The connection state changed.
     Connection(ConnectionState),
     /// The conversation list changed.
@@ -178,8 +250,26 @@ pub enum UserAction {
         /// Whether to mark it verified.
         mark_verified: bool,
     },
-    /// Check whether a handle is free (onboarding).
-    CheckHandle(String),
+    /// Check whether a relay is reachable (onboarding).
+    CheckRelay(String),
+    /// Check whether a handle is free on a relay (onboarding).
+    CheckHandle {
+        /// The relay.
+        relay: String,
+        /// The handle.
+        handle: String,
+    },
+    /// Create the identity and register it (onboarding).
+    CreateIdentity {
+        /// The relay.
+        relay: String,
+        /// The handle.
+        handle: String,
+        /// The passphrase protecting the identity and history.
+        passphrase: Secret,
+    },
+    /// Unlock the identity.
+    Unlock(Secret),
     /// A slash command from a plugin or the palette.
     Command {
         /// The command name without the slash.
@@ -187,6 +277,9 @@ pub enum UserAction {
         /// The rest of the line.
         args: String,
     },
+    /// Send the current state again (connection, conversations): the interface just opened
+    /// a screen that shows it.
+    Refresh,
     /// Quit.
     Quit,
 }

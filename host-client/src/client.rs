@@ -512,7 +512,14 @@ impl Client {
     /// Writes a message to the outbox and history, then tries to send it.
     pub async fn send_text(&mut self, to: &str, text: &str) -> anyhow::Result<SendReport> {
         let target = self.resolve(to)?;
-        if let Target::Direct(id) = &target
+        let pending = self.queue(&target, text)?;
+        self.send_queued(&pending).await
+    }
+
+    /// Checks that sending is allowed, then writes the message to the outbox and to history
+    /// (durably) before anything goes on the network. Returns the outbox entry.
+    pub fn queue(&mut self, target: &Target, text: &str) -> anyhow::Result<Pending> {
+        if let Target::Direct(id) = target
             && let Some(c) = self.book.by_id(id)
             && let Some(why) = self.blocked_reason(c)
         {
@@ -542,6 +549,12 @@ impl Client {
                 held: false,
             },
         )?;
+        Ok(pending)
+    }
+
+    /// Sends a queued message (connecting first if needed).
+    pub async fn send_queued(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+        let id = pending.id.clone();
         if !self.is_connected()
             && let Err(e) = self.connect().await
         {
@@ -554,7 +567,7 @@ impl Client {
             }
             return Err(anyhow::anyhow!("connecting to the relay: {e}"));
         }
-        self.deliver_pending(&pending).await
+        self.deliver_pending(pending).await
     }
 
     /// Sends every outbox entry. Returns the reports of those that got a final answer.

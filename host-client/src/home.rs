@@ -41,6 +41,8 @@ pub struct Settings {
     pub bell: bool,
     /// Which frontend `syncra` opens: `ratatui` or `line`.
     pub frontend: String,
+    /// Keys and colours of the terminal UI (`[ui.keys]`, `[ui.theme]`).
+    pub ui: syncra_ui_ratatui::config::UiSettings,
 }
 
 impl Default for Settings {
@@ -54,6 +56,7 @@ impl Default for Settings {
             prekey_grace_days: 7,
             bell: true,
             frontend: "ratatui".into(),
+            ui: Default::default(),
         }
     }
 }

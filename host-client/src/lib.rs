@@ -9,11 +9,13 @@
 //! lose a message someone typed (the outbox is written before anything is sent), write a secret
 //! or a plaintext to disk unencrypted, or trust the relay's word for a key.
 
+pub mod app;
 pub mod client;
 pub mod contacts;
 pub mod history;
 pub mod home;
 pub mod keystore;
+pub mod line_ui;
 pub mod message;
 pub mod net;
 pub mod outbox;

@@ -27,6 +27,9 @@ struct Cli {
     /// Read the passphrase from the first line of this file.
     #[arg(long, global = true)]
     passphrase_file: Option<PathBuf>,
+    /// With no command: use the line-mode interface instead of the full-screen one.
+    #[arg(long)]
+    line: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -174,10 +177,7 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(command) = &cli.command else {
-        bail!(
-            "the terminal UI is not part of this build yet; use the headless commands \
-             (see `syncra --help`)"
-        );
+        return interactive(&cli).await;
     };
     match command {
         Command::Init => {
@@ -390,6 +390,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `syncra` with no command: the full-screen UI (or line mode), onboarding included.
+async fn interactive(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let home = Home::from_env()?;
+    home.ensure()?;
+    let settings = home.settings()?;
+    let frontend: Box<dyn syncra_core::ui::UiFrontend> =
+        if cli.line || settings.frontend == syncra_client::line_ui::KIND {
+            Box::new(syncra_client::line_ui::LineFrontend)
+        } else if settings.frontend == syncra_ui_ratatui::KIND {
+            if !std::io::stdout().is_terminal() {
+                bail!("the full-screen interface needs a terminal; use `syncra --line` in pipes");
+            }
+            Box::new(
+                syncra_ui_ratatui::RatatuiFrontend::new(&settings.ui, settings.bell)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
+        } else {
+            bail!(
+                "unknown frontend {:?} in {}; use \"ratatui\" or \"line\"",
+                settings.frontend,
+                home.settings_file().display()
+            );
+        };
+    syncra_client::app::run(home, frontend).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn connect(client: &mut Client) -> anyhow::Result<()> {
     client
         .connect()
@@ -410,20 +437,7 @@ fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> s
 }
 
 fn format_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    let days = secs / 86400;
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}")
+    syncra_core::time::Civil::from_ms(ms).full()
 }
 
 /// Prints incoming messages as JSON Lines; reconnects with backoff; drains the outbox on every

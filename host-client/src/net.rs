@@ -496,3 +496,87 @@ mod tests {
         assert!(backoff(10) >= Duration::from_secs(15));
     }
 }
+
+/// What checking a relay found (onboarding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The relay's id from its challenge.
+    pub relay_id: String,
+    /// Whether the connection was TLS (certificate verified).
+    pub tls: bool,
+    /// Whether the handle asked about is free.
+    pub handle_free: Option<bool>,
+}
+
+impl Probe {
+    /// One line for the onboarding screen.
+    pub fn describe(&self) -> String {
+        let security = if self.tls {
+            "TLS certificate verified"
+        } else {
+            "plain WebSocket (only safe on this machine)"
+        };
+        format!("✓ reachable: relay {:?}, {security}", self.relay_id)
+    }
+}
+
+/// Connects to a relay without logging in: reads its challenge and, if asked, whether a handle
+/// is free (handle lookups are allowed before login).
+pub async fn probe(url: &str, handle: Option<&str>) -> Result<Probe, NetError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, probe_inner(url, handle))
+        .await
+        .map_err(|_| NetError::Unreachable("the relay did not answer in time".into()))?
+}
+
+async fn probe_inner(url: &str, handle: Option<&str>) -> Result<Probe, NetError> {
+    let t = transport(None)?;
+    let conn = t
+        .connect(url)
+        .await
+        .map_err(|e| NetError::Unreachable(e.to_string()))?;
+    let mut sink = conn.sink;
+    let mut stream = conn.stream;
+    let mut next = async || -> Result<Frame, NetError> {
+        match stream.recv().await {
+            Some(Ok(b)) => {
+                Frame::decode(&b, DEFAULT_MAX_FRAME).map_err(|e| NetError::Protocol(e.to_string()))
+            }
+            Some(Err(e)) => Err(NetError::Unreachable(e.to_string())),
+            None => Err(NetError::Disconnected),
+        }
+    };
+    let relay_id = match next().await? {
+        Frame::Challenge { relay_id, .. } => relay_id,
+        other => {
+            return Err(NetError::Protocol(format!(
+                "this does not look like a Syncra relay (got {})",
+                other.kind()
+            )));
+        }
+    };
+    let mut handle_free = None;
+    if let Some(h) = handle {
+        sink.send(&[Frame::LookupHandle {
+            request_id: 1,
+            handle: h.to_owned(),
+        }
+        .encode()])
+            .await
+            .map_err(|e| NetError::Unreachable(e.to_string()))?;
+        handle_free = Some(match next().await? {
+            Frame::Record { .. } => false,
+            Frame::Error {
+                code: ErrorCode::NotFound,
+                ..
+            } => true,
+            Frame::Error { code, message, .. } => return Err(NetError::Refused { code, message }),
+            other => return Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        });
+    }
+    let _ = sink.close(CloseReason::normal("probe done")).await;
+    Ok(Probe {
+        relay_id,
+        tls: url.starts_with("wss://"),
+        handle_free,
+    })
+}

@@ -371,6 +371,11 @@ async fn authenticate(
                 continue;
             }
             Frame::Pong { .. } => continue,
+            Frame::LookupHandle { request_id, handle } => {
+                let reply = lookup_handle(state, request_id, &handle).await;
+                send_now(sink, reply).await.ok()?;
+                continue;
+            }
             Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. }
                 if !state.limits.auth_attempt(ip) =>
             {
@@ -530,19 +535,7 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
         Frame::Ping { nonce } => Some(Frame::Pong { nonce }.encode()),
         Frame::Pong { .. } => None,
         Frame::LookupHandle { request_id, handle } => {
-            let handle = match Handle::parse(&handle) {
-                Ok(h) => h,
-                Err(e) => return fail(request_id, ErrorCode::HandleInvalid, e.to_string()),
-            };
-            match with_store_timeout(state.store.by_handle(&handle)).await {
-                Ok(Some(record)) => Some(Frame::Record { request_id, record }.encode()),
-                Ok(None) => fail(
-                    request_id,
-                    ErrorCode::NotFound,
-                    format!("nobody is registered as {handle:?}"),
-                ),
-                Err(e) => fail(request_id, store_code(&e), e.to_string()),
-            }
+            Some(lookup_handle(state, request_id, &handle).await)
         }
         Frame::LookupId {
             request_id,
@@ -589,6 +582,29 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
             format!("{} is not something a client sends", other.kind()),
         ),
     }
+}
+
+/// Answers a handle lookup. Allowed before login too, so a new user can see whether a handle
+/// is free before registering; the handle directory is public to every registered user anyway,
+/// and the per-address frame limit bounds enumeration.
+async fn lookup_handle(state: &NodeState, request_id: RequestId, handle: &str) -> Bytes {
+    let (code, message) = match Handle::parse(handle) {
+        Err(e) => (ErrorCode::HandleInvalid, e.to_string()),
+        Ok(handle) => match with_store_timeout(state.store.by_handle(&handle)).await {
+            Ok(Some(record)) => return Frame::Record { request_id, record }.encode(),
+            Ok(None) => (
+                ErrorCode::NotFound,
+                format!("nobody is registered as {handle:?}"),
+            ),
+            Err(e) => (store_code(&e), e.to_string()),
+        },
+    };
+    state
+        .metrics
+        .errors
+        .get_or_create(&[("code", code.name())])
+        .inc();
+    error_frame(request_id, code, message)
 }
 
 /// Routes one envelope to every recipient and builds the send result.

@@ -294,10 +294,19 @@ async fn requests_before_authentication_are_refused() {
     })
     .await;
     let message = c.expect_error(ErrorCode::NotAuthenticated).await;
-    assert!(message.contains("log in"), "{message}");
+    assert!(message.contains("log in"), "{message}"); // Handle lookups are allowed before login (onboarding checks whether a handle is free).
     c.send(&Frame::LookupHandle {
         request_id: 6,
         handle: b.handle.clone(),
+    })
+    .await;
+    assert!(matches!(
+        c.reply().await,
+        Frame::Record { request_id: 6, .. }
+    ));
+    c.send(&Frame::LookupId {
+        request_id: 7,
+        user_id: b.id(),
     })
     .await;
     c.expect_error(ErrorCode::NotAuthenticated).await;

@@ -1,0 +1,611 @@
+//! The interactive host: drives a [`UiFrontend`] (the ratatui UI or line mode) from a
+//! [`Client`], translating closed sets of user actions into client calls and client results
+//! into app events.
+//!
+//! One task owns the client; the frontend runs in its own task and talks over two channels.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use syncra_core::UserId;
+use syncra_core::crypto::keyfile::KeyFile;
+use syncra_core::ui::{
+    AppEvent, ChatLine, CommandInfo, ConnectionState, ConversationId, ConversationSummary, Me,
+    UiFrontend, UserAction,
+};
+use syncra_core::wire::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::client::{Client, Incoming, InitOptions, SendState, Target};
+use crate::history::StoredMessage;
+use crate::home::Home;
+use crate::net::{NetError, Push, backoff, probe};
+
+/// The relay offered by default during onboarding.
+pub const DEFAULT_RELAY: &str = "ws://127.0.0.1:7443/";
+
+/// Runs the interactive client until the person quits.
+pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Result<()> {
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let (act_tx, act_rx) = mpsc::channel(256);
+    let ui = tokio::spawn(async move { frontend.run(ev_rx, act_tx).await });
+    let mut controller = Controller {
+        home,
+        events: ev_tx,
+        client: None,
+        pushes: None,
+        unread: HashMap::new(),
+        open: None,
+        attempt: 0,
+        retry_at: None,
+        init_options: InitOptions::default(),
+    };
+    let result = controller.run(act_rx).await;
+    // The UI returns when the person quits or the event channel closes.
+    drop(controller);
+    let ui_result = ui
+        .await
+        .map_err(|e| anyhow::anyhow!("the user interface crashed: {e}"))?;
+    result?;
+    ui_result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+struct Controller {
+    home: Home,
+    events: mpsc::Sender<AppEvent>,
+    client: Option<Client>,
+    pushes: Option<mpsc::Receiver<Push>>,
+    unread: HashMap<ConversationId, u32>,
+    open: Option<ConversationId>,
+    attempt: u32,
+    retry_at: Option<tokio::time::Instant>,
+    init_options: InitOptions,
+}
+
+fn to_target(id: &ConversationId) -> Target {
+    match id {
+        ConversationId::Direct(u) => Target::Direct(*u),
+        ConversationId::Group(g) => Target::Group(g.clone()),
+    }
+}
+
+impl Controller {
+    async fn emit(&self, event: AppEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn run(&mut self, mut actions: mpsc::Receiver<UserAction>) -> anyhow::Result<()> {
+        self.start().await?;
+        loop {
+            let retry = async {
+                match self.retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let closed = async {
+                match self.client.as_ref().and_then(Client::session) {
+                    Some(s) => s.wait_closed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let push = async {
+                match self.pushes.as_mut() {
+                    Some(p) => p.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                action = actions.recv() => match action {
+                    None | Some(UserAction::Quit) => break,
+                    Some(a) => self.on_action(a).await,
+                },
+                Some(push) = push => self.on_push(push).await,
+                _ = closed => {
+                    self.schedule_reconnect("connection lost".into()).await;
+                }
+                _ = retry => {
+                    self.retry_at = None;
+                    self.connect().await;
+                }
+            }
+        }
+        if let Some(c) = self.client.as_mut() {
+            c.disconnect().await;
+        }
+        let _ = self.events.send(AppEvent::Shutdown).await;
+        Ok(())
+    }
+
+    async fn start(&mut self) -> anyhow::Result<()> {
+        if self.home.has_identity() {
+            let file = KeyFile::read(&self.home.key_file())
+                .map_err(|e| crate::keystore::explain(e, &self.home.key_file()))?;
+            let user_id: UserId = file
+                .public
+                .get("user_id")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("the key file does not record a user id"))?;
+            let handle = self.home.settings()?.handle;
+            self.emit(AppEvent::Locked { user_id, handle }).await;
+        } else {
+            let relay = self
+                .home
+                .settings()
+                .ok()
+                .and_then(|s| s.relay)
+                .unwrap_or_else(|| DEFAULT_RELAY.to_owned());
+            self.emit(AppEvent::Onboarding {
+                default_relay: relay,
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    fn me(&self) -> Option<Me> {
+        let c = self.client.as_ref()?;
+        Some(Me {
+            user_id: c.user_id(),
+            handle: c.settings().handle.clone(),
+            relay: c.settings().relay.clone(),
+            fingerprint: c.fingerprint(),
+        })
+    }
+
+    async fn unlocked(&mut self, mut client: Client) {
+        self.pushes = client.take_pushes();
+        self.client = Some(client);
+        if let Some(me) = self.me() {
+            self.emit(AppEvent::Ready(me)).await;
+        }
+        self.emit(AppEvent::Commands(Vec::<CommandInfo>::new()))
+            .await;
+        self.send_conversations().await;
+        self.connect().await;
+    }
+
+    async fn on_action(&mut self, action: UserAction) {
+        match action {
+            UserAction::Unlock(secret) => {
+                let home = self.home.clone();
+                let opened =
+                    tokio::task::spawn_blocking(move || Client::open(home, secret.expose())).await;
+                match opened {
+                    Ok(Ok(client)) => self.unlocked(client).await,
+                    Ok(Err(e)) => self.emit(AppEvent::UnlockFailed(format!("{e:#}"))).await,
+                    Err(e) => self.emit(AppEvent::UnlockFailed(e.to_string())).await,
+                }
+            }
+            UserAction::CheckRelay(url) => {
+                let result = probe(&url, None).await.map(|p| p.describe());
+                self.emit(AppEvent::RelayCheck {
+                    url,
+                    result: result.map_err(|e| e.to_string()),
+                })
+                .await;
+            }
+            UserAction::CheckHandle { relay, handle } => match probe(&relay, Some(&handle)).await {
+                Ok(p) => {
+                    self.emit(AppEvent::HandleAvailability {
+                        handle,
+                        available: p.handle_free == Some(true),
+                    })
+                    .await
+                }
+                Err(e) => {
+                    self.emit(AppEvent::Error(format!("checking the handle: {e}")))
+                        .await
+                }
+            },
+            UserAction::CreateIdentity {
+                relay,
+                handle,
+                passphrase,
+            } => {
+                let home = self.home.clone();
+                let options = self.init_options;
+                let pass = passphrase.clone();
+                // An identity made by an earlier attempt whose registration failed is reused.
+                let made = tokio::task::spawn_blocking(move || {
+                    if home.has_identity() {
+                        Client::open(home, pass.expose())
+                    } else {
+                        Client::init(home, pass.expose(), options)
+                    }
+                })
+                .await;
+                let mut client = match made {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        self.emit(AppEvent::OnboardingFailed(format!("{e:#}")))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        self.emit(AppEvent::OnboardingFailed(e.to_string())).await;
+                        return;
+                    }
+                };
+                match client.register(&relay, &handle).await {
+                    Ok(()) => self.unlocked(client).await,
+                    Err(e) => {
+                        self.emit(AppEvent::OnboardingFailed(format!("{e:#}")))
+                            .await
+                    }
+                }
+            }
+            UserAction::Refresh => {
+                self.send_connection().await;
+                self.send_conversations().await;
+            }
+            UserAction::Send { conversation, text } => self.send(conversation, text).await,
+            UserAction::LoadHistory {
+                conversation,
+                limit,
+            } => {
+                self.open = Some(conversation.clone());
+                let lines = self.history_lines(&conversation, limit);
+                self.emit(AppEvent::History {
+                    conversation,
+                    lines,
+                })
+                .await;
+            }
+            UserAction::MarkRead(conversation) => {
+                self.open = Some(conversation.clone());
+                if self.unread.remove(&conversation).is_some() {
+                    self.send_conversations().await;
+                }
+            }
+            UserAction::AddContact(query) => self.add_contact(query).await,
+            UserAction::Verify {
+                contact,
+                mark_verified,
+            } => self.verify(contact, mark_verified).await,
+            UserAction::Command { name, .. } => {
+                self.emit(AppEvent::Error(format!(
+                    "unknown command {name:?}; F1 lists the keys, Ctrl-P the commands"
+                )))
+                .await
+            }
+            UserAction::Quit => {}
+            other => {
+                tracing::debug!("ignoring {other:?} in this state");
+            }
+        }
+    }
+
+    async fn add_contact(&mut self, query: String) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let result = client.add_contact(&query).await;
+        match result {
+            Ok((contact, crate::contacts::PinOutcome::KeyChanged(_))) => {
+                self.emit(AppEvent::KeyChanged {
+                    contact: contact.record.user_id,
+                    handle: contact.handle,
+                })
+                .await
+            }
+            Ok((contact, _)) => {
+                self.emit(AppEvent::Notice(format!(
+                    "added {}; compare safety numbers with Ctrl-S",
+                    contact.handle
+                )))
+                .await
+            }
+            Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
+        }
+        self.send_conversations().await;
+    }
+
+    async fn verify(&mut self, contact: UserId, mark: bool) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let Some(handle) = client.book().by_id(&contact).map(|c| c.handle.clone()) else {
+            self.emit(AppEvent::Error(
+                "this conversation is not with a contact; add it first".into(),
+            ))
+            .await;
+            return;
+        };
+        match client.verify(&handle, mark) {
+            Ok(info) => {
+                self.emit(AppEvent::SafetyNumber {
+                    contact,
+                    number: info.number,
+                    verified: info.verified,
+                })
+                .await;
+                if mark {
+                    self.send_conversations().await;
+                }
+            }
+            Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
+        }
+    }
+
+    async fn send(&mut self, conversation: ConversationId, text: String) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let target = to_target(&conversation);
+        let pending = match client.queue(&target, &text) {
+            Ok(p) => p,
+            Err(e) => {
+                self.emit(AppEvent::Error(format!("{e:#}"))).await;
+                return;
+            }
+        };
+        let me = client.user_id();
+        let line = ChatLine {
+            conversation: conversation.clone(),
+            message_id: pending.id.clone(),
+            sender: me,
+            sender_name: client.settings().handle.clone(),
+            outgoing: true,
+            timestamp_ms: pending.created_ms,
+            text,
+            delivery: Some(syncra_core::ui::DeliveryState::Sending),
+        };
+        self.emit(AppEvent::Message(line)).await;
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let report = client.send_queued(&pending).await;
+        let state = match &report {
+            Ok(r) => match &r.state {
+                SendState::Delivered => syncra_core::ui::DeliveryState::Delivered,
+                SendState::Offline => syncra_core::ui::DeliveryState::Offline,
+                SendState::Failed(_) => syncra_core::ui::DeliveryState::Failed,
+                SendState::Queued(_) => syncra_core::ui::DeliveryState::Sending,
+            },
+            Err(_) => syncra_core::ui::DeliveryState::Failed,
+        };
+        self.emit(AppEvent::Delivery {
+            conversation,
+            message_id: pending.id,
+            state,
+        })
+        .await;
+        match report {
+            Ok(r) => {
+                if let SendState::Failed(why) = r.state {
+                    self.emit(AppEvent::Error(why)).await;
+                }
+            }
+            Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
+        }
+        self.send_conversations().await;
+    }
+
+    async fn on_push(&mut self, push: Push) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        match push {
+            Push::Notice(code, message) => {
+                let text = match code {
+                    ErrorCode::QueueOverflow => format!("the relay dropped messages: {message}"),
+                    _ => format!("relay: {message}"),
+                };
+                self.emit(AppEvent::Notice(text)).await;
+            }
+            Push::Deliver(envelope) => match client.receive(&envelope).await {
+                Ok(Some(Incoming::Message {
+                    target,
+                    from,
+                    from_name,
+                    text,
+                    timestamp_ms,
+                    id,
+                    ..
+                })) => {
+                    let conversation = target.to_ui();
+                    if self.open.as_ref() != Some(&conversation) {
+                        *self.unread.entry(conversation.clone()).or_default() += 1;
+                    }
+                    self.emit(AppEvent::Message(ChatLine {
+                        conversation,
+                        message_id: id,
+                        sender: from,
+                        sender_name: Some(from_name),
+                        outgoing: false,
+                        timestamp_ms,
+                        text,
+                        delivery: None,
+                    }))
+                    .await;
+                    self.send_conversations().await;
+                }
+                Ok(Some(Incoming::Held { handle, from })) => {
+                    self.emit(AppEvent::KeyChanged {
+                        contact: from,
+                        handle,
+                    })
+                    .await;
+                    self.send_conversations().await;
+                }
+                Ok(Some(Incoming::Rejected { reason })) => {
+                    self.emit(AppEvent::Notice(format!(
+                        "a message did not open: {reason}"
+                    )))
+                    .await
+                }
+                Ok(Some(Incoming::Notice(n))) => self.emit(AppEvent::Notice(n)).await,
+                Ok(None) => {}
+                Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
+            },
+        }
+    }
+
+    async fn connect(&mut self) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        if client.settings().relay.is_none() {
+            return;
+        }
+        self.emit(AppEvent::Connection(ConnectionState::Connecting(
+            self.attempt + 1,
+        )))
+        .await;
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        match client.connect().await {
+            Ok(()) => {
+                self.attempt = 0;
+                self.emit(AppEvent::Connection(ConnectionState::Online))
+                    .await;
+                let Some(client) = self.client.as_mut() else {
+                    return;
+                };
+                match client.drain_outbox().await {
+                    Ok(reports) if !reports.is_empty() => {
+                        self.emit(AppEvent::Notice(format!(
+                            "sent {} message(s) from the outbox",
+                            reports.len()
+                        )))
+                        .await;
+                        self.send_conversations().await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.emit(AppEvent::Error(format!("outbox: {e:#}"))).await,
+                }
+            }
+            Err(e) => {
+                let why = match &e {
+                    NetError::Refused { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                self.schedule_reconnect(why).await;
+            }
+        }
+    }
+
+    async fn schedule_reconnect(&mut self, reason: String) {
+        let wait = backoff(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        self.retry_at = Some(tokio::time::Instant::now() + wait);
+        self.emit(AppEvent::Connection(ConnectionState::Offline {
+            retry_in_secs: wait.as_secs().max(1),
+            reason,
+        }))
+        .await;
+    }
+
+    async fn send_connection(&self) {
+        let state = match self.client.as_ref() {
+            Some(c) if c.is_connected() => ConnectionState::Online,
+            _ => ConnectionState::Connecting(self.attempt),
+        };
+        self.emit(AppEvent::Connection(state)).await;
+    }
+
+    fn to_line(&self, conversation: &ConversationId, m: StoredMessage) -> ChatLine {
+        let name = self.client.as_ref().map(|c| c.name_of(&m.sender));
+        ChatLine {
+            conversation: conversation.clone(),
+            message_id: m.id,
+            sender: m.sender,
+            sender_name: name,
+            outgoing: m.outgoing,
+            timestamp_ms: m.timestamp_ms,
+            text: m.text,
+            delivery: m.delivery.map(|d| d.to_ui()),
+        }
+    }
+
+    fn history_lines(&self, conversation: &ConversationId, limit: usize) -> Vec<ChatLine> {
+        let Some(client) = self.client.as_ref() else {
+            return Vec::new();
+        };
+        let target = to_target(conversation);
+        let (mut messages, _) = client
+            .history()
+            .read(&target.conversation())
+            .unwrap_or_default();
+        let accepted = match &target {
+            Target::Direct(id) => client
+                .book()
+                .by_id(id)
+                .is_some_and(|c| c.key_changed.is_none()),
+            Target::Group(_) => true,
+        };
+        messages.retain(|m| !m.held || accepted);
+        if messages.len() > limit {
+            messages.drain(..messages.len() - limit);
+        }
+        messages
+            .into_iter()
+            .map(|m| self.to_line(conversation, m))
+            .collect()
+    }
+
+    async fn send_conversations(&self) {
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
+        let mut list = Vec::new();
+        let last = |target: &Target| -> (Option<String>, u64) {
+            let (messages, _) = client
+                .history()
+                .read(&target.conversation())
+                .unwrap_or_default();
+            messages
+                .iter()
+                .rev()
+                .find(|m| !m.held)
+                .map(|m| {
+                    (
+                        Some(m.text.lines().next().unwrap_or("").to_owned()),
+                        m.timestamp_ms,
+                    )
+                })
+                .unwrap_or((None, 0))
+        };
+        for c in client.book().contacts.values() {
+            let target = Target::Direct(c.record.user_id);
+            let (preview, at) = last(&target);
+            let id = target.to_ui();
+            list.push(ConversationSummary {
+                unread: self.unread.get(&id).copied().unwrap_or(0),
+                id,
+                name: c.handle.clone(),
+                last_preview: preview,
+                last_activity_ms: at.max(c.added_ms),
+                verified: c.verified,
+                key_changed: c.key_changed.is_some(),
+                request: c.request,
+            });
+        }
+        for g in client.book().groups.values() {
+            let target = Target::Group(g.id.clone());
+            let (preview, at) = last(&target);
+            let id = target.to_ui();
+            list.push(ConversationSummary {
+                unread: self.unread.get(&id).copied().unwrap_or(0),
+                id,
+                name: format!("@{}", g.name),
+                last_preview: preview,
+                last_activity_ms: at.max(g.updated_ms),
+                verified: false,
+                key_changed: false,
+                request: false,
+            });
+        }
+        list.sort_by(|a, b| {
+            b.last_activity_ms
+                .cmp(&a.last_activity_ms)
+                .then(a.name.cmp(&b.name))
+        });
+        self.emit(AppEvent::Conversations(list)).await;
+    }
+}
+
+/// How long a relay check may take during onboarding.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

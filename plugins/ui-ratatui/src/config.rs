@@ -57,7 +57,7 @@ impl KeyAction {
             KeyAction::Palette => "command palette (also : in an empty composer)",
             KeyAction::Help => "this help (also ? in an empty composer)",
             KeyAction::NextUnread => "next conversation with unread messages",
-            KeyAction::Filter => "filter conversations (also / in an empty composer)",
+            KeyAction::Filter => "filter conversations (also / in the conversation list)",
             KeyAction::NextConversation => "next conversation",
             KeyAction::PrevConversation => "previous conversation",
             KeyAction::ScrollUp => "scroll messages up",

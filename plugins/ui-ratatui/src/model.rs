@@ -809,11 +809,16 @@ fn send_composer(m: &mut Main) -> Vec<UserAction> {
     if text.trim().is_empty() {
         return Vec::new();
     }
-    if let Some(cmd) = text.strip_prefix('/')
-        && !cmd.starts_with('/')
-    {
-        m.composer = TextArea::default();
-        return run_command(m, cmd);
+    // `/add bob` runs a built-in command and `/roll 2d6` a plugin's; any other text starting
+    // with a slash is an ordinary message (a bot may understand it).
+    if let Some(cmd) = text.strip_prefix('/') {
+        let word = cmd.split_whitespace().next().unwrap_or("");
+        let builtin = COMMANDS.iter().any(|(n, _)| *n == word);
+        let plugin = m.extra_commands.iter().any(|c| c.name == word);
+        if builtin || plugin {
+            m.composer = TextArea::default();
+            return run_command(m, cmd);
+        }
     }
     let Some(conversation) = m.selected.clone() else {
         m.status = Some((
@@ -1037,10 +1042,6 @@ fn on_main_key(m: &mut Main, keymap: &Keymap, key: KeyEvent) -> Vec<UserAction> 
                             input: Box::default(),
                             selected: 0,
                         });
-                        return Vec::new();
-                    }
-                    KeyCode::Char('/') => {
-                        m.focus = Focus::Filter;
                         return Vec::new();
                     }
                     KeyCode::Tab => {

@@ -314,7 +314,7 @@ fn conversation_list(m: &Main, theme: &Theme, frame: &mut Frame<'_>, area: Rect)
             let prefix = match (&c.id, c.key_changed, c.request) {
                 (_, true, _) => Span::styled("! ", Style::default().fg(theme.error)),
                 (_, _, true) => Span::styled("? ", Style::default().fg(theme.warn)),
-                (ConversationId::Group(_), _, _) => Span::raw("@ "),
+                (ConversationId::Group(_), _, _) => Span::raw("  "),
                 _ if c.verified => Span::styled("✓ ", Style::default().fg(theme.ok)),
                 _ => Span::raw("  "),
             };
@@ -354,18 +354,35 @@ fn conversation_list(m: &Main, theme: &Theme, frame: &mut Frame<'_>, area: Rect)
     frame.render_widget(list.block(block), area);
 }
 
+/// Word-wraps to `width` columns (counting characters), breaking words longer than a line.
 fn wrap(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
     let mut out = Vec::new();
     for raw in text.split('\n') {
-        let chars: Vec<char> = raw.chars().collect();
-        if chars.is_empty() {
-            out.push(String::new());
-            continue;
+        let mut line = String::new();
+        let mut len = 0usize;
+        for word in raw.split(' ') {
+            let mut chars: Vec<char> = word.chars().collect();
+            let gap = usize::from(len > 0);
+            if len + gap + chars.len() <= width {
+                if gap == 1 {
+                    line.push(' ');
+                }
+                line.extend(&chars);
+                len += gap + chars.len();
+                continue;
+            }
+            if len > 0 {
+                out.push(std::mem::take(&mut line));
+                len = 0;
+            }
+            while chars.len() > width {
+                out.push(chars.drain(..width).collect());
+            }
+            line.extend(&chars);
+            len = chars.len();
         }
-        for chunk in chars.chunks(width) {
-            out.push(chunk.iter().collect());
-        }
+        out.push(line);
     }
     out
 }
@@ -587,7 +604,10 @@ fn overlays(m: &Main, model: &Model, theme: &Theme, frame: &mut Frame<'_>, area:
                     "previous/next conversation (in an empty message)",
                 ),
                 ("wheel", "scroll the messages"),
-                ("/cmd", "run a command from the message box (e.g. /add bob)"),
+                (
+                    "/cmd",
+                    "run a command from the message box (e.g. /add bob, /roll 2d6)",
+                ),
             ] {
                 lines.push(Line::from(vec![
                     Span::styled(format!("{k:>10}  "), Style::default().fg(theme.accent)),
@@ -688,5 +708,18 @@ fn overlays(m: &Main, model: &Model, theme: &Theme, frame: &mut Frame<'_>, area:
             frame.render_widget(Clear, r);
             frame.render_widget(Paragraph::new(lines).block(titled("Paste", theme)), r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap;
+
+    #[test]
+    fn wraps_on_words_and_breaks_long_words() {
+        assert_eq!(wrap("hello big world", 9), ["hello big", "world"]);
+        assert_eq!(wrap("abcdefghij", 4), ["abcd", "efgh", "ij"]);
+        assert_eq!(wrap("a\n\nb", 5), ["a", "", "b"]);
+        assert_eq!(wrap("", 5), [""]);
     }
 }

@@ -177,3 +177,25 @@ impl Home {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_settings_parse() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/TUI.md"))
+            .unwrap();
+        let toml_block = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .unwrap();
+        let s: Settings = toml::from_str(toml_block).unwrap();
+        assert_eq!(s.frontend, "ratatui");
+        assert_eq!(s.ui.keys.len(), 11);
+        let keymap = syncra_ui_ratatui::config::Keymap::with_overrides(&s.ui.keys).unwrap();
+        assert_eq!(keymap, syncra_ui_ratatui::config::Keymap::default());
+        assert!(toml::from_str::<Settings>("frontnd = \"line\"").is_err());
+    }
+}

@@ -374,7 +374,6 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
             }
             if len > 0 {
                 out.push(std::mem::take(&mut line));
-                len = 0;
             }
             while chars.len() > width {
                 out.push(chars.drain(..width).collect());

@@ -345,3 +345,201 @@ async fn health_is_up((a, b): (Node, Node)) {
         assert!(!node.broker.kind().is_empty(), "kind: must not be empty");
     }
 }
+
+/// How long a broker call may take while its backend is down before it counts as hanging. The
+/// relay answers a sender with "broker unavailable" rather than keep them waiting, so an
+/// outage must surface as an error within seconds; this is a bound on hanging, not a
+/// performance figure.
+pub const OUTAGE_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the outage rules: a broker whose backend goes away fails fast and reports it, and once
+/// the backend is back it recovers by itself, with the subscriptions its node wants.
+///
+/// `make_nodes` is as for [`broker_conformance`] (called once); `server` is the backend both
+/// nodes use, stopped and restarted on the same address in the middle of the case. The rules:
+///
+/// - while the backend is down, `publish` fails with [`BrokerError::Unavailable`] within
+///   [`OUTAGE_ANSWER_WITHIN`] (it never hangs and never claims a delivery) and `health` turns
+///   `Down`;
+/// - `subscribe` and `unsubscribe` during the outage answer within the same bound (`Ok` or
+///   `Unavailable`), and are honoured once the backend is back;
+/// - after the restart, `health` turns `Up` within [`DEADLINE`] without any call from the test,
+///   and a publish from one node reaches the other node's subscription made *before* the outage,
+///   with nobody subscribing again by hand.
+///
+/// A payload whose publish failed during the outage may still arrive after the recovery (a
+/// client library may have sent it just as the connection broke); nothing else may.
+///
+/// # Panics
+///
+/// On the first rule the broker breaks.
+///
+/// [`BrokerError::Unavailable`]: syncra_core::error::BrokerError::Unavailable
+pub async fn broker_outage_recovery<F, Fut>(
+    server: &mut dyn crate::servers::Restartable,
+    make_nodes: F,
+) where
+    F: FnOnce(Arc<dyn BrokerSink>, Arc<dyn BrokerSink>) -> Fut,
+    Fut: Future<Output = (Arc<dyn Broker>, Arc<dyn Broker>)>,
+{
+    use syncra_core::error::BrokerError;
+
+    let case = "outage";
+    let (sink_a, _inbox_a) = RecordingSink::new();
+    let (sink_b, mut inbox_b) = RecordingSink::new();
+    let (a, b) = make_nodes(sink_a, sink_b).await;
+    let kept = unique_name("outage.kept");
+    let dropped = unique_name("outage.dropped");
+    let late = unique_name("outage.late");
+
+    // Before: an ordinary working pair.
+    for topic in [&kept, &dropped] {
+        b.subscribe(topic)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: subscribe({topic}) before the outage: {e}"));
+    }
+    let before = Bytes::from_static(b"before the outage");
+    let receipt = a
+        .publish(&kept, before.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish before the outage: {e}"));
+    assert_receivers(receipt, 1, case);
+    assert_eq!(
+        inbox_b.next(case).await.payload,
+        before,
+        "{case}: delivery before the outage"
+    );
+
+    // Blocking here is brief (a kill, or waiting for the server's listener) and nothing the
+    // brokers do can speed it up, so it needs no blocking-task dance.
+    server.stop();
+
+    // During: every publish fails, fast; health follows.
+    let mut sent_during = Vec::new();
+    for i in 0..2u8 {
+        let payload = Bytes::from(vec![b'd', i]);
+        sent_during.push(payload.clone());
+        let result = tokio::time::timeout(OUTAGE_ANSWER_WITHIN, a.publish(&kept, payload))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{case}: publish {i} with the backend down hung for {OUTAGE_ANSWER_WITHIN:?}"
+                )
+            });
+        assert!(
+            matches!(result, Err(BrokerError::Unavailable(_))),
+            "{case}: publish {i} with the backend down must fail with Unavailable, got {result:?}"
+        );
+        if i == 0 {
+            for (name, node) in [("a", &a), ("b", &b)] {
+                wait_for_health(
+                    &**node,
+                    false,
+                    &format!("{case}: node {name} after the stop"),
+                )
+                .await;
+            }
+        }
+    }
+    let unsubscribed = tokio::time::timeout(OUTAGE_ANSWER_WITHIN, b.unsubscribe(&dropped))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: unsubscribe with the backend down hung"));
+    assert!(
+        matches!(unsubscribed, Ok(()) | Err(BrokerError::Unavailable(_))),
+        "{case}: unsubscribe with the backend down: {unsubscribed:?}"
+    );
+    let subscribed = tokio::time::timeout(OUTAGE_ANSWER_WITHIN, b.subscribe(&late))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: subscribe with the backend down hung"));
+    assert!(
+        matches!(subscribed, Ok(()) | Err(BrokerError::Unavailable(_))),
+        "{case}: subscribe with the backend down: {subscribed:?}"
+    );
+
+    server.restart();
+
+    // After: both nodes come back by themselves, with node b's subscriptions as it wants them.
+    for (name, node) in [("a", &a), ("b", &b)] {
+        wait_for_health(
+            &**node,
+            true,
+            &format!("{case}: node {name} after the restart"),
+        )
+        .await;
+    }
+    let after = Bytes::from_static(b"after the outage");
+    let receipt = a
+        .publish(&kept, after.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish after the recovery: {e}"));
+    assert_receivers(receipt, 1, &format!("{case}: after the recovery"));
+    let stray = inbox_b
+        .until_marker(
+            &kept,
+            &after,
+            &format!("{case}: the subscription made before the outage must work again"),
+        )
+        .await;
+    for delivery in stray {
+        assert!(
+            delivery.topic == kept && sent_during.contains(&delivery.payload),
+            "{case}: unexpected delivery after the recovery: {delivery:?}"
+        );
+    }
+
+    let late_payload = Bytes::from_static(b"subscribed during the outage");
+    let receipt = a
+        .publish(&late, late_payload.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish on the late topic: {e}"));
+    assert_receivers(receipt, 1, &format!("{case}: subscribed during the outage"));
+    let stray = inbox_b
+        .until_marker(
+            &late,
+            &late_payload,
+            &format!("{case}: a subscribe made during the outage must take effect"),
+        )
+        .await;
+    assert_eq!(stray, [], "{case}: nothing else before the late delivery");
+
+    let receipt = a
+        .publish(
+            &dropped,
+            Bytes::from_static(b"unsubscribed during the outage"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish on the dropped topic: {e}"));
+    assert_receivers(
+        receipt,
+        0,
+        &format!("{case}: unsubscribed during the outage"),
+    );
+    let stray = fence(&*a, &*b, &mut inbox_b, case).await;
+    assert_eq!(
+        stray,
+        [],
+        "{case}: an unsubscribe made during the outage must stay in effect"
+    );
+}
+
+/// Polls `health` until it is up (`want_up`) or down, or panics after [`DEADLINE`].
+async fn wait_for_health(broker: &dyn Broker, want_up: bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let health = broker.health().await;
+        let reached = if want_up {
+            health == Health::Up
+        } else {
+            !health.is_up()
+        };
+        if reached {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: health must become {} within {DEADLINE:?}, still {health:?}",
+            if want_up { "up" } else { "down" }
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod fixtures;
 pub mod process;
 pub mod relay;
+pub mod servers;
 pub mod store;
 
 pub use broker::{Deliveries, Delivery, RecordingSink, broker_conformance};

@@ -1,0 +1,388 @@
+//! Real Redis and NATS servers for tests: `redis-server` and `nats-server` started on a free
+//! loopback port in a temp dir of their own, stopped and restarted on the same port by tests
+//! that need the backend to go away and come back, and killed when dropped.
+//!
+//! A missing binary is a panic that says how to install it, never a skip: a broker test that
+//! silently does not run is worse than one that fails (see the design brief, "Tests and
+//! measurement"). Readiness is a TCP connect polled against a deadline, never a fixed sleep.
+
+use std::fmt;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::DEADLINE;
+use crate::process::free_port;
+
+/// A backend server that a test can take away and bring back, on the same address, to check
+/// that a client recovers by itself.
+pub trait Restartable {
+    /// Kills the server (SIGKILL: connections drop without a goodbye) and waits for it to exit.
+    fn stop(&mut self);
+    /// Starts it again on the same port and waits until it accepts connections.
+    fn restart(&mut self);
+}
+
+/// How to launch one kind of server.
+struct Recipe {
+    /// The binary, looked up on `PATH`.
+    binary: &'static str,
+    /// What to tell a developer who does not have it.
+    install: &'static str,
+    /// The arguments for a port and a working directory.
+    args: fn(u16, &Path) -> Vec<String>,
+}
+
+/// One spawned server process and the directory it lives in.
+struct Spawned {
+    recipe: &'static Recipe,
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+/// How many fresh ports [`Spawned::start`] tries: another test may take a free port between
+/// our probe and the server's bind, and the server then exits at once.
+const START_ATTEMPTS: usize = 3;
+
+impl Spawned {
+    fn start(recipe: &'static Recipe) -> Spawned {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("syncra-{}-", recipe.binary))
+            .tempdir()
+            .unwrap_or_else(|e| panic!("create a temp dir for {}: {e}", recipe.binary));
+        let mut server = Spawned {
+            recipe,
+            port: 0,
+            dir,
+            child: None,
+        };
+        for attempt in 1..=START_ATTEMPTS {
+            server.port = free_port();
+            server.spawn();
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(why) if attempt < START_ATTEMPTS => {
+                    eprintln!("{} on port {}: {why}; retrying", recipe.binary, server.port);
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap_or_else(|e| panic!("open the {} log: {e}", self.recipe.binary));
+        let stderr = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("clone the {} log handle: {e}", self.recipe.binary));
+        let child = Command::new(self.recipe.binary)
+            .args((self.recipe.args)(self.port, self.dir.path()))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn();
+        match child {
+            Ok(child) => self.child = Some(child),
+            Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+                "`{}` was not found on PATH; {} (tests that need a real server never skip)",
+                self.recipe.binary, self.recipe.install
+            ),
+            Err(e) => panic!("start {}: {e}", self.recipe.binary),
+        }
+    }
+
+    /// Polls a TCP connect until the server accepts, it exits, or [`DEADLINE`] passes.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!(
+                    "{} exited with {status} before accepting connections on {addr}; log:\n{}",
+                    self.recipe.binary,
+                    self.log_text()
+                ));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.stop();
+                panic!(
+                    "{} did not accept connections on {addr} within {DEADLINE:?}; log:\n{}",
+                    self.recipe.binary,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        if let Err(why) = self.wait_ready() {
+            panic!("restarting on the same port: {why}");
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static REDIS: Recipe = Recipe {
+    binary: "redis-server",
+    install: "install redis-server: apt-get install redis-server",
+    args: |port, dir| {
+        vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ]
+    },
+};
+
+static NATS: Recipe = Recipe {
+    binary: "nats-server",
+    install: "install nats-server: apt-get install nats-server",
+    args: |port, _dir| {
+        vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]
+    },
+};
+
+/// A `redis-server` of this test's own: no persistence, loopback only, on a free port.
+pub struct RedisServer {
+    server: Spawned,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not installed (the message says how to install it) or does not
+    /// start in time (the message carries its log).
+    pub fn start() -> RedisServer {
+        RedisServer {
+            server: Spawned::start(&REDIS),
+        }
+    }
+
+    /// The URL clients connect to, `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.server.port)
+    }
+
+    /// The port it listens on (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.server.port
+    }
+
+    /// Whether the process is running (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.server.is_running()
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        self.server.log_text()
+    }
+
+    /// Kills the server and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Starts it again on the same port (an empty server: nothing is persisted).
+    pub fn restart(&mut self) {
+        self.server.restart();
+    }
+}
+
+impl Restartable for RedisServer {
+    fn stop(&mut self) {
+        RedisServer::stop(self);
+    }
+
+    fn restart(&mut self) {
+        RedisServer::restart(self);
+    }
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("url", &self.url())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+/// A `nats-server` of this test's own: core NATS (no JetStream), loopback only, on a free port.
+pub struct NatsServer {
+    server: Spawned,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If `nats-server` is not installed (the message says how to install it) or does not
+    /// start in time (the message carries its log).
+    pub fn start() -> NatsServer {
+        NatsServer {
+            server: Spawned::start(&NATS),
+        }
+    }
+
+    /// The URL clients connect to, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.server.port)
+    }
+
+    /// The port it listens on (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.server.port
+    }
+
+    /// Whether the process is running (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.server.is_running()
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        self.server.log_text()
+    }
+
+    /// Kills the server and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.server.restart();
+    }
+}
+
+impl Restartable for NatsServer {
+    fn stop(&mut self) {
+        NatsServer::stop(self);
+    }
+
+    fn restart(&mut self) {
+        NatsServer::restart(self);
+    }
+}
+
+impl fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("url", &self.url())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepts(port: u16) -> bool {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+    }
+
+    #[test]
+    fn redis_starts_stops_and_restarts_on_the_same_port() {
+        let mut redis = RedisServer::start();
+        let port = redis.port();
+        assert!(redis.url().starts_with("redis://127.0.0.1:"));
+        assert!(accepts(port));
+        redis.stop();
+        assert!(!redis.is_running());
+        assert!(!accepts(port), "a stopped server must not accept");
+        redis.restart();
+        assert_eq!(redis.port(), port);
+        assert!(accepts(port));
+    }
+
+    #[test]
+    fn nats_starts_stops_and_restarts_on_the_same_port() {
+        let mut nats = NatsServer::start();
+        let port = nats.port();
+        assert_eq!(nats.url(), format!("nats://127.0.0.1:{port}"));
+        assert!(accepts(port));
+        nats.stop();
+        assert!(!accepts(port), "a stopped server must not accept");
+        nats.restart();
+        assert!(accepts(port));
+    }
+
+    #[test]
+    fn a_missing_binary_says_how_to_install_it() {
+        static MISSING: Recipe = Recipe {
+            binary: "syncra-no-such-server",
+            install: "install it: apt-get install syncra-no-such-server",
+            args: |_, _| Vec::new(),
+        };
+        let panic = std::panic::catch_unwind(|| Spawned::start(&MISSING))
+            .err()
+            .expect("a missing binary must panic");
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.contains("apt-get install syncra-no-such-server"),
+            "{message}"
+        );
+    }
+}

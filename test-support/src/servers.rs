@@ -158,10 +158,33 @@ impl Spawned {
     fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Sends `signal` to the process with `kill(1)` (this crate has no unsafe code for libc).
+    fn signal(&self, signal: &str) {
+        let child = self
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not running", self.recipe.binary));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{signal}: {e}"));
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
+    fn freeze(&mut self) {
+        self.signal("STOP");
+    }
+
+    fn thaw(&mut self) {
+        self.signal("CONT");
+    }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
+        // SIGKILL ends a frozen process too.
         self.stop();
     }
 }
@@ -245,6 +268,17 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.server.restart();
     }
+
+    /// Freezes the process (SIGSTOP): connections stay open but nothing answers, as in a
+    /// network partition. [`thaw`](Self::thaw) resumes it.
+    pub fn freeze(&mut self) {
+        self.server.freeze();
+    }
+
+    /// Resumes a frozen process (SIGCONT).
+    pub fn thaw(&mut self) {
+        self.server.thaw();
+    }
 }
 
 impl Restartable for RedisServer {
@@ -312,6 +346,17 @@ impl NatsServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.server.restart();
+    }
+
+    /// Freezes the process (SIGSTOP): connections stay open but nothing answers, as in a
+    /// network partition. [`thaw`](Self::thaw) resumes it.
+    pub fn freeze(&mut self) {
+        self.server.freeze();
+    }
+
+    /// Resumes a frozen process (SIGCONT).
+    pub fn thaw(&mut self) {
+        self.server.thaw();
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod servers;

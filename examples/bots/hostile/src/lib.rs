@@ -1,0 +1,59 @@
+//! A deliberately hostile bot for the sandbox tests. The message text picks the misbehaviour:
+//! `loop` spins forever, `hog` allocates until memory runs out, `trap` panics, `fs [PATH]` tries to
+//! read a host file, `net ADDR` tries to open a TCP connection; anything else is echoed, so a
+//! test can check the plugin still works after being restarted.
+
+wit_bindgen::generate!({ path: "../../../plugin-sdk/wit", world: "bot" });
+
+use exports::syncra::plugin::handler::Guest;
+use syncra::plugin::types::{Action, CommandInfo, Message};
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn commands() -> Vec<CommandInfo> {
+        Vec::new()
+    }
+
+    fn on_message(msg: Message) -> Vec<Action> {
+        let text = msg.text.trim().to_owned();
+        let reply = match text.split_whitespace().next().unwrap_or("") {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "hog" => {
+                let mut chunks: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    chunks.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&chunks);
+                }
+            }
+            "trap" => panic!("asked to trap"),
+            "fs" => {
+                let path = text.split_whitespace().nth(1).unwrap_or("/etc/hostname");
+                match std::fs::read_to_string(path) {
+                    Ok(s) => format!("read a host file: {}", s.trim()),
+                    Err(e) => format!("fs denied: {e}"),
+                }
+            }
+            "net" => {
+                let addr = text.split_whitespace().nth(1).unwrap_or("127.0.0.1:9");
+                match std::net::TcpStream::connect(addr) {
+                    Ok(_) => format!("connected to {addr}"),
+                    Err(e) => format!("net denied: {e}"),
+                }
+            }
+            _ => format!("still alive: {text}"),
+        };
+        vec![Action::Reply(reply)]
+    }
+
+    fn on_command(_name: String, _args: String, _conversation: String) -> Vec<Action> {
+        Vec::new()
+    }
+}
+
+export!(Hostile);

@@ -1,0 +1,245 @@
+//! The sandbox against real components (examples/bots, built for wasm32-wasip2): each hostile
+//! behaviour is stopped, the plugin restarts, a plugin that keeps failing is disabled, and
+//! another plugin keeps serving throughout.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use syncra_plugin_wasm::{
+    BotAction, BotMessage, BotPlugin, ConnectInfo, EnvelopeMeta, Grants, HookPlugin, Verdict,
+    WasmError, WasmHost, WasmPluginConfig,
+};
+
+/// Path of an example component, building the examples once if needed.
+fn component(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join(format!(
+        "examples/bots/target/wasm32-wasip2/release/syncra_bot_{name}.wasm"
+    ));
+    BUILT.get_or_init(|| {
+        if !path.exists() {
+            let status = std::process::Command::new(root.join("scripts/build-wasm.sh"))
+                .status()
+                .expect("run scripts/build-wasm.sh");
+            assert!(status.success(), "building the example plugins failed");
+        }
+    });
+    assert!(
+        path.exists(),
+        "{} missing after scripts/build-wasm.sh",
+        path.display()
+    );
+    path
+}
+
+fn host() -> WasmHost {
+    WasmHost::new().unwrap()
+}
+
+fn message(text: &str) -> BotMessage {
+    BotMessage {
+        id: "00".into(),
+        sender: "aaaa".into(),
+        sender_handle: Some("alice".into()),
+        group: None,
+        text: text.into(),
+        timestamp_ms: 1,
+    }
+}
+
+fn reply(actions: Vec<BotAction>) -> String {
+    match actions.as_slice() {
+        [BotAction::Reply(text)] => text.clone(),
+        other => panic!("expected one reply, got {other:?}"),
+    }
+}
+
+fn bot(name: &str, configure: impl FnOnce(&mut WasmPluginConfig)) -> BotPlugin {
+    let mut config = WasmPluginConfig::new(component(name));
+    configure(&mut config);
+    BotPlugin::load(&host(), config).unwrap()
+}
+
+#[test]
+fn echo_and_dice_bots_answer() {
+    let echo = bot("echo", |_| {});
+    assert_eq!(echo.commands().unwrap()[0].name, "echo");
+    assert_eq!(reply(echo.on_message(&message("hi")).unwrap()), "echo: hi");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kv = dir.path().join("dice.json");
+    let dice = bot("dice", |c| c.kv_file = Some(kv.clone()));
+    let first = reply(dice.on_message(&message("/roll 2d6")).unwrap());
+    assert!(
+        first.contains("2d6") && first.contains("roll #1 for alice"),
+        "{first}"
+    );
+    let second = reply(dice.on_message(&message("/roll 3d20+2")).unwrap());
+    assert!(second.contains("roll #2"), "{second}");
+    // The private store survives a restart of the plugin (a new load reads the file).
+    let dice = bot("dice", |c| c.kv_file = Some(kv.clone()));
+    let third = reply(dice.on_message(&message("roll 1d6")).unwrap());
+    assert!(third.contains("roll #3"), "{third}");
+    let bad = reply(dice.on_message(&message("/roll 99d6")).unwrap());
+    assert!(bad.contains("at most 20"), "{bad}");
+    let cmd = reply(dice.on_command("roll", "1d20", "bob").unwrap());
+    assert!(cmd.contains("1d20"), "{cmd}");
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_its_budget_and_the_plugin_restarts() {
+    let hostile = bot("hostile", |c| c.fuel_per_call = 50_000_000);
+    let echo = bot("echo", |_| {});
+    let started = Instant::now();
+    let err = hostile.on_message(&message("loop")).unwrap_err();
+    assert!(matches!(err, WasmError::Call { .. }), "{err}");
+    assert!(err.to_string().contains("time budget"), "{err}");
+    // Not a timing assertion: a generous bound that only a missing budget would exceed.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // Restarted: it answers again, and the other plugin never stopped.
+    assert_eq!(
+        reply(hostile.on_message(&message("ping")).unwrap()),
+        "still alive: ping"
+    );
+    assert_eq!(reply(echo.on_message(&message("x")).unwrap()), "echo: x");
+}
+
+#[test]
+fn a_memory_hog_is_capped() {
+    let hostile = bot("hostile", |c| c.memory_mib = 16);
+    let err = hostile.on_message(&message("hog")).unwrap_err();
+    assert!(matches!(err, WasmError::Call { .. }), "{err}");
+    assert_eq!(
+        reply(hostile.on_message(&message("after")).unwrap()),
+        "still alive: after"
+    );
+}
+
+#[test]
+fn a_trap_restarts_and_repeated_failures_disable() {
+    let hostile = bot("hostile", |c| c.max_failures = 3);
+    let echo = bot("echo", |_| {});
+    for _ in 0..2 {
+        assert!(matches!(
+            hostile.on_message(&message("trap")).unwrap_err(),
+            WasmError::Call { .. }
+        ));
+    }
+    // A success resets the count.
+    assert_eq!(
+        reply(hostile.on_message(&message("ok")).unwrap()),
+        "still alive: ok"
+    );
+    for _ in 0..3 {
+        let _ = hostile.on_message(&message("trap"));
+    }
+    assert!(hostile.is_disabled());
+    assert!(matches!(
+        hostile.on_message(&message("ok")).unwrap_err(),
+        WasmError::Disabled { .. }
+    ));
+    assert_eq!(
+        reply(echo.on_message(&message("still here")).unwrap()),
+        "echo: still here"
+    );
+}
+
+#[test]
+fn files_and_sockets_need_a_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("note.txt");
+    std::fs::write(&secret, "granted contents").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let jailed = bot("hostile", |_| {});
+    let fs = reply(
+        jailed
+            .on_message(&message(&format!("fs {}", secret.display())))
+            .unwrap(),
+    );
+    assert!(fs.starts_with("fs denied"), "{fs}");
+    let fs = reply(jailed.on_message(&message("fs /etc/hostname")).unwrap());
+    assert!(fs.starts_with("fs denied"), "{fs}");
+    let net = reply(jailed.on_message(&message(&format!("net {addr}"))).unwrap());
+    assert!(net.starts_with("net denied"), "{net}");
+
+    let granted = bot("hostile", |c| {
+        c.grants = Grants {
+            dirs: vec![dir.path().to_path_buf()],
+            network: true,
+            stderr: false,
+        }
+    });
+    let fs = reply(
+        granted
+            .on_message(&message(&format!("fs {}", secret.display())))
+            .unwrap(),
+    );
+    assert_eq!(fs, "read a host file: granted contents");
+    let net = reply(
+        granted
+            .on_message(&message(&format!("net {addr}")))
+            .unwrap(),
+    );
+    assert_eq!(net, format!("connected to {addr}"));
+}
+
+#[test]
+fn relay_hook_allows_denies_and_rate_limits_by_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = dir.path().join("hook.json");
+    std::fs::write(&kv, r#"{"block/bbbb":[1]}"#).unwrap();
+    let mut config = WasmPluginConfig::new(component("hook_allowlist"));
+    config.kv_file = Some(kv);
+    let hook = HookPlugin::load(&host(), config).unwrap();
+    let connect = ConnectInfo {
+        user: "aaaa".into(),
+        client_ip: "127.0.0.1".into(),
+    };
+    assert_eq!(hook.on_connect(&connect).unwrap(), Verdict::Allow);
+    let meta = |to: &str| EnvelopeMeta {
+        session_user: "aaaa".into(),
+        recipients: vec![to.into()],
+        size: 600,
+        time_ms: 1,
+    };
+    assert_eq!(hook.on_envelope(&meta("cccc")).unwrap(), Verdict::Allow);
+    match hook.on_envelope(&meta("bbbb")).unwrap() {
+        Verdict::Deny(why) => assert!(why.contains("does not accept"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The limit is 120 a minute: the 122nd envelope (one allowed above) is denied.
+    let mut denied = 0;
+    for _ in 0..125 {
+        if let Verdict::Deny(_) = hook.on_envelope(&meta("cccc")).unwrap() {
+            denied += 1;
+        }
+    }
+    assert_eq!(denied, 6);
+}
+
+#[test]
+fn a_component_of_the_wrong_world_or_no_component_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let err = BotPlugin::load(&host(), WasmPluginConfig::new(&junk)).unwrap_err();
+    assert!(
+        err.to_string().contains("not a WebAssembly component"),
+        "{err}"
+    );
+    // A relay hook is not a bot.
+    let err =
+        BotPlugin::load(&host(), WasmPluginConfig::new(component("hook_allowlist"))).unwrap_err();
+    assert!(matches!(err, WasmError::Load { .. }), "{err}");
+    let err = BotPlugin::load(
+        &host(),
+        WasmPluginConfig::new(dir.path().join("missing.wasm")),
+    )
+    .unwrap_err();
+    assert!(matches!(err, WasmError::Load { .. }), "{err}");
+}

@@ -40,7 +40,8 @@ fn library(name: &str) -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args([
+        // From this package's directory, so the build uses this workspace whatever the cwd.
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
             "build",
             "-p",
             "syncra-example-native-broker",

@@ -44,6 +44,15 @@ pub trait Broker: Send + Sync {
     async fn health(&self) -> Health {
         Health::Up
     }
+
+    /// Whether [`PublishReceipt::receivers`] counts the publishing node's own subscription to
+    /// the topic (Redis counts every subscribed connection). Brokers whose count comes from
+    /// sinks that accepted the payload (the relay's own sink never accepts its own payloads)
+    /// leave the default, `false`. The relay subtracts one when this is true and it holds the
+    /// recipient itself, so "delivered" is never claimed on the strength of its own echo.
+    fn counts_own_subscription(&self) -> bool {
+        false
+    }
 }
 
 /// A handle to a broker as hosts hold it.

@@ -38,6 +38,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "store",
     "auth",
     "limits",
+    "plugins",
 ];
 
 /// The whole relay configuration.
@@ -65,6 +66,9 @@ pub struct RelayConfig {
     pub auth: AuthConfig,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Native broker plugins and WASM relay hooks (`[[plugins]]`, see docs/CONFIG.md).
+    #[serde(default)]
+    pub plugins: Vec<serde_json::Value>,
     /// The file this configuration was read from, for error messages.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -188,6 +192,7 @@ impl Default for RelayConfig {
             store: serde_json::json!({ "kind": "sqlite" }),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            plugins: Vec::new(),
             source: None,
         }
     }

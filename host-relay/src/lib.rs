@@ -15,6 +15,7 @@
 pub mod config;
 mod limits;
 mod metrics;
+pub mod plugins;
 mod router;
 mod session;
 mod tokens;
@@ -53,8 +54,14 @@ pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
     syncra_transport_ws::register(&mut registry.transports)?;
     #[cfg(feature = "broker-memory")]
     syncra_broker_memory::register(&mut registry.brokers)?;
+    #[cfg(feature = "broker-redis")]
+    syncra_broker_redis::register(&mut registry.brokers)?;
+    #[cfg(feature = "broker-nats")]
+    syncra_broker_nats::register(&mut registry.brokers)?;
     #[cfg(feature = "store-sqlite")]
     syncra_store_sqlite::register(&mut registry.stores)?;
+    #[cfg(feature = "store-postgres")]
+    syncra_store_postgres::register(&mut registry.stores)?;
     Ok(registry)
 }
 
@@ -69,6 +76,8 @@ pub(crate) struct NodeState {
     pub(crate) router: Arc<Router>,
     /// Set when shutdown starts, so sessions that log in during the drain are closed too.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Relay hooks, asked about every session and envelope.
+    pub(crate) hooks: Vec<Arc<dyn plugins::RelayHook>>,
 }
 
 /// A running relay node.
@@ -109,14 +118,18 @@ impl Relay {
     /// Returns once the relay is reachable.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
         let registry = plugin_registry()?;
-        Self::start_with(config, &registry).await
+        Self::start_with(config, registry).await
     }
 
-    /// Like [`Relay::start`] with an explicit plugin registry.
+    /// Like [`Relay::start`] with an explicit plugin registry; the `[[plugins]]` entries are
+    /// loaded into it.
     pub async fn start_with(
         config: RelayConfig,
-        registry: &PluginRegistry,
+        mut registry: PluginRegistry,
     ) -> anyhow::Result<Relay> {
+        let base = config.source.as_deref().and_then(std::path::Path::parent);
+        let hooks = plugins::load(&config.plugins, base, &mut registry)
+            .with_context(|| format!("loading [[plugins]] from {}", config.describe_source()))?;
         create_private_dir(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let tokens = TokenKeys::load_or_create(
@@ -189,6 +202,7 @@ impl Relay {
             metrics,
             router,
             draining: std::sync::atomic::AtomicBool::new(false),
+            hooks,
         });
 
         let (stop, stop_rx) = watch::channel(false);
@@ -404,6 +418,35 @@ async fn start_admin(
         }
     });
     Ok((local, task))
+}
+
+/// Runs the identity store's migrations alone (`syncra-relay migrate`).
+pub async fn migrate(config: &RelayConfig) -> anyhow::Result<()> {
+    let section = config.store_section();
+    match section.get("kind").and_then(|k| k.as_str()) {
+        #[cfg(feature = "store-postgres")]
+        Some("postgres") => {
+            let mut rest = section.clone();
+            if let Some(map) = rest.as_object_mut() {
+                map.remove("kind");
+            }
+            let pg: syncra_store_postgres::PostgresConfig =
+                syncra_core::registry::typed_config("store", "postgres", rest)?;
+            syncra_store_postgres::migrate(&pg)
+                .await
+                .map_err(|e| anyhow::anyhow!("migrating the Postgres store: {e}"))?;
+            println!("the Postgres identity store is migrated");
+            Ok(())
+        }
+        Some("sqlite") => {
+            // Opening the store runs its embedded migrations.
+            let registry = plugin_registry()?;
+            registry.stores.create(section, ()).await?;
+            println!("the SQLite identity store is migrated");
+            Ok(())
+        }
+        other => anyhow::bail!("store kind {other:?} has no migrations to run here"),
+    }
 }
 
 /// Runs a relay until `shutdown` completes, then drains it. Used by the binary.

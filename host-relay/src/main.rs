@@ -28,6 +28,9 @@ enum Command {
     Serve,
     /// Print the effective configuration (secrets redacted) and exit.
     Config,
+    /// Run the identity store's database migrations and exit (the relay also runs them at
+    /// start; this is for deployments that migrate as a separate step).
+    Migrate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +40,13 @@ fn main() -> anyhow::Result<()> {
         Command::Config => {
             print!("{}", config.to_redacted_toml()?);
             Ok(())
+        }
+        Command::Migrate => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(syncra_relay::migrate(&config))
         }
         Command::Serve => {
             let filter = EnvFilter::try_from_default_env()

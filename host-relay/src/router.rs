@@ -194,7 +194,6 @@ impl Router {
     }
 
     /// Whether this node holds a session of the user.
-    #[cfg(test)]
     pub fn holds(&self, user: &UserId) -> bool {
         self.sessions.contains_key(user)
     }

@@ -273,6 +273,20 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::tim
             }
         };
 
+    if !state.hooks.is_empty() {
+        let verdict = crate::plugins::decide(state.hooks.iter().map(|h| h.on_connect(&user, ip)));
+        match verdict {
+            crate::plugins::Verdict::Allow => {}
+            crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
+            crate::plugins::Verdict::Deny(why) => {
+                let _ = sink
+                    .close(CloseReason::error(ErrorCode::HookDenied, why))
+                    .await;
+                return;
+            }
+        }
+    }
+
     // Authenticated: the token goes out first, directly, then the writer owns the sink.
     let auth_ok = match state.tokens.issue(&user, syncra_core::now_ms()) {
         Ok((token, token_expires_ms)) => Frame::AuthOk {
@@ -321,6 +335,13 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::tim
         state.limits.forget_user(&user);
         if let Err(e) = state.broker.unsubscribe(&user_topic(&user)).await {
             warn!(user = %user.short(), "broker unsubscribe failed: {e}");
+        }
+        // A new session of the same user may have subscribed while we unsubscribed: make sure
+        // a node that holds the user stays subscribed.
+        if state.router.holds(&user)
+            && let Err(e) = state.broker.subscribe(&user_topic(&user)).await
+        {
+            warn!(user = %user.short(), "broker resubscribe failed: {e}");
         }
     }
     debug!(user = %user.short(), session = queue.id, "session ended");
@@ -569,7 +590,7 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
                     "you are sending too fast; slow down".into(),
                 );
             }
-            Some(send(state, request_id, envelope).await)
+            Some(send(state, user, request_id, envelope).await)
         }
         Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. } => fail(
             0,
@@ -608,7 +629,7 @@ async fn lookup_handle(state: &NodeState, request_id: RequestId, handle: &str) -
 }
 
 /// Routes one envelope to every recipient and builds the send result.
-async fn send(state: &NodeState, request_id: RequestId, envelope: Bytes) -> Bytes {
+async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: Bytes) -> Bytes {
     let header = match parse_header(&envelope) {
         Ok(h) => h,
         Err(e) => {
@@ -624,6 +645,27 @@ async fn send(state: &NodeState, request_id: RequestId, envelope: Bytes) -> Byte
             return error_frame(request_id, code, e.to_string());
         }
     };
+    if !state.hooks.is_empty() {
+        let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
+        let verdict = crate::plugins::decide(
+            state
+                .hooks
+                .iter()
+                .map(|h| h.on_envelope(&user, &recipients, envelope.len())),
+        );
+        match verdict {
+            crate::plugins::Verdict::Allow => {}
+            crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
+            crate::plugins::Verdict::Deny(why) => {
+                state
+                    .metrics
+                    .errors
+                    .get_or_create(&[("code", ErrorCode::HookDenied.name())])
+                    .inc();
+                return error_frame(request_id, ErrorCode::HookDenied, why);
+            }
+        }
+    }
     // One encoded frame, shared by every session it goes to.
     let frame = wire::encode_deliver(&envelope);
     let payload = state.router.broker_payload(&frame);
@@ -633,9 +675,15 @@ async fn send(state: &NodeState, request_id: RequestId, envelope: Bytes) -> Byte
         async move {
             let local = state.router.deliver_local(&r.user_id, frame);
             let remote = state.broker.publish(&user_topic(&r.user_id), payload).await;
+            // A broker that counts our own subscription would otherwise make us claim a
+            // delivery on the strength of our own echo.
+            let own =
+                u64::from(state.broker.counts_own_subscription() && state.router.holds(&r.user_id));
             let outcome = match (local.taken, remote) {
                 (n, _) if n > 0 => Outcome::Delivered,
-                (_, Ok(receipt)) if receipt.receivers.unwrap_or(0) > 0 => Outcome::Delivered,
+                (_, Ok(receipt)) if receipt.receivers.unwrap_or(0).saturating_sub(own) > 0 => {
+                    Outcome::Delivered
+                }
                 (_, _) if local.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
                 (_, Ok(_)) => Outcome::Offline,
                 (_, Err(_)) => Outcome::Rejected(ErrorCode::BrokerUnavailable),

@@ -620,12 +620,20 @@ async fn unknown_and_uncompiled_plugin_kinds_are_different_errors() {
             .unwrap_err()
     );
     assert!(err.contains("unknown broker kind \"natz\""), "{err}");
+    // A build without the NATS broker (here: a registry without it) says how to get it.
     config.broker = serde_json::json!({ "kind": "nats" });
+    let mut slim = syncra_core::registry::PluginRegistry::default();
+    syncra_transport_ws::register(&mut slim.transports).unwrap();
+    syncra_broker_memory::register(&mut slim.brokers).unwrap();
+    syncra_store_sqlite::register(&mut slim.stores).unwrap();
     let err = format!(
         "{:#}",
-        syncra_relay::Relay::start(config).await.unwrap_err()
+        syncra_relay::Relay::start_with(config, slim)
+            .await
+            .unwrap_err()
     );
     assert!(err.contains("not compiled into this build"), "{err}");
+    assert!(err.contains("broker-nats"), "{err}");
 }
 
 #[tokio::test]

@@ -696,6 +696,11 @@ impl Broker for RedisBroker {
             ))
         }
     }
+
+    /// `PUBLISH` counts every subscribed connection, the publisher's own included.
+    fn counts_own_subscription(&self) -> bool {
+        true
+    }
 }
 
 /// Registers kind `"redis"`.

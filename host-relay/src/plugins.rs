@@ -1,0 +1,300 @@
+//! Plugins named in the relay's `[[plugins]]` entries: native libraries that add a broker kind
+//! to the registry, and WebAssembly relay hooks that see envelope metadata and may allow, deny
+//! or delay.
+//!
+//! ```toml
+//! [[plugins]]
+//! kind = "native"
+//! path = "libsyncra_example_native_broker.so"   # adds its broker kind, e.g. "memory-native"
+//!
+//! [[plugins]]
+//! kind = "wasm"
+//! path = "allowlist.wasm"                       # a component of the `relay-hook` world
+//! fail_open = true                              # when the hook fails: allow (true) or deny
+//! memory_mib = 16
+//! fuel_per_call = 10000000
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use syncra_core::registry::PluginRegistry;
+
+/// The longest delay a hook may impose on one envelope or session.
+pub const MAX_HOOK_DELAY: Duration = Duration::from_secs(5);
+
+/// A hook's answer, independent of the plugin technology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on.
+    Allow,
+    /// Refuse, with a reason the sender sees.
+    Deny(String),
+    /// Hold, then go on.
+    Delay(Duration),
+}
+
+/// What the relay asks a hook. Implemented by WASM hooks; kept as a trait so the session code
+/// does not depend on the plugin technology.
+pub trait RelayHook: Send + Sync {
+    /// The hook's name, for logs.
+    fn name(&self) -> &str;
+    /// A session authenticated.
+    fn on_connect(&self, user: &syncra_core::UserId, client_ip: std::net::IpAddr) -> Verdict;
+    /// An envelope is about to be routed.
+    fn on_envelope(
+        &self,
+        session_user: &syncra_core::UserId,
+        recipients: &[syncra_core::UserId],
+        size: usize,
+    ) -> Verdict;
+}
+
+/// Combines several hooks: the first deny wins; delays add up (bounded).
+pub fn decide(verdicts: impl Iterator<Item = Verdict>) -> Verdict {
+    let mut delay = Duration::ZERO;
+    for v in verdicts {
+        match v {
+            Verdict::Allow => {}
+            Verdict::Deny(why) => return Verdict::Deny(why),
+            Verdict::Delay(d) => delay += d,
+        }
+    }
+    if delay.is_zero() {
+        Verdict::Allow
+    } else {
+        Verdict::Delay(delay.min(MAX_HOOK_DELAY))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Entry {
+    kind: String,
+    path: std::path::PathBuf,
+}
+
+/// Loads every `[[plugins]]` entry: native brokers go into the registry, hooks are returned.
+pub fn load(
+    entries: &[serde_json::Value],
+    base: Option<&Path>,
+    registry: &mut PluginRegistry,
+) -> anyhow::Result<Vec<Arc<dyn RelayHook>>> {
+    let mut hooks: Vec<Arc<dyn RelayHook>> = Vec::new();
+    // Silence "unused" when both plugin features are off.
+    let _ = (&registry, base);
+    for (i, entry) in entries.iter().enumerate() {
+        let head: Entry = serde_json::from_value(entry.clone()).with_context(|| {
+            format!(
+                "[[plugins]] entry {}: needs `kind` (\"native\" or \"wasm\") and `path`",
+                i + 1
+            )
+        })?;
+        let path = match base {
+            Some(dir) if head.path.is_relative() => dir.join(&head.path),
+            _ => head.path.clone(),
+        };
+        match head.kind.as_str() {
+            #[cfg(feature = "plugins-native")]
+            "native" => {
+                if let Some(extra) = entry
+                    .as_object()
+                    .and_then(|m| m.keys().find(|k| *k != "kind" && *k != "path"))
+                {
+                    bail!(
+                        "[[plugins]] entry {} (native): unknown key `{extra}`",
+                        i + 1
+                    );
+                }
+                let plugin = syncra_plugin_sdk::host::load_broker_plugin(&path)
+                    .with_context(|| format!("loading native plugin {}", path.display()))?;
+                let name = plugin.name();
+                syncra_plugin_sdk::host::register_native(&mut registry.brokers, plugin)?;
+                tracing::info!(plugin = name, path = %path.display(), "loaded native broker plugin");
+            }
+            #[cfg(feature = "plugins-wasm")]
+            "wasm" => hooks.push(wasm::load(entry, &path, i)?),
+            #[cfg(not(feature = "plugins-native"))]
+            "native" => bail!(
+                "[[plugins]] entry {}: native plugins are not compiled into this build; rebuild \
+                 with the plugins-native feature",
+                i + 1
+            ),
+            #[cfg(not(feature = "plugins-wasm"))]
+            "wasm" => bail!(
+                "[[plugins]] entry {}: wasm plugins are not compiled into this build; rebuild \
+                 with the plugins-wasm feature",
+                i + 1
+            ),
+            other => bail!(
+                "[[plugins]] entry {}: unknown plugin kind {other:?}; use \"native\" or \"wasm\"",
+                i + 1
+            ),
+        }
+    }
+    Ok(hooks)
+}
+
+#[cfg(feature = "plugins-wasm")]
+mod wasm {
+    use std::net::IpAddr;
+    use std::path::Path;
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use syncra_core::UserId;
+    use syncra_plugin_wasm::{
+        ConnectInfo, EnvelopeMeta, HookPlugin, Verdict as WasmVerdict, WasmHost, WasmPluginConfig,
+    };
+
+    use super::{RelayHook, Verdict};
+
+    /// A relay hook's default budget is small: it runs on every envelope.
+    const HOOK_FUEL: u64 = 10_000_000;
+
+    fn host() -> anyhow::Result<&'static WasmHost> {
+        static HOST: OnceLock<WasmHost> = OnceLock::new();
+        if let Some(h) = HOST.get() {
+            return Ok(h);
+        }
+        let h = WasmHost::new().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(HOST.get_or_init(|| h))
+    }
+
+    struct WasmHook {
+        plugin: HookPlugin,
+        fail_open: bool,
+    }
+
+    impl WasmHook {
+        fn convert(&self, v: Result<WasmVerdict, syncra_plugin_wasm::WasmError>) -> Verdict {
+            match v {
+                Ok(WasmVerdict::Allow) => Verdict::Allow,
+                Ok(WasmVerdict::Deny(why)) => Verdict::Deny(why),
+                Ok(WasmVerdict::Delay(ms)) => Verdict::Delay(Duration::from_millis(ms.into())),
+                Err(e) => {
+                    // The plugin logged and restarted (or was disabled) already.
+                    tracing::debug!("hook {} failed: {e}", self.plugin.name());
+                    if self.fail_open {
+                        Verdict::Allow
+                    } else {
+                        Verdict::Deny(format!(
+                            "the relay's policy hook {} is failing; try again later",
+                            self.plugin.name()
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    impl RelayHook for WasmHook {
+        fn name(&self) -> &str {
+            self.plugin.name()
+        }
+
+        fn on_connect(&self, user: &UserId, client_ip: IpAddr) -> Verdict {
+            let info = ConnectInfo {
+                user: user.to_string(),
+                client_ip: client_ip.to_string(),
+            };
+            self.convert(self.plugin.on_connect(&info))
+        }
+
+        fn on_envelope(
+            &self,
+            session_user: &UserId,
+            recipients: &[UserId],
+            size: usize,
+        ) -> Verdict {
+            let meta = EnvelopeMeta {
+                session_user: session_user.to_string(),
+                recipients: recipients.iter().map(UserId::to_string).collect(),
+                size: size.min(u32::MAX as usize) as u32,
+                time_ms: syncra_core::now_ms(),
+            };
+            self.convert(self.plugin.on_envelope(&meta))
+        }
+    }
+
+    pub(super) fn load(
+        entry: &serde_json::Value,
+        path: &Path,
+        index: usize,
+    ) -> anyhow::Result<Arc<dyn RelayHook>> {
+        let mut map = entry.as_object().cloned().unwrap_or_default();
+        map.remove("kind");
+        let fail_open = match map.remove("fail_open") {
+            None => true,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(_) => anyhow::bail!(
+                "[[plugins]] entry {}: fail_open must be true or false",
+                index + 1
+            ),
+        };
+        map.insert(
+            "path".into(),
+            serde_json::Value::String(path.to_string_lossy().into_owned()),
+        );
+        map.entry("fuel_per_call")
+            .or_insert(serde_json::json!(HOOK_FUEL));
+        let config: WasmPluginConfig = serde_json::from_value(serde_json::Value::Object(map))
+            .with_context(|| format!("[[plugins]] entry {} (wasm)", index + 1))?;
+        let plugin = HookPlugin::load(host()?, config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!(plugin = plugin.name(), fail_open, "loaded relay hook");
+        Ok(Arc::new(WasmHook { plugin, fail_open }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_deny_wins_and_delays_add_up_bounded() {
+        assert_eq!(
+            decide([Verdict::Allow, Verdict::Allow].into_iter()),
+            Verdict::Allow
+        );
+        assert_eq!(
+            decide(
+                [
+                    Verdict::Delay(Duration::from_secs(1)),
+                    Verdict::Deny("no".into()),
+                    Verdict::Deny("later".into())
+                ]
+                .into_iter()
+            ),
+            Verdict::Deny("no".into())
+        );
+        assert_eq!(
+            decide(
+                [
+                    Verdict::Delay(Duration::from_secs(4)),
+                    Verdict::Delay(Duration::from_secs(4))
+                ]
+                .into_iter()
+            ),
+            Verdict::Delay(MAX_HOOK_DELAY)
+        );
+    }
+
+    #[test]
+    fn unknown_plugin_kinds_and_bad_entries_are_clear_errors() {
+        let mut registry = PluginRegistry::default();
+        let err = load(
+            &[serde_json::json!({"kind": "python", "path": "x"})],
+            None,
+            &mut registry,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("unknown plugin kind"), "{err}");
+        let err = load(&[serde_json::json!({"path": "x"})], None, &mut registry)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("needs `kind`"), "{err:#}");
+    }
+}

@@ -39,6 +39,7 @@ pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Resul
         attempt: 0,
         retry_at: None,
         init_options: InitOptions::default(),
+        extensions: Vec::new(),
     };
     let result = controller.run(act_rx).await;
     // The UI returns when the person quits or the event channel closes.
@@ -60,6 +61,8 @@ struct Controller {
     attempt: u32,
     retry_at: Option<tokio::time::Instant>,
     init_options: InitOptions,
+    /// Client extensions and the commands each offers.
+    extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
 }
 
 fn to_target(id: &ConversationId) -> Target {
@@ -159,8 +162,8 @@ impl Controller {
         if let Some(me) = self.me() {
             self.emit(AppEvent::Ready(me)).await;
         }
-        self.emit(AppEvent::Commands(Vec::<CommandInfo>::new()))
-            .await;
+        let commands = self.load_extensions().await;
+        self.emit(AppEvent::Commands(commands)).await;
         self.send_conversations().await;
         self.connect().await;
     }
@@ -263,17 +266,117 @@ impl Controller {
                 contact,
                 mark_verified,
             } => self.verify(contact, mark_verified).await,
-            UserAction::Command { name, .. } => {
-                self.emit(AppEvent::Error(format!(
-                    "unknown command {name:?}; F1 lists the keys, Ctrl-P the commands"
-                )))
-                .await
-            }
+            UserAction::Command { name, args } => self.run_extension(name, args).await,
             UserAction::Quit => {}
             other => {
                 tracing::debug!("ignoring {other:?} in this state");
             }
         }
+    }
+
+    /// Loads the client extensions named in the settings; returns their commands.
+    async fn load_extensions(&mut self) -> Vec<CommandInfo> {
+        let Some(client) = self.client.as_ref() else {
+            return Vec::new();
+        };
+        let configs = client.settings().plugins.clone();
+        let store_dir = client.home().root().join("plugins");
+        let mut commands = Vec::new();
+        for config in configs {
+            let name = config.name();
+            let dir = store_dir.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                syncra_core::crypto::keyfile::create_private_dir(&dir)?;
+                crate::bot::load(config, &dir)
+            })
+            .await;
+            let plugin = match loaded {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    self.emit(AppEvent::Error(format!("extension {name}: {e:#}")))
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    self.emit(AppEvent::Error(format!("extension {name}: {e}")))
+                        .await;
+                    continue;
+                }
+            };
+            match crate::bot::call(&plugin, |p| p.commands()).await {
+                Ok(list) => {
+                    let names = list.iter().map(|c| c.name.clone()).collect();
+                    commands.extend(list.into_iter().map(|c| CommandInfo {
+                        name: c.name,
+                        help: format!("{} ({name})", c.help),
+                    }));
+                    self.extensions.push((plugin, names));
+                }
+                Err(e) => {
+                    self.emit(AppEvent::Error(format!("extension {name}: {e:#}")))
+                        .await
+                }
+            }
+        }
+        commands
+    }
+
+    /// Runs an extension's command in the open conversation.
+    async fn run_extension(&mut self, name: String, args: String) {
+        let Some((plugin, _)) = self
+            .extensions
+            .iter()
+            .find(|(_, names)| names.contains(&name))
+            .cloned()
+        else {
+            self.emit(AppEvent::Error(format!(
+                "unknown command {name:?}; F1 lists the keys, Ctrl-P the commands"
+            )))
+            .await;
+            return;
+        };
+        let Some(open) = self.open.clone() else {
+            self.emit(AppEvent::Error("open a conversation first".into()))
+                .await;
+            return;
+        };
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let target = to_target(&open);
+        let conversation = match &target {
+            Target::Direct(id) => client.name_of(id),
+            Target::Group(g) => client
+                .book()
+                .groups
+                .get(g)
+                .map(|g| format!("@{}", g.name))
+                .unwrap_or_default(),
+        };
+        let (n, a) = (name.clone(), args);
+        let actions =
+            match crate::bot::call(&plugin, move |p| p.on_command(&n, &a, &conversation)).await {
+                Ok(actions) => actions,
+                Err(e) => {
+                    self.emit(AppEvent::Error(format!("/{name}: {e:#}"))).await;
+                    return;
+                }
+            };
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        for report in crate::bot::perform(client, &target, actions).await {
+            if let Err(e) = report {
+                self.emit(AppEvent::Error(format!("/{name}: {e:#}"))).await;
+            }
+        }
+        let lines = self.history_lines(&open, 500);
+        self.emit(AppEvent::History {
+            conversation: open,
+            lines,
+        })
+        .await;
+        self.send_conversations().await;
     }
 
     async fn add_contact(&mut self, query: String) {

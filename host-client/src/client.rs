@@ -753,14 +753,19 @@ impl Client {
 
     /// Opens a delivery, files it in history and says what to show.
     pub async fn receive(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        let book = &self.book;
-        let pinned = |id: &UserId| book.pinned_key(id);
-        let opener = Opener {
-            me: self.keys.user_id(),
-            prekeys: &self.keys.ring,
-            pinned: &pinned,
+        // Opened in its own scope: the opener borrows non-Send state that must not live across
+        // the awaits below.
+        let result = {
+            let book = &self.book;
+            let pinned = |id: &UserId| book.pinned_key(id);
+            let opener = Opener {
+                me: self.keys.user_id(),
+                prekeys: &self.keys.ring,
+                pinned: &pinned,
+            };
+            opener.open(envelope, &mut self.guard, syncra_core::now_ms())
         };
-        let opened = match opener.open(envelope, &mut self.guard, syncra_core::now_ms()) {
+        let opened = match result {
             Ok(m) => m,
             // A repeat of something already shown (a retried send): shown once.
             Err(OpenError::Replayed) => return Ok(None),

@@ -43,6 +43,9 @@ pub struct Settings {
     pub frontend: String,
     /// Keys and colours of the terminal UI (`[ui.keys]`, `[ui.theme]`).
     pub ui: syncra_ui_ratatui::config::UiSettings,
+    /// Client extensions: WebAssembly components of the `bot` world whose commands appear in
+    /// the command palette (`[[plugins]]` with `path`, optional `grants`, `memory_mib`...).
+    pub plugins: Vec<syncra_plugin_wasm::WasmPluginConfig>,
 }
 
 impl Default for Settings {
@@ -57,6 +60,7 @@ impl Default for Settings {
             bell: true,
             frontend: "ratatui".into(),
             ui: Default::default(),
+            plugins: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! or a plaintext to disk unencrypted, or trust the relay's word for a key.
 
 pub mod app;
+pub mod bot;
 pub mod client;
 pub mod contacts;
 pub mod history;

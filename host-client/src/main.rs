@@ -92,6 +92,33 @@ enum Command {
     },
     /// Show identity, relay and connection status.
     Status,
+    /// Run a WebAssembly bot with this identity.
+    Bot {
+        #[command(subcommand)]
+        command: BotCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BotCommand {
+    /// Run PLUGIN.wasm (world `bot`) with the identity in SYNCRA_HOME until interrupted: every
+    /// message to this identity goes to the bot, and its replies are sealed and sent.
+    Run {
+        /// The component.
+        plugin: PathBuf,
+        /// Linear memory cap in MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u32,
+        /// Fuel (time budget) per call.
+        #[arg(long, default_value_t = 200_000_000)]
+        fuel: u64,
+        /// Let the bot read and write this directory (repeatable).
+        #[arg(long)]
+        grant_dir: Vec<PathBuf>,
+        /// Let the bot open network connections.
+        #[arg(long)]
+        grant_network: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,6 +390,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+        }
+        Command::Bot {
+            command:
+                BotCommand::Run {
+                    plugin,
+                    memory_mib,
+                    fuel,
+                    grant_dir,
+                    grant_network,
+                },
+        } => {
+            let mut client = open(&cli).await?;
+            let mut config = syncra_plugin_wasm::WasmPluginConfig::new(plugin);
+            config.memory_mib = *memory_mib;
+            config.fuel_per_call = *fuel;
+            config.grants.dirs = grant_dir.clone();
+            config.grants.network = *grant_network;
+            let store_dir = client.home().root().join("plugins");
+            syncra_core::crypto::keyfile::create_private_dir(&store_dir)?;
+            let bot = syncra_client::bot::load(config, &store_dir)?;
+            let commands = syncra_client::bot::call(&bot, |p| p.commands()).await?;
+            eprintln!(
+                "running bot {} as {} ({}); commands: {}",
+                bot.name(),
+                client
+                    .settings()
+                    .handle
+                    .as_deref()
+                    .unwrap_or("(unregistered)"),
+                client.user_id(),
+                commands
+                    .iter()
+                    .map(|c| format!("/{}", c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            syncra_client::bot::run(&mut client, bot, stop).await?;
         }
         Command::Status => {
             let mut client = open(&cli).await?;

@@ -69,6 +69,23 @@ pub fn decide(verdicts: impl Iterator<Item = Verdict>) -> Verdict {
     }
 }
 
+/// Asks every hook, off the async runtime's threads: a hook call may use its whole fuel budget,
+/// and WASI's synchronous host functions must not run on a runtime worker.
+pub async fn ask(
+    hooks: &[Arc<dyn RelayHook>],
+    f: impl Fn(&dyn RelayHook) -> Verdict + Send + 'static,
+) -> Verdict {
+    let hooks = hooks.to_vec();
+    match tokio::task::spawn_blocking(move || decide(hooks.iter().map(|h| f(h.as_ref())))).await {
+        Ok(v) => v,
+        // A panic in our own glue, not in the guest (guest failures are verdicts already).
+        Err(e) => {
+            tracing::error!("a relay hook call panicked: {e}");
+            Verdict::Allow
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Entry {
     kind: String,

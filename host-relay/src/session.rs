@@ -274,7 +274,7 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::tim
         };
 
     if !state.hooks.is_empty() {
-        let verdict = crate::plugins::decide(state.hooks.iter().map(|h| h.on_connect(&user, ip)));
+        let verdict = crate::plugins::ask(&state.hooks, move |h| h.on_connect(&user, ip)).await;
         match verdict {
             crate::plugins::Verdict::Allow => {}
             crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
@@ -647,12 +647,11 @@ async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: 
     };
     if !state.hooks.is_empty() {
         let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
-        let verdict = crate::plugins::decide(
-            state
-                .hooks
-                .iter()
-                .map(|h| h.on_envelope(&user, &recipients, envelope.len())),
-        );
+        let size = envelope.len();
+        let verdict = crate::plugins::ask(&state.hooks, move |h| {
+            h.on_envelope(&user, &recipients, size)
+        })
+        .await;
         match verdict {
             crate::plugins::Verdict::Allow => {}
             crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,

@@ -1,0 +1,169 @@
+//! Bots and client extensions: WebAssembly components of the `bot` world, run in the Wasmtime
+//! sandbox (`syncra-plugin-wasm`) with the client's own identity and sealing path.
+//!
+//! A bot sees only messages addressed to its identity, already opened and verified; it answers
+//! with actions (reply, send) that this host carries out through [`Client`]. It never sees a key.
+//! A plugin call is bounded by its fuel budget and runs off the async runtime's threads.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, WasmHost, WasmPluginConfig};
+
+use crate::client::{Client, Incoming, Target};
+use crate::net::{Push, backoff};
+
+/// The process-wide Wasmtime engine.
+pub fn wasm_host() -> anyhow::Result<&'static WasmHost> {
+    static HOST: OnceLock<WasmHost> = OnceLock::new();
+    if let Some(h) = HOST.get() {
+        return Ok(h);
+    }
+    let h = WasmHost::new().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(HOST.get_or_init(|| h))
+}
+
+/// Loads a bot component, keeping its private store under `store_dir` unless the config says
+/// otherwise.
+pub fn load(mut config: WasmPluginConfig, store_dir: &Path) -> anyhow::Result<Arc<BotPlugin>> {
+    if config.kv_file.is_none() {
+        config.kv_file = Some(store_dir.join(format!("{}.kv.json", config.name())));
+    }
+    let plugin = BotPlugin::load(wasm_host()?, config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Arc::new(plugin))
+}
+
+/// Runs a plugin call on a blocking thread: a call may use its whole fuel budget.
+pub async fn call<R: Send + 'static>(
+    plugin: &Arc<BotPlugin>,
+    f: impl FnOnce(&BotPlugin) -> Result<R, syncra_plugin_wasm::WasmError> + Send + 'static,
+) -> anyhow::Result<R> {
+    let p = plugin.clone();
+    tokio::task::spawn_blocking(move || f(&p))
+        .await
+        .context("a plugin call panicked")?
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Carries out a plugin's actions: replies go to `reply_to`, sends to whoever they name.
+pub async fn perform(
+    client: &mut Client,
+    reply_to: &Target,
+    actions: Vec<BotAction>,
+) -> Vec<anyhow::Result<crate::SendReport>> {
+    let mut out = Vec::new();
+    for action in actions {
+        let result = match action {
+            BotAction::Reply(text) => match client.queue(reply_to, &text) {
+                Ok(pending) => client.send_queued(&pending).await,
+                Err(e) => Err(e),
+            },
+            BotAction::Send(o) => client.send_text(&o.to, &o.text).await,
+        };
+        if let Err(e) = &result {
+            tracing::warn!("a plugin action failed: {e:#}");
+        }
+        out.push(result);
+    }
+    out
+}
+
+/// Handles one delivery for a bot: opens it, asks the plugin, carries out its answer.
+pub async fn handle_delivery(
+    client: &mut Client,
+    plugin: &Arc<BotPlugin>,
+    envelope: &[u8],
+) -> anyhow::Result<()> {
+    let Some(Incoming::Message {
+        target,
+        from,
+        from_name,
+        text,
+        timestamp_ms,
+        id,
+        ..
+    }) = client.receive(envelope).await?
+    else {
+        return Ok(());
+    };
+    let group = match &target {
+        Target::Group(g) => client.book().groups.get(g).map(|g| g.name.clone()),
+        Target::Direct(_) => None,
+    };
+    let message = BotMessage {
+        id,
+        sender: from.to_string(),
+        sender_handle: Some(from_name),
+        group,
+        text,
+        timestamp_ms,
+    };
+    match call(plugin, move |p| p.on_message(&message)).await {
+        Ok(actions) => {
+            perform(client, &target, actions).await;
+        }
+        // The plugin was restarted (or disabled) and said so in the log; the bot keeps serving.
+        Err(e) => tracing::warn!("{e:#}"),
+    }
+    Ok(())
+}
+
+/// Runs a bot until `stop` completes: connects (and reconnects with backoff), drains the outbox,
+/// answers every message.
+pub async fn run(
+    client: &mut Client,
+    plugin: Arc<BotPlugin>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut pushes = client
+        .take_pushes()
+        .context("deliveries are already being consumed")?;
+    tokio::pin!(stop);
+    let mut attempt = 0u32;
+    loop {
+        if !client.is_connected() {
+            match client.connect().await {
+                Ok(()) => {
+                    attempt = 0;
+                    tracing::info!(bot = plugin.name(), "connected");
+                    let _ = client.drain_outbox().await;
+                }
+                Err(e) => {
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!("disconnected: {e}; retrying in {:.1}s", wait.as_secs_f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = &mut stop => return Ok(()),
+                    }
+                }
+            }
+        }
+        let session = client.session();
+        let closed = async {
+            match &session {
+                Some(s) => s.wait_closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => {
+                client.disconnect().await;
+                return Ok(());
+            }
+            _ = closed => continue,
+            push = pushes.recv() => match push {
+                None => return Ok(()),
+                Some(Push::Deliver(envelope)) => {
+                    if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+                Some(Push::Notice(code, message)) => {
+                    tracing::info!("relay notice ({code}): {message}");
+                }
+            },
+        }
+    }
+}

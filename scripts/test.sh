@@ -4,7 +4,8 @@
 # It first makes sure what the tests need is on the machine: the real servers that integration
 # tests start on free ports (redis-server, nats-server, PostgreSQL's initdb/postgres), installed
 # from Debian's packages when missing. A missing server is installed, never skipped: tests that
-# need one fail loudly without it. tmux drives the terminal UI end-to-end test. Then it runs
+# need one fail loudly without it. tmux drives the terminal UI end-to-end test; nginx (Debian's
+# nginx-light) fronts two relays in host-client/tests/nginx.rs. Then it runs
 # the whole workspace's tests.
 #
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p syncra-core`.
@@ -21,6 +22,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 have_postgres || missing+=(postgresql)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing missing test servers: ${missing[*]}" >&2

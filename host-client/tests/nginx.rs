@@ -323,6 +323,8 @@ fn start_relays(root: &Path, nats: &NatsServer) -> [RelayProcess; 2] {
         ("SYNCRA_LIMITS__HANDSHAKE_TIMEOUT_SECS", "60"),
         // "session started user=…" lines tell which relay served whom.
         ("SYNCRA_LOG", "info,syncra_relay=debug"),
+        // Plain log lines, without colour sequences between a field's name and its value.
+        ("NO_COLOR", "1"),
     ];
     [
         RelayProcess::start_with(&root.join("relay-a"), &env),
@@ -330,29 +332,11 @@ fn start_relays(root: &Path, nats: &NatsServer) -> [RelayProcess; 2] {
     ]
 }
 
-/// The text without ANSI colour sequences (the relay's log may carry them).
-fn plain_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ parameters, up to the final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// How many sessions of `user` this relay has started so far.
 fn sessions_of(relay: &RelayProcess, user: &Client) -> usize {
     let needle = format!("user={}", user.user_id().short());
-    plain_text(&relay.log_text())
+    relay
+        .log_text()
         .lines()
         .filter(|l| l.contains("session started") && l.contains(&needle))
         .count()

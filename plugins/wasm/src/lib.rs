@@ -181,6 +181,12 @@ impl WasmHost {
         let mut config = Config::new();
         config.consume_fuel(true);
         config.wasm_component_model(true);
+        // Compiled code is cached on disk (wasmtime's default cache directory), so a large
+        // component compiles once per machine, not once per start. Without a usable cache
+        // directory it simply compiles every time.
+        if let Ok(cache) = wasmtime::Cache::from_file(None) {
+            config.cache(Some(cache));
+        }
         let engine = Engine::new(&config).map_err(|e| WasmError::Config {
             name: "engine".into(),
             why: e.to_string(),
@@ -348,9 +354,10 @@ impl<I> Runner<I> {
         let wasi = build_wasi(&self.name, &self.config.grants)?;
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.config.memory_mib as usize * 1024 * 1024)
-            .instances(4)
-            .tables(16)
-            .memories(4)
+            // Interpreted guests (Python) are made of several core instances and memories.
+            .instances(64)
+            .tables(64)
+            .memories(16)
             .build();
         let mut store = Store::new(
             &self.engine,

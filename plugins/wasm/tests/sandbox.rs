@@ -243,3 +243,14 @@ fn a_component_of_the_wrong_world_or_no_component_is_refused_at_load() {
     .unwrap_err();
     assert!(matches!(err, WasmError::Load { .. }), "{err}");
 }
+
+#[test]
+fn a_python_bot_answers_through_the_same_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let py = bot("python_shout", |c| {
+        c.kv_file = Some(dir.path().join("py.json"))
+    });
+    assert_eq!(py.commands().unwrap()[0].name, "shout");
+    assert_eq!(reply(py.on_message(&message("hello")).unwrap()), "HELLO!");
+    assert_eq!(reply(py.on_command("shout", "hey", "bob").unwrap()), "HEY!");
+}

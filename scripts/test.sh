@@ -32,4 +32,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The example WebAssembly plugins (bots, relay hooks) that the plugin tests run.
+scripts/build-wasm.sh
+
 exec cargo test --workspace --locked "$@"

@@ -23,6 +23,7 @@ const OTHER_PROGRAMS_VARS: &[&str] = &[
     "SYNCRA_PASSPHRASE",
     "SYNCRA_RELAY_CONFIG",
     "SYNCRA_REGENERATE_VECTORS",
+    "SYNCRA_ADVISORIES",
 ];
 
 /// Top-level keys, so unrelated `SYNCRA_*` variables (the client's `SYNCRA_HOME`,
@@ -386,12 +387,38 @@ pub fn redact(value: &mut serde_json::Value) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
         serde_json::Value::String(s) => {
-            if let Some(clean) = redact_url_password(s) {
-                *s = clean;
-            }
+            // Several servers may be listed in one string ("nats://a,nats://b").
+            let parts: Vec<String> = s
+                .split(',')
+                .map(|part| {
+                    let part = redact_url_password(part).unwrap_or_else(|| part.to_owned());
+                    redact_query_secret(&part)
+                })
+                .collect();
+            *s = parts.join(",");
         }
         _ => {}
     }
+}
+
+/// `...?password=x&...` (and `pass=`, `token=`) → the value redacted.
+fn redact_query_secret(s: &str) -> String {
+    let Some((base, query)) = s.split_once('?') else {
+        return s.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _))
+                if ["password", "pass", "token", "secret"]
+                    .contains(&k.to_ascii_lowercase().as_str()) =>
+            {
+                format!("{k}=<redacted>")
+            }
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:<redacted>@host/...`.
@@ -515,6 +542,16 @@ mod tests {
         let mut v = serde_json::json!({ "url": "nats://s3cret-token@nats.example:4222" });
         redact(&mut v);
         assert_eq!(v["url"], "nats://<redacted>@nats.example:4222");
+        let mut v = serde_json::json!({
+            "url": "nats://u:one@a:4222,nats://u:two@b:4222",
+            "dsn": "postgres://h/db?user=x&password=hunter2",
+        });
+        redact(&mut v);
+        assert_eq!(
+            v["url"],
+            "nats://u:<redacted>@a:4222,nats://u:<redacted>@b:4222"
+        );
+        assert_eq!(v["dsn"], "postgres://h/db?user=x&password=<redacted>");
         let mut v = serde_json::json!({ "url": "https://example.org/path@x" });
         redact(&mut v);
         assert_eq!(v["url"], "https://example.org/path@x");

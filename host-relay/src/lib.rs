@@ -439,6 +439,9 @@ pub async fn migrate(config: &RelayConfig) -> anyhow::Result<()> {
             Ok(())
         }
         Some("sqlite") => {
+            create_private_dir(&config.data_dir).with_context(|| {
+                format!("creating data directory {}", config.data_dir.display())
+            })?;
             // Opening the store runs its embedded migrations.
             let registry = plugin_registry()?;
             registry.stores.create(section, ()).await?;

@@ -131,7 +131,7 @@ pub fn load(
                 tracing::info!(plugin = name, path = %path.display(), "loaded native broker plugin");
             }
             #[cfg(feature = "plugins-wasm")]
-            "wasm" => hooks.push(wasm::load(entry, &path, i)?),
+            "wasm" => hooks.push(wasm::load(entry, &path, i, base)?),
             #[cfg(not(feature = "plugins-native"))]
             "native" => bail!(
                 "[[plugins]] entry {}: native plugins are not compiled into this build; rebuild \
@@ -240,6 +240,7 @@ mod wasm {
         entry: &serde_json::Value,
         path: &Path,
         index: usize,
+        config_dir: Option<&Path>,
     ) -> anyhow::Result<Arc<dyn RelayHook>> {
         let mut map = entry.as_object().cloned().unwrap_or_default();
         map.remove("kind");
@@ -255,6 +256,25 @@ mod wasm {
             "path".into(),
             serde_json::Value::String(path.to_string_lossy().into_owned()),
         );
+        // Other paths in the entry are relative to the config file too, like `path`.
+        let base = config_dir.map(Path::to_path_buf);
+        let resolve = |v: &mut serde_json::Value| {
+            if let (Some(base), Some(p)) = (&base, v.as_str())
+                && Path::new(p).is_relative()
+            {
+                *v = serde_json::Value::String(base.join(p).to_string_lossy().into_owned());
+            }
+        };
+        if let Some(kv) = map.get_mut("kv_file") {
+            resolve(kv);
+        }
+        if let Some(dirs) = map
+            .get_mut("grants")
+            .and_then(|g| g.get_mut("dirs"))
+            .and_then(|d| d.as_array_mut())
+        {
+            dirs.iter_mut().for_each(resolve);
+        }
         map.entry("fuel_per_call")
             .or_insert(serde_json::json!(HOOK_FUEL));
         let config: WasmPluginConfig = serde_json::from_value(serde_json::Value::Object(map))

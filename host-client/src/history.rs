@@ -166,6 +166,7 @@ impl History {
         let label = Self::label(conversation);
         let mut report = ReadReport::default();
         let mut messages: Vec<StoredMessage> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         let ends_clean = bytes.last() == Some(&b'\n');
         let lines: Vec<&[u8]> = bytes
             .split(|&b| b == b'\n')
@@ -180,13 +181,17 @@ impl History {
                 .and_then(|plain| serde_json::from_slice::<Record>(&plain).ok());
             match record {
                 Some(Record::Msg(m)) => {
-                    if !messages.iter().any(|x| x.id == m.id) {
+                    // Linear in the log: an index by id instead of a scan per line.
+                    if let std::collections::hash_map::Entry::Vacant(slot) =
+                        index.entry(m.id.clone())
+                    {
+                        slot.insert(messages.len());
                         messages.push(m);
                     }
                 }
                 Some(Record::Status { id, delivery }) => {
-                    if let Some(m) = messages.iter_mut().find(|m| m.id == id) {
-                        m.delivery = Some(delivery);
+                    if let Some(&at) = index.get(&id) {
+                        messages[at].delivery = Some(delivery);
                     }
                 }
                 None if i == last && !ends_clean => report.torn_tail = true,

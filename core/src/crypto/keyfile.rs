@@ -62,10 +62,10 @@ impl KdfParams {
     };
 
     /// The most a file may ask for, so a hostile file cannot make us allocate without bound.
-    const MAXIMUM_M_KIB: u32 = 4 * 1024 * 1024;
+    const MAXIMUM_M_KIB: u32 = 1024 * 1024;
 
     fn argon2(&self) -> Result<Argon2<'static>, KeyFileError> {
-        if self.m_kib > Self::MAXIMUM_M_KIB || self.t > 64 || self.p > 16 {
+        if self.m_kib > Self::MAXIMUM_M_KIB || self.t > 16 || self.p > 16 {
             return Err(KeyFileError::Corrupt("kdf parameters out of range".into()));
         }
         let params = Params::new(self.m_kib, self.t, self.p, Some(32))

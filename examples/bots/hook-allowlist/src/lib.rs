@@ -15,6 +15,8 @@ use syncra::plugin::relay_types::{ConnectInfo, EnvelopeMeta, Verdict};
 use syncra::plugin::types::Level;
 
 const LIMIT: u32 = 120;
+/// Senders tracked at most; beyond it stale windows are forgotten.
+const MAX_TRACKED: usize = 10_000;
 
 thread_local! {
     /// Per sender: (window start, count). The instance is long-lived, so this survives calls.
@@ -41,6 +43,13 @@ impl Guest for AllowList {
         let now = now_ms();
         let over = WINDOWS.with(|w| {
             let mut w = w.borrow_mut();
+            // Bounded memory: forget windows that are over once the table grows.
+            if w.len() >= MAX_TRACKED {
+                w.retain(|_, (start, _)| now.saturating_sub(*start) < 60_000);
+                if w.len() >= MAX_TRACKED {
+                    w.clear();
+                }
+            }
             let entry = w.entry(meta.session_user.clone()).or_insert((now, 0));
             if now.saturating_sub(entry.0) >= 60_000 {
                 *entry = (now, 0);

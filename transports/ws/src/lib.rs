@@ -39,6 +39,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 /// The kind name this transport registers under.
 pub const KIND: &str = "ws";
 
+/// Bytes read from a socket at a time.
+const READ_BUFFER: usize = 8 * 1024;
+
 /// TLS certificate and key for the accepting side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +154,11 @@ impl WsTransport {
         WebSocketConfig::default()
             .max_message_size(Some(self.config.max_frame))
             .max_frame_size(Some(self.config.max_frame))
+            // tungstenite's default 128 KiB read buffer is kept (and zero-filled) per
+            // connection; 8 KiB holds a typical frame and cut the relay's memory per idle
+            // connection from 136 KiB to 16 KiB (docs/BENCHMARKS.md). Larger frames still
+            // arrive, in several reads.
+            .read_buffer_size(READ_BUFFER)
     }
 
     fn client_tls(&self) -> Result<TlsConnector, TransportError> {

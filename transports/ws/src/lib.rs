@@ -354,60 +354,20 @@ impl Listener for WsListener {
         let max_frame = self.max_frame;
         let trust = self.trust_forwarded && self.trusted_proxies.contains(&addr.ip());
         let handshake = async move {
-            let mut forwarded = None;
-            // The error type is fixed by tungstenite's `Callback` trait.
-            #[allow(clippy::result_large_err)]
-            let callback = |req: &Request, resp: Response| {
-                if trust {
-                    forwarded = forwarded_for(req);
-                }
-                Ok(resp)
-            };
             let fail = |why: String| TransportError::Handshake {
                 peer: addr.to_string(),
                 why,
             };
-            let conn = match acceptor {
+            match acceptor {
                 Some(acceptor) => {
                     let tls = acceptor
                         .accept(tcp)
                         .await
                         .map_err(|e| fail(format!("tls: {e}")))?;
-                    let ws = tokio_tungstenite::accept_hdr_async_with_config(
-                        tls,
-                        callback,
-                        Some(ws_config),
-                    )
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                    split(
-                        ws,
-                        PeerInfo {
-                            addr,
-                            forwarded_for: forwarded,
-                        },
-                        max_frame,
-                    )
+                    accept_ws(tls, addr, trust, ws_config, max_frame).await
                 }
-                None => {
-                    let ws = tokio_tungstenite::accept_hdr_async_with_config(
-                        tcp,
-                        callback,
-                        Some(ws_config),
-                    )
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                    split(
-                        ws,
-                        PeerInfo {
-                            addr,
-                            forwarded_for: forwarded,
-                        },
-                        max_frame,
-                    )
-                }
-            };
-            Ok(conn)
+                None => accept_ws(tcp, addr, trust, ws_config, max_frame).await,
+            }
         };
         Ok(Incoming {
             addr,
@@ -423,6 +383,40 @@ impl Listener for WsListener {
         let scheme = if self.acceptor.is_some() { "wss" } else { "ws" };
         format!("{scheme}://{}/", self.local)
     }
+}
+
+/// The WebSocket upgrade over an accepted stream (TLS or not), reading the forwarded client
+/// address when the peer is a trusted proxy.
+async fn accept_ws<S>(
+    stream: S,
+    addr: SocketAddr,
+    trust_forwarded: bool,
+    ws_config: WebSocketConfig,
+    max_frame: usize,
+) -> Result<Connection, TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut forwarded = None;
+    // The error type is fixed by tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, resp: Response| {
+        if trust_forwarded {
+            forwarded = forwarded_for(req);
+        }
+        Ok(resp)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
+        .await
+        .map_err(|e| TransportError::Handshake {
+            peer: addr.to_string(),
+            why: e.to_string(),
+        })?;
+    let peer = PeerInfo {
+        addr,
+        forwarded_for: forwarded,
+    };
+    Ok(split(ws, peer, max_frame))
 }
 
 fn split<S>(ws: WebSocketStream<S>, peer: PeerInfo, max_frame: usize) -> Connection

@@ -11,8 +11,8 @@ use std::sync::{Arc, OnceLock};
 use anyhow::Context;
 use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, WasmHost, WasmPluginConfig};
 
-use crate::client::{Client, Incoming, Target};
-use crate::net::{Push, backoff};
+use crate::client::{Client, Incoming, Serve, ServeEvent, Target};
+use crate::net::Push;
 
 /// The process-wide Wasmtime engine.
 pub fn wasm_host() -> anyhow::Result<&'static WasmHost> {
@@ -116,54 +116,23 @@ pub async fn run(
     plugin: Arc<BotPlugin>,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut pushes = client
-        .take_pushes()
-        .context("deliveries are already being consumed")?;
-    tokio::pin!(stop);
-    let mut attempt = 0u32;
-    loop {
-        if !client.is_connected() {
-            match client.connect().await {
-                Ok(()) => {
-                    attempt = 0;
-                    tracing::info!(bot = plugin.name(), "connected");
-                    let _ = client.drain_outbox().await;
-                }
-                Err(e) => {
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tracing::warn!("disconnected: {e}; retrying in {:.1}s", wait.as_secs_f64());
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = &mut stop => return Ok(()),
-                    }
+    let mut serve = Serve::new(client, stop)?;
+    while let Some(event) = serve.next(client).await {
+        match event {
+            ServeEvent::Connected => tracing::info!(bot = plugin.name(), "connected"),
+            ServeEvent::Disconnected { reason, retry_in } => tracing::warn!(
+                "disconnected: {reason}; retrying in {:.1}s",
+                retry_in.as_secs_f64()
+            ),
+            ServeEvent::Push(Push::Deliver(envelope)) => {
+                if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
+                    tracing::warn!("{e:#}");
                 }
             }
-        }
-        let session = client.session();
-        let closed = async {
-            match &session {
-                Some(s) => s.wait_closed().await,
-                None => std::future::pending().await,
+            ServeEvent::Push(Push::Notice(code, message)) => {
+                tracing::info!("relay notice ({code}): {message}");
             }
-        };
-        tokio::select! {
-            _ = &mut stop => {
-                client.disconnect().await;
-                return Ok(());
-            }
-            _ = closed => continue,
-            push = pushes.recv() => match push {
-                None => return Ok(()),
-                Some(Push::Deliver(envelope)) => {
-                    if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
-                        tracing::warn!("{e:#}");
-                    }
-                }
-                Some(Push::Notice(code, message)) => {
-                    tracing::info!("relay notice ({code}): {message}");
-                }
-            },
         }
     }
+    Ok(())
 }

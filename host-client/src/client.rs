@@ -1030,3 +1030,105 @@ pub fn overall(outcomes: &[RecipientOutcome]) -> SendState {
 fn now_secs() -> u64 {
     syncra_core::now_ms() / 1000
 }
+
+/// What [`serve`] reports to its caller.
+#[derive(Debug)]
+pub enum ServeEvent {
+    /// Connected (and the outbox drained).
+    Connected,
+    /// The connection failed or was lost; the next attempt is in `retry_in`.
+    Disconnected {
+        /// Why.
+        reason: String,
+        /// When the next attempt is.
+        retry_in: std::time::Duration,
+    },
+    /// Something arrived from the relay.
+    Push(Push),
+}
+
+/// Keeps a client connected — reconnecting with jittered backoff, draining the outbox on every
+/// connection and every few seconds (messages written by other processes leave too) — and
+/// yields what happens, until `stop` completes. The loop behind `syncra listen` and
+/// `syncra bot run`:
+///
+/// ```ignore
+/// let mut serve = Serve::new(&mut client, stop)?;
+/// while let Some(event) = serve.next(&mut client).await { /* ... */ }
+/// ```
+pub struct Serve<S> {
+    pushes: mpsc::Receiver<Push>,
+    stop: std::pin::Pin<Box<S>>,
+    attempt: u32,
+    wait: Option<std::time::Duration>,
+}
+
+impl<S: Future<Output = ()>> Serve<S> {
+    /// Takes the client's deliveries; there can be only one consumer.
+    pub fn new(client: &mut Client, stop: S) -> anyhow::Result<Self> {
+        let pushes = client
+            .take_pushes()
+            .context("deliveries are already being consumed")?;
+        Ok(Serve {
+            pushes,
+            stop: Box::pin(stop),
+            attempt: 0,
+            wait: None,
+        })
+    }
+
+    /// The next event; `None` once `stop` completed (the client is then disconnected).
+    pub async fn next(&mut self, client: &mut Client) -> Option<ServeEvent> {
+        loop {
+            if let Some(wait) = self.wait.take() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut self.stop => return None,
+                }
+            }
+            if !client.is_connected() {
+                match client.connect().await {
+                    Ok(()) => {
+                        self.attempt = 0;
+                        if let Err(e) = client.drain_outbox().await {
+                            tracing::warn!("outbox: {e:#}");
+                        }
+                        return Some(ServeEvent::Connected);
+                    }
+                    Err(e) => {
+                        let retry_in = crate::net::backoff(self.attempt);
+                        self.attempt = self.attempt.saturating_add(1);
+                        // Report first; the wait happens when the caller asks again.
+                        self.wait = Some(retry_in);
+                        return Some(ServeEvent::Disconnected {
+                            reason: e.to_string(),
+                            retry_in,
+                        });
+                    }
+                }
+            }
+            let session = client.session();
+            let closed = async {
+                match &session {
+                    Some(s) => s.wait_closed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut self.stop => {
+                    client.disconnect().await;
+                    return None;
+                }
+                _ = closed => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                    if client.outbox_len() > 0
+                        && let Err(e) = client.drain_outbox().await
+                    {
+                        tracing::warn!("outbox: {e:#}");
+                    }
+                }
+                push = self.pushes.recv() => return push.map(ServeEvent::Push),
+            }
+        }
+    }
+}

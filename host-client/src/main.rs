@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use syncra_client::client::{Serve, ServeEvent};
 use syncra_client::contacts::PinOutcome;
 use syncra_client::keystore::PassphraseSource;
-use syncra_client::net::{Push, backoff};
+use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState, Target};
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
@@ -511,74 +512,36 @@ fn format_time(ms: u64) -> String {
 /// (re)connection and every few seconds, so messages written by other processes leave too.
 async fn listen(client: &mut Client) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut pushes = client
-        .take_pushes()
-        .context("deliveries are already being consumed")?;
-    let mut attempt = 0u32;
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
-    loop {
-        if !client.is_connected() {
-            match client.connect().await {
-                Ok(()) => {
-                    attempt = 0;
-                    eprintln!("connected");
-                    if let Err(e) = client.drain_outbox().await {
-                        tracing::warn!("outbox: {e:#}");
-                    }
-                }
-                Err(e) => {
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    eprintln!("disconnected: {e}; retrying in {:.1}s", wait.as_secs_f64());
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = &mut stop => return Ok(()),
-                    }
-                }
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let mut serve = Serve::new(client, stop)?;
+    while let Some(event) = serve.next(client).await {
+        let line = match event {
+            ServeEvent::Connected => {
+                eprintln!("connected");
+                continue;
             }
-        }
-        let session = client.session();
-        let closed = async {
-            match &session {
-                Some(s) => s.wait_closed().await,
-                None => std::future::pending().await,
+            ServeEvent::Disconnected { reason, retry_in } => {
+                eprintln!(
+                    "disconnected: {reason}; retrying in {:.1}s",
+                    retry_in.as_secs_f64()
+                );
+                continue;
             }
+            ServeEvent::Push(Push::Deliver(envelope)) => match client.receive(&envelope).await? {
+                None => continue,
+                Some(incoming) => incoming_json(client, incoming),
+            },
+            ServeEvent::Push(Push::Notice(code, message)) => json!({
+                "type": "notice", "code": code.name(), "message": message,
+            }),
         };
-        tokio::select! {
-            _ = &mut stop => {
-                client.disconnect().await;
-                return Ok(());
-            }
-            _ = closed => {
-                eprintln!("connection lost");
-                continue;
-            }
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
-                if client.outbox_len() > 0
-                    && let Err(e) = client.drain_outbox().await
-                {
-                    tracing::warn!("outbox: {e:#}");
-                }
-                continue;
-            }
-            push = pushes.recv() => {
-                let Some(push) = push else { return Ok(()) };
-                let line = match push {
-                    Push::Deliver(envelope) => match client.receive(&envelope).await? {
-                        None => continue,
-                        Some(incoming) => incoming_json(client, incoming),
-                    },
-                    Push::Notice(code, message) => json!({
-                        "type": "notice", "code": code.name(), "message": message,
-                    }),
-                };
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")?;
-                out.flush()?;
-            }
-        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
     }
+    Ok(())
 }
 
 fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {

@@ -8,7 +8,10 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "scripts/build-wasm.sh: installing the wasm32-wasip2 target" >&2
     rustup target add wasm32-wasip2
 fi
-cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/bots/Cargo.toml
+# An explicit target directory: the tests look for the components here, whatever
+# CARGO_TARGET_DIR the caller (CI) sets for the main workspace.
+cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/bots/Cargo.toml \
+    --target-dir "$PWD/examples/bots/target"
 
 # The Python example bot (componentize-py builds it offline once installed from PyPI).
 if ! command -v componentize-py >/dev/null 2>&1; then

@@ -35,4 +35,4 @@ fi
 # The example WebAssembly plugins (bots, relay hooks) that the plugin tests run.
 scripts/build-wasm.sh
 
-exec cargo test --workspace --locked "$@"
+exec cargo test --workspace --locked --no-fail-fast "$@"

@@ -52,9 +52,13 @@ fn main() -> anyhow::Result<()> {
             let filter = EnvFilter::try_from_default_env()
                 .or_else(|_| EnvFilter::try_new(&config.log))
                 .context("invalid log filter")?;
+            // Colour only on a terminal: log files and journald get plain text.
+            let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none();
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_target(false)
+                .with_ansi(colour)
                 .init();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

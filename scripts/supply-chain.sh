@@ -26,6 +26,11 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
 fi
 echo "supply-chain: $(cargo deny --version)"
 
+# cargo-deny reads the whole graph, every target platform included (Windows-only crates too),
+# from the local registry; a fresh machine has only what its own builds downloaded, so fetch
+# the rest from crates.io first (crates.io is reachable; GitHub is not).
+cargo fetch --locked --quiet
+
 # --offline: no network for the crate graph (Cargo.lock is the source of truth, and --locked
 # keeps cargo from rewriting it).
 echo "supply-chain: cargo deny check licenses bans sources"

@@ -15,5 +15,6 @@ pub mod load;
 pub mod nats;
 pub mod procstat;
 pub mod report;
+pub mod soak;
 pub mod syncra;
 pub mod ws;

@@ -29,6 +29,23 @@ pub struct PublishReceipt {
     pub receivers: Option<u64>,
 }
 
+/// How much a publisher needs to learn about who took a payload.
+///
+/// Counting every receiver can cost a broker a wait (NATS collects answers for a window), while
+/// the relay only ever needs "anyone or nobody", and nothing at all when a local session
+/// already took the message. Brokers that learn the count for free ignore the difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// The exact number of receivers (what [`Broker::publish`] reports).
+    Count,
+    /// Whether at least one receiver took it: `Some(n)` with `n >= 1` as soon as one did, so
+    /// the count may be lower than the true number; `Some(0)` still means nobody.
+    Any,
+    /// Nothing: the publish is fire-and-forget and `receivers` may be `None`. Failures to hand
+    /// the payload to the broker are still errors.
+    Nothing,
+}
+
 /// Pub/sub between relay nodes.
 #[async_trait]
 pub trait Broker: Send + Sync {
@@ -36,6 +53,17 @@ pub trait Broker: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Publishes a payload to a topic.
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<PublishReceipt, BrokerError>;
+    /// Publishes, learning only as much about the receivers as `confirm` asks for (see
+    /// [`Confirm`]). The default asks for the full count.
+    async fn publish_confirm(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        confirm: Confirm,
+    ) -> Result<PublishReceipt, BrokerError> {
+        let _ = confirm;
+        self.publish(topic, payload).await
+    }
     /// Starts delivering a topic's payloads to this broker's sink. Subscribing twice is a no-op.
     async fn subscribe(&self, topic: &str) -> Result<(), BrokerError>;
     /// Stops delivering a topic. Unsubscribing an unknown topic is a no-op.

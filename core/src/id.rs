@@ -48,6 +48,16 @@ impl UserId {
         &self.0
     }
 
+    /// Appends the printed form (32 lowercase base32 characters) to `out` without allocating
+    /// anything else: the relay builds a broker topic from it for every message.
+    pub fn push_to(&self, out: &mut String) {
+        let mut buf = [0u8; 32];
+        BASE32_NOPAD.encode_mut(&self.0, &mut buf);
+        buf.make_ascii_lowercase();
+        // Base32 output is ASCII.
+        out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
+    }
+
     /// A short prefix of the printed form, for logs and status bars.
     pub fn short(&self) -> String {
         let mut s = self.to_string();
@@ -58,7 +68,9 @@ impl UserId {
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+        let mut s = String::with_capacity(32);
+        self.push_to(&mut s);
+        f.write_str(&s)
     }
 }
 

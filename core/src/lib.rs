@@ -24,7 +24,7 @@ pub mod transport;
 pub mod ui;
 pub mod wire;
 
-pub use broker::{Broker, BrokerSink, PublishReceipt};
+pub use broker::{Broker, BrokerSink, Confirm, PublishReceipt};
 pub use error::Error;
 pub use health::Health;
 pub use id::{Handle, UserId};

@@ -75,6 +75,10 @@ pub trait FrameSink: Send {
 #[async_trait]
 pub trait FrameStream: Send {
     /// The next frame; `None` when the peer closed the connection, with the reason it gave.
+    ///
+    /// Must be cancel-safe: the relay races `recv` against finished requests and drops the
+    /// future when another branch wins, so a frame partly read must stay buffered in `self`
+    /// for the next call (tungstenite's stream behaves this way).
     async fn recv(&mut self) -> Option<Result<Bytes, TransportError>>;
     /// The close reason the peer gave, once `recv` has returned `None`.
     fn close_reason(&self) -> Option<CloseReason> {

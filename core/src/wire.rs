@@ -734,7 +734,15 @@ impl Frame {
 /// Encodes a `Deliver` frame around envelope bytes without building a [`Frame`] first. The relay
 /// encodes each envelope once and shares the result between every session it goes to.
 pub fn encode_deliver(envelope: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(6 + envelope.len());
+    encode_deliver_after(&[], envelope)
+}
+
+/// [`encode_deliver`] written after `prefix` in the same buffer, so a caller that needs both the
+/// frame and the prefixed frame (the relay's broker payload is its node id, then the frame) gets
+/// the frame as a slice of the whole without a second copy.
+pub fn encode_deliver_after(prefix: &[u8], envelope: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(prefix.len() + 6 + envelope.len());
+    out.put_slice(prefix);
     out.put_u8(PROTOCOL_VERSION);
     out.put_u8(tag::DELIVER);
     put_bytes32(&mut out, envelope);

@@ -133,6 +133,8 @@ pub struct LimitsConfig {
     pub connections_per_address: u32,
     /// Time to complete the TLS/WebSocket handshake and authenticate.
     pub handshake_timeout_secs: u64,
+    /// Connections in their handshake or login at once; more are dropped at accept.
+    pub pending_handshakes: usize,
     /// A session that sends nothing (not even a ping) for this long is closed.
     pub idle_timeout_secs: u64,
     /// Frames queued per session before the overflow policy applies.
@@ -155,6 +157,7 @@ impl Default for LimitsConfig {
             message_burst_per_address: 2000,
             connections_per_address: 64,
             handshake_timeout_secs: 10,
+            pending_handshakes: 1024,
             idle_timeout_secs: 120,
             queue_capacity: 1024,
             write_batch: 64,
@@ -303,8 +306,14 @@ impl RelayConfig {
         if self.transport.get("max_frame").is_some() {
             bail!("[transport] max_frame is set from [limits] max_frame; set it there instead");
         }
-        if self.limits.queue_capacity == 0 || self.limits.write_batch == 0 {
-            bail!("limits.queue_capacity and limits.write_batch must be at least 1");
+        if self.limits.queue_capacity == 0
+            || self.limits.write_batch == 0
+            || self.limits.pending_handshakes == 0
+        {
+            bail!(
+                "limits.queue_capacity, limits.write_batch and limits.pending_handshakes must be \
+                 at least 1"
+            );
         }
         if self.limits.max_frame < 1024 || self.limits.max_frame > 16 * 1024 * 1024 {
             bail!("limits.max_frame must be between 1 KiB and 16 MiB");

@@ -41,11 +41,6 @@ use metrics::Metrics;
 use router::{Router, RouterSink};
 use tokens::TokenKeys;
 
-/// Handshakes in progress at once. Connections beyond it are accepted and dropped at once
-/// (counted as `too_many_handshakes`), which bounds the memory a flood of slow handshakes can
-/// pin while honest clients retry with backoff.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
-
 /// The plugins compiled into this build.
 pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
     #[allow(unused_mut)]
@@ -73,6 +68,8 @@ pub(crate) struct NodeState {
     pub(crate) tokens: TokenKeys,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
+    /// Refused connections, logged once per window per reason.
+    pub(crate) refusals: metrics::RefusalLog,
     pub(crate) router: Arc<Router>,
     /// Set when shutdown starts, so sessions that log in during the drain are closed too.
     pub(crate) draining: std::sync::atomic::AtomicBool,
@@ -200,6 +197,7 @@ impl Relay {
             tokens,
             limits,
             metrics,
+            refusals: metrics::RefusalLog::default(),
             router,
             draining: std::sync::atomic::AtomicBool::new(false),
             hooks,
@@ -309,7 +307,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
     let mut sessions = JoinSet::new();
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(Semaphore::new(state.config.limits.pending_handshakes));
     loop {
         let incoming = tokio::select! {
             _ = stop.changed() => break,
@@ -328,11 +326,7 @@ async fn accept_loop(
         };
         state.metrics.connections.inc();
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            state
-                .metrics
-                .refused
-                .get_or_create(&[("reason", "too_many_handshakes")])
-                .inc();
+            state.metrics.refuse(&state.refusals, "too_many_handshakes");
             continue;
         };
         let state = state.clone();
@@ -340,24 +334,16 @@ async fn accept_loop(
             // One budget for the transport handshake and the login that follows.
             let deadline = tokio::time::Instant::now()
                 + Duration::from_secs(state.config.limits.handshake_timeout_secs);
+            // The permit is held until the login succeeds or the connection is dropped.
             let conn = tokio::time::timeout_at(deadline, incoming.handshake).await;
-            drop(permit);
             match conn {
-                Ok(Ok(conn)) => session::serve(state, conn, deadline).await,
+                Ok(Ok(conn)) => session::serve(state, conn, deadline, permit).await,
                 Ok(Err(e)) => {
-                    state
-                        .metrics
-                        .refused
-                        .get_or_create(&[("reason", "handshake_failed")])
-                        .inc();
+                    state.metrics.refuse(&state.refusals, "handshake_failed");
                     tracing::debug!(peer = %incoming.addr, "handshake failed: {e}");
                 }
                 Err(_) => {
-                    state
-                        .metrics
-                        .refused
-                        .get_or_create(&[("reason", "handshake_timeout")])
-                        .inc();
+                    state.metrics.refuse(&state.refusals, "handshake_timeout");
                 }
             }
         });

@@ -3,7 +3,12 @@
 //! Labels are closed sets (frame kinds, outcomes, error codes), never user ids or addresses, so
 //! the series count stays bounded and metrics reveal nothing about who talks to whom.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -37,17 +42,48 @@ pub struct Metrics {
     pub write_batches: Counter<u64, AtomicU64>,
     /// Broker payloads received from other nodes.
     pub broker_in: Counter,
+    /// The hot series of the families above, resolved once so the message path does not look
+    /// labels up: `frames_in{kind="send"}` and the three `send_outcomes`.
+    pub hot: HotCounters,
+}
+
+/// Series of labelled families that every message touches (clones share the family's values).
+#[derive(Debug, Clone)]
+pub struct HotCounters {
+    /// `frames_in{kind="send"}`.
+    pub sends_in: Counter,
+    /// `send_outcomes{outcome="delivered"}`.
+    pub delivered: Counter,
+    /// `send_outcomes{outcome="offline"}`.
+    pub offline: Counter,
+    /// `send_outcomes{outcome="rejected"}`.
+    pub rejected: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("syncra_relay");
+        let frames_in: Family<Labels, Counter> = Family::default();
+        let outcomes: Family<Labels, Counter> = Family::default();
+        // One statement each: `get_or_create` returns a guard on the family's lock, and a
+        // second call on the same family while that guard lives would deadlock.
+        let sends_in = frames_in.get_or_create(&[("kind", "send")]).clone();
+        let delivered = outcomes.get_or_create(&[("outcome", "delivered")]).clone();
+        let offline = outcomes.get_or_create(&[("outcome", "offline")]).clone();
+        let rejected = outcomes.get_or_create(&[("outcome", "rejected")]).clone();
+        let hot = HotCounters {
+            sends_in,
+            delivered,
+            offline,
+            rejected,
+        };
         let m = Metrics {
+            hot,
             connections: Counter::default(),
             refused: Family::default(),
             sessions: Gauge::default(),
-            frames_in: Family::default(),
-            outcomes: Family::default(),
+            frames_in,
+            outcomes,
             errors: Family::default(),
             queue_overflow: Counter::default(),
             frames_out: Counter::default(),
@@ -98,11 +134,89 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection refused before its session started and logs it through `log`,
+    /// which says so once per window per reason rather than once per connection.
+    pub fn refuse(&self, log: &RefusalLog, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
+        log.note(reason);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// How often refusals of one reason may reach the log.
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Logs refused connections (slow handshakes, half-open connections that never log in, too
+/// many handshakes or connections from one address) once per [`REFUSAL_LOG_WINDOW`] per reason:
+/// a flood must not become a flood of log lines, which would cost more than the connections and
+/// bury everything else. The first refusal of a window is logged with how many the previous
+/// window counted; every refusal is counted in `syncra_relay_connections_refused`.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    windows: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl RefusalLog {
+    /// Notes one refusal.
+    pub fn note(&self, reason: &'static str) {
+        let now = Instant::now();
+        let earlier = {
+            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            match windows.get_mut(reason) {
+                Some((start, count)) if now.duration_since(*start) < REFUSAL_LOG_WINDOW => {
+                    *count += 1;
+                    return;
+                }
+                Some((start, count)) => {
+                    let earlier = *count;
+                    (*start, *count) = (now, 0);
+                    earlier
+                }
+                None => {
+                    windows.insert(reason, (now, 0));
+                    0
+                }
+            }
+        };
+        let what = match reason {
+            "handshake_timeout" => "a connection did not finish its handshake in time",
+            "auth_timeout" => "a connection did not log in in time",
+            "too_many_handshakes" => "too many handshakes in progress; a connection was dropped",
+            "too_many_connections" => "too many connections from one address",
+            "handshake_failed" => "a connection failed its TLS or WebSocket handshake",
+            _ => "a connection was refused",
+        };
+        warn!(
+            reason,
+            "connection refused: {what}; {earlier} more were refused for this reason in the \
+             previous {}s window. Further ones in the next {}s are only counted \
+             (syncra_relay_connections_refused_total{{reason=\"{reason}\"}})",
+            REFUSAL_LOG_WINDOW.as_secs(),
+            REFUSAL_LOG_WINDOW.as_secs()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reason_is_logged_once_per_window() {
+        let log = RefusalLog::default();
+        for _ in 0..1000 {
+            log.note("handshake_timeout");
+        }
+        log.note("auth_timeout");
+        let windows = log.windows.lock().unwrap();
+        assert_eq!(windows["handshake_timeout"].1, 999, "999 counted, 1 logged");
+        assert_eq!(windows["auth_timeout"].1, 0);
     }
 }

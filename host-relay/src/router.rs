@@ -22,7 +22,11 @@ pub const NODE_ID_LEN: usize = 16;
 
 /// The broker topic that carries a user's deliveries.
 pub fn user_topic(user: &UserId) -> String {
-    format!("syncra.u.{user}")
+    const PREFIX: &str = "syncra.u.";
+    let mut topic = String::with_capacity(PREFIX.len() + 32);
+    topic.push_str(PREFIX);
+    user.push_to(&mut topic);
+    topic
 }
 
 fn user_from_topic(topic: &str) -> Option<UserId> {
@@ -150,6 +154,15 @@ pub struct LocalDelivery {
     pub full: usize,
 }
 
+/// One envelope encoded for delivery; see [`Router::delivery`].
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The `Deliver` frame, for local sessions.
+    pub frame: Bytes,
+    /// Node id and frame, for the broker.
+    pub payload: Bytes,
+}
+
 /// The sessions this node holds, by user.
 #[derive(Debug)]
 pub struct Router {
@@ -213,12 +226,14 @@ impl Router {
         result
     }
 
-    /// The broker payload for a delivery: this node's id, then the encoded frame.
-    pub fn broker_payload(&self, frame: &[u8]) -> Bytes {
-        let mut out = Vec::with_capacity(NODE_ID_LEN + frame.len());
-        out.extend_from_slice(&self.node_id);
-        out.extend_from_slice(frame);
-        Bytes::from(out)
+    /// Encodes an envelope for delivery, once: the broker payload (this node's id, then the
+    /// `Deliver` frame) and the frame for local sessions, which shares the payload's bytes.
+    pub fn delivery(&self, envelope: &[u8]) -> Delivery {
+        let payload = syncra_core::wire::encode_deliver_after(&self.node_id, envelope);
+        Delivery {
+            frame: payload.slice(NODE_ID_LEN..),
+            payload,
+        }
     }
 
     /// Every session, for shutdown.
@@ -307,12 +322,18 @@ mod tests {
             router: router.clone(),
             received: Default::default(),
         };
-        let own = router.broker_payload(b"frame");
-        assert!(!sink.deliver(&user_topic(&user), own));
+        let own = router.delivery(b"envelope");
+        assert!(!sink.deliver(&user_topic(&user), own.payload.clone()));
         let mut other = vec![2u8; 16];
-        other.extend_from_slice(b"frame");
+        other.extend_from_slice(&own.frame);
         assert!(sink.deliver(&user_topic(&user), Bytes::from(other)));
-        assert_eq!(out.rx.try_recv().unwrap(), "frame");
+        assert_eq!(out.rx.try_recv().unwrap(), own.frame);
+        assert_eq!(
+            syncra_core::wire::Frame::decode(&own.frame, 1 << 20).unwrap(),
+            syncra_core::wire::Frame::Deliver {
+                envelope: Bytes::from_static(b"envelope")
+            }
+        );
         assert!(out.rx.try_recv().is_err());
     }
 }

@@ -8,23 +8,27 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, join_all};
+use futures_util::stream::FuturesOrdered;
+use syncra_core::Confirm;
 use syncra_core::crypto::envelope::parse_header;
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
 use syncra_core::error::{OpenError, StoreError, TransportError};
 use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
 use syncra_core::wire::{
-    self, ErrorCode, Frame, NONCE_LEN, Outcome, RecipientOutcome, RequestId, login_statement,
+    ErrorCode, Frame, NONCE_LEN, Outcome, RecipientOutcome, RequestId, login_statement,
     register_statement,
 };
 use syncra_core::{Handle, IdentityRecord, UserId};
 use tracing::{debug, info, warn};
 
 use crate::NodeState;
-use crate::router::{SessionOutbox, SessionQueue, user_topic};
+use crate::router::{Delivery, SessionOutbox, SessionQueue, user_topic};
 use crate::tokens::TokenError;
 
 /// Malformed frames tolerated on one connection before it is closed.
@@ -32,6 +36,8 @@ const MAX_MALFORMED: u32 = 16;
 /// Prekeys dated further ahead than this are refused: a far-future prekey would block every
 /// later rotation (rotations must not go back in time).
 const MAX_PREKEY_FUTURE_SECS: u64 = 24 * 3600;
+/// Requests of one session served at once (see [`read_loop`]).
+const MAX_IN_FLIGHT: usize = 32;
 /// How long a store call may take before the request fails with `store_unavailable`.
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -90,11 +96,15 @@ async fn receive(state: &NodeState, stream: &mut Box<dyn FrameStream>, ip: IpAdd
         Some(Err(e)) => Received::Bad(0, ErrorCode::Malformed, e.to_string()),
         Some(Ok(bytes)) => match Frame::decode(&bytes, state.config.limits.max_frame) {
             Ok(frame) => {
-                state
-                    .metrics
-                    .frames_in
-                    .get_or_create(&[("kind", frame.kind())])
-                    .inc();
+                if let Frame::Send { .. } = frame {
+                    state.metrics.hot.sends_in.inc();
+                } else {
+                    state
+                        .metrics
+                        .frames_in
+                        .get_or_create(&[("kind", frame.kind())])
+                        .inc();
+                }
                 // Decoded first so a throttled request is answered with its own request id.
                 if !state.limits.address_message(ip) {
                     return Received::Bad(
@@ -234,8 +244,14 @@ fn resume(state: &NodeState, token: &str) -> AuthResult {
 }
 
 /// Runs one connection to completion. `deadline` bounds the transport handshake and the
-/// authentication together.
-pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::time::Instant) {
+/// authentication together; `pending` is the connection's place among the connections not yet
+/// logged in, given back once it is.
+pub async fn serve(
+    state: Arc<NodeState>,
+    conn: Connection,
+    deadline: tokio::time::Instant,
+    pending: tokio::sync::OwnedSemaphorePermit,
+) {
     let Connection {
         mut sink,
         mut stream,
@@ -245,9 +261,7 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::tim
     let Some(_slot) = state.limits.connect(ip) else {
         state
             .metrics
-            .refused
-            .get_or_create(&[("reason", "too_many_connections")])
-            .inc();
+            .refuse(&state.refusals, "too_many_connections");
         let _ = sink
             .close(CloseReason::error(
                 ErrorCode::TooManyConnections,
@@ -256,23 +270,25 @@ pub async fn serve(state: Arc<NodeState>, conn: Connection, deadline: tokio::tim
             .await;
         return;
     };
-    let user =
-        match tokio::time::timeout_at(deadline, authenticate(&state, &mut sink, &mut stream, ip))
-            .await
-        {
-            Ok(Some(user)) => user,
-            Ok(None) => return,
-            Err(_) => {
-                let _ = sink
-                    .close(CloseReason::error(
-                        ErrorCode::Timeout,
-                        "authentication took too long",
-                    ))
-                    .await;
-                return;
-            }
-        };
+    // Boxed: the login's state (store calls, signature checks) is large and only needed once,
+    // and a task's memory is its largest state for as long as it runs.
+    let login = Box::pin(authenticate(&state, &mut sink, &mut stream, ip));
+    let user = match tokio::time::timeout_at(deadline, login).await {
+        Ok(Some(user)) => user,
+        Ok(None) => return,
+        Err(_) => {
+            state.metrics.refuse(&state.refusals, "auth_timeout");
+            let _ = sink
+                .close(CloseReason::error(
+                    ErrorCode::Timeout,
+                    "authentication took too long",
+                ))
+                .await;
+            return;
+        }
+    };
 
+    drop(pending);
     if !state.hooks.is_empty() {
         let verdict = crate::plugins::ask(&state.hooks, move |h| h.on_connect(&user, ip)).await;
         match verdict {
@@ -489,6 +505,14 @@ fn request_id_of(f: &Frame) -> RequestId {
 
 /// The authenticated phase: requests until the connection ends, the idle timeout passes, or
 /// the session is closed (shutdown, overflow policy).
+///
+/// Up to [`MAX_IN_FLIGHT`] requests of a session are served at once, so a send that waits for
+/// the broker does not hold up the next one; answers still leave in request order (a
+/// `FuturesOrdered`), as `docs/PROTOCOL.md` §2.2 promises. Each request is polled once as soon
+/// as it is read, before the next frame is read: a send's local deliveries and its hand-over
+/// to the broker happen in that first poll, so a sender's messages reach every recipient in
+/// the order they were sent. With relay hooks configured, requests are served one at a time
+/// (a hook may delay a message, and a later one must not overtake it).
 async fn read_loop(
     state: &NodeState,
     stream: &mut Box<dyn FrameStream>,
@@ -497,26 +521,47 @@ async fn read_loop(
     queue: &SessionQueue,
 ) {
     let idle = Duration::from_secs(state.config.limits.idle_timeout_secs);
+    let in_flight_max = if state.hooks.is_empty() {
+        MAX_IN_FLIGHT
+    } else {
+        1
+    };
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    let mut in_flight: FuturesOrdered<BoxFuture<'_, Option<Bytes>>> = FuturesOrdered::new();
     let mut malformed = 0u32;
     loop {
         let received = tokio::select! {
-            r = tokio::time::timeout(idle, receive(state, stream, ip)) => r,
+            biased;
             _ = queue.closed() => return,
-        };
-        let frame = match received {
-            Err(_) => {
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(reply) = reply
+                    && !queue.reply(reply).await
+                {
+                    return;
+                }
+                continue;
+            }
+            // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
+            r = receive(state, stream, ip), if in_flight.len() < in_flight_max => r,
+            () = &mut idle_timer => {
                 queue.close(CloseReason::error(
                     ErrorCode::Timeout,
                     "idle for too long; send pings to keep a session open",
                 ));
                 return;
             }
-            Ok(Received::Closed) => return,
-            Ok(Received::Fatal(reason)) => {
+        };
+        idle_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle);
+        let frame = match received {
+            Received::Closed => return,
+            Received::Fatal(reason) => {
                 queue.close(reason);
                 return;
             }
-            Ok(Received::Bad(request_id, code, message)) => {
+            Received::Bad(request_id, code, message) => {
                 state
                     .metrics
                     .errors
@@ -527,18 +572,18 @@ async fn read_loop(
                     queue.close(CloseReason::error(code, "too many bad frames"));
                     return;
                 }
-                if !queue.reply(error_frame(request_id, code, message)).await {
-                    return;
-                }
+                in_flight.push_back(Box::pin(std::future::ready(Some(error_frame(
+                    request_id, code, message,
+                )))));
                 continue;
             }
-            Ok(Received::Frame(f)) => f,
+            Received::Frame(f) => f,
         };
-        let reply = handle_request(state, user, frame).await;
-        if let Some(reply) = reply
-            && !queue.reply(reply).await
-        {
-            return;
+        let mut request = Box::pin(handle_request(state, user, frame));
+        let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
+            Poll::Pending => in_flight.push_back(request),
         }
     }
 }
@@ -665,51 +710,69 @@ async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: 
             }
         }
     }
-    // One encoded frame, shared by every session it goes to.
-    let frame = wire::encode_deliver(&envelope);
-    let payload = state.router.broker_payload(&frame);
-    let outcomes = join_all(header.recipients.iter().map(|r| {
-        let frame = &frame;
-        let payload = payload.clone();
-        async move {
-            let local = state.router.deliver_local(&r.user_id, frame);
-            let remote = state.broker.publish(&user_topic(&r.user_id), payload).await;
-            // A broker that counts our own subscription would otherwise make us claim a
-            // delivery on the strength of our own echo.
-            let own =
-                u64::from(state.broker.counts_own_subscription() && state.router.holds(&r.user_id));
-            let outcome = match (local.taken, remote) {
-                (n, _) if n > 0 => Outcome::Delivered,
-                (_, Ok(receipt)) if receipt.receivers.unwrap_or(0).saturating_sub(own) > 0 => {
-                    Outcome::Delivered
-                }
-                (_, _) if local.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
-                (_, Ok(_)) => Outcome::Offline,
-                (_, Err(_)) => Outcome::Rejected(ErrorCode::BrokerUnavailable),
-            };
-            let label = match outcome {
-                Outcome::Delivered => "delivered",
-                Outcome::Offline => "offline",
-                Outcome::Rejected(_) => "rejected",
-            };
-            state
-                .metrics
-                .outcomes
-                .get_or_create(&[("outcome", label)])
-                .inc();
-            RecipientOutcome {
-                user_id: r.user_id,
-                outcome,
-            }
-        }
-    }))
-    .await;
+    // Encoded once: the frame every local session gets and the broker payload share bytes.
+    let delivery = state.router.delivery(&envelope);
+    let outcomes = if let [only] = header.recipients.as_slice() {
+        vec![deliver_to(state, only.user_id, &delivery).await]
+    } else {
+        join_all(
+            header
+                .recipients
+                .iter()
+                .map(|r| deliver_to(state, r.user_id, &delivery)),
+        )
+        .await
+    };
     Frame::SendResult {
         request_id,
         message_id: header.message_id,
         outcomes,
     }
     .encode()
+}
+
+/// Delivers to one recipient: to this node's sessions of theirs first, then through the broker
+/// to other nodes, learning from the broker only as much as the outcome needs.
+async fn deliver_to(state: &NodeState, recipient: UserId, delivery: &Delivery) -> RecipientOutcome {
+    let local = state.router.deliver_local(&recipient, &delivery.frame);
+    let topic = user_topic(&recipient);
+    let outcome = if local.taken > 0 {
+        // Delivered already; other nodes only need a copy for the recipient's other devices,
+        // and whether one took it changes nothing in the answer. A broker failure here is
+        // logged by the broker and does not turn a delivery into an error.
+        let _ = state
+            .broker
+            .publish_confirm(&topic, delivery.payload.clone(), Confirm::Nothing)
+            .await;
+        Outcome::Delivered
+    } else {
+        let remote = state
+            .broker
+            .publish_confirm(&topic, delivery.payload.clone(), Confirm::Any)
+            .await;
+        // A broker that counts our own subscription would otherwise make us claim a delivery
+        // on the strength of our own echo.
+        let own =
+            u64::from(state.broker.counts_own_subscription() && state.router.holds(&recipient));
+        match remote {
+            Ok(receipt) if receipt.receivers.unwrap_or(0).saturating_sub(own) > 0 => {
+                Outcome::Delivered
+            }
+            _ if local.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
+            Ok(_) => Outcome::Offline,
+            Err(_) => Outcome::Rejected(ErrorCode::BrokerUnavailable),
+        }
+    };
+    let hot = &state.metrics.hot;
+    match outcome {
+        Outcome::Delivered => hot.delivered.inc(),
+        Outcome::Offline => hot.offline.inc(),
+        Outcome::Rejected(_) => hot.rejected.inc(),
+    };
+    RecipientOutcome {
+        user_id: recipient,
+        outcome,
+    }
 }
 
 /// Drains a session's queue onto the connection in batches until it is closed.
@@ -719,7 +782,9 @@ async fn write_loop(
     mut outbox: SessionOutbox,
 ) {
     let batch_max = state.config.limits.write_batch;
-    let mut batch: Vec<Bytes> = Vec::with_capacity(batch_max);
+    // Grown on the first delivery, not up front: an idle session should cost as little as
+    // possible (64 × 32 bytes here is 2 KiB per connection).
+    let mut batch: Vec<Bytes> = Vec::new();
     let queue = outbox.queue.clone();
     let reason = loop {
         tokio::select! {

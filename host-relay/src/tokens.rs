@@ -4,17 +4,28 @@
 //! lets a client reconnect without a new challenge round trip. Tokens are bound to the relay id
 //! (issuer and audience), expire quickly, and are signed with a key every node shares (a file
 //! in the data directory, created 0600 on first start).
+//!
+//! The format is a compact JWS (RFC 7515) with `alg: EdDSA` (RFC 8037), so any JWT tool can
+//! read one, but it is made and checked here with ed25519-dalek directly rather than through a
+//! JWT library: the relay needs exactly one algorithm, and a general library brings every
+//! other (RSA among them) along. Verification accepts only `EdDSA` in the header (no algorithm
+//! negotiation, no `none`), uses strict Ed25519 verification, bounds the token's length before
+//! decoding anything, and checks issuer, audience and expiry against our own clock.
 
 use std::path::Path;
 
 use anyhow::Context;
-use data_encoding::BASE64;
-use ed25519_dalek::SigningKey;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use data_encoding::{BASE64, BASE64URL_NOPAD};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use syncra_core::UserId;
 use syncra_core::crypto::keyfile::write_private;
 use zeroize::Zeroizing;
+
+/// The protected header of every token: `{"alg":"EdDSA","typ":"JWT"}`.
+const HEADER_JSON: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+/// Longer tokens are refused before any decoding (ours are about 300 bytes).
+const MAX_TOKEN_LEN: usize = 1024;
 
 /// Claims inside a resume token.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,6 +42,12 @@ struct Claims {
     exp: u64,
 }
 
+/// The header fields we look at; anything else in it is ignored.
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+}
+
 /// Why a token was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TokenError {
@@ -42,8 +59,8 @@ pub enum TokenError {
 
 /// Issues and checks resume tokens.
 pub struct TokenKeys {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    signing: SigningKey,
+    verifying: VerifyingKey,
     relay_id: String,
     ttl_secs: u64,
 }
@@ -57,25 +74,13 @@ impl std::fmt::Debug for TokenKeys {
     }
 }
 
-/// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410), as jsonwebtoken expects.
-fn pkcs8_from_seed(seed: &[u8; 32]) -> Zeroizing<Vec<u8>> {
-    const PREFIX: [u8; 16] = [
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    let mut der = Zeroizing::new(Vec::with_capacity(48));
-    der.extend_from_slice(&PREFIX);
-    der.extend_from_slice(seed);
-    der
-}
-
 impl TokenKeys {
     /// Keys from a seed.
     pub fn from_seed(seed: &[u8; 32], relay_id: &str, ttl_secs: u64) -> Self {
-        let public = SigningKey::from_bytes(seed).verifying_key().to_bytes();
+        let signing = SigningKey::from_bytes(seed);
         TokenKeys {
-            encoding: EncodingKey::from_ed_der(&pkcs8_from_seed(seed)),
-            decoding: DecodingKey::from_ed_der(&public),
+            verifying: signing.verifying_key(),
+            signing,
             relay_id: relay_id.to_owned(),
             ttl_secs,
         }
@@ -124,26 +129,59 @@ impl TokenKeys {
             iat,
             exp,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.encoding)
-            .context("signing resume token")?;
+        let claims = serde_json::to_vec(&claims).context("encoding resume token claims")?;
+        let mut token = BASE64URL_NOPAD.encode(HEADER_JSON.as_bytes());
+        token.push('.');
+        BASE64URL_NOPAD.encode_append(&claims, &mut token);
+        let signature = self.signing.sign(token.as_bytes());
+        token.push('.');
+        BASE64URL_NOPAD.encode_append(&signature.to_bytes(), &mut token);
         Ok((token, exp * 1000))
     }
 
     /// Checks a token and returns the user it was issued to.
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<UserId, TokenError> {
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[&self.relay_id]);
-        validation.set_audience(&[&self.relay_id]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        // Expiry is checked below against our clock (testable, no leeway).
-        validation.validate_exp = false;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Invalid);
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(claims), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Invalid);
+        };
+        let decode = |part: &str| {
+            BASE64URL_NOPAD
+                .decode(part.as_bytes())
+                .map_err(|_| TokenError::Invalid)
+        };
+        let header: Header =
+            serde_json::from_slice(&decode(header)?).map_err(|_| TokenError::Invalid)?;
+        if header.alg != "EdDSA" {
+            return Err(TokenError::Invalid);
+        }
+        let signature: [u8; 64] = decode(signature)?
+            .try_into()
             .map_err(|_| TokenError::Invalid)?;
-        if data.claims.exp.saturating_mul(1000) <= now_ms {
+        let signed = &token[..token.len() - signature_part_len(token)];
+        self.verifying
+            .verify_strict(signed.as_bytes(), &Signature::from_bytes(&signature))
+            .map_err(|_| TokenError::Invalid)?;
+        let claims: Claims =
+            serde_json::from_slice(&decode(claims)?).map_err(|_| TokenError::Invalid)?;
+        if claims.iss != self.relay_id || claims.aud != self.relay_id {
+            return Err(TokenError::Invalid);
+        }
+        if claims.exp.saturating_mul(1000) <= now_ms {
             return Err(TokenError::Expired);
         }
-        data.claims.sub.parse().map_err(|_| TokenError::Invalid)
+        claims.sub.parse().map_err(|_| TokenError::Invalid)
     }
+}
+
+/// The length of the `.signature` suffix of a compact JWS.
+fn signature_part_len(token: &str) -> usize {
+    token.rfind('.').map_or(0, |dot| token.len() - dot)
 }
 
 #[cfg(test)]
@@ -173,6 +211,72 @@ mod tests {
         let mut tampered = token.clone();
         tampered.insert(token.len() / 2, 'x');
         assert_eq!(keys.verify(&tampered, 1_000_000), Err(TokenError::Invalid));
+    }
+
+    /// Re-signs `header.claims` with `keys`, as a forger holding the key could.
+    fn forge(keys: &TokenKeys, header: &str, claims: &str) -> String {
+        let mut t = BASE64URL_NOPAD.encode(header.as_bytes());
+        t.push('.');
+        t.push_str(&BASE64URL_NOPAD.encode(claims.as_bytes()));
+        let sig = keys.signing.sign(t.as_bytes());
+        t.push('.');
+        t.push_str(&BASE64URL_NOPAD.encode(&sig.to_bytes()));
+        t
+    }
+
+    #[test]
+    fn only_eddsa_well_formed_bounded_tokens_verify() {
+        let keys = TokenKeys::from_seed(&[1u8; 32], "relay-a", 60);
+        let user = UserId::from_identity_key(&[5u8; 32]);
+        let (token, _) = keys.issue(&user, 1_000_000).unwrap();
+        // A standard compact JWS: three base64url parts, the header as documented.
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            BASE64URL_NOPAD.decode(parts[0].as_bytes()).unwrap(),
+            HEADER_JSON.as_bytes()
+        );
+        let claims =
+            format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1000,"exp":1060}}"#);
+        assert_eq!(
+            keys.verify(&forge(&keys, HEADER_JSON, &claims), 1_000_000),
+            Ok(user)
+        );
+        // Any other algorithm is refused even with a valid Ed25519 signature over it.
+        for header in [
+            r#"{"alg":"none"}"#,
+            r#"{"alg":"HS256"}"#,
+            r#"{"typ":"JWT"}"#,
+            "[]",
+        ] {
+            assert_eq!(
+                keys.verify(&forge(&keys, header, &claims), 1_000_000),
+                Err(TokenError::Invalid),
+                "{header}"
+            );
+        }
+        // Unsigned, truncated, extra parts, oversized, missing claims, wrong audience.
+        let unsigned = format!("{}.{}.", parts[0], parts[1]);
+        let extra = format!("{token}.{}", parts[2]);
+        let huge = format!("{token}{}", "A".repeat(MAX_TOKEN_LEN));
+        let no_exp = format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1}}"#);
+        let wrong_aud =
+            format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-b","iat":1,"exp":1060}}"#);
+        for bad in [
+            unsigned,
+            format!("{}.{}", parts[0], parts[1]),
+            extra,
+            huge,
+            forge(&keys, HEADER_JSON, &no_exp),
+            forge(&keys, HEADER_JSON, &wrong_aud),
+            forge(&keys, HEADER_JSON, "not json"),
+        ] {
+            assert_eq!(
+                keys.verify(&bad, 1_000_000),
+                Err(TokenError::Invalid),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

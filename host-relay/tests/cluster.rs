@@ -202,6 +202,80 @@ async fn a_group_across_three_nodes(kind: Kind) {
     }
 }
 
+/// The bodies of a client's deliveries that start with `prefix`, until `n` have arrived.
+async fn bodies(c: &mut RawClient, user: &TestUser, prefix: &[u8], n: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let body = open(user, &c.delivery().await);
+        if body.starts_with(prefix) {
+            got.push(body);
+        }
+    }
+    got
+}
+
+/// A sender that does not wait for answers: many sends in flight at once, some waiting for the
+/// broker. Answers come back in request order, every copy arrives in send order on every node.
+async fn pipelined_sends_keep_their_order_across_nodes(kind: Kind) {
+    let cl = cluster(kind, 2).await;
+    let (a, b, c) = (
+        TestUser::new("pa"),
+        TestUser::new("pb"),
+        TestUser::new("pc"),
+    );
+    // B is on both nodes (one session local to A, one remote); C only on the other node.
+    let (mut ca, _) = a.register(cl.nodes[0].url()).await;
+    let (mut b_local, _) = b.register(cl.nodes[0].url()).await;
+    let mut b_remote = b.login(cl.nodes[1].url()).await;
+    let (mut cc, _) = c.register(cl.nodes[1].url()).await;
+    let settled = send_until(&mut ca, &a, &[&c], b"settle", &[Outcome::Delivered]).await;
+    assert_eq!(settled, [Outcome::Delivered], "{kind:?}");
+    // B's remote subscription settles the same way, through a message to B alone: the local
+    // session makes it "delivered" at once, so wait for the remote copy instead.
+    ca.send_envelope(9_000, a.seal(&[&b], b"settle-b")).await;
+    bodies(&mut b_remote, &b, b"settle-b", 1).await;
+
+    const N: u32 = 100;
+    for i in 0..N {
+        let body = format!("seq-{i:03}");
+        ca.send(&Frame::Send {
+            request_id: 10_000 + i,
+            envelope: a.seal(&[&b, &c], body.as_bytes()).into(),
+        })
+        .await;
+    }
+    for i in 0..N {
+        match ca.reply().await {
+            Frame::SendResult {
+                request_id,
+                outcomes,
+                ..
+            } => {
+                assert_eq!(request_id, 10_000 + i, "{kind:?}: answers in request order");
+                let outcomes: Vec<Outcome> = outcomes.iter().map(|o| o.outcome).collect();
+                assert_eq!(
+                    outcomes,
+                    [Outcome::Delivered, Outcome::Delivered],
+                    "{kind:?}: send {i}"
+                );
+            }
+            other => panic!("{kind:?}: expected a send result, got {other:?}"),
+        }
+    }
+    let expected: Vec<Vec<u8>> = (0..N).map(|i| format!("seq-{i:03}").into_bytes()).collect();
+    for (who, client, user) in [
+        ("B on A's node", &mut b_local, &b),
+        ("B on the other node", &mut b_remote, &b),
+        ("C on the other node", &mut cc, &c),
+    ] {
+        let got = bodies(client, user, b"seq-", N as usize).await;
+        assert!(
+            got == expected,
+            "{kind:?}: {who} got the messages out of order"
+        );
+    }
+}
+
 async fn a_broker_outage_is_reported_and_recovers(kind: Kind) {
     let mut cl = cluster(kind, 2).await;
     let (a, b, local) = (
@@ -298,6 +372,7 @@ macro_rules! for_both {
 
 for_both!(
     two_nodes_exchange_and_report_truthfully,
+    pipelined_sends_keep_their_order_across_nodes,
     a_user_on_two_nodes_receives_on_both,
     a_group_across_three_nodes,
     a_broker_outage_is_reported_and_recovers

@@ -170,6 +170,62 @@ async fn every_session_of_a_user_receives() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_delivered_in_order() {
+    let relay = TestRelay::start(|_| {}).await;
+    let (a, b) = (TestUser::new("qa"), TestUser::new("qb"));
+    let (mut ca, _) = a.register(relay.url()).await;
+    let (mut cb, _) = b.register(relay.url()).await;
+    // Sends interleaved with store lookups (which wait on the store) and pings, none awaited.
+    let mut expected = Vec::new();
+    for i in 0..60u32 {
+        ca.send(&Frame::Send {
+            request_id: i,
+            envelope: a.seal(&[&b], format!("m{i:02}").as_bytes()).into(),
+        })
+        .await;
+        expected.push(("send", i));
+        if i % 7 == 3 {
+            ca.send(&Frame::LookupHandle {
+                request_id: 1_000 + i,
+                handle: b.handle.clone(),
+            })
+            .await;
+            expected.push(("record", 1_000 + i));
+        }
+        if i % 11 == 5 {
+            ca.send(&Frame::Ping { nonce: i.into() }).await;
+            expected.push(("pong", i));
+        }
+    }
+    for (kind, id) in expected {
+        let got = match ca.reply().await {
+            Frame::SendResult {
+                request_id,
+                outcomes,
+                ..
+            } => {
+                assert_eq!(outcomes[0].outcome, Outcome::Delivered);
+                ("send", request_id)
+            }
+            Frame::Record { request_id, record } => {
+                assert_eq!(record.user_id, b.id());
+                ("record", request_id)
+            }
+            Frame::Pong { nonce } => ("pong", u32::try_from(nonce).unwrap()),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(got, (kind, id), "answers leave in request order");
+    }
+    for i in 0..60u32 {
+        assert_eq!(
+            open(&b, &cb.delivery().await),
+            format!("m{i:02}").as_bytes(),
+            "deliveries in send order"
+        );
+    }
+}
+
 #[tokio::test]
 async fn lookups_and_prekey_rotation() {
     let relay = TestRelay::start(|_| {}).await;

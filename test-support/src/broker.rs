@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncra_core::{Broker, BrokerSink, Health, PublishReceipt};
+use syncra_core::{Broker, BrokerSink, Confirm, Health, PublishReceipt};
 use tokio::sync::mpsc;
 
 use crate::DEADLINE;
@@ -144,6 +144,7 @@ where
     unsubscribe_stops_delivery(pair().await).await;
     both_nodes_receive(pair().await).await;
     order_is_preserved(pair().await).await;
+    confirm_levels(pair().await).await;
     large_binary_payload_is_intact(pair().await).await;
     health_is_up(pair().await).await;
 }
@@ -312,6 +313,56 @@ async fn order_is_preserved((a, mut b): (Node, Node)) {
             got.payload.as_ref(),
             i.to_be_bytes(),
             "{case}: payloads on one topic must arrive in publish order"
+        );
+    }
+}
+
+/// `publish_confirm`: `Any` may stop counting at the first receiver but never says "nobody"
+/// when somebody took it; `Nothing` still delivers everywhere; mixing the levels keeps the
+/// publish order (the relay switches between them message by message).
+async fn confirm_levels((mut a, mut b): (Node, Node)) {
+    let case = "confirm levels";
+    let topic = unique_name("conformance.confirm");
+    subscribe(&a, &topic, case).await;
+    subscribe(&b, &topic, case).await;
+    let levels = [Confirm::Any, Confirm::Nothing, Confirm::Count];
+    for (i, level) in levels.iter().cycle().take(30).enumerate() {
+        let payload = Bytes::from(format!("level {i}"));
+        let receipt = a
+            .broker
+            .publish_confirm(&topic, payload, *level)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: publish {i} ({level:?}) failed: {e}"));
+        match (level, receipt.receivers) {
+            (Confirm::Any, Some(n)) => assert!(
+                (1..=2).contains(&n),
+                "{case}: Any must report at least one of the two receivers, got {n}"
+            ),
+            (Confirm::Count, _) => assert_receivers(receipt, 2, case),
+            _ => {}
+        }
+    }
+    for inbox in [&mut a.inbox, &mut b.inbox] {
+        for i in 0..30 {
+            let got = inbox.next(&format!("{case}: payload {i}")).await;
+            assert_eq!(
+                got.payload,
+                format!("level {i}"),
+                "{case}: every level delivers, in publish order"
+            );
+        }
+    }
+    let nobody = unique_name("conformance.confirm.nobody");
+    for level in levels {
+        let receipt = a
+            .broker
+            .publish_confirm(&nobody, Bytes::from_static(b"anyone?"), level)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: publish to nobody ({level:?}) failed: {e}"));
+        assert!(
+            matches!(receipt.receivers, Some(0) | None),
+            "{case}: {level:?} to nobody must not report a receiver: {:?}",
+            receipt.receivers
         );
     }
 }

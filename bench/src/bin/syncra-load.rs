@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use syncra_bench::idle::{self, IdleConfig};
 use syncra_bench::load::{self, LoadConfig, Pacing, System};
 use syncra_bench::report::{self, LoadReport};
+use syncra_bench::soak::{self, SoakConfig};
 
 /// Load generator for Syncra relays, with nats-server over WebSocket as the reference peer.
 ///
@@ -32,6 +33,8 @@ enum Command {
     Nats(NatsArgs),
     /// Hold many idle authenticated connections and report the relay's memory per connection.
     Idle(IdleArgs),
+    /// Many sessions with steady traffic and churn for a long time; the relay's RSS over time.
+    Soak(SoakArgs),
     /// Print two --json reports side by side with their ratios (first / second).
     Compare {
         /// The first report (the numerator).
@@ -143,6 +146,37 @@ struct IdleArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// Relay URL; repeat to spread sessions over several nodes.
+    #[arg(long = "url", required = true)]
+    urls: Vec<String>,
+    /// Sessions kept open.
+    #[arg(long, default_value_t = 5000)]
+    connections: usize,
+    /// Messages per second in total (each session sends on its own schedule).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Sessions closed and logged in again per second, on average.
+    #[arg(long, default_value_t = 25.0)]
+    churn: f64,
+    /// Seconds to run once every session is open.
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 10.0)]
+    interval: f64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Relay process id(s) to sample.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Write the report (with every sample) as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     if !(0.0..=3600.0).contains(&v) {
         bail!("{what} must be between 0 and 3600 seconds");
@@ -228,6 +262,30 @@ fn main() -> anyhow::Result<()> {
             }
             if report.held == 0 {
                 bail!("no connection could be opened");
+            }
+            Ok(())
+        }
+        Command::Soak(args) => {
+            for url in &args.urls {
+                syncra_bench::ws::target(url)?;
+            }
+            let config = SoakConfig {
+                urls: args.urls,
+                connections: args.connections,
+                rate: args.rate,
+                churn: args.churn,
+                duration: Duration::from_secs_f64(args.duration.clamp(0.0, 7.0 * 24.0 * 3600.0)),
+                interval: secs(args.interval, "--interval")?,
+                size: args.size,
+                pids: args.pids,
+            };
+            let report = runtime(cli.threads)?.block_on(soak::run(config))?;
+            println!("{}", report.table());
+            if let Some(path) = &args.json {
+                report::write_json(path, &report)?;
+            }
+            if report.received == 0 {
+                bail!("nothing was delivered");
             }
             Ok(())
         }

@@ -13,7 +13,11 @@
 //!   `Some(0)`;
 //! - otherwise the publisher waits up to [`NatsConfig::request_timeout_ms`] for the first
 //!   answer, then [`NatsConfig::reply_window_ms`] more for the answers of other nodes, and
-//!   reports `Some(number of 1s)`;
+//!   reports `Some(number of 1s)`; with [`Confirm::Any`] (what the relay asks for) the first
+//!   `1` ends the wait, and the window is waited out only while every answer so far is `0`;
+//! - with [`Confirm::Nothing`] the publish is a plain NATS publish: no reply subject, no
+//!   answers, nothing to wait for (the relay uses it when a local session already took the
+//!   message and other nodes only need a copy for the user's other devices);
 //! - no answer at all within the timeout: [`BrokerError::Unavailable`]. Some node is subscribed
 //!   but did not answer (it is stuck, or cut off), so whether anyone took the payload is
 //!   unknown, and this broker does not guess in either direction.
@@ -61,7 +65,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use syncra_core::error::{BrokerError, PluginError};
 use syncra_core::registry::{Kinds, typed_config};
-use syncra_core::{Broker, BrokerSink, Health, PublishReceipt};
+use syncra_core::{Broker, BrokerSink, Confirm, Health, PublishReceipt};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -420,10 +424,12 @@ impl NatsBroker {
         }
     }
 
-    /// Collects the answers to one publish.
+    /// Collects the answers to one publish. With `any`, the first `1` settles it: the answer
+    /// is then `1` without waiting for the other nodes.
     async fn count_answers(
         &self,
         answers: &mut mpsc::UnboundedReceiver<Answer>,
+        any: bool,
     ) -> Result<u64, BrokerError> {
         let first = tokio::time::timeout(self.timeouts.request, answers.recv()).await;
         let mut taken = match first {
@@ -439,10 +445,16 @@ impl NatsBroker {
                 )));
             }
         };
+        if any && taken > 0 {
+            return Ok(taken);
+        }
         let window_end = tokio::time::Instant::now() + self.timeouts.reply_window;
         while let Ok(Some(answer)) = tokio::time::timeout_at(window_end, answers.recv()).await {
             if let Answer::Node { taken: true } = answer {
                 taken += 1;
+                if any {
+                    break;
+                }
             }
         }
         Ok(taken)
@@ -576,6 +588,15 @@ impl Broker for NatsBroker {
     }
 
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<PublishReceipt, BrokerError> {
+        self.publish_confirm(topic, payload, Confirm::Count).await
+    }
+
+    async fn publish_confirm(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        confirm: Confirm,
+    ) -> Result<PublishReceipt, BrokerError> {
         check_topic(topic)?;
         let max = self.client.server_info().max_payload;
         if payload.len() > max {
@@ -587,6 +608,19 @@ impl Broker for NatsBroker {
         // Never hand the client a publish while it is disconnected: it would hold it until
         // some later reconnection, long after the sender was told anything.
         self.connected()?;
+        if confirm == Confirm::Nothing {
+            // A plain publish: subscribed nodes see no reply subject and send no answer.
+            return match tokio::time::timeout(
+                self.timeouts.command,
+                self.client.publish(topic.to_owned(), payload),
+            )
+            .await
+            {
+                Ok(Ok(())) => Ok(PublishReceipt { receivers: None }),
+                Ok(Err(e)) => Err(self.unavailable(format!("publish failed: {e}"))),
+                Err(_) => Err(self.unavailable("publish could not be queued in time")),
+            };
+        }
         let (reply, mut answers, _guard) = self.expect_answers();
         match tokio::time::timeout(
             self.timeouts.command,
@@ -599,7 +633,9 @@ impl Broker for NatsBroker {
             Ok(Err(e)) => return Err(self.unavailable(format!("publish failed: {e}"))),
             Err(_) => return Err(self.unavailable("publish could not be queued in time")),
         }
-        let receivers = self.count_answers(&mut answers).await?;
+        let receivers = self
+            .count_answers(&mut answers, confirm == Confirm::Any)
+            .await?;
         Ok(PublishReceipt {
             receivers: Some(receivers),
         })

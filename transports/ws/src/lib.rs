@@ -36,11 +36,15 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+mod burst;
+
 /// The kind name this transport registers under.
 pub const KIND: &str = "ws";
 
-/// Bytes read from a socket at a time.
-const READ_BUFFER: usize = 8 * 1024;
+/// tungstenite's read buffer, kept for the life of a connection. Reads from the socket go
+/// through a [`burst::BurstReader`], which reads up to 16 KiB at once while data is waiting and
+/// holds nothing while the connection is idle, so this can be small.
+const READ_BUFFER: usize = 2 * 1024;
 
 /// TLS certificate and key for the accepting side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -154,10 +158,9 @@ impl WsTransport {
         WebSocketConfig::default()
             .max_message_size(Some(self.config.max_frame))
             .max_frame_size(Some(self.config.max_frame))
-            // tungstenite's default 128 KiB read buffer is kept (and zero-filled) per
-            // connection; 8 KiB holds a typical frame and cut the relay's memory per idle
-            // connection from 136 KiB to 16 KiB (docs/BENCHMARKS.md). Larger frames still
-            // arrive, in several reads.
+            // tungstenite's default 128 KiB read buffer is kept (and zero-filled before every
+            // read) per connection; with the burst reader below it, 2 KiB costs neither memory
+            // per idle connection nor system calls per frame (docs/BENCHMARKS.md).
             .read_buffer_size(READ_BUFFER)
     }
 
@@ -406,6 +409,7 @@ where
         }
         Ok(resp)
     };
+    let stream = burst::BurstReader::new(stream);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
         .await
         .map_err(|e| TransportError::Handshake {

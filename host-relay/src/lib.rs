@@ -338,6 +338,16 @@ async fn accept_loop(
             let conn = tokio::time::timeout_at(deadline, incoming.handshake).await;
             match conn {
                 Ok(Ok(conn)) => session::serve(state, conn, deadline, permit).await,
+                // Connected and closed without a handshake: a TCP health check or a port
+                // scan. Counted, never logged above debug.
+                Ok(Err(syncra_core::error::TransportError::Closed(why))) => {
+                    state
+                        .metrics
+                        .refused
+                        .get_or_create(&[("reason", "closed_in_handshake")])
+                        .inc();
+                    tracing::debug!(peer = %incoming.addr, "{why}");
+                }
                 Ok(Err(e)) => {
                     state.metrics.refuse(&state.refusals, "handshake_failed");
                     tracing::debug!(peer = %incoming.addr, "handshake failed: {e}");

@@ -53,6 +53,15 @@ async fn connection_floods_are_cut_by_the_limits_and_logged_once() {
     );
     let addr: SocketAddr = ([127, 0, 0, 1], relay.port).into();
 
+    // TCP health checks (connect, close): counted, not logged as refusals.
+    for _ in 0..5 {
+        drop(TcpStream::connect(addr).unwrap());
+    }
+    wait_for("the health checks are counted", async || {
+        refused(admin, "closed_in_handshake").await >= 5
+    })
+    .await;
+
     // Slow handshakes: TCP connections that never send their HTTP upgrade. The first 16 hold
     // the pending places until the timeout cuts them; the rest are dropped at accept.
     const SILENT: u64 = 48;
@@ -100,6 +109,11 @@ async fn connection_floods_are_cut_by_the_limits_and_logged_once() {
             "{reason}: {lines} log lines for a flood within {windows} window(s); log:\n{log}"
         );
     }
+    assert_eq!(
+        refusal_lines(&log, "handshake_failed") + refusal_lines(&log, "closed_in_handshake"),
+        0,
+        "a connect-and-close is not a failed handshake; log:\n{log}"
+    );
     assert!(
         !log.contains("ERROR") && !log.contains("panicked"),
         "the relay logged an error during the floods:\n{log}"

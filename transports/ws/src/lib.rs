@@ -363,10 +363,13 @@ impl Listener for WsListener {
             };
             match acceptor {
                 Some(acceptor) => {
-                    let tls = acceptor
-                        .accept(tcp)
-                        .await
-                        .map_err(|e| fail(format!("tls: {e}")))?;
+                    let tls = acceptor.accept(tcp).await.map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            closed_before_handshake()
+                        } else {
+                            fail(format!("tls: {e}"))
+                        }
+                    })?;
                     accept_ws(tls, addr, trust, ws_config, max_frame).await
                 }
                 None => accept_ws(tcp, addr, trust, ws_config, max_frame).await,
@@ -412,15 +415,31 @@ where
     let stream = burst::BurstReader::new(stream);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
         .await
-        .map_err(|e| TransportError::Handshake {
-            peer: addr.to_string(),
-            why: e.to_string(),
+        .map_err(|e| match e {
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::HandshakeIncomplete,
+            )
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed => closed_before_handshake(),
+            tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                closed_before_handshake()
+            }
+            e => TransportError::Handshake {
+                peer: addr.to_string(),
+                why: e.to_string(),
+            },
         })?;
     let peer = PeerInfo {
         addr,
         forwarded_for: forwarded,
     };
     Ok(split(ws, peer, max_frame))
+}
+
+/// The peer closed before finishing its handshake: a TCP health check or port scan, not a
+/// failed handshake worth a warning.
+fn closed_before_handshake() -> TransportError {
+    TransportError::Closed("the peer closed the connection during the handshake".into())
 }
 
 fn split<S>(ws: WebSocketStream<S>, peer: PeerInfo, max_frame: usize) -> Connection

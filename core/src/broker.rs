@@ -73,6 +73,14 @@ pub trait Broker: Send + Sync {
         Health::Up
     }
 
+    /// Whether this node is the only one the broker connects (the in-process broker with one
+    /// node on its hub). Then nothing published can reach another node, and the relay skips
+    /// publishing deliveries it already made locally. Brokers to a server leave the default,
+    /// `false`: another node may connect at any time.
+    fn alone(&self) -> bool {
+        false
+    }
+
     /// Whether [`PublishReceipt::receivers`] counts the publishing node's own subscription to
     /// the topic (Redis counts every subscribed connection). Brokers whose count comes from
     /// sinks that accepted the payload (the relay's own sink never accepts its own payloads)

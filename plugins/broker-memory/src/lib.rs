@@ -45,6 +45,8 @@ struct Table {
 struct Hub {
     table: RwLock<Table>,
     next_node: AtomicU64,
+    /// Brokers connected now.
+    connected: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -75,6 +77,7 @@ impl MemoryHub {
     /// Connects a new node to this hub. Payloads on the topics it subscribes to go to `sink`.
     pub fn connect(&self, sink: Arc<dyn BrokerSink>) -> MemoryBroker {
         let node = self.hub.next_node.fetch_add(1, Ordering::Relaxed);
+        self.hub.connected.fetch_add(1, Ordering::AcqRel);
         MemoryBroker {
             hub: Arc::clone(&self.hub),
             node,
@@ -190,10 +193,15 @@ impl Broker for MemoryBroker {
     async fn health(&self) -> Health {
         Health::Up
     }
+
+    fn alone(&self) -> bool {
+        self.hub.connected.load(Ordering::Acquire) == 1
+    }
 }
 
 impl Drop for MemoryBroker {
     fn drop(&mut self) {
+        self.hub.connected.fetch_sub(1, Ordering::AcqRel);
         let mut table = self.hub.write();
         if let Some(topics) = table.nodes.remove(&self.node) {
             for topic in topics {
@@ -279,6 +287,18 @@ mod tests {
         assert_eq!(refusing.seen().len(), 1, "a refusing sink is still called");
         let receipt = a.publish("other", Bytes::new()).await.unwrap();
         assert_eq!(receipt.receivers, Some(0));
+    }
+
+    #[test]
+    fn a_node_is_alone_only_while_no_other_is_on_its_hub() {
+        let hub = MemoryHub::new();
+        let a = hub.connect(Counting::new(true));
+        assert!(a.alone());
+        let b = hub.connect(Counting::new(true));
+        assert!(!a.alone() && !b.alone());
+        drop(b);
+        assert!(a.alone());
+        assert!(MemoryBroker::standalone(Counting::new(true)).alone());
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ pub const KIND: &str = "ws";
 /// tungstenite's read buffer, kept for the life of a connection. Reads from the socket go
 /// through a [`burst::BurstReader`], which reads up to 16 KiB at once while data is waiting and
 /// holds nothing while the connection is idle, so this can be small.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 
 /// TLS certificate and key for the accepting side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -159,7 +159,7 @@ impl WsTransport {
             .max_message_size(Some(self.config.max_frame))
             .max_frame_size(Some(self.config.max_frame))
             // tungstenite's default 128 KiB read buffer is kept (and zero-filled before every
-            // read) per connection; with the burst reader below it, 2 KiB costs neither memory
+            // read) per connection; with the burst reader below it, 1 KiB costs neither memory
             // per idle connection nor system calls per frame (docs/BENCHMARKS.md).
             .read_buffer_size(READ_BUFFER)
     }

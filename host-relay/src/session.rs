@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesOrdered;
 use syncra_core::Confirm;
-use syncra_core::crypto::envelope::parse_header;
+use syncra_core::crypto::envelope::{EnvelopeHeader, parse_header};
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
 use syncra_core::error::{OpenError, StoreError, TransportError};
 use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
@@ -28,7 +28,7 @@ use syncra_core::{Handle, IdentityRecord, UserId};
 use tracing::{debug, info, warn};
 
 use crate::NodeState;
-use crate::router::{Delivery, SessionOutbox, SessionQueue, user_topic};
+use crate::router::{Delivery, LocalDelivery, SessionOutbox, SessionQueue, user_topic};
 use crate::tokens::TokenError;
 
 /// Malformed frames tolerated on one connection before it is closed.
@@ -592,6 +592,31 @@ async fn read_loop(
             }
             Received::Frame(f) => f,
         };
+        // Requests that cannot wait are answered on the spot, but only with nothing ahead of
+        // them (answers leave in request order).
+        let local_only = in_flight.is_empty() && state.hooks.is_empty() && state.broker.alone();
+        let at_once = match frame {
+            Frame::Ping { nonce } if in_flight.is_empty() => {
+                Err(Some(Frame::Pong { nonce }.encode()))
+            }
+            Frame::Pong { .. } if in_flight.is_empty() => Err(None),
+            Frame::Send {
+                request_id,
+                envelope,
+            } if local_only => Err(Some(send_locally(state, user, request_id, &envelope))),
+            other => Ok(other),
+        };
+        let frame = match at_once {
+            Ok(frame) => frame,
+            Err(reply) => {
+                if let Some(reply) = reply
+                    && !queue.reply(reply).await
+                {
+                    return;
+                }
+                continue;
+            }
+        };
         let mut request = Box::pin(handle_request(state, user, frame));
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
         match first {
@@ -648,16 +673,7 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
         Frame::Send {
             request_id,
             envelope,
-        } => {
-            if !state.limits.user_message(&user) {
-                return fail(
-                    request_id,
-                    ErrorCode::RateLimited,
-                    "you are sending too fast; slow down".into(),
-                );
-            }
-            Some(send(state, user, request_id, envelope).await)
-        }
+        } => Some(send(state, user, request_id, envelope).await),
         Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. } => fail(
             0,
             ErrorCode::AlreadyAuthenticated,
@@ -696,20 +712,9 @@ async fn lookup_handle(state: &NodeState, request_id: RequestId, handle: &str) -
 
 /// Routes one envelope to every recipient and builds the send result.
 async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: Bytes) -> Bytes {
-    let header = match parse_header(&envelope) {
+    let header = match admit_send(state, &user, request_id, &envelope) {
         Ok(h) => h,
-        Err(e) => {
-            let code = match e {
-                OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
-                _ => ErrorCode::BadEnvelope,
-            };
-            state
-                .metrics
-                .errors
-                .get_or_create(&[("code", code.name())])
-                .inc();
-            return error_frame(request_id, code, e.to_string());
-        }
+        Err(refusal) => return refusal,
     };
     if !state.hooks.is_empty() {
         let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
@@ -752,17 +757,94 @@ async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: 
     .encode()
 }
 
+/// The checks every send passes before routing: the sender's rate limit and a well-formed
+/// header. Returns the header, or the error frame to answer with.
+fn admit_send(
+    state: &NodeState,
+    user: &UserId,
+    request_id: RequestId,
+    envelope: &[u8],
+) -> Result<EnvelopeHeader, Bytes> {
+    let (code, message) = if !state.limits.user_message(user) {
+        (
+            ErrorCode::RateLimited,
+            "you are sending too fast; slow down".to_owned(),
+        )
+    } else {
+        match parse_header(envelope) {
+            Ok(h) => return Ok(h),
+            Err(e) => (
+                match e {
+                    OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
+                    _ => ErrorCode::BadEnvelope,
+                },
+                e.to_string(),
+            ),
+        }
+    };
+    state
+        .metrics
+        .errors
+        .get_or_create(&[("code", code.name())])
+        .inc();
+    Err(error_frame(request_id, code, message))
+}
+
+/// A send routed on the spot, without the boxed future a request otherwise costs: for when
+/// this node is alone on its broker (routing is local deliveries only) and no relay hook is
+/// configured, so nothing in it can wait.
+fn send_locally(state: &NodeState, user: UserId, request_id: RequestId, envelope: &[u8]) -> Bytes {
+    let header = match admit_send(state, &user, request_id, envelope) {
+        Ok(h) => h,
+        Err(refusal) => return refusal,
+    };
+    let delivery = state.router.delivery(envelope);
+    let outcomes = header
+        .recipients
+        .iter()
+        .map(|r| {
+            let local = state.router.deliver_local(&r.user_id, &delivery.frame);
+            counted(state, r.user_id, local_outcome(local))
+        })
+        .collect();
+    Frame::SendResult {
+        request_id,
+        message_id: header.message_id,
+        outcomes,
+    }
+    .encode()
+}
+
+/// The outcome when only this node's sessions can take a message.
+fn local_outcome(local: LocalDelivery) -> Outcome {
+    match local {
+        l if l.taken > 0 => Outcome::Delivered,
+        l if l.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
+        _ => Outcome::Offline,
+    }
+}
+
+/// Counts an outcome in the metrics and pairs it with its recipient.
+fn counted(state: &NodeState, recipient: UserId, outcome: Outcome) -> RecipientOutcome {
+    let hot = &state.metrics.hot;
+    match outcome {
+        Outcome::Delivered => hot.delivered.inc(),
+        Outcome::Offline => hot.offline.inc(),
+        Outcome::Rejected(_) => hot.rejected.inc(),
+    };
+    RecipientOutcome {
+        user_id: recipient,
+        outcome,
+    }
+}
+
 /// Delivers to one recipient: to this node's sessions of theirs first, then through the broker
 /// to other nodes, learning from the broker only as much as the outcome needs.
 async fn deliver_to(state: &NodeState, recipient: UserId, delivery: &Delivery) -> RecipientOutcome {
     let local = state.router.deliver_local(&recipient, &delivery.frame);
     let outcome = if state.broker.alone() {
         // No other node exists: this node's sessions are all there is.
-        match local {
-            l if l.taken > 0 => Outcome::Delivered,
-            l if l.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
-            _ => Outcome::Offline,
-        }
+        local_outcome(local)
     } else if local.taken > 0 {
         let topic = user_topic(&recipient);
         // Delivered already; other nodes only need a copy for the recipient's other devices,
@@ -792,16 +874,7 @@ async fn deliver_to(state: &NodeState, recipient: UserId, delivery: &Delivery) -
             Err(_) => Outcome::Rejected(ErrorCode::BrokerUnavailable),
         }
     };
-    let hot = &state.metrics.hot;
-    match outcome {
-        Outcome::Delivered => hot.delivered.inc(),
-        Outcome::Offline => hot.offline.inc(),
-        Outcome::Rejected(_) => hot.rejected.inc(),
-    };
-    RecipientOutcome {
-        user_id: recipient,
-        outcome,
-    }
+    counted(state, recipient, outcome)
 }
 
 /// Drains a session's queue onto the connection in batches until it is closed.

@@ -108,7 +108,11 @@ impl RelayProcess {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // A probe from an ephemeral port equal to the target port connects to itself when
+            // nothing listens (TCP simultaneous open): that is not the relay.
+            if let Ok(probe) = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                && probe.local_addr().is_ok_and(|a| a.port() != self.port)
+            {
                 return;
             }
             if let Some(child) = &mut self.child

@@ -121,8 +121,21 @@ impl Spawned {
                     self.log_text()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
+            if let Ok(probe) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                // A connect from an ephemeral port equal to the target port connects the socket
+                // to itself when nothing listens (TCP simultaneous open): not our server.
+                let self_connect = probe.local_addr().is_ok_and(|a| a.port() == self.port);
+                drop(probe);
+                // Another process may hold the port (two free_port() calls can return the same
+                // number): then ours fails to bind and exits within moments. Look again.
+                std::thread::sleep(Duration::from_millis(50));
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if !self_connect && !exited {
+                    return Ok(());
+                }
             }
             if Instant::now() >= deadline {
                 self.stop();

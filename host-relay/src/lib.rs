@@ -68,8 +68,6 @@ pub(crate) struct NodeState {
     pub(crate) tokens: TokenKeys,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
-    /// Refused connections, logged once per window per reason.
-    pub(crate) refusals: metrics::RefusalLog,
     pub(crate) router: Arc<Router>,
     /// Set when shutdown starts, so sessions that log in during the drain are closed too.
     pub(crate) draining: std::sync::atomic::AtomicBool,
@@ -197,7 +195,6 @@ impl Relay {
             tokens,
             limits,
             metrics,
-            refusals: metrics::RefusalLog::default(),
             router,
             draining: std::sync::atomic::AtomicBool::new(false),
             hooks,
@@ -326,7 +323,7 @@ async fn accept_loop(
         };
         state.metrics.connections.inc();
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            state.metrics.refuse(&state.refusals, "too_many_handshakes");
+            state.metrics.refuse("too_many_handshakes");
             continue;
         };
         let state = state.clone();
@@ -341,19 +338,15 @@ async fn accept_loop(
                 // Connected and closed without a handshake: a TCP health check or a port
                 // scan. Counted, never logged above debug.
                 Ok(Err(syncra_core::error::TransportError::Closed(why))) => {
-                    state
-                        .metrics
-                        .refused
-                        .get_or_create(&[("reason", "closed_in_handshake")])
-                        .inc();
+                    state.metrics.count_refusal("closed_in_handshake");
                     tracing::debug!(peer = %incoming.addr, "{why}");
                 }
                 Ok(Err(e)) => {
-                    state.metrics.refuse(&state.refusals, "handshake_failed");
+                    state.metrics.refuse("handshake_failed");
                     tracing::debug!(peer = %incoming.addr, "handshake failed: {e}");
                 }
                 Err(_) => {
-                    state.metrics.refuse(&state.refusals, "handshake_timeout");
+                    state.metrics.refuse("handshake_timeout");
                 }
             }
         });

@@ -45,6 +45,8 @@ pub struct Metrics {
     /// The hot series of the families above, resolved once so the message path does not look
     /// labels up: `frames_in{kind="send"}` and the three `send_outcomes`.
     pub hot: HotCounters,
+    /// Refused connections, logged once per window per reason.
+    refusal_log: RefusalLog,
 }
 
 /// Series of labelled families that every message touches (clones share the family's values).
@@ -79,6 +81,7 @@ impl Default for Metrics {
         };
         let m = Metrics {
             hot,
+            refusal_log: RefusalLog::default(),
             connections: Counter::default(),
             refused: Family::default(),
             sessions: Gauge::default(),
@@ -134,11 +137,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts a connection refused before its session started and logs it through `log`,
-    /// which says so once per window per reason rather than once per connection.
-    pub fn refuse(&self, log: &RefusalLog, reason: &'static str) {
+    /// Counts a connection refused before its session started and logs it once per window
+    /// per reason rather than once per connection ([`RefusalLog`]).
+    pub fn refuse(&self, reason: &'static str) {
+        self.count_refusal(reason);
+        self.refusal_log.note(reason);
+    }
+
+    /// Counts a refused connection without logging it (a TCP connect-and-close).
+    pub fn count_refusal(&self, reason: &'static str) {
         self.refused.get_or_create(&[("reason", reason)]).inc();
-        log.note(reason);
     }
 
     /// The Prometheus text exposition.

@@ -259,9 +259,7 @@ pub async fn serve(
     } = conn;
     let ip = peer.client_ip();
     let Some(_slot) = state.limits.connect(ip) else {
-        state
-            .metrics
-            .refuse(&state.refusals, "too_many_connections");
+        state.metrics.refuse("too_many_connections");
         let _ = sink
             .close(CloseReason::error(
                 ErrorCode::TooManyConnections,
@@ -277,7 +275,7 @@ pub async fn serve(
         Ok(Some(user)) => user,
         Ok(None) => return,
         Err(_) => {
-            state.metrics.refuse(&state.refusals, "auth_timeout");
+            state.metrics.refuse("auth_timeout");
             let _ = sink
                 .close(CloseReason::error(
                     ErrorCode::Timeout,
@@ -544,9 +542,7 @@ async fn read_loop(
             biased;
             _ = &mut closed => return,
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Some(reply) = reply
-                    && !queue.reply(reply).await
-                {
+                if !answer(queue, reply).await {
                     return;
                 }
                 continue;
@@ -592,45 +588,45 @@ async fn read_loop(
             }
             Received::Frame(f) => f,
         };
-        // Requests that cannot wait are answered on the spot, but only with nothing ahead of
-        // them (answers leave in request order).
-        let local_only = in_flight.is_empty() && state.hooks.is_empty() && state.broker.alone();
-        let at_once = match frame {
-            Frame::Ping { nonce } if in_flight.is_empty() => {
-                Err(Some(Frame::Pong { nonce }.encode()))
-            }
-            Frame::Pong { .. } if in_flight.is_empty() => Err(None),
+        // A send that can only be routed locally is answered on the spot, without the boxed
+        // future below, when nothing is ahead of it (answers leave in request order).
+        let frame = match frame {
             Frame::Send {
                 request_id,
                 envelope,
-            } if local_only => Err(Some(send_locally(state, user, request_id, &envelope))),
-            other => Ok(other),
-        };
-        let frame = match at_once {
-            Ok(frame) => frame,
-            Err(reply) => {
-                if let Some(reply) = reply
-                    && !queue.reply(reply).await
+            } if in_flight.is_empty() && state.hooks.is_empty() && state.broker.alone() => {
+                if !answer(
+                    queue,
+                    Some(send_locally(state, user, request_id, &envelope)),
+                )
+                .await
                 {
                     return;
                 }
                 continue;
             }
+            other => other,
         };
         let mut request = Box::pin(handle_request(state, user, frame));
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
         match first {
             // Nothing ahead of it: answer at once (the common case, and the cheapest).
             Poll::Ready(reply) if in_flight.is_empty() => {
-                if let Some(reply) = reply
-                    && !queue.reply(reply).await
-                {
+                if !answer(queue, reply).await {
                     return;
                 }
             }
             Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
             Poll::Pending => in_flight.push_back(request),
         }
+    }
+}
+
+/// Queues a request's answer, if it has one. False when the session is gone.
+async fn answer(queue: &SessionQueue, reply: Option<Bytes>) -> bool {
+    match reply {
+        Some(reply) => queue.reply(reply).await,
+        None => true,
     }
 }
 

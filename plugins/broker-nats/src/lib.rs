@@ -424,6 +424,18 @@ impl NatsBroker {
         }
     }
 
+    /// Waits, within the command timeout, for the client to take a publish.
+    async fn hand_over<E: fmt::Display>(
+        &self,
+        publish: impl Future<Output = Result<(), E>>,
+    ) -> Result<(), BrokerError> {
+        match tokio::time::timeout(self.timeouts.command, publish).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.unavailable(format!("publish failed: {e}"))),
+            Err(_) => Err(self.unavailable("publish could not be queued in time")),
+        }
+    }
+
     /// Collects the answers to one publish. With `any`, the first `1` settles it: the answer
     /// is then `1` without waiting for the other nodes.
     async fn count_answers(
@@ -445,16 +457,12 @@ impl NatsBroker {
                 )));
             }
         };
-        if any && taken > 0 {
-            return Ok(taken);
-        }
         let window_end = tokio::time::Instant::now() + self.timeouts.reply_window;
-        while let Ok(Some(answer)) = tokio::time::timeout_at(window_end, answers.recv()).await {
-            if let Answer::Node { taken: true } = answer {
-                taken += 1;
-                if any {
-                    break;
-                }
+        while !(any && taken > 0) {
+            match tokio::time::timeout_at(window_end, answers.recv()).await {
+                Ok(Some(Answer::Node { taken: true })) => taken += 1,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         Ok(taken)
@@ -610,29 +618,16 @@ impl Broker for NatsBroker {
         self.connected()?;
         if confirm == Confirm::Nothing {
             // A plain publish: subscribed nodes see no reply subject and send no answer.
-            return match tokio::time::timeout(
-                self.timeouts.command,
-                self.client.publish(topic.to_owned(), payload),
-            )
-            .await
-            {
-                Ok(Ok(())) => Ok(PublishReceipt { receivers: None }),
-                Ok(Err(e)) => Err(self.unavailable(format!("publish failed: {e}"))),
-                Err(_) => Err(self.unavailable("publish could not be queued in time")),
-            };
+            self.hand_over(self.client.publish(topic.to_owned(), payload))
+                .await?;
+            return Ok(PublishReceipt { receivers: None });
         }
         let (reply, mut answers, _guard) = self.expect_answers();
-        match tokio::time::timeout(
-            self.timeouts.command,
+        self.hand_over(
             self.client
                 .publish_with_reply(topic.to_owned(), reply, payload),
         )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.unavailable(format!("publish failed: {e}"))),
-            Err(_) => return Err(self.unavailable("publish could not be queued in time")),
-        }
+        .await?;
         let receivers = self
             .count_answers(&mut answers, confirm == Confirm::Any)
             .await?;

@@ -18,15 +18,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use syncra_core::UserId;
+use anyhow::bail;
 use syncra_core::wire::Frame;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::procstat;
 use crate::report::IdleReport;
-use crate::syncra::{self, LoadUser};
+use crate::syncra;
 use crate::ws::Ws;
 
 /// Ports one source address may use, leaving room for other programs.
@@ -53,12 +52,6 @@ pub struct IdleConfig {
     pub source_addresses: Option<usize>,
     /// Connection handshakes at a time (the relay drops handshakes beyond 1024 in progress).
     pub concurrency: usize,
-}
-
-fn sum_memory(pids: &[u32]) -> (u64, u64) {
-    pids.iter()
-        .filter_map(|p| procstat::memory(*p).ok())
-        .fold((0, 0), |(r, h), m| (r + m.rss_kib, h + m.hwm_kib))
 }
 
 /// Runs the idle scenario.
@@ -90,35 +83,15 @@ pub async fn run(config: IdleConfig) -> anyhow::Result<IdleReport> {
     let source_of = |i: usize| (sources > 1).then(|| source_ips[i % sources]);
     let url_of = |i: usize| config.urls[i % config.urls.len()].clone();
 
-    let (rss_start, _) = sum_memory(&config.pids);
+    let rss_start = procstat::memory_all(&config.pids).rss_kib;
 
     eprintln!("syncra-load: registering {k} users");
     let started = Instant::now();
-    let tag = syncra::run_tag();
-    let gate = Arc::new(Semaphore::new(REGISTER_CONCURRENCY));
-    let mut set = JoinSet::new();
-    for i in 0..k {
-        let gate = gate.clone();
-        let url = url_of(i);
-        let source = source_of(i);
-        let tag = tag.clone();
-        set.spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            let user = LoadUser::new("ldi", &tag, i);
-            let (ws, token) = syncra::register(&user, &url, source).await?;
-            syncra::close(ws).await;
-            anyhow::Ok((i, user.id(), token))
-        });
-    }
-    let mut tokens: Vec<(usize, UserId, String)> = Vec::with_capacity(k);
-    while let Some(r) = set.join_next().await {
-        tokens.push(r.context("a registration task panicked")??);
-    }
-    tokens.sort_by_key(|(i, _, _)| *i);
+    let users = syncra::register_many("ldi", k, REGISTER_CONCURRENCY, &url_of, &source_of).await?;
     let register_s = started.elapsed().as_secs_f64();
 
     tokio::time::sleep(SETTLE).await;
-    let (rss_before, _) = sum_memory(&config.pids);
+    let rss_before = procstat::memory_all(&config.pids).rss_kib;
     let cpu_before = procstat::cpu_seconds_all(&config.pids)?;
 
     eprintln!(
@@ -128,7 +101,8 @@ pub async fn run(config: IdleConfig) -> anyhow::Result<IdleReport> {
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut set = JoinSet::new();
-    for (i, user, token) in tokens {
+    for (i, (user, token)) in users.into_iter().enumerate() {
+        let user = user.id();
         let gate = gate.clone();
         let url = url_of(i);
         // Shift by one so a connection does not reuse its registration's source address.
@@ -157,7 +131,8 @@ pub async fn run(config: IdleConfig) -> anyhow::Result<IdleReport> {
     let connect_s = started.elapsed().as_secs_f64();
     let cpu_after = procstat::cpu_seconds_all(&config.pids)?;
     tokio::time::sleep(SETTLE).await;
-    let (rss_after, hwm) = sum_memory(&config.pids);
+    let after = procstat::memory_all(&config.pids);
+    let (rss_after, hwm) = (after.rss_kib, after.hwm_kib);
 
     let report = IdleReport {
         urls: config.urls.clone(),

@@ -62,6 +62,16 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
+/// RSS and peak RSS summed over several processes, KiB; a process that is gone counts 0.
+pub fn memory_all(pids: &[u32]) -> Memory {
+    pids.iter()
+        .filter_map(|p| memory(*p).ok())
+        .fold(Memory::default(), |sum, m| Memory {
+            rss_kib: sum.rss_kib + m.rss_kib,
+            hwm_kib: sum.hwm_kib + m.hwm_kib,
+        })
+}
+
 /// CPU seconds summed over several processes.
 pub fn cpu_seconds_all(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_seconds(*p)).sum()

@@ -166,13 +166,6 @@ fn lifetime(mean_s: f64) -> Duration {
     Duration::from_secs_f64(-mean_s * (1.0 - uniform()).ln())
 }
 
-fn sum_rss(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| procstat::memory(*p).ok())
-        .map(|m| m.rss_kib)
-        .sum()
-}
-
 /// The least-squares slope of `(x, y)` points, y per x.
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
@@ -313,28 +306,13 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
     };
 
     eprintln!("syncra-load soak: registering {k} users");
-    let tag = syncra::run_tag();
-    let gate = Arc::new(Semaphore::new(REGISTER_CONCURRENCY));
-    let mut set = JoinSet::new();
-    for i in 0..k {
-        let gate = gate.clone();
-        let url = config.urls[i % config.urls.len()].clone();
-        let source = source_of(i);
-        let tag = tag.clone();
-        set.spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            let user = LoadUser::new("lds", &tag, i);
-            let (ws, _) = syncra::register(&user, &url, source).await?;
-            syncra::close(ws).await;
-            anyhow::Ok((i, user))
-        });
-    }
-    let mut users: Vec<(usize, LoadUser)> = Vec::with_capacity(k);
-    while let Some(r) = set.join_next().await {
-        users.push(r.context("a registration task panicked")??);
-    }
-    users.sort_by_key(|(i, _)| *i);
-    let users: Vec<Arc<LoadUser>> = users.into_iter().map(|(_, u)| Arc::new(u)).collect();
+    let url_of = |i: usize| config.urls[i % config.urls.len()].clone();
+    let users: Vec<Arc<LoadUser>> =
+        syncra::register_many("lds", k, REGISTER_CONCURRENCY, &url_of, &source_of)
+            .await?
+            .into_iter()
+            .map(|(user, _)| Arc::new(user))
+            .collect();
 
     eprintln!("syncra-load soak: sealing one envelope per user");
     let body = vec![0x5a; config.size];
@@ -349,7 +327,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         ));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = sum_rss(&config.pids);
+    let rss_idle = procstat::memory_all(&config.pids).rss_kib;
 
     eprintln!(
         "syncra-load soak: opening {k} sessions; then {:.0} msg/s and {:.1} reconnects/s for {:.0} s",
@@ -370,7 +348,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
     for (i, (user, frame)) in users.iter().zip(frames).enumerate() {
         let session = Session {
             user: user.clone(),
-            url: config.urls[i % config.urls.len()].clone(),
+            url: url_of(i),
             source: source_of(i + 1),
             frame,
             period,
@@ -422,7 +400,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         );
         let sample = SoakSample {
             t_s: now.duration_since(started).as_secs_f64(),
-            rss_kib: sum_rss(&config.pids),
+            rss_kib: procstat::memory_all(&config.pids).rss_kib,
             relay_cores: (cpu - last_cpu) / dt,
             sessions: counters.sessions.load(Ordering::Relaxed),
             sent: totals.0 - last.0,

@@ -181,6 +181,37 @@ pub async fn register(
     Ok((ws, token))
 }
 
+/// Registers `count` fresh users (handles `{prefix}_{run tag}_{i}`), `concurrency` at a time,
+/// user `i` on `url_of(i)` from `source_of(i)`, closing each connection after its `AuthOk`.
+/// Returns the users with their resume tokens, in index order.
+pub async fn register_many(
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+    url_of: impl Fn(usize) -> String,
+    source_of: impl Fn(usize) -> Option<IpAddr>,
+) -> anyhow::Result<Vec<(LoadUser, String)>> {
+    let tag = run_tag();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (gate, url, source) = (gate.clone(), url_of(i), source_of(i));
+        let user = LoadUser::new(prefix, &tag, i);
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let (ws, token) = register(&user, &url, source).await?;
+            close(ws).await;
+            anyhow::Ok((i, user, token))
+        });
+    }
+    let mut users = Vec::with_capacity(count);
+    while let Some(r) = set.join_next().await {
+        users.push(r.context("a registration task panicked")??);
+    }
+    users.sort_by_key(|(i, _, _)| *i);
+    Ok(users.into_iter().map(|(_, u, t)| (u, t)).collect())
+}
+
 /// Logs `user` in with a signed challenge on a fresh connection.
 pub async fn login(user: &LoadUser, url: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
     let Opened {

@@ -51,11 +51,15 @@ impl UserId {
     /// Appends the printed form (32 lowercase base32 characters) to `out` without allocating
     /// anything else: the relay builds a broker topic from it for every message.
     pub fn push_to(&self, out: &mut String) {
+        out.push_str(std::str::from_utf8(&self.printed()).unwrap_or_default());
+    }
+
+    /// The printed form as bytes (base32 output is ASCII).
+    fn printed(&self) -> [u8; 32] {
         let mut buf = [0u8; 32];
         BASE32_NOPAD.encode_mut(&self.0, &mut buf);
         buf.make_ascii_lowercase();
-        // Base32 output is ASCII.
-        out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
+        buf
     }
 
     /// A short prefix of the printed form, for logs and status bars.
@@ -68,9 +72,7 @@ impl UserId {
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = String::with_capacity(32);
-        self.push_to(&mut s);
-        f.write_str(&s)
+        f.write_str(std::str::from_utf8(&self.printed()).unwrap_or_default())
     }
 }
 

@@ -219,9 +219,10 @@ pub async fn login(user: &LoadUser, url: &str, source: Option<IpAddr>) -> anyhow
         relay_id,
         nonce,
     } = open(url, source).await?;
-    let statement = login_statement(&relay_id, &nonce, &user.id());
+    let statement = login_statement(&relay_id, url, &nonce, &user.id());
     let frame = Frame::Auth {
         user_id: user.id(),
+        url: url.to_owned(),
         signature: user.identity.sign(&statement),
     };
     send_frame(&mut ws, &frame).await?;

@@ -19,6 +19,7 @@ pub mod record;
 pub mod registry;
 mod serde_b64;
 pub mod store;
+pub mod text;
 pub mod time;
 pub mod transport;
 pub mod ui;

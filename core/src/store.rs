@@ -39,6 +39,12 @@ pub trait IdentityStore: Send + Sync {
     /// Deletes a user. Returns whether there was one.
     async fn delete(&self, id: &UserId) -> Result<bool, StoreError>;
 
+    /// The user's registration generation, or `None` if the user is not registered. A store
+    /// picks a fresh random generation whenever it inserts a record, so deleting a user and
+    /// registering the same identity again gives another one. Resume tokens name the
+    /// generation they were issued under: a changed or missing generation revokes them.
+    async fn generation(&self, id: &UserId) -> Result<Option<u64>, StoreError>;
+
     /// Whether the store is reachable.
     async fn health(&self) -> Health {
         Health::Up
@@ -60,4 +66,12 @@ pub trait IdentityStore: Send + Sync {
         }
         self.store_prekey(id, prekey).await
     }
+}
+
+/// A fresh registration generation, for [`IdentityStore::insert`] implementations: random, and
+/// within `1..=i64::MAX` so every SQL database stores it in a signed 64-bit column.
+pub fn new_generation() -> u64 {
+    let mut bytes = [0u8; 8];
+    crate::crypto::fill_random(&mut bytes);
+    (u64::from_le_bytes(bytes) >> 1).max(1)
 }

@@ -18,8 +18,9 @@ use crate::error::WireError;
 use crate::id::{Handle, USER_ID_LEN, UserId};
 use crate::record::IdentityRecord;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2 added the dialled URL to `Auth` and to the
+/// signed login statement; a relay answers frames of any other version `unsupported_version`.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The default frame limit, in bytes (a relay may configure 1 KiB to 16 MiB and announces its
 /// limit in `Challenge`).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -29,6 +30,8 @@ pub const MAX_TOKEN_LEN: usize = 2048;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Longest relay id, in bytes.
 pub const MAX_RELAY_ID_LEN: usize = 255;
+/// Longest relay URL in an `Auth` frame, in bytes.
+pub const MAX_URL_LEN: usize = 1024;
 /// Most outcomes in one send result (matches the envelope's recipient limit).
 pub const MAX_OUTCOMES: usize = crate::crypto::envelope::MAX_RECIPIENTS;
 /// Longest handle field in requests, in bytes. Longer than a valid handle so the relay can
@@ -303,6 +306,9 @@ pub enum Frame {
     Auth {
         /// Who is logging in.
         user_id: UserId,
+        /// The URL the client dialled, as it dialled it; signed, so a login proof made for one
+        /// address cannot be passed on by whoever answered there (see [`login_statement`]).
+        url: String,
         /// Signature over the login statement (see [`login_statement`]).
         signature: [u8; 64],
     },
@@ -397,10 +403,19 @@ pub fn register_statement(
     t.finish()
 }
 
-/// The statement a client signs to log in: binds the relay and the one-time nonce.
-pub fn login_statement(relay_id: &str, nonce: &[u8; NONCE_LEN], user_id: &UserId) -> Vec<u8> {
-    let mut t = crate::crypto::transcript::Transcript::new("syncra/v1/login");
+/// The statement a client signs to log in: binds the relay id the client pinned, the URL it
+/// dialled and the one-time nonce. A relay that passes another relay's challenge through gets a
+/// proof naming its own URL (which the other relay refuses when it knows its public URLs), and
+/// a client refuses a challenge whose relay id is not the one it registered with.
+pub fn login_statement(
+    relay_id: &str,
+    url: &str,
+    nonce: &[u8; NONCE_LEN],
+    user_id: &UserId,
+) -> Vec<u8> {
+    let mut t = crate::crypto::transcript::Transcript::new("syncra/v2/login");
     t.bytes(relay_id.as_bytes())
+        .bytes(url.as_bytes())
         .fixed(nonce)
         .fixed(user_id.as_bytes());
     t.finish()
@@ -538,9 +553,14 @@ impl Frame {
                 put_prekey(out, prekey);
                 out.put_slice(signature);
             }
-            Frame::Auth { user_id, signature } => {
+            Frame::Auth {
+                user_id,
+                url,
+                signature,
+            } => {
                 out.put_u8(tag::AUTH);
                 out.put_slice(user_id.as_bytes());
+                put_str16(out, url, MAX_URL_LEN);
                 out.put_slice(signature);
             }
             Frame::Resume { token } => {
@@ -694,6 +714,7 @@ impl Frame {
             },
             tag::AUTH => Frame::Auth {
                 user_id: r.user_id("user_id")?,
+                url: r.str16("url", MAX_URL_LEN)?,
                 signature: r.array("signature")?,
             },
             tag::RESUME => Frame::Resume {

@@ -111,8 +111,13 @@ fn frame() -> impl Strategy<Value = Frame> {
                 signature
             }
         ),
-        (user_id(), any::<[u8; 64]>())
-            .prop_map(|(user_id, signature)| Frame::Auth { user_id, signature }),
+        (user_id(), ".{0,64}", any::<[u8; 64]>()).prop_map(|(user_id, url, signature)| {
+            Frame::Auth {
+                user_id,
+                url,
+                signature,
+            }
+        }),
         ".{0,300}".prop_map(|token| Frame::Resume { token }),
         (any::<u32>(), ".{0,32}")
             .prop_map(|(request_id, handle)| Frame::LookupHandle { request_id, handle }),

@@ -24,7 +24,7 @@ use crate::history::{Delivery, History, StoredMessage};
 use crate::home::{Home, Settings};
 use crate::keystore::KeyStore;
 use crate::message::{Content, GroupInfo};
-use crate::net::{Login, NetError, Push, Session};
+use crate::net::{Dial, Login, NetError, Push, Session};
 use crate::outbox::{Outbox, Pending};
 
 /// Where a message goes: a contact or a group.
@@ -310,8 +310,11 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("{e}; pick another with --handle"))?;
         let session = Session::connect(
             &self.transport,
-            relay,
-            &self.keys.identity,
+            Dial {
+                url: relay,
+                relay_id: None,
+                identity: &self.keys.identity,
+            },
             Login::Register {
                 handle: parsed.as_str().to_owned(),
                 prekey: self.keys.ring.current().signed().clone(),
@@ -341,6 +344,7 @@ impl Client {
             other => anyhow::anyhow!("registering on {relay}: {other}"),
         })?;
         self.settings.relay = Some(relay.to_owned());
+        self.settings.relay_id = Some(session.relay_id.clone());
         self.settings.handle = Some(parsed.as_str().to_owned());
         self.home.save_settings(&self.settings)?;
         self.token = Some(session.token.clone());
@@ -359,13 +363,23 @@ impl Client {
             .map_err(|e| NetError::Unreachable(e.to_string()))?;
         let session = Session::connect(
             &self.transport,
-            &url,
-            &self.keys.identity,
+            Dial {
+                url: &url,
+                relay_id: self.settings.relay_id.as_deref(),
+                identity: &self.keys.identity,
+            },
             Login::Auth,
             self.token.take(),
             self.pushes_tx.clone(),
         )
         .await?;
+        if self.settings.relay_id.is_none() {
+            // Registered before relay ids were pinned: pin the id of this first login.
+            self.settings.relay_id = Some(session.relay_id.clone());
+            if let Err(e) = self.home.save_settings(&self.settings) {
+                tracing::warn!("could not save the relay id to settings.toml: {e:#}");
+            }
+        }
         self.token = Some(session.token.clone());
         self.session = Some(session);
         if let Err(e) = self.rotate_prekey_if_due().await {

@@ -27,6 +27,9 @@ pub enum FsyncPolicy {
 pub struct Settings {
     /// The relay to use, e.g. `ws://127.0.0.1:7443/` or `wss://relay.example/`.
     pub relay: Option<String>,
+    /// The relay's id, pinned at registration: a server whose challenge names another relay
+    /// is refused (it could be passing another relay's challenge on to log in there as you).
+    pub relay_id: Option<String>,
     /// The handle registered on that relay.
     pub handle: Option<String>,
     /// A PEM file of CA certificates to trust for the relay instead of the system roots.
@@ -52,6 +55,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             relay: None,
+            relay_id: None,
             handle: None,
             ca_file: None,
             fsync: FsyncPolicy::Always,

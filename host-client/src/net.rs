@@ -45,6 +45,20 @@ pub enum NetError {
     /// The relay sent something that makes no sense here.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server's challenge names another relay than the one this identity registered
+    /// with: it may be passing another relay's challenge on to obtain a login proof.
+    #[error(
+        "the server at this address says it is relay {found:?}, but this identity registered \
+         with relay {expected:?}; refusing to log in (a server that passes another relay's \
+         challenge on could log in there as you). Check the relay URL in settings.toml; if the \
+         relay's operator really changed its id, register again"
+    )]
+    WrongRelay {
+        /// The relay id pinned at registration.
+        expected: String,
+        /// The relay id the challenge named (escaped for display).
+        found: String,
+    },
 }
 
 impl NetError {
@@ -99,6 +113,8 @@ pub struct Session {
     ended: watch::Receiver<bool>,
     /// The authenticated user.
     pub user: UserId,
+    /// The relay id the relay's challenge named (pinned at registration).
+    pub relay_id: String,
     /// The resume token.
     pub token: String,
     /// When the token expires (ms since the epoch).
@@ -123,20 +139,43 @@ pub fn transport(ca_file: Option<std::path::PathBuf>) -> Result<Arc<WsTransport>
     .map_err(|e| NetError::Unreachable(e.to_string()))
 }
 
+/// Where and as whom to connect.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial<'a> {
+    /// The relay URL, signed into the login as dialled.
+    pub url: &'a str,
+    /// The relay id pinned at registration: a challenge naming another is refused. `None`
+    /// only when registering (the id is pinned from that challenge) or for a home registered
+    /// before relay ids were pinned (pinned from this connection's challenge).
+    pub relay_id: Option<&'a str>,
+    /// The identity.
+    pub identity: &'a IdentityKeyPair,
+}
+
+/// Refuses a challenge for a relay other than the pinned one.
+fn check_relay_id(pinned: Option<&str>, challenged: &str) -> Result<(), NetError> {
+    match pinned {
+        Some(expected) if expected != challenged => Err(NetError::WrongRelay {
+            expected: expected.to_owned(),
+            found: syncra_core::text::escape_untrusted(challenged).into_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Session {
     /// Connects and authenticates: resumes with `token` if given (falling back to a login if
     /// it has expired), else logs in or registers as `login` says.
     pub async fn connect(
         transport: &WsTransport,
-        url: &str,
-        identity: &IdentityKeyPair,
+        dial: Dial<'_>,
         login: Login,
         token: Option<String>,
         pushes: mpsc::Sender<Push>,
     ) -> Result<Arc<Session>, NetError> {
         tokio::time::timeout(
             CONNECT_TIMEOUT,
-            Self::connect_inner(transport, url, identity, login, token, pushes),
+            Self::connect_inner(transport, dial, login, token, pushes),
         )
         .await
         .map_err(|_| NetError::Unreachable("the relay did not answer in time".into()))?
@@ -144,12 +183,16 @@ impl Session {
 
     async fn connect_inner(
         transport: &WsTransport,
-        url: &str,
-        identity: &IdentityKeyPair,
+        dial: Dial<'_>,
         login: Login,
         token: Option<String>,
         pushes: mpsc::Sender<Push>,
     ) -> Result<Arc<Session>, NetError> {
+        let Dial {
+            url,
+            relay_id: pinned,
+            identity,
+        } = dial;
         let conn = transport
             .connect(url)
             .await
@@ -181,6 +224,7 @@ impl Session {
                 )));
             }
         };
+        check_relay_id(pinned, &relay_id)?;
         let mut token = token;
         loop {
             let frame = if let Some(t) = token.take() {
@@ -203,9 +247,11 @@ impl Session {
                         }
                     }
                     Login::Auth => {
-                        let statement = login_statement(&relay_id, &nonce, &identity.user_id());
+                        let statement =
+                            login_statement(&relay_id, url, &nonce, &identity.user_id());
                         Frame::Auth {
                             user_id: identity.user_id(),
+                            url: url.to_owned(),
                             signature: identity.sign(&statement),
                         }
                     }
@@ -234,6 +280,7 @@ impl Session {
                         closed,
                         ended,
                         user: user_id,
+                        relay_id,
                         token,
                         token_expires_ms,
                     });
@@ -251,6 +298,7 @@ impl Session {
                             nonce: n,
                             ..
                         } => {
+                            check_relay_id(pinned, &r)?;
                             relay_id = r;
                             nonce = n;
                         }
@@ -321,13 +369,27 @@ impl Session {
         }
     }
 
-    /// Looks up a record by handle and verifies it.
+    /// Looks up a record by handle and verifies it. A record for another handle than the one
+    /// asked about is refused: whoever can inject frames (a hostile relay, a broker publisher)
+    /// must not pin their own key on a first contact.
     pub async fn lookup_handle(&self, handle: &str) -> Result<IdentityRecord, NetError> {
-        let handle = handle.to_owned();
+        let asked = handle.to_owned();
         let reply = self
-            .request(|request_id| Frame::LookupHandle { request_id, handle })
+            .request(|request_id| Frame::LookupHandle {
+                request_id,
+                handle: asked,
+            })
             .await?;
-        verified_record(reply)
+        let record = verified_record(reply)?;
+        let expected = syncra_core::Handle::parse(handle).ok();
+        if expected.as_ref() != Some(&record.handle) {
+            return Err(NetError::Protocol(format!(
+                "the relay answered a lookup of {:?} with the record of {:?}",
+                syncra_core::text::escape_untrusted(handle),
+                syncra_core::text::escape_untrusted(record.handle.as_str())
+            )));
+        }
+        Ok(record)
     }
 
     /// Looks up a record by user id and verifies it.

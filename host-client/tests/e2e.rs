@@ -504,3 +504,32 @@ fn registration_errors_say_what_to_do() {
     let err = other.fails(&["contact", "add", "alice"]);
     assert!(err.contains("register"), "{err}");
 }
+
+/// The relay id is pinned at registration: a server whose challenge names another relay (one
+/// that passes another relay's challenge on, or simply another relay at the configured address)
+/// gets no login proof, and the person is told why.
+#[test]
+fn a_server_claiming_another_relay_id_gets_no_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_a =
+        RelayProcess::start_with(&dir.path().join("a"), &[("SYNCRA_RELAY_ID", "relay-a")]);
+    let relay_b =
+        RelayProcess::start_with(&dir.path().join("b"), &[("SYNCRA_RELAY_ID", "relay-b")]);
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay_a.url());
+    bob.onboard(&relay_b.url());
+    let path = alice.home.join("settings.toml");
+    let settings = std::fs::read_to_string(&path).unwrap();
+    assert!(settings.contains("relay_id = \"relay-a\""), "{settings}");
+    std::fs::write(&path, settings.replace(&relay_a.url(), &relay_b.url())).unwrap();
+
+    let err = alice.fails(&["contact", "add", "bob"]);
+    assert!(
+        err.contains("\"relay-b\"") && err.contains("refusing to log in"),
+        "{err}"
+    );
+    // Back at its own relay, the identity logs in as before.
+    std::fs::write(&path, settings).unwrap();
+    alice.ok(&["status"]);
+}

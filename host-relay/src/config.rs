@@ -89,6 +89,18 @@ pub struct AuthConfig {
     pub max_attempts_per_connection: u32,
     /// Authentication attempts (register, auth, resume) per client address per minute.
     pub attempts_per_minute_per_address: u32,
+    /// Handle lookups per client address per minute before login (after login, lookups count
+    /// against the ordinary frame budget).
+    pub lookups_per_minute_per_address: u32,
+    /// How long a chain of resumes may go on after the last login with the identity key. Past
+    /// it a resume is refused (`token_expired`) and the client logs in with its key again.
+    pub session_max_lifetime_secs: u64,
+    /// The URLs clients dial to reach this relay (as clients write them, e.g.
+    /// `wss://chat.example.org/`). Logins sign the URL the client dialled; when this list is
+    /// not empty, a login signed for any other URL is refused, so a relay that passes this
+    /// relay's challenges through to its own users cannot log in here as them. Empty accepts
+    /// any URL (a relay on loopback, or one whose address is not known in advance).
+    pub public_urls: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -98,6 +110,9 @@ impl Default for AuthConfig {
             token_key_file: PathBuf::from("token-signing.key"),
             max_attempts_per_connection: 3,
             attempts_per_minute_per_address: 30,
+            lookups_per_minute_per_address: 30,
+            session_max_lifetime_secs: 24 * 3600,
+            public_urls: Vec::new(),
         }
     }
 }
@@ -145,6 +160,13 @@ pub struct LimitsConfig {
     pub overflow: OverflowPolicy,
     /// How long SIGTERM waits for sessions to drain before closing them.
     pub drain_timeout_secs: u64,
+    /// Most recipients one send may name (the envelope format allows 512).
+    pub max_recipients_per_send: usize,
+    /// Fan-out budget per user, sustained: bytes the relay emits on the user's behalf (envelope
+    /// size × recipients) per second.
+    pub fanout_bytes_per_second_per_user: u32,
+    /// Fan-out burst per user, in bytes. A single send that costs more is refused outright.
+    pub fanout_burst_bytes_per_user: u32,
 }
 
 impl Default for LimitsConfig {
@@ -163,6 +185,9 @@ impl Default for LimitsConfig {
             write_batch: 64,
             overflow: OverflowPolicy::Reject,
             drain_timeout_secs: 5,
+            max_recipients_per_send: 128,
+            fanout_bytes_per_second_per_user: 8 * 1024 * 1024,
+            fanout_burst_bytes_per_user: 64 * 1024 * 1024,
         }
     }
 }
@@ -317,6 +342,37 @@ impl RelayConfig {
         }
         if self.limits.max_frame < 1024 || self.limits.max_frame > 16 * 1024 * 1024 {
             bail!("limits.max_frame must be between 1 KiB and 16 MiB");
+        }
+        let max_recipients = syncra_core::crypto::envelope::MAX_RECIPIENTS;
+        if self.limits.max_recipients_per_send == 0
+            || self.limits.max_recipients_per_send > max_recipients
+        {
+            bail!("limits.max_recipients_per_send must be between 1 and {max_recipients}");
+        }
+        if (self.limits.fanout_burst_bytes_per_user as usize) < self.limits.max_frame {
+            bail!(
+                "limits.fanout_burst_bytes_per_user ({}) must be at least limits.max_frame ({}): \
+                 otherwise a message of the largest size could not be sent even to one recipient",
+                self.limits.fanout_burst_bytes_per_user,
+                self.limits.max_frame
+            );
+        }
+        if self.limits.fanout_bytes_per_second_per_user == 0 {
+            bail!("limits.fanout_bytes_per_second_per_user must be at least 1");
+        }
+        if self.auth.session_max_lifetime_secs < self.auth.token_ttl_secs {
+            bail!(
+                "auth.session_max_lifetime_secs ({}) must be at least auth.token_ttl_secs ({})",
+                self.auth.session_max_lifetime_secs,
+                self.auth.token_ttl_secs
+            );
+        }
+        for url in &self.auth.public_urls {
+            if !(url.starts_with("ws://") || url.starts_with("wss://"))
+                || url.len() > syncra_core::wire::MAX_URL_LEN
+            {
+                bail!("auth.public_urls: {url:?} is not a ws:// or wss:// URL");
+            }
         }
         Ok(())
     }

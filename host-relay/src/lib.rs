@@ -155,11 +155,16 @@ impl Relay {
 
         let mut node_id = [0u8; router::NODE_ID_LEN];
         syncra_core::crypto::fill_random(&mut node_id);
-        let router = Arc::new(Router::new(node_id, config.limits.overflow));
+        let router = Arc::new(Router::new(
+            node_id,
+            config.limits.overflow,
+            router::ClusterMac::new(&tokens.cluster_key()),
+            config.limits.max_frame,
+        ));
         let metrics = Arc::new(Metrics::default());
         let sink: Arc<dyn BrokerSink> = Arc::new(RouterSink {
             router: router.clone(),
-            received: metrics.broker_in.clone(),
+            metrics: metrics.clone(),
         });
         let broker = registry
             .brokers
@@ -187,6 +192,9 @@ impl Relay {
             address_burst: l.message_burst_per_address,
             connections_per_address: l.connections_per_address,
             auth_per_minute: config.auth.attempts_per_minute_per_address,
+            lookups_per_minute: config.auth.lookups_per_minute_per_address,
+            fanout_rate: l.fanout_bytes_per_second_per_user,
+            fanout_burst: l.fanout_burst_bytes_per_user,
         });
         let state = Arc::new(NodeState {
             config,
@@ -407,6 +415,39 @@ async fn start_admin(
         }
     });
     Ok((local, task))
+}
+
+/// Deletes a user by handle or user id from the configured identity store; returns its id.
+/// Deleting revokes its resume tokens: they name the user's registration generation, which a
+/// deleted user no longer has.
+pub async fn delete_user(config: &RelayConfig, who: &str) -> anyhow::Result<syncra_core::UserId> {
+    let registry = plugin_registry()?;
+    let store = registry
+        .stores
+        .create(config.store_section(), ())
+        .await
+        .with_context(|| {
+            format!(
+                "opening the identity store ([store] in {})",
+                config.describe_source()
+            )
+        })?;
+    let id = match who.parse::<syncra_core::UserId>() {
+        Ok(id) => id,
+        Err(_) => {
+            let handle = syncra_core::Handle::parse(who)
+                .map_err(|e| anyhow::anyhow!("{who:?} is neither a user id nor a handle: {e}"))?;
+            store
+                .by_handle(&handle)
+                .await?
+                .with_context(|| format!("nobody is registered as {:?}", handle.as_str()))?
+                .user_id
+        }
+    };
+    if !store.delete(&id).await? {
+        anyhow::bail!("user {id} is not registered");
+    }
+    Ok(id)
 }
 
 /// Runs the identity store's migrations alone (`syncra-relay migrate`).

@@ -31,6 +31,13 @@ enum Command {
     /// Run the identity store's database migrations and exit (the relay also runs them at
     /// start; this is for deployments that migrate as a separate step).
     Migrate,
+    /// Delete a registered user by handle or user id. Its handle becomes free and every resume
+    /// token issued to it stops working on every node (sessions open now end at their next
+    /// resume; restart the nodes to end them at once).
+    DeleteUser {
+        /// The handle or user id.
+        who: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +54,15 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(syncra_relay::migrate(&config))
+        }
+        Command::DeleteUser { who } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let deleted = runtime.block_on(syncra_relay::delete_user(&config, &who))?;
+            println!("deleted user {deleted}; its resume tokens are revoked");
+            Ok(())
         }
         Command::Serve => {
             let filter = EnvFilter::try_from_default_env()

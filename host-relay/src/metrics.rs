@@ -42,11 +42,15 @@ pub struct Metrics {
     pub write_batches: Counter<u64, AtomicU64>,
     /// Broker payloads received from other nodes.
     pub broker_in: Counter,
+    /// Broker payloads dropped as not authentic or not a well-formed delivery, by reason.
+    pub broker_dropped: Family<Labels, Counter>,
     /// The hot series of the families above, resolved once so the message path does not look
     /// labels up: `frames_in{kind="send"}` and the three `send_outcomes`.
     pub hot: HotCounters,
     /// Refused connections, logged once per window per reason.
     refusal_log: RefusalLog,
+    /// Dropped broker payloads, logged once per window per reason.
+    broker_drop_log: RefusalLog,
 }
 
 /// Series of labelled families that every message touches (clones share the family's values).
@@ -82,6 +86,8 @@ impl Default for Metrics {
         let m = Metrics {
             hot,
             refusal_log: RefusalLog::default(),
+            broker_drop_log: RefusalLog::default(),
+            broker_dropped: Family::default(),
             connections: Counter::default(),
             refused: Family::default(),
             sessions: Gauge::default(),
@@ -132,6 +138,11 @@ impl Default for Metrics {
             "Payloads received from the broker",
             m.broker_in.clone(),
         );
+        registry.register(
+            "broker_dropped",
+            "Payloads from the broker dropped as not authentic or not a well-formed delivery, by reason",
+            m.broker_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -142,6 +153,26 @@ impl Metrics {
     pub fn refuse(&self, reason: &'static str) {
         self.count_refusal(reason);
         self.refusal_log.note(reason);
+    }
+
+    /// Counts a payload from the broker that was dropped (see `router::RouterSink`) and logs
+    /// it once per window per reason. Anyone who can publish on the broker can send these, so
+    /// the log line names the reason only, never the payload.
+    pub fn broker_drop(&self, reason: &'static str) {
+        self.broker_dropped
+            .get_or_create(&[("reason", reason)])
+            .inc();
+        if let Some(earlier) = self.broker_drop_log.due(reason) {
+            warn!(
+                reason,
+                "dropped a payload from the broker ({reason}): the broker is a trust boundary and \
+                 only authenticated deliveries from other relay nodes are forwarded; {earlier} more \
+                 were dropped for this reason in the previous {}s window. Further ones in the next \
+                 {}s are only counted (syncra_relay_broker_dropped_total{{reason=\"{reason}\"}})",
+                REFUSAL_LOG_WINDOW.as_secs(),
+                REFUSAL_LOG_WINDOW.as_secs()
+            );
+        }
     }
 
     /// Counts a refused connection without logging it (a TCP connect-and-close).
@@ -172,26 +203,32 @@ pub struct RefusalLog {
 }
 
 impl RefusalLog {
-    /// Notes one refusal.
-    pub fn note(&self, reason: &'static str) {
+    /// Notes one occurrence of `reason`. Returns, for the first of a window only, how many
+    /// the previous window counted: the caller logs then, and only then.
+    pub fn due(&self, reason: &'static str) -> Option<u64> {
         let now = Instant::now();
-        let earlier = {
-            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-            match windows.get_mut(reason) {
-                Some((start, count)) if now.duration_since(*start) < REFUSAL_LOG_WINDOW => {
-                    *count += 1;
-                    return;
-                }
-                Some((start, count)) => {
-                    let earlier = *count;
-                    (*start, *count) = (now, 0);
-                    earlier
-                }
-                None => {
-                    windows.insert(reason, (now, 0));
-                    0
-                }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        match windows.get_mut(reason) {
+            Some((start, count)) if now.duration_since(*start) < REFUSAL_LOG_WINDOW => {
+                *count += 1;
+                None
             }
+            Some((start, count)) => {
+                let earlier = *count;
+                (*start, *count) = (now, 0);
+                Some(earlier)
+            }
+            None => {
+                windows.insert(reason, (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// Notes one refused connection.
+    pub fn note(&self, reason: &'static str) {
+        let Some(earlier) = self.due(reason) else {
+            return;
         };
         let what = match reason {
             "handshake_timeout" => "a connection did not finish its handshake in time",

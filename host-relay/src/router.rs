@@ -19,6 +19,58 @@ use crate::config::OverflowPolicy;
 
 /// Bytes of node id at the start of every broker payload.
 pub const NODE_ID_LEN: usize = 16;
+/// Bytes of the MAC that follows the node id.
+pub const MAC_LEN: usize = 32;
+/// Bytes before the frame in a broker payload.
+pub const PAYLOAD_PREFIX: usize = NODE_ID_LEN + MAC_LEN;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// Authenticates payloads between the nodes of a cluster: HMAC-SHA256 under the cluster key
+/// over the node id and the frame. The broker is a trust boundary: anyone who can publish on
+/// NATS or Redis could otherwise hand any frame to any user's sessions.
+#[derive(Clone)]
+pub struct ClusterMac {
+    /// The MAC with the key already absorbed; cloned per message.
+    keyed: HmacSha256,
+}
+
+impl std::fmt::Debug for ClusterMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterMac(..)")
+    }
+}
+
+impl ClusterMac {
+    /// A MAC under `key`.
+    pub fn new(key: &[u8; 32]) -> Self {
+        use hmac::KeyInit;
+        ClusterMac {
+            keyed: <HmacSha256 as KeyInit>::new_from_slice(key)
+                .expect("HMAC takes keys of any length"),
+        }
+    }
+
+    fn mac(&self, node_id: &[u8], frame: &[u8]) -> HmacSha256 {
+        use hmac::Mac;
+        let mut mac = self.keyed.clone();
+        mac.update(node_id);
+        mac.update(frame);
+        mac
+    }
+
+    /// The tag of a payload.
+    fn tag(&self, node_id: &[u8], frame: &[u8]) -> [u8; MAC_LEN] {
+        use hmac::Mac;
+        self.mac(node_id, frame).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` authenticates the payload (compared in constant time).
+    fn verify(&self, node_id: &[u8], frame: &[u8], tag: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(node_id, frame).verify_slice(tag).is_ok()
+    }
+}
 
 /// The broker topic that carries a user's deliveries.
 pub fn user_topic(user: &UserId) -> String {
@@ -159,7 +211,7 @@ pub struct LocalDelivery {
 pub struct Delivery {
     /// The `Deliver` frame, for local sessions.
     pub frame: Bytes,
-    /// Node id and frame, for the broker.
+    /// Node id, MAC and frame, for the broker (empty when made for local sessions only).
     pub payload: Bytes,
 }
 
@@ -168,16 +220,26 @@ pub struct Delivery {
 pub struct Router {
     node_id: [u8; NODE_ID_LEN],
     policy: OverflowPolicy,
+    mac: ClusterMac,
+    max_frame: usize,
     sessions: DashMap<UserId, Vec<Arc<SessionQueue>>>,
     next_id: AtomicU64,
 }
 
 impl Router {
-    /// An empty router for a node.
-    pub fn new(node_id: [u8; NODE_ID_LEN], policy: OverflowPolicy) -> Self {
+    /// An empty router for a node; `mac` authenticates what it sends to and takes from other
+    /// nodes, `max_frame` bounds what it takes.
+    pub fn new(
+        node_id: [u8; NODE_ID_LEN],
+        policy: OverflowPolicy,
+        mac: ClusterMac,
+        max_frame: usize,
+    ) -> Self {
         Router {
             node_id,
             policy,
+            mac,
+            max_frame,
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
         }
@@ -226,12 +288,27 @@ impl Router {
         result
     }
 
-    /// Encodes an envelope for delivery, once: the broker payload (this node's id, then the
-    /// `Deliver` frame) and the frame for local sessions, which shares the payload's bytes.
-    pub fn delivery(&self, envelope: &[u8]) -> Delivery {
-        let payload = syncra_core::wire::encode_deliver_after(&self.node_id, envelope);
+    /// Encodes an envelope for delivery, once: the broker payload (this node's id, the MAC,
+    /// then the `Deliver` frame) and the frame for local sessions, which shares the payload's
+    /// bytes. With `for_broker` false (a node alone on its broker) no MAC is computed and the
+    /// payload is empty.
+    pub fn delivery(&self, envelope: &[u8], for_broker: bool) -> Delivery {
+        if !for_broker {
+            let frame = syncra_core::wire::encode_deliver_after(&[], envelope);
+            return Delivery {
+                frame,
+                payload: Bytes::new(),
+            };
+        }
+        let mut prefix = [0u8; PAYLOAD_PREFIX];
+        prefix[..NODE_ID_LEN].copy_from_slice(&self.node_id);
+        let unsigned = syncra_core::wire::encode_deliver_after(&prefix, envelope);
+        let tag = self.mac.tag(&self.node_id, &unsigned[PAYLOAD_PREFIX..]);
+        let mut payload = bytes::BytesMut::from(unsigned);
+        payload[NODE_ID_LEN..PAYLOAD_PREFIX].copy_from_slice(&tag);
+        let payload = payload.freeze();
         Delivery {
-            frame: payload.slice(NODE_ID_LEN..),
+            frame: payload.slice(PAYLOAD_PREFIX..),
             payload,
         }
     }
@@ -246,26 +323,98 @@ impl Router {
 }
 
 /// Receives payloads from other nodes and hands them to local sessions.
+///
+/// The broker is a trust boundary: whoever can publish on it (a compromised broker account, a
+/// misconfigured ACL, another tenant) is hostile. A payload reaches a session only if its MAC
+/// verifies under the cluster key, it is exactly one well-formed `Deliver` frame within the
+/// frame limit, and the envelope's header names the topic's user as a recipient. Everything
+/// else is dropped and counted by reason (`syncra_relay_broker_dropped_total`).
 #[derive(Debug)]
 pub struct RouterSink {
     /// The router to deliver into.
     pub router: Arc<Router>,
-    /// Counts payloads received.
-    pub received: prometheus_client::metrics::counter::Counter,
+    /// Where drops are counted and logged.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Why a broker payload was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The topic is not a user topic.
+    Topic,
+    /// Shorter than a node id and a MAC.
+    Short,
+    /// The MAC does not verify under the cluster key.
+    Mac,
+    /// Not one well-formed `Deliver` frame.
+    NotDeliver,
+    /// The envelope's header is malformed or does not name the topic's user.
+    NotRecipient,
+}
+
+impl Dropped {
+    /// The metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Dropped::Topic => "bad_topic",
+            Dropped::Short => "truncated",
+            Dropped::Mac => "bad_mac",
+            Dropped::NotDeliver => "not_a_delivery",
+            Dropped::NotRecipient => "not_a_recipient",
+        }
+    }
+}
+
+impl Router {
+    /// Checks a payload from the broker. `Ok(None)` is this node's own publish coming back
+    /// (its local sessions were served directly); `Ok(Some)` the user and the frame to hand
+    /// to that user's sessions.
+    pub fn accept_remote(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+    ) -> Result<Option<(UserId, Bytes)>, Dropped> {
+        let user = user_from_topic(topic).ok_or(Dropped::Topic)?;
+        if payload.len() <= PAYLOAD_PREFIX {
+            return Err(Dropped::Short);
+        }
+        let (node_id, rest) = payload.split_at(NODE_ID_LEN);
+        if node_id == self.node_id {
+            // Nothing is delivered for it, so a forgery naming this node achieves nothing.
+            return Ok(None);
+        }
+        let (tag, frame) = rest.split_at(MAC_LEN);
+        if !self.mac.verify(node_id, frame, tag) {
+            return Err(Dropped::Mac);
+        }
+        let frame = payload.slice(PAYLOAD_PREFIX..);
+        let Ok(syncra_core::wire::Frame::Deliver { envelope }) =
+            syncra_core::wire::Frame::decode(&frame, self.max_frame)
+        else {
+            return Err(Dropped::NotDeliver);
+        };
+        match syncra_core::crypto::envelope::parse_header(&envelope) {
+            Ok(header) if header.recipients.iter().any(|r| r.user_id == user) => {
+                Ok(Some((user, frame)))
+            }
+            _ => Err(Dropped::NotRecipient),
+        }
+    }
 }
 
 impl BrokerSink for RouterSink {
     fn deliver(&self, topic: &str, payload: Bytes) -> bool {
-        if payload.len() <= NODE_ID_LEN || payload[..NODE_ID_LEN] == self.router.node_id {
-            // Our own publish coming back: the local sessions were served directly.
-            return false;
+        match self.router.accept_remote(topic, &payload) {
+            Ok(Some((user, frame))) => {
+                self.metrics.broker_in.inc();
+                self.router.deliver_local(&user, &frame).taken > 0
+            }
+            Ok(None) => false,
+            Err(dropped) => {
+                self.metrics.broker_drop(dropped.reason());
+                false
+            }
         }
-        let Some(user) = user_from_topic(topic) else {
-            return false;
-        };
-        self.received.inc();
-        let frame = payload.slice(NODE_ID_LEN..);
-        self.router.deliver_local(&user, &frame).taken > 0
     }
 }
 
@@ -282,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_refuses_and_counts_without_blocking() {
-        let router = Router::new([1; 16], OverflowPolicy::Reject);
+        let router = router(1, OverflowPolicy::Reject);
         let user = UserId::from_identity_key(&[1; 32]);
         let out = SessionQueue::channel(router.next_session_id(), 2);
         assert!(router.add(user, out.queue.clone()));
@@ -299,7 +448,7 @@ mod tests {
 
     #[tokio::test]
     async fn disconnect_policy_closes_the_slow_session() {
-        let router = Router::new([1; 16], OverflowPolicy::Disconnect);
+        let router = router(1, OverflowPolicy::Disconnect);
         let user = UserId::from_identity_key(&[1; 32]);
         let out = SessionQueue::channel(1, 1);
         router.add(user, out.queue.clone());
@@ -312,28 +461,160 @@ mod tests {
         );
     }
 
+    fn mac(key: u8) -> ClusterMac {
+        ClusterMac::new(&[key; 32])
+    }
+
+    fn router(node: u8, policy: OverflowPolicy) -> Router {
+        Router::new([node; 16], policy, mac(9), 1 << 20)
+    }
+
+    /// A sealed envelope for `to` (the relay reads only its header).
+    fn envelope_for(to: &[UserId]) -> Vec<u8> {
+        use syncra_core::crypto::envelope::{Recipient, seal};
+        use syncra_core::crypto::keys::{IdentityKeyPair, PrekeySecret};
+        let sender = IdentityKeyPair::generate();
+        let recipients: Vec<Recipient> = to
+            .iter()
+            .map(|id| Recipient {
+                user_id: *id,
+                prekey: PrekeySecret::generate(&IdentityKeyPair::generate(), 1)
+                    .signed()
+                    .public,
+            })
+            .collect();
+        seal(&sender, &recipients, b"hi", syncra_core::now_ms())
+            .unwrap()
+            .bytes
+    }
+
     #[test]
-    fn sink_ignores_own_payloads_and_delivers_others() {
-        let router = Arc::new(Router::new([1; 16], OverflowPolicy::Reject));
+    fn sink_ignores_own_payloads_and_delivers_authentic_deliveries() {
+        let here = Arc::new(router(1, OverflowPolicy::Reject));
+        let there = router(2, OverflowPolicy::Reject);
         let user = UserId::from_identity_key(&[1; 32]);
         let mut out = SessionQueue::channel(1, 4);
-        router.add(user, out.queue.clone());
+        here.add(user, out.queue.clone());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let sink = RouterSink {
-            router: router.clone(),
-            received: Default::default(),
+            router: here.clone(),
+            metrics: metrics.clone(),
         };
-        let own = router.delivery(b"envelope");
+        let envelope = envelope_for(&[user]);
+        let own = here.delivery(&envelope, true);
         assert!(!sink.deliver(&user_topic(&user), own.payload.clone()));
-        let mut other = vec![2u8; 16];
-        other.extend_from_slice(&own.frame);
-        assert!(sink.deliver(&user_topic(&user), Bytes::from(other)));
-        assert_eq!(out.rx.try_recv().unwrap(), own.frame);
-        assert_eq!(
-            syncra_core::wire::Frame::decode(&own.frame, 1 << 20).unwrap(),
-            syncra_core::wire::Frame::Deliver {
-                envelope: Bytes::from_static(b"envelope")
-            }
-        );
+        let remote = there.delivery(&envelope, true);
+        assert!(sink.deliver(&user_topic(&user), remote.payload.clone()));
+        assert_eq!(out.rx.try_recv().unwrap(), remote.frame);
+        assert_eq!(own.frame, remote.frame);
+        assert_eq!(here.delivery(&envelope, false).frame, own.frame);
         assert!(out.rx.try_recv().is_err());
+        assert!(!metrics.render().contains("broker_dropped_total{"));
+    }
+
+    /// What a broker publisher without the cluster key can send, each refused with its reason
+    /// and nothing reaching the session.
+    #[test]
+    fn sink_drops_what_is_not_an_authentic_delivery_for_the_topic() {
+        let here = Arc::new(router(1, OverflowPolicy::Reject));
+        let user = UserId::from_identity_key(&[1; 32]);
+        let other = UserId::from_identity_key(&[2; 32]);
+        let mut out = SessionQueue::channel(1, 64);
+        here.add(user, out.queue.clone());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let sink = RouterSink {
+            router: here.clone(),
+            metrics: metrics.clone(),
+        };
+        let topic = user_topic(&user);
+        // A node with the cluster key, for the cases that get past the MAC.
+        let peer = router(2, OverflowPolicy::Reject);
+        let signed = |frame: &[u8]| {
+            let mut payload = vec![2u8; NODE_ID_LEN];
+            payload.extend_from_slice(&peer.mac.tag(&[2u8; NODE_ID_LEN], frame));
+            payload.extend_from_slice(frame);
+            Bytes::from(payload)
+        };
+        let forged_record = syncra_core::wire::Frame::SendResult {
+            request_id: 1,
+            message_id: [0; 16].into(),
+            outcomes: vec![],
+        }
+        .encode();
+        let keyless = router(2, OverflowPolicy::Reject);
+        let keyless = Router {
+            mac: mac(3),
+            ..keyless
+        };
+        let cases: Vec<(&str, Bytes, Dropped)> = vec![
+            (
+                "not a user topic",
+                signed(&here.delivery(&envelope_for(&[user]), false).frame),
+                Dropped::Topic,
+            ),
+            (
+                "short",
+                Bytes::from_static(b"0123456789abcdef0123"),
+                Dropped::Short,
+            ),
+            (
+                "unauthenticated deliver",
+                keyless.delivery(&envelope_for(&[user]), true).payload,
+                Dropped::Mac,
+            ),
+            (
+                "old-format payload (node id + frame)",
+                {
+                    let mut p = vec![2u8; NODE_ID_LEN];
+                    p.extend_from_slice(&here.delivery(&envelope_for(&[user]), false).frame);
+                    Bytes::from(p)
+                },
+                Dropped::Mac,
+            ),
+            (
+                "authentic but not a deliver",
+                signed(&forged_record),
+                Dropped::NotDeliver,
+            ),
+            (
+                "authentic garbage",
+                signed(b"\x02\x06garbage"),
+                Dropped::NotDeliver,
+            ),
+            (
+                "deliver for someone else",
+                peer.delivery(&envelope_for(&[other]), true).payload,
+                Dropped::NotRecipient,
+            ),
+        ];
+        for (name, payload, expected) in cases {
+            let topic = if expected == Dropped::Topic {
+                "syncra.x.y"
+            } else {
+                topic.as_str()
+            };
+            assert_eq!(
+                here.accept_remote(topic, &payload).err(),
+                Some(expected),
+                "{name}"
+            );
+            assert!(!sink.deliver(topic, payload), "{name}");
+        }
+        assert!(out.rx.try_recv().is_err(), "nothing reached the session");
+        let text = metrics.render();
+        for reason in [
+            "bad_topic",
+            "truncated",
+            "bad_mac",
+            "not_a_delivery",
+            "not_a_recipient",
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "syncra_relay_broker_dropped_total{{reason=\"{reason}\"}}"
+                )),
+                "{reason} counted:\n{text}"
+            );
+        }
     }
 }

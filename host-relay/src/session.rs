@@ -28,8 +28,9 @@ use syncra_core::{Handle, IdentityRecord, UserId};
 use tracing::{debug, info, warn};
 
 use crate::NodeState;
+use crate::limits::SendRefusal;
 use crate::router::{Delivery, LocalDelivery, SessionOutbox, SessionQueue, user_topic};
-use crate::tokens::TokenError;
+use crate::tokens::{TokenError, TokenGrant};
 
 /// Malformed frames tolerated on one connection before it is closed.
 const MAX_MALFORMED: u32 = 16;
@@ -40,6 +41,15 @@ const MAX_PREKEY_FUTURE_SECS: u64 = 24 * 3600;
 const MAX_IN_FLIGHT: usize = 32;
 /// How long a store call may take before the request fails with `store_unavailable`.
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counts an error sent to a client, by code.
+fn count_error(state: &NodeState, code: ErrorCode) {
+    state
+        .metrics
+        .errors
+        .get_or_create(&[("code", code.name())])
+        .inc();
+}
 
 fn error_frame(request_id: RequestId, code: ErrorCode, message: impl Into<String>) -> Bytes {
     Frame::Error {
@@ -139,7 +149,7 @@ fn fresh_challenge(state: &NodeState) -> ([u8; NONCE_LEN], Bytes) {
 
 /// An authentication outcome.
 enum AuthResult {
-    Ok(UserId),
+    Ok(TokenGrant),
     Failed(ErrorCode, String),
 }
 
@@ -188,7 +198,7 @@ async fn register(
     match with_store_timeout(state.store.register(&record)).await {
         Ok(()) => {
             info!(user = %record.user_id.short(), "registered");
-            AuthResult::Ok(record.user_id)
+            fresh_login(state, record.user_id).await
         }
         Err(e) => {
             let code = store_code(&e);
@@ -207,8 +217,21 @@ async fn login(
     state: &NodeState,
     nonce: &[u8; NONCE_LEN],
     user: UserId,
+    url: &str,
     signature: [u8; 64],
 ) -> AuthResult {
+    let public_urls = &state.config.auth.public_urls;
+    if !public_urls.is_empty() && !public_urls.iter().any(|u| u == url) {
+        // Checked before the signature: either way the login fails, and this says why.
+        return AuthResult::Failed(
+            ErrorCode::AuthFailed,
+            format!(
+                "this login was signed for {}, which is not an address of this relay; if you \
+                 dialled another server, it passed this relay's challenge on",
+                syncra_core::text::escape_untrusted(url)
+            ),
+        );
+    }
     let record = match with_store_timeout(state.store.by_id(&user)).await {
         Ok(Some(r)) => r,
         Ok(None) => {
@@ -219,27 +242,72 @@ async fn login(
         }
         Err(e) => return AuthResult::Failed(store_code(&e), e.to_string()),
     };
-    let statement = login_statement(&state.config.relay_id, nonce, &user);
+    let statement = login_statement(&state.config.relay_id, url, nonce, &user);
     if verify_signature(&record.identity_key, &statement, &signature).is_err() {
         return AuthResult::Failed(
             ErrorCode::AuthFailed,
             "the login proof does not verify; the nonce may be stale or the key wrong".into(),
         );
     }
-    AuthResult::Ok(user)
+    fresh_login(state, user).await
 }
 
-fn resume(state: &NodeState, token: &str) -> AuthResult {
-    match state.tokens.verify(token, syncra_core::now_ms()) {
-        Ok(user) => AuthResult::Ok(user),
-        Err(TokenError::Expired) => AuthResult::Failed(
+/// A grant for a user who just proved possession of the identity key: the login time is now.
+async fn fresh_login(state: &NodeState, user: UserId) -> AuthResult {
+    match with_store_timeout(state.store.generation(&user)).await {
+        Ok(Some(generation)) => AuthResult::Ok(TokenGrant {
+            user,
+            auth_time_secs: syncra_core::now_ms() / 1000,
+            generation,
+        }),
+        Ok(None) => AuthResult::Failed(
+            ErrorCode::NotFound,
+            format!("user {user} is not registered on this relay; register first"),
+        ),
+        Err(e) => AuthResult::Failed(store_code(&e), e.to_string()),
+    }
+}
+
+/// A resume: the token must verify, its login must be within the absolute session lifetime,
+/// and the user must still be registered under the generation the token names (deleting a
+/// user revokes its tokens). The grant keeps the token's login time, so resuming never
+/// extends a session's absolute lifetime.
+async fn resume(state: &NodeState, token: &str) -> AuthResult {
+    let now_ms = syncra_core::now_ms();
+    let grant = match state.tokens.verify(token, now_ms) {
+        Ok(grant) => grant,
+        Err(TokenError::Expired) => {
+            return AuthResult::Failed(
+                ErrorCode::TokenExpired,
+                "the resume token has expired; log in again".into(),
+            );
+        }
+        Err(TokenError::Invalid) => {
+            return AuthResult::Failed(
+                ErrorCode::TokenInvalid,
+                "the resume token is not valid for this relay".into(),
+            );
+        }
+    };
+    let lifetime = state.config.auth.session_max_lifetime_secs;
+    if (now_ms / 1000).saturating_sub(grant.auth_time_secs) >= lifetime {
+        return AuthResult::Failed(
             ErrorCode::TokenExpired,
-            "the resume token has expired; log in again".into(),
-        ),
-        Err(TokenError::Invalid) => AuthResult::Failed(
+            format!(
+                "the session's last login with the identity key is more than {lifetime} s old; \
+                 log in again"
+            ),
+        );
+    }
+    match with_store_timeout(state.store.generation(&grant.user)).await {
+        Ok(Some(generation)) if generation == grant.generation => AuthResult::Ok(grant),
+        Ok(_) => AuthResult::Failed(
             ErrorCode::TokenInvalid,
-            "the resume token is not valid for this relay".into(),
+            "the resume token was revoked (the user was deleted or registered again); log in \
+             again"
+                .into(),
         ),
+        Err(e) => AuthResult::Failed(store_code(&e), e.to_string()),
     }
 }
 
@@ -271,8 +339,8 @@ pub async fn serve(
     // Boxed: the login's state (store calls, signature checks) is large and only needed once,
     // and a task's memory is its largest state for as long as it runs.
     let login = Box::pin(authenticate(&state, &mut sink, &mut stream, ip));
-    let user = match tokio::time::timeout_at(deadline, login).await {
-        Ok(Some(user)) => user,
+    let grant = match tokio::time::timeout_at(deadline, login).await {
+        Ok(Some(grant)) => grant,
         Ok(None) => return,
         Err(_) => {
             state.metrics.refuse("auth_timeout");
@@ -287,6 +355,7 @@ pub async fn serve(
     };
 
     drop(pending);
+    let user = grant.user;
     if !state.hooks.is_empty() {
         let verdict = crate::plugins::ask(&state.hooks, move |h| h.on_connect(&user, ip)).await;
         match verdict {
@@ -302,7 +371,7 @@ pub async fn serve(
     }
 
     // Authenticated: the token goes out first, directly, then the writer owns the sink.
-    let auth_ok = match state.tokens.issue(&user, syncra_core::now_ms()) {
+    let auth_ok = match state.tokens.issue(&grant, syncra_core::now_ms()) {
         Ok((token, token_expires_ms)) => Frame::AuthOk {
             user_id: user,
             token,
@@ -346,7 +415,6 @@ pub async fn serve(
     }
     state.metrics.sessions.dec();
     if state.router.remove(&user, queue.id) {
-        state.limits.forget_user(&user);
         if let Err(e) = state.broker.unsubscribe(&user_topic(&user)).await {
             warn!(user = %user.short(), "broker unsubscribe failed: {e}");
         }
@@ -361,14 +429,14 @@ pub async fn serve(
     debug!(user = %user.short(), session = queue.id, "session ended");
 }
 
-/// The unauthenticated phase. Returns the user once authenticated, or `None` if the connection
-/// ended (closed by the peer, or by us after too many failures).
+/// The unauthenticated phase. Returns what the session is granted once authenticated, or
+/// `None` if the connection ended (closed by the peer, or by us after too many failures).
 async fn authenticate(
     state: &NodeState,
     sink: &mut Box<dyn FrameSink>,
     stream: &mut Box<dyn FrameStream>,
     ip: IpAddr,
-) -> Option<UserId> {
+) -> Option<TokenGrant> {
     let (mut nonce, challenge) = fresh_challenge(state);
     send_now(sink, challenge).await.ok()?;
     let mut failures = 0u32;
@@ -381,11 +449,7 @@ async fn authenticate(
                 return None;
             }
             Received::Bad(request_id, code, message) => {
-                state
-                    .metrics
-                    .errors
-                    .get_or_create(&[("code", code.name())])
-                    .inc();
+                count_error(state, code);
                 malformed += 1;
                 if malformed > MAX_MALFORMED {
                     let _ = sink
@@ -407,7 +471,17 @@ async fn authenticate(
             }
             Frame::Pong { .. } => continue,
             Frame::LookupHandle { request_id, handle } => {
-                let reply = lookup_handle(state, request_id, &handle).await;
+                let reply = if state.limits.lookup_attempt(ip) {
+                    lookup_handle(state, request_id, &handle).await
+                } else {
+                    count_error(state, ErrorCode::RateLimited);
+                    error_frame(
+                        request_id,
+                        ErrorCode::RateLimited,
+                        "too many handle lookups from your address before logging in; wait a \
+                         minute or log in",
+                    )
+                };
                 send_now(sink, reply).await.ok()?;
                 continue;
             }
@@ -425,8 +499,12 @@ async fn authenticate(
                 prekey,
                 signature,
             } => register(state, &nonce, handle, identity_key, prekey, signature).await,
-            Frame::Auth { user_id, signature } => login(state, &nonce, user_id, signature).await,
-            Frame::Resume { token } => resume(state, &token),
+            Frame::Auth {
+                user_id,
+                url,
+                signature,
+            } => login(state, &nonce, user_id, &url, signature).await,
+            Frame::Resume { token } => resume(state, &token).await,
             other => {
                 let (code, message) = if is_client_frame(&other) {
                     (
@@ -442,11 +520,7 @@ async fn authenticate(
                         format!("{} is not something a client sends", other.kind()),
                     )
                 };
-                state
-                    .metrics
-                    .errors
-                    .get_or_create(&[("code", code.name())])
-                    .inc();
+                count_error(state, code);
                 send_now(sink, error_frame(request_id_of(&other), code, message))
                     .await
                     .ok()?;
@@ -454,13 +528,9 @@ async fn authenticate(
             }
         };
         match result {
-            AuthResult::Ok(user) => return Some(user),
+            AuthResult::Ok(grant) => return Some(grant),
             AuthResult::Failed(code, message) => {
-                state
-                    .metrics
-                    .errors
-                    .get_or_create(&[("code", code.name())])
-                    .inc();
+                count_error(state, code);
                 failures += 1;
                 if failures >= state.config.auth.max_attempts_per_connection {
                     let _ = sink.close(CloseReason::error(code, message)).await;
@@ -571,11 +641,7 @@ async fn read_loop(
                 return;
             }
             Received::Bad(request_id, code, message) => {
-                state
-                    .metrics
-                    .errors
-                    .get_or_create(&[("code", code.name())])
-                    .inc();
+                count_error(state, code);
                 malformed += 1;
                 if malformed > MAX_MALFORMED {
                     queue.close(CloseReason::error(code, "too many bad frames"));
@@ -632,11 +698,7 @@ async fn answer(queue: &SessionQueue, reply: Option<Bytes>) -> bool {
 
 async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option<Bytes> {
     let fail = |request_id: RequestId, code: ErrorCode, message: String| {
-        state
-            .metrics
-            .errors
-            .get_or_create(&[("code", code.name())])
-            .inc();
+        count_error(state, code);
         Some(error_frame(request_id, code, message))
     };
     match frame {
@@ -698,11 +760,7 @@ async fn lookup_handle(state: &NodeState, request_id: RequestId, handle: &str) -
             Err(e) => (store_code(&e), e.to_string()),
         },
     };
-    state
-        .metrics
-        .errors
-        .get_or_create(&[("code", code.name())])
-        .inc();
+    count_error(state, code);
     error_frame(request_id, code, message)
 }
 
@@ -723,17 +781,13 @@ async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: 
             crate::plugins::Verdict::Allow => {}
             crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
             crate::plugins::Verdict::Deny(why) => {
-                state
-                    .metrics
-                    .errors
-                    .get_or_create(&[("code", ErrorCode::HookDenied.name())])
-                    .inc();
+                count_error(state, ErrorCode::HookDenied);
                 return error_frame(request_id, ErrorCode::HookDenied, why);
             }
         }
     }
     // Encoded once: the frame every local session gets and the broker payload share bytes.
-    let delivery = state.router.delivery(&envelope);
+    let delivery = state.router.delivery(&envelope, !state.broker.alone());
     let outcomes = if let [only] = header.recipients.as_slice() {
         vec![deliver_to(state, only.user_id, &delivery).await]
     } else {
@@ -761,28 +815,54 @@ fn admit_send(
     request_id: RequestId,
     envelope: &[u8],
 ) -> Result<EnvelopeHeader, Bytes> {
-    let (code, message) = if !state.limits.user_message(user) {
-        (
-            ErrorCode::RateLimited,
-            "you are sending too fast; slow down".to_owned(),
-        )
-    } else {
-        match parse_header(envelope) {
-            Ok(h) => return Ok(h),
-            Err(e) => (
-                match e {
-                    OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
-                    _ => ErrorCode::BadEnvelope,
-                },
-                e.to_string(),
+    let max_recipients = state.config.limits.max_recipients_per_send;
+    let (code, message) = match parse_header(envelope) {
+        Err(e) => (
+            match e {
+                OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
+                _ => ErrorCode::BadEnvelope,
+            },
+            e.to_string(),
+        ),
+        Ok(h) if h.recipients.len() > max_recipients => (
+            ErrorCode::TooManyRecipients,
+            format!(
+                "{} recipients in one send; this relay allows at most {max_recipients}",
+                h.recipients.len()
             ),
-        }
+        ),
+        Ok(h) => match state
+            .limits
+            .user_send(user, envelope.len(), h.recipients.len())
+        {
+            Ok(()) => return Ok(h),
+            Err(SendRefusal::Rate) => (
+                ErrorCode::RateLimited,
+                "you are sending too fast; slow down".to_owned(),
+            ),
+            Err(SendRefusal::Fanout) => (
+                ErrorCode::RateLimited,
+                format!(
+                    "you are sending too much data (message size × recipients); this relay \
+                     allows {} bytes per second with bursts of {}; slow down",
+                    state.config.limits.fanout_bytes_per_second_per_user,
+                    state.config.limits.fanout_burst_bytes_per_user
+                ),
+            ),
+            Err(SendRefusal::FanoutTooLarge) => (
+                ErrorCode::TooManyRecipients,
+                format!(
+                    "this message of {} bytes to {} recipients would cost {} bytes of fan-out, \
+                     more than the {} this relay allows at once; send it to fewer recipients",
+                    envelope.len(),
+                    h.recipients.len(),
+                    envelope.len() * h.recipients.len(),
+                    state.config.limits.fanout_burst_bytes_per_user
+                ),
+            ),
+        },
     };
-    state
-        .metrics
-        .errors
-        .get_or_create(&[("code", code.name())])
-        .inc();
+    count_error(state, code);
     Err(error_frame(request_id, code, message))
 }
 
@@ -794,7 +874,7 @@ fn send_locally(state: &NodeState, user: UserId, request_id: RequestId, envelope
         Ok(h) => h,
         Err(refusal) => return refusal,
     };
-    let delivery = state.router.delivery(envelope);
+    let delivery = state.router.delivery(envelope, false);
     let outcomes = header
         .recipients
         .iter()

@@ -1,7 +1,9 @@
 //! Resume tokens: short-lived EdDSA JWTs that any node of the cluster accepts.
 //!
 //! A token says "this connection proved possession of user X's identity key at time T". It
-//! lets a client reconnect without a new challenge round trip. Tokens are bound to the relay id
+//! carries T itself (`auth`), unchanged through resumes, so the relay can end a chain of resumes
+//! after an absolute lifetime, and the user's registration generation (`gen`), so deleting a
+//! user revokes every token issued to it. It lets a client reconnect without a new challenge round trip. Tokens are bound to the relay id
 //! (issuer and audience), expire quickly, and are signed with a key every node shares (a file
 //! in the data directory, created 0600 on first start).
 //!
@@ -40,6 +42,25 @@ struct Claims {
     iat: u64,
     /// Expires at (seconds).
     exp: u64,
+    /// When the user last proved possession of the identity key with a challenge-response
+    /// (seconds). A resume carries it over unchanged, so a chain of resumes cannot outlive the
+    /// relay's absolute session lifetime.
+    auth: u64,
+    /// The user's registration generation in the identity store when the token was issued.
+    /// Deleting the user (and registering again) changes it, which revokes every token.
+    #[serde(rename = "gen")]
+    generation: u64,
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The user it was issued to.
+    pub user: UserId,
+    /// When the user last logged in with a challenge-response (seconds since the epoch).
+    pub auth_time_secs: u64,
+    /// The user's registration generation it names.
+    pub generation: u64,
 }
 
 /// The header fields we look at; anything else in it is ignored.
@@ -118,16 +139,31 @@ impl TokenKeys {
         Ok(Self::from_seed(&seed, relay_id, ttl_secs))
     }
 
-    /// Issues a token for a user; returns it with its expiry in milliseconds.
-    pub fn issue(&self, user: &UserId, now_ms: u64) -> anyhow::Result<(String, u64)> {
+    /// The key that authenticates payloads between the nodes of the cluster (see
+    /// `router::ClusterMac`). Derived from the token signing seed, which every node already
+    /// shares, so a cluster needs no second secret: HMAC-SHA256 keyed with the seed over a
+    /// fixed label, so the MAC key reveals nothing about the signing key.
+    pub fn cluster_key(&self) -> Zeroizing<[u8; 32]> {
+        use hmac::{KeyInit, Mac};
+        let seed = Zeroizing::new(self.signing.to_bytes());
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(seed.as_ref())
+            .expect("HMAC takes keys of any length");
+        mac.update(b"syncra/v1/cluster-mac");
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
+
+    /// Issues a token for a grant; returns it with its expiry in milliseconds.
+    pub fn issue(&self, grant: &TokenGrant, now_ms: u64) -> anyhow::Result<(String, u64)> {
         let iat = now_ms / 1000;
         let exp = iat + self.ttl_secs;
         let claims = Claims {
-            sub: user.to_string(),
+            sub: grant.user.to_string(),
             iss: self.relay_id.clone(),
             aud: self.relay_id.clone(),
             iat,
             exp,
+            auth: grant.auth_time_secs,
+            generation: grant.generation,
         };
         let claims = serde_json::to_vec(&claims).context("encoding resume token claims")?;
         let mut token = BASE64URL_NOPAD.encode(HEADER_JSON.as_bytes());
@@ -139,8 +175,9 @@ impl TokenKeys {
         Ok((token, exp * 1000))
     }
 
-    /// Checks a token and returns the user it was issued to.
-    pub fn verify(&self, token: &str, now_ms: u64) -> Result<UserId, TokenError> {
+    /// Checks a token's signature, relay and expiry and returns what it grants. The caller
+    /// checks the grant against the session lifetime and the store's generation.
+    pub fn verify(&self, token: &str, now_ms: u64) -> Result<TokenGrant, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Invalid);
         }
@@ -175,7 +212,11 @@ impl TokenKeys {
         if claims.exp.saturating_mul(1000) <= now_ms {
             return Err(TokenError::Expired);
         }
-        claims.sub.parse().map_err(|_| TokenError::Invalid)
+        Ok(TokenGrant {
+            user: claims.sub.parse().map_err(|_| TokenError::Invalid)?,
+            auth_time_secs: claims.auth,
+            generation: claims.generation,
+        })
     }
 }
 
@@ -188,13 +229,21 @@ fn signature_part_len(token: &str) -> usize {
 mod tests {
     use super::*;
 
+    fn grant(user: UserId) -> TokenGrant {
+        TokenGrant {
+            user,
+            auth_time_secs: 900,
+            generation: 7,
+        }
+    }
+
     #[test]
     fn issue_verify_expire_and_forge() {
         let keys = TokenKeys::from_seed(&[1u8; 32], "relay-a", 60);
         let user = UserId::from_identity_key(&[5u8; 32]);
-        let (token, exp) = keys.issue(&user, 1_000_000).unwrap();
+        let (token, exp) = keys.issue(&grant(user), 1_000_000).unwrap();
         assert_eq!(exp, 1_000_000 + 60_000);
-        assert_eq!(keys.verify(&token, 1_000_000), Ok(user));
+        assert_eq!(keys.verify(&token, 1_000_000), Ok(grant(user)));
         assert_eq!(keys.verify(&token, exp), Err(TokenError::Expired));
 
         let other_key = TokenKeys::from_seed(&[2u8; 32], "relay-a", 60);
@@ -228,7 +277,7 @@ mod tests {
     fn only_eddsa_well_formed_bounded_tokens_verify() {
         let keys = TokenKeys::from_seed(&[1u8; 32], "relay-a", 60);
         let user = UserId::from_identity_key(&[5u8; 32]);
-        let (token, _) = keys.issue(&user, 1_000_000).unwrap();
+        let (token, _) = keys.issue(&grant(user), 1_000_000).unwrap();
         // A standard compact JWS: three base64url parts, the header as documented.
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
@@ -236,11 +285,12 @@ mod tests {
             BASE64URL_NOPAD.decode(parts[0].as_bytes()).unwrap(),
             HEADER_JSON.as_bytes()
         );
-        let claims =
-            format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1000,"exp":1060}}"#);
+        let claims = format!(
+            r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1000,"exp":1060,"auth":900,"gen":7}}"#
+        );
         assert_eq!(
             keys.verify(&forge(&keys, HEADER_JSON, &claims), 1_000_000),
-            Ok(user)
+            Ok(grant(user))
         );
         // Any other algorithm is refused even with a valid Ed25519 signature over it.
         for header in [
@@ -259,15 +309,22 @@ mod tests {
         let unsigned = format!("{}.{}.", parts[0], parts[1]);
         let extra = format!("{token}.{}", parts[2]);
         let huge = format!("{token}{}", "A".repeat(MAX_TOKEN_LEN));
-        let no_exp = format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1}}"#);
-        let wrong_aud =
-            format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-b","iat":1,"exp":1060}}"#);
+        let no_exp = format!(
+            r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1,"auth":1,"gen":7}}"#
+        );
+        // A token from before sessions had an absolute lifetime names no login time.
+        let no_auth_time =
+            format!(r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-a","iat":1,"exp":1060}}"#);
+        let wrong_aud = format!(
+            r#"{{"sub":"{user}","iss":"relay-a","aud":"relay-b","iat":1,"exp":1060,"auth":1,"gen":7}}"#
+        );
         for bad in [
             unsigned,
             format!("{}.{}", parts[0], parts[1]),
             extra,
             huge,
             forge(&keys, HEADER_JSON, &no_exp),
+            forge(&keys, HEADER_JSON, &no_auth_time),
             forge(&keys, HEADER_JSON, &wrong_aud),
             forge(&keys, HEADER_JSON, "not json"),
         ] {
@@ -285,9 +342,9 @@ mod tests {
         let path = dir.path().join("data").join("token.key");
         let a = TokenKeys::load_or_create(&path, "r", 60).unwrap();
         let user = UserId::from_identity_key(&[5u8; 32]);
-        let (token, _) = a.issue(&user, 0).unwrap();
+        let (token, _) = a.issue(&grant(user), 0).unwrap();
         let b = TokenKeys::load_or_create(&path, "r", 60).unwrap();
-        assert_eq!(b.verify(&token, 0), Ok(user));
+        assert_eq!(b.verify(&token, 0), Ok(grant(user)));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -62,9 +62,14 @@ impl RelayProcess {
 
     /// Starts a relay with extra `SYNCRA_*` settings.
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        Self::start_on(data_dir, free_port(), env)
+    }
+
+    /// Starts a relay on a port chosen in advance (for settings that name its URL).
+    pub fn start_on(data_dir: &Path, port: u16, env: &[(&str, &str)]) -> RelayProcess {
         let mut r = RelayProcess {
             child: None,
-            port: free_port(),
+            port,
             data_dir: data_dir.to_path_buf(),
             log: data_dir.with_extension("log"),
             extra_env: env

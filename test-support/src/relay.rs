@@ -104,6 +104,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 pub struct RawClient {
     /// The connection.
     pub conn: Connection,
+    /// The URL it dialled (signed into logins).
+    pub url: String,
     /// The relay id from the latest challenge.
     pub relay_id: String,
     /// The nonce from the latest challenge.
@@ -141,6 +143,7 @@ impl RawClient {
             .expect("connect");
         let mut client = RawClient {
             conn,
+            url: url.to_owned(),
             relay_id: String::new(),
             nonce: [0; NONCE_LEN],
             log: Vec::new(),
@@ -301,9 +304,10 @@ impl TestUser {
 
     /// The login frame for the client's current challenge.
     pub fn auth_frame(&self, client: &RawClient) -> Frame {
-        let statement = login_statement(&client.relay_id, &client.nonce, &self.id());
+        let statement = login_statement(&client.relay_id, &client.url, &client.nonce, &self.id());
         Frame::Auth {
             user_id: self.id(),
+            url: client.url.clone(),
             signature: self.identity.sign(&statement),
         }
     }

@@ -41,6 +41,7 @@ where
     replacing_for_unknown_user_is_not_found(make().await).await;
     prekey_timestamps_round_trip_over_the_whole_range(make().await).await;
     delete_frees_the_handle(make().await).await;
+    a_new_registration_has_a_new_generation(make().await).await;
     racing_registrations_have_exactly_one_winner(make().await).await;
     health_is_up(make().await).await;
 }
@@ -327,6 +328,55 @@ async fn prekey_timestamps_round_trip_over_the_whole_range(store: Arc<dyn Identi
             "{case}: created_at {created_at} must round-trip"
         );
     }
+}
+
+/// Tokens name the generation: deleting a user and registering the same identity again must
+/// change it, or a token issued before the deletion would still resume.
+async fn a_new_registration_has_a_new_generation(store: Arc<dyn IdentityStore>) {
+    let case = "generation";
+    let (_, _, alice) = fresh("alice");
+    let generation = |store: Arc<dyn IdentityStore>, id: UserId| async move {
+        store
+            .generation(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: reading the generation failed: {e}"))
+    };
+    assert_eq!(
+        generation(store.clone(), alice.user_id).await,
+        None,
+        "{case}: an unknown user has no generation"
+    );
+    register_ok(&*store, &alice, case).await;
+    let first = generation(store.clone(), alice.user_id)
+        .await
+        .unwrap_or_else(|| panic!("{case}: a registered user must have a generation"));
+    assert_eq!(
+        generation(store.clone(), alice.user_id).await,
+        Some(first),
+        "{case}: the generation must be stable while the user stays registered"
+    );
+    let (_, _, bob) = fresh("bob");
+    register_ok(&*store, &bob, case).await;
+    assert_ne!(
+        generation(store.clone(), bob.user_id).await,
+        Some(first),
+        "{case}: two users must not share a generation"
+    );
+    assert!(
+        store.delete(&alice.user_id).await.unwrap_or(false),
+        "{case}"
+    );
+    assert_eq!(
+        generation(store.clone(), alice.user_id).await,
+        None,
+        "{case}: a deleted user has no generation"
+    );
+    register_ok(&*store, &alice, case).await;
+    let second = generation(store.clone(), alice.user_id).await;
+    assert!(
+        second.is_some() && second != Some(first),
+        "{case}: registering again must give a new generation ({first} then {second:?})"
+    );
 }
 
 async fn delete_frees_the_handle(store: Arc<dyn IdentityStore>) {

@@ -50,6 +50,9 @@ pub const MAX_ACTIONS: usize = 48;
 const HARNESS_PING: u64 = 1 << 63;
 /// The relay id in the harness.
 pub const RELAY_ID: &str = "syncra-fuzz";
+/// The URL every login of the harness signs (the relay under fuzz lists no public URLs, so
+/// any URL is accepted as long as the signature covers it).
+pub const FUZZ_URL: &str = "ws://127.0.0.1/";
 
 /// A test identity with its registered record.
 pub struct User {
@@ -100,9 +103,10 @@ impl User {
     }
 
     fn auth_frame(&self, nonce: &[u8; NONCE_LEN]) -> Frame {
-        let statement = login_statement(RELAY_ID, nonce, &self.id());
+        let statement = login_statement(RELAY_ID, FUZZ_URL, nonce, &self.id());
         Frame::Auth {
             user_id: self.id(),
+            url: FUZZ_URL.into(),
             signature: self.identity.sign(&statement),
         }
     }
@@ -468,6 +472,7 @@ impl Harness {
             },
             FuzzFrame::Auth { user, signature } => Frame::Auth {
                 user_id: self.pick(user),
+                url: FUZZ_URL.into(),
                 signature,
             },
             FuzzFrame::Resume { token } => Frame::Resume { token },

@@ -108,7 +108,8 @@ const SELECT_BY_HANDLE: &str = "SELECT user_id, handle, identity_key, prekey_pub
 const SELECT_BY_ID: &str = "SELECT user_id, handle, identity_key, prekey_public, \
      prekey_created_at::text AS prekey_created_at, prekey_signature FROM users WHERE user_id = $1";
 const INSERT: &str = "INSERT INTO users (user_id, handle, identity_key, prekey_public, \
-     prekey_created_at, prekey_signature) VALUES ($1, $2, $3, $4, $5::numeric, $6)";
+     prekey_created_at, prekey_signature, generation) VALUES ($1, $2, $3, $4, $5::numeric, $6, $7)";
+const GENERATION: &str = "SELECT generation FROM users WHERE user_id = $1";
 const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM users WHERE user_id = $1)";
 /// One statement decides a prekey replacement: the `WHERE` refuses an older prekey under the
 /// row lock (a concurrent replacement is re-checked against the row it committed), and the
@@ -602,6 +603,7 @@ impl IdentityStore for PostgresStore {
                 .bind(record.prekey.public.as_slice())
                 .bind(record.prekey.created_at.to_string())
                 .bind(record.prekey.signature.as_slice())
+                .bind(syncra_core::store::new_generation().cast_signed())
                 .execute(&mut *tx)
                 .await;
             let violated = match inserted {
@@ -671,6 +673,22 @@ impl IdentityStore for PostgresStore {
                 (false, true) => Err(StoreError::StalePrekey),
                 (false, false) => Err(StoreError::NotFound(*id)),
             }
+        })
+        .await
+    }
+
+    async fn generation(&self, id: &UserId) -> Result<Option<u64>, StoreError> {
+        let action = "reading a user's generation";
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_read, action).await?;
+            let generation: Option<i64> = sqlx::query_scalar(GENERATION)
+                .persistent(self.persistent)
+                .bind(id.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.failed(action))?;
+            tx.commit().await.map_err(self.failed(action))?;
+            Ok(generation.map(i64::cast_unsigned))
         })
         .await
     }

@@ -280,7 +280,8 @@ impl IdentityStore for SqliteStore {
         // of two registrations of a handle insert, under SQLite's single write lock.
         let inserted = sqlx::query(
             "INSERT INTO users (user_id, handle, identity_key, prekey_public, prekey_created_at, \
-             prekey_signature, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             prekey_signature, registered_at, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(record.user_id.as_bytes().as_slice())
         .bind(record.handle.as_str())
@@ -289,6 +290,7 @@ impl IdentityStore for SqliteStore {
         .bind(record.prekey.created_at.cast_signed())
         .bind(record.prekey.signature.as_slice())
         .bind(now_secs())
+        .bind(syncra_core::store::new_generation().cast_signed())
         .execute(&mut *tx)
         .await
         .map_err(self.query_error("registering a user"))?
@@ -367,6 +369,16 @@ impl IdentityStore for SqliteStore {
             .await
             .map_err(self.query_error("committing a prekey replacement"))?;
         Ok(())
+    }
+
+    async fn generation(&self, id: &UserId) -> Result<Option<u64>, StoreError> {
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM users WHERE user_id = ?")
+                .bind(id.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(self.query_error("reading a user's generation"))?;
+        Ok(generation.map(i64::cast_unsigned))
     }
 
     async fn delete(&self, id: &UserId) -> Result<bool, StoreError> {

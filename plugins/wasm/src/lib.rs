@@ -423,10 +423,7 @@ impl World for bot_bindings::Bot {
 
 impl World for hook_bindings::RelayHook {
     fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-        hook_bindings::RelayHook::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            linker,
-            |s| s,
-        )
+        hook_bindings::RelayHook::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
     }
 
     fn instantiate(
@@ -478,18 +475,18 @@ impl BotPlugin {
 
     /// The commands it offers.
     pub fn commands(&self) -> Result<Vec<BotCommand>, WasmError> {
-        self.runner
-            .call(CallKind::Commands, async |store, bot| {
-                bot.syncra_plugin_handler().call_commands(store).await
-            })
+        self.runner.call(CallKind::Commands, async |store, bot| {
+            bot.syncra_plugin_handler().call_commands(store).await
+        })
     }
 
     /// A message for the bot.
     pub fn on_message(&self, msg: &BotMessage) -> Result<Vec<BotAction>, WasmError> {
-        self.runner
-            .call(CallKind::OnMessage, async |store, bot| {
-                bot.syncra_plugin_handler().call_on_message(store, msg).await
-            })
+        self.runner.call(CallKind::OnMessage, async |store, bot| {
+            bot.syncra_plugin_handler()
+                .call_on_message(store, msg)
+                .await
+        })
     }
 
     /// The person ran one of its commands in `conversation`.
@@ -499,12 +496,11 @@ impl BotPlugin {
         args: &str,
         conversation: &str,
     ) -> Result<Vec<BotAction>, WasmError> {
-        self.runner
-            .call(CallKind::OnCommand, async |store, bot| {
-                bot.syncra_plugin_handler()
-                    .call_on_command(store, name, args, conversation)
-                    .await
-            })
+        self.runner.call(CallKind::OnCommand, async |store, bot| {
+            bot.syncra_plugin_handler()
+                .call_on_command(store, name, args, conversation)
+                .await
+        })
     }
 }
 
@@ -546,18 +542,18 @@ impl HookPlugin {
 
     /// A session authenticated.
     pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, WasmError> {
-        self.runner
-            .call(CallKind::OnConnect, async |store, hook| {
-                hook.syncra_plugin_hook().call_on_connect(store, info).await
-            })
+        self.runner.call(CallKind::OnConnect, async |store, hook| {
+            hook.syncra_plugin_hook().call_on_connect(store, info).await
+        })
     }
 
     /// An envelope is about to be routed.
     pub fn on_envelope(&self, meta: &EnvelopeMeta) -> Result<Verdict, WasmError> {
-        self.runner
-            .call(CallKind::OnEnvelope, async |store, hook| {
-                hook.syncra_plugin_hook().call_on_envelope(store, meta).await
-            })
+        self.runner.call(CallKind::OnEnvelope, async |store, hook| {
+            hook.syncra_plugin_hook()
+                .call_on_envelope(store, meta)
+                .await
+        })
     }
 }
 

@@ -98,7 +98,10 @@ impl std::fmt::Debug for Relay {
 /// Health of the node's dependencies, as `/healthz` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HealthReport {
-    /// `ok` when broker and store are up, `degraded` otherwise.
+    /// `ok` when broker and store are up and no relay hook is disabled, `degraded` otherwise.
+    /// A disabled hook degrades the node because its policy is no longer applied: every call
+    /// gets the hook's fail-open answer (the policy is off) or fail-closed one (everything is
+    /// refused), and only a restart brings it back.
     pub status: &'static str,
     /// The broker's health.
     pub broker: Health,
@@ -106,6 +109,8 @@ pub struct HealthReport {
     pub store: Health,
     /// Authenticated sessions on this node.
     pub sessions: i64,
+    /// Each relay hook, in `[[plugins]]` order.
+    pub hooks: Vec<plugins::HookHealth>,
 }
 
 impl Relay {
@@ -293,7 +298,8 @@ impl Relay {
 async fn health(state: &NodeState) -> HealthReport {
     let broker = state.broker.health().await;
     let store = state.store.health().await;
-    let status = if broker.is_up() && store.is_up() {
+    let hooks: Vec<plugins::HookHealth> = state.hooks.iter().map(|h| h.health()).collect();
+    let status = if broker.is_up() && store.is_up() && !hooks.iter().any(|h| h.is_disabled()) {
         "ok"
     } else {
         "degraded"
@@ -303,6 +309,7 @@ async fn health(state: &NodeState) -> HealthReport {
         broker,
         store,
         sessions: state.metrics.sessions.get(),
+        hooks,
     }
 }
 

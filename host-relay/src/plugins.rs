@@ -12,8 +12,15 @@
 //! path = "allowlist.wasm"                       # a component of the `relay-hook` world
 //! fail_open = true                              # when the hook fails: allow (true) or deny
 //! memory_mib = 16
-//! fuel_per_call = 10000000
+//! fuel_per_call = 10000000                      # CPU budget of one call
+//! deadline_ms = 250                             # wall-clock bound of one call, sleeps included
+//! instances = 4                                 # calls served at the same time
 //! ```
+//!
+//! A hook call never holds up more than its own caller: each call runs in one of the hook's
+//! `instances` and is stopped at its deadline (the failure then gets the hook's fail-open or
+//! fail-closed answer), and a caller that finds every instance busy waits at most one deadline
+//! before getting that same answer. A hook that is failing or disabled shows in `/healthz`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,11 +43,62 @@ pub enum Verdict {
     Delay(Duration),
 }
 
+/// A hook's state in `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookStatus {
+    /// The last call of every kind succeeded.
+    Ok,
+    /// Its last call of some kind failed; it was restarted and is still asked.
+    Failing,
+    /// It failed `max_failures` times in a row in one kind of call: every call gets its
+    /// fail-open or fail-closed answer until the relay restarts.
+    Disabled,
+}
+
+/// How a hook is doing, as `/healthz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HookHealth {
+    /// The hook's name.
+    pub name: String,
+    /// Its state.
+    pub status: HookStatus,
+    /// The longest current run of failures of one call kind.
+    pub failures: u32,
+    /// The last failure, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Calls being served right now.
+    pub busy: u32,
+}
+
+impl HookHealth {
+    /// A hook with nothing to report.
+    pub fn ok(name: &str) -> HookHealth {
+        HookHealth {
+            name: name.to_owned(),
+            status: HookStatus::Ok,
+            failures: 0,
+            detail: None,
+            busy: 0,
+        }
+    }
+
+    /// Whether the hook is disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.status == HookStatus::Disabled
+    }
+}
+
 /// What the relay asks a hook. Implemented by WASM hooks; kept as a trait so the session code
 /// does not depend on the plugin technology.
 pub trait RelayHook: Send + Sync {
     /// The hook's name, for logs.
     fn name(&self) -> &str;
+    /// How it is doing.
+    fn health(&self) -> HookHealth {
+        HookHealth::ok(self.name())
+    }
     /// A session authenticated.
     fn on_connect(&self, user: &syncra_core::UserId, client_ip: std::net::IpAddr) -> Verdict;
     /// An envelope is about to be routed.
@@ -69,8 +127,10 @@ pub fn decide(verdicts: impl Iterator<Item = Verdict>) -> Verdict {
     }
 }
 
-/// Asks every hook, off the async runtime's threads: a hook call may use its whole fuel budget,
-/// and WASI's synchronous host functions must not run on a runtime worker.
+/// Asks every hook, off the async runtime's threads: a hook call may use its whole fuel budget
+/// or wait up to its deadline, and the WASM host blocks its thread for the call. Each call has
+/// its own blocking thread and its own hook instance, so one slow call holds up only its own
+/// session.
 pub async fn ask(
     hooks: &[Arc<dyn RelayHook>],
     f: impl Fn(&dyn RelayHook) -> Verdict + Send + 'static,
@@ -169,8 +229,12 @@ mod wasm {
 
     use super::{RelayHook, Verdict};
 
-    /// A relay hook's default budget is small: it runs on every envelope.
+    /// A relay hook's default budgets are small: it runs on every envelope. About 5 ms of CPU.
     const HOOK_FUEL: u64 = 10_000_000;
+    /// The wall-clock bound of one hook call, sleeps and waits included.
+    const HOOK_DEADLINE_MS: u64 = 250;
+    /// Calls of one hook served at the same time.
+    const HOOK_INSTANCES: u32 = 4;
 
     fn host() -> anyhow::Result<&'static WasmHost> {
         static HOST: OnceLock<WasmHost> = OnceLock::new();
@@ -211,6 +275,24 @@ mod wasm {
     impl RelayHook for WasmHook {
         fn name(&self) -> &str {
             self.plugin.name()
+        }
+
+        fn health(&self) -> super::HookHealth {
+            let health = self.plugin.health();
+            let status = if health.disabled {
+                super::HookStatus::Disabled
+            } else if health.failures > 0 {
+                super::HookStatus::Failing
+            } else {
+                super::HookStatus::Ok
+            };
+            super::HookHealth {
+                name: self.plugin.name().to_owned(),
+                status,
+                failures: health.failures,
+                detail: health.last_error,
+                busy: health.busy,
+            }
         }
 
         fn on_connect(&self, user: &UserId, client_ip: IpAddr) -> Verdict {
@@ -278,6 +360,10 @@ mod wasm {
         }
         map.entry("fuel_per_call")
             .or_insert(serde_json::json!(HOOK_FUEL));
+        map.entry("deadline_ms")
+            .or_insert(serde_json::json!(HOOK_DEADLINE_MS));
+        map.entry("instances")
+            .or_insert(serde_json::json!(HOOK_INSTANCES));
         let config: WasmPluginConfig = serde_json::from_value(serde_json::Value::Object(map))
             .with_context(|| format!("[[plugins]] entry {} (wasm)", index + 1))?;
         let plugin = HookPlugin::load(host()?, config).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -1,6 +1,7 @@
 //! `[[plugins]]` in the relay: a WASM relay hook that denies by metadata (the sender gets
-//! `hook_denied` with the hook's reason), a hostile hook that traps and loops while the relay
-//! keeps serving, and a native broker plugin loaded from config carrying real traffic.
+//! `hook_denied` with the hook's reason), a hostile hook that traps, loops and sleeps while the
+//! relay keeps serving everyone else, `/healthz` reporting a failing and a disabled hook, and a
+//! native broker plugin loaded from config carrying real traffic.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::path::{Path, PathBuf};
@@ -150,6 +151,115 @@ async fn a_hostile_hook_is_contained_and_the_relay_keeps_serving() {
         } => assert!(message.contains("failing"), "{message}"),
         other => panic!("{other:?}"),
     }
+}
+
+async fn health(relay: &TestRelay) -> (u16, serde_json::Value) {
+    let (status, body) = relay.admin_get("/healthz").await;
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_sleeping_for_one_user_does_not_stall_another_users_send() {
+    let wasm = component("hostile_hook");
+    let relay = TestRelay::start(move |cfg| {
+        cfg.plugins = vec![serde_json::json!({
+            "kind": "wasm", "path": wasm, "deadline_ms": 5_000,
+        })];
+    })
+    .await;
+    let (a, b, c) = (
+        TestUser::new("sa"),
+        TestUser::new("sb"),
+        TestUser::new("sc"),
+    );
+    let (mut ca, _) = a.register(relay.url()).await;
+    let (mut cb, _) = b.register(relay.url()).await;
+    let (mut cc, _) = c.register(relay.url()).await;
+    // An envelope of 4 to 8 KiB makes the hook sleep for five minutes in WASI (a 3 000-byte
+    // body is padded to 4 KiB, plus the envelope's own fields).
+    let slow = a.seal(&[&b], &vec![b'x'; 3_000]);
+    assert!((4 * 1024 + 1..=8 * 1024).contains(&slow.len()));
+    ca.send(&Frame::Send {
+        request_id: 1,
+        envelope: slow.into(),
+    })
+    .await;
+    // Wait (polling with a deadline) until the hook is inside that call.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health(&relay).await.1["hooks"][0]["busy"] != 1 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the hook call never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Another user's send gets its verdict and is delivered meanwhile...
+    match send(&mut cc, 2, c.seal(&[&b], b"not held up")).await {
+        Frame::SendResult { outcomes, .. } => assert_eq!(outcomes[0].outcome, Outcome::Delivered),
+        other => panic!("{other:?}"),
+    }
+    // ...while the sleeping call is still running: it has neither ended nor failed yet.
+    let (_, h) = health(&relay).await;
+    assert_eq!(h["hooks"][0]["busy"], 1, "{h}");
+    assert_eq!(h["hooks"][0]["failures"], 0, "{h}");
+    // The sleeping call is stopped at its deadline; fail-open (the default) lets it through,
+    // and /healthz says the hook is failing, and why.
+    match ca.reply().await {
+        Frame::SendResult {
+            request_id: 1,
+            outcomes,
+            ..
+        } => assert_eq!(outcomes[0].outcome, Outcome::Delivered),
+        other => panic!("{other:?}"),
+    }
+    let (status, h) = health(&relay).await;
+    assert_eq!(
+        status, 200,
+        "a failing hook that still runs does not degrade the node: {h}"
+    );
+    assert_eq!(h["hooks"][0]["status"], "failing", "{h}");
+    assert!(
+        h["hooks"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("deadline of 5000 ms")),
+        "{h}"
+    );
+    cb.delivery().await;
+    cb.delivery().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_hook_degrades_health() {
+    let wasm = component("hostile_hook");
+    let relay = TestRelay::start(move |cfg| {
+        cfg.plugins = vec![serde_json::json!({
+            "kind": "wasm", "path": wasm, "max_failures": 2,
+        })];
+    })
+    .await;
+    let (status, h) = health(&relay).await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["hooks"][0]["status"], "ok", "{h}");
+    let (a, b, c) = (
+        TestUser::new("da"),
+        TestUser::new("db"),
+        TestUser::new("dc"),
+    );
+    let (mut ca, _) = a.register(relay.url()).await;
+    b.register(relay.url()).await;
+    c.register(relay.url()).await;
+    // Two recipients make the hook trap; twice in a row disables it.
+    for id in 1..=2 {
+        match send(&mut ca, id, a.seal(&[&b, &c], b"trap")).await {
+            Frame::SendResult { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let (status, h) = health(&relay).await;
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["hooks"][0]["status"], "disabled", "{h}");
+    assert_eq!(h["hooks"][0]["failures"], 2, "{h}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

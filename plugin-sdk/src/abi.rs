@@ -1,20 +1,30 @@
 //! The C ABI between a Syncra host and a native plugin library: layouts and the rules of use,
 //! no behaviour.
 //!
-//! A native plugin is a `cdylib` exporting one symbol, [`DESCRIPTOR_SYMBOL`]
-//! (`syncra_plugin_descriptor`), an `extern "C" fn() -> *const PluginDescriptor` that returns a
-//! pointer to static data. Everything else is reached through the descriptor.
+//! A native plugin is a `cdylib` exporting two symbols:
+//!
+//! - [`ABI_VERSION_SYMBOL`] (`SYNCRA_PLUGIN_ABI_VERSION`), a `static u32` holding the
+//!   [`ABI_VERSION`] the plugin was built against. It is data, not code: a host reads it through
+//!   the symbol's address without running anything in the library.
+//! - [`DESCRIPTOR_SYMBOL`] (`syncra_plugin_descriptor`), an `extern "C" fn() -> *const
+//!   PluginDescriptor` that returns a pointer to static data. A host calls it only after the
+//!   version static matched its own; everything else is reached through the descriptor.
 //!
 //! # Versioning
 //!
 //! [`ABI_VERSION`] names the layout of every type in this module and the contract of every
 //! function in [`BrokerVTable`]. Any change a plugin built by an older SDK could observe — a field
 //! added, removed, reordered or retyped, a code given a new meaning, a rule below relaxed or
-//! tightened, a different `async-ffi` future layout — bumps it. Only two things are frozen across
-//! every version, so that any host can read any plugin's version and refuse it: the descriptor
-//! function's signature, and [`PluginDescriptor::abi_version`] being a `u32` at offset 0. A host
-//! reads that field alone, compares it with its own [`ABI_VERSION`], and on a mismatch calls
-//! nothing and reads nothing else.
+//! tightened, a different `async-ffi` future layout — bumps it. Only one thing is frozen across
+//! every version from 2 on, so that any host can read any plugin's version and refuse it: the
+//! version static, a `u32` named [`ABI_VERSION_SYMBOL`]. A host reads that static, compares it with
+//! its own [`ABI_VERSION`], and on a mismatch calls nothing and reads nothing else. (Version 1
+//! had no static and was read by calling the descriptor function; a host of version 2 or later
+//! refuses such a library as lacking the version symbol, without calling it.)
+//!
+//! The version check protects against accidents — a plugin built with another SDK — not against
+//! malice: loading a library runs its ELF constructors (`.init_array`) before any check, and a
+//! library can claim any version. Native plugins are fully trusted code.
 //!
 //! # What crosses, and what never does
 //!
@@ -44,9 +54,11 @@ use std::ffi::{CStr, c_char, c_void};
 
 pub use async_ffi::FfiFuture;
 
-/// The version of this ABI. A host refuses, without calling it, a plugin whose descriptor
-/// carries another number.
-pub const ABI_VERSION: u32 = 1;
+/// The version of this ABI. A host refuses, without calling anything in it, a plugin whose
+/// [`ABI_VERSION_SYMBOL`] static holds another number.
+///
+/// 2: the version moved from the descriptor (read by calling plugin code) to a static symbol.
+pub const ABI_VERSION: u32 = 2;
 
 /// The version of this SDK, as plugins built with it report it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -58,11 +70,16 @@ pub const SDK_VERSION_C: &CStr =
         Err(_) => panic!("the package version contains a NUL byte"),
     };
 
-/// The symbol every native plugin exports; its type is [`DescriptorFn`].
+/// The static every native plugin exports: a `u32` holding the [`ABI_VERSION`] it was built
+/// against. Frozen from ABI 2 on (name and type), so any host can read any plugin's version.
+pub const ABI_VERSION_SYMBOL: &CStr = c"SYNCRA_PLUGIN_ABI_VERSION";
+
+/// The function every native plugin exports; its type is [`DescriptorFn`]. Called only after
+/// [`ABI_VERSION_SYMBOL`] matched.
 pub const DESCRIPTOR_SYMBOL: &CStr = c"syncra_plugin_descriptor";
 
-/// The type of [`DESCRIPTOR_SYMBOL`]. Frozen across ABI versions. The pointer it returns must
-/// point to static data that lives as long as the library is loaded.
+/// The type of [`DESCRIPTOR_SYMBOL`]. The pointer it returns must point to static data that
+/// lives as long as the library is loaded.
 pub type DescriptorFn = unsafe extern "C" fn() -> *const PluginDescriptor;
 
 // `FfiFuture`'s layout is part of this ABI. If async-ffi ever changes it (it bumps its own
@@ -88,7 +105,8 @@ impl PluginKind {
 #[repr(C)]
 #[derive(Debug)]
 pub struct PluginDescriptor {
-    /// The [`ABI_VERSION`] the plugin was built against. Frozen: always a `u32` at offset 0.
+    /// The [`ABI_VERSION`] the plugin was built against, the same number as its
+    /// [`ABI_VERSION_SYMBOL`] static (the host checks that they agree).
     pub abi_version: u32,
     /// The SDK version the plugin was built with: static, NUL-terminated UTF-8.
     pub sdk_version: *const c_char,

@@ -1,9 +1,11 @@
 //! The host side of the ABI: loading a native plugin library and using its brokers as
 //! `Arc<dyn Broker>` through the registry.
 //!
-//! [`load_broker_plugin`] opens the library, finds `syncra_plugin_descriptor`, and checks the
-//! descriptor's ABI version before it reads or calls anything else; a library built against
-//! another version is refused with [`LoadError::AbiMismatch`] and unloaded. An accepted library
+//! [`load_broker_plugin`] opens the library, reads its `SYNCRA_PLUGIN_ABI_VERSION` static and
+//! compares it with [`ABI_VERSION`] before it calls anything in the library; a library built
+//! against another version is refused with [`LoadError::AbiMismatch`] and unloaded, and only then
+//! is the descriptor function called. Opening the library runs its ELF constructors anyway (the
+//! dynamic loader does that, not us): the check guards against accidents, not malice. An accepted library
 //! is never unloaded: its runtime threads run its code for the rest of the process.
 //! [`register_native`] then registers the plugin's kind name, and each broker the registry
 //! creates is a [`NativeBroker`] that forwards every call through the vtable.
@@ -25,9 +27,9 @@ use syncra_core::registry::Kinds;
 use syncra_core::{Broker, BrokerSink, Health, PublishReceipt};
 
 use crate::abi::{
-    ABI_VERSION, BrokerHandle, BrokerVTable, DESCRIPTOR_SYMBOL, DescriptorFn, FfiBuffer, FfiFuture,
-    FfiResult, FfiSlice, HealthState, PluginDescriptor, PluginKind, ResultCode, SDK_VERSION,
-    SinkCallback,
+    ABI_VERSION, ABI_VERSION_SYMBOL, BrokerHandle, BrokerVTable, DESCRIPTOR_SYMBOL, DescriptorFn,
+    FfiBuffer, FfiFuture, FfiResult, FfiSlice, HealthState, PluginDescriptor, PluginKind,
+    ResultCode, SDK_VERSION, SinkCallback,
 };
 
 /// Why a native plugin library was refused. Each variant says what to do about it.
@@ -54,11 +56,16 @@ pub enum LoadError {
         /// The loader's words.
         reason: String,
     },
-    /// The library does not export the descriptor symbol: it is not a Syncra native plugin.
+    /// The library does not export a symbol every plugin has (the version static, or the
+    /// descriptor function): it is not a Syncra native plugin, or one built before plugin ABI 2.
+    /// Nothing in it was called.
     #[error(
-        "{} is a library but not a Syncra native plugin: it does not export `{symbol}`; \
-         build plugins with syncra_plugin_sdk::export_broker_plugin!",
-        path.display()
+        "{} is a library but not a Syncra native plugin: it does not export `{symbol}` \
+         (libraries built with a syncra-plugin-sdk older than plugin ABI 2 lack the version \
+         static); build plugins with syncra_plugin_sdk::export_broker_plugin! from \
+         syncra-plugin-sdk {sdk}",
+        path.display(),
+        sdk = SDK_VERSION
     )]
     MissingSymbol {
         /// The file.
@@ -131,19 +138,22 @@ impl fmt::Debug for LoadedPlugin {
 /// Loads the native broker plugin at `path`.
 ///
 /// Checks, in order: the file can be read ([`LoadError::Io`]), the loader accepts it
-/// ([`LoadError::NotALibrary`]), it exports `syncra_plugin_descriptor`
-/// ([`LoadError::MissingSymbol`]), and the descriptor's ABI version is [`ABI_VERSION`]
-/// ([`LoadError::AbiMismatch`]). Only the version is read before that last check, and no
-/// plugin function is called; a refused library is unloaded again. An accepted one stays loaded
+/// ([`LoadError::NotALibrary`]), it exports the `SYNCRA_PLUGIN_ABI_VERSION` static
+/// ([`LoadError::MissingSymbol`]), and that static holds [`ABI_VERSION`]
+/// ([`LoadError::AbiMismatch`]). Up to that last check only the static is read (data, through
+/// its address) and no plugin function is called; a refused library is unloaded again. Then the
+/// descriptor function is called and the descriptor checked. An accepted library stays loaded
 /// for the life of the process.
 ///
 /// # Trust
 ///
-/// Loading a library runs its initializers, and its functions run inside this process with all
-/// of its privileges. Load only files you trust as much as the host binary itself, from a
-/// directory only the operator can write to. The version check guards against honest mistakes
-/// (a plugin built with an older SDK), not against a hostile library; a library that claims ABI
-/// 1 without following it is undefined behaviour.
+/// Opening a library runs its initializers before any check here can look at it: ELF
+/// constructors (`.init_array`, which is where C/C++ static constructors and Rust crates such as
+/// `ctor` put code) run inside `dlopen`, and libloading cannot prevent that. Its functions then
+/// run inside this process with all of its privileges. Load only files you trust as much as the
+/// host binary itself, from a directory only the operator can write to. The version check
+/// guards against honest mistakes (a plugin built with another SDK), not against a hostile
+/// library; a library that claims this ABI without following it is undefined behaviour.
 pub fn load_broker_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     // An absolute path: the loader searches system directories for a bare file name.
     let path = std::fs::canonicalize(path).map_err(|source| LoadError::Io {
@@ -156,39 +166,54 @@ pub fn load_broker_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    // SAFETY: the ABI fixes the symbol's type, in every version.
-    let describe = unsafe { library.get::<DescriptorFn>(DESCRIPTOR_SYMBOL) }
+    // SAFETY: looking a symbol up runs nothing in the library. From ABI 2 on the symbol is a
+    // `u32` static in every version, so its address is a `*const u32`.
+    let version = unsafe { library.get::<*const u32>(ABI_VERSION_SYMBOL) }
         .map(|symbol| *symbol)
         .map_err(|_| LoadError::MissingSymbol {
             path: path.clone(),
-            symbol: "syncra_plugin_descriptor",
+            symbol: "SYNCRA_PLUGIN_ABI_VERSION",
         })?;
     let bad = |why| LoadError::BadDescriptor {
         path: path.clone(),
         why,
     };
-    // SAFETY: the descriptor function takes nothing and returns a pointer to static data, in
-    // every ABI version; the library is loaded.
-    let descriptor = unsafe { describe() };
-    if descriptor.is_null() {
-        return Err(bad("the descriptor function returned null"));
+    if version.is_null() {
+        return Err(bad("the version symbol has a null address"));
     }
-    // SAFETY: every ABI version starts its descriptor with the version as a `u32`; that field
-    // alone is read until the version is known to be ours. Unaligned, because nothing else of
-    // a foreign version's layout is assumed.
-    let found = unsafe { descriptor.cast::<u32>().read_unaligned() };
+    // SAFETY: the address of a `u32` static in a loaded library; reading data runs no code.
+    // Unaligned, because nothing of a foreign library's layout is assumed.
+    let found = unsafe { version.read_unaligned() };
     if found != ABI_VERSION {
-        // `library` is dropped, unloading it; nothing in it but the descriptor function ran.
+        // `library` is dropped, unloading it; no function in it was called.
         return Err(LoadError::AbiMismatch {
             path,
             found,
             expected: ABI_VERSION,
         });
     }
+    // SAFETY: the plugin speaks this ABI version, which fixes the symbol's type.
+    let describe = unsafe { library.get::<DescriptorFn>(DESCRIPTOR_SYMBOL) }
+        .map(|symbol| *symbol)
+        .map_err(|_| LoadError::MissingSymbol {
+            path: path.clone(),
+            symbol: "syncra_plugin_descriptor",
+        })?;
+    // SAFETY: in this ABI version the descriptor function takes nothing and returns a pointer to
+    // static data; the library is loaded.
+    let descriptor = unsafe { describe() };
+    if descriptor.is_null() {
+        return Err(bad("the descriptor function returned null"));
+    }
     // SAFETY: the plugin speaks this ABI version, so the pointer is to a static
     // `PluginDescriptor` of this layout, alive while the library is loaded, which from here on
     // is forever.
     let descriptor: &'static PluginDescriptor = unsafe { &*descriptor };
+    if descriptor.abi_version != ABI_VERSION {
+        return Err(bad(
+            "the descriptor's ABI version differs from SYNCRA_PLUGIN_ABI_VERSION",
+        ));
+    }
     if descriptor.kind != PluginKind::BROKER {
         return Err(LoadError::UnsupportedKind {
             path,

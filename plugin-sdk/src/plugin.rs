@@ -478,7 +478,7 @@ unsafe extern "C" fn free_bytes(buffer: FfiBuffer) {
 ///   PluginError>` where `B: syncra_core::Broker`. It runs on the plugin's own runtime.
 ///
 /// The crate must be built as a `cdylib` and invoke the macro once. It generates the
-/// `syncra_plugin_descriptor` symbol, the vtable functions, the sink adapter and the runtime;
+/// `SYNCRA_PLUGIN_ABI_VERSION` static and the `syncra_plugin_descriptor` symbol, the vtable functions, the sink adapter and the runtime;
 /// the crate itself needs no `unsafe`.
 ///
 /// ```
@@ -538,7 +538,11 @@ macro_rules! export_broker_plugin {
                 &VTABLE,
             );
 
-            /// The entry point the host looks up.
+            /// The ABI version, read by the host as data before it calls anything here.
+            #[unsafe(no_mangle)]
+            pub static SYNCRA_PLUGIN_ABI_VERSION: u32 = $crate::abi::ABI_VERSION;
+
+            /// The entry point the host calls once the version matched.
             #[unsafe(no_mangle)]
             pub extern "C" fn syncra_plugin_descriptor() -> *const $crate::abi::PluginDescriptor {
                 &DESCRIPTOR

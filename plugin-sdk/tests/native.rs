@@ -1,6 +1,7 @@
 //! Native plugins through a real `cdylib`: the broker conformance suite run through the C ABI
 //! against `syncra-example-native-broker`, the registry wiring, and each way a library is
-//! refused (another ABI version, no descriptor symbol, not a library, no file).
+//! refused (another ABI version, no version static, not a library, no file) — the first two
+//! without any of their code being called.
 //!
 //! The libraries are the workspace's `examples/native-*` crates, built next to this test
 //! executable by `cargo build` (a no-op when they are fresh).
@@ -152,22 +153,27 @@ async fn the_example_registers_its_kind_and_is_created_from_config() {
     assert!(matches!(err, PluginError::Duplicate { .. }), "{err}");
 }
 
-/// One of the bad-ABI fixture's counters, read straight from the library.
+/// One of a fixture's call counters, read straight from the library.
 fn fixture_counter(library: &libloading::Library, symbol: &std::ffi::CStr) -> u32 {
-    // SAFETY: the fixture exports these counters as `extern "C" fn() -> u32`.
+    // SAFETY: the fixtures export their counters as `extern "C" fn() -> u32`.
     let counter = unsafe { library.get::<unsafe extern "C" fn() -> u32>(symbol) }
         .expect("the fixture exports its counters");
     // SAFETY: as above; the library is loaded while `library` lives.
     unsafe { counter() }
 }
 
+/// Opens a fixture for the test itself, so its counters survive the loader unloading it.
+fn hold_open(path: &Path) -> libloading::Library {
+    // SAFETY: the fixtures are ours and have no initializers.
+    unsafe { libloading::Library::new(path) }.expect("open the fixture")
+}
+
 #[test]
 fn a_library_of_another_abi_version_is_refused_without_being_called() {
     let path = library(BAD_ABI);
-    // Held open by the test so the counters survive the loader unloading the refused library.
-    // SAFETY: the fixture is ours and has no initializers.
-    let fixture = unsafe { libloading::Library::new(&path) }.expect("open the fixture");
+    let fixture = hold_open(&path);
 
+    // Had the loader called the fixture's descriptor function, the process would have aborted.
     let err = load_broker_plugin(&path).unwrap_err();
     assert!(
         matches!(
@@ -182,46 +188,66 @@ fn a_library_of_another_abi_version_is_refused_without_being_called() {
     );
     let message = err.to_string();
     for needed in [
-        "ABI 999",
-        "this host speaks ABI 1",
-        "rebuild the plugin with syncra-plugin-sdk",
-        BAD_ABI,
+        "ABI 999".to_owned(),
+        format!("this host speaks ABI {ABI_VERSION}"),
+        "rebuild the plugin with syncra-plugin-sdk".to_owned(),
+        BAD_ABI.to_owned(),
     ] {
         assert!(
-            message.contains(needed),
+            message.contains(&needed),
             "{needed:?} missing from: {message}"
         );
     }
     assert_eq!(
         fixture_counter(&fixture, c"syncra_fixture_descriptor_calls"),
-        1,
-        "the host asked for the descriptor once"
-    );
-    assert_eq!(
-        fixture_counter(&fixture, c"syncra_fixture_vtable_calls"),
         0,
-        "the host called nothing in a library of another ABI version"
+        "the host read the version as data and called nothing in the library"
     );
 }
 
 #[test]
-fn a_library_without_the_descriptor_is_refused() {
-    let err = load_broker_plugin(&library(NO_SYMBOL)).unwrap_err();
+fn a_library_without_the_version_static_is_refused_without_being_called() {
+    let path = library(NO_SYMBOL);
+    let fixture = hold_open(&path);
+    let err = load_broker_plugin(&path).unwrap_err();
     assert!(
         matches!(
             err,
             LoadError::MissingSymbol {
-                symbol: "syncra_plugin_descriptor",
+                symbol: "SYNCRA_PLUGIN_ABI_VERSION",
                 ..
             }
         ),
         "{err:?}"
     );
     let message = err.to_string();
-    assert!(
-        message.contains("not a Syncra native plugin") && message.contains("export_broker_plugin"),
-        "{message}"
+    for needed in [
+        "not a Syncra native plugin",
+        "SYNCRA_PLUGIN_ABI_VERSION",
+        "export_broker_plugin",
+        "older than plugin ABI 2",
+    ] {
+        assert!(
+            message.contains(needed),
+            "{needed:?} missing from: {message}"
+        );
+    }
+    // The fixture exports a pre-ABI-2 descriptor function; it was not called.
+    assert_eq!(
+        fixture_counter(&fixture, c"syncra_fixture_descriptor_calls"),
+        0
     );
+}
+
+#[test]
+fn the_example_exports_its_version_as_data() {
+    let fixture = hold_open(&library(EXAMPLE));
+    // SAFETY: the export macro makes `SYNCRA_PLUGIN_ABI_VERSION` a `u32` static.
+    let version = unsafe { fixture.get::<*const u32>(c"SYNCRA_PLUGIN_ABI_VERSION") }
+        .map(|symbol| *symbol)
+        .expect("the macro exports the version static");
+    // SAFETY: the address of a `u32` static in a loaded library.
+    assert_eq!(unsafe { version.read() }, ABI_VERSION);
 }
 
 #[test]

@@ -3,23 +3,33 @@
 //! package in `plugin-sdk/wit`.
 //!
 //! The sandbox: a plugin gets no filesystem and no network unless its configuration grants
-//! them; its linear memory is capped; every call runs on a fuel budget, so an infinite loop ends
-//! in a trap instead of a hung host. One long-lived instance per plugin keeps its state between
-//! calls; after a trap the instance is thrown away and a fresh one made; a plugin that fails
-//! `max_failures` times in a row is disabled with one clear log line, and the host keeps serving.
+//! them; the linear memory of its whole store (all memories together) is capped, as are its
+//! tables and instances; every call runs on a fuel budget (CPU) and under a wall-clock deadline
+//! that also stops a guest sleeping or waiting in a WASI call (see `runner`). A plugin runs in a
+//! small pool of long-lived instances that keep their state between calls; after a failure the
+//! instance is thrown away and a fresh one made; a plugin whose calls of one kind fail
+//! `max_failures` times in a row is disabled with one clear log line, and the host keeps
+//! serving.
 //!
 //! What it must never do: give a plugin a key, a plaintext it was not addressed with, or any
-//! capability its configuration did not grant; let a plugin's failure take the host down.
+//! capability its configuration did not grant; let a plugin's failure or slowness take the host
+//! down or hold a caller longer than the plugin's deadline.
 
 mod kv;
+mod limits;
+mod runner;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+use limits::Limiter;
+use runner::{CallKind, Runner, World};
 
 pub use kv::KvStore;
 
@@ -27,6 +37,9 @@ mod bot_bindings {
     wasmtime::component::bindgen!({
         path: "../../plugin-sdk/wit",
         world: "bot",
+        // Exports are called with `call_async`, so a deadline can stop a guest that waits in
+        // WASI (see `runner`); our own imports are quick and stay synchronous.
+        exports: { default: async },
         additional_derives: [PartialEq, Eq],
     });
 }
@@ -35,6 +48,7 @@ mod hook_bindings {
     wasmtime::component::bindgen!({
         path: "../../plugin-sdk/wit",
         world: "relay-hook",
+        exports: { default: async },
         additional_derives: [PartialEq, Eq],
     });
 }
@@ -64,13 +78,28 @@ pub enum WasmError {
         /// What is wrong.
         why: String,
     },
-    /// A call failed (trap, fuel exhausted, memory cap); the instance was restarted.
+    /// A call failed (trap, fuel exhausted, deadline passed, memory cap); the instance was
+    /// thrown away and the next call gets a fresh one.
     #[error("plugin {name:?} failed: {why}")]
     Call {
         /// The plugin's name.
         name: String,
-        /// The trap.
+        /// What stopped it.
+        reason: CallFailure,
+        /// The same, in words.
         why: String,
+    },
+    /// Every instance of the plugin was busy for the whole deadline; the call was not made and
+    /// does not count as the plugin's failure.
+    #[error(
+        "plugin {name:?} is busy: all {instances} of its instances were serving other calls for \
+         its whole deadline"
+    )]
+    Busy {
+        /// The plugin's name.
+        name: String,
+        /// Its pool size.
+        instances: u32,
     },
     /// The plugin failed too often and is disabled.
     #[error("plugin {name:?} is disabled after {failures} failures in a row")]
@@ -80,6 +109,35 @@ pub enum WasmError {
         /// How many.
         failures: u32,
     },
+}
+
+/// What stopped a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallFailure {
+    /// It ran out of fuel (`fuel_per_call`): too much computation.
+    Fuel,
+    /// Its wall-clock deadline (`deadline_ms`) passed: it computed, slept or waited too long.
+    Deadline,
+    /// It hit its memory cap (`memory_mib`) and could not go on.
+    MemoryCap,
+    /// It trapped (a panic, an invalid operation) or a host call failed.
+    Trap,
+}
+
+/// How a plugin is doing, for health reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct PluginHealth {
+    /// Disabled after `max_failures` failures of one call kind in a row.
+    pub disabled: bool,
+    /// The longest current run of failures of one call kind (0 when the last call of every
+    /// kind succeeded).
+    pub failures: u32,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// Calls being served right now.
+    pub busy: u32,
 }
 
 /// What a plugin may touch outside its sandbox.
@@ -106,13 +164,23 @@ pub struct WasmPluginConfig {
     /// What it may touch.
     #[serde(default)]
     pub grants: Grants,
-    /// Linear memory cap in MiB.
+    /// Cap on the linear memory of one instance's whole store, all its memories together, in
+    /// MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u32,
-    /// Fuel per call (roughly WebAssembly instructions): the time budget.
+    /// Fuel per call (roughly WebAssembly instructions): the CPU budget. Waiting does not burn
+    /// fuel; `deadline_ms` bounds that.
     #[serde(default = "default_fuel")]
     pub fuel_per_call: u64,
-    /// Consecutive failures after which the plugin is disabled.
+    /// Wall-clock deadline of one call (and of making an instance), in milliseconds: stops a
+    /// guest that computes, sleeps or waits in a WASI call for longer. Granularity 10 ms.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// How many instances may serve calls at the same time. Each has its own memory (up to
+    /// `memory_mib`) and its own in-memory state; shared state belongs in the kv store.
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    /// Consecutive failures of one call kind after which the plugin is disabled.
     #[serde(default = "default_max_failures")]
     pub max_failures: u32,
     /// Where its key-value store is kept (in memory only if absent).
@@ -133,6 +201,17 @@ fn default_fuel() -> u64 {
     200_000_000
 }
 
+fn default_deadline_ms() -> u64 {
+    // Ten times the default fuel budget's worth of computing: generous for work, a hard stop
+    // for a guest that sleeps or waits on the network.
+    1_000
+}
+
+fn default_instances() -> u32 {
+    // A bot answers one message at a time and keeps its state in one instance.
+    1
+}
+
 fn default_max_failures() -> u32 {
     3
 }
@@ -146,6 +225,8 @@ impl WasmPluginConfig {
             grants: Grants::default(),
             memory_mib: default_memory_mib(),
             fuel_per_call: default_fuel(),
+            deadline_ms: default_deadline_ms(),
+            instances: default_instances(),
             max_failures: default_max_failures(),
             kv_file: None,
             config: BTreeMap::new(),
@@ -176,10 +257,13 @@ impl std::fmt::Debug for WasmHost {
 }
 
 impl WasmHost {
-    /// An engine with fuel metering on.
+    /// An engine with fuel metering and epoch interruption on, and a thread that advances the
+    /// epoch every 10 ms for as long as the engine lives (it ends when the last `WasmHost`
+    /// clone is dropped).
     pub fn new() -> Result<Self, WasmError> {
         let mut config = Config::new();
         config.consume_fuel(true);
+        config.epoch_interruption(true);
         config.wasm_component_model(true);
         // Compiled code is cached on disk (wasmtime's default cache directory), so a large
         // component compiles once per machine, not once per start. Without a usable cache
@@ -191,6 +275,23 @@ impl WasmHost {
             name: "engine".into(),
             why: e.to_string(),
         })?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                // A ticking clock, not a wait for readiness: every deadline is counted in ticks.
+                loop {
+                    std::thread::sleep(runner::EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| WasmError::Config {
+                name: "engine".into(),
+                why: format!("starting the epoch thread: {e}"),
+            })?;
         Ok(WasmHost { engine })
     }
 }
@@ -200,7 +301,7 @@ struct HostState {
     name: String,
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     kv: Arc<Mutex<KvStore>>,
 }
 
@@ -293,173 +394,6 @@ fn build_wasi(name: &str, grants: &Grants) -> Result<WasiCtx, WasmError> {
     Ok(b.build())
 }
 
-/// The common machinery of both worlds: load, instantiate, call with budget, restart on trap,
-/// disable after repeated failures.
-struct Runner<I> {
-    name: String,
-    config: WasmPluginConfig,
-    engine: Engine,
-    linker: Linker<HostState>,
-    component: Component,
-    kv: Arc<Mutex<KvStore>>,
-    live: Option<(Store<HostState>, I)>,
-    failures: u32,
-    disabled: bool,
-}
-
-type Instantiate<I> =
-    fn(&mut Store<HostState>, &Component, &Linker<HostState>) -> wasmtime::Result<I>;
-
-impl<I> Runner<I> {
-    fn load(
-        host: &WasmHost,
-        config: WasmPluginConfig,
-        add_world: fn(&mut Linker<HostState>) -> wasmtime::Result<()>,
-    ) -> Result<Self, WasmError> {
-        let name = config.name();
-        let load_err = |why: String| WasmError::Load {
-            name: name.clone(),
-            path: config.path.clone(),
-            why,
-        };
-        if config.memory_mib == 0 || config.fuel_per_call == 0 {
-            return Err(WasmError::Config {
-                name,
-                why: "memory_mib and fuel_per_call must be above 0".into(),
-            });
-        }
-        let bytes = std::fs::read(&config.path).map_err(|e| load_err(e.to_string()))?;
-        let component = Component::new(&host.engine, &bytes)
-            .map_err(|e| load_err(format!("not a WebAssembly component: {e}")))?;
-        let mut linker = Linker::new(&host.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| load_err(e.to_string()))?;
-        add_world(&mut linker).map_err(|e| load_err(e.to_string()))?;
-        let kv = Arc::new(Mutex::new(
-            KvStore::open(config.kv_file.as_deref()).map_err(|e| load_err(e.to_string()))?,
-        ));
-        Ok(Runner {
-            name,
-            config,
-            engine: host.engine.clone(),
-            linker,
-            component,
-            kv,
-            live: None,
-            failures: 0,
-            disabled: false,
-        })
-    }
-
-    fn fresh(&mut self, instantiate: Instantiate<I>) -> Result<(Store<HostState>, I), WasmError> {
-        let wasi = build_wasi(&self.name, &self.config.grants)?;
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.config.memory_mib as usize * 1024 * 1024)
-            // Interpreted guests (Python) are made of several core instances and memories.
-            .instances(64)
-            .tables(64)
-            .memories(16)
-            .build();
-        let mut store = Store::new(
-            &self.engine,
-            HostState {
-                name: self.name.clone(),
-                wasi,
-                table: ResourceTable::new(),
-                limits,
-                kv: self.kv.clone(),
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        store
-            .set_fuel(self.config.fuel_per_call)
-            .map_err(|e| self.call_err(e.to_string()))?;
-        let instance = instantiate(&mut store, &self.component, &self.linker).map_err(|e| {
-            WasmError::Load {
-                name: self.name.clone(),
-                path: self.config.path.clone(),
-                why: format!("instantiating: {e:#}"),
-            }
-        })?;
-        Ok((store, instance))
-    }
-
-    fn call_err(&self, why: String) -> WasmError {
-        WasmError::Call {
-            name: self.name.clone(),
-            why,
-        }
-    }
-
-    /// Runs `f` against the live instance with a fresh fuel budget. A failure discards the
-    /// instance (the next call gets a new one) and counts towards disabling.
-    fn call<R>(
-        &mut self,
-        instantiate: Instantiate<I>,
-        f: impl FnOnce(&mut Store<HostState>, &I) -> wasmtime::Result<R>,
-    ) -> Result<R, WasmError> {
-        if self.disabled {
-            return Err(WasmError::Disabled {
-                name: self.name.clone(),
-                failures: self.failures,
-            });
-        }
-        if self.live.is_none() {
-            match self.fresh(instantiate) {
-                Ok(live) => self.live = Some(live),
-                Err(e) => return Err(self.failed(e)),
-            }
-        }
-        let Some((store, instance)) = self.live.as_mut() else {
-            return Err(self.call_err("no instance".into()));
-        };
-        if let Err(e) = store.set_fuel(self.config.fuel_per_call) {
-            return Err(self.call_err(e.to_string()));
-        }
-        match f(store, instance) {
-            Ok(r) => {
-                self.failures = 0;
-                Ok(r)
-            }
-            Err(e) => {
-                self.live = None;
-                let why = describe_trap(&e);
-                let err = self.call_err(why);
-                Err(self.failed(err))
-            }
-        }
-    }
-
-    fn failed(&mut self, err: WasmError) -> WasmError {
-        self.failures += 1;
-        if self.failures >= self.config.max_failures {
-            self.disabled = true;
-            tracing::error!(
-                plugin = %self.name,
-                failures = self.failures,
-                "plugin disabled after {} failures in a row (last: {err}); the host keeps serving without it",
-                self.failures
-            );
-        } else {
-            tracing::warn!(plugin = %self.name, "{err}; restarting it");
-        }
-        err
-    }
-}
-
-fn describe_trap(e: &wasmtime::Error) -> String {
-    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-        return match trap {
-            wasmtime::Trap::OutOfFuel => "ran out of its time budget (fuel) and was stopped".into(),
-            other => format!("trapped: {other}"),
-        };
-    }
-    format!("{e:#}")
-        .lines()
-        .next()
-        .unwrap_or("failed")
-        .to_owned()
-}
-
 /// A message for a bot, as the host opened it.
 pub type BotMessage = bt::Message;
 /// What a bot asks the host to do.
@@ -473,69 +407,85 @@ pub type ConnectInfo = ht::ConnectInfo;
 /// A relay hook's answer.
 pub type Verdict = ht::Verdict;
 
+impl World for bot_bindings::Bot {
+    fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+        bot_bindings::Bot::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
+    }
+
+    fn instantiate(
+        store: &mut Store<HostState>,
+        component: &Component,
+        linker: &Linker<HostState>,
+    ) -> impl Future<Output = wasmtime::Result<Self>> {
+        bot_bindings::Bot::instantiate_async(store, component, linker)
+    }
+}
+
+impl World for hook_bindings::RelayHook {
+    fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+        hook_bindings::RelayHook::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
+    }
+
+    fn instantiate(
+        store: &mut Store<HostState>,
+        component: &Component,
+        linker: &Linker<HostState>,
+    ) -> impl Future<Output = wasmtime::Result<Self>> {
+        hook_bindings::RelayHook::instantiate_async(store, component, linker)
+    }
+}
+
 /// A bot or client extension (world `bot`).
+///
+/// Its calls block the calling thread until the guest answers or its deadline passes: make them
+/// from a blocking thread (`tokio::task::spawn_blocking`), never from async code.
 pub struct BotPlugin {
-    runner: Mutex<Runner<bot_bindings::Bot>>,
-    name: String,
+    runner: Runner<bot_bindings::Bot>,
 }
 
 impl std::fmt::Debug for BotPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BotPlugin({})", self.name)
+        write!(f, "BotPlugin({})", self.runner.name)
     }
 }
 
-fn instantiate_bot(
-    store: &mut Store<HostState>,
-    component: &Component,
-    linker: &Linker<HostState>,
-) -> wasmtime::Result<bot_bindings::Bot> {
-    bot_bindings::Bot::instantiate(store, component, linker)
-}
-
-fn add_bot(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    bot_bindings::Bot::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
-}
-
 impl BotPlugin {
-    /// Loads and checks a bot component.
+    /// Loads and checks a bot component (it is instantiated once, so a component of the wrong
+    /// world fails here, not at its first call).
     pub fn load(host: &WasmHost, config: WasmPluginConfig) -> Result<Self, WasmError> {
-        let name = config.name();
-        let mut runner = Runner::load(host, config, add_bot)?;
-        // Instantiate once now, so a component of the wrong world fails at start, not later.
-        let live = runner.fresh(instantiate_bot)?;
-        runner.live = Some(live);
         Ok(BotPlugin {
-            runner: Mutex::new(runner),
-            name,
+            runner: Runner::load(host, config)?,
         })
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn runner(&self) -> std::sync::MutexGuard<'_, Runner<bot_bindings::Bot>> {
-        self.runner.lock().unwrap_or_else(|e| e.into_inner())
+        &self.runner.name
     }
 
     /// Whether it was disabled after repeated failures.
     pub fn is_disabled(&self) -> bool {
-        self.runner().disabled
+        self.runner.health().disabled
+    }
+
+    /// How it is doing.
+    pub fn health(&self) -> PluginHealth {
+        self.runner.health()
     }
 
     /// The commands it offers.
     pub fn commands(&self) -> Result<Vec<BotCommand>, WasmError> {
-        self.runner().call(instantiate_bot, |store, bot| {
-            bot.syncra_plugin_handler().call_commands(store)
+        self.runner.call(CallKind::Commands, async |store, bot| {
+            bot.syncra_plugin_handler().call_commands(store).await
         })
     }
 
     /// A message for the bot.
     pub fn on_message(&self, msg: &BotMessage) -> Result<Vec<BotAction>, WasmError> {
-        self.runner().call(instantiate_bot, |store, bot| {
-            bot.syncra_plugin_handler().call_on_message(store, msg)
+        self.runner.call(CallKind::OnMessage, async |store, bot| {
+            bot.syncra_plugin_handler()
+                .call_on_message(store, msg)
+                .await
         })
     }
 
@@ -546,75 +496,63 @@ impl BotPlugin {
         args: &str,
         conversation: &str,
     ) -> Result<Vec<BotAction>, WasmError> {
-        self.runner().call(instantiate_bot, |store, bot| {
+        self.runner.call(CallKind::OnCommand, async |store, bot| {
             bot.syncra_plugin_handler()
                 .call_on_command(store, name, args, conversation)
+                .await
         })
     }
 }
 
-/// A relay hook (world `relay-hook`).
+/// A relay hook (world `relay-hook`). Calls may come from several threads at once; each runs
+/// in one of the plugin's `instances`. Like a bot's, its calls block until the guest answers or
+/// its deadline passes: make them from a blocking thread, never from async code.
 pub struct HookPlugin {
-    runner: Mutex<Runner<hook_bindings::RelayHook>>,
-    name: String,
+    runner: Runner<hook_bindings::RelayHook>,
 }
 
 impl std::fmt::Debug for HookPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HookPlugin({})", self.name)
+        write!(f, "HookPlugin({})", self.runner.name)
     }
-}
-
-fn instantiate_hook(
-    store: &mut Store<HostState>,
-    component: &Component,
-    linker: &Linker<HostState>,
-) -> wasmtime::Result<hook_bindings::RelayHook> {
-    hook_bindings::RelayHook::instantiate(store, component, linker)
-}
-
-fn add_hook(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    hook_bindings::RelayHook::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
 }
 
 impl HookPlugin {
     /// Loads and checks a relay-hook component.
     pub fn load(host: &WasmHost, config: WasmPluginConfig) -> Result<Self, WasmError> {
-        let name = config.name();
-        let mut runner = Runner::load(host, config, add_hook)?;
-        let live = runner.fresh(instantiate_hook)?;
-        runner.live = Some(live);
         Ok(HookPlugin {
-            runner: Mutex::new(runner),
-            name,
+            runner: Runner::load(host, config)?,
         })
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn runner(&self) -> std::sync::MutexGuard<'_, Runner<hook_bindings::RelayHook>> {
-        self.runner.lock().unwrap_or_else(|e| e.into_inner())
+        &self.runner.name
     }
 
     /// Whether it was disabled after repeated failures.
     pub fn is_disabled(&self) -> bool {
-        self.runner().disabled
+        self.runner.health().disabled
+    }
+
+    /// How it is doing.
+    pub fn health(&self) -> PluginHealth {
+        self.runner.health()
     }
 
     /// A session authenticated.
     pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, WasmError> {
-        self.runner().call(instantiate_hook, |store, hook| {
-            hook.syncra_plugin_hook().call_on_connect(store, info)
+        self.runner.call(CallKind::OnConnect, async |store, hook| {
+            hook.syncra_plugin_hook().call_on_connect(store, info).await
         })
     }
 
     /// An envelope is about to be routed.
     pub fn on_envelope(&self, meta: &EnvelopeMeta) -> Result<Verdict, WasmError> {
-        self.runner().call(instantiate_hook, |store, hook| {
-            hook.syncra_plugin_hook().call_on_envelope(store, meta)
+        self.runner.call(CallKind::OnEnvelope, async |store, hook| {
+            hook.syncra_plugin_hook()
+                .call_on_envelope(store, meta)
+                .await
         })
     }
 }

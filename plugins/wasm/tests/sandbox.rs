@@ -1,15 +1,16 @@
 //! The sandbox against real components (examples/bots, built for wasm32-wasip2): each hostile
-//! behaviour is stopped, the plugin restarts, a plugin that keeps failing is disabled, and
-//! another plugin keeps serving throughout.
+//! behaviour is stopped and says why (fuel, deadline, memory cap, trap), the plugin restarts, a
+//! plugin that keeps failing is disabled, a hook's slow call does not hold up its other calls,
+//! and another plugin keeps serving throughout.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use syncra_plugin_wasm::{
-    BotAction, BotMessage, BotPlugin, ConnectInfo, EnvelopeMeta, Grants, HookPlugin, Verdict,
-    WasmError, WasmHost, WasmPluginConfig,
+    BotAction, BotMessage, BotPlugin, CallFailure, ConnectInfo, EnvelopeMeta, Grants, HookPlugin,
+    Verdict, WasmError, WasmHost, WasmPluginConfig,
 };
 
 /// Path of an example component, building the examples once if needed.
@@ -95,8 +96,17 @@ fn an_infinite_loop_is_stopped_by_its_budget_and_the_plugin_restarts() {
     let echo = bot("echo", |_| {});
     let started = Instant::now();
     let err = hostile.on_message(&message("loop")).unwrap_err();
-    assert!(matches!(err, WasmError::Call { .. }), "{err}");
-    assert!(err.to_string().contains("time budget"), "{err}");
+    assert!(
+        matches!(
+            err,
+            WasmError::Call {
+                reason: CallFailure::Fuel,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ran out of fuel"), "{err}");
     // Not a timing assertion: a generous bound that only a missing budget would exceed.
     assert!(started.elapsed() < Duration::from_secs(60));
     // Restarted: it answers again, and the other plugin never stopped.
@@ -111,7 +121,22 @@ fn an_infinite_loop_is_stopped_by_its_budget_and_the_plugin_restarts() {
 fn a_memory_hog_is_capped() {
     let hostile = bot("hostile", |c| c.memory_mib = 16);
     let err = hostile.on_message(&message("hog")).unwrap_err();
-    assert!(matches!(err, WasmError::Call { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            WasmError::Call {
+                reason: CallFailure::MemoryCap,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Said as what happened, not as the `unreachable` the guest's allocator ended in.
+    assert!(
+        err.to_string()
+            .contains("exceeded its memory cap of 16 MiB"),
+        "{err}"
+    );
     assert_eq!(
         reply(hostile.on_message(&message("after")).unwrap()),
         "still alive: after"
@@ -145,6 +170,154 @@ fn a_trap_restarts_and_repeated_failures_disable() {
         reply(echo.on_message(&message("still here")).unwrap()),
         "echo: still here"
     );
+}
+
+fn is_deadline(err: &WasmError) -> bool {
+    matches!(
+        err,
+        WasmError::Call {
+            reason: CallFailure::Deadline,
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_sleeping_bot_is_stopped_at_its_deadline_and_restarts() {
+    // `sleep` waits five minutes in WASI (`subscribe-duration`, then a blocking wait) and burns
+    // no fuel: only the wall-clock deadline can stop it.
+    let hostile = bot("hostile", |c| c.deadline_ms = 300);
+    let err = hostile.on_message(&message("sleep")).unwrap_err();
+    assert!(is_deadline(&err), "{err}");
+    assert!(
+        err.to_string().contains("passed its deadline of 300 ms"),
+        "{err}"
+    );
+    // The instance was thrown away; a fresh one answers.
+    assert_eq!(
+        reply(hostile.on_message(&message("ping")).unwrap()),
+        "still alive: ping"
+    );
+    assert_eq!(hostile.health().failures, 0);
+}
+
+#[test]
+fn a_busy_loop_with_fuel_to_spare_is_stopped_by_the_deadline() {
+    // Fuel for hours: the epoch deadline stops guest code that computes, too.
+    let hostile = bot("hostile", |c| {
+        c.fuel_per_call = u64::MAX / 2;
+        c.deadline_ms = 300;
+    });
+    let err = hostile.on_message(&message("loop")).unwrap_err();
+    assert!(is_deadline(&err), "{err}");
+    assert_eq!(
+        reply(hostile.on_message(&message("after")).unwrap()),
+        "still alive: after"
+    );
+}
+
+#[test]
+fn a_plugin_that_keeps_sleeping_is_disabled() {
+    let hostile = bot("hostile", |c| {
+        c.deadline_ms = 100;
+        c.max_failures = 2;
+    });
+    for _ in 0..2 {
+        let err = hostile.on_message(&message("sleep")).unwrap_err();
+        assert!(is_deadline(&err), "{err}");
+    }
+    let health = hostile.health();
+    assert!(health.disabled);
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("deadline")),
+        "{health:?}"
+    );
+    assert!(matches!(
+        hostile.on_message(&message("ping")).unwrap_err(),
+        WasmError::Disabled { .. }
+    ));
+}
+
+fn hook(name: &str, configure: impl FnOnce(&mut WasmPluginConfig)) -> HookPlugin {
+    let mut config = WasmPluginConfig::new(component(name));
+    configure(&mut config);
+    HookPlugin::load(&host(), config).unwrap()
+}
+
+fn envelope(recipients: usize, size: u32) -> EnvelopeMeta {
+    EnvelopeMeta {
+        session_user: "aaaa".into(),
+        recipients: (0..recipients).map(|i| format!("r{i}")).collect(),
+        size,
+        time_ms: 1,
+    }
+}
+
+fn connect() -> ConnectInfo {
+    ConnectInfo {
+        user: "aaaa".into(),
+        client_ip: "127.0.0.1".into(),
+    }
+}
+
+#[test]
+fn failures_of_one_call_kind_disable_even_when_another_kind_succeeds() {
+    let hostile = hook("hostile_hook", |c| c.max_failures = 3);
+    for round in 0..3 {
+        // Two recipients make `on-envelope` trap; `on-connect` always succeeds.
+        assert!(
+            hostile.on_envelope(&envelope(2, 100)).is_err(),
+            "round {round}"
+        );
+        if round < 2 {
+            assert_eq!(hostile.on_connect(&connect()).unwrap(), Verdict::Allow);
+        }
+    }
+    assert!(hostile.is_disabled());
+    assert!(matches!(
+        hostile.on_connect(&connect()).unwrap_err(),
+        WasmError::Disabled { failures: 3, .. }
+    ));
+}
+
+/// Polls `check` until it holds, failing after a generous deadline.
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_sleeping_hook_call_does_not_hold_up_the_next_call() {
+    let hostile = Arc::new(hook("hostile_hook", |c| {
+        c.instances = 2;
+        c.deadline_ms = 5_000;
+    }));
+    // 6 KiB: the hook sleeps for five minutes, until its deadline stops it.
+    let sleeper = {
+        let hostile = hostile.clone();
+        std::thread::spawn(move || hostile.on_envelope(&envelope(1, 6 * 1024)))
+    };
+    wait_for("the sleeping call to start", || hostile.health().busy == 1);
+    // Another caller is served by the second instance, while the first call still sleeps.
+    assert_eq!(
+        hostile.on_envelope(&envelope(1, 100)).unwrap(),
+        Verdict::Allow
+    );
+    assert_eq!(
+        hostile.health().busy,
+        1,
+        "answered while the sleeping call was still running"
+    );
+    let err = sleeper.join().unwrap().unwrap_err();
+    assert!(is_deadline(&err), "{err}");
+    assert_eq!(hostile.health().busy, 0);
+    assert_eq!(hostile.health().failures, 1);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! A deliberately hostile bot for the sandbox tests. The message text picks the misbehaviour:
 //! `loop` spins forever, `hog` allocates until memory runs out, `trap` panics, `fs [PATH]` tries to
-//! read a host file, `net ADDR` tries to open a TCP connection; anything else is echoed, so a
-//! test can check the plugin still works after being restarted.
+//! read a host file, `net ADDR` tries to open a TCP connection, `sleep` sleeps for five minutes
+//! (WASI `subscribe-duration` and a blocking wait, through `std::thread::sleep`, burning no
+//! fuel); anything else is echoed, so a test can check the plugin still works after being
+//! restarted.
 
 wit_bindgen::generate!({ path: "../../../plugin-sdk/wit", world: "bot" });
 
@@ -32,6 +34,10 @@ impl Guest for Hostile {
                 }
             }
             "trap" => panic!("asked to trap"),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(300));
+                "slept for five minutes".to_owned()
+            }
             "fs" => {
                 let path = text.split_whitespace().nth(1).unwrap_or("/etc/hostname");
                 match std::fs::read_to_string(path) {

@@ -198,8 +198,13 @@ fn oversized_frames_are_refused_before_decoding() {
 #[test]
 fn unknown_version_and_type_are_refused() {
     check(
-        &[2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
-        WireError::UnsupportedVersion(2),
+        &[3, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
+        WireError::UnsupportedVersion(3),
+    );
+    // Version 1 (before logins signed the dialled URL) is refused, not misread.
+    check(
+        &[1, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
+        WireError::UnsupportedVersion(1),
     );
     check(&[0, 0x20], WireError::UnsupportedVersion(0));
     check(&[PROTOCOL_VERSION, 0x7f], WireError::UnknownType(0x7f));

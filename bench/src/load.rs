@@ -845,7 +845,8 @@ async fn syncra_sender_reader(
                 for o in outcomes {
                     match o.outcome {
                         Outcome::Delivered => r.delivered += 1,
-                        Outcome::Offline => {
+                        // Stored in the mailbox: not delivered live, counted with offline.
+                        Outcome::Offline | Outcome::Stored => {
                             r.offline += 1;
                             refused += 1;
                         }

@@ -245,7 +245,7 @@ async fn session_slot(
                         for o in outcomes {
                             let c = match o.outcome {
                                 Outcome::Delivered => &counters.delivered,
-                                Outcome::Offline => &counters.offline,
+                                Outcome::Offline | Outcome::Stored => &counters.offline,
                                 Outcome::Rejected(_) => &counters.rejected,
                             };
                             c.fetch_add(1, Ordering::Relaxed);

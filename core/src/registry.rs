@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::broker::{Broker, BrokerSink};
 use crate::error::PluginError;
+use crate::mailbox::{Mailbox, MailboxLimits};
 use crate::store::IdentityStore;
 use crate::transport::Transport;
 
@@ -45,6 +46,22 @@ pub const KNOWN_BROKERS: &[KnownKind] = &[
     KnownKind {
         kind: "nats",
         feature: "broker-nats",
+    },
+];
+
+/// First-party mailbox kinds, with the relay feature that compiles each in.
+pub const KNOWN_MAILBOXES: &[KnownKind] = &[
+    KnownKind {
+        kind: "none",
+        feature: "(always built in)",
+    },
+    KnownKind {
+        kind: "sqlite",
+        feature: "store-sqlite",
+    },
+    KnownKind {
+        kind: "postgres",
+        feature: "store-postgres",
     },
 ];
 
@@ -209,6 +226,8 @@ pub struct PluginRegistry {
     pub stores: Kinds<Arc<dyn IdentityStore>, ()>,
     /// Transports.
     pub transports: Kinds<Arc<dyn Transport>, ()>,
+    /// Mailboxes, created with the relay's per-recipient bounds.
+    pub mailboxes: Kinds<Arc<dyn Mailbox>, MailboxLimits>,
 }
 
 impl Default for PluginRegistry {
@@ -217,6 +236,7 @@ impl Default for PluginRegistry {
             brokers: Kinds::new("broker", KNOWN_BROKERS),
             stores: Kinds::new("store", KNOWN_STORES),
             transports: Kinds::new("transport", KNOWN_TRANSPORTS),
+            mailboxes: Kinds::new("mailbox", KNOWN_MAILBOXES),
         }
     }
 }

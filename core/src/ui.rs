@@ -30,6 +30,8 @@ pub enum DeliveryState {
     Delivered,
     /// The recipient was offline; it was not delivered.
     Offline,
+    /// The recipient was not connected; the relay holds it in their mailbox.
+    Stored,
     /// The relay refused it or it could not be sent.
     Failed,
 }

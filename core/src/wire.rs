@@ -98,6 +98,10 @@ pub enum ErrorCode {
     Unexpected,
     /// More recipients than allowed.
     TooManyRecipients,
+    /// The recipient's mailbox holds as many messages or bytes as its quota allows.
+    MailboxFull,
+    /// The mailbox could not store the message (its backend is down or did not answer).
+    MailboxUnavailable,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -129,6 +133,8 @@ impl ErrorCode {
         (23, ErrorCode::ShuttingDown),
         (24, ErrorCode::Unexpected),
         (25, ErrorCode::TooManyRecipients),
+        (26, ErrorCode::MailboxFull),
+        (27, ErrorCode::MailboxUnavailable),
     ];
 
     /// The numeric code.
@@ -180,6 +186,8 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::TooManyRecipients => "too_many_recipients",
+            ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::MailboxUnavailable => "mailbox_unavailable",
             ErrorCode::Other(_) => "other",
         }
     }
@@ -214,8 +222,12 @@ impl From<&WireError> for ErrorCode {
 pub enum Outcome {
     /// A live session of the recipient took the message.
     Delivered,
-    /// No session of the recipient is connected anywhere; the message was not stored.
+    /// No session of the recipient is connected anywhere; the message was not stored (the
+    /// relay keeps no mailbox).
     Offline,
+    /// No session of the recipient is connected; the sealed message waits in the recipient's
+    /// mailbox until the recipient logs in and acknowledges it, or until it expires.
+    Stored,
     /// The relay refused or could not deliver, with the reason.
     Rejected(ErrorCode),
 }
@@ -279,6 +291,22 @@ pub enum Frame {
     Deliver {
         /// The envelope bytes, untouched by the relay.
         envelope: Bytes,
+    },
+    /// A sealed envelope that waited in this user's mailbox. Sent after `AuthOk`, in the order
+    /// the envelopes were stored, before any live `Deliver`. The client acknowledges it with
+    /// [`Frame::Acknowledge`] once the message is durably in its history; until then the relay
+    /// keeps it and sends it again at the next login.
+    Pending {
+        /// The mailbox entry, increasing per recipient.
+        entry_id: u64,
+        /// The envelope bytes, untouched by the relay.
+        envelope: Bytes,
+    },
+    /// The mailbox backlog sent after this login is complete: `count` `Pending` frames came
+    /// before it. Live deliveries follow.
+    PendingEnd {
+        /// How many `Pending` frames this login's backlog had.
+        count: u32,
     },
     /// Something failed.
     Error {
@@ -345,6 +373,17 @@ pub enum Frame {
         /// The envelope.
         envelope: Bytes,
     },
+    /// Deletes this user's mailbox entries up to and including `entry_id` (they are durably
+    /// in the client's history). No reply.
+    Acknowledge {
+        /// The last entry handled.
+        entry_id: u64,
+    },
+    /// Empties this user's mailbox. Answered with `Ack`.
+    ClearMailbox {
+        /// Echoed in the reply.
+        request_id: RequestId,
+    },
 
     // Either direction.
     /// Liveness probe.
@@ -367,6 +406,8 @@ mod tag {
     pub const SEND_RESULT: u8 = 0x05;
     pub const DELIVER: u8 = 0x06;
     pub const ERROR: u8 = 0x07;
+    pub const PENDING: u8 = 0x08;
+    pub const PENDING_END: u8 = 0x09;
     pub const REGISTER: u8 = 0x10;
     pub const AUTH: u8 = 0x11;
     pub const RESUME: u8 = 0x12;
@@ -374,6 +415,8 @@ mod tag {
     pub const LOOKUP_ID: u8 = 0x14;
     pub const ROTATE_PREKEY: u8 = 0x15;
     pub const SEND: u8 = 0x16;
+    pub const ACKNOWLEDGE: u8 = 0x17;
+    pub const CLEAR_MAILBOX: u8 = 0x18;
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
 }
@@ -381,6 +424,7 @@ mod tag {
 const OUTCOME_DELIVERED: u8 = 0;
 const OUTCOME_OFFLINE: u8 = 1;
 const OUTCOME_REJECTED: u8 = 2;
+const OUTCOME_STORED: u8 = 3;
 
 /// The statement a client signs to register: binds the relay, the challenge nonce, the handle,
 /// the identity key and the prekey, so a registration proof cannot be replayed elsewhere or
@@ -431,6 +475,10 @@ impl Frame {
             Frame::Ack { .. } => "ack",
             Frame::SendResult { .. } => "send_result",
             Frame::Deliver { .. } => "deliver",
+            Frame::Pending { .. } => "pending",
+            Frame::PendingEnd { .. } => "pending_end",
+            Frame::Acknowledge { .. } => "acknowledge",
+            Frame::ClearMailbox { .. } => "clear_mailbox",
             Frame::Error { .. } => "error",
             Frame::Register { .. } => "register",
             Frame::Auth { .. } => "auth",
@@ -453,7 +501,9 @@ impl Frame {
 
     fn encoded_len_hint(&self) -> usize {
         match self {
-            Frame::Deliver { envelope } | Frame::Send { envelope, .. } => 16 + envelope.len(),
+            Frame::Deliver { envelope }
+            | Frame::Send { envelope, .. }
+            | Frame::Pending { envelope, .. } => 16 + envelope.len(),
             Frame::SendResult { outcomes, .. } => 32 + outcomes.len() * 24,
             _ => 256,
         }
@@ -520,6 +570,10 @@ impl Frame {
                             out.put_u8(OUTCOME_OFFLINE);
                             out.put_u16(0);
                         }
+                        Outcome::Stored => {
+                            out.put_u8(OUTCOME_STORED);
+                            out.put_u16(0);
+                        }
                         Outcome::Rejected(code) => {
                             out.put_u8(OUTCOME_REJECTED);
                             out.put_u16(code.as_u16());
@@ -530,6 +584,15 @@ impl Frame {
             Frame::Deliver { envelope } => {
                 out.put_u8(tag::DELIVER);
                 put_bytes32(out, envelope);
+            }
+            Frame::Pending { entry_id, envelope } => {
+                out.put_u8(tag::PENDING);
+                out.put_u64(*entry_id);
+                put_bytes32(out, envelope);
+            }
+            Frame::PendingEnd { count } => {
+                out.put_u8(tag::PENDING_END);
+                out.put_u32(*count);
             }
             Frame::Error {
                 request_id,
@@ -592,6 +655,14 @@ impl Frame {
                 out.put_u8(tag::SEND);
                 out.put_u32(*request_id);
                 put_bytes32(out, envelope);
+            }
+            Frame::Acknowledge { entry_id } => {
+                out.put_u8(tag::ACKNOWLEDGE);
+                out.put_u64(*entry_id);
+            }
+            Frame::ClearMailbox { request_id } => {
+                out.put_u8(tag::CLEAR_MAILBOX);
+                out.put_u32(*request_id);
             }
             Frame::Ping { nonce } => {
                 out.put_u8(tag::PING);
@@ -674,7 +745,7 @@ impl Frame {
                     let kind = r.u8("outcome.kind")?;
                     let code = r.u16("outcome.code")?;
                     let outcome = match kind {
-                        OUTCOME_DELIVERED | OUTCOME_OFFLINE if code != 0 => {
+                        OUTCOME_DELIVERED | OUTCOME_OFFLINE | OUTCOME_STORED if code != 0 => {
                             return Err(WireError::Invalid {
                                 field: "outcome.code",
                                 why: "must be 0 unless rejected",
@@ -682,6 +753,7 @@ impl Frame {
                         }
                         OUTCOME_DELIVERED => Outcome::Delivered,
                         OUTCOME_OFFLINE => Outcome::Offline,
+                        OUTCOME_STORED => Outcome::Stored,
                         OUTCOME_REJECTED => Outcome::Rejected(ErrorCode::from_u16(code)),
                         _ => {
                             return Err(WireError::Invalid {
@@ -700,6 +772,13 @@ impl Frame {
             }
             tag::DELIVER => Frame::Deliver {
                 envelope: r.bytes32("envelope")?,
+            },
+            tag::PENDING => Frame::Pending {
+                entry_id: r.u64("entry_id")?,
+                envelope: r.bytes32("envelope")?,
+            },
+            tag::PENDING_END => Frame::PendingEnd {
+                count: r.u32("count")?,
             },
             tag::ERROR => Frame::Error {
                 request_id: r.u32("request_id")?,
@@ -735,6 +814,12 @@ impl Frame {
             tag::SEND => Frame::Send {
                 request_id: r.u32("request_id")?,
                 envelope: r.bytes32("envelope")?,
+            },
+            tag::ACKNOWLEDGE => Frame::Acknowledge {
+                entry_id: r.u64("entry_id")?,
+            },
+            tag::CLEAR_MAILBOX => Frame::ClearMailbox {
+                request_id: r.u32("request_id")?,
             },
             tag::PING => Frame::Ping {
                 nonce: r.u64("nonce")?,

@@ -463,6 +463,7 @@ impl Controller {
             Ok(r) => match &r.state {
                 SendState::Delivered => syncra_core::ui::DeliveryState::Delivered,
                 SendState::Offline => syncra_core::ui::DeliveryState::Offline,
+                SendState::Stored => syncra_core::ui::DeliveryState::Stored,
                 SendState::Failed(_) => syncra_core::ui::DeliveryState::Failed,
                 SendState::Queued(_) => syncra_core::ui::DeliveryState::Sending,
             },
@@ -486,9 +487,9 @@ impl Controller {
     }
 
     async fn on_push(&mut self, push: Push) {
-        let Some(client) = self.client.as_mut() else {
+        if self.client.is_none() {
             return;
-        };
+        }
         match push {
             Push::Notice(code, message) => {
                 let text = match code {
@@ -497,51 +498,75 @@ impl Controller {
                 };
                 self.emit(AppEvent::Notice(text)).await;
             }
-            Push::Deliver(envelope) => match client.receive(&envelope).await {
-                Ok(Some(Incoming::Message {
-                    target,
-                    from,
-                    from_name,
-                    text,
-                    timestamp_ms,
-                    id,
-                    ..
-                })) => {
-                    let conversation = target.to_ui();
-                    if self.open.as_ref() != Some(&conversation) {
-                        *self.unread.entry(conversation.clone()).or_default() += 1;
-                    }
-                    self.emit(AppEvent::Message(ChatLine {
-                        conversation,
-                        message_id: id,
-                        sender: from,
-                        sender_name: Some(from_name),
-                        outgoing: false,
-                        timestamp_ms,
-                        text,
-                        delivery: None,
-                    }))
-                    .await;
-                    self.send_conversations().await;
+            Push::Deliver(envelope) => self.on_envelope(&envelope).await,
+            Push::Pending(entry, envelope) => {
+                // Acknowledged once handled (in the history, or refused), never before.
+                self.on_envelope(&envelope).await;
+                if let Some(client) = self.client.as_ref() {
+                    client.acknowledge(entry).await;
                 }
-                Ok(Some(Incoming::Held { handle, from })) => {
-                    self.emit(AppEvent::KeyChanged {
-                        contact: from,
-                        handle,
-                    })
-                    .await;
-                    self.send_conversations().await;
-                }
-                Ok(Some(Incoming::Rejected { reason })) => {
+            }
+            Push::BacklogDone(count) => {
+                if count > 0 {
+                    let what = if count == 1 { "message" } else { "messages" };
                     self.emit(AppEvent::Notice(format!(
-                        "a message did not open: {reason}"
+                        "{count} {what} arrived while you were away"
                     )))
-                    .await
+                    .await;
                 }
-                Ok(Some(Incoming::Notice(n))) => self.emit(AppEvent::Notice(n)).await,
-                Ok(None) => {}
-                Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
-            },
+            }
+        }
+    }
+
+    /// A sealed envelope from the relay, live or from the mailbox.
+    async fn on_envelope(&mut self, envelope: &bytes::Bytes) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        match client.receive(envelope).await {
+            Ok(Some(Incoming::Message {
+                target,
+                from,
+                from_name,
+                text,
+                timestamp_ms,
+                id,
+                ..
+            })) => {
+                let conversation = target.to_ui();
+                if self.open.as_ref() != Some(&conversation) {
+                    *self.unread.entry(conversation.clone()).or_default() += 1;
+                }
+                self.emit(AppEvent::Message(ChatLine {
+                    conversation,
+                    message_id: id,
+                    sender: from,
+                    sender_name: Some(from_name),
+                    outgoing: false,
+                    timestamp_ms,
+                    text,
+                    delivery: None,
+                }))
+                .await;
+                self.send_conversations().await;
+            }
+            Ok(Some(Incoming::Held { handle, from })) => {
+                self.emit(AppEvent::KeyChanged {
+                    contact: from,
+                    handle,
+                })
+                .await;
+                self.send_conversations().await;
+            }
+            Ok(Some(Incoming::Rejected { reason })) => {
+                self.emit(AppEvent::Notice(format!(
+                    "a message did not open: {reason}"
+                )))
+                .await
+            }
+            Ok(Some(Incoming::Notice(n))) => self.emit(AppEvent::Notice(n)).await,
+            Ok(None) => {}
+            Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
         }
     }
 

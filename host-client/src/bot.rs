@@ -129,6 +129,19 @@ pub async fn run(
                     tracing::warn!("{e:#}");
                 }
             }
+            // What arrived while the bot was down: handled like a live message, then
+            // acknowledged so the relay deletes it.
+            ServeEvent::Push(Push::Pending(entry, envelope)) => {
+                if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
+                    tracing::warn!("{e:#}");
+                }
+                client.acknowledge(entry).await;
+            }
+            ServeEvent::Push(Push::BacklogDone(count)) => {
+                if count > 0 {
+                    tracing::info!("{count} messages arrived while the bot was away");
+                }
+            }
             ServeEvent::Push(Push::Notice(code, message)) => {
                 tracing::info!("relay notice ({code}): {message}");
             }

@@ -78,8 +78,11 @@ pub struct SendReport {
 pub enum SendState {
     /// Every recipient's live session took it.
     Delivered,
-    /// At least one recipient was offline (the relay stores nothing).
+    /// At least one recipient was offline (the relay keeps no mailbox).
     Offline,
+    /// No recipient was offline, and at least one was not connected: the relay holds the
+    /// sealed message in their mailbox until they log in.
+    Stored,
     /// The relay refused it for at least one recipient.
     Failed(String),
     /// The relay could not be reached; the message waits in the outbox.
@@ -91,6 +94,7 @@ impl SendState {
         match self {
             SendState::Delivered => Delivery::Delivered,
             SendState::Offline => Delivery::Offline,
+            SendState::Stored => Delivery::Stored,
             SendState::Failed(_) => Delivery::Failed,
             SendState::Queued(_) => Delivery::Sending,
         }
@@ -285,6 +289,16 @@ impl Client {
     /// Takes the channel of pushes (deliveries, notices) from the relay. Only one consumer.
     pub fn take_pushes(&mut self) -> Option<mpsc::Receiver<Push>> {
         self.pushes_rx.take()
+    }
+
+    /// Tells the relay a mailbox entry is handled (see [`Push::Pending`]). A failure only means
+    /// the entry comes again at the next login, so it is logged, not returned.
+    pub async fn acknowledge(&self, entry_id: u64) {
+        if let Some(session) = self.session()
+            && let Err(e) = session.acknowledge(entry_id).await
+        {
+            tracing::debug!("acknowledging mailbox entry {entry_id}: {e}");
+        }
     }
 
     /// Whether a connection is up.
@@ -1023,7 +1037,7 @@ fn is_transient_rejection(o: &Outcome) -> bool {
 }
 
 /// The overall state from per-recipient outcomes: failed if any was rejected, offline if any
-/// was offline, delivered if all were delivered.
+/// was offline, stored if any waits in a mailbox, delivered if all were delivered.
 pub fn overall(outcomes: &[RecipientOutcome]) -> SendState {
     let rejected: Vec<String> = outcomes
         .iter()
@@ -1037,6 +1051,9 @@ pub fn overall(outcomes: &[RecipientOutcome]) -> SendState {
     }
     if outcomes.iter().any(|o| o.outcome == Outcome::Offline) {
         return SendState::Offline;
+    }
+    if outcomes.iter().any(|o| o.outcome == Outcome::Stored) {
+        return SendState::Stored;
     }
     SendState::Delivered
 }

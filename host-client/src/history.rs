@@ -27,6 +27,8 @@ pub enum Delivery {
     Delivered,
     /// Some recipient was offline.
     Offline,
+    /// Some recipient was not connected; the relay holds it in their mailbox.
+    Stored,
     /// The relay refused it.
     Failed,
 }
@@ -39,6 +41,7 @@ impl Delivery {
             Delivery::Sending => D::Sending,
             Delivery::Delivered => D::Delivered,
             Delivery::Offline => D::Offline,
+            Delivery::Stored => D::Stored,
             Delivery::Failed => D::Failed,
         }
     }

@@ -326,6 +326,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("offline: the recipient is not connected; the relay keeps nothing");
                     2
                 }
+                SendState::Stored => {
+                    println!(
+                        "stored: the recipient is not connected; the relay holds the sealed \
+                         message until they log in"
+                    );
+                    4
+                }
                 SendState::Queued(why) => {
                     println!("queued: {why}; it will be sent on the next connection");
                     3
@@ -533,6 +540,20 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
                 None => continue,
                 Some(incoming) => incoming_json(client, incoming),
             },
+            ServeEvent::Push(Push::Pending(entry, envelope)) => {
+                // Acknowledged once handled (in the history, or refused), never before.
+                let received = client.receive(&envelope).await;
+                client.acknowledge(entry).await;
+                match received? {
+                    None => continue,
+                    Some(incoming) => incoming_json(client, incoming),
+                }
+            }
+            // How many messages waited while this user was away (after them, live traffic).
+            ServeEvent::Push(Push::BacklogDone(0)) => continue,
+            ServeEvent::Push(Push::BacklogDone(count)) => json!({
+                "type": "backlog", "count": count,
+            }),
             ServeEvent::Push(Push::Notice(code, message)) => json!({
                 "type": "notice", "code": code.name(), "message": message,
             }),

@@ -98,6 +98,12 @@ pub enum Login {
 pub enum Push {
     /// A sealed envelope for me.
     Deliver(Bytes),
+    /// A sealed envelope that waited in my mailbox at the relay. Acknowledge it
+    /// ([`Session::acknowledge`]) once it is handled (in the history, or refused), or the relay
+    /// sends it again at the next login.
+    Pending(u64, Bytes),
+    /// The mailbox backlog of this login is complete: this many `Pending` came before it.
+    BacklogDone(u32),
     /// An error not tied to a request (for example: messages were dropped).
     Notice(ErrorCode, String),
 }
@@ -434,6 +440,33 @@ impl Session {
         }
     }
 
+    /// Tells the relay that mailbox entries up to `entry_id` are handled, so it deletes them.
+    /// No reply: an entry whose acknowledgement is lost is sent again at the next login, and a
+    /// message id is shown once.
+    pub async fn acknowledge(&self, entry_id: u64) -> Result<(), NetError> {
+        if self.is_closed() {
+            return Err(NetError::Disconnected);
+        }
+        let frame = Frame::Acknowledge { entry_id }.encode();
+        self.sink
+            .lock()
+            .await
+            .send(&[frame])
+            .await
+            .map_err(|_| NetError::Disconnected)
+    }
+
+    /// Empties my mailbox at the relay.
+    pub async fn clear_mailbox(&self) -> Result<(), NetError> {
+        match self
+            .request(|request_id| Frame::ClearMailbox { request_id })
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        }
+    }
+
     /// Closes the connection politely.
     pub async fn close(&self) {
         let _ = self
@@ -478,6 +511,12 @@ fn spawn_reader(
                 Frame::Deliver { envelope } => {
                     // If nobody listens for deliveries, dropping them is the caller's choice.
                     let _ = pushes.send(Push::Deliver(envelope)).await;
+                }
+                Frame::Pending { entry_id, envelope } => {
+                    let _ = pushes.send(Push::Pending(entry_id, envelope)).await;
+                }
+                Frame::PendingEnd { count } => {
+                    let _ = pushes.send(Push::BacklogDone(count)).await;
                 }
                 Frame::Error {
                     request_id: 0,

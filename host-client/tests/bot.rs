@@ -82,7 +82,14 @@ async fn next_text(client: &mut Client, pushes: &mut mpsc::Receiver<Push>) -> St
                     return text;
                 }
             }
-            Push::Notice(..) => {}
+            Push::Pending(entry, env) => {
+                let received = client.receive(&env).await.unwrap();
+                client.acknowledge(entry).await;
+                if let Some(Incoming::Message { text, .. }) = received {
+                    return text;
+                }
+            }
+            Push::Notice(..) | Push::BacklogDone(_) => {}
         }
     }
 }

@@ -30,8 +30,8 @@ async fn next_delivery(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<u8> {
             .unwrap()
             .unwrap()
         {
-            Push::Deliver(e) => return e.to_vec(),
-            Push::Notice(..) => continue,
+            Push::Deliver(e) | Push::Pending(_, e) => return e.to_vec(),
+            Push::Notice(..) | Push::BacklogDone(_) => continue,
         }
     }
 }

@@ -37,6 +37,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "transport",
     "broker",
     "store",
+    "mailbox",
     "auth",
     "limits",
     "plugins",
@@ -63,6 +64,11 @@ pub struct RelayConfig {
     pub broker: serde_json::Value,
     /// Identity store plugin section.
     pub store: serde_json::Value,
+    /// Mailbox plugin section: `kind` (`sqlite`, `postgres` or `none`), the common bounds
+    /// (`ttl_secs`, `max_entries_per_recipient`, `max_bytes_per_recipient`) and the kind's own
+    /// keys (see [`RelayConfig::mailbox_settings`]).
+    #[serde(default = "default_mailbox")]
+    pub mailbox: serde_json::Value,
     /// Authentication settings.
     pub auth: AuthConfig,
     /// Limits.
@@ -192,6 +198,17 @@ impl Default for LimitsConfig {
     }
 }
 
+fn default_mailbox() -> serde_json::Value {
+    serde_json::json!({ "kind": "sqlite" })
+}
+
+/// The mailbox keys every kind shares.
+const MAILBOX_COMMON: [&str; 3] = [
+    "ttl_secs",
+    "max_entries_per_recipient",
+    "max_bytes_per_recipient",
+];
+
 /// The default data directory: `$XDG_DATA_HOME/syncra-relay`, else
 /// `~/.local/share/syncra-relay`, else `./syncra-relay-data`.
 pub fn default_data_dir() -> PathBuf {
@@ -219,6 +236,8 @@ impl Default for RelayConfig {
             broker: serde_json::json!({ "kind": "memory" }),
             // The SQLite path is filled in from `data_dir` when absent; see `store_section`.
             store: serde_json::json!({ "kind": "sqlite" }),
+            // The SQLite path is filled in from `data_dir` when absent; see `mailbox_settings`.
+            mailbox: default_mailbox(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             plugins: Vec::new(),
@@ -322,6 +341,7 @@ impl RelayConfig {
             ("transport", &self.transport),
             ("broker", &self.broker),
             ("store", &self.store),
+            ("mailbox", &self.mailbox),
         ] {
             match section.get("kind") {
                 Some(serde_json::Value::String(_)) => {}
@@ -331,6 +351,7 @@ impl RelayConfig {
         if self.transport.get("max_frame").is_some() {
             bail!("[transport] max_frame is set from [limits] max_frame; set it there instead");
         }
+        self.mailbox_settings()?;
         if self.limits.queue_capacity == 0
             || self.limits.write_batch == 0
             || self.limits.pending_handshakes == 0
@@ -400,6 +421,45 @@ impl RelayConfig {
             );
         }
         store
+    }
+
+    /// The mailbox section for its plugin (the common bounds taken out, the SQLite path filled
+    /// in from `data_dir` when absent) and the bounds every kind applies.
+    pub fn mailbox_settings(
+        &self,
+    ) -> anyhow::Result<(serde_json::Value, syncra_core::mailbox::MailboxLimits)> {
+        let mut section = self.mailbox.clone();
+        let Some(map) = section.as_object_mut() else {
+            bail!("[mailbox] must be a table with a `kind`");
+        };
+        let d = syncra_core::mailbox::MailboxLimits::default();
+        let mut values = [d.ttl_ms / 1000, d.max_entries, d.max_bytes];
+        for (key, value) in MAILBOX_COMMON.iter().zip(values.iter_mut()) {
+            *value = match map.remove(*key) {
+                None => *value,
+                Some(v) => match v.as_u64() {
+                    Some(n) if n > 0 => n,
+                    _ => bail!("mailbox.{key} must be a whole number above 0, not {v}"),
+                },
+            };
+        }
+        if map.get("kind").and_then(|k| k.as_str()) == Some("sqlite") && !map.contains_key("path") {
+            map.insert(
+                "path".into(),
+                serde_json::Value::String(
+                    self.data_dir
+                        .join("mailbox.db")
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+            );
+        }
+        let limits = syncra_core::mailbox::MailboxLimits {
+            ttl_ms: values[0].saturating_mul(1000),
+            max_entries: values[1],
+            max_bytes: values[2],
+        };
+        Ok((section, limits))
     }
 
     /// The transport section, with the relay's frame limit passed down.
@@ -531,6 +591,30 @@ mod tests {
                 .unwrap()
                 .ends_with("identities.db")
         );
+        // The no-config relay keeps a mailbox in its data directory, with the documented bounds.
+        let (mailbox, limits) = c.mailbox_settings().unwrap();
+        assert_eq!(mailbox["kind"], "sqlite");
+        assert!(mailbox["path"].as_str().unwrap().ends_with("mailbox.db"));
+        assert_eq!(limits, syncra_core::mailbox::MailboxLimits::default());
+    }
+
+    #[test]
+    fn mailbox_bounds_are_taken_out_of_the_plugin_section_and_checked() {
+        let c = RelayConfig::load_with_env(
+            None,
+            env(&[
+                ("SYNCRA_MAILBOX__KIND", "none"),
+                ("SYNCRA_MAILBOX__TTL_SECS", "60"),
+                ("SYNCRA_MAILBOX__MAX_ENTRIES_PER_RECIPIENT", "3"),
+            ]),
+        )
+        .unwrap();
+        let (section, limits) = c.mailbox_settings().unwrap();
+        assert_eq!(section, serde_json::json!({ "kind": "none" }));
+        assert_eq!((limits.ttl_ms, limits.max_entries), (60_000, 3));
+        let err = RelayConfig::load_with_env(None, env(&[("SYNCRA_MAILBOX__TTL_SECS", "0")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("mailbox.ttl_secs"), "{err:#}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! use [`Relay::start`] to run a real relay on `127.0.0.1:0`.
 
 pub mod config;
+mod delivery;
 mod limits;
 mod metrics;
 pub mod plugins;
@@ -30,7 +31,7 @@ use syncra_core::crypto::keyfile::create_private_dir;
 use syncra_core::registry::PluginRegistry;
 use syncra_core::transport::{CloseReason, Listener};
 use syncra_core::wire::ErrorCode;
-use syncra_core::{Health, IdentityStore};
+use syncra_core::{Health, IdentityStore, Mailbox};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -57,14 +58,35 @@ pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
     syncra_store_sqlite::register(&mut registry.stores)?;
     #[cfg(feature = "store-postgres")]
     syncra_store_postgres::register(&mut registry.stores)?;
+    // The strict stateless relay of the blueprint: no mailbox, `offline` for the absent.
+    registry
+        .mailboxes
+        .register("none", |config, _limits| async move {
+            let _: NoneConfig = syncra_core::registry::typed_config("mailbox", "none", config)?;
+            Ok(Arc::new(syncra_core::mailbox::NoMailbox) as Arc<dyn Mailbox>)
+        })?;
+    #[cfg(feature = "store-sqlite")]
+    syncra_store_sqlite::mailbox::register(&mut registry.mailboxes)?;
+    #[cfg(feature = "store-postgres")]
+    syncra_store_postgres::mailbox::register(&mut registry.mailboxes)?;
     Ok(registry)
 }
+
+/// `[mailbox] kind = "none"` takes no keys of its own.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoneConfig {}
+
+/// How often expired mailbox entries are purged.
+const MAILBOX_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Everything a node's sessions share.
 pub(crate) struct NodeState {
     pub(crate) config: RelayConfig,
     pub(crate) store: Arc<dyn IdentityStore>,
     pub(crate) broker: Arc<dyn Broker>,
+    /// Sealed deliveries for recipients with no live session (`none`: nothing is held).
+    pub(crate) mailbox: Arc<dyn Mailbox>,
     pub(crate) tokens: TokenKeys,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
@@ -107,6 +129,8 @@ pub struct HealthReport {
     pub broker: Health,
     /// The identity store's health.
     pub store: Health,
+    /// The mailbox's health (`none` is always up).
+    pub mailbox: Health,
     /// Authenticated sessions on this node.
     pub sessions: i64,
     /// Each relay hook, in `[[plugins]]` order.
@@ -144,6 +168,17 @@ impl Relay {
             .with_context(|| {
                 format!(
                     "starting the identity store ([store] in {})",
+                    config.describe_source()
+                )
+            })?;
+        let (mailbox_section, mailbox_limits) = config.mailbox_settings()?;
+        let mailbox = registry
+            .mailboxes
+            .create(mailbox_section, mailbox_limits)
+            .await
+            .with_context(|| {
+                format!(
+                    "starting the mailbox ([mailbox] in {})",
                     config.describe_source()
                 )
             })?;
@@ -205,6 +240,7 @@ impl Relay {
             config,
             store,
             broker,
+            mailbox,
             tokens,
             limits,
             metrics,
@@ -220,6 +256,9 @@ impl Relay {
             let (addr, task) = start_admin(state.clone(), stop_rx.clone()).await?;
             (Some(addr), Some(task))
         };
+        if state.mailbox.stores() {
+            tokio::spawn(expire_mailbox(state.clone(), stop_rx.clone()));
+        }
         let accept_task = tokio::spawn(accept_loop(state.clone(), listener, stop_rx));
         Ok(Relay {
             url,
@@ -298,8 +337,13 @@ impl Relay {
 async fn health(state: &NodeState) -> HealthReport {
     let broker = state.broker.health().await;
     let store = state.store.health().await;
+    let mailbox = state.mailbox.health().await;
     let hooks: Vec<plugins::HookHealth> = state.hooks.iter().map(|h| h.health()).collect();
-    let status = if broker.is_up() && store.is_up() && !hooks.iter().any(|h| h.is_disabled()) {
+    let status = if broker.is_up()
+        && store.is_up()
+        && mailbox.is_up()
+        && !hooks.iter().any(|h| h.is_disabled())
+    {
         "ok"
     } else {
         "degraded"
@@ -308,8 +352,25 @@ async fn health(state: &NodeState) -> HealthReport {
         status,
         broker,
         store,
+        mailbox,
         sessions: state.metrics.sessions.get(),
         hooks,
+    }
+}
+
+/// Purges expired mailbox entries every [`MAILBOX_EXPIRY_INTERVAL`] until shutdown.
+async fn expire_mailbox(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(MAILBOX_EXPIRY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match state.mailbox.expire(syncra_core::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => info!(entries = n, "purged expired mailbox entries"),
+            Err(e) => warn!("purging expired mailbox entries failed (will retry): {e}"),
+        }
     }
 }
 

@@ -51,6 +51,12 @@ pub struct Metrics {
     refusal_log: RefusalLog,
     /// Dropped broker payloads, logged once per window per reason.
     broker_drop_log: RefusalLog,
+    /// Mailbox failures, logged once per window.
+    mailbox_log: RefusalLog,
+    /// Mailbox calls that failed (the sender got `mailbox_unavailable`).
+    pub mailbox_failures: Counter,
+    /// Mailbox entries sent to sessions (backlogs at login and later checks).
+    pub mailbox_out: Counter,
 }
 
 /// Series of labelled families that every message touches (clones share the family's values).
@@ -64,6 +70,8 @@ pub struct HotCounters {
     pub offline: Counter,
     /// `send_outcomes{outcome="rejected"}`.
     pub rejected: Counter,
+    /// `send_outcomes{outcome="stored"}`.
+    pub stored: Counter,
 }
 
 impl Default for Metrics {
@@ -77,16 +85,21 @@ impl Default for Metrics {
         let delivered = outcomes.get_or_create(&[("outcome", "delivered")]).clone();
         let offline = outcomes.get_or_create(&[("outcome", "offline")]).clone();
         let rejected = outcomes.get_or_create(&[("outcome", "rejected")]).clone();
+        let stored = outcomes.get_or_create(&[("outcome", "stored")]).clone();
         let hot = HotCounters {
             sends_in,
             delivered,
             offline,
             rejected,
+            stored,
         };
         let m = Metrics {
             hot,
             refusal_log: RefusalLog::default(),
             broker_drop_log: RefusalLog::default(),
+            mailbox_log: RefusalLog::default(),
+            mailbox_failures: Counter::default(),
+            mailbox_out: Counter::default(),
             broker_dropped: Family::default(),
             connections: Counter::default(),
             refused: Family::default(),
@@ -143,6 +156,16 @@ impl Default for Metrics {
             "Payloads from the broker dropped as not authentic or not a well-formed delivery, by reason",
             m.broker_dropped.clone(),
         );
+        registry.register(
+            "mailbox_failures",
+            "Mailbox calls that failed (senders were told mailbox_unavailable)",
+            m.mailbox_failures.clone(),
+        );
+        registry.register(
+            "mailbox_out",
+            "Mailbox entries sent to sessions",
+            m.mailbox_out.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -170,6 +193,20 @@ impl Metrics {
                  were dropped for this reason in the previous {}s window. Further ones in the next \
                  {}s are only counted (syncra_relay_broker_dropped_total{{reason=\"{reason}\"}})",
                 REFUSAL_LOG_WINDOW.as_secs(),
+                REFUSAL_LOG_WINDOW.as_secs()
+            );
+        }
+    }
+
+    /// Counts a failed mailbox call and logs it once per window (a dead database must not
+    /// become a log line per message).
+    pub fn mailbox_failure(&self, e: &syncra_core::mailbox::MailboxError) {
+        self.mailbox_failures.inc();
+        if let Some(earlier) = self.mailbox_log.due("mailbox") {
+            warn!(
+                "the mailbox failed: {e}; senders are told mailbox_unavailable and their \
+                 outboxes retry; {earlier} more failures in the previous {}s window \
+                 (syncra_relay_mailbox_failures_total)",
                 REFUSAL_LOG_WINDOW.as_secs()
             );
         }

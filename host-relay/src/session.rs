@@ -13,23 +13,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::{BoxFuture, join_all};
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use syncra_core::Confirm;
-use syncra_core::crypto::envelope::{EnvelopeHeader, parse_header};
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
-use syncra_core::error::{OpenError, StoreError, TransportError};
+use syncra_core::error::{StoreError, TransportError};
 use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
 use syncra_core::wire::{
-    ErrorCode, Frame, NONCE_LEN, Outcome, RecipientOutcome, RequestId, login_statement,
-    register_statement,
+    ErrorCode, Frame, NONCE_LEN, RequestId, login_statement, register_statement,
 };
 use syncra_core::{Handle, IdentityRecord, UserId};
 use tracing::{debug, info, warn};
 
 use crate::NodeState;
-use crate::limits::SendRefusal;
-use crate::router::{Delivery, LocalDelivery, SessionOutbox, SessionQueue, user_topic};
+use crate::delivery::{send, send_locally};
+use crate::router::{SessionOutbox, SessionQueue, user_topic};
 use crate::tokens::{TokenError, TokenGrant};
 
 /// Malformed frames tolerated on one connection before it is closed.
@@ -43,7 +40,7 @@ const MAX_IN_FLIGHT: usize = 32;
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counts an error sent to a client, by code.
-fn count_error(state: &NodeState, code: ErrorCode) {
+pub(crate) fn count_error(state: &NodeState, code: ErrorCode) {
     state
         .metrics
         .errors
@@ -51,7 +48,11 @@ fn count_error(state: &NodeState, code: ErrorCode) {
         .inc();
 }
 
-fn error_frame(request_id: RequestId, code: ErrorCode, message: impl Into<String>) -> Bytes {
+pub(crate) fn error_frame(
+    request_id: RequestId,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Bytes {
     Frame::Error {
         request_id,
         code,
@@ -408,8 +409,15 @@ pub async fn serve(
         ));
     }
     if send_now(&mut sink, auth_ok).await.is_ok() {
-        let writer = tokio::spawn(write_loop(state.clone(), sink, outbox));
-        read_loop(&state, &mut stream, ip, user, &queue).await;
+        let cursor = Arc::new(MailboxCursor::default());
+        let writer = tokio::spawn(write_loop(
+            state.clone(),
+            sink,
+            outbox,
+            user,
+            cursor.clone(),
+        ));
+        read_loop(&state, &mut stream, ip, user, &queue, &cursor).await;
         queue.close(CloseReason::normal("session ended"));
         let _ = writer.await;
     }
@@ -556,6 +564,8 @@ fn is_client_frame(f: &Frame) -> bool {
             | Frame::LookupId { .. }
             | Frame::RotatePrekey { .. }
             | Frame::Send { .. }
+            | Frame::Acknowledge { .. }
+            | Frame::ClearMailbox { .. }
             | Frame::Ping { .. }
             | Frame::Pong { .. }
     )
@@ -566,6 +576,7 @@ fn request_id_of(f: &Frame) -> RequestId {
         Frame::LookupHandle { request_id, .. }
         | Frame::LookupId { request_id, .. }
         | Frame::RotatePrekey { request_id, .. }
+        | Frame::ClearMailbox { request_id }
         | Frame::Send { request_id, .. } => *request_id,
         _ => 0,
     }
@@ -587,6 +598,7 @@ async fn read_loop(
     ip: IpAddr,
     user: UserId,
     queue: &SessionQueue,
+    cursor: &MailboxCursor,
 ) {
     let idle = Duration::from_secs(state.config.limits.idle_timeout_secs);
     let in_flight_max = if state.hooks.is_empty() {
@@ -655,25 +667,29 @@ async fn read_loop(
             Received::Frame(f) => f,
         };
         // A send that can only be routed locally is answered on the spot, without the boxed
-        // future below, when nothing is ahead of it (answers leave in request order).
-        let frame = match frame {
+        // future below, when nothing is ahead of it (answers leave in request order) and no
+        // recipient needs the mailbox.
+        let mut request: BoxFuture<'_, Option<Bytes>> = match frame {
             Frame::Send {
                 request_id,
                 envelope,
             } if in_flight.is_empty() && state.hooks.is_empty() && state.broker.alone() => {
-                if !answer(
-                    queue,
-                    Some(send_locally(state, user, request_id, &envelope)),
-                )
-                .await
-                {
-                    return;
+                match send_locally(state, user, request_id, &envelope) {
+                    Ok(reply) => {
+                        if !answer(queue, Some(reply)).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(held) => held,
                 }
-                continue;
             }
-            other => other,
+            // A ping is also when entries stored since the login's backlog are picked up.
+            Frame::Ping { nonce } if state.mailbox.stores() => {
+                Box::pin(pending_then_pong(state, user, queue, cursor, nonce))
+            }
+            other => Box::pin(handle_request(state, user, other)),
         };
-        let mut request = Box::pin(handle_request(state, user, frame));
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
         match first {
             // Nothing ahead of it: answer at once (the common case, and the cheapest).
@@ -732,6 +748,21 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
             request_id,
             envelope,
         } => Some(send(state, user, request_id, envelope).await),
+        Frame::Acknowledge { entry_id } => {
+            // No reply: an entry that stays because this failed is sent again later, and the
+            // client shows a message id once.
+            if let Err(e) = state.mailbox.ack(&user, entry_id).await {
+                state.metrics.mailbox_failure(&e);
+            }
+            None
+        }
+        Frame::ClearMailbox { request_id } => match state.mailbox.clear(&user).await {
+            Ok(_) => Some(Frame::Ack { request_id }.encode()),
+            Err(e) => {
+                state.metrics.mailbox_failure(&e);
+                fail(request_id, ErrorCode::MailboxUnavailable, e.to_string())
+            }
+        },
         Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. } => fail(
             0,
             ErrorCode::AlreadyAuthenticated,
@@ -764,201 +795,125 @@ async fn lookup_handle(state: &NodeState, request_id: RequestId, handle: &str) -
     error_frame(request_id, code, message)
 }
 
-/// Routes one envelope to every recipient and builds the send result.
-async fn send(state: &NodeState, user: UserId, request_id: RequestId, envelope: Bytes) -> Bytes {
-    let header = match admit_send(state, &user, request_id, &envelope) {
-        Ok(h) => h,
-        Err(refusal) => return refusal,
-    };
-    if !state.hooks.is_empty() {
-        let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
-        let size = envelope.len();
-        let verdict = crate::plugins::ask(&state.hooks, move |h| {
-            h.on_envelope(&user, &recipients, size)
-        })
-        .await;
-        match verdict {
-            crate::plugins::Verdict::Allow => {}
-            crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
-            crate::plugins::Verdict::Deny(why) => {
-                count_error(state, ErrorCode::HookDenied);
-                return error_frame(request_id, ErrorCode::HookDenied, why);
-            }
-        }
-    }
-    // Encoded once: the frame every local session gets and the broker payload share bytes.
-    let delivery = state.router.delivery(&envelope, !state.broker.alone());
-    let outcomes = if let [only] = header.recipients.as_slice() {
-        vec![deliver_to(state, only.user_id, &delivery).await]
-    } else {
-        join_all(
-            header
-                .recipients
-                .iter()
-                .map(|r| deliver_to(state, r.user_id, &delivery)),
-        )
-        .await
-    };
-    Frame::SendResult {
-        request_id,
-        message_id: header.message_id,
-        outcomes,
-    }
-    .encode()
+/// Entries of the user's mailbox read per query.
+const MAILBOX_PAGE: usize = 256;
+
+/// How far a session has read its user's mailbox: entries up to `after` were sent to it. Set by
+/// the writer's login backlog, then by the checks that pings trigger.
+#[derive(Debug, Default)]
+pub(crate) struct MailboxCursor {
+    after: std::sync::atomic::AtomicU64,
+    /// Set once the login backlog was sent; checks before that would send entries twice.
+    backlog_sent: std::sync::atomic::AtomicBool,
 }
 
-/// The checks every send passes before routing: the sender's rate limit and a well-formed
-/// header. Returns the header, or the error frame to answer with.
-fn admit_send(
+/// Reads the user's mailbox after the cursor, a page at a time, as `Pending` frames.
+async fn next_pending(
     state: &NodeState,
     user: &UserId,
-    request_id: RequestId,
-    envelope: &[u8],
-) -> Result<EnvelopeHeader, Bytes> {
-    let max_recipients = state.config.limits.max_recipients_per_send;
-    let (code, message) = match parse_header(envelope) {
-        Err(e) => (
-            match e {
-                OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
-                _ => ErrorCode::BadEnvelope,
-            },
-            e.to_string(),
-        ),
-        Ok(h) if h.recipients.len() > max_recipients => (
-            ErrorCode::TooManyRecipients,
-            format!(
-                "{} recipients in one send; this relay allows at most {max_recipients}",
-                h.recipients.len()
-            ),
-        ),
-        Ok(h) => match state
-            .limits
-            .user_send(user, envelope.len(), h.recipients.len())
-        {
-            Ok(()) => return Ok(h),
-            Err(SendRefusal::Rate) => (
-                ErrorCode::RateLimited,
-                "you are sending too fast; slow down".to_owned(),
-            ),
-            Err(SendRefusal::Fanout) => (
-                ErrorCode::RateLimited,
-                format!(
-                    "you are sending too much data (message size × recipients); this relay \
-                     allows {} bytes per second with bursts of {}; slow down",
-                    state.config.limits.fanout_bytes_per_second_per_user,
-                    state.config.limits.fanout_burst_bytes_per_user
-                ),
-            ),
-            Err(SendRefusal::FanoutTooLarge) => (
-                ErrorCode::TooManyRecipients,
-                format!(
-                    "this message of {} bytes to {} recipients would cost {} bytes of fan-out, \
-                     more than the {} this relay allows at once; send it to fewer recipients",
-                    envelope.len(),
-                    h.recipients.len(),
-                    envelope.len() * h.recipients.len(),
-                    state.config.limits.fanout_burst_bytes_per_user
-                ),
-            ),
-        },
-    };
-    count_error(state, code);
-    Err(error_frame(request_id, code, message))
-}
-
-/// A send routed on the spot, without the boxed future a request otherwise costs: for when
-/// this node is alone on its broker (routing is local deliveries only) and no relay hook is
-/// configured, so nothing in it can wait.
-fn send_locally(state: &NodeState, user: UserId, request_id: RequestId, envelope: &[u8]) -> Bytes {
-    let header = match admit_send(state, &user, request_id, envelope) {
-        Ok(h) => h,
-        Err(refusal) => return refusal,
-    };
-    let delivery = state.router.delivery(envelope, false);
-    let outcomes = header
-        .recipients
-        .iter()
-        .map(|r| {
-            let local = state.router.deliver_local(&r.user_id, &delivery.frame);
-            counted(state, r.user_id, local_outcome(local))
-        })
-        .collect();
-    Frame::SendResult {
-        request_id,
-        message_id: header.message_id,
-        outcomes,
+    cursor: &MailboxCursor,
+) -> Result<Vec<Bytes>, syncra_core::mailbox::MailboxError> {
+    use std::sync::atomic::Ordering;
+    let after = cursor.after.load(Ordering::Acquire);
+    let entries = state
+        .mailbox
+        .take(user, after, MAILBOX_PAGE, syncra_core::now_ms())
+        .await?;
+    if let Some(last) = entries.last() {
+        cursor.after.store(last.id, Ordering::Release);
     }
-    .encode()
-}
-
-/// The outcome when only this node's sessions can take a message.
-fn local_outcome(local: LocalDelivery) -> Outcome {
-    match local {
-        l if l.taken > 0 => Outcome::Delivered,
-        l if l.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
-        _ => Outcome::Offline,
-    }
-}
-
-/// Counts an outcome in the metrics and pairs it with its recipient.
-fn counted(state: &NodeState, recipient: UserId, outcome: Outcome) -> RecipientOutcome {
-    let hot = &state.metrics.hot;
-    match outcome {
-        Outcome::Delivered => hot.delivered.inc(),
-        Outcome::Offline => hot.offline.inc(),
-        Outcome::Rejected(_) => hot.rejected.inc(),
-    };
-    RecipientOutcome {
-        user_id: recipient,
-        outcome,
-    }
-}
-
-/// Delivers to one recipient: to this node's sessions of theirs first, then through the broker
-/// to other nodes, learning from the broker only as much as the outcome needs.
-async fn deliver_to(state: &NodeState, recipient: UserId, delivery: &Delivery) -> RecipientOutcome {
-    let local = state.router.deliver_local(&recipient, &delivery.frame);
-    let outcome = if state.broker.alone() {
-        // No other node exists: this node's sessions are all there is.
-        local_outcome(local)
-    } else if local.taken > 0 {
-        let topic = user_topic(&recipient);
-        // Delivered already; other nodes only need a copy for the recipient's other devices,
-        // and whether one took it changes nothing in the answer. A broker failure here is
-        // logged by the broker and does not turn a delivery into an error.
-        let _ = state
-            .broker
-            .publish_confirm(&topic, delivery.payload.clone(), Confirm::Nothing)
-            .await;
-        Outcome::Delivered
-    } else {
-        let topic = user_topic(&recipient);
-        let remote = state
-            .broker
-            .publish_confirm(&topic, delivery.payload.clone(), Confirm::Any)
-            .await;
-        // A broker that counts our own subscription would otherwise make us claim a delivery
-        // on the strength of our own echo.
-        let own =
-            u64::from(state.broker.counts_own_subscription() && state.router.holds(&recipient));
-        match remote {
-            Ok(receipt) if receipt.receivers.unwrap_or(0).saturating_sub(own) > 0 => {
-                Outcome::Delivered
+    state.metrics.mailbox_out.inc_by(entries.len() as u64);
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            Frame::Pending {
+                entry_id: e.id,
+                envelope: e.delivery,
             }
-            _ if local.full > 0 => Outcome::Rejected(ErrorCode::QueueOverflow),
-            Ok(_) => Outcome::Offline,
-            Err(_) => Outcome::Rejected(ErrorCode::BrokerUnavailable),
-        }
-    };
-    counted(state, recipient, outcome)
+            .encode()
+        })
+        .collect())
 }
 
-/// Drains a session's queue onto the connection in batches until it is closed.
+/// The login backlog: every entry of the user's mailbox, in order, then `PendingEnd`. Runs in
+/// the writer before it drains the session's queue, so the backlog arrives before any live
+/// delivery (which waits in the queue meanwhile).
+async fn send_backlog(
+    state: &NodeState,
+    sink: &mut Box<dyn FrameSink>,
+    user: &UserId,
+    cursor: &MailboxCursor,
+) -> Result<(), TransportError> {
+    let mut count = 0u32;
+    loop {
+        match next_pending(state, user, cursor).await {
+            Ok(frames) if frames.is_empty() => break,
+            Ok(frames) => {
+                count = count.saturating_add(frames.len() as u32);
+                let last_page = frames.len() < MAILBOX_PAGE;
+                sink.send(&frames).await?;
+                if last_page {
+                    break;
+                }
+            }
+            Err(e) => {
+                // What was not sent stays in the mailbox for the next check or login.
+                state.metrics.mailbox_failure(&e);
+                break;
+            }
+        }
+    }
+    cursor
+        .backlog_sent
+        .store(true, std::sync::atomic::Ordering::Release);
+    sink.send(&[Frame::PendingEnd { count }.encode()]).await
+}
+
+/// Answers a ping, first sending what was stored for the user since the last check (an entry
+/// stored in the instant the user logged in on another node lands in the mailbox after the
+/// login's backlog was read; the client's next ping picks it up).
+async fn pending_then_pong(
+    state: &NodeState,
+    user: UserId,
+    queue: &SessionQueue,
+    cursor: &MailboxCursor,
+    nonce: u64,
+) -> Option<Bytes> {
+    if cursor
+        .backlog_sent
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        match next_pending(state, &user, cursor).await {
+            Ok(frames) => {
+                for frame in frames {
+                    if !queue.reply(frame).await {
+                        return None;
+                    }
+                }
+            }
+            Err(e) => state.metrics.mailbox_failure(&e),
+        }
+    }
+    Some(Frame::Pong { nonce }.encode())
+}
+
+/// Drains a session's queue onto the connection in batches until it is closed, after sending
+/// the user's mailbox backlog.
 async fn write_loop(
     state: Arc<NodeState>,
     mut sink: Box<dyn FrameSink>,
     mut outbox: SessionOutbox,
+    user: UserId,
+    cursor: Arc<MailboxCursor>,
 ) {
+    if state.mailbox.stores()
+        && send_backlog(&state, &mut sink, &user, &cursor)
+            .await
+            .is_err()
+    {
+        outbox.queue.close(CloseReason::normal("connection lost"));
+        return;
+    }
     let batch_max = state.config.limits.write_batch;
     // Grown on the first delivery, not up front: an idle session should cost as little as
     // possible (64 × 32 bytes here is 2 KiB per connection).

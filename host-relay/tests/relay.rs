@@ -119,7 +119,8 @@ async fn two_users_exchange_sealed_messages_and_the_relay_sees_no_plaintext() {
 
 #[tokio::test]
 async fn offline_recipient_and_group_outcomes_are_per_recipient() {
-    let relay = TestRelay::start(|_| {}).await;
+    // The strict relay (no mailbox): what is not taken live is `offline`.
+    let relay = TestRelay::start(|c| c.mailbox = serde_json::json!({ "kind": "none" })).await;
     let (a, b, c) = (
         TestUser::new("ga"),
         TestUser::new("gb"),
@@ -318,7 +319,7 @@ async fn garbage_truncated_and_unknown_version_frames_get_their_codes() {
     // The same after login, and a malformed envelope inside a valid frame.
     let u = TestUser::new("garb");
     let (mut c, _) = u.register(relay.url()).await;
-    c.send_bytes(Bytes::from_static(b"\x01")).await;
+    c.send_bytes(vec![PROTOCOL_VERSION]).await;
     c.expect_error(ErrorCode::Malformed).await;
     c.send(&Frame::Send {
         request_id: 77,

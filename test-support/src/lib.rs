@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod mailbox;
 pub mod postgres;
 pub mod process;
 pub mod relay;
@@ -20,6 +21,7 @@ pub mod store;
 
 pub use broker::{Deliveries, Delivery, RecordingSink, broker_conformance};
 pub use fixtures::{FIXTURE_PREKEY_CREATED_AT, test_identity, unique_name};
+pub use mailbox::mailbox_conformance;
 pub use store::identity_store_conformance;
 
 use std::time::Duration;

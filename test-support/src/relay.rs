@@ -199,6 +199,8 @@ impl RawClient {
     }
 
     /// The next frame that is not a delivery (deliveries are kept for [`RawClient::delivery`]).
+    /// The mailbox backlog (`Pending`, `PendingEnd`) is skipped: tests of the mailbox read it
+    /// with [`RawClient::frame`].
     pub async fn reply(&mut self) -> Frame {
         if let Some(pos) = self
             .pending
@@ -208,11 +210,11 @@ impl RawClient {
             return self.pending.remove(pos);
         }
         loop {
-            let f = self.frame().await;
-            if !matches!(f, Frame::Deliver { .. }) {
-                return f;
+            match self.frame().await {
+                f @ Frame::Deliver { .. } => self.pending.push(f),
+                Frame::Pending { .. } | Frame::PendingEnd { .. } => {}
+                f => return f,
             }
-            self.pending.push(f);
         }
     }
 

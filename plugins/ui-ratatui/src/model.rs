@@ -1068,6 +1068,7 @@ pub fn delivery_mark(state: Option<DeliveryState>) -> &'static str {
         Some(DeliveryState::Sending) => "…",
         Some(DeliveryState::Delivered) => "✓",
         Some(DeliveryState::Offline) => "○ offline",
+        Some(DeliveryState::Stored) => "◷ held for them",
         Some(DeliveryState::Failed) => "✗ failed",
         None => "",
     }

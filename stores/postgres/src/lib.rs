@@ -74,6 +74,8 @@ use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 /// The kind name this store registers under.
 pub const KIND: &str = "postgres";
 
+pub mod mailbox;
+
 /// The schema, embedded at compile time so the binary never needs the migration files.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -1539,6 +1541,10 @@ mod tests {
             .fetch_one(&store.pool)
             .await
             .unwrap();
-        assert_eq!(applied, MIGRATOR.migrations.len() as i64, "every migration, once");
+        assert_eq!(
+            applied,
+            MIGRATOR.migrations.len() as i64,
+            "every migration, once"
+        );
     }
 }

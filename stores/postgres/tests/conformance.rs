@@ -58,3 +58,22 @@ async fn one_shared_store_with_prepared_statements_conforms() {
     })
     .await;
 }
+
+/// The mailbox conformance suite on a real Postgres: every case on one database, as a cluster
+/// shares one (each case uses recipients of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_mailbox_conforms() {
+    let server = PostgresServer::start();
+    let config = PostgresConfig::new(server.url());
+    syncra_test_support::mailbox_conformance(|limits| {
+        let config = config.clone();
+        async move {
+            Arc::new(
+                syncra_store_postgres::mailbox::PostgresMailbox::connect(&config, limits)
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn syncra_core::Mailbox>
+        }
+    })
+    .await;
+}

@@ -29,6 +29,8 @@ use syncra_core::id::USER_ID_LEN;
 use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
+pub mod mailbox;
+
 /// The kind name this store registers under.
 pub const KIND: &str = "sqlite";
 

@@ -42,3 +42,23 @@ async fn one_shared_file_store_conforms() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sqlite_mailbox_passes_the_mailbox_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    syncra_test_support::mailbox_conformance(|limits| {
+        let path = dir.path().join(format!(
+            "mailbox-{}.db",
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        async move {
+            Arc::new(
+                syncra_store_sqlite::mailbox::SqliteMailbox::open(&path, limits)
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn syncra_core::Mailbox>
+        }
+    })
+    .await;
+}

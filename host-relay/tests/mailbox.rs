@@ -11,8 +11,8 @@ use bytes::Bytes;
 use syncra_core::crypto::envelope::{AcceptWindow, Opener, ReplayGuard};
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_support::DEADLINE;
-use syncra_test_support::process::RelayProcess;
-use syncra_test_support::relay::{RawClient, Received, TestUser, expect_auth_ok};
+use syncra_test_support::process::{RelayProcess, free_port};
+use syncra_test_support::relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::servers::RedisServer;
 
 fn open(user: &TestUser, envelope: &[u8]) -> Vec<u8> {
@@ -54,6 +54,50 @@ async fn send(c: &mut RawClient, id: u32, from: &TestUser, to: &TestUser, body: 
     c.send_envelope(id, from.seal(&[to], body)).await[0].outcome
 }
 
+/// A relay process with its admin endpoint on, so tests can wait for sessions to end.
+struct Relay {
+    process: RelayProcess,
+    admin: std::net::SocketAddr,
+}
+
+impl Relay {
+    fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> Relay {
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin_s = admin.to_string();
+        let mut all = vec![("SYNCRA_ADMIN_LISTEN", admin_s.as_str())];
+        all.extend_from_slice(env);
+        Relay {
+            process: RelayProcess::start_with(dir, &all),
+            admin,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.process.url()
+    }
+
+    /// Waits until the relay holds exactly `n` sessions (a closed connection is noticed
+    /// asynchronously).
+    async fn wait_sessions(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let (_, body) = http_get(self.admin, "/metrics").await;
+            let now = body
+                .lines()
+                .find_map(|l| l.strip_prefix("syncra_relay_sessions "))
+                .map(|v| v.trim().parse::<u64>().unwrap());
+            if now == Some(n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sessions stayed at {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// Registers, reads the (empty) backlog, and disconnects: the user exists but is away.
 async fn register_away(user: &TestUser, url: &str) {
     let (mut c, _) = user.register(url).await;
@@ -66,11 +110,12 @@ async fn register_away(user: &TestUser, url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_to_someone_away_is_stored_and_arrives_first_when_they_log_in() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let relay = Relay::start(&dir.path().join("relay"), &[]);
     let url = relay.url();
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&url).await;
     register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
 
     for (i, body) in [b"one", b"two", b"thr"].iter().enumerate() {
         assert_eq!(
@@ -96,6 +141,7 @@ async fn a_message_to_someone_away_is_stored_and_arrives_first_when_they_log_in(
 
     // Not acknowledged: it comes again at the next login. Acknowledged: gone.
     drop(cb);
+    relay.wait_sessions(1).await;
     let (mut cb, again) = login_backlog(&bob, &url).await;
     assert_eq!(again.len(), 3, "unacknowledged entries are sent again");
     cb.send(&Frame::Acknowledge {
@@ -113,18 +159,19 @@ async fn a_message_to_someone_away_is_stored_and_arrives_first_when_they_log_in(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_message_survives_the_relay_being_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut relay = RelayProcess::start(&dir.path().join("relay"));
+    let mut relay = Relay::start(&dir.path().join("relay"), &[]);
     let url = relay.url();
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&url).await;
     register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
     for i in 0..20u32 {
         assert_eq!(
             send(&mut ca, i + 1, &alice, &bob, format!("m{i}").as_bytes()).await,
             Outcome::Stored
         );
     }
-    relay.restart(); // SIGKILL, then start again on the same data.
+    relay.process.restart(); // SIGKILL, then start again on the same data.
     let (_cb, backlog) = login_backlog(&bob, &url).await;
     let bodies: Vec<String> = backlog
         .iter()
@@ -137,7 +184,7 @@ async fn a_stored_message_survives_the_relay_being_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_mailbox_refuses_with_mailbox_full_and_a_user_can_empty_theirs() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start_with(
+    let relay = Relay::start(
         &dir.path().join("relay"),
         &[("SYNCRA_MAILBOX__MAX_ENTRIES_PER_RECIPIENT", "2")],
     );
@@ -145,6 +192,7 @@ async fn a_full_mailbox_refuses_with_mailbox_full_and_a_user_can_empty_theirs() 
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&url).await;
     register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
     assert_eq!(send(&mut ca, 1, &alice, &bob, b"a").await, Outcome::Stored);
     assert_eq!(send(&mut ca, 2, &alice, &bob, b"b").await, Outcome::Stored);
     assert_eq!(
@@ -156,6 +204,7 @@ async fn a_full_mailbox_refuses_with_mailbox_full_and_a_user_can_empty_theirs() 
     cb.send(&Frame::ClearMailbox { request_id: 5 }).await;
     assert_eq!(cb.reply().await, Frame::Ack { request_id: 5 });
     drop(cb);
+    relay.wait_sessions(1).await;
     let (_cb, none) = login_backlog(&bob, &url).await;
     assert!(none.is_empty(), "the user emptied the mailbox");
     // Room again.
@@ -169,7 +218,7 @@ async fn a_full_mailbox_refuses_with_mailbox_full_and_a_user_can_empty_theirs() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mailbox_none_is_the_strict_stateless_relay() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start_with(
+    let relay = Relay::start(
         &dir.path().join("relay"),
         &[("SYNCRA_MAILBOX__KIND", "none")],
     );
@@ -177,6 +226,7 @@ async fn mailbox_none_is_the_strict_stateless_relay() {
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&url).await;
     drop(bob.register(&url).await);
+    relay.wait_sessions(1).await;
     assert_eq!(
         send(&mut ca, 1, &alice, &bob, b"gone").await,
         Outcome::Offline
@@ -201,7 +251,7 @@ async fn stored_on_one_node_is_delivered_on_another() {
     let redis = RedisServer::start();
     let shared = tempfile::tempdir().unwrap();
     let node = |name: &str| {
-        RelayProcess::start_with(
+        Relay::start(
             &shared.path().join(name),
             &[
                 ("SYNCRA_RELAY_ID", "mailbox-cluster"),

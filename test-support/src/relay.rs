@@ -408,6 +408,8 @@ impl RawClient {
         loop {
             match self.frame().await {
                 Frame::Deliver { envelope } => return envelope,
+                // The mailbox backlog is for the tests that read it with `frame`.
+                Frame::Pending { .. } | Frame::PendingEnd { .. } => {}
                 other => self.pending.push(other),
             }
         }

@@ -63,6 +63,10 @@ pub const KNOWN_MAILBOXES: &[KnownKind] = &[
         kind: "postgres",
         feature: "store-postgres",
     },
+    KnownKind {
+        kind: "redis",
+        feature: "broker-redis",
+    },
 ];
 
 /// First-party identity store kinds.

@@ -431,7 +431,7 @@ fn a_changed_key_blocks_sending_until_reverified() {
     alice.onboard(&relay_a.url());
     bob.onboard(&relay_a.url());
     alice.ok(&["contact", "add", "bob"]);
-    assert_eq!(alice.send("bob", "first").0, 2);
+    assert_eq!(alice.send("bob", "first").0, 4, "held in bob's mailbox");
 
     // On relay B, "bob" is someone else (a new install, or an impersonator the relay favours).
     let imposter = User {

@@ -611,7 +611,7 @@ async fn a_slow_consumer_is_refused_and_told_without_slowing_others() {
                 code: ErrorCode::QueueOverflow,
                 ..
             } => told = true,
-            Frame::Deliver { .. } => {}
+            Frame::Deliver { .. } | Frame::PendingEnd { .. } => {}
             other => panic!("{other:?}"),
         }
     }
@@ -683,6 +683,7 @@ async fn unknown_and_uncompiled_plugin_kinds_are_different_errors() {
     syncra_transport_ws::register(&mut slim.transports).unwrap();
     syncra_broker_memory::register(&mut slim.brokers).unwrap();
     syncra_store_sqlite::register(&mut slim.stores).unwrap();
+    syncra_store_sqlite::mailbox::register(&mut slim.mailboxes).unwrap();
     let err = format!(
         "{:#}",
         syncra_relay::Relay::start_with(config, slim)

@@ -140,6 +140,8 @@ impl fmt::Debug for RedisConfig {
 
 /// `scheme://user:password@host/...` → `scheme://user:<redacted>@host/...`; a lone
 /// `scheme://secret@host` (an ACL password without a user) loses the whole user part.
+pub mod mailbox;
+
 fn redacted_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();

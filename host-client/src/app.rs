@@ -21,6 +21,9 @@ use crate::history::StoredMessage;
 use crate::home::Home;
 use crate::net::{NetError, Push, backoff, probe};
 
+/// The sender name of a group event line ("alice added eve").
+const EVENT_MARK: &str = "*";
+
 /// The relay offered by default during onboarding.
 pub const DEFAULT_RELAY: &str = "ws://127.0.0.1:7443/";
 
@@ -505,23 +508,39 @@ impl Controller {
                     text,
                     timestamp_ms,
                     id,
+                    events,
                     ..
                 })) => {
                     let conversation = target.to_ui();
-                    if self.open.as_ref() != Some(&conversation) {
+                    if self.open.as_ref() != Some(&conversation) && !text.is_empty() {
                         *self.unread.entry(conversation.clone()).or_default() += 1;
                     }
-                    self.emit(AppEvent::Message(ChatLine {
-                        conversation,
-                        message_id: id,
-                        sender: from,
-                        sender_name: Some(from_name),
-                        outgoing: false,
-                        timestamp_ms,
-                        text,
-                        delivery: None,
-                    }))
-                    .await;
+                    for (n, event) in events.into_iter().enumerate() {
+                        self.emit(AppEvent::Message(ChatLine {
+                            conversation: conversation.clone(),
+                            message_id: format!("{id}-event-{n}"),
+                            sender: from,
+                            sender_name: Some(EVENT_MARK.into()),
+                            outgoing: false,
+                            timestamp_ms,
+                            text: event,
+                            delivery: None,
+                        }))
+                        .await;
+                    }
+                    if !text.is_empty() {
+                        self.emit(AppEvent::Message(ChatLine {
+                            conversation,
+                            message_id: id,
+                            sender: from,
+                            sender_name: Some(from_name),
+                            outgoing: false,
+                            timestamp_ms,
+                            text,
+                            delivery: None,
+                        }))
+                        .await;
+                    }
                     self.send_conversations().await;
                 }
                 Ok(Some(Incoming::Held { handle, from })) => {
@@ -610,7 +629,11 @@ impl Controller {
     }
 
     fn to_line(&self, conversation: &ConversationId, m: StoredMessage) -> ChatLine {
-        let name = self.client.as_ref().map(|c| c.name_of(&m.sender));
+        let name = if m.event {
+            Some(EVENT_MARK.to_owned())
+        } else {
+            self.client.as_ref().map(|c| c.name_of(&m.sender))
+        };
         ChatLine {
             conversation: conversation.clone(),
             message_id: m.id,

@@ -182,7 +182,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                syncra_core::text::escape_untrusted(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -327,11 +330,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     2
                 }
                 SendState::Queued(why) => {
-                    println!("queued: {why}; it will be sent on the next connection");
+                    println!(
+                        "queued: {}; it will be sent on the next connection",
+                        escape(why)
+                    );
                     3
                 }
                 SendState::Failed(why) => {
-                    println!("failed: {why}");
+                    println!("failed: {}", escape(why));
                     1
                 }
             };
@@ -346,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for m in client.history_of(with, *limit)? {
                 let who = client.name_of(&m.sender);
                 if *json {
-                    println!("{}", message_json(&client, &m));
+                    print_json(&message_json(&client, &m));
                 } else {
                     let mark = match m.delivery {
                         Some(d) => {
@@ -354,14 +360,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                         None => String::new(),
                     };
-                    println!("{} {who}: {}{mark}", format_time(m.timestamp_ms), m.text);
+                    let (who, text) = (escape(&who), escape(&m.text));
+                    if m.event {
+                        println!("{} * {text}", format_time(m.timestamp_ms));
+                    } else {
+                        println!("{} {who}: {text}{mark}", format_time(m.timestamp_ms));
+                    }
                 }
             }
         }
         Command::Export { with } => {
             let client = open(&cli).await?;
             for m in client.history_of(with, None)? {
-                println!("{}", message_json(&client, &m));
+                print_json(&message_json(&client, &m));
             }
         }
         Command::Group { command } => {
@@ -372,22 +383,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("created @{} with {} members", g.name, g.members.len());
                 }
                 GroupCommand::Add { name, members } => {
-                    let g = client.group_update(name, members, &[])?;
+                    let (g, pending) = client.group_update(name, members, &[])?;
                     println!("@{} now has {} members", g.name, g.members.len());
+                    announce(&mut client, &pending).await;
                 }
                 GroupCommand::Remove { name, members } => {
-                    let g = client.group_update(name, &[], members)?;
+                    let (g, pending) = client.group_update(name, &[], members)?;
                     println!(
                         "@{} now has {} members; removed members get no key for later messages",
                         g.name,
                         g.members.len()
                     );
+                    announce(&mut client, &pending).await;
                 }
                 GroupCommand::List => {
                     for g in client.book().groups.values() {
                         let names: Vec<String> =
                             g.members.iter().map(|m| client.name_of(m)).collect();
-                        println!("@{}\t{}", g.name, names.join(", "));
+                        let creator = g
+                            .creator
+                            .map(|c| client.name_of(&c))
+                            .unwrap_or_else(|| "?".into());
+                        println!(
+                            "@{}\t{}\tcreated by {}",
+                            g.name,
+                            escape(&names.join(", ")),
+                            escape(&creator)
+                        );
                     }
                 }
             }
@@ -449,7 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if s.relay.is_some() {
                 match client.connect().await {
                     Ok(()) => println!("connection:  ok"),
-                    Err(e) => println!("connection:  {e}"),
+                    Err(e) => println!("connection:  {}", escape(&e.to_string())),
                 }
                 client.disconnect().await;
             }
@@ -501,7 +523,38 @@ fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> s
         "timestamp_ms": m.timestamp_ms,
         "text": m.text,
         "delivery": m.delivery,
+        "event": m.event,
     })
+}
+
+/// Peer-controlled text for a terminal: control and bidi characters shown, never executed.
+fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    syncra_core::text::escape_untrusted(text)
+}
+
+/// One JSON line on stdout: exact JSON, and inert on a terminal.
+fn print_json(value: &serde_json::Value) {
+    println!("{}", syncra_core::text::json_inert(&value.to_string()));
+}
+
+/// Sends a membership change now if the relay can be reached; else it waits in the outbox.
+async fn announce(client: &mut Client, pending: &syncra_client::outbox::Pending) {
+    match client.send_queued(pending).await {
+        Ok(report) => match report.state {
+            SendState::Delivered | SendState::Offline => {
+                println!("members were told");
+            }
+            SendState::Queued(why) => {
+                println!(
+                    "queued: {}; members are told on the next connection",
+                    escape(&why)
+                )
+            }
+            SendState::Failed(why) => println!("telling members failed: {}", escape(&why)),
+        },
+        Err(e) => println!("telling members failed: {}", escape(&format!("{e:#}"))),
+    }
+    client.disconnect().await;
 }
 
 fn format_time(ms: u64) -> String {
@@ -524,27 +577,41 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
             }
             ServeEvent::Disconnected { reason, retry_in } => {
                 eprintln!(
-                    "disconnected: {reason}; retrying in {:.1}s",
+                    "disconnected: {}; retrying in {:.1}s",
+                    escape(&reason),
                     retry_in.as_secs_f64()
                 );
                 continue;
             }
-            ServeEvent::Push(Push::Deliver(envelope)) => match client.receive(&envelope).await? {
-                None => continue,
-                Some(incoming) => incoming_json(client, incoming),
+            ServeEvent::Push(Push::Deliver(envelope)) => match client.receive(&envelope).await {
+                Ok(None) => continue,
+                Ok(Some(incoming)) => {
+                    let lines = incoming_json(client, incoming);
+                    let mut out = std::io::stdout().lock();
+                    for line in lines {
+                        writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
+                    }
+                    out.flush()?;
+                    continue;
+                }
+                // A local failure (the disk): reported, and the listener keeps going.
+                Err(e) => json!({
+                    "type": "error",
+                    "message": format!("a delivery could not be filed: {e:#}"),
+                }),
             },
             ServeEvent::Push(Push::Notice(code, message)) => json!({
                 "type": "notice", "code": code.name(), "message": message,
             }),
         };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")?;
+        writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
         out.flush()?;
     }
     Ok(())
 }
 
-fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
+fn incoming_json(client: &Client, incoming: Incoming) -> Vec<serde_json::Value> {
     match incoming {
         Incoming::Message {
             target,
@@ -554,22 +621,44 @@ fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
             timestamp_ms,
             id,
             request,
+            events,
         } => {
-            let group = match &target {
-                Target::Group(g) => client.book().groups.get(g).map(|g| g.name.clone()),
-                Target::Direct(_) => None,
+            let (group, group_id) = match &target {
+                Target::Group(g) => (
+                    client.book().groups.get(g).map(|g| g.name.clone()),
+                    Some(g.clone()),
+                ),
+                Target::Direct(_) => (None, None),
             };
-            json!({
-                "type": if request { "request" } else { "message" },
-                "id": id,
-                "from": from.to_string(),
-                "from_handle": from_name,
-                "group": group,
-                "timestamp_ms": timestamp_ms,
-                "text": text,
-            })
+            let mut lines: Vec<serde_json::Value> = events
+                .into_iter()
+                .map(|event| {
+                    json!({
+                        "type": "group_event",
+                        "from": from.to_string(),
+                        "from_handle": from_name,
+                        "group": group,
+                        "group_id": group_id,
+                        "timestamp_ms": timestamp_ms,
+                        "text": event,
+                    })
+                })
+                .collect();
+            if !text.is_empty() {
+                lines.push(json!({
+                    "type": if request { "request" } else { "message" },
+                    "id": id,
+                    "from": from.to_string(),
+                    "from_handle": from_name,
+                    "group": group,
+                    "group_id": group_id,
+                    "timestamp_ms": timestamp_ms,
+                    "text": text,
+                }));
+            }
+            lines
         }
-        Incoming::Held { handle, from } => json!({
+        Incoming::Held { handle, from } => vec![json!({
             "type": "held",
             "from": from.to_string(),
             "from_handle": handle,
@@ -577,8 +666,12 @@ fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
                 "the identity key of {handle} changed; the message is held until you run \
                  `syncra verify {handle}` and mark it verified"
             ),
-        }),
-        Incoming::Rejected { reason } => json!({ "type": "rejected", "reason": reason }),
-        Incoming::Notice(message) => json!({ "type": "notice", "message": message }),
+        })],
+        Incoming::Rejected { reason } => vec![json!({
+            "type": "rejected",
+            "reason": reason,
+            "count": client.rejected_count(),
+        })],
+        Incoming::Notice(message) => vec![json!({ "type": "notice", "message": message })],
     }
 }

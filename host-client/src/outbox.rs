@@ -24,6 +24,10 @@ pub struct Pending {
     pub text: String,
     /// When it was written (ms).
     pub created_ms: u64,
+    /// Who gets this entry besides the conversation's members: the members a membership change
+    /// removed, so they learn it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<syncra_core::UserId>,
 }
 
 /// The outbox directory.
@@ -107,6 +111,7 @@ mod tests {
                 conversation: "c".into(),
                 text: format!("t{i}"),
                 created_ms: i as u64,
+                notify: Vec::new(),
             })
             .unwrap();
         }

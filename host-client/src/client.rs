@@ -599,16 +599,55 @@ impl Client {
     }
 
     /// Sends every outbox entry. Returns the reports of those that got a final answer.
+    ///
+    /// An entry that can never be sent (it names no conversation of ours, sealing it fails...)
+    /// is moved aside to `outbox/failed/` and marked failed in history; the entries behind it
+    /// still leave. Only a lost connection stops the drain.
     pub async fn drain_outbox(&mut self) -> anyhow::Result<Vec<SendReport>> {
         let mut done = Vec::new();
         for pending in self.outbox.list()? {
-            let report = self.deliver_pending(&pending).await?;
+            let report = match self.deliver_pending(&pending).await {
+                Ok(report) => report,
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::warn!(
+                        "outbox entry {} cannot be sent and was moved to outbox/failed: {}",
+                        pending.id,
+                        syncra_core::text::escape_untrusted(&why)
+                    );
+                    self.outbox.set_aside_entry(&pending.id, &why)?;
+                    if Target::from_conversation(&pending.conversation).is_some() {
+                        let _ = self.history.set_delivery(
+                            &pending.conversation,
+                            &pending.id,
+                            Delivery::Failed,
+                        );
+                    }
+                    done.push(SendReport {
+                        id: pending.id.clone(),
+                        state: SendState::Failed(why),
+                        outcomes: Vec::new(),
+                    });
+                    continue;
+                }
+            };
             if matches!(report.state, SendState::Queued(_)) {
                 break;
             }
             done.push(report);
         }
         Ok(done)
+    }
+
+    /// Entries moved aside because they could not be sent (`outbox/failed/`).
+    pub fn outbox_failed_len(&self) -> usize {
+        std::fs::read_dir(self.outbox.failed_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Entries waiting in the outbox.

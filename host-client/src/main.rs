@@ -467,7 +467,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("relay:       {}", s.relay.as_deref().unwrap_or("(none)"));
             println!("contacts:    {}", client.book().contacts.len());
             println!("groups:      {}", client.book().groups.len());
-            println!("outbox:      {} waiting", client.outbox_len());
+            println!(
+                "outbox:      {} waiting, {} set aside in {}",
+                client.outbox_len(),
+                client.outbox_failed_len(),
+                client.home().outbox_dir().join("failed").display()
+            );
             if s.relay.is_some() {
                 match client.connect().await {
                     Ok(()) => println!("connection:  ok"),

@@ -27,8 +27,19 @@ const EVENT_MARK: &str = "*";
 /// The relay offered by default during onboarding.
 pub const DEFAULT_RELAY: &str = "ws://127.0.0.1:7443/";
 
+/// How the interactive client runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Allow plaintext `ws://` to a relay that is not loopback (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+}
+
 /// Runs the interactive client until the person quits.
-pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Result<()> {
+pub async fn run(
+    home: Home,
+    mut frontend: Box<dyn UiFrontend>,
+    options: Options,
+) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (act_tx, act_rx) = mpsc::channel(256);
     let ui = tokio::spawn(async move { frontend.run(ev_rx, act_tx).await });
@@ -43,6 +54,7 @@ pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Resul
         retry_at: None,
         init_options: InitOptions::default(),
         extensions: Vec::new(),
+        options,
     };
     let result = controller.run(act_rx).await;
     // The UI returns when the person quits or the event channel closes.
@@ -66,6 +78,7 @@ struct Controller {
     init_options: InitOptions,
     /// Client extensions and the commands each offers.
     extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
+    options: Options,
 }
 
 fn to_target(id: &ConversationId) -> Target {
@@ -159,7 +172,15 @@ impl Controller {
         })
     }
 
+    /// Whether plaintext ws:// to a non-loopback relay is allowed (flag or setting).
+    fn insecure(&self) -> bool {
+        self.options.insecure_plaintext || self.home.settings().is_ok_and(|s| s.insecure_plaintext)
+    }
+
     async fn unlocked(&mut self, mut client: Client) {
+        if self.options.insecure_plaintext {
+            client.allow_insecure_plaintext();
+        }
         self.pushes = client.take_pushes();
         self.client = Some(client);
         if let Some(me) = self.me() {
@@ -184,26 +205,30 @@ impl Controller {
                 }
             }
             UserAction::CheckRelay(url) => {
-                let result = probe(&url, None).await.map(|p| p.describe());
+                let result = probe(&url, None, self.insecure())
+                    .await
+                    .map(|p| p.describe());
                 self.emit(AppEvent::RelayCheck {
                     url,
                     result: result.map_err(|e| e.to_string()),
                 })
                 .await;
             }
-            UserAction::CheckHandle { relay, handle } => match probe(&relay, Some(&handle)).await {
-                Ok(p) => {
-                    self.emit(AppEvent::HandleAvailability {
-                        handle,
-                        available: p.handle_free == Some(true),
-                    })
-                    .await
-                }
-                Err(e) => {
-                    self.emit(AppEvent::Error(format!("checking the handle: {e}")))
+            UserAction::CheckHandle { relay, handle } => {
+                match probe(&relay, Some(&handle), self.insecure()).await {
+                    Ok(p) => {
+                        self.emit(AppEvent::HandleAvailability {
+                            handle,
+                            available: p.handle_free == Some(true),
+                        })
                         .await
+                    }
+                    Err(e) => {
+                        self.emit(AppEvent::Error(format!("checking the handle: {e}")))
+                            .await
+                    }
                 }
-            },
+            }
             UserAction::CreateIdentity {
                 relay,
                 handle,
@@ -233,6 +258,9 @@ impl Controller {
                         return;
                     }
                 };
+                if self.options.insecure_plaintext {
+                    client.allow_insecure_plaintext();
+                }
                 match client.register(&relay, &handle).await {
                     Ok(()) => self.unlocked(client).await,
                     Err(e) => {

@@ -184,6 +184,8 @@ pub struct Client {
     pushes_rx: Option<mpsc::Receiver<Push>>,
     /// Deliveries refused or skipped since this process started.
     rejected: u64,
+    /// `--insecure-plaintext` was given: not to be saved into settings.toml.
+    insecure_flag: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -257,6 +259,7 @@ impl Client {
             pushes_tx,
             pushes_rx: Some(pushes_rx),
             rejected: 0,
+            insecure_flag: false,
         })
     }
 
@@ -268,6 +271,22 @@ impl Client {
     /// My fingerprint (my half of every safety number).
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.keys.identity.public())
+    }
+
+    /// Allows plaintext `ws://` to a relay that is not loopback for this process
+    /// (`--insecure-plaintext`); settings.toml is not changed.
+    pub fn allow_insecure_plaintext(&mut self) {
+        self.settings.insecure_plaintext = true;
+        self.insecure_flag = true;
+    }
+
+    /// Saves the settings; a `--insecure-plaintext` given for this process is not saved.
+    fn save_settings(&self) -> anyhow::Result<()> {
+        let mut settings = self.settings.clone();
+        if self.insecure_flag {
+            settings.insecure_plaintext = self.home.settings()?.insecure_plaintext;
+        }
+        self.home.save_settings(&settings)
     }
 
     /// The settings.
@@ -322,6 +341,7 @@ impl Client {
                 url: relay,
                 relay_id: None,
                 identity: &self.keys.identity,
+                insecure_plaintext: self.settings.insecure_plaintext,
             },
             Login::Register {
                 handle: parsed.as_str().to_owned(),
@@ -354,7 +374,7 @@ impl Client {
         self.settings.relay = Some(relay.to_owned());
         self.settings.relay_id = Some(session.relay_id.clone());
         self.settings.handle = Some(parsed.as_str().to_owned());
-        self.home.save_settings(&self.settings)?;
+        self.save_settings()?;
         self.token = Some(session.token.clone());
         self.session = Some(session);
         Ok(())
@@ -375,6 +395,7 @@ impl Client {
                 url: &url,
                 relay_id: self.settings.relay_id.as_deref(),
                 identity: &self.keys.identity,
+                insecure_plaintext: self.settings.insecure_plaintext,
             },
             Login::Auth,
             self.token.take(),
@@ -384,7 +405,7 @@ impl Client {
         if self.settings.relay_id.is_none() {
             // Registered before relay ids were pinned: pin the id of this first login.
             self.settings.relay_id = Some(session.relay_id.clone());
-            if let Err(e) = self.home.save_settings(&self.settings) {
+            if let Err(e) = self.save_settings() {
                 tracing::warn!("could not save the relay id to settings.toml: {e:#}");
             }
         }

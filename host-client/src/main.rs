@@ -31,6 +31,10 @@ struct Cli {
     /// With no command: use the line-mode interface instead of the full-screen one.
     #[arg(long)]
     line: bool,
+    /// Allow plaintext ws:// to a relay that is not on this machine (labs only; warns on every
+    /// connection). Without it, ws:// is refused unless the host is localhost, 127.0.0.0/8 or ::1.
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,7 +45,7 @@ enum Command {
     Init,
     /// Register this identity on a relay under a handle.
     Register {
-        /// The relay URL, e.g. ws://127.0.0.1:7443/ or wss://relay.example/.
+        /// The relay URL: wss://relay.example/, or ws:// to this machine (ws://127.0.0.1:7443/).
         #[arg(long)]
         relay: String,
         /// The handle to register (3-32 of a-z, 0-9, _; starting with a letter).
@@ -203,7 +207,11 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
     let home = Home::from_env()?;
     home.require_identity()?;
     let pass = passphrase(&cli.passphrase_file, "Passphrase: ", false)?;
-    Client::open(home, &pass)
+    let mut client = Client::open(home, &pass)?;
+    if cli.insecure_plaintext {
+        client.allow_insecure_plaintext();
+    }
+    Ok(client)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -508,7 +516,14 @@ async fn interactive(cli: &Cli) -> anyhow::Result<ExitCode> {
                 home.settings_file().display()
             );
         };
-    syncra_client::app::run(home, frontend).await?;
+    syncra_client::app::run(
+        home,
+        frontend,
+        syncra_client::app::Options {
+            insecure_plaintext: cli.insecure_plaintext,
+        },
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 

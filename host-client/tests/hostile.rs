@@ -394,3 +394,52 @@ fn peer_text_is_inert_in_line_mode_history_and_export_and_exact_in_json() {
         assert_eq!(v["text"], HOSTILE);
     }
 }
+
+#[test]
+fn plaintext_ws_is_refused_unless_the_relay_is_loopback_or_explicitly_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    alice.ok(&["init"]);
+    // `.invalid` never resolves: the refusal must come before any name is resolved.
+    let err = alice.fails(&[
+        "register",
+        "--relay",
+        "ws://relay.invalid:7443/",
+        "--handle",
+        "alice",
+    ]);
+    assert!(
+        err.contains("refusing plaintext ws:// to relay.invalid"),
+        "{err}"
+    );
+    assert!(err.contains("wss://relay.invalid/"), "{err}");
+    // Explicitly allowed: it is tried (and fails to resolve), with a warning.
+    let out = alice.run(&[
+        "register",
+        "--relay",
+        "ws://relay.invalid:7443/",
+        "--handle",
+        "alice",
+        "--insecure-plaintext",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("WARNING: connecting to relay.invalid over plaintext"),
+        "{err}"
+    );
+    assert!(!err.contains("refusing plaintext"), "{err}");
+    // Loopback is fine without it, and the flag is not saved into settings.toml.
+    alice.ok(&["register", "--relay", &relay.url(), "--handle", "alice"]);
+    let settings = std::fs::read_to_string(alice.home.join("settings.toml")).unwrap();
+    assert!(
+        settings.contains("insecure_plaintext = false"),
+        "{settings}"
+    );
+    // A relay URL edited to a remote plaintext address is refused on every connection.
+    let edited = settings.replace(&relay.url(), "ws://relay.invalid:7443/");
+    std::fs::write(alice.home.join("settings.toml"), edited).unwrap();
+    let status = alice.ok(&["status"]);
+    assert!(status.contains("refusing plaintext ws://"), "{status}");
+}

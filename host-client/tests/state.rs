@@ -103,3 +103,55 @@ fn a_copied_outbox_entry_is_not_sent_again() {
         "{status}"
     );
 }
+
+#[test]
+fn several_processes_on_one_home_never_lose_an_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let names = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    let users: Vec<User> = names
+        .iter()
+        .map(|n| {
+            let u = User::new(dir.path(), n);
+            u.onboard(&relay.url());
+            u
+        })
+        .collect();
+    let alice = &users[0];
+    // A long-running listener on alice's home...
+    let al = alice.listen();
+    // ...while one-shot commands on the same home add contacts, all at once.
+    let adds: Vec<std::process::Child> = names[1..]
+        .iter()
+        .map(|n| alice.cmd(&["contact", "add", n]).spawn().unwrap())
+        .collect();
+    for mut child in adds {
+        assert!(child.wait().unwrap().success());
+    }
+    // bob writes first: the listener must not write back its stale copy without bob in it
+    // (which turned the contact just added into a message request).
+    users[1].ok(&["contact", "add", "alice"]);
+    assert_eq!(users[1].send("alice", "hi from bob").0, 0);
+    let m = al.expect_text("hi from bob");
+    assert_eq!(m["type"], "message", "{m}");
+    let list = alice.ok(&["contact", "list"]);
+    for n in &names[1..] {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(&format!("{n}\t")))
+            .unwrap_or_else(|| panic!("{n} was lost: {list}"));
+        assert!(line.ends_with("unverified"), "{line}");
+    }
+    // Groups made in parallel all survive too.
+    let makes: Vec<std::process::Child> = ["g1", "g2", "g3", "g4"]
+        .iter()
+        .map(|g| alice.cmd(&["group", "create", g, "bob"]).spawn().unwrap())
+        .collect();
+    for mut child in makes {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(users[1].send("alice", "still there?").0, 0);
+    al.expect_text("still there?");
+    let groups = alice.ok(&["group", "list"]);
+    assert_eq!(groups.lines().count(), 4, "{groups}");
+}

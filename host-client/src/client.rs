@@ -177,6 +177,7 @@ pub struct Client {
     history: History,
     outbox: Outbox,
     guard: ReplayGuard,
+    replay_log: crate::replay::ReplayLog,
     transport: Arc<WsTransport>,
     session: Option<Arc<Session>>,
     token: Option<String>,
@@ -239,12 +240,20 @@ impl Client {
 
     fn assemble(home: Home, keys: KeyStore) -> anyhow::Result<Client> {
         let settings = home.settings()?;
-        let book = Book::load(home.contacts_file(), home.groups_file())?;
+        let book = Book::load(
+            home.contacts_file(),
+            home.groups_file(),
+            keys.storage.clone(),
+        )?;
         let history = History::new(home.chats_dir(), keys.storage.clone(), settings.fsync);
         let outbox = Outbox::new(home.outbox_dir(), keys.storage.clone());
         let transport =
             crate::net::transport(settings.ca_file.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (pushes_tx, pushes_rx) = mpsc::channel(1024);
+        let mut guard = ReplayGuard::new(AcceptWindow::default(), 100_000);
+        let replay_log =
+            crate::replay::ReplayLog::new(home.root().join("replay.log"), keys.storage.clone());
+        replay_log.load_into(&mut guard, syncra_core::now_ms())?;
         Ok(Client {
             home,
             settings,
@@ -252,7 +261,8 @@ impl Client {
             book,
             history,
             outbox,
-            guard: ReplayGuard::new(AcceptWindow::default(), 100_000),
+            guard,
+            replay_log,
             transport,
             session: None,
             token: None,
@@ -896,6 +906,9 @@ impl Client {
                 }));
             }
         };
+        // Remembered at rest before anything else, so a replay after a restart is refused.
+        self.replay_log
+            .record(opened.sender, &opened.message_id, syncra_core::now_ms())?;
         let content = Content::decode(&opened.body);
         let id = hex_id(&opened.message_id);
         let from = opened.sender;

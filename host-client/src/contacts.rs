@@ -5,15 +5,19 @@
 //! a different id. When that happens the contact is marked `key_changed`: sending to it and
 //! showing messages from the new key are blocked until the person re-verifies.
 //!
-//! These files hold public material only; they are written atomically with mode 0600.
+//! They are the social graph, so at rest they are encrypted with the storage key like history
+//! (`contacts.sealed`, `groups.sealed`, each sealed under its own label); plaintext
+//! `contacts.json` and `groups.json` left by older versions are read once and replaced on the
+//! next save. Files are written atomically with mode 0600.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use syncra_core::crypto::keyfile::write_private;
 use syncra_core::crypto::keys::SignedPrekey;
+use syncra_core::crypto::local_box::LocalKey;
 use syncra_core::{IdentityRecord, UserId};
 
 /// A pinned contact.
@@ -111,22 +115,63 @@ pub fn local_group_name(suggested: &str) -> String {
 pub struct Book {
     contacts_path: PathBuf,
     groups_path: PathBuf,
+    key: LocalKey,
     /// Contacts by user id.
     pub contacts: BTreeMap<UserId, Contact>,
     /// Groups by id.
     pub groups: BTreeMap<String, Group>,
 }
 
-fn load<T: for<'de> Deserialize<'de> + Default>(path: &PathBuf) -> anyhow::Result<T> {
+const CONTACTS_LABEL: &[u8] = b"syncra/v1/contacts";
+const GROUPS_LABEL: &[u8] = b"syncra/v1/groups";
+
+/// The plaintext file an older version kept instead of `path`.
+fn legacy_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+fn load<T: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    key: &LocalKey,
+    label: &[u8],
+) -> anyhow::Result<T> {
+    let damaged = || {
+        format!(
+            "{} is damaged (or from another identity) and was left untouched; fix or restore it",
+            path.display()
+        )
+    };
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is damaged and was left untouched; fix or restore it",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Ok(bytes) => {
+            let plain = key
+                .open(label, &bytes)
+                .map_err(|_| anyhow::anyhow!(damaged()))?;
+            serde_json::from_slice(&plain).with_context(damaged)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let legacy = legacy_path(path);
+            match std::fs::read(&legacy) {
+                Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is damaged and was left untouched; fix or restore it",
+                        legacy.display()
+                    )
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+                Err(e) => Err(e).with_context(|| format!("reading {}", legacy.display())),
+            }
+        }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_sealed(path: &Path, key: &LocalKey, label: &[u8], json: &[u8]) -> anyhow::Result<()> {
+    write_private(path, &key.seal(label, json))?;
+    // The plaintext an older version kept goes once its sealed replacement is on disk.
+    match std::fs::remove_file(legacy_path(path)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", legacy_path(path).display())),
     }
 }
 
@@ -160,7 +205,11 @@ impl Book {
 
     /// Reloads both files (another process may have changed them).
     pub fn refresh(&mut self) -> anyhow::Result<()> {
-        let fresh = Book::load(self.contacts_path.clone(), self.groups_path.clone())?;
+        let fresh = Book::load(
+            self.contacts_path.clone(),
+            self.groups_path.clone(),
+            self.key.clone(),
+        )?;
         self.contacts = fresh.contacts;
         self.groups = fresh.groups;
         Ok(())
@@ -170,10 +219,14 @@ impl Book {
         self.contacts_path.with_file_name("book.lock")
     }
 
-    /// Loads both files (missing files are empty).
-    pub fn load(contacts_path: PathBuf, groups_path: PathBuf) -> anyhow::Result<Self> {
-        let contacts: Vec<Contact> = load(&contacts_path)?;
-        let groups: Vec<Group> = load(&groups_path)?;
+    /// Loads both files, sealed with `key` (missing files are empty).
+    pub fn load(
+        contacts_path: PathBuf,
+        groups_path: PathBuf,
+        key: LocalKey,
+    ) -> anyhow::Result<Self> {
+        let contacts: Vec<Contact> = load(&contacts_path, &key, CONTACTS_LABEL)?;
+        let groups: Vec<Group> = load(&groups_path, &key, GROUPS_LABEL)?;
         Ok(Book {
             contacts: contacts
                 .into_iter()
@@ -186,7 +239,7 @@ impl Book {
                     let ok = valid_group_id(&g.id);
                     if !ok {
                         tracing::warn!(
-                            "ignoring a group with an invalid id ({}) in groups.json",
+                            "ignoring a group with an invalid id ({}) in the groups file",
                             syncra_core::text::escape_untrusted(&g.id)
                         );
                     }
@@ -196,15 +249,18 @@ impl Book {
                 .collect(),
             contacts_path,
             groups_path,
+            key,
         })
     }
 
     /// Saves both files.
     pub fn save(&self) -> anyhow::Result<()> {
         let contacts: Vec<&Contact> = self.contacts.values().collect();
-        write_private(&self.contacts_path, &serde_json::to_vec_pretty(&contacts)?)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&contacts)?);
+        save_sealed(&self.contacts_path, &self.key, CONTACTS_LABEL, &json)?;
         let groups: Vec<&Group> = self.groups.values().collect();
-        write_private(&self.groups_path, &serde_json::to_vec_pretty(&groups)?)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&groups)?);
+        save_sealed(&self.groups_path, &self.key, GROUPS_LABEL, &json)?;
         Ok(())
     }
 

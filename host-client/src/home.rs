@@ -111,14 +111,14 @@ impl Home {
         self.root.join("settings.toml")
     }
 
-    /// The contacts file.
+    /// The contacts file (encrypted; older versions kept a plaintext `contacts.json`).
     pub fn contacts_file(&self) -> PathBuf {
-        self.root.join("contacts.json")
+        self.root.join("contacts.sealed")
     }
 
-    /// The groups file.
+    /// The groups file (encrypted; older versions kept a plaintext `groups.json`).
     pub fn groups_file(&self) -> PathBuf {
-        self.root.join("groups.json")
+        self.root.join("groups.sealed")
     }
 
     /// The chat logs directory.

@@ -54,6 +54,18 @@ impl Forger {
 
     /// Seals `content` to the users with these handles and sends it.
     fn send(&self, to: &[&str], content: &Content) {
+        let bytes = self.seal(to, content);
+        self.send_raw(bytes);
+    }
+
+    /// Sends bytes as they are (a replay).
+    fn send_raw(&self, bytes: Vec<u8>) {
+        let session = self.client.session().unwrap();
+        self.rt.block_on(session.send(bytes)).unwrap();
+    }
+
+    /// Seals `content` to the users with these handles.
+    fn seal(&self, to: &[&str], content: &Content) -> Vec<u8> {
         let session = self.client.session().unwrap();
         let recipients: Vec<Recipient> = to
             .iter()
@@ -75,7 +87,7 @@ impl Forger {
             id,
         )
         .unwrap();
-        self.rt.block_on(session.send(sealed.bytes)).unwrap();
+        sealed.bytes
     }
 }
 
@@ -442,4 +454,31 @@ fn plaintext_ws_is_refused_unless_the_relay_is_loopback_or_explicitly_allowed() 
     std::fs::write(alice.home.join("settings.toml"), edited).unwrap();
     let status = alice.ok(&["status"]);
     assert!(status.contains("refusing plaintext ws://"), "{status}");
+}
+
+#[test]
+fn a_replay_after_the_recipient_restarts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let [alice, mallory] = &people(dir.path(), &relay, &["alice", "mallory"])[..] else {
+        unreachable!()
+    };
+    alice.ok(&["contact", "add", "mallory"]);
+    let m = Forger::new(mallory);
+    let captured = m.seal(&["alice"], &Content::text("pay mallory 10"));
+    let al = alice.listen();
+    m.send_raw(captured.clone());
+    al.expect_text("pay mallory 10");
+    drop(al);
+    let al = alice.listen();
+    m.send_raw(captured);
+    m.send(&["alice"], &Content::text("a fresh one"));
+    // Lines come in order: the replay printed nothing before the fresh message.
+    let next = al.lines.recv_timeout(DEADLINE).unwrap();
+    assert_eq!(next["text"], "a fresh one", "{next}");
+    let h = alice.history_json("mallory");
+    assert_eq!(
+        h.iter().filter(|m| m["text"] == "pay mallory 10").count(),
+        1
+    );
 }

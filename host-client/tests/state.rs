@@ -155,3 +155,32 @@ fn several_processes_on_one_home_never_lose_an_update() {
     let groups = alice.ok(&["group", "list"]);
     assert_eq!(groups.lines().count(), 4, "{groups}");
 }
+
+#[test]
+fn contacts_and_groups_are_encrypted_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+    alice.ok(&["group", "create", "secretplans", "bob"]);
+    let mut seen = String::new();
+    for entry in std::fs::read_dir(&alice.home).unwrap().flatten() {
+        if entry.path().is_file() {
+            seen.push_str(&String::from_utf8_lossy(
+                &std::fs::read(entry.path()).unwrap(),
+            ));
+        }
+    }
+    for secret in ["bob", "secretplans"] {
+        assert!(!seen.contains(secret), "{secret:?} is readable at rest");
+    }
+    assert!(!alice.home.join("contacts.json").exists());
+    assert!(
+        alice
+            .ok(&["group", "list"])
+            .contains("@secretplans\talice, bob")
+    );
+}

@@ -197,9 +197,11 @@ fn oversized_frames_are_refused_before_decoding() {
 
 #[test]
 fn unknown_version_and_type_are_refused() {
+    // The version after the current one (the current one is 2 since protocol v2).
+    let next = PROTOCOL_VERSION + 1;
     check(
-        &[2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
-        WireError::UnsupportedVersion(2),
+        &[next, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
+        WireError::UnsupportedVersion(next),
     );
     check(&[0, 0x20], WireError::UnsupportedVersion(0));
     check(&[PROTOCOL_VERSION, 0x7f], WireError::UnknownType(0x7f));

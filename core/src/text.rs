@@ -48,6 +48,28 @@ pub fn escape_untrusted(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Compact serialized JSON (no whitespace between tokens) with every unsafe character (see [`is_unsafe_char`]) that the serializer
+/// left raw written as a `\uXXXX` escape instead. JSON serializers escape C0 controls already
+/// but pass DEL, C1 controls and bidi overrides through; outside strings JSON has none of
+/// them, so the result parses to exactly the same value and is inert on a terminal.
+pub fn json_inert(json: &str) -> Cow<'_, str> {
+    if !json.chars().any(is_unsafe_char) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if is_unsafe_char(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +93,18 @@ mod tests {
         check("del\x7f", "del\\u{7f}");
         check("tab\there", "tab\\there");
         assert!(matches!(escape_untrusted("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn json_stays_exact_and_becomes_inert() {
+        let raw = "a\u{7f}b\u{9b}c\u{202e}d\n\u{1b}";
+        let json = format!(
+            "{{\"text\":\"{}\"}}",
+            raw.replace('\n', "\\n").replace('\u{1b}', "\\u001b")
+        );
+        let inert = json_inert(&json);
+        assert!(!inert.chars().any(is_unsafe_char), "{inert}");
+        assert_eq!(inert, r#"{"text":"a\u007fb\u009bc\u202ed\n\u001b"}"#);
+        assert!(matches!(json_inert("{}"), Cow::Borrowed(_)));
     }
 }

@@ -197,9 +197,11 @@ fn oversized_frames_are_refused_before_decoding() {
 
 #[test]
 fn unknown_version_and_type_are_refused() {
+    // The version after the current one (the current one is 2 since protocol v2).
+    let next = PROTOCOL_VERSION + 1;
     check(
-        &[3, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
-        WireError::UnsupportedVersion(3),
+        &[next, 0x20, 0, 0, 0, 0, 0, 0, 0, 0],
+        WireError::UnsupportedVersion(next),
     );
     // Version 1 (before logins signed the dialled URL) is refused, not misread.
     check(

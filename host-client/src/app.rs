@@ -21,11 +21,25 @@ use crate::history::StoredMessage;
 use crate::home::Home;
 use crate::net::{NetError, Push, backoff, probe};
 
+/// The sender name of a group event line ("alice added eve").
+const EVENT_MARK: &str = "*";
+
 /// The relay offered by default during onboarding.
 pub const DEFAULT_RELAY: &str = "ws://127.0.0.1:7443/";
 
+/// How the interactive client runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Allow plaintext `ws://` to a relay that is not loopback (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+}
+
 /// Runs the interactive client until the person quits.
-pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Result<()> {
+pub async fn run(
+    home: Home,
+    mut frontend: Box<dyn UiFrontend>,
+    options: Options,
+) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (act_tx, act_rx) = mpsc::channel(256);
     let ui = tokio::spawn(async move { frontend.run(ev_rx, act_tx).await });
@@ -40,6 +54,7 @@ pub async fn run(home: Home, mut frontend: Box<dyn UiFrontend>) -> anyhow::Resul
         retry_at: None,
         init_options: InitOptions::default(),
         extensions: Vec::new(),
+        options,
     };
     let result = controller.run(act_rx).await;
     // The UI returns when the person quits or the event channel closes.
@@ -63,6 +78,7 @@ struct Controller {
     init_options: InitOptions,
     /// Client extensions and the commands each offers.
     extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
+    options: Options,
 }
 
 fn to_target(id: &ConversationId) -> Target {
@@ -156,7 +172,15 @@ impl Controller {
         })
     }
 
+    /// Whether plaintext ws:// to a non-loopback relay is allowed (flag or setting).
+    fn insecure(&self) -> bool {
+        self.options.insecure_plaintext || self.home.settings().is_ok_and(|s| s.insecure_plaintext)
+    }
+
     async fn unlocked(&mut self, mut client: Client) {
+        if self.options.insecure_plaintext {
+            client.allow_insecure_plaintext();
+        }
         self.pushes = client.take_pushes();
         self.client = Some(client);
         if let Some(me) = self.me() {
@@ -181,26 +205,30 @@ impl Controller {
                 }
             }
             UserAction::CheckRelay(url) => {
-                let result = probe(&url, None).await.map(|p| p.describe());
+                let result = probe(&url, None, self.insecure())
+                    .await
+                    .map(|p| p.describe());
                 self.emit(AppEvent::RelayCheck {
                     url,
                     result: result.map_err(|e| e.to_string()),
                 })
                 .await;
             }
-            UserAction::CheckHandle { relay, handle } => match probe(&relay, Some(&handle)).await {
-                Ok(p) => {
-                    self.emit(AppEvent::HandleAvailability {
-                        handle,
-                        available: p.handle_free == Some(true),
-                    })
-                    .await
-                }
-                Err(e) => {
-                    self.emit(AppEvent::Error(format!("checking the handle: {e}")))
+            UserAction::CheckHandle { relay, handle } => {
+                match probe(&relay, Some(&handle), self.insecure()).await {
+                    Ok(p) => {
+                        self.emit(AppEvent::HandleAvailability {
+                            handle,
+                            available: p.handle_free == Some(true),
+                        })
                         .await
+                    }
+                    Err(e) => {
+                        self.emit(AppEvent::Error(format!("checking the handle: {e}")))
+                            .await
+                    }
                 }
-            },
+            }
             UserAction::CreateIdentity {
                 relay,
                 handle,
@@ -230,6 +258,9 @@ impl Controller {
                         return;
                     }
                 };
+                if self.options.insecure_plaintext {
+                    client.allow_insecure_plaintext();
+                }
                 match client.register(&relay, &handle).await {
                     Ok(()) => self.unlocked(client).await,
                     Err(e) => {
@@ -531,23 +562,39 @@ impl Controller {
                 text,
                 timestamp_ms,
                 id,
+                events,
                 ..
             })) => {
                 let conversation = target.to_ui();
-                if self.open.as_ref() != Some(&conversation) {
+                if self.open.as_ref() != Some(&conversation) && !text.is_empty() {
                     *self.unread.entry(conversation.clone()).or_default() += 1;
                 }
-                self.emit(AppEvent::Message(ChatLine {
-                    conversation,
-                    message_id: id,
-                    sender: from,
-                    sender_name: Some(from_name),
-                    outgoing: false,
-                    timestamp_ms,
-                    text,
-                    delivery: None,
-                }))
-                .await;
+                for (n, event) in events.into_iter().enumerate() {
+                    self.emit(AppEvent::Message(ChatLine {
+                        conversation: conversation.clone(),
+                        message_id: format!("{id}-event-{n}"),
+                        sender: from,
+                        sender_name: Some(EVENT_MARK.into()),
+                        outgoing: false,
+                        timestamp_ms,
+                        text: event,
+                        delivery: None,
+                    }))
+                    .await;
+                }
+                if !text.is_empty() {
+                    self.emit(AppEvent::Message(ChatLine {
+                        conversation,
+                        message_id: id,
+                        sender: from,
+                        sender_name: Some(from_name),
+                        outgoing: false,
+                        timestamp_ms,
+                        text,
+                        delivery: None,
+                    }))
+                    .await;
+                }
                 self.send_conversations().await;
             }
             Ok(Some(Incoming::Held { handle, from })) => {
@@ -635,7 +682,11 @@ impl Controller {
     }
 
     fn to_line(&self, conversation: &ConversationId, m: StoredMessage) -> ChatLine {
-        let name = self.client.as_ref().map(|c| c.name_of(&m.sender));
+        let name = if m.event {
+            Some(EVENT_MARK.to_owned())
+        } else {
+            self.client.as_ref().map(|c| c.name_of(&m.sender))
+        };
         ChatLine {
             conversation: conversation.clone(),
             message_id: m.id,

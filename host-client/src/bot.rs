@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use syncra_core::text::escape_untrusted;
 
 use anyhow::Context;
 use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, WasmHost, WasmPluginConfig};
@@ -104,7 +105,7 @@ pub async fn handle_delivery(
             perform(client, &target, actions).await;
         }
         // The plugin was restarted (or disabled) and said so in the log; the bot keeps serving.
-        Err(e) => tracing::warn!("{e:#}"),
+        Err(e) => tracing::warn!("{}", escape_untrusted(&format!("{e:#}"))),
     }
     Ok(())
 }
@@ -121,12 +122,14 @@ pub async fn run(
         match event {
             ServeEvent::Connected => tracing::info!(bot = plugin.name(), "connected"),
             ServeEvent::Disconnected { reason, retry_in } => tracing::warn!(
-                "disconnected: {reason}; retrying in {:.1}s",
+                "disconnected: {}; retrying in {:.1}s",
+                escape_untrusted(&reason),
                 retry_in.as_secs_f64()
             ),
+            // Nothing a peer sends stops the bot: a bad delivery is reported and skipped.
             ServeEvent::Push(Push::Deliver(envelope)) => {
                 if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
-                    tracing::warn!("{e:#}");
+                    tracing::warn!("{}", escape_untrusted(&format!("{e:#}")));
                 }
             }
             // What arrived while the bot was down: handled like a live message, then
@@ -143,7 +146,7 @@ pub async fn run(
                 }
             }
             ServeEvent::Push(Push::Notice(code, message)) => {
-                tracing::info!("relay notice ({code}): {message}");
+                tracing::info!("relay notice ({code}): {}", escape_untrusted(&message));
             }
         }
     }

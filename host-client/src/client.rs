@@ -48,7 +48,8 @@ impl Target {
     /// Parses a history file name back.
     pub fn from_conversation(name: &str) -> Option<Target> {
         match name.strip_prefix("group-") {
-            Some(g) => Some(Target::Group(g.to_owned())),
+            Some(g) if crate::contacts::valid_group_id(g) => Some(Target::Group(g.to_owned())),
+            Some(_) => None,
             None => name.parse().ok().map(Target::Direct),
         }
     }
@@ -120,6 +121,9 @@ pub enum Incoming {
         id: String,
         /// The sender is not a contact: this is a message request.
         request: bool,
+        /// Group events this message carried, oldest first ("alice added eve"); shown before
+        /// the text. A membership-only message has an empty text.
+        events: Vec<String>,
     },
     /// A message from a new key for a pinned handle: held until the person re-verifies.
     Held {
@@ -128,7 +132,8 @@ pub enum Incoming {
         /// The new identity's id.
         from: UserId,
     },
-    /// A delivery that did not open (tampered, not for me, too old...).
+    /// A delivery that did not open (tampered, not for me, too old...) or that was refused
+    /// (a post from a non-member, an invalid group id...). It was skipped.
     Rejected {
         /// Why.
         reason: String,
@@ -176,11 +181,16 @@ pub struct Client {
     history: History,
     outbox: Outbox,
     guard: ReplayGuard,
+    replay_log: crate::replay::ReplayLog,
     transport: Arc<WsTransport>,
     session: Option<Arc<Session>>,
     token: Option<String>,
     pushes_tx: mpsc::Sender<Push>,
     pushes_rx: Option<mpsc::Receiver<Push>>,
+    /// Deliveries refused or skipped since this process started.
+    rejected: u64,
+    /// `--insecure-plaintext` was given: not to be saved into settings.toml.
+    insecure_flag: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -234,12 +244,20 @@ impl Client {
 
     fn assemble(home: Home, keys: KeyStore) -> anyhow::Result<Client> {
         let settings = home.settings()?;
-        let book = Book::load(home.contacts_file(), home.groups_file())?;
+        let book = Book::load(
+            home.contacts_file(),
+            home.groups_file(),
+            keys.storage.clone(),
+        )?;
         let history = History::new(home.chats_dir(), keys.storage.clone(), settings.fsync);
         let outbox = Outbox::new(home.outbox_dir(), keys.storage.clone());
         let transport =
             crate::net::transport(settings.ca_file.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (pushes_tx, pushes_rx) = mpsc::channel(1024);
+        let mut guard = ReplayGuard::new(AcceptWindow::default(), 100_000);
+        let replay_log =
+            crate::replay::ReplayLog::new(home.root().join("replay.log"), keys.storage.clone());
+        replay_log.load_into(&mut guard, syncra_core::now_ms())?;
         Ok(Client {
             home,
             settings,
@@ -247,12 +265,15 @@ impl Client {
             book,
             history,
             outbox,
-            guard: ReplayGuard::new(AcceptWindow::default(), 100_000),
+            guard,
+            replay_log,
             transport,
             session: None,
             token: None,
             pushes_tx,
             pushes_rx: Some(pushes_rx),
+            rejected: 0,
+            insecure_flag: false,
         })
     }
 
@@ -264,6 +285,22 @@ impl Client {
     /// My fingerprint (my half of every safety number).
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.keys.identity.public())
+    }
+
+    /// Allows plaintext `ws://` to a relay that is not loopback for this process
+    /// (`--insecure-plaintext`); settings.toml is not changed.
+    pub fn allow_insecure_plaintext(&mut self) {
+        self.settings.insecure_plaintext = true;
+        self.insecure_flag = true;
+    }
+
+    /// Saves the settings; a `--insecure-plaintext` given for this process is not saved.
+    fn save_settings(&self) -> anyhow::Result<()> {
+        let mut settings = self.settings.clone();
+        if self.insecure_flag {
+            settings.insecure_plaintext = self.home.settings()?.insecure_plaintext;
+        }
+        self.home.save_settings(&settings)
     }
 
     /// The settings.
@@ -328,6 +365,7 @@ impl Client {
                 url: relay,
                 relay_id: None,
                 identity: &self.keys.identity,
+                insecure_plaintext: self.settings.insecure_plaintext,
             },
             Login::Register {
                 handle: parsed.as_str().to_owned(),
@@ -360,7 +398,7 @@ impl Client {
         self.settings.relay = Some(relay.to_owned());
         self.settings.relay_id = Some(session.relay_id.clone());
         self.settings.handle = Some(parsed.as_str().to_owned());
-        self.home.save_settings(&self.settings)?;
+        self.save_settings()?;
         self.token = Some(session.token.clone());
         self.session = Some(session);
         Ok(())
@@ -381,6 +419,7 @@ impl Client {
                 url: &url,
                 relay_id: self.settings.relay_id.as_deref(),
                 identity: &self.keys.identity,
+                insecure_plaintext: self.settings.insecure_plaintext,
             },
             Login::Auth,
             self.token.take(),
@@ -390,7 +429,7 @@ impl Client {
         if self.settings.relay_id.is_none() {
             // Registered before relay ids were pinned: pin the id of this first login.
             self.settings.relay_id = Some(session.relay_id.clone());
-            if let Err(e) = self.home.save_settings(&self.settings) {
+            if let Err(e) = self.save_settings() {
                 tracing::warn!("could not save the relay id to settings.toml: {e:#}");
             }
         }
@@ -453,6 +492,7 @@ impl Client {
         if record.user_id == self.user_id() {
             bail!("that is you");
         }
+        let _lock = self.book.lock()?;
         let outcome = self.book.pin(record.clone(), false, syncra_core::now_ms());
         self.book.save()?;
         let contact = match &outcome {
@@ -469,6 +509,7 @@ impl Client {
     /// The safety number with a contact; with `mark`, marks it verified (and accepts a changed
     /// key, which is the only way to unblock a contact whose key changed).
     pub fn verify(&mut self, handle: &str, mark: bool) -> anyhow::Result<SafetyInfo> {
+        let _lock = self.book.lock()?;
         let contact = self.book.by_handle(handle).cloned().with_context(|| {
             format!("{handle:?} is not a contact; add it with `syncra contact add`")
         })?;
@@ -539,6 +580,7 @@ impl Client {
 
     /// Writes a message to the outbox and history, then tries to send it.
     pub async fn send_text(&mut self, to: &str, text: &str) -> anyhow::Result<SendReport> {
+        self.book.refresh()?;
         let target = self.resolve(to)?;
         let pending = self.queue(&target, text)?;
         self.send_queued(&pending).await
@@ -547,6 +589,7 @@ impl Client {
     /// Checks that sending is allowed, then writes the message to the outbox and to history
     /// (durably) before anything goes on the network. Returns the outbox entry.
     pub fn queue(&mut self, target: &Target, text: &str) -> anyhow::Result<Pending> {
+        self.book.refresh()?;
         if let Target::Direct(id) = target
             && let Some(c) = self.book.by_id(id)
             && let Some(why) = self.blocked_reason(c)
@@ -562,6 +605,7 @@ impl Client {
             conversation: target.conversation(),
             text: text.to_owned(),
             created_ms: syncra_core::now_ms(),
+            notify: Vec::new(),
         };
         // Durable before anything else: from here on, nothing typed can be lost.
         self.outbox.put(&pending)?;
@@ -575,6 +619,7 @@ impl Client {
                 text: text.to_owned(),
                 delivery: Some(Delivery::Sending),
                 held: false,
+                event: false,
             },
         )?;
         Ok(pending)
@@ -599,16 +644,55 @@ impl Client {
     }
 
     /// Sends every outbox entry. Returns the reports of those that got a final answer.
+    ///
+    /// An entry that can never be sent (it names no conversation of ours, sealing it fails...)
+    /// is moved aside to `outbox/failed/` and marked failed in history; the entries behind it
+    /// still leave. Only a lost connection stops the drain.
     pub async fn drain_outbox(&mut self) -> anyhow::Result<Vec<SendReport>> {
         let mut done = Vec::new();
         for pending in self.outbox.list()? {
-            let report = self.deliver_pending(&pending).await?;
+            let report = match self.deliver_pending(&pending).await {
+                Ok(report) => report,
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::warn!(
+                        "outbox entry {} cannot be sent and was moved to outbox/failed: {}",
+                        pending.id,
+                        syncra_core::text::escape_untrusted(&why)
+                    );
+                    self.outbox.set_aside_entry(&pending.id, &why)?;
+                    if Target::from_conversation(&pending.conversation).is_some() {
+                        let _ = self.history.set_delivery(
+                            &pending.conversation,
+                            &pending.id,
+                            Delivery::Failed,
+                        );
+                    }
+                    done.push(SendReport {
+                        id: pending.id.clone(),
+                        state: SendState::Failed(why),
+                        outcomes: Vec::new(),
+                    });
+                    continue;
+                }
+            };
             if matches!(report.state, SendState::Queued(_)) {
                 break;
             }
             done.push(report);
         }
         Ok(done)
+    }
+
+    /// Entries moved aside because they could not be sent (`outbox/failed/`).
+    pub fn outbox_failed_len(&self) -> usize {
+        std::fs::read_dir(self.outbox.failed_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Entries waiting in the outbox.
@@ -619,6 +703,7 @@ impl Client {
     async fn recipients_for(
         &self,
         target: &Target,
+        notify: &[UserId],
     ) -> anyhow::Result<(Vec<Recipient>, Option<GroupInfo>)> {
         let session = self.require_session()?;
         match target {
@@ -647,8 +732,13 @@ impl Client {
                     .get(gid)
                     .cloned()
                     .context("the group of this outbox entry is gone")?;
+                if !group.members.contains(&self.user_id()) {
+                    bail!("you are no longer a member of @{}", group.name);
+                }
                 let mut recipients = Vec::new();
-                for member in group.members.iter().filter(|m| **m != self.user_id()) {
+                let mut everyone = group.members.clone();
+                everyone.extend(notify.iter().filter(|m| !group.members.contains(m)));
+                for member in everyone.iter().filter(|m| **m != self.user_id()) {
                     if let Some(c) = self.book.by_id(member)
                         && let Some(why) = self.blocked_reason(c)
                     {
@@ -671,6 +761,7 @@ impl Client {
                         id: group.id.clone(),
                         name: group.name.clone(),
                         members: group.members.clone(),
+                        creator: group.creator,
                     }),
                 ))
             }
@@ -695,6 +786,7 @@ impl Client {
     }
 
     async fn deliver_pending(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+        self.book.refresh()?;
         let target = Target::from_conversation(&pending.conversation)
             .context("outbox entry names an unknown conversation")?;
         let queued = |e: String| SendReport {
@@ -712,6 +804,7 @@ impl Client {
         {
             match session.lookup_handle(&contact.handle).await {
                 Ok(record) if record.user_id != contact.record.user_id => {
+                    let _lock = self.book.lock()?;
                     self.book.pin(record, false, syncra_core::now_ms());
                     self.book.save()?;
                 }
@@ -720,7 +813,7 @@ impl Client {
                 Err(_) => {}
             }
         }
-        let (recipients, group) = match self.recipients_for(&target).await {
+        let (recipients, group) = match self.recipients_for(&target, &pending.notify).await {
             Ok(r) => r,
             Err(e) => {
                 if !self.is_connected() {
@@ -779,8 +872,32 @@ impl Client {
         })
     }
 
+    /// Deliveries refused or skipped since this process started (bad, replayed messages
+    /// aside).
+    pub fn rejected_count(&self) -> u64 {
+        self.rejected
+    }
+
     /// Opens a delivery, files it in history and says what to show.
+    ///
+    /// Nothing in a delivery is trusted: a message that does not open or breaks a rule (an
+    /// invalid group id, a post from a non-member) comes back as [`Incoming::Rejected`], is
+    /// counted and changes nothing. An `Err` is a local failure (the disk), never a peer's doing.
     pub async fn receive(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
+        let incoming = self.receive_inner(envelope).await?;
+        if let Some(Incoming::Rejected { reason }) = &incoming {
+            self.rejected = self.rejected.saturating_add(1);
+            tracing::warn!(
+                "skipped a delivery: {}",
+                syncra_core::text::escape_untrusted(reason)
+            );
+        }
+        Ok(incoming)
+    }
+
+    async fn receive_inner(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
+        // Another process on this home may have changed contacts or groups since.
+        self.book.refresh()?;
         // Opened in its own scope: the opener borrows non-Send state that must not live across
         // the awaits below.
         let result = {
@@ -798,128 +915,261 @@ impl Client {
             // A repeat of something already shown (a retried send): shown once.
             Err(OpenError::Replayed) => return Ok(None),
             Err(e) => {
-                tracing::warn!("a delivery did not open: {e}");
                 return Ok(Some(Incoming::Rejected {
-                    reason: e.to_string(),
+                    reason: format!("a delivery did not open: {e}"),
                 }));
             }
         };
+        // Remembered at rest before anything else, so a replay after a restart is refused.
+        self.replay_log
+            .record(opened.sender, &opened.message_id, syncra_core::now_ms())?;
         let content = Content::decode(&opened.body);
         let id = hex_id(&opened.message_id);
         let from = opened.sender;
+        if let Some(info) = &content.group
+            && !crate::contacts::valid_group_id(&info.id)
+        {
+            return Ok(Some(Incoming::Rejected {
+                reason: format!(
+                    "a group message from {} with an invalid group id was refused",
+                    self.book.name_of(&from)
+                ),
+            }));
+        }
 
         // Who is it? Unknown senders are looked up (their id is self-certifying).
-        let mut request = false;
         if self.book.by_id(&from).is_none() {
             let record = match self.session() {
                 Some(s) => s.lookup_id(from).await.ok(),
                 None => None,
             };
-            match record {
-                Some(record) if record.identity_key == opened.sender_key => {
-                    match self.book.pin(record, true, syncra_core::now_ms()) {
-                        PinOutcome::KeyChanged(old) => {
-                            self.book.save()?;
-                            let conv = Target::Direct(from).conversation();
-                            self.history.append(
-                                &conv,
-                                &StoredMessage {
-                                    id,
-                                    sender: from,
-                                    outgoing: false,
-                                    timestamp_ms: opened.timestamp_ms,
-                                    text: content.text,
-                                    delivery: None,
-                                    held: true,
-                                },
-                            )?;
-                            return Ok(Some(Incoming::Held {
-                                handle: old.handle,
-                                from,
-                            }));
-                        }
-                        _ => {
-                            self.book.save()?;
-                            request = content.group.is_none();
-                        }
-                    }
+            if let Some(record) = record
+                && record.identity_key == opened.sender_key
+            {
+                let _lock = self.book.lock()?;
+                let outcome = self.book.pin(record, true, syncra_core::now_ms());
+                self.book.save()?;
+                if let PinOutcome::KeyChanged(old) = outcome {
+                    let conv = Target::Direct(from).conversation();
+                    self.history.append(
+                        &conv,
+                        &StoredMessage {
+                            id,
+                            sender: from,
+                            outgoing: false,
+                            timestamp_ms: opened.timestamp_ms,
+                            text: content.text,
+                            delivery: None,
+                            held: true,
+                            event: false,
+                        },
+                    )?;
+                    return Ok(Some(Incoming::Held {
+                        handle: old.handle,
+                        from,
+                    }));
                 }
-                _ => request = true,
             }
-        } else if let Some(c) = self.book.by_id(&from) {
-            request = c.request && content.group.is_none();
         }
+        let accepted = self.book.is_accepted(&from);
 
+        // A group message from someone I did not accept is a message request like any other
+        // first message: it creates no group and names no members.
+        let mut events = Vec::new();
         let target = match &content.group {
-            Some(info) => {
-                self.merge_group(info, from, opened.timestamp_ms)?;
+            Some(info) if self.book.groups.contains_key(&info.id) => {
+                let group = &self.book.groups[&info.id];
+                if !group.members.contains(&from) {
+                    return Ok(Some(Incoming::Rejected {
+                        reason: format!(
+                            "a message from {} to @{}, of which they are not a member, was refused",
+                            self.book.name_of(&from),
+                            group.name
+                        ),
+                    }));
+                }
+                if group.creator == Some(from) {
+                    events = self.apply_membership(info, from, opened.timestamp_ms)?;
+                }
                 Target::Group(info.id.clone())
             }
-            None => Target::Direct(from),
-        };
-        self.history.append(
-            &target.conversation(),
-            &StoredMessage {
-                id: id.clone(),
-                sender: from,
-                outgoing: false,
-                timestamp_ms: opened.timestamp_ms,
-                text: content.text.clone(),
-                delivery: None,
-                held: false,
+            Some(info) if accepted => match self.join_group(info, from, opened.timestamp_ms) {
+                Ok(joined) => {
+                    events = joined;
+                    Target::Group(info.id.clone())
+                }
+                Err(reason) => return Ok(Some(Incoming::Rejected { reason })),
             },
-        )?;
+            _ => Target::Direct(from),
+        };
+        let request = matches!(target, Target::Direct(_)) && !accepted;
+        let conversation = target.conversation();
+        for text in &events {
+            self.history.append(
+                &conversation,
+                &StoredMessage {
+                    id: hex_id(&new_message_id()),
+                    sender: from,
+                    outgoing: false,
+                    timestamp_ms: opened.timestamp_ms,
+                    text: text.clone(),
+                    delivery: None,
+                    held: false,
+                    event: true,
+                },
+            )?;
+        }
+        let text = match (&content.group, request) {
+            (Some(_), true) if content.text.is_empty() => "(invited you to a group)".to_owned(),
+            _ => content.text,
+        };
+        if !text.is_empty() {
+            self.history.append(
+                &conversation,
+                &StoredMessage {
+                    id: id.clone(),
+                    sender: from,
+                    outgoing: false,
+                    timestamp_ms: opened.timestamp_ms,
+                    text: text.clone(),
+                    delivery: None,
+                    held: false,
+                    event: false,
+                },
+            )?;
+        }
         Ok(Some(Incoming::Message {
             target,
             from,
             from_name: self.book.name_of(&from),
-            text: content.text,
+            text,
             timestamp_ms: opened.timestamp_ms,
             id,
             request,
+            events,
         }))
     }
 
-    /// Applies the membership carried by a group message from a member.
-    fn merge_group(&mut self, info: &GroupInfo, from: UserId, ts: u64) -> anyhow::Result<()> {
-        match self.book.groups.get_mut(&info.id) {
-            Some(g) => {
-                // Only a current member may change the list, and only forward in time.
-                if g.members.contains(&from) && ts > g.updated_ms && g.members != info.members {
-                    g.members = info.members.clone();
-                    g.name = info.name.clone();
-                    g.updated_ms = ts;
-                }
-            }
-            None => {
-                self.book.groups.insert(
-                    info.id.clone(),
-                    Group {
-                        id: info.id.clone(),
-                        name: self.unique_group_name(&info.name),
-                        members: info.members.clone(),
-                        updated_ms: ts,
-                    },
-                );
+    /// A group I do not have yet, from an accepted contact: only its creator may bring me in,
+    /// and only to a list that has me and them. Returns the events to show, or why not.
+    fn join_group(
+        &mut self,
+        info: &GroupInfo,
+        from: UserId,
+        ts: u64,
+    ) -> Result<Vec<String>, String> {
+        let _lock = self
+            .book
+            .lock()
+            .map_err(|e| format!("locking contacts: {e:#}"))?;
+        let me = self.user_id();
+        let who = self.book.name_of(&from);
+        if info.creator != Some(from) {
+            return Err(format!(
+                "a message from {who} to a group I am not in was refused: only a group's creator \
+                 can add members"
+            ));
+        }
+        if !info.members.contains(&me) || !info.members.contains(&from) {
+            return Err(format!(
+                "a group message from {who} whose member list lacks me or them was refused"
+            ));
+        }
+        let mut members = Vec::new();
+        for m in &info.members {
+            if !members.contains(m) {
+                members.push(*m);
             }
         }
-        self.book.save()
+        let name = self
+            .book
+            .unique_group_name(&crate::contacts::local_group_name(&info.name));
+        let others: Vec<String> = members
+            .iter()
+            .filter(|m| **m != from)
+            .map(|m| self.member_name(m))
+            .collect();
+        self.book.groups.insert(
+            info.id.clone(),
+            Group {
+                id: info.id.clone(),
+                name: name.clone(),
+                members,
+                updated_ms: ts,
+                creator: Some(from),
+            },
+        );
+        self.book
+            .save()
+            .map_err(|e| format!("saving groups: {e:#}"))?;
+        Ok(vec![format!(
+            "{who} created @{name} with {}",
+            others.join(", ")
+        )])
     }
 
-    fn unique_group_name(&self, name: &str) -> String {
-        let mut candidate = name.to_owned();
-        let mut n = 2;
-        while self.book.groups.values().any(|g| g.name == candidate) {
-            candidate = format!("{name}-{n}");
-            n += 1;
+    /// A member list from the group's creator: applied if newer, and every change becomes an
+    /// event ("alice added eve", "alice removed you").
+    fn apply_membership(
+        &mut self,
+        info: &GroupInfo,
+        from: UserId,
+        ts: u64,
+    ) -> anyhow::Result<Vec<String>> {
+        let _lock = self.book.lock()?;
+        let Some(group) = self.book.groups.get(&info.id) else {
+            return Ok(Vec::new());
+        };
+        if ts <= group.updated_ms || group.members == info.members {
+            return Ok(Vec::new());
         }
-        candidate
+        let old = group.members.clone();
+        let mut new = Vec::new();
+        for m in &info.members {
+            if !new.contains(m) {
+                new.push(*m);
+            }
+        }
+        let who = self.book.name_of(&from);
+        let added: Vec<String> = new
+            .iter()
+            .filter(|m| !old.contains(m))
+            .map(|m| self.member_name(m))
+            .collect();
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|m| !new.contains(m))
+            .map(|m| self.member_name(m))
+            .collect();
+        let mut events = Vec::new();
+        if !added.is_empty() {
+            events.push(format!("{who} added {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            events.push(format!("{who} removed {}", removed.join(", ")));
+        }
+        if let Some(g) = self.book.groups.get_mut(&info.id) {
+            g.members = new;
+            g.updated_ms = ts;
+        }
+        self.book.save()?;
+        Ok(events)
     }
 
-    /// Creates a group with contacts (by handle); I am a member.
+    /// A member's name in an event: `you` for me.
+    fn member_name(&self, id: &UserId) -> String {
+        if *id == self.user_id() {
+            "you".into()
+        } else {
+            self.book.name_of(id)
+        }
+    }
+
+    /// Creates a group with contacts (by handle); I am a member and its creator.
     pub fn group_create(&mut self, name: &str, members: &[String]) -> anyhow::Result<Group> {
-        if name.is_empty() || name.starts_with('@') || name.contains(char::is_whitespace) {
-            bail!("a group name must be one word without a leading @");
+        let _lock = self.book.lock()?;
+        if !crate::contacts::valid_group_name(name) {
+            bail!("a group name is one word of at most 32 letters, digits, - or _ (without the @)");
         }
         if self.book.group(name).is_some() {
             bail!("a group named {name:?} exists already");
@@ -934,33 +1184,43 @@ impl Client {
                 ids.push(c.record.user_id);
             }
         }
-        let mut gid = [0u8; 16];
-        syncra_core::crypto::fill_random(&mut gid);
         let group = Group {
-            id: HEXLOWER.encode(&gid),
+            id: crate::contacts::new_group_id(),
             name: name.to_owned(),
             members: ids,
             updated_ms: syncra_core::now_ms(),
+            creator: Some(self.user_id()),
         };
         self.book.groups.insert(group.id.clone(), group.clone());
         self.book.save()?;
         Ok(group)
     }
 
-    /// Adds or removes members. The new list travels inside the next group message; a removed
-    /// member gets no wrap for it or any later message.
+    /// Adds or removes members; only the group's creator may. The change is recorded as an
+    /// event and queued as a membership message to everyone in the old and the new list (a
+    /// removed member learns it and gets no wrap for any later message). Returns the group and
+    /// the outbox entry to send.
     pub fn group_update(
         &mut self,
         name: &str,
         add: &[String],
         remove: &[String],
-    ) -> anyhow::Result<Group> {
-        let gid = self
+    ) -> anyhow::Result<(Group, Pending)> {
+        let _lock = self.book.lock()?;
+        let group = self
             .book
             .group(name)
-            .with_context(|| format!("no group named {name:?}"))?
-            .id
+            .with_context(|| format!("no group named {name:?}; see `syncra group list`"))?
             .clone();
+        let me = self.user_id();
+        if let Some(creator) = group.creator
+            && creator != me
+        {
+            bail!(
+                "only the creator of @{name} ({}) can change its members",
+                self.book.name_of(&creator)
+            );
+        }
         let mut add_ids = Vec::new();
         for h in add {
             add_ids.push(
@@ -981,20 +1241,75 @@ impl Client {
             };
             remove_ids.push(id);
         }
-        let me = self.user_id();
-        let group = self.book.groups.get_mut(&gid).context("group vanished")?;
+        let old = group.members.clone();
+        let mut members = old.clone();
         for id in add_ids {
-            if !group.members.contains(&id) {
-                group.members.push(id);
+            if !members.contains(&id) {
+                members.push(id);
             }
         }
-        group
-            .members
-            .retain(|m| *m == me || !remove_ids.contains(m));
-        group.updated_ms = syncra_core::now_ms();
-        let g = group.clone();
+        members.retain(|m| *m == me || !remove_ids.contains(m));
+        let added: Vec<String> = members
+            .iter()
+            .filter(|m| !old.contains(m))
+            .map(|m| self.book.name_of(m))
+            .collect();
+        let removed: Vec<UserId> = old
+            .iter()
+            .filter(|m| !members.contains(m))
+            .copied()
+            .collect();
+        let mut events = Vec::new();
+        if !added.is_empty() {
+            events.push(format!("you added {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            let names: Vec<String> = removed.iter().map(|m| self.book.name_of(m)).collect();
+            events.push(format!("you removed {}", names.join(", ")));
+        }
+        if events.is_empty() {
+            bail!("nothing changed: check the member names with `syncra group list`");
+        }
+        let now = syncra_core::now_ms();
+        let g = {
+            let entry = self
+                .book
+                .groups
+                .get_mut(&group.id)
+                .context("group vanished")?;
+            entry.members = members;
+            entry.updated_ms = now;
+            if entry.creator.is_none() {
+                entry.creator = Some(me);
+            }
+            entry.clone()
+        };
         self.book.save()?;
-        Ok(g)
+        let target = Target::Group(g.id.clone());
+        for text in events {
+            self.history.append(
+                &target.conversation(),
+                &StoredMessage {
+                    id: hex_id(&new_message_id()),
+                    sender: me,
+                    outgoing: true,
+                    timestamp_ms: now,
+                    text,
+                    delivery: None,
+                    held: false,
+                    event: true,
+                },
+            )?;
+        }
+        let pending = Pending {
+            id: hex_id(&new_message_id()),
+            conversation: target.conversation(),
+            text: String::new(),
+            created_ms: now,
+            notify: removed,
+        };
+        self.outbox.put(&pending)?;
+        Ok((g, pending))
     }
 
     /// History of a conversation (visible messages only), oldest first, the last `limit`.

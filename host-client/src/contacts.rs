@@ -5,15 +5,19 @@
 //! a different id. When that happens the contact is marked `key_changed`: sending to it and
 //! showing messages from the new key are blocked until the person re-verifies.
 //!
-//! These files hold public material only; they are written atomically with mode 0600.
+//! They are the social graph, so at rest they are encrypted with the storage key like history
+//! (`contacts.sealed`, `groups.sealed`, each sealed under its own label); plaintext
+//! `contacts.json` and `groups.json` left by older versions are read once and replaced on the
+//! next save. Files are written atomically with mode 0600.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use syncra_core::crypto::keyfile::write_private;
 use syncra_core::crypto::keys::SignedPrekey;
+use syncra_core::crypto::local_box::LocalKey;
 use syncra_core::{IdentityRecord, UserId};
 
 /// A pinned contact.
@@ -38,65 +42,225 @@ pub struct Contact {
 
 /// A client-side group. The relay knows nothing of it: a group message is sealed once with one
 /// wrap per member.
+///
+/// Everything about a group that arrives from a peer is untrusted: the id must have the one
+/// format [`valid_group_id`] accepts (it becomes part of a file name), the name is only a
+/// suggestion turned into a local name ([`local_group_name`]), and the member list counts only
+/// when it comes from the group's creator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
-    /// 32 hex characters.
+    /// 32 lowercase hex characters (128 random bits, made by the creator).
     pub id: String,
-    /// Display name (unique among my groups).
+    /// My local name for it (unique among my groups); `@name` resolves by this only.
     pub name: String,
     /// Members, including me.
     pub members: Vec<UserId>,
     /// Timestamp (ms) of the membership change this list comes from; newer lists win.
     pub updated_ms: u64,
+    /// Who created it: the only one whose membership changes count. `None` for groups made
+    /// before creators were recorded: their membership changes only locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<UserId>,
+}
+
+/// Length of a group id: 128 bits as lowercase hex.
+pub const GROUP_ID_LEN: usize = 32;
+
+/// Whether `id` is a group id: exactly 32 lowercase hex characters. Anything else a peer sends
+/// as a group id is refused, so a group id is always safe inside a file name.
+pub fn valid_group_id(id: &str) -> bool {
+    id.len() == GROUP_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A fresh random group id.
+pub fn new_group_id() -> String {
+    let mut gid = [0u8; GROUP_ID_LEN / 2];
+    syncra_core::crypto::fill_random(&mut gid);
+    data_encoding::HEXLOWER.encode(&gid)
+}
+
+/// Whether `name` is acceptable as a local group name: one word of at most 32 letters, digits,
+/// `-` or `_`, not starting with `@`.
+pub fn valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A local name made from the name a peer suggested: only the characters a local name may
+/// have, at most 32, `group` if nothing is left.
+pub fn local_group_name(suggested: &str) -> String {
+    let name: String = suggested
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(24)
+        .collect();
+    if name.is_empty() {
+        "group".into()
+    } else {
+        name
+    }
 }
 
 /// Contacts and groups on disk.
+///
+/// Several processes may share one home (the TUI, `listen`, a bot, one-shot commands), so a
+/// change is made under an exclusive lock on `book.lock`, on a copy reloaded from disk just
+/// before: take [`Book::lock`], change, [`Book::save`], drop the guard. Nobody writes back a
+/// stale copy, so no process undoes another's change.
 #[derive(Debug)]
 pub struct Book {
     contacts_path: PathBuf,
     groups_path: PathBuf,
+    key: LocalKey,
     /// Contacts by user id.
     pub contacts: BTreeMap<UserId, Contact>,
     /// Groups by id.
     pub groups: BTreeMap<String, Group>,
 }
 
-fn load<T: for<'de> Deserialize<'de> + Default>(path: &PathBuf) -> anyhow::Result<T> {
+const CONTACTS_LABEL: &[u8] = b"syncra/v1/contacts";
+const GROUPS_LABEL: &[u8] = b"syncra/v1/groups";
+
+/// The plaintext file an older version kept instead of `path`.
+fn legacy_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+fn load<T: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    key: &LocalKey,
+    label: &[u8],
+) -> anyhow::Result<T> {
+    let damaged = || {
+        format!(
+            "{} is damaged (or from another identity) and was left untouched; fix or restore it",
+            path.display()
+        )
+    };
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is damaged and was left untouched; fix or restore it",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Ok(bytes) => {
+            let plain = key
+                .open(label, &bytes)
+                .map_err(|_| anyhow::anyhow!(damaged()))?;
+            serde_json::from_slice(&plain).with_context(damaged)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let legacy = legacy_path(path);
+            match std::fs::read(&legacy) {
+                Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is damaged and was left untouched; fix or restore it",
+                        legacy.display()
+                    )
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+                Err(e) => Err(e).with_context(|| format!("reading {}", legacy.display())),
+            }
+        }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
+fn save_sealed(path: &Path, key: &LocalKey, label: &[u8], json: &[u8]) -> anyhow::Result<()> {
+    write_private(path, &key.seal(label, json))?;
+    // The plaintext an older version kept goes once its sealed replacement is on disk.
+    match std::fs::remove_file(legacy_path(path)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", legacy_path(path).display())),
+    }
+}
+
+/// Holds the book's lock; dropping it releases the lock.
+#[derive(Debug)]
+#[must_use = "the lock is released when this is dropped"]
+pub struct BookLock {
+    _file: std::fs::File,
+}
+
 impl Book {
-    /// Loads both files (missing files are empty).
-    pub fn load(contacts_path: PathBuf, groups_path: PathBuf) -> anyhow::Result<Self> {
-        let contacts: Vec<Contact> = load(&contacts_path)?;
-        let groups: Vec<Group> = load(&groups_path)?;
+    /// Takes the exclusive lock shared by every process on this home (waiting for it), then
+    /// reloads both files, so what is changed next is the latest state.
+    pub fn lock(&mut self) -> anyhow::Result<BookLock> {
+        let path = self.lock_path();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let file = opts
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        self.refresh()?;
+        Ok(BookLock { _file: file })
+    }
+
+    /// Reloads both files (another process may have changed them).
+    pub fn refresh(&mut self) -> anyhow::Result<()> {
+        let fresh = Book::load(
+            self.contacts_path.clone(),
+            self.groups_path.clone(),
+            self.key.clone(),
+        )?;
+        self.contacts = fresh.contacts;
+        self.groups = fresh.groups;
+        Ok(())
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.contacts_path.with_file_name("book.lock")
+    }
+
+    /// Loads both files, sealed with `key` (missing files are empty).
+    pub fn load(
+        contacts_path: PathBuf,
+        groups_path: PathBuf,
+        key: LocalKey,
+    ) -> anyhow::Result<Self> {
+        let contacts: Vec<Contact> = load(&contacts_path, &key, CONTACTS_LABEL)?;
+        let groups: Vec<Group> = load(&groups_path, &key, GROUPS_LABEL)?;
         Ok(Book {
             contacts: contacts
                 .into_iter()
                 .map(|c| (c.record.user_id, c))
                 .collect(),
-            groups: groups.into_iter().map(|g| (g.id.clone(), g)).collect(),
+            groups: groups
+                .into_iter()
+                .filter(|g| {
+                    // Left by an older version that trusted peers' group ids: never used.
+                    let ok = valid_group_id(&g.id);
+                    if !ok {
+                        tracing::warn!(
+                            "ignoring a group with an invalid id ({}) in the groups file",
+                            syncra_core::text::escape_untrusted(&g.id)
+                        );
+                    }
+                    ok
+                })
+                .map(|g| (g.id.clone(), g))
+                .collect(),
             contacts_path,
             groups_path,
+            key,
         })
     }
 
     /// Saves both files.
     pub fn save(&self) -> anyhow::Result<()> {
         let contacts: Vec<&Contact> = self.contacts.values().collect();
-        write_private(&self.contacts_path, &serde_json::to_vec_pretty(&contacts)?)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&contacts)?);
+        save_sealed(&self.contacts_path, &self.key, CONTACTS_LABEL, &json)?;
         let groups: Vec<&Group> = self.groups.values().collect();
-        write_private(&self.groups_path, &serde_json::to_vec_pretty(&groups)?)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&groups)?);
+        save_sealed(&self.groups_path, &self.key, GROUPS_LABEL, &json)?;
         Ok(())
     }
 
@@ -111,11 +275,28 @@ impl Book {
         self.contacts.get(id)
     }
 
-    /// A group by name or id.
-    pub fn group(&self, name_or_id: &str) -> Option<&Group> {
-        self.groups
-            .get(name_or_id)
-            .or_else(|| self.groups.values().find(|g| g.name == name_or_id))
+    /// A group by my local name. Never by id: ids are chosen by others, names are mine.
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.values().find(|g| g.name == name)
+    }
+
+    /// A local group name like `name` that none of my groups has yet (`name-2`, `name-3`...).
+    pub fn unique_group_name(&self, name: &str) -> String {
+        let mut candidate = name.to_owned();
+        let mut n = 2;
+        while self.group(&candidate).is_some() {
+            candidate = format!("{name}-{n}");
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Whether `id` is a contact I accepted: added by me (or verified), not a message request,
+    /// not blocked by a key change.
+    pub fn is_accepted(&self, id: &UserId) -> bool {
+        self.contacts
+            .get(id)
+            .is_some_and(|c| !c.request && c.key_changed.is_none())
     }
 
     /// The identity key pinned for a user id (for the envelope's pinned-key check).
@@ -201,4 +382,34 @@ pub enum PinOutcome {
     Unchanged,
     /// The handle is pinned to another identity; the contact is now blocked until re-verified.
     KeyChanged(Box<Contact>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_have_one_format() {
+        for (id, ok) in [
+            ("0123456789abcdef0123456789abcdef", true),
+            ("0123456789ABCDEF0123456789abcdef", false),
+            ("ops", false),
+            ("../../../etc/passwd", false),
+            ("0123456789abcdef0123456789abcde/", false),
+            ("0123456789abcdef0123456789abcde\0", false),
+            ("", false),
+        ] {
+            assert_eq!(valid_group_id(id), ok, "{id:?}");
+        }
+        assert!(!valid_group_id(&"a".repeat(300)));
+        assert!(valid_group_id(&new_group_id()));
+    }
+
+    #[test]
+    fn peers_suggest_names_they_do_not_set_them() {
+        assert_eq!(local_group_name("team"), "team");
+        assert_eq!(local_group_name("../\n\u{1b}[2Kx"), "2Kx");
+        assert_eq!(local_group_name("\u{202e}"), "group");
+        assert_eq!(local_group_name(&"a".repeat(300)).len(), 24);
+    }
 }

@@ -67,6 +67,9 @@ pub struct StoredMessage {
     /// Held because the sender's key changed; shown only after re-verification.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+    /// A group event (a membership change), not something someone wrote: `text` describes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub event: bool,
 }
 
 /// One line of a log.
@@ -100,8 +103,22 @@ impl History {
         History { dir, key, fsync }
     }
 
-    fn path(&self, conversation: &str) -> PathBuf {
-        self.dir.join(format!("{conversation}.log"))
+    /// The log of a conversation. The name becomes a file name, so it must be one of ours (a
+    /// user id or `group-<id>`: lowercase letters, digits and `-`, at most 64); anything else
+    /// is refused rather than used.
+    fn path(&self, conversation: &str) -> anyhow::Result<PathBuf> {
+        let safe = !conversation.is_empty()
+            && conversation.len() <= 64
+            && conversation
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !safe {
+            anyhow::bail!(
+                "refusing a conversation name that is not a file name of ours: {}",
+                syncra_core::text::escape_untrusted(conversation)
+            );
+        }
+        Ok(self.dir.join(format!("{conversation}.log")))
     }
 
     fn label(conversation: &str) -> Vec<u8> {
@@ -113,7 +130,7 @@ impl History {
         let sealed = self.key.seal(&Self::label(conversation), &json);
         let mut line = BASE64.encode(&sealed);
         line.push('\n');
-        let path = self.path(conversation);
+        let path = self.path(conversation)?;
         let mut opts = std::fs::OpenOptions::new();
         opts.create(true).append(true);
         #[cfg(unix)]
@@ -158,7 +175,7 @@ impl History {
     /// Reads a conversation, oldest first, with delivery updates applied and duplicates (same
     /// message id) shown once.
     pub fn read(&self, conversation: &str) -> anyhow::Result<(Vec<StoredMessage>, ReadReport)> {
-        let path = self.path(conversation);
+        let path = self.path(conversation)?;
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -248,6 +265,7 @@ mod tests {
             text: text.into(),
             delivery: Some(Delivery::Sending),
             held: false,
+            event: false,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct Settings {
     pub handle: Option<String>,
     /// A PEM file of CA certificates to trust for the relay instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Allow plaintext `ws://` to a relay that is not on this machine (labs only; a warning
+    /// is printed on every connection). Loopback `ws://` is always allowed.
+    pub insecure_plaintext: bool,
     /// When history writes reach the disk.
     pub fsync: FsyncPolicy,
     /// Days between prekey rotations.
@@ -58,6 +61,7 @@ impl Default for Settings {
             relay_id: None,
             handle: None,
             ca_file: None,
+            insecure_plaintext: false,
             fsync: FsyncPolicy::Always,
             prekey_rotation_days: 7,
             prekey_grace_days: 7,
@@ -107,14 +111,14 @@ impl Home {
         self.root.join("settings.toml")
     }
 
-    /// The contacts file.
+    /// The contacts file (encrypted; older versions kept a plaintext `contacts.json`).
     pub fn contacts_file(&self) -> PathBuf {
-        self.root.join("contacts.json")
+        self.root.join("contacts.sealed")
     }
 
-    /// The groups file.
+    /// The groups file (encrypted; older versions kept a plaintext `groups.json`).
     pub fn groups_file(&self) -> PathBuf {
-        self.root.join("groups.json")
+        self.root.join("groups.sealed")
     }
 
     /// The chat logs directory.

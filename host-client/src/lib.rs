@@ -20,6 +20,7 @@ pub mod line_ui;
 pub mod message;
 pub mod net;
 pub mod outbox;
+pub mod replay;
 
 pub use client::{Client, Incoming, InitOptions, SendReport, SendState, Target};
 pub use home::Home;

@@ -9,6 +9,7 @@ use std::io::{BufRead, Write};
 
 use async_trait::async_trait;
 use syncra_core::error::Error;
+use syncra_core::text::escape_untrusted;
 use syncra_core::ui::{
     AppEvent, ConnectionState, ConversationId, ConversationSummary, Secret, UiFrontend, UserAction,
 };
@@ -37,15 +38,18 @@ struct State {
     conversations: Vec<ConversationSummary>,
 }
 
+/// Prints one line. Everything printed passes through here and is made inert first: a peer's
+/// text, handle or group name (and any error that quotes one) cannot start a line of its own,
+/// overwrite the screen or set the window title.
 fn say(text: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
+    let _ = writeln!(out, "{}", escape_untrusted(text));
     let _ = out.flush();
 }
 
 fn prompt(text: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = write!(out, "{text}");
+    let _ = write!(out, "{}", escape_untrusted(text));
     let _ = out.flush();
 }
 

@@ -31,6 +31,10 @@ struct Cli {
     /// With no command: use the line-mode interface instead of the full-screen one.
     #[arg(long)]
     line: bool,
+    /// Allow plaintext ws:// to a relay that is not on this machine (labs only; warns on every
+    /// connection). Without it, ws:// is refused unless the host is localhost, 127.0.0.0/8 or ::1.
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,7 +45,7 @@ enum Command {
     Init,
     /// Register this identity on a relay under a handle.
     Register {
-        /// The relay URL, e.g. ws://127.0.0.1:7443/ or wss://relay.example/.
+        /// The relay URL: wss://relay.example/, or ws:// to this machine (ws://127.0.0.1:7443/).
         #[arg(long)]
         relay: String,
         /// The handle to register (3-32 of a-z, 0-9, _; starting with a letter).
@@ -182,7 +186,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                syncra_core::text::escape_untrusted(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -200,7 +207,11 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
     let home = Home::from_env()?;
     home.require_identity()?;
     let pass = passphrase(&cli.passphrase_file, "Passphrase: ", false)?;
-    Client::open(home, &pass)
+    let mut client = Client::open(home, &pass)?;
+    if cli.insecure_plaintext {
+        client.allow_insecure_plaintext();
+    }
+    Ok(client)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -334,11 +345,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     4
                 }
                 SendState::Queued(why) => {
-                    println!("queued: {why}; it will be sent on the next connection");
+                    println!(
+                        "queued: {}; it will be sent on the next connection",
+                        escape(why)
+                    );
                     3
                 }
                 SendState::Failed(why) => {
-                    println!("failed: {why}");
+                    println!("failed: {}", escape(why));
                     1
                 }
             };
@@ -353,7 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for m in client.history_of(with, *limit)? {
                 let who = client.name_of(&m.sender);
                 if *json {
-                    println!("{}", message_json(&client, &m));
+                    print_json(&message_json(&client, &m));
                 } else {
                     let mark = match m.delivery {
                         Some(d) => {
@@ -361,14 +375,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                         None => String::new(),
                     };
-                    println!("{} {who}: {}{mark}", format_time(m.timestamp_ms), m.text);
+                    let (who, text) = (escape(&who), escape(&m.text));
+                    if m.event {
+                        println!("{} * {text}", format_time(m.timestamp_ms));
+                    } else {
+                        println!("{} {who}: {text}{mark}", format_time(m.timestamp_ms));
+                    }
                 }
             }
         }
         Command::Export { with } => {
             let client = open(&cli).await?;
             for m in client.history_of(with, None)? {
-                println!("{}", message_json(&client, &m));
+                print_json(&message_json(&client, &m));
             }
         }
         Command::Group { command } => {
@@ -379,22 +398,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("created @{} with {} members", g.name, g.members.len());
                 }
                 GroupCommand::Add { name, members } => {
-                    let g = client.group_update(name, members, &[])?;
+                    let (g, pending) = client.group_update(name, members, &[])?;
                     println!("@{} now has {} members", g.name, g.members.len());
+                    announce(&mut client, &pending).await;
                 }
                 GroupCommand::Remove { name, members } => {
-                    let g = client.group_update(name, &[], members)?;
+                    let (g, pending) = client.group_update(name, &[], members)?;
                     println!(
                         "@{} now has {} members; removed members get no key for later messages",
                         g.name,
                         g.members.len()
                     );
+                    announce(&mut client, &pending).await;
                 }
                 GroupCommand::List => {
                     for g in client.book().groups.values() {
                         let names: Vec<String> =
                             g.members.iter().map(|m| client.name_of(m)).collect();
-                        println!("@{}\t{}", g.name, names.join(", "));
+                        let creator = g
+                            .creator
+                            .map(|c| client.name_of(&c))
+                            .unwrap_or_else(|| "?".into());
+                        println!(
+                            "@{}\t{}\tcreated by {}",
+                            g.name,
+                            escape(&names.join(", ")),
+                            escape(&creator)
+                        );
                     }
                 }
             }
@@ -452,11 +482,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("relay:       {}", s.relay.as_deref().unwrap_or("(none)"));
             println!("contacts:    {}", client.book().contacts.len());
             println!("groups:      {}", client.book().groups.len());
-            println!("outbox:      {} waiting", client.outbox_len());
+            println!(
+                "outbox:      {} waiting, {} set aside in {}",
+                client.outbox_len(),
+                client.outbox_failed_len(),
+                client.home().outbox_dir().join("failed").display()
+            );
             if s.relay.is_some() {
                 match client.connect().await {
                     Ok(()) => println!("connection:  ok"),
-                    Err(e) => println!("connection:  {e}"),
+                    Err(e) => println!("connection:  {}", escape(&e.to_string())),
                 }
                 client.disconnect().await;
             }
@@ -488,7 +523,14 @@ async fn interactive(cli: &Cli) -> anyhow::Result<ExitCode> {
                 home.settings_file().display()
             );
         };
-    syncra_client::app::run(home, frontend).await?;
+    syncra_client::app::run(
+        home,
+        frontend,
+        syncra_client::app::Options {
+            insecure_plaintext: cli.insecure_plaintext,
+        },
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -508,7 +550,38 @@ fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> s
         "timestamp_ms": m.timestamp_ms,
         "text": m.text,
         "delivery": m.delivery,
+        "event": m.event,
     })
+}
+
+/// Peer-controlled text for a terminal: control and bidi characters shown, never executed.
+fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    syncra_core::text::escape_untrusted(text)
+}
+
+/// One JSON line on stdout: exact JSON, and inert on a terminal.
+fn print_json(value: &serde_json::Value) {
+    println!("{}", syncra_core::text::json_inert(&value.to_string()));
+}
+
+/// Sends a membership change now if the relay can be reached; else it waits in the outbox.
+async fn announce(client: &mut Client, pending: &syncra_client::outbox::Pending) {
+    match client.send_queued(pending).await {
+        Ok(report) => match report.state {
+            SendState::Delivered | SendState::Offline | SendState::Stored => {
+                println!("members were told");
+            }
+            SendState::Queued(why) => {
+                println!(
+                    "queued: {}; members are told on the next connection",
+                    escape(&why)
+                )
+            }
+            SendState::Failed(why) => println!("telling members failed: {}", escape(&why)),
+        },
+        Err(e) => println!("telling members failed: {}", escape(&format!("{e:#}"))),
+    }
+    client.disconnect().await;
 }
 
 fn format_time(ms: u64) -> String {
@@ -531,22 +604,28 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
             }
             ServeEvent::Disconnected { reason, retry_in } => {
                 eprintln!(
-                    "disconnected: {reason}; retrying in {:.1}s",
+                    "disconnected: {}; retrying in {:.1}s",
+                    escape(&reason),
                     retry_in.as_secs_f64()
                 );
                 continue;
             }
-            ServeEvent::Push(Push::Deliver(envelope)) => match client.receive(&envelope).await? {
-                None => continue,
-                Some(incoming) => incoming_json(client, incoming),
-            },
+            ServeEvent::Push(Push::Deliver(envelope)) => {
+                match file_delivery(client, &envelope).await? {
+                    (_, Some(line)) => line,
+                    (_, None) => continue,
+                }
+            }
             ServeEvent::Push(Push::Pending(entry, envelope)) => {
-                // Acknowledged once handled (in the history, or refused), never before.
-                let received = client.receive(&envelope).await;
-                client.acknowledge(entry).await;
-                match received? {
+                let (handled, line) = file_delivery(client, &envelope).await?;
+                // Acknowledged once handled (in the history, or refused), never before: an
+                // entry that could not be filed (the disk) comes again at the next login.
+                if handled {
+                    client.acknowledge(entry).await;
+                }
+                match line {
+                    Some(line) => line,
                     None => continue,
-                    Some(incoming) => incoming_json(client, incoming),
                 }
             }
             // How many messages waited while this user was away (after them, live traffic).
@@ -559,13 +638,43 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
             }),
         };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")?;
+        writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
         out.flush()?;
     }
     Ok(())
 }
 
-fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
+/// Files one delivery and prints what it shows. Returns whether it was handled (in the history,
+/// or refused as a bad message) and the line to print when there is one more (a local failure
+/// is reported as an `error` line and not handled).
+async fn file_delivery(
+    client: &mut Client,
+    envelope: &bytes::Bytes,
+) -> anyhow::Result<(bool, Option<serde_json::Value>)> {
+    use std::io::Write;
+    match client.receive(envelope).await {
+        Ok(None) => Ok((true, None)),
+        Ok(Some(incoming)) => {
+            let lines = incoming_json(client, incoming);
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
+            }
+            out.flush()?;
+            Ok((true, None))
+        }
+        // A local failure (the disk): reported, and the listener keeps going.
+        Err(e) => Ok((
+            false,
+            Some(json!({
+                "type": "error",
+                "message": format!("a delivery could not be filed: {e:#}"),
+            })),
+        )),
+    }
+}
+
+fn incoming_json(client: &Client, incoming: Incoming) -> Vec<serde_json::Value> {
     match incoming {
         Incoming::Message {
             target,
@@ -575,22 +684,44 @@ fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
             timestamp_ms,
             id,
             request,
+            events,
         } => {
-            let group = match &target {
-                Target::Group(g) => client.book().groups.get(g).map(|g| g.name.clone()),
-                Target::Direct(_) => None,
+            let (group, group_id) = match &target {
+                Target::Group(g) => (
+                    client.book().groups.get(g).map(|g| g.name.clone()),
+                    Some(g.clone()),
+                ),
+                Target::Direct(_) => (None, None),
             };
-            json!({
-                "type": if request { "request" } else { "message" },
-                "id": id,
-                "from": from.to_string(),
-                "from_handle": from_name,
-                "group": group,
-                "timestamp_ms": timestamp_ms,
-                "text": text,
-            })
+            let mut lines: Vec<serde_json::Value> = events
+                .into_iter()
+                .map(|event| {
+                    json!({
+                        "type": "group_event",
+                        "from": from.to_string(),
+                        "from_handle": from_name,
+                        "group": group,
+                        "group_id": group_id,
+                        "timestamp_ms": timestamp_ms,
+                        "text": event,
+                    })
+                })
+                .collect();
+            if !text.is_empty() {
+                lines.push(json!({
+                    "type": if request { "request" } else { "message" },
+                    "id": id,
+                    "from": from.to_string(),
+                    "from_handle": from_name,
+                    "group": group,
+                    "group_id": group_id,
+                    "timestamp_ms": timestamp_ms,
+                    "text": text,
+                }));
+            }
+            lines
         }
-        Incoming::Held { handle, from } => json!({
+        Incoming::Held { handle, from } => vec![json!({
             "type": "held",
             "from": from.to_string(),
             "from_handle": handle,
@@ -598,8 +729,12 @@ fn incoming_json(client: &Client, incoming: Incoming) -> serde_json::Value {
                 "the identity key of {handle} changed; the message is held until you run \
                  `syncra verify {handle}` and mark it verified"
             ),
-        }),
-        Incoming::Rejected { reason } => json!({ "type": "rejected", "reason": reason }),
-        Incoming::Notice(message) => json!({ "type": "notice", "message": message }),
+        })],
+        Incoming::Rejected { reason } => vec![json!({
+            "type": "rejected",
+            "reason": reason,
+            "count": client.rejected_count(),
+        })],
+        Incoming::Notice(message) => vec![json!({ "type": "notice", "message": message })],
     }
 }

@@ -1,8 +1,10 @@
 //! What travels inside an envelope body: a small, versioned JSON document.
 //!
-//! The relay never sees it (it is the plaintext). Group messages carry the group id, name and
-//! member list so members converge on who is in the group; a member who is not in the list of a
-//! newer message has been removed.
+//! The relay never sees it (it is the plaintext). Group messages carry the group id, name,
+//! creator and member list. A receiver takes the member list only from the group's creator (a
+//! member who is not in the creator's newer list has been removed) and treats every field as
+//! untrusted input (`crate::contacts::valid_group_id`). A group message with an empty text
+//! carries only a membership change.
 
 use serde::{Deserialize, Serialize};
 use syncra_core::UserId;
@@ -30,6 +32,9 @@ pub struct GroupInfo {
     pub name: String,
     /// Every member, including the sender.
     pub members: Vec<UserId>,
+    /// Who created the group; only the creator's member lists count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<UserId>,
 }
 
 impl Content {

@@ -45,6 +45,16 @@ pub enum NetError {
     /// The relay sent something that makes no sense here.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A plaintext `ws://` URL for a host that is not this machine.
+    #[error(
+        "refusing plaintext ws:// to {host}: anyone on the path could read and replay the \
+         session (its resume token included). Use wss://{host}/ (TLS); for a lab network only, \
+         allow plaintext with --insecure-plaintext or insecure_plaintext = true in settings.toml"
+    )]
+    Plaintext {
+        /// The host as written in the URL (escaped for display).
+        host: String,
+    },
     /// The server's challenge names another relay than the one this identity registered
     /// with: it may be passing another relay's challenge on to obtain a login proof.
     #[error(
@@ -65,6 +75,7 @@ impl NetError {
     /// Whether trying again later might work (as opposed to a refusal).
     pub fn is_transient(&self) -> bool {
         matches!(self, NetError::Unreachable(_) | NetError::Disconnected)
+            && !matches!(self, NetError::Plaintext { .. })
             || matches!(
                 self,
                 NetError::Refused {
@@ -145,6 +156,55 @@ pub fn transport(ca_file: Option<std::path::PathBuf>) -> Result<Arc<WsTransport>
     .map_err(|e| NetError::Unreachable(e.to_string()))
 }
 
+/// The host part of a `ws://` URL, as written (brackets of an IPv6 literal removed); `None`
+/// for any other scheme.
+fn plaintext_host(url: &str) -> Option<&str> {
+    let scheme_end = url.find("://")?;
+    if !url[..scheme_end].eq_ignore_ascii_case("ws") {
+        return None;
+    }
+    let rest = &url[scheme_end + 3..];
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    if let Some(v6) = host_port.strip_prefix('[') {
+        return Some(v6.split(']').next().unwrap_or(""));
+    }
+    Some(host_port.split(':').next().unwrap_or(""))
+}
+
+/// Whether `host` is literally this machine: `localhost`, 127.0.0.0/8 or ::1. Decided from the
+/// text alone, before any name is resolved (a name that resolves to loopback today may not
+/// tomorrow).
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses a plaintext `ws://` URL unless its host is loopback or `insecure` allows it (then
+/// warns, every time). Runs before anything is dialled or resolved.
+pub fn check_plaintext(url: &str, insecure: bool) -> Result<(), NetError> {
+    let Some(host) = plaintext_host(url) else {
+        return Ok(());
+    };
+    if is_loopback_host(host) {
+        return Ok(());
+    }
+    let host = syncra_core::text::escape_untrusted(host).into_owned();
+    if insecure {
+        tracing::warn!(
+            "WARNING: connecting to {host} over plaintext ws:// (--insecure-plaintext): anyone on \
+             the path can read and replay this session; use wss:// outside a lab"
+        );
+        return Ok(());
+    }
+    Err(NetError::Plaintext { host })
+}
+
 /// Where and as whom to connect.
 #[derive(Clone, Copy, Debug)]
 pub struct Dial<'a> {
@@ -156,6 +216,8 @@ pub struct Dial<'a> {
     pub relay_id: Option<&'a str>,
     /// The identity.
     pub identity: &'a IdentityKeyPair,
+    /// Allow plaintext `ws://` to a host that is not loopback (labs only).
+    pub insecure_plaintext: bool,
 }
 
 /// Refuses a challenge for a relay other than the pinned one.
@@ -198,7 +260,9 @@ impl Session {
             url,
             relay_id: pinned,
             identity,
+            insecure_plaintext,
         } = dial;
+        check_plaintext(url, insecure_plaintext)?;
         let conn = transport
             .connect(url)
             .await
@@ -584,6 +648,36 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 #[cfg(test)]
+mod plaintext_tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_only_to_loopback_decided_from_the_text() {
+        for (url, ok) in [
+            ("ws://127.0.0.1:7443/", true),
+            ("ws://127.9.8.7/", true),
+            ("ws://[::1]:7443/", true),
+            ("ws://localhost:7443/", true),
+            ("WS://LOCALHOST/", true),
+            ("wss://relay.example/", true),
+            ("ws://relay.example/", false),
+            ("ws://10.0.0.1:7443/", false),
+            ("ws://localhost.evil.example/", false),
+            ("ws://127.0.0.1.nip.io/", false),
+            ("ws://127.0.0.1@relay.example/", false),
+            ("ws://[::ffff:127.0.0.1]/", false),
+            ("ws://0.0.0.0/", false),
+        ] {
+            assert_eq!(check_plaintext(url, false).is_ok(), ok, "{url}");
+        }
+        let e = check_plaintext("ws://relay.example:80/", false).unwrap_err();
+        assert!(e.to_string().contains("wss://relay.example/"), "{e}");
+        assert!(!e.is_transient());
+        assert!(check_plaintext("ws://relay.example/", true).is_ok());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -623,7 +717,8 @@ impl Probe {
 
 /// Connects to a relay without logging in: reads its challenge and, if asked, whether a handle
 /// is free (handle lookups are allowed before login).
-pub async fn probe(url: &str, handle: Option<&str>) -> Result<Probe, NetError> {
+pub async fn probe(url: &str, handle: Option<&str>, insecure: bool) -> Result<Probe, NetError> {
+    check_plaintext(url, insecure)?;
     tokio::time::timeout(CONNECT_TIMEOUT, probe_inner(url, handle))
         .await
         .map_err(|_| NetError::Unreachable("the relay did not answer in time".into()))?

@@ -2,171 +2,14 @@
 //! their own temporary SYNCRA_HOME.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{PASS, User, syncra};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::RelayProcess;
-
-const PASS: &str = "correct horse battery staple";
-
-struct User {
-    home: PathBuf,
-    handle: String,
-}
-
-struct Listener {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Listener {
-    /// Waits for a message with this text, skipping others.
-    fn expect_text(&self, text: &str) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no message {text:?} in time"));
-            if line["text"] == text {
-                return line;
-            }
-        }
-    }
-
-    fn expect_nothing_for(&self, d: Duration) {
-        if let Ok(line) = self.lines.recv_timeout(d) {
-            panic!("unexpected line: {line}");
-        }
-    }
-}
-
-fn syncra() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_syncra"));
-    c.env_remove("SYNCRA_HOME")
-        .env_remove("SYNCRA_PASSPHRASE")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    c
-}
-
-impl User {
-    fn new(root: &std::path::Path, handle: &str) -> User {
-        User {
-            home: root.join(handle),
-            handle: handle.to_owned(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = syncra();
-        c.env("SYNCRA_HOME", &self.home)
-            .env("SYNCRA_PASSPHRASE", PASS)
-            .args(args);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run syncra")
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "syncra {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs and expects failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "syncra {args:?} should have failed:\nstdout: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn send(&self, to: &str, text: &str) -> (i32, String) {
-        let out = self.run(&["send", to, text]);
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    }
-
-    fn onboard(&self, relay: &str) {
-        self.ok(&["init"]);
-        self.ok(&["register", "--relay", relay, "--handle", &self.handle]);
-    }
-
-    fn listen(&self) -> Listener {
-        let mut child = self
-            .cmd(&["listen"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn syncra listen");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("listen printed a non-JSON line {line:?}: {e}"));
-                if tx.send(value).is_err() {
-                    return;
-                }
-            }
-        });
-        // Wait until it is connected: it says so on stderr.
-        let stderr = child.stderr.take().expect("stderr");
-        let (ctx, crx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = ctx.send(line);
-            }
-        });
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match crx.recv_timeout(left) {
-                Ok(line) if line.contains("connected") && !line.contains("dis") => break,
-                Ok(_) => continue,
-                Err(_) => panic!("syncra listen did not connect in time"),
-            }
-        }
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || while crx.recv().is_ok() {});
-        Listener { child, lines: rx }
-    }
-
-    fn history_json(&self, with: &str) -> Vec<serde_json::Value> {
-        self.ok(&["history", with, "--json"])
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("history JSON line"))
-            .collect()
-    }
-}
 
 #[test]
 fn two_people_chat_through_a_real_relay() {
@@ -396,6 +239,9 @@ fn a_group_of_three_and_a_removed_member() {
     }
     alice.ok(&["contact", "add", "bob"]);
     alice.ok(&["contact", "add", "carol"]);
+    // A group invitation from someone who is not a contact would be a message request.
+    bob.ok(&["contact", "add", "alice"]);
+    carol.ok(&["contact", "add", "alice"]);
     alice.ok(&["group", "create", "trio", "bob", "carol"]);
     let al = alice.listen();
     let bl = bob.listen();
@@ -413,6 +259,12 @@ fn a_group_of_three_and_a_removed_member() {
     al.expect_text("bob here");
 
     alice.ok(&["group", "remove", "trio", "carol"]);
+    // Both learn it: the removal is an event for every member, the removed one included.
+    // (Bob has no contact for carol: he sees her short id.)
+    for (l, text) in [(&bl, "alice removed "), (&cl, "alice removed you")] {
+        let e = l.expect("the removal", |l| l["type"] == "group_event");
+        assert!(e["text"].as_str().unwrap().starts_with(text), "{e}");
+    }
     assert_eq!(alice.send("@trio", "carol is gone").0, 0);
     bl.expect_text("carol is gone");
     // Carol gets nothing for it: she has no wrap, so there is nothing she could open.

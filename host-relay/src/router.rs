@@ -537,7 +537,7 @@ mod tests {
         };
         let forged_record = syncra_core::wire::Frame::SendResult {
             request_id: 1,
-            message_id: [0; 16].into(),
+            message_id: [0; 16],
             outcomes: vec![],
         }
         .encode();

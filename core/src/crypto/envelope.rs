@@ -527,6 +527,12 @@ impl ReplayGuard {
         self.seen.len()
     }
 
+    /// Every remembered message as `(seen_at_ms, sender, id)`, oldest first: what a client
+    /// persists so a replay is still refused after a restart.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, UserId, MessageId)> + '_ {
+        self.order.iter().copied()
+    }
+
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()

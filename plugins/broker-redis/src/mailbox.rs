@@ -97,7 +97,10 @@ fn usage_key(user: &UserId) -> String {
 
 impl RedisMailbox {
     /// Connects (once, at start: a wrong address fails the start).
-    pub async fn connect(config: &RedisConfig, limits: MailboxLimits) -> Result<Self, MailboxError> {
+    pub async fn connect(
+        config: &RedisConfig,
+        limits: MailboxLimits,
+    ) -> Result<Self, MailboxError> {
         let location = redacted_url(&config.url);
         let client = Client::open(config.url.as_str()).map_err(|e| {
             MailboxError::Unavailable(format!("{location} is not a Redis URL: {e}"))
@@ -118,7 +121,10 @@ impl RedisMailbox {
     }
 
     fn unavailable(&self, action: &str, e: impl std::fmt::Display) -> MailboxError {
-        MailboxError::Unavailable(format!("mailbox at {}: {action} failed: {e}", self.location))
+        MailboxError::Unavailable(format!(
+            "mailbox at {}: {action} failed: {e}",
+            self.location
+        ))
     }
 
     /// The connection, made again after a failure.
@@ -351,13 +357,14 @@ impl Mailbox for RedisMailbox {
 pub fn register(kinds: &mut Kinds<Arc<dyn Mailbox>, MailboxLimits>) -> Result<(), PluginError> {
     kinds.register(KIND, |config, limits| async move {
         let config: RedisConfig = typed_config("mailbox", KIND, config)?;
-        let mailbox = RedisMailbox::connect(&config, limits)
-            .await
-            .map_err(|e| PluginError::Start {
-                category: "mailbox",
-                kind: KIND.to_owned(),
-                message: e.to_string(),
-            })?;
+        let mailbox =
+            RedisMailbox::connect(&config, limits)
+                .await
+                .map_err(|e| PluginError::Start {
+                    category: "mailbox",
+                    kind: KIND.to_owned(),
+                    message: e.to_string(),
+                })?;
         Ok(Arc::new(mailbox) as Arc<dyn Mailbox>)
     })
 }

@@ -27,16 +27,16 @@ async fn redis_broker_conforms() {
 /// server as a cluster shares one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_mailbox_conforms() {
-    let server = syncra_test_support::servers::RedisServer::start();
-    let config = syncra_broker_redis::RedisConfig::new(server.url());
+    let server = RedisServer::start();
+    let config = RedisConfig::new(server.url());
     syncra_test_support::mailbox_conformance(|limits| {
         let config = config.clone();
         async move {
-            std::sync::Arc::new(
+            Arc::new(
                 syncra_broker_redis::mailbox::RedisMailbox::connect(&config, limits)
                     .await
                     .unwrap(),
-            ) as std::sync::Arc<dyn syncra_core::Mailbox>
+            ) as Arc<dyn syncra_core::Mailbox>
         }
     })
     .await;

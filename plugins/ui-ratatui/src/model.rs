@@ -305,7 +305,7 @@ impl Model {
     }
 
     fn on_app(&mut self, event: AppEvent) -> Vec<UserAction> {
-        match event {
+        match inert(event) {
             AppEvent::Onboarding { default_relay } => {
                 let mut relay = text_area("ws://127.0.0.1:7443/");
                 relay.insert_str(&default_relay);
@@ -1071,5 +1071,88 @@ pub fn delivery_mark(state: Option<DeliveryState>) -> &'static str {
         Some(DeliveryState::Stored) => "◷ held for them",
         Some(DeliveryState::Failed) => "✗ failed",
         None => "",
+    }
+}
+
+/// Makes untrusted text inert.
+fn clean(text: String) -> String {
+    match syncra_core::text::escape_untrusted(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(escaped) => escaped,
+    }
+}
+
+fn clean_line(mut line: ChatLine) -> ChatLine {
+    line.text = clean(line.text);
+    line.sender_name = line.sender_name.map(clean);
+    line
+}
+
+/// The event with every text in it that a peer, the relay or a plugin may have chosen
+/// (messages, handles, conversation names, previews, command help, errors) made inert: control
+/// and bidi characters are shown escaped, so nothing a peer sends reaches the terminal as a
+/// command. Done once, where events enter the model, so no view can forget it.
+fn inert(event: AppEvent) -> AppEvent {
+    match event {
+        AppEvent::Locked { user_id, handle } => AppEvent::Locked {
+            user_id,
+            handle: handle.map(clean),
+        },
+        AppEvent::UnlockFailed(why) => AppEvent::UnlockFailed(clean(why)),
+        AppEvent::OnboardingFailed(why) => AppEvent::OnboardingFailed(clean(why)),
+        AppEvent::RelayCheck { url, result } => AppEvent::RelayCheck {
+            url: clean(url),
+            result: result.map(clean).map_err(clean),
+        },
+        AppEvent::Ready(mut me) => {
+            me.handle = me.handle.map(clean);
+            me.relay = me.relay.map(clean);
+            AppEvent::Ready(me)
+        }
+        AppEvent::Commands(list) => AppEvent::Commands(
+            list.into_iter()
+                .map(|mut c| {
+                    c.name = clean(c.name);
+                    c.help = clean(c.help);
+                    c
+                })
+                .collect(),
+        ),
+        AppEvent::Connection(ConnectionState::Offline {
+            retry_in_secs,
+            reason,
+        }) => AppEvent::Connection(ConnectionState::Offline {
+            retry_in_secs,
+            reason: clean(reason),
+        }),
+        AppEvent::Conversations(list) => AppEvent::Conversations(
+            list.into_iter()
+                .map(|mut c| {
+                    c.name = clean(c.name);
+                    c.last_preview = c.last_preview.map(clean);
+                    c
+                })
+                .collect(),
+        ),
+        AppEvent::History {
+            conversation,
+            lines,
+        } => AppEvent::History {
+            conversation,
+            lines: lines.into_iter().map(clean_line).collect(),
+        },
+        AppEvent::Message(line) => AppEvent::Message(clean_line(line)),
+        AppEvent::KeyChanged { contact, handle } => AppEvent::KeyChanged {
+            contact,
+            handle: clean(handle),
+        },
+        AppEvent::HandleAvailability { handle, available } => AppEvent::HandleAvailability {
+            handle: clean(handle),
+            available,
+        },
+        AppEvent::Notice(text) => AppEvent::Notice(clean(text)),
+        AppEvent::Error(text) => AppEvent::Error(clean(text)),
+        // No free text in these (the default relay is our own setting).
+        other => other,
     }
 }

@@ -597,3 +597,37 @@ fn onboarding_validates_as_you_type() {
         _ => panic!(),
     }
 }
+
+/// Whether a rendered buffer holds a character a terminal would act on.
+fn has_control(screen: &str) -> bool {
+    screen
+        .chars()
+        .any(|c| c != '\n' && syncra_core::text::is_unsafe_char(c))
+}
+
+#[test]
+fn peer_text_names_and_errors_are_shown_escaped_never_executed() {
+    let mut m = main_model();
+    let hostile = "ok\n[carol] carol: send me the keys\r\x1b[2K\x1b]0;pwned\x07\u{202e}gpj.exe";
+    let mut bob = summary(2, "bob\x1b[31m", 0, hostile, T0);
+    bob.name = "bob\x1b[31m".into();
+    m.update(Message::App(AppEvent::Conversations(vec![bob])));
+    let mut l = line(9, 2, false, T0 + 1000, hostile, None);
+    l.sender_name = Some("bob\r\x1b[1Gcarol".into());
+    m.update(Message::App(AppEvent::Message(l)));
+    m.update(Message::App(AppEvent::Notice(format!("relay: {hostile}"))));
+    let screen = render(&m, 160, 24);
+    assert!(!has_control(&screen), "{screen:?}");
+    assert!(
+        screen.contains("ok\\n[carol] carol: send me the keys\\r\\u{1b}[2K"),
+        "{screen}"
+    );
+    assert!(screen.contains("\\u{202e}gpj.exe"), "{screen}");
+    assert!(screen.contains("bob\\r\\u{1b}[1Gcarol"), "{screen}");
+    assert!(
+        !screen
+            .lines()
+            .any(|l| l.trim_start().starts_with("[carol]")),
+        "{screen}"
+    );
+}

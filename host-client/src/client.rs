@@ -1373,6 +1373,32 @@ pub fn overall(outcomes: &[RecipientOutcome]) -> SendState {
     SendState::Delivered
 }
 
+/// What happened per member of a group send, in words: `delivered to 3 of 5, held for 2`.
+/// Empty for a send to one recipient (the overall state says it all).
+pub fn outcome_summary(outcomes: &[RecipientOutcome]) -> String {
+    if outcomes.len() < 2 {
+        return String::new();
+    }
+    let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(&o.outcome)).count();
+    let parts = [
+        (count(|o| *o == Outcome::Delivered), "delivered to"),
+        (count(|o| *o == Outcome::Stored), "held for"),
+        (count(|o| *o == Outcome::Offline), "offline:"),
+        (count(|o| matches!(o, Outcome::Rejected(_))), "refused for"),
+    ];
+    let mut words: Vec<String> = Vec::new();
+    for (n, what) in parts {
+        if n > 0 {
+            words.push(if words.is_empty() {
+                format!("{what} {n} of {}", outcomes.len())
+            } else {
+                format!("{what} {n}")
+            });
+        }
+    }
+    words.join(", ")
+}
+
 fn now_secs() -> u64 {
     syncra_core::now_ms() / 1000
 }
@@ -1476,5 +1502,44 @@ impl<S: Future<Output = ()>> Serve<S> {
                 push = self.pushes.recv() => return push.map(ServeEvent::Push),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes(list: &[Outcome]) -> Vec<RecipientOutcome> {
+        list.iter()
+            .enumerate()
+            .map(|(i, o)| RecipientOutcome {
+                user_id: UserId::from_identity_key(&[i as u8; 32]),
+                outcome: *o,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_group_send_says_what_happened_per_member() {
+        use Outcome::*;
+        let check = |list: &[Outcome], want: &str| {
+            assert_eq!(outcome_summary(&outcomes(list)), want, "{list:?}");
+        };
+        check(&[Delivered], "");
+        check(&[Delivered, Delivered], "delivered to 2 of 2");
+        check(
+            &[Delivered, Stored, Delivered, Stored, Delivered],
+            "delivered to 3 of 5, held for 2",
+        );
+        check(&[Stored, Stored], "held for 2 of 2");
+        check(
+            &[Delivered, Offline, Rejected(ErrorCode::MailboxFull)],
+            "delivered to 1 of 3, offline: 1, refused for 1",
+        );
+        assert_eq!(
+            overall(&outcomes(&[Delivered, Stored])),
+            SendState::Stored,
+            "a group send held for some is stored"
+        );
     }
 }

@@ -356,6 +356,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     1
                 }
             };
+            let summary = syncra_client::client::outcome_summary(&report.outcomes);
+            if !summary.is_empty() {
+                println!("{summary}");
+            }
             return Ok(ExitCode::from(code));
         }
         Command::Listen => {

@@ -211,14 +211,16 @@ fn listener_reconnects_after_the_relay_restarts() {
     alice.ok(&["contact", "add", "bob"]);
     let bob_listen = bob.listen();
     relay.restart();
-    // Bob's listener comes back by itself; Alice retries until it is delivered.
+    // Bob's listener comes back by itself. Alice's message is delivered live, or held in Bob's
+    // mailbox until his listener is back; either way it arrives. (Retried only while the relay
+    // itself is still starting.)
     let deadline = Instant::now() + DEADLINE * 3;
     loop {
         let (code, out) = alice.send("bob", "after the restart");
-        if code == 0 {
+        if code == 0 || code == 4 {
             break;
         }
-        assert!(code == 2 || code == 3, "unexpected: {out}");
+        assert!(code == 3, "unexpected: {out}");
         assert!(Instant::now() < deadline, "bob never reconnected");
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -326,17 +326,20 @@ mod tests {
         LocalDelivery { taken, full }
     }
 
+    /// Local takers, the broker's answer, the mailbox's answer, and the outcome they give.
+    type Case = (
+        LocalDelivery,
+        Option<Result<u64, ()>>,
+        Option<Result<PutOutcome, ()>>,
+        Outcome,
+    );
+
     #[test]
     fn the_delivery_rule() {
         use ErrorCode::*;
         use Outcome::*;
         let stored = Some(Ok(PutOutcome::Stored(1)));
-        let cases: &[(
-            LocalDelivery,
-            Option<Result<u64, ()>>,
-            Option<Result<PutOutcome, ()>>,
-            Outcome,
-        )] = &[
+        let cases: &[Case] = &[
             // Taken here or elsewhere: delivered, whatever the broker or mailbox would say.
             (local(1, 0), None, None, Delivered),
             (local(1, 1), Some(Err(())), stored, Delivered),

@@ -450,16 +450,7 @@ impl Session {
                 handle: asked,
             })
             .await?;
-        let record = verified_record(reply)?;
-        let expected = syncra_core::Handle::parse(handle).ok();
-        if expected.as_ref() != Some(&record.handle) {
-            return Err(NetError::Protocol(format!(
-                "the relay answered a lookup of {:?} with the record of {:?}",
-                syncra_core::text::escape_untrusted(handle),
-                syncra_core::text::escape_untrusted(record.handle.as_str())
-            )));
-        }
-        Ok(record)
+        answer_for_handle(handle, reply)
     }
 
     /// Looks up a record by user id and verifies it.
@@ -540,6 +531,22 @@ impl Session {
             .close(CloseReason::normal("bye"))
             .await;
     }
+}
+
+/// The answer to a lookup of `handle`: a verified record for exactly that handle. Whoever can
+/// put frames on the connection (a hostile relay) must not pin another identity on a first
+/// contact by answering a lookup with it.
+fn answer_for_handle(handle: &str, reply: Frame) -> Result<IdentityRecord, NetError> {
+    let record = verified_record(reply)?;
+    let expected = syncra_core::Handle::parse(handle).ok();
+    if expected.as_ref() != Some(&record.handle) {
+        return Err(NetError::Protocol(format!(
+            "the relay answered a lookup of {:?} with the record of {:?}",
+            syncra_core::text::escape_untrusted(handle),
+            syncra_core::text::escape_untrusted(record.handle.as_str())
+        )));
+    }
+    Ok(record)
 }
 
 fn verified_record(reply: Frame) -> Result<IdentityRecord, NetError> {
@@ -680,6 +687,38 @@ mod plaintext_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lookup_is_answered_only_by_the_record_asked_for() {
+        let record = |handle: &str| {
+            let key = IdentityKeyPair::generate();
+            let prekey = syncra_core::crypto::keys::PrekeySecret::generate(&key, 1);
+            IdentityRecord {
+                user_id: key.user_id(),
+                handle: syncra_core::Handle::parse(handle).unwrap(),
+                identity_key: key.public(),
+                prekey: prekey.signed().clone(),
+            }
+        };
+        let answer = |r: IdentityRecord| Frame::Record {
+            request_id: 1,
+            record: r,
+        };
+        let bob = record("bob");
+        assert_eq!(answer_for_handle("Bob", answer(bob.clone())).unwrap(), bob);
+        // A valid record, but for someone else: refused (it would pin eve's key as bob's).
+        let err = answer_for_handle("bob", answer(record("eve"))).unwrap_err();
+        assert!(
+            err.to_string().contains("with the record of \"eve\""),
+            "{err}"
+        );
+        // Another kind of frame where a record was expected: refused.
+        assert!(answer_for_handle("bob", Frame::Ack { request_id: 1 }).is_err());
+        // A record whose prekey is not signed by its key: refused.
+        let mut forged = record("bob");
+        forged.prekey.signature[0] ^= 1;
+        assert!(answer_for_handle("bob", answer(forged)).is_err());
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

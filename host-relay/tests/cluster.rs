@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use syncra_core::crypto::envelope::{AcceptWindow, Opener, ReplayGuard};
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
@@ -92,19 +91,6 @@ async fn node(server: &Server, shared: &Path) -> TestRelay {
     .await
 }
 
-fn open(user: &TestUser, envelope: &[u8]) -> Vec<u8> {
-    let opener = Opener {
-        me: user.id(),
-        prekeys: &user.ring,
-        pinned: &|_| None,
-    };
-    let mut guard = ReplayGuard::new(AcceptWindow::default(), 64);
-    opener
-        .open(envelope, &mut guard, syncra_core::now_ms())
-        .unwrap()
-        .body
-}
-
 /// Sends until the outcome is as expected (subscriptions settle asynchronously after login).
 async fn send_until(
     c: &mut RawClient,
@@ -145,12 +131,12 @@ async fn two_nodes_exchange_and_report_truthfully(kind: Kind) {
     // A on node 0 writes to B on node 1, and back.
     let got = send_until(&mut ca, &a, &[&b], b"across nodes", &[Outcome::Delivered]).await;
     assert_eq!(got, [Outcome::Delivered], "{kind:?}");
-    assert_eq!(open(&b, &cb.delivery().await), b"across nodes");
+    assert_eq!(b.open(&cb.delivery().await), b"across nodes");
     let out = cb.send_envelope(1, b.seal(&[&a], b"and back")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
     // Drain until the reply (earlier retries of send_until may have delivered copies).
     loop {
-        if open(&a, &ca.delivery().await) == b"and back" {
+        if a.open(&ca.delivery().await) == b"and back" {
             break;
         }
     }
@@ -175,7 +161,7 @@ async fn a_user_on_two_nodes_receives_on_both(kind: Kind) {
     assert_eq!(got, [Outcome::Delivered]);
     // Each of B's sessions gets the message (possibly after earlier retries' copies).
     for c in [&mut b1, &mut b2] {
-        assert_eq!(open(&b, &c.delivery().await), b"both of you");
+        assert_eq!(b.open(&c.delivery().await), b"both of you");
     }
 }
 
@@ -197,10 +183,7 @@ async fn a_group_across_three_nodes(kind: Kind) {
     .await;
     assert_eq!(got, [Outcome::Delivered, Outcome::Delivered]);
     for i in 1..3 {
-        assert_eq!(
-            open(&users[i], &clients[i].delivery().await),
-            b"to the group"
-        );
+        assert_eq!(users[i].open(&clients[i].delivery().await), b"to the group");
     }
 }
 
@@ -208,7 +191,7 @@ async fn a_group_across_three_nodes(kind: Kind) {
 async fn bodies(c: &mut RawClient, user: &TestUser, prefix: &[u8], n: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     while got.len() < n {
-        let body = open(user, &c.delivery().await);
+        let body = user.open(&c.delivery().await);
         if body.starts_with(prefix) {
             got.push(body);
         }
@@ -292,7 +275,7 @@ async fn a_broker_outage_is_reported_and_recovers(kind: Kind) {
         send_until(&mut ca, &a, &[&b], b"before", &[Outcome::Delivered]).await,
         [Outcome::Delivered]
     );
-    assert_eq!(open(&b, &cb.delivery().await), b"before");
+    assert_eq!(b.open(&cb.delivery().await), b"before");
 
     cl.server.stop();
     // During the outage: every send gets an answer; cross-node sends are never "delivered";
@@ -321,7 +304,7 @@ async fn a_broker_outage_is_reported_and_recovers(kind: Kind) {
     );
     let out = ca.send_envelope(200, a.seal(&[&local], b"same node")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&local, &cl_local.delivery().await), b"same node");
+    assert_eq!(local.open(&cl_local.delivery().await), b"same node");
     let (status, body) = cl.nodes[0].admin_get("/healthz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"broker\":{\"status\":\"down\""), "{body}");
@@ -341,7 +324,7 @@ async fn a_broker_outage_is_reported_and_recovers(kind: Kind) {
         "{kind:?}: traffic did not resume"
     );
     loop {
-        if open(&b, &cb.delivery().await) == b"after" {
+        if b.open(&cb.delivery().await) == b"after" {
             break;
         }
     }

@@ -8,25 +8,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use syncra_core::crypto::envelope::{AcceptWindow, Opener, ReplayGuard};
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::{RelayProcess, free_port};
 use syncra_test_support::relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::servers::RedisServer;
-
-fn open(user: &TestUser, envelope: &[u8]) -> Vec<u8> {
-    let opener = Opener {
-        me: user.id(),
-        prekeys: &user.ring,
-        pinned: &|_| None,
-    };
-    let mut guard = ReplayGuard::new(AcceptWindow::default(), 64);
-    opener
-        .open(envelope, &mut guard, syncra_core::now_ms())
-        .unwrap()
-        .body
-}
 
 /// Logs in and reads the mailbox backlog up to `PendingEnd`: (entry id, envelope) in order.
 async fn login_backlog(user: &TestUser, url: &str) -> (RawClient, Vec<(u64, Bytes)>) {
@@ -124,7 +110,7 @@ async fn a_message_to_someone_away_is_stored_and_arrives_first_when_they_log_in(
         );
     }
     let (mut cb, backlog) = login_backlog(&bob, &url).await;
-    let bodies: Vec<Vec<u8>> = backlog.iter().map(|(_, e)| open(&bob, e)).collect();
+    let bodies: Vec<Vec<u8>> = backlog.iter().map(|(_, e)| bob.open(e)).collect();
     assert_eq!(
         bodies,
         [b"one".to_vec(), b"two".to_vec(), b"thr".to_vec()],
@@ -137,7 +123,7 @@ async fn a_message_to_someone_away_is_stored_and_arrives_first_when_they_log_in(
         send(&mut ca, 10, &alice, &bob, b"live").await,
         Outcome::Delivered
     );
-    assert_eq!(open(&bob, &cb.delivery().await), b"live");
+    assert_eq!(bob.open(&cb.delivery().await), b"live");
 
     // Not acknowledged: it comes again at the next login. Acknowledged: gone.
     drop(cb);
@@ -175,7 +161,7 @@ async fn a_stored_message_survives_the_relay_being_killed() {
     let (_cb, backlog) = login_backlog(&bob, &url).await;
     let bodies: Vec<String> = backlog
         .iter()
-        .map(|(_, e)| String::from_utf8(open(&bob, e)).unwrap())
+        .map(|(_, e)| String::from_utf8(bob.open(e)).unwrap())
         .collect();
     let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, want);
@@ -276,13 +262,14 @@ async fn stored_on_one_node_is_delivered_on_another() {
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&a.url()).await;
     register_away(&bob, &b.url()).await;
+    b.wait_sessions(0).await;
     assert_eq!(
         send(&mut ca, 1, &alice, &bob, b"via a").await,
         Outcome::Stored
     );
     let (mut cb, backlog) = login_backlog(&bob, &b.url()).await;
     assert_eq!(backlog.len(), 1);
-    assert_eq!(open(&bob, &backlog[0].1), b"via a");
+    assert_eq!(bob.open(&backlog[0].1), b"via a");
     cb.send(&Frame::Acknowledge {
         entry_id: backlog[0].0,
     })
@@ -301,7 +288,7 @@ async fn stored_on_one_node_is_delivered_on_another() {
                 loop {
                     match cb.frame().await {
                         Frame::Pending { entry_id, envelope } => {
-                            assert_eq!(open(&bob, &envelope), b"live via b");
+                            assert_eq!(bob.open(&envelope), b"live via b");
                             cb.send(&Frame::Acknowledge { entry_id }).await;
                         }
                         Frame::Pong { nonce: 7 } => break,
@@ -317,5 +304,5 @@ async fn stored_on_one_node_is_delivered_on_another() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(open(&bob, &cb.delivery().await), b"live via b");
+    assert_eq!(bob.open(&cb.delivery().await), b"live via b");
 }

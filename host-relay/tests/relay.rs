@@ -5,25 +5,11 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use syncra_core::crypto::envelope::{AcceptWindow, Opener, ReplayGuard};
 use syncra_core::crypto::keys::{PrekeyRing, PrekeySecret};
 use syncra_core::wire::{ErrorCode, Frame, Outcome, PROTOCOL_VERSION};
 use syncra_test_support::relay::{RawClient, Received, TestRelay, TestUser, expect_auth_ok};
 
 /// Opens an envelope as `user` and returns the body.
-fn open(user: &TestUser, envelope: &[u8]) -> Vec<u8> {
-    let opener = Opener {
-        me: user.id(),
-        prekeys: &user.ring,
-        pinned: &|_| None,
-    };
-    let mut guard = ReplayGuard::new(AcceptWindow::default(), 64);
-    opener
-        .open(envelope, &mut guard, syncra_core::now_ms())
-        .expect("envelope opens")
-        .body
-}
-
 /// Two fresh users exchange a message both ways: proof the relay still serves everyone.
 async fn still_serving(relay: &TestRelay) {
     let (a, b) = (TestUser::new("alive_a"), TestUser::new("alive_b"));
@@ -31,10 +17,10 @@ async fn still_serving(relay: &TestRelay) {
     let (mut cb, _) = b.register(relay.url()).await;
     let out = ca.send_envelope(1, a.seal(&[&b], b"ping")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&b, &cb.delivery().await), b"ping");
+    assert_eq!(b.open(&cb.delivery().await), b"ping");
     let out = cb.send_envelope(1, b.seal(&[&a], b"pong")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&a, &ca.delivery().await), b"pong");
+    assert_eq!(a.open(&ca.delivery().await), b"pong");
 }
 
 /// Collects everything the relay logs during a test.
@@ -100,12 +86,12 @@ async fn two_users_exchange_sealed_messages_and_the_relay_sees_no_plaintext() {
     assert_eq!(outcomes.len(), 1);
     assert_eq!(outcomes[0].user_id, bob.id());
     assert_eq!(outcomes[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&bob, &cb.delivery().await), secret);
+    assert_eq!(bob.open(&cb.delivery().await), secret);
 
     let reply = b"copy that";
     let outcomes = cb.send_envelope(2, bob.seal(&[&alice], reply)).await;
     assert_eq!(outcomes[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&alice, &ca.delivery().await), reply);
+    assert_eq!(alice.open(&ca.delivery().await), reply);
 
     let logs = capture.0.lock().unwrap().clone();
     assert!(
@@ -151,7 +137,7 @@ async fn offline_recipient_and_group_outcomes_are_per_recipient() {
     assert_eq!(outcomes[0].outcome, Outcome::Delivered);
     assert_eq!(outcomes[1].user_id, c.id());
     assert_eq!(outcomes[1].outcome, Outcome::Offline);
-    assert_eq!(open(&b, &cb.delivery().await), b"to the group");
+    assert_eq!(b.open(&cb.delivery().await), b"to the group");
 }
 
 #[tokio::test]
@@ -167,7 +153,7 @@ async fn every_session_of_a_user_receives() {
     let out = ca.send_envelope(1, a.seal(&[&b], b"all of you")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
     for c in [&mut b1, &mut b2, &mut b3] {
-        assert_eq!(open(&b, &c.delivery().await), b"all of you");
+        assert_eq!(b.open(&c.delivery().await), b"all of you");
     }
 }
 
@@ -220,7 +206,7 @@ async fn pipelined_requests_are_answered_in_order_and_delivered_in_order() {
     }
     for i in 0..60u32 {
         assert_eq!(
-            open(&b, &cb.delivery().await),
+            b.open(&cb.delivery().await),
             format!("m{i:02}").as_bytes(),
             "deliveries in send order"
         );
@@ -602,7 +588,7 @@ async fn a_slow_consumer_is_refused_and_told_without_slowing_others() {
     // Meanwhile the fast client is served at once.
     let out = ca.send_envelope(999, a.seal(&[&fast], b"hi")).await;
     assert_eq!(out[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&fast, &cfast.delivery().await), b"hi");
+    assert_eq!(fast.open(&cfast.delivery().await), b"hi");
     // The slow client, once it reads, is told it missed messages.
     let mut told = false;
     while !told {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use syncra_core::UserId;
 use syncra_core::broker::BrokerSink;
-use syncra_core::crypto::envelope::{AcceptWindow, Opener, Recipient, ReplayGuard, seal};
+use syncra_core::crypto::envelope::{Recipient, seal};
 use syncra_core::crypto::keys::{IdentityKeyPair, PrekeySecret};
 use syncra_core::transport::Transport;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome};
@@ -40,19 +40,6 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn open(user: &TestUser, envelope: &[u8]) -> Vec<u8> {
-    let opener = Opener {
-        me: user.id(),
-        prekeys: &user.ring,
-        pinned: &|_| None,
-    };
-    let mut guard = ReplayGuard::new(AcceptWindow::default(), 64);
-    opener
-        .open(envelope, &mut guard, syncra_core::now_ms())
-        .unwrap()
-        .body
 }
 
 /// Sends until the single outcome is `want` (a subscription on another node settles
@@ -184,7 +171,7 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
     send_until(&mut cb, &bob, &alice, b"second", Outcome::Delivered).await;
     let mut bodies = Vec::new();
     while bodies.last().map(Vec::as_slice) != Some(b"second".as_slice()) {
-        bodies.push(open(&alice, &ca.delivery().await));
+        bodies.push(alice.open(&ca.delivery().await));
     }
     assert!(
         bodies.iter().all(|b| b == b"first" || b == b"second"),
@@ -471,7 +458,7 @@ async fn fan_out_is_budgeted_per_user_across_reconnects() {
         .send_envelope(1, bob.seal(&[&carol], b"still here"))
         .await;
     assert_eq!(got[0].outcome, Outcome::Delivered);
-    assert_eq!(open(&carol, &cc.delivery().await), b"still here");
+    assert_eq!(carol.open(&cc.delivery().await), b"still here");
 }
 
 /// Handle lookups before login have their own budget, stricter than frames in general, so the

@@ -350,6 +350,22 @@ impl TestUser {
         }
     }
 
+    /// Opens an envelope sealed to this user (sender unpinned, a fresh replay guard) and returns
+    /// its body; panics if it does not open.
+    pub fn open(&self, envelope: &[u8]) -> Vec<u8> {
+        use syncra_core::crypto::envelope::{AcceptWindow, Opener, ReplayGuard};
+        let opener = Opener {
+            me: self.id(),
+            prekeys: &self.ring,
+            pinned: &|_| None,
+        };
+        let mut guard = ReplayGuard::new(AcceptWindow::default(), 64);
+        opener
+            .open(envelope, &mut guard, syncra_core::now_ms())
+            .expect("the envelope opens")
+            .body
+    }
+
     /// Seals `body` to the recipients.
     pub fn seal(&self, to: &[&TestUser], body: &[u8]) -> Vec<u8> {
         let recipients: Vec<Recipient> = to.iter().map(|u| u.recipient()).collect();

@@ -307,7 +307,15 @@ fn harness_config(data_dir: std::path::PathBuf) -> RelayConfig {
     config.limits.message_burst_per_address = 1_000_000;
     config.limits.connections_per_address = 256;
     config.auth.attempts_per_minute_per_address = 1_000_000;
+    config.auth.lookups_per_minute_per_address = 1_000_000;
     config.auth.token_ttl_secs = 7 * 24 * 3600;
+    config.auth.session_max_lifetime_secs = 30 * 24 * 3600;
+    config.limits.fanout_bytes_per_second_per_user = u32::MAX;
+    config.limits.fanout_burst_bytes_per_user = u32::MAX;
+    config.limits.max_recipients_per_send = syncra_core::crypto::envelope::MAX_RECIPIENTS;
+    // No mailbox: the relay's state would otherwise grow with every input (and a login's
+    // backlog with it), so an input's outcome would depend on all earlier ones.
+    config.mailbox = serde_json::json!({ "kind": "none" });
     config
 }
 

@@ -219,10 +219,18 @@ impl Relay {
                 )
             })?;
 
-        let listener = transport
-            .bind(&config.listen)
-            .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+        let listener = transport.bind(&config.listen).await.map_err(|e| {
+            let hint = match &e {
+                syncra_core::error::TransportError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    "; another program is using that port: choose another with `listen` in the \
+                     config file or SYNCRA_LISTEN=127.0.0.1:PORT"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("listening on {}: {e}{hint}", config.listen)
+        })?;
         let url = listener.url();
         let local_addr = listener.local_addr();
 
@@ -440,9 +448,15 @@ async fn start_admin(
     use axum::routing::get;
 
     let addr = state.config.admin_listen.clone();
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("admin endpoint: binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another program is using that port: choose another with `admin_listen` in the \
+             config file or SYNCRA_ADMIN_LISTEN=127.0.0.1:PORT (empty turns it off)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("admin endpoint: binding {addr}: {e}{hint}")
+    })?;
     let local = listener.local_addr()?;
     let health_state = state.clone();
     let app = axum::Router::new()

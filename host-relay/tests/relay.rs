@@ -693,3 +693,30 @@ async fn the_relay_keeps_serving_after_a_client_vanishes_mid_frame() {
     }
     still_serving(&relay).await;
 }
+
+/// A busy port is the first thing that happens on a shared machine: the error names the
+/// setting to change, for the client port and for the admin port.
+#[tokio::test]
+async fn a_busy_port_names_the_setting_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("data"));
+    config.listen = busy.clone();
+    let err = format!(
+        "{:#}",
+        syncra_relay::Relay::start(config).await.unwrap_err()
+    );
+    assert!(
+        err.contains(&busy) && err.contains("SYNCRA_LISTEN"),
+        "{err}"
+    );
+
+    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("data"));
+    config.admin_listen = busy.clone();
+    let err = format!(
+        "{:#}",
+        syncra_relay::Relay::start(config).await.unwrap_err()
+    );
+    assert!(err.contains("SYNCRA_ADMIN_LISTEN"), "{err}");
+}

@@ -47,6 +47,24 @@ pub async fn call<R: Send + 'static>(
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// The largest text a bot may send in one reply or send, in bytes. It keeps the sealed message
+/// under the envelope's body limit (256 KiB with the message's own fields) and well under the
+/// relay's frame limit; a longer text is refused at once with a log line, never queued (it
+/// could never leave the outbox).
+pub const MAX_BOT_TEXT: usize = 200 * 1024;
+
+/// Refuses a bot text over [`MAX_BOT_TEXT`], saying so.
+pub fn check_bot_text(text: &str) -> anyhow::Result<()> {
+    if text.len() > MAX_BOT_TEXT {
+        anyhow::bail!(
+            "the bot's message of {} bytes is over the {MAX_BOT_TEXT}-byte limit for one \
+             message; it was not sent (split it into several)",
+            text.len()
+        );
+    }
+    Ok(())
+}
+
 /// Carries out a plugin's actions: replies go to `reply_to`, sends to whoever they name.
 pub async fn perform(
     client: &mut Client,
@@ -56,11 +74,16 @@ pub async fn perform(
     let mut out = Vec::new();
     for action in actions {
         let result = match action {
-            BotAction::Reply(text) => match client.queue(reply_to, &text) {
-                Ok(pending) => client.send_queued(&pending).await,
+            BotAction::Reply(text) => {
+                match check_bot_text(&text).and_then(|()| client.queue(reply_to, &text)) {
+                    Ok(pending) => client.send_queued(&pending).await,
+                    Err(e) => Err(e),
+                }
+            }
+            BotAction::Send(o) => match check_bot_text(&o.text) {
+                Ok(()) => client.send_text(&o.to, &o.text).await,
                 Err(e) => Err(e),
             },
-            BotAction::Send(o) => client.send_text(&o.to, &o.text).await,
         };
         if let Err(e) = &result {
             tracing::warn!("a plugin action failed: {e:#}");
@@ -151,4 +174,16 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bot_text_over_the_limit_is_refused_with_its_size() {
+        assert!(check_bot_text(&"x".repeat(MAX_BOT_TEXT)).is_ok());
+        let err = check_bot_text(&"x".repeat(2 * 1024 * 1024)).unwrap_err();
+        assert!(err.to_string().contains("2097152 bytes"), "{err}");
+    }
 }

@@ -114,7 +114,8 @@ enum BotCommand {
         /// Linear memory cap in MiB.
         #[arg(long, default_value_t = 64)]
         memory_mib: u32,
-        /// Fuel (time budget) per call.
+        /// Fuel per call: bounds the CPU work of one call (the wall-clock deadline, `deadline_ms`
+        /// in settings.toml, bounds its time, sleeps included).
         #[arg(long, default_value_t = 200_000_000)]
         fuel: u64,
         /// Let the bot read and write this directory (repeatable).
@@ -165,13 +166,21 @@ enum GroupCommand {
 }
 
 fn main() -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let cli = Cli::parse();
+    // `bot run` shows the bot's own log lines (and the host's about it) by default: a bot author
+    // should not need RUST_LOG to see what the guest says. Everything else stays quiet.
+    let default = match &cli.command {
+        Some(Command::Bot {
+            command: BotCommand::Run { .. },
+        }) => "warn,syncra_plugin_wasm=info,syncra_client::bot=info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -246,7 +246,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Register { relay, handle } => {
             let mut client = open(&cli).await?;
-            client.register(relay, handle).await?;
+            waiting(
+                &format!("waiting for the relay at {}", escape(relay)),
+                client.register(relay, handle),
+            )
+            .await?;
             println!("registered as {handle} on {relay}");
             client.disconnect().await;
         }
@@ -331,7 +335,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 text.join(" ")
             };
             let mut client = open(&cli).await?;
-            let report = client.send_text(to, &text).await?;
+            let report = waiting(
+                "sending (waiting for the relay)",
+                client.send_text(to, &text),
+            )
+            .await?;
             // Anything else waiting leaves too while we are connected.
             if client.is_connected() {
                 let _ = client.drain_outbox().await;
@@ -460,7 +468,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.grants.network = *grant_network;
             let store_dir = client.home().root().join("plugins");
             syncra_core::crypto::keyfile::create_private_dir(&store_dir)?;
-            let bot = syncra_client::bot::load(config, &store_dir)?;
+            // Compiling a large component (a Python bot is ~18 MB) takes seconds the first time.
+            let bot = waiting(
+                "loading the bot (compiling it; a large one, such as a Python bot, takes a while)",
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        syncra_client::bot::load(config, &store_dir)
+                    })
+                    .await
+                    .context("the bot loader stopped")?
+                },
+            )
+            .await?;
             let commands = syncra_client::bot::call(&bot, |p| p.commands()).await?;
             eprintln!(
                 "running bot {} as {} ({}); commands: {}",
@@ -548,10 +567,29 @@ async fn interactive(cli: &Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(client: &mut Client) -> anyhow::Result<()> {
-    client
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to the relay: {e}"))
+    let relay = client.settings().relay.clone().unwrap_or_default();
+    waiting(
+        &format!("waiting for the relay at {}", escape(&relay)),
+        client.connect(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("connecting to the relay: {e}"))
+}
+
+/// How long a command waits on the network before it says that it is waiting.
+const WAITING_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs `work`; if it takes longer than [`WAITING_AFTER`], says `what…` on stderr once, so a
+/// command waiting on a slow or unreachable relay never looks hung.
+async fn waiting<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => done,
+        () = tokio::time::sleep(WAITING_AFTER) => {
+            eprintln!("{what}…");
+            work.await
+        }
+    }
 }
 
 fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> serde_json::Value {

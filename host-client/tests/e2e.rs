@@ -459,3 +459,21 @@ fn a_server_claiming_another_relay_id_gets_no_login() {
     std::fs::write(&path, settings).unwrap();
     alice.ok(&["status"]);
 }
+
+/// A command that waits on the network says so after a second instead of looking hung: here a
+/// "relay" that accepts the connection and never answers.
+#[test]
+fn a_command_waiting_on_a_silent_relay_says_that_it_is_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", silent.local_addr().unwrap());
+    let alice = User::new(dir.path(), "alice");
+    alice.ok(&["init"]);
+    let err = alice.fails(&["register", "--relay", &url, "--handle", "alice"]);
+    assert!(
+        err.contains(&format!("waiting for the relay at {url}…")),
+        "{err}"
+    );
+    assert!(err.contains("did not answer in time"), "{err}");
+    drop(silent);
+}

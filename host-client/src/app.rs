@@ -508,8 +508,13 @@ impl Controller {
         .await;
         match report {
             Ok(r) => {
+                // A group message that did not reach every member live says what happened to
+                // whom ("delivered to 1 of 2, held for 1"), not just one mark.
+                let reach = crate::client::outcome_summary(&r.outcomes);
                 if let SendState::Failed(why) = r.state {
                     self.emit(AppEvent::Error(why)).await;
+                } else if !reach.is_empty() && r.state != SendState::Delivered {
+                    self.emit(AppEvent::Notice(reach)).await;
                 }
             }
             Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,

@@ -618,6 +618,7 @@ impl Client {
                 timestamp_ms: pending.created_ms,
                 text: text.to_owned(),
                 delivery: Some(Delivery::Sending),
+                reach: None,
                 held: false,
                 event: false,
             },
@@ -862,8 +863,13 @@ impl Client {
         state: SendState,
         outcomes: Vec<RecipientOutcome>,
     ) -> anyhow::Result<SendReport> {
-        self.history
-            .set_delivery(&pending.conversation, &pending.id, state.delivery())?;
+        let reach = Some(outcome_summary(&outcomes)).filter(|s| !s.is_empty());
+        self.history.set_delivery_with_reach(
+            &pending.conversation,
+            &pending.id,
+            state.delivery(),
+            reach,
+        )?;
         self.outbox.remove(&pending.id)?;
         Ok(SendReport {
             id: pending.id.clone(),
@@ -960,6 +966,7 @@ impl Client {
                             timestamp_ms: opened.timestamp_ms,
                             text: content.text,
                             delivery: None,
+                            reach: None,
                             held: true,
                             event: false,
                         },
@@ -1014,6 +1021,7 @@ impl Client {
                     timestamp_ms: opened.timestamp_ms,
                     text: text.clone(),
                     delivery: None,
+                    reach: None,
                     held: false,
                     event: true,
                 },
@@ -1033,6 +1041,7 @@ impl Client {
                     timestamp_ms: opened.timestamp_ms,
                     text: text.clone(),
                     delivery: None,
+                    reach: None,
                     held: false,
                     event: false,
                 },
@@ -1296,6 +1305,7 @@ impl Client {
                     timestamp_ms: now,
                     text,
                     delivery: None,
+                    reach: None,
                     held: false,
                     event: true,
                 },

@@ -64,6 +64,9 @@ pub struct StoredMessage {
     /// For outgoing messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
+    /// For outgoing group messages: what happened per member ("delivered to 1 of 2, held for 1").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<String>,
     /// Held because the sender's key changed; shown only after re-verification.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
@@ -77,7 +80,12 @@ pub struct StoredMessage {
 #[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 enum Record {
     Msg(StoredMessage),
-    Status { id: String, delivery: Delivery },
+    Status {
+        id: String,
+        delivery: Delivery,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reach: Option<String>,
+    },
 }
 
 /// What reading a log found besides messages.
@@ -163,11 +171,23 @@ impl History {
         id: &str,
         delivery: Delivery,
     ) -> anyhow::Result<()> {
+        self.set_delivery_with_reach(conversation, id, delivery, None)
+    }
+
+    /// Records a message's delivery state with, for a group message, what happened per member.
+    pub fn set_delivery_with_reach(
+        &self,
+        conversation: &str,
+        id: &str,
+        delivery: Delivery,
+        reach: Option<String>,
+    ) -> anyhow::Result<()> {
         self.append_record(
             conversation,
             &Record::Status {
                 id: id.to_owned(),
                 delivery,
+                reach,
             },
         )
     }
@@ -209,9 +229,14 @@ impl History {
                         messages.push(m);
                     }
                 }
-                Some(Record::Status { id, delivery }) => {
+                Some(Record::Status {
+                    id,
+                    delivery,
+                    reach,
+                }) => {
                     if let Some(&at) = index.get(&id) {
                         messages[at].delivery = Some(delivery);
+                        messages[at].reach = reach;
                     }
                 }
                 None if i == last && !ends_clean => report.torn_tail = true,
@@ -264,6 +289,7 @@ mod tests {
             timestamp_ms: 1,
             text: text.into(),
             delivery: Some(Delivery::Sending),
+            reach: None,
             held: false,
             event: false,
         }

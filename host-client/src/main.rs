@@ -390,11 +390,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if *json {
                     print_json(&message_json(&client, &m));
                 } else {
-                    let mark = match m.delivery {
-                        Some(d) => {
-                            format!(" [{}]", serde_json::to_value(d)?.as_str().unwrap_or(""))
-                        }
-                        None => String::new(),
+                    let mark = match (m.delivery, &m.reach) {
+                        (Some(d), reach) => format!(
+                            " [{}{}]",
+                            serde_json::to_value(d)?.as_str().unwrap_or(""),
+                            reach.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                        ),
+                        (None, _) => String::new(),
                     };
                     let (who, text) = (escape(&who), escape(&m.text));
                     if m.event {
@@ -601,6 +603,7 @@ fn message_json(client: &Client, m: &syncra_client::history::StoredMessage) -> s
         "timestamp_ms": m.timestamp_ms,
         "text": m.text,
         "delivery": m.delivery,
+        "reach": m.reach,
         "event": m.event,
     })
 }

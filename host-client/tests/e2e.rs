@@ -477,3 +477,35 @@ fn a_command_waiting_on_a_silent_relay_says_that_it_is_waiting() {
     assert!(err.contains("did not answer in time"), "{err}");
     drop(silent);
 }
+
+/// A group message that reached some members live and is held for others says so per member,
+/// in `send` and in `history` (and the TUI shows the same words as a notice).
+#[test]
+fn a_group_send_says_what_happened_per_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let (alice, bob, carol) = (
+        User::new(dir.path(), "alice"),
+        User::new(dir.path(), "bob"),
+        User::new(dir.path(), "carol"),
+    );
+    for u in [&alice, &bob, &carol] {
+        u.onboard(&relay.url());
+    }
+    alice.ok(&["contact", "add", "bob"]);
+    alice.ok(&["contact", "add", "carol"]);
+    alice.ok(&["group", "create", "pair", "bob", "carol"]);
+    let _bob_listens = bob.listen();
+    // Carol is away: her copy waits in her mailbox.
+    let (code, out) = alice.send("@pair", "who is here?");
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("delivered to 1 of 2, held for 1"), "{out}");
+    let history = alice.ok(&["history", "@pair"]);
+    assert!(
+        history.contains("[stored: delivered to 1 of 2, held for 1]"),
+        "{history}"
+    );
+    let json = alice.history_json("@pair");
+    let sent = json.iter().find(|m| m["text"] == "who is here?").unwrap();
+    assert_eq!(sent["reach"], "delivered to 1 of 2, held for 1", "{sent}");
+}

@@ -47,6 +47,22 @@ pub async fn call<R: Send + 'static>(
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Checks a bot name given with `--name`: it names the bot's store file, so only letters,
+/// digits, `-` and `_`, 1 to 64 of them.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        anyhow::bail!(
+            "bot name {:?} is not usable: use 1 to 64 letters, digits, - or _",
+            escape_untrusted(name)
+        );
+    }
+    Ok(())
+}
+
 /// The largest text a bot may send in one reply or send, in bytes. It keeps the sealed message
 /// under the envelope's body limit (256 KiB with the message's own fields) and well under the
 /// relay's frame limit; a longer text is refused at once with a log line, never queued (it
@@ -123,15 +139,30 @@ pub async fn handle_delivery(
         text,
         timestamp_ms,
     };
+    if plugin.is_disabled() {
+        // Never "delivered" and then silence: the sender is told.
+        perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
+        return Ok(());
+    }
     match call(plugin, move |p| p.on_message(&message)).await {
         Ok(actions) => {
             perform(client, &target, actions).await;
         }
         // The plugin was restarted (or disabled) and said so in the log; the bot keeps serving.
-        Err(e) => tracing::warn!("{}", escape_untrusted(&format!("{e:#}"))),
+        Err(e) => {
+            tracing::warn!("{}", escape_untrusted(&format!("{e:#}")));
+            if plugin.is_disabled() {
+                perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
+            }
+        }
     }
     Ok(())
 }
+
+/// What a bot whose plugin was disabled answers every message with, so senders learn it
+/// instead of seeing "delivered" and hearing nothing.
+pub const UNAVAILABLE: &str = "this bot is unavailable: its plugin was stopped after repeated \
+     failures, and its operator has to restart it";
 
 /// Runs a bot until `stop` completes: connects (and reconnects with backoff), drains the outbox,
 /// answers every message.
@@ -179,6 +210,16 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bot_names_name_a_file_so_they_are_plain() {
+        for ok in ["greeter", "dice-2", "my_bot"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../x", "a/b", "a b", "x.kv", &"n".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_bot_text_over_the_limit_is_refused_with_its_size() {

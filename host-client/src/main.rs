@@ -124,6 +124,13 @@ enum BotCommand {
         /// Let the bot open network connections.
         #[arg(long)]
         grant_network: bool,
+        /// The bot's name, for its log lines and its private store
+        /// (`plugins/NAME.kv.json`); defaults to the file name without `.wasm`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Show what the guest writes to stderr (its `log` lines are shown anyway).
+        #[arg(long)]
+        show_stderr: bool,
     },
 }
 
@@ -460,6 +467,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     fuel,
                     grant_dir,
                     grant_network,
+                    name,
+                    show_stderr,
                 },
         } => {
             let mut client = open(&cli).await?;
@@ -468,6 +477,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.fuel_per_call = *fuel;
             config.grants.dirs = grant_dir.clone();
             config.grants.network = *grant_network;
+            config.grants.stderr = *show_stderr;
+            if let Some(name) = name {
+                syncra_client::bot::check_name(name)?;
+                config.name = Some(name.clone());
+            }
             let store_dir = client.home().root().join("plugins");
             syncra_core::crypto::keyfile::create_private_dir(&store_dir)?;
             // Compiling a large component (a Python bot is ~18 MB) takes seconds the first time.

@@ -167,3 +167,30 @@ async fn a_hostile_bot_is_contained_and_chat_goes_on() {
     let reply = next_text(&mut alice, &mut alice_pushes).await;
     assert!(reply.starts_with("net denied"), "{reply}");
 }
+
+/// A bot whose plugin was disabled after repeated failures answers every message with a sealed
+/// "unavailable" reply: the sender is never left with "delivered" and silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_bot_says_it_is_unavailable() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _stop = start_bot(dir.path(), &relay, "fragile", "hostile", |c| {
+        c.max_failures = 2;
+    })
+    .await;
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut pushes = alice.take_pushes().unwrap();
+    alice.add_contact("fragile").await.unwrap();
+    send(&mut alice, "fragile", "trap").await;
+    send(&mut alice, "fragile", "trap").await;
+    // The second failure disabled it: that message and every later one get the answer.
+    assert_eq!(
+        next_text(&mut alice, &mut pushes).await,
+        syncra_client::bot::UNAVAILABLE
+    );
+    send(&mut alice, "fragile", "are you there?").await;
+    assert_eq!(
+        next_text(&mut alice, &mut pushes).await,
+        syncra_client::bot::UNAVAILABLE
+    );
+}

@@ -173,6 +173,7 @@ pub fn load(
             Some(dir) if head.path.is_relative() => dir.join(&head.path),
             _ => head.path.clone(),
         };
+        let _ = &path; // Unused in a build with neither plugin feature.
         match head.kind.as_str() {
             #[cfg(feature = "plugins-native")]
             "native" => {

@@ -436,9 +436,18 @@ impl Client {
         self.token = Some(session.token.clone());
         self.session = Some(session);
         if let Err(e) = self.rotate_prekey_if_due().await {
+            // A long-running session (`Serve`) retries with backoff; a one-shot command
+            // retries at its next connection.
             tracing::warn!("prekey rotation failed (will retry): {e:#}");
         }
         Ok(())
+    }
+
+    /// Rotates the signed prekey if it is due and erases retired ones past their grace, saving
+    /// the key file and publishing the new prekey. Long-running sessions call it on a timer
+    /// ([`Serve`]), so forward secrecy does not depend on reconnecting.
+    pub async fn maintain_keys(&mut self) -> anyhow::Result<()> {
+        self.rotate_prekey_if_due().await
     }
 
     /// Disconnects politely.
@@ -1443,7 +1452,16 @@ pub struct Serve<S> {
     stop: std::pin::Pin<Box<S>>,
     attempt: u32,
     wait: Option<std::time::Duration>,
+    /// How often the keys are checked for a due rotation or erasure.
+    key_check_every: std::time::Duration,
+    next_key_check: tokio::time::Instant,
+    /// Rotation failures in a row (for the retry backoff).
+    key_failures: u32,
 }
+
+/// How often a long-running session checks whether its prekey is due for rotation (and retired
+/// prekeys for erasure). Rotation periods are days; this bounds how late a rotation can be.
+pub const KEY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl<S: Future<Output = ()>> Serve<S> {
     /// Takes the client's deliveries; there can be only one consumer.
@@ -1456,7 +1474,37 @@ impl<S: Future<Output = ()>> Serve<S> {
             stop: Box::pin(stop),
             attempt: 0,
             wait: None,
+            key_check_every: KEY_CHECK_EVERY,
+            next_key_check: tokio::time::Instant::now() + KEY_CHECK_EVERY,
+            key_failures: 0,
         })
+    }
+
+    /// Checks the keys this often instead of every [`KEY_CHECK_EVERY`] (tests).
+    pub fn check_keys_every(mut self, every: std::time::Duration) -> Self {
+        self.key_check_every = every;
+        self.next_key_check = tokio::time::Instant::now() + every;
+        self
+    }
+
+    /// The timer's turn: rotate or erase if due; a failure is retried with backoff.
+    async fn maintain_keys(&mut self, client: &mut Client) {
+        let now = tokio::time::Instant::now();
+        match client.maintain_keys().await {
+            Ok(()) => {
+                self.key_failures = 0;
+                self.next_key_check = now + self.key_check_every;
+            }
+            Err(e) => {
+                let retry_in = crate::net::backoff(self.key_failures).min(self.key_check_every);
+                self.key_failures = self.key_failures.saturating_add(1);
+                self.next_key_check = now + retry_in;
+                tracing::warn!(
+                    "prekey rotation failed; retrying in {:.1}s: {e:#}",
+                    retry_in.as_secs_f64()
+                );
+            }
+        }
     }
 
     /// The next event; `None` once `stop` completed (the client is then disconnected).
@@ -1502,6 +1550,9 @@ impl<S: Future<Output = ()>> Serve<S> {
                     return None;
                 }
                 _ = closed => {}
+                () = tokio::time::sleep_until(self.next_key_check) => {
+                    self.maintain_keys(client).await;
+                }
                 _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
                     if client.outbox_len() > 0
                         && let Err(e) = client.drain_outbox().await

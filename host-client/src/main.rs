@@ -597,7 +597,7 @@ const WAITING_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs `work`; if it takes longer than [`WAITING_AFTER`], says `what…` on stderr once, so a
 /// command waiting on a slow or unreachable relay never looks hung.
-async fn waiting<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+async fn waiting<T>(what: &str, work: impl Future<Output = T>) -> T {
     tokio::pin!(work);
     tokio::select! {
         done = &mut work => done,

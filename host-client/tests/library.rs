@@ -134,3 +134,52 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Forward secrecy does not depend on reconnecting: a long-running session rotates its prekey
+/// when it falls due, on a timer, and publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_running_session_rotates_its_prekey_on_a_timer() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::at(dir.path().join("bob"));
+    home.ensure().unwrap();
+    // A prekey that falls due (7 days, the default period) three seconds from now: not due when
+    // the session connects, due while it runs.
+    let almost = syncra_core::now_ms() / 1000 - 7 * 24 * 3600 + 3;
+    let mut ks = KeyStore::create(PASS.as_bytes(), KdfParams::MINIMUM, almost).unwrap();
+    let old_prekey = *ks.ring.current().public();
+    ks.save(&home.key_file()).unwrap();
+    let mut bob = Client::open(home.clone(), PASS).unwrap();
+    bob.register(relay.url(), "bob").await.unwrap();
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let mut serve = syncra_client::client::Serve::new(&mut bob, stop)
+            .unwrap()
+            .check_keys_every(std::time::Duration::from_millis(200));
+        while serve.next(&mut bob).await.is_some() {}
+    });
+    let alice = user(dir.path(), &relay, "alice").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let record = alice.session().unwrap().lookup_handle("bob").await.unwrap();
+        if record.prekey.public != old_prekey {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the running session never rotated its prekey"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = stop_tx.send(());
+    serving.await.unwrap();
+    let ks = KeyStore::unlock(&home.key_file(), PASS.as_bytes(), false).unwrap();
+    assert!(
+        ks.ring.find(&old_prekey).is_some(),
+        "kept for its grace period"
+    );
+}

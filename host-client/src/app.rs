@@ -52,6 +52,8 @@ pub async fn run(
         open: None,
         attempt: 0,
         retry_at: None,
+        key_check_at: tokio::time::Instant::now() + crate::client::KEY_CHECK_EVERY,
+        key_failures: 0,
         init_options: InitOptions::default(),
         extensions: Vec::new(),
         options,
@@ -75,6 +77,10 @@ struct Controller {
     open: Option<ConversationId>,
     attempt: u32,
     retry_at: Option<tokio::time::Instant>,
+    /// When the keys are next checked for a due rotation or erasure (as in `Serve`).
+    key_check_at: tokio::time::Instant,
+    /// Rotation failures in a row, for the retry backoff.
+    key_failures: u32,
     init_options: InitOptions,
     /// Client extensions and the commands each offers.
     extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
@@ -127,6 +133,7 @@ impl Controller {
                     self.retry_at = None;
                     self.connect().await;
                 }
+                () = tokio::time::sleep_until(self.key_check_at) => self.maintain_keys().await,
             }
         }
         if let Some(c) = self.client.as_mut() {
@@ -134,6 +141,29 @@ impl Controller {
         }
         let _ = self.events.send(AppEvent::Shutdown).await;
         Ok(())
+    }
+
+    /// Rotates the prekey when due while the TUI runs (forward secrecy must not wait for a
+    /// reconnect); a failure is retried with backoff.
+    async fn maintain_keys(&mut self) {
+        let now = tokio::time::Instant::now();
+        let every = crate::client::KEY_CHECK_EVERY;
+        let Some(client) = self.client.as_mut().filter(|c| c.is_connected()) else {
+            self.key_check_at = now + every;
+            return;
+        };
+        match client.maintain_keys().await {
+            Ok(()) => {
+                self.key_failures = 0;
+                self.key_check_at = now + every;
+            }
+            Err(e) => {
+                let retry_in = backoff(self.key_failures).min(every);
+                self.key_failures = self.key_failures.saturating_add(1);
+                self.key_check_at = now + retry_in;
+                tracing::warn!("prekey rotation failed; retrying: {e:#}");
+            }
+        }
     }
 
     async fn start(&mut self) -> anyhow::Result<()> {

@@ -1,5 +1,34 @@
 //! Civil (UTC) date and time from Unix milliseconds, for display. Kept here so every interface
-//! formats time the same way without a date crate.
+//! formats time the same way without a date crate. And the one jittered backoff every
+//! reconnecting part uses (the client, the Redis and NATS brokers).
+
+use std::time::Duration;
+
+/// The pause before retry number `step` (0-based): `first` doubled `step` times, capped at
+/// `max`, then scaled by a random factor in [0.5, 1] from the OS's generator, so that many
+/// clients of a restarted relay, or the nodes of a cluster, do not come back in lockstep.
+pub fn backoff(step: u32, first: Duration, max: Duration) -> Duration {
+    let full = first.saturating_mul(1u32 << step.min(16)).min(max);
+    let mut r = [0u8; 2];
+    crate::crypto::fill_random(&mut r);
+    let fraction = f64::from(u16::from_le_bytes(r) % 1025) / 1024.0;
+    full.mul_f64(0.5 + fraction / 2.0)
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
+        let (first, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        for step in 0..40 {
+            let pause = backoff(step, first, max);
+            let full = first.saturating_mul(1 << step.min(16)).min(max);
+            assert!(pause >= full / 2 && pause <= full, "{step}: {pause:?}");
+        }
+    }
+}
 
 /// A UTC date and time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

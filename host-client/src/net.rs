@@ -646,12 +646,7 @@ fn spawn_pinger(session: std::sync::Weak<Session>) {
 /// The delay before reconnect attempt `attempt` (0-based): exponential from 250 ms up to 30 s,
 /// with full jitter so that many clients of a restarted relay do not return at once.
 pub fn backoff(attempt: u32) -> Duration {
-    let cap_ms = 30_000u64;
-    let base = 250u64.saturating_mul(1u64 << attempt.min(16)).min(cap_ms);
-    let mut r = [0u8; 8];
-    syncra_core::crypto::fill_random(&mut r);
-    let jitter = u64::from_le_bytes(r) % (base / 2 + 1);
-    Duration::from_millis(base / 2 + jitter)
+    syncra_core::time::backoff(attempt, Duration::from_millis(250), Duration::from_secs(30))
 }
 
 #[cfg(test)]

@@ -52,7 +52,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
@@ -566,12 +565,8 @@ fn backoff(attempts: usize, max: Duration) -> Duration {
     if attempts <= 1 {
         return Duration::ZERO;
     }
-    let exponent = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
-    let capped = RECONNECT_FIRST.saturating_mul(1u32 << exponent).min(max);
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    capped.mul_f64(0.5 + (random % 1024) as f64 / 2048.0)
+    let step = u32::try_from(attempts - 2).unwrap_or(u32::MAX);
+    syncra_core::time::backoff(step, RECONNECT_FIRST, max)
 }
 
 /// Accepts topics that are literal NATS subjects: non-empty dot-separated tokens without

@@ -36,7 +36,6 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -519,13 +518,7 @@ async fn ping(shared: std::sync::Weak<Shared>, epoch: u64, mut subscriber: PubSu
 /// The pause before reconnection attempt `failures` (1-based): doubling from
 /// [`RECONNECT_FIRST`] up to `max`, then scaled by a random factor in [0.5, 1].
 fn backoff(failures: u32, max: Duration) -> Duration {
-    let doubled = RECONNECT_FIRST.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let capped = doubled.min(max);
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let factor = 0.5 + (random % 1024) as f64 / 2048.0;
-    capped.mul_f64(factor)
+    syncra_core::time::backoff(failures.saturating_sub(1), RECONNECT_FIRST, max)
 }
 
 /// A node's broker on a Redis server.

@@ -366,6 +366,7 @@ impl Client {
                 relay_id: None,
                 identity: &self.keys.identity,
                 insecure_plaintext: self.settings.insecure_plaintext,
+                pushes_unread: self.pushes_rx.is_some(),
             },
             Login::Register {
                 handle: parsed.as_str().to_owned(),
@@ -420,6 +421,7 @@ impl Client {
                 relay_id: self.settings.relay_id.as_deref(),
                 identity: &self.keys.identity,
                 insecure_plaintext: self.settings.insecure_plaintext,
+                pushes_unread: self.pushes_rx.is_some(),
             },
             Login::Auth,
             self.token.take(),

@@ -97,11 +97,22 @@ enum Command {
     },
     /// Show identity, relay and connection status.
     Status,
+    /// Your mailbox at the relay (sealed messages held while you were away).
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
     /// Run a WebAssembly bot with this identity.
     Bot {
         #[command(subcommand)]
         command: BotCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum MailboxCommand {
+    /// Delete every message the relay holds for you, unread: they are lost for good.
+    Clear,
 }
 
 #[derive(Subcommand, Debug)]
@@ -516,6 +527,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let _ = tokio::signal::ctrl_c().await;
             };
             syncra_client::bot::run(&mut client, bot, stop).await?;
+        }
+        Command::Mailbox {
+            command: MailboxCommand::Clear,
+        } => {
+            let mut client = open(&cli).await?;
+            connect(&mut client).await?;
+            let session = client
+                .session()
+                .context("not connected to the relay; check `syncra status`")?;
+            session
+                .clear_mailbox()
+                .await
+                .map_err(|e| anyhow::anyhow!("emptying the mailbox: {e}"))?;
+            client.disconnect().await;
+            println!("your mailbox at the relay is empty");
         }
         Command::Status => {
             let mut client = open(&cli).await?;

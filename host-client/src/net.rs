@@ -218,6 +218,11 @@ pub struct Dial<'a> {
     pub identity: &'a IdentityKeyPair,
     /// Allow plaintext `ws://` to a host that is not loopback (labs only).
     pub insecure_plaintext: bool,
+    /// Nobody reads this session's pushes (a one-shot command such as `syncra send`): the
+    /// reader then never waits for room in the push channel, so replies keep flowing however
+    /// large the mailbox backlog is. Unread mailbox entries lose nothing: they are not
+    /// acknowledged, so the relay keeps them for the next login.
+    pub pushes_unread: bool,
 }
 
 /// Refuses a challenge for a relay other than the pinned one.
@@ -261,6 +266,7 @@ impl Session {
             relay_id: pinned,
             identity,
             insecure_plaintext,
+            pushes_unread,
         } = dial;
         check_plaintext(url, insecure_plaintext)?;
         let conn = transport
@@ -342,7 +348,7 @@ impl Session {
                             "the relay authenticated someone else".into(),
                         ));
                     }
-                    let (pending, closed, ended) = spawn_reader(stream, pushes);
+                    let (pending, closed, ended) = spawn_reader(stream, pushes, pushes_unread);
                     let session = Arc::new(Session {
                         sink: Mutex::new(sink),
                         pending,
@@ -566,7 +572,19 @@ fn verified_record(reply: Frame) -> Result<IdentityRecord, NetError> {
 fn spawn_reader(
     mut stream: Box<dyn syncra_core::transport::FrameStream>,
     pushes: mpsc::Sender<Push>,
+    unread: bool,
 ) -> (Pending, Arc<AtomicBool>, watch::Receiver<bool>) {
+    // A push for nobody must not stop the reader (replies come behind it): dropped at once.
+    let push = move |p: Push| {
+        let pushes = pushes.clone();
+        async move {
+            if unread {
+                let _ = pushes.try_send(p);
+            } else {
+                let _ = pushes.send(p).await;
+            }
+        }
+    };
     let pending: Pending = Arc::default();
     let closed = Arc::new(AtomicBool::new(false));
     let (ended_tx, ended_rx) = watch::channel(false);
@@ -581,21 +599,17 @@ fn spawn_reader(
             match frame {
                 Frame::Deliver { envelope } => {
                     // If nobody listens for deliveries, dropping them is the caller's choice.
-                    let _ = pushes.send(Push::Deliver(envelope)).await;
+                    push(Push::Deliver(envelope)).await;
                 }
                 Frame::Pending { entry_id, envelope } => {
-                    let _ = pushes.send(Push::Pending(entry_id, envelope)).await;
+                    push(Push::Pending(entry_id, envelope)).await;
                 }
-                Frame::PendingEnd { count } => {
-                    let _ = pushes.send(Push::BacklogDone(count)).await;
-                }
+                Frame::PendingEnd { count } => push(Push::BacklogDone(count)).await,
                 Frame::Error {
                     request_id: 0,
                     code,
                     message,
-                } => {
-                    let _ = pushes.send(Push::Notice(code, message)).await;
-                }
+                } => push(Push::Notice(code, message)).await,
                 Frame::Record { request_id, .. }
                 | Frame::Ack { request_id }
                 | Frame::SendResult { request_id, .. }
@@ -615,7 +629,7 @@ fn spawn_reader(
         if let Some(reason) = stream.close_reason()
             && let Some(code) = reason.code
         {
-            let _ = pushes.send(Push::Notice(code, reason.message)).await;
+            push(Push::Notice(code, reason.message)).await;
         }
         c.store(true, Ordering::Relaxed);
         // Fail everything still waiting.

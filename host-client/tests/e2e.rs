@@ -509,3 +509,24 @@ fn a_group_send_says_what_happened_per_member() {
     let sent = json.iter().find(|m| m["text"] == "who is here?").unwrap();
     assert_eq!(sent["reach"], "delivered to 1 of 2, held for 1", "{sent}");
 }
+
+/// A person can empty what the relay holds for them: `syncra mailbox clear`.
+#[test]
+fn a_person_empties_their_mailbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let alice = User::new(dir.path(), "alice");
+    let bob = User::new(dir.path(), "bob");
+    alice.onboard(&relay.url());
+    bob.onboard(&relay.url());
+    alice.ok(&["contact", "add", "bob"]);
+    bob.ok(&["contact", "add", "alice"]);
+    assert_eq!(alice.send("bob", "never read").0, 4);
+    let out = bob.ok(&["mailbox", "clear"]);
+    assert!(out.contains("your mailbox at the relay is empty"), "{out}");
+    // Nothing waits any more: a listener shows nothing, and the history has nothing from alice.
+    let bob_listen = bob.listen();
+    bob_listen.expect_nothing_for(Duration::from_millis(700));
+    drop(bob_listen);
+    assert!(bob.history_json("alice").is_empty());
+}

@@ -183,3 +183,32 @@ async fn a_long_running_session_rotates_its_prekey_on_a_timer() {
         "kept for its grace period"
     );
 }
+
+/// A one-shot command (nobody reads the session's pushes) of someone with a mailbox backlog
+/// larger than the push channel is not stalled: its requests are still answered, and the
+/// unread entries stay at the relay for the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
+    let relay = TestRelay::start(|c| {
+        c.limits.messages_per_second_per_user = 100_000;
+        c.limits.message_burst_per_user = 100_000;
+        c.limits.messages_per_second_per_address = 100_000;
+        c.limits.message_burst_per_address = 100_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    bob.disconnect().await;
+    alice.add_contact("bob").await.unwrap();
+    for i in 0..1100 {
+        let report = alice.send_text("bob", &format!("m{i}")).await.unwrap();
+        assert_eq!(report.state, SendState::Stored, "m{i}");
+    }
+    bob.connect().await.unwrap();
+    let (contact, _) = tokio::time::timeout(DEADLINE, bob.add_contact("alice"))
+        .await
+        .expect("the one-shot session is not stalled by its backlog")
+        .unwrap();
+    assert_eq!(contact.handle, "alice");
+}

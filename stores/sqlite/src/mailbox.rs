@@ -21,7 +21,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use syncra_core::error::PluginError;
 use syncra_core::id::USER_ID_LEN;
 use syncra_core::mailbox::{Mailbox, MailboxEntry, MailboxError, MailboxLimits, PutOutcome};
@@ -36,6 +36,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations-mailbox");
 
 /// Most puts committed in one transaction.
 pub const MAX_BATCH: usize = 512;
+/// Rows per statement (4 bound values each: far below SQLite's 32 766-variable limit).
+const STATEMENT_ROWS: usize = 128;
 /// Puts waiting for the writer; more wait for room (the sender's request waits, nobody else).
 const QUEUE: usize = 4096;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -207,68 +209,95 @@ async fn commit(
     limits: &MailboxLimits,
     batch: &[PutJob],
 ) -> Result<Vec<PutOutcome>, sqlx::Error> {
+    // A handful of statements per batch, not per put: every statement is a round trip to the
+    // connection's thread, and those hops, not the disk, bounded the throughput.
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut usage: HashMap<UserId, Usage> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut recipients: Vec<&UserId> = Vec::new();
     for job in batch {
-        let u = match usage.get(&job.recipient) {
-            Some(u) => *u,
-            None => {
-                let row = sqlx::query(
-                    "SELECT entries, bytes, next_id FROM mailbox_usage WHERE recipient = ?",
-                )
-                .bind(job.recipient.as_bytes().as_slice())
-                .fetch_optional(&mut *tx)
-                .await?;
-                match row {
-                    Some(r) => Usage {
-                        entries: r.try_get(0)?,
-                        bytes: r.try_get(1)?,
-                        next_id: r.try_get(2)?,
-                    },
-                    None => Usage {
-                        entries: 0,
-                        bytes: 0,
-                        next_id: 1,
-                    },
-                }
-            }
-        };
+        if !recipients.contains(&&job.recipient) {
+            recipients.push(&job.recipient);
+        }
+    }
+    for chunk in recipients.chunks(STATEMENT_ROWS) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT recipient, entries, bytes, next_id FROM mailbox_usage WHERE recipient IN (",
+        );
+        let mut list = query.separated(", ");
+        for r in chunk {
+            list.push_bind(r.as_bytes().as_slice());
+        }
+        list.push_unseparated(")");
+        for row in query.build().fetch_all(&mut *tx).await? {
+            let raw: Vec<u8> = row.try_get(0)?;
+            let Ok(id) = <[u8; USER_ID_LEN]>::try_from(raw.as_slice()) else {
+                continue;
+            };
+            usage.insert(
+                UserId::from_bytes(id),
+                Usage {
+                    entries: row.try_get(1)?,
+                    bytes: row.try_get(2)?,
+                    next_id: row.try_get(3)?,
+                },
+            );
+        }
+    }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut rows: Vec<(&UserId, i64, i64, &[u8])> = Vec::with_capacity(batch.len());
+    for job in batch {
+        let u = usage.entry(job.recipient).or_insert(Usage {
+            entries: 0,
+            bytes: 0,
+            next_id: 1,
+        });
         let size = job.delivery.len() as i64;
         if (u.entries as u64) >= limits.max_entries || (u.bytes + size) as u64 > limits.max_bytes {
-            usage.insert(job.recipient, u);
             outcomes.push(PutOutcome::Full);
             continue;
         }
-        sqlx::query("INSERT INTO mailbox (recipient, id, stored_at, delivery) VALUES (?, ?, ?, ?)")
-            .bind(job.recipient.as_bytes().as_slice())
-            .bind(u.next_id)
-            .bind(job.now_ms as i64)
-            .bind(job.delivery.as_ref())
-            .execute(&mut *tx)
-            .await?;
+        rows.push((
+            &job.recipient,
+            u.next_id,
+            job.now_ms as i64,
+            job.delivery.as_ref(),
+        ));
         outcomes.push(PutOutcome::Stored(u.next_id as u64));
-        usage.insert(
-            job.recipient,
-            Usage {
-                entries: u.entries + 1,
-                bytes: u.bytes + size,
-                next_id: u.next_id + 1,
-            },
-        );
+        u.entries += 1;
+        u.bytes += size;
+        u.next_id += 1;
     }
-    for (recipient, u) in &usage {
-        sqlx::query(
-            "INSERT INTO mailbox_usage (recipient, entries, bytes, next_id) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (recipient) DO UPDATE SET entries = excluded.entries, \
+    for chunk in rows.chunks(STATEMENT_ROWS) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO mailbox (recipient, id, stored_at, delivery) ",
+        );
+        query.push_values(chunk, |mut row, (recipient, id, at, delivery)| {
+            row.push_bind(recipient.as_bytes().as_slice())
+                .push_bind(*id)
+                .push_bind(*at)
+                .push_bind(*delivery);
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+    let touched: Vec<(&UserId, Usage)> = recipients
+        .iter()
+        .filter_map(|r| usage.get(*r).map(|u| (*r, *u)))
+        .collect();
+    for chunk in touched.chunks(STATEMENT_ROWS) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO mailbox_usage (recipient, entries, bytes, next_id) ",
+        );
+        query.push_values(chunk, |mut row, (recipient, u)| {
+            row.push_bind(recipient.as_bytes().as_slice())
+                .push_bind(u.entries)
+                .push_bind(u.bytes)
+                .push_bind(u.next_id);
+        });
+        query.push(
+            " ON CONFLICT (recipient) DO UPDATE SET entries = excluded.entries, \
              bytes = excluded.bytes, next_id = excluded.next_id",
-        )
-        .bind(recipient.as_bytes().as_slice())
-        .bind(u.entries)
-        .bind(u.bytes)
-        .bind(u.next_id)
-        .execute(&mut *tx)
-        .await?;
+        );
+        query.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(outcomes)

@@ -21,6 +21,17 @@ pub enum ConversationId {
     Group(String),
 }
 
+/// The onboarding step a failure is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnboardingStep {
+    /// The relay address (unreachable, refused, not a Syncra relay).
+    Relay,
+    /// The handle (taken, invalid, this identity already has another).
+    Handle,
+    /// The passphrase or the local files (creating or opening the identity).
+    Passphrase,
+}
+
 /// Delivery state of an outgoing message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryState {
@@ -157,8 +168,14 @@ pub enum AppEvent {
     },
     /// Unlocking failed (wrong passphrase, damaged file); the text says what to do.
     UnlockFailed(String),
-    /// Creating or registering the identity failed; the text says what to do.
-    OnboardingFailed(String),
+    /// Creating or registering the identity failed: which onboarding step it is about (the
+    /// front end goes back there) and what to do.
+    OnboardingFailed {
+        /// The step to go back to.
+        step: OnboardingStep,
+        /// What happened and what to do.
+        message: String,
+    },
     /// The result of checking a relay address (reachable, TLS) during onboarding.
     RelayCheck {
         /// The address checked.

@@ -11,12 +11,12 @@ use syncra_core::UserId;
 use syncra_core::crypto::keyfile::KeyFile;
 use syncra_core::ui::{
     AppEvent, ChatLine, CommandInfo, ConnectionState, ConversationId, ConversationSummary, Me,
-    UiFrontend, UserAction,
+    OnboardingStep, UiFrontend, UserAction,
 };
 use syncra_core::wire::ErrorCode;
 use tokio::sync::mpsc;
 
-use crate::client::{Client, Incoming, InitOptions, SendState, Target};
+use crate::client::{Client, Incoming, InitOptions, RegisterError, SendState, Target};
 use crate::history::StoredMessage;
 use crate::home::Home;
 use crate::net::{NetError, Push, backoff, probe};
@@ -276,15 +276,17 @@ impl Controller {
                     }
                 })
                 .await;
+                let failed = |step, message| AppEvent::OnboardingFailed { step, message };
                 let mut client = match made {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
-                        self.emit(AppEvent::OnboardingFailed(format!("{e:#}")))
+                        self.emit(failed(OnboardingStep::Passphrase, format!("{e:#}")))
                             .await;
                         return;
                     }
                     Err(e) => {
-                        self.emit(AppEvent::OnboardingFailed(e.to_string())).await;
+                        self.emit(failed(OnboardingStep::Passphrase, e.to_string()))
+                            .await;
                         return;
                     }
                 };
@@ -294,8 +296,13 @@ impl Controller {
                 match client.register(&relay, &handle).await {
                     Ok(()) => self.unlocked(client).await,
                     Err(e) => {
-                        self.emit(AppEvent::OnboardingFailed(format!("{e:#}")))
-                            .await
+                        // The step comes from the error's kind, never from its wording.
+                        let step = match &e {
+                            RegisterError::Handle(_) => OnboardingStep::Handle,
+                            RegisterError::Relay(_) => OnboardingStep::Relay,
+                            RegisterError::Local(_) => OnboardingStep::Passphrase,
+                        };
+                        self.emit(failed(step, e.to_string())).await
                     }
                 }
             }

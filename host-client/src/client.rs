@@ -74,6 +74,20 @@ pub struct SendReport {
     pub outcomes: Vec<RecipientOutcome>,
 }
 
+/// Why a registration failed, by what the person has to change.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The handle: taken, invalid, or this identity already registered under another.
+    #[error("{0}")]
+    Handle(String),
+    /// The relay: unreachable, refused, or not a Syncra relay.
+    #[error("{0}")]
+    Relay(String),
+    /// Local state (saving the settings).
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+}
+
 /// The overall state of a send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendState {
@@ -356,9 +370,9 @@ impl Client {
     }
 
     /// Registers this identity on a relay under a handle and remembers both.
-    pub async fn register(&mut self, relay: &str, handle: &str) -> anyhow::Result<()> {
+    pub async fn register(&mut self, relay: &str, handle: &str) -> Result<(), RegisterError> {
         let parsed = Handle::parse(handle)
-            .map_err(|e| anyhow::anyhow!("{e}; pick another with --handle"))?;
+            .map_err(|e| RegisterError::Handle(format!("{e}; pick another with --handle")))?;
         let session = Session::connect(
             &self.transport,
             Dial {
@@ -380,26 +394,26 @@ impl Client {
             NetError::Refused {
                 code: ErrorCode::HandleTaken,
                 ..
-            } => anyhow::anyhow!(
+            } => RegisterError::Handle(format!(
                 "handle {:?} is taken; pick another with --handle",
                 parsed.as_str()
-            ),
+            )),
             NetError::Refused {
                 code: ErrorCode::HandleInvalid,
                 message,
-            } => anyhow::anyhow!("{message}; pick another with --handle"),
+            } => RegisterError::Handle(format!("{message}; pick another with --handle")),
             NetError::Refused {
                 code: ErrorCode::AlreadyRegistered,
                 ..
-            } => anyhow::anyhow!(
+            } => RegisterError::Handle(format!(
                 "this identity is already registered on {relay} (under another handle)"
-            ),
-            other => anyhow::anyhow!("registering on {relay}: {other}"),
+            )),
+            other => RegisterError::Relay(format!("registering on {relay}: {other}")),
         })?;
         self.settings.relay = Some(relay.to_owned());
         self.settings.relay_id = Some(session.relay_id.clone());
         self.settings.handle = Some(parsed.as_str().to_owned());
-        self.save_settings()?;
+        self.save_settings().map_err(RegisterError::Local)?;
         self.token = Some(session.token.clone());
         self.session = Some(session);
         Ok(())

@@ -104,8 +104,8 @@ impl State {
                     }
                 }
             }
-            AppEvent::OnboardingFailed(why) => {
-                say(&format!("error: {why}"));
+            AppEvent::OnboardingFailed { message, .. } => {
+                say(&format!("error: {message}"));
                 if let Stage::Passphrase { relay, .. } = &self.stage {
                     let relay = relay.clone();
                     prompt("handle: ");

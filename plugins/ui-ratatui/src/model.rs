@@ -11,7 +11,7 @@ use ratatui_textarea::TextArea;
 use syncra_core::UserId;
 use syncra_core::ui::{
     AppEvent, ChatLine, CommandInfo, ConnectionState, ConversationId, ConversationSummary,
-    DeliveryState, Me, Secret, UserAction,
+    DeliveryState, Me, OnboardingStep, Secret, UserAction,
 };
 
 use crate::config::{KeyAction, Keymap};
@@ -339,17 +339,15 @@ impl Model {
                     u.pass = secret_area("passphrase");
                 }
             }
-            AppEvent::OnboardingFailed(why) => {
+            AppEvent::OnboardingFailed { step, message } => {
                 if let Screen::Onboarding(o) = &mut self.screen {
                     // Back to the step the error is about, keeping what was typed.
-                    o.step = if why.contains("handle") {
-                        Step::Handle
-                    } else if why.contains("relay") || why.contains("connect") {
-                        Step::Relay
-                    } else {
-                        Step::Passphrase
+                    o.step = match step {
+                        OnboardingStep::Handle => Step::Handle,
+                        OnboardingStep::Relay => Step::Relay,
+                        OnboardingStep::Passphrase => Step::Passphrase,
                     };
-                    o.error = Some(why);
+                    o.error = Some(message);
                 }
             }
             AppEvent::RelayCheck { url, result } => {
@@ -1099,7 +1097,10 @@ fn inert(event: AppEvent) -> AppEvent {
             handle: handle.map(clean),
         },
         AppEvent::UnlockFailed(why) => AppEvent::UnlockFailed(clean(why)),
-        AppEvent::OnboardingFailed(why) => AppEvent::OnboardingFailed(clean(why)),
+        AppEvent::OnboardingFailed { step, message } => AppEvent::OnboardingFailed {
+            step,
+            message: clean(message),
+        },
         AppEvent::RelayCheck { url, result } => AppEvent::RelayCheck {
             url: clean(url),
             result: result.map(clean).map_err(clean),

@@ -10,7 +10,7 @@ use ratatui::backend::TestBackend;
 use syncra_core::UserId;
 use syncra_core::ui::{
     AppEvent, ChatLine, CommandInfo, ConnectionState, ConversationId, ConversationSummary,
-    DeliveryState, Me, UserAction,
+    DeliveryState, Me, OnboardingStep, UserAction,
 };
 use syncra_ui_ratatui::config::{Keymap, Theme};
 use syncra_ui_ratatui::model::{Focus, HandleStatus, Message, Model, Overlay, Screen, Step};
@@ -589,9 +589,10 @@ fn onboarding_validates_as_you_type() {
         _ => panic!(),
     }
     // A failure from the client goes back to the step it concerns.
-    m.update(Message::App(AppEvent::OnboardingFailed(
-        "handle \"carol\" is taken; pick another with --handle".into(),
-    )));
+    m.update(Message::App(AppEvent::OnboardingFailed {
+        step: OnboardingStep::Handle,
+        message: "handle \"carol\" is taken; pick another with --handle".into(),
+    }));
     match &m.screen {
         Screen::Onboarding(o) => assert_eq!(o.step, Step::Handle),
         _ => panic!(),

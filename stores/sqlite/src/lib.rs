@@ -98,6 +98,25 @@ impl From<SqliteError> for StoreError {
     }
 }
 
+/// Connections to a database file, as both the identity store and the mailbox use them: WAL
+/// (readers beside the one writer) and `synchronous = FULL` (what was answered "ok" — a
+/// registration, a stored delivery — survives a power cut), created if missing.
+pub(crate) async fn file_pool(path: &Path) -> Result<SqlitePool, sqlx::Error> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT);
+    // `connect_with` opens the first connection before returning, so WAL is switched on by one
+    // connection before any other exists (the switch cannot wait on a busy timeout).
+    SqlitePoolOptions::new()
+        .max_connections(FILE_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+}
+
 /// An [`IdentityStore`] in a SQLite database. Cheap to clone; clones share the connections.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -117,24 +136,10 @@ impl SqliteStore {
             })?;
         }
         let location: Arc<str> = path.display().to_string().into();
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL, not NORMAL: a registration that was answered "ok" must survive a power cut.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
-        // `connect_with` opens the first connection before returning, so WAL is switched on by
-        // one connection before any other exists (the switch cannot wait on a busy timeout).
-        let pool = SqlitePoolOptions::new()
-            .max_connections(FILE_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|source| SqliteError::Open {
-                location: Arc::clone(&location),
-                source,
-            })?;
+        let pool = file_pool(path).await.map_err(|source| SqliteError::Open {
+            location: Arc::clone(&location),
+            source,
+        })?;
         Self::migrated(pool, location).await
     }
 

@@ -13,14 +13,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use syncra_core::error::PluginError;
 use syncra_core::id::USER_ID_LEN;
@@ -40,9 +37,6 @@ pub const MAX_BATCH: usize = 512;
 const STATEMENT_ROWS: usize = 128;
 /// Puts waiting for the writer; more wait for room (the sender's request waits, nobody else).
 const QUEUE: usize = 4096;
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTIONS: u32 = 4;
 
 /// The configuration of `[mailbox] kind = "sqlite"`.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -86,17 +80,7 @@ impl SqliteMailbox {
             std::fs::create_dir_all(parent)
                 .map_err(|e| unavailable(&location, "creating its directory", e))?;
         }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: an entry answered `stored` must survive a power cut.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+        let pool = crate::file_pool(path)
             .await
             .map_err(|e| unavailable(&location, "opening", e))?;
         MIGRATOR.run(&pool).await.map_err(|e| {

@@ -163,16 +163,7 @@ impl Relay {
             &config.relay_id,
             config.auth.token_ttl_secs,
         )?;
-        let store = registry
-            .stores
-            .create(config.store_section(), ())
-            .await
-            .with_context(|| {
-                format!(
-                    "starting the identity store ([store] in {})",
-                    config.describe_source()
-                )
-            })?;
+        let store = open_store(&registry, &config).await?;
         let (mailbox_section, mailbox_limits) = config.mailbox_settings()?;
         let mailbox = registry
             .mailboxes
@@ -501,12 +492,12 @@ async fn start_admin(
     Ok((local, task))
 }
 
-/// Deletes a user by handle or user id from the configured identity store; returns its id.
-/// Deleting revokes its resume tokens: they name the user's registration generation, which a
-/// deleted user no longer has.
-pub async fn delete_user(config: &RelayConfig, who: &str) -> anyhow::Result<syncra_core::UserId> {
-    let registry = plugin_registry()?;
-    let store = registry
+/// The configured identity store, created through the registry.
+async fn open_store(
+    registry: &PluginRegistry,
+    config: &RelayConfig,
+) -> anyhow::Result<Arc<dyn IdentityStore>> {
+    registry
         .stores
         .create(config.store_section(), ())
         .await
@@ -515,7 +506,14 @@ pub async fn delete_user(config: &RelayConfig, who: &str) -> anyhow::Result<sync
                 "opening the identity store ([store] in {})",
                 config.describe_source()
             )
-        })?;
+        })
+}
+
+/// Deletes a user by handle or user id from the configured identity store; returns its id.
+/// Deleting revokes its resume tokens: they name the user's registration generation, which a
+/// deleted user no longer has.
+pub async fn delete_user(config: &RelayConfig, who: &str) -> anyhow::Result<syncra_core::UserId> {
+    let store = open_store(&plugin_registry()?, config).await?;
     let id = match who.parse::<syncra_core::UserId>() {
         Ok(id) => id,
         Err(_) => {

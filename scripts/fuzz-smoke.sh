@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzz smoke test: builds every cargo-fuzz target in core/fuzz and runs each one briefly
+# Fuzz smoke test: builds every cargo-fuzz target in test-support/fuzz and runs each one briefly
 # (FUZZ_SECONDS, default 20 s per target) from its committed seed corpus. Fails on any crash,
 # timeout or out-of-memory, on a target that does not build, and on missing tools: cargo-fuzz
 # needs a nightly toolchain (-Zsanitizer), which this script cannot install (toolchains are not
@@ -7,14 +7,14 @@
 #
 # Usage: scripts/fuzz-smoke.sh [TARGET...]      (default: every target)
 # Env:   FUZZ_SECONDS   seconds per target (default 20)
-#        FUZZ_TARGET_DIR  build directory (default $CARGO_TARGET_DIR/fuzz, else core/fuzz/target)
+#        FUZZ_TARGET_DIR  build directory (default $CARGO_TARGET_DIR/fuzz, else test-support/fuzz/target)
 # Long runs and what each target checks: docs/SECURITY.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
 seconds="${FUZZ_SECONDS:-20}"
-fuzz_dir=core/fuzz
+fuzz_dir=test-support/fuzz
 if [[ -n "${FUZZ_TARGET_DIR:-}" ]]; then
   target_dir="$FUZZ_TARGET_DIR"
 elif [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
@@ -72,7 +72,7 @@ for t in "${targets[@]}"; do
     continue
   fi
   # New inputs go to a scratch directory (first corpus argument), so the committed seed
-  # corpus is only read. Crashes are written to core/fuzz/artifacts/<target>/.
+  # corpus is only read. Crashes are written to test-support/fuzz/artifacts/<target>/.
   mkdir -p "$work/$t"
   log="$work/$t.log"
   echo "fuzz-smoke: running $t for ${seconds}s"

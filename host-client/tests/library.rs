@@ -7,7 +7,7 @@ use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
 use syncra_core::crypto::keyfile::KdfParams;
 use syncra_test_support::DEADLINE;
-use syncra_test_support::relay::TestRelay;
+use syncra_test_relay::TestRelay;
 
 const PASS: &str = "pw for tests";
 

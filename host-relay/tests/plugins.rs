@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
-use syncra_test_support::relay::{RawClient, TestRelay, TestUser};
+use syncra_test_relay::{RawClient, TestRelay, TestUser};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -301,7 +301,7 @@ async fn bad_plugin_entries_fail_at_start_with_clear_errors() {
             "unknown plugin kind",
         ),
     ] {
-        let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("d"));
+        let mut config = syncra_test_relay::test_relay_config(dir.path().join("d"));
         config.plugins = vec![entry];
         let err = format!(
             "{:#}",

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use syncra_core::crypto::keys::{PrekeyRing, PrekeySecret};
 use syncra_core::wire::{ErrorCode, Frame, Outcome, PROTOCOL_VERSION};
-use syncra_test_support::relay::{RawClient, Received, TestRelay, TestUser, expect_auth_ok};
+use syncra_test_relay::{RawClient, Received, TestRelay, TestUser, expect_auth_ok};
 
 /// Opens an envelope as `user` and returns the body.
 /// Two fresh users exchange a message both ways: proof the relay still serves everyone.
@@ -645,7 +645,7 @@ async fn shutdown_drains_sessions_with_a_reason() {
 #[tokio::test]
 async fn plaintext_on_a_public_address_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("d"));
+    let mut config = syncra_test_relay::test_relay_config(dir.path().join("d"));
     config.listen = "0.0.0.0:0".into();
     let err = syncra_relay::Relay::start(config).await.unwrap_err();
     assert!(format!("{err:#}").contains("behind_tls_proxy"), "{err:#}");
@@ -654,7 +654,7 @@ async fn plaintext_on_a_public_address_is_refused_at_start() {
 #[tokio::test]
 async fn unknown_and_uncompiled_plugin_kinds_are_different_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("d"));
+    let mut config = syncra_test_relay::test_relay_config(dir.path().join("d"));
     config.broker = serde_json::json!({ "kind": "natz" });
     let err = format!(
         "{:#}",
@@ -701,7 +701,7 @@ async fn a_busy_port_names_the_setting_to_change() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("data"));
+    let mut config = syncra_test_relay::test_relay_config(dir.path().join("data"));
     config.listen = busy.clone();
     let err = format!(
         "{:#}",
@@ -712,7 +712,7 @@ async fn a_busy_port_names_the_setting_to_change() {
         "{err}"
     );
 
-    let mut config = syncra_test_support::relay::test_relay_config(dir.path().join("data"));
+    let mut config = syncra_test_relay::test_relay_config(dir.path().join("data"));
     config.admin_listen = busy.clone();
     let err = format!(
         "{:#}",

@@ -1,5 +1,6 @@
 //! `syncra-test-support`: the trait conformance suites, helpers that spawn real servers on free
-//! ports, and fixtures shared by Syncra's tests.
+//! ports, and fixtures shared by Syncra's tests. It depends on `syncra-core` only; the in-process
+//! relay and its raw protocol client live apart, in `syncra-test-relay` (`test-support/relay`).
 //!
 //! Why it exists: every implementation of a core contract (an identity store, a broker) must
 //! behave the same way, so the rules are tested once, here, and each implementation's
@@ -15,7 +16,6 @@ pub mod fixtures;
 pub mod mailbox;
 pub mod postgres;
 pub mod process;
-pub mod relay;
 pub mod servers;
 pub mod store;
 

@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use syncra_core::crypto::keyfile::KeyFile;
-use syncra_core_fuzz::keyfile::{PASSPHRASE, WRONG_PASSPHRASE, clamp};
+use syncra_fuzz::keyfile::{PASSPHRASE, WRONG_PASSPHRASE, clamp};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(mut file) = KeyFile::parse(data) else {

@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use syncra_core_fuzz::client_history::History;
-use syncra_core_fuzz::history::{CONVERSATION, build, key};
-use syncra_core_fuzz::home::FsyncPolicy;
+use syncra_fuzz::client_history::History;
+use syncra_fuzz::history::{CONVERSATION, build, key};
+use syncra_fuzz::home::FsyncPolicy;
 
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| syncra_core_fuzz::process_dir("syncra-fuzz-history-"))
+    DIR.get_or_init(|| syncra_fuzz::process_dir("syncra-fuzz-history-"))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use syncra_core_fuzz::envelope::{REFERENCE_BODY, Recipient0, mutations, reference_envelope};
+use syncra_fuzz::envelope::{REFERENCE_BODY, Recipient0, mutations, reference_envelope};
 
 struct Fixture {
     recipient: Recipient0,
@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             );
             assert_eq!(
                 opened.timestamp_ms,
-                syncra_core_fuzz::NOW_MS,
+                syncra_fuzz::NOW_MS,
                 "an edited envelope opened with another timestamp"
             );
             assert_eq!(

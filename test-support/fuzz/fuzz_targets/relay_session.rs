@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use syncra_core_fuzz::relay::{Action, Harness};
+use syncra_fuzz::relay::{Action, Harness};
 
 fuzz_target!(|actions: Vec<Action>| {
     Harness::get().run(&actions);

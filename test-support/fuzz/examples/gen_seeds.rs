@@ -2,7 +2,7 @@
 //! `history_line`, `relay_session`) into `corpus/<target>/`.
 //!
 //! ```text
-//! cd core/fuzz && cargo run --example gen_seeds --no-default-features -- corpus
+//! cd test-support/fuzz && cargo run --example gen_seeds --no-default-features -- corpus
 //! ```
 //!
 //! Seeds are small, named by what they exercise, and deterministic where the API allows it
@@ -17,10 +17,10 @@ use rand::{Rng, RngExt};
 use syncra_core::crypto::envelope::{Recipient, forge, seal_with_rng};
 use syncra_core::crypto::keyfile::{KdfParams, UnlockedKeyFile};
 use syncra_core::crypto::keys::IdentityKeyPair;
-use syncra_core_fuzz::actions::{Action, FuzzFrame};
-use syncra_core_fuzz::envelope::{me_recipient, other_recipient, reference_envelope};
-use syncra_core_fuzz::keyfile::PASSPHRASE;
-use syncra_core_fuzz::{NOW_MS, mallory, me, my_retired_prekey, seeded, sender};
+use syncra_fuzz::actions::{Action, FuzzFrame};
+use syncra_fuzz::envelope::{me_recipient, other_recipient, reference_envelope};
+use syncra_fuzz::keyfile::PASSPHRASE;
+use syncra_fuzz::{NOW_MS, mallory, me, my_retired_prekey, seeded, sender};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     fs::create_dir_all(dir).expect("corpus dir");
@@ -30,7 +30,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) {
 /// Prints what each `envelope_open` seed that is an envelope (mode 0) does when opened, so a
 /// seed that stopped reaching its check is noticed.
 fn report_envelopes(dir: &Path) {
-    let recipient = syncra_core_fuzz::envelope::Recipient0::default();
+    let recipient = syncra_fuzz::envelope::Recipient0::default();
     let mut names: Vec<_> = fs::read_dir(dir)
         .expect("corpus dir")
         .flatten()

@@ -1,4 +1,7 @@
-//! A real relay in-process on `127.0.0.1:0`, and a protocol-level test client.
+//! `syncra-test-relay`: a real relay in-process on `127.0.0.1:0`, and a protocol-level test client.
+//!
+//! It is apart from `syncra-test-support` so that the conformance suites (which need only core)
+//! do not pull the relay, Wasmtime and sqlx into every broker's and store's test build.
 //!
 //! The client speaks raw frames over the real WebSocket transport so that tests can send
 //! exactly what an attacker would (garbage, replays, forged proofs) as well as what an honest
@@ -18,7 +21,7 @@ use syncra_core::{IdentityRecord, UserId};
 use syncra_relay::{Relay, RelayConfig};
 use syncra_transport_ws::{WsConfig, WsTransport};
 
-use crate::DEADLINE;
+use syncra_test_support::DEADLINE;
 
 /// A relay running in this process with its own temporary data directory.
 pub struct TestRelay {

@@ -79,11 +79,11 @@ fn bad_salt_and_lengths_are_corrupt() {
 #[test]
 fn future_version_and_hostile_parameters_are_refused() {
     let mut file = sealed();
-    file.version = 2;
+    file.version = 3;
     let json = serde_json::to_vec(&file).unwrap();
     assert!(matches!(
         KeyFile::parse(&json),
-        Err(KeyFileError::UnsupportedVersion(2))
+        Err(KeyFileError::UnsupportedVersion(3))
     ));
     let mut file = sealed();
     file.params.m_kib = u32::MAX;

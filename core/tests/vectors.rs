@@ -212,7 +212,7 @@ struct KeyFileVector {
 
 #[test]
 fn keyfile_known_answer() {
-    let path = vectors_dir().join("keyfile_v1.json");
+    let path = vectors_dir().join("keyfile_v2.json");
     let passphrase = "correct horse battery staple";
     let salt_rng_seed = "syncra-vector/keyfile-salt";
     let identity = identity_from("syncra-vector/keyfile-identity");
@@ -227,9 +227,11 @@ fn keyfile_known_answer() {
         .public
         .insert("user_id".into(), identity.user_id().to_string());
     let fresh = KeyFileVector {
-        description: "Key file v1: Argon2id(passphrase, salt) -> KEK; each secret is \
-                      AES-256-KWP(KEK, secret), base64. Salt is the first 16 bytes of the \
-                      generator seeded with salt_rng_seed."
+        description: "Key file v2: Argon2id(passphrase, salt) -> KEK; each secret is \
+                      AES-256-KWP(KEK, secret), base64; mac = HMAC-SHA256(HMAC-SHA256(KEK, \
+                      'syncra/v2/keyfile-mac'), Transcript('syncra/v2/keyfile') of version, \
+                      params, salt, every (name, wrapped secret) and every public (name, value)). \
+                      Salt is the first 16 bytes of the generator seeded with salt_rng_seed."
             .into(),
         passphrase: passphrase.into(),
         salt_rng_seed: salt_rng_seed.into(),
@@ -247,4 +249,23 @@ fn keyfile_known_answer() {
         hex(opened.get("identity").unwrap()),
         committed.identity_seed
     );
+    assert!(opened.authenticated());
+}
+
+/// A version 1 file (no mac) written by an older Syncra still opens, marked unauthenticated.
+#[test]
+fn keyfile_v1_still_opens() {
+    let path = vectors_dir().join("keyfile_v1.json");
+    let committed: KeyFileVector =
+        serde_json::from_slice(&std::fs::read(&path).expect("vector file")).unwrap();
+    assert_eq!(committed.file.version, 1);
+    let opened = committed
+        .file
+        .unlock(committed.passphrase.as_bytes(), false)
+        .unwrap();
+    assert_eq!(
+        hex(opened.get("identity").unwrap()),
+        committed.identity_seed
+    );
+    assert!(!opened.authenticated());
 }

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use crate::client::{Client, Incoming, InitOptions, RegisterError, SendState, Target};
 use crate::history::StoredMessage;
 use crate::home::Home;
-use crate::net::{NetError, Push, backoff, probe};
+use crate::net::probe;
+use crate::serve::{Serve, ServeEvent, Wake};
 
 /// The sender name of a group event line ("alice added eve").
 const EVENT_MARK: &str = "*";
@@ -47,13 +48,9 @@ pub async fn run(
         home,
         events: ev_tx,
         client: None,
-        pushes: None,
+        serve: None,
         unread: HashMap::new(),
         open: None,
-        attempt: 0,
-        retry_at: None,
-        key_check_at: tokio::time::Instant::now() + crate::client::KEY_CHECK_EVERY,
-        key_failures: 0,
         init_options: InitOptions::default(),
         extensions: Vec::new(),
         options,
@@ -72,15 +69,11 @@ struct Controller {
     home: Home,
     events: mpsc::Sender<AppEvent>,
     client: Option<Client>,
-    pushes: Option<mpsc::Receiver<Push>>,
+    /// The same connection loop as `listen` and `bot run` (reconnects, outbox, key timer,
+    /// deliveries), driven from this loop beside the person's actions.
+    serve: Option<Serve<std::future::Pending<()>>>,
     unread: HashMap<ConversationId, u32>,
     open: Option<ConversationId>,
-    attempt: u32,
-    retry_at: Option<tokio::time::Instant>,
-    /// When the keys are next checked for a due rotation or erasure (as in `Serve`).
-    key_check_at: tokio::time::Instant,
-    /// Rotation failures in a row, for the retry backoff.
-    key_failures: u32,
     init_options: InitOptions,
     /// Client extensions and the commands each offers.
     extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
@@ -102,38 +95,24 @@ impl Controller {
     async fn run(&mut self, mut actions: mpsc::Receiver<UserAction>) -> anyhow::Result<()> {
         self.start().await?;
         loop {
-            let retry = async {
-                match self.retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
+            // Waiting borrows only the loop's state (cancel-safe); the client is used after.
+            let session = self.client.as_ref().and_then(Client::session);
+            let connected = self.client.as_ref().is_some_and(Client::is_connected);
+            let serve = self.serve.as_mut();
+            let wake = async {
+                match serve {
+                    Some(serve) => serve.wait(session, connected).await,
                     None => std::future::pending().await,
                 }
             };
-            let closed = async {
-                match self.client.as_ref().and_then(Client::session) {
-                    Some(s) => s.wait_closed().await,
-                    None => std::future::pending().await,
-                }
+            let step = tokio::select! {
+                action = actions.recv() => Err(action),
+                wake = wake => Ok(wake),
             };
-            let push = async {
-                match self.pushes.as_mut() {
-                    Some(p) => p.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                action = actions.recv() => match action {
-                    None | Some(UserAction::Quit) => break,
-                    Some(a) => self.on_action(a).await,
-                },
-                Some(push) = push => self.on_push(push).await,
-                _ = closed => {
-                    self.schedule_reconnect("connection lost".into()).await;
-                }
-                _ = retry => {
-                    self.retry_at = None;
-                    self.connect().await;
-                }
-                () = tokio::time::sleep_until(self.key_check_at) => self.maintain_keys().await,
+            match step {
+                Err(None | Some(UserAction::Quit)) => break,
+                Err(Some(action)) => self.on_action(action).await,
+                Ok(wake) => self.on_wake(wake).await,
             }
         }
         if let Some(c) = self.client.as_mut() {
@@ -143,25 +122,57 @@ impl Controller {
         Ok(())
     }
 
-    /// Rotates the prekey when due while the TUI runs (forward secrecy must not wait for a
-    /// reconnect); a failure is retried with backoff.
-    async fn maintain_keys(&mut self) {
-        let now = tokio::time::Instant::now();
-        let every = crate::client::KEY_CHECK_EVERY;
-        let Some(client) = self.client.as_mut().filter(|c| c.is_connected()) else {
-            self.key_check_at = now + every;
+    /// Lets the connection loop do what woke it, then shows what came of it.
+    async fn on_wake(&mut self, wake: Wake) {
+        let (Some(serve), Some(client)) = (self.serve.as_mut(), self.client.as_mut()) else {
             return;
         };
-        match client.maintain_keys().await {
-            Ok(()) => {
-                self.key_failures = 0;
-                self.key_check_at = now + every;
+        serve.handle(client, wake).await;
+        let events: Vec<ServeEvent> = serve.take_events().collect();
+        for event in events {
+            self.on_serve_event(event).await;
+        }
+    }
+
+    async fn on_serve_event(&mut self, event: ServeEvent) {
+        match event {
+            ServeEvent::Connecting { attempt } => {
+                self.emit(AppEvent::Connection(ConnectionState::Connecting(attempt)))
+                    .await
             }
-            Err(e) => {
-                let retry_in = backoff(self.key_failures).min(every);
-                self.key_failures = self.key_failures.saturating_add(1);
-                self.key_check_at = now + retry_in;
-                tracing::warn!("prekey rotation failed; retrying: {e:#}");
+            ServeEvent::Connected { sent } => {
+                self.emit(AppEvent::Connection(ConnectionState::Online))
+                    .await;
+                if sent > 0 {
+                    self.emit(AppEvent::Notice(format!(
+                        "sent {sent} message(s) from the outbox"
+                    )))
+                    .await;
+                    self.send_conversations().await;
+                }
+            }
+            ServeEvent::Disconnected { reason, retry_in } => {
+                self.emit(AppEvent::Connection(ConnectionState::Offline {
+                    retry_in_secs: retry_in.as_secs().max(1),
+                    reason,
+                }))
+                .await
+            }
+            ServeEvent::Incoming(incoming) => self.on_incoming(incoming).await,
+            ServeEvent::Failed(message) => self.emit(AppEvent::Error(message)).await,
+            ServeEvent::Backlog(count) => {
+                let what = if count == 1 { "message" } else { "messages" };
+                self.emit(AppEvent::Notice(format!(
+                    "{count} {what} arrived while you were away"
+                )))
+                .await;
+            }
+            ServeEvent::Notice(code, message) => {
+                let text = match code {
+                    ErrorCode::QueueOverflow => format!("the relay dropped messages: {message}"),
+                    _ => format!("relay: {message}"),
+                };
+                self.emit(AppEvent::Notice(text)).await;
             }
         }
     }
@@ -211,7 +222,14 @@ impl Controller {
         if self.options.insecure_plaintext {
             client.allow_insecure_plaintext();
         }
-        self.pushes = client.take_pushes();
+        let serve = match Serve::new(&mut client, std::future::pending()) {
+            Ok(serve) => serve,
+            Err(e) => {
+                self.emit(AppEvent::Error(format!("{e:#}"))).await;
+                return;
+            }
+        };
+        self.serve = Some(serve);
         self.client = Some(client);
         if let Some(me) = self.me() {
             self.emit(AppEvent::Ready(me)).await;
@@ -219,7 +237,11 @@ impl Controller {
         let commands = self.load_extensions().await;
         self.emit(AppEvent::Commands(commands)).await;
         self.send_conversations().await;
-        self.connect().await;
+        // Connect now (registration may have connected already: then this says so).
+        if let Some(serve) = self.serve.as_mut() {
+            serve.connect_now();
+        }
+        self.on_wake(Wake::Connect).await;
     }
 
     async fn on_action(&mut self, action: UserAction) {
@@ -353,9 +375,10 @@ impl Controller {
         for config in configs {
             let name = config.name();
             let dir = store_dir.clone();
+            let key = client.plugin_store_key();
             let loaded = tokio::task::spawn_blocking(move || {
                 syncra_core::crypto::keyfile::create_private_dir(&dir)?;
-                crate::bot::load(config, &dir)
+                crate::bot::load(config, &dir, key)
             })
             .await;
             let plugin = match loaded {
@@ -559,87 +582,35 @@ impl Controller {
         self.send_conversations().await;
     }
 
-    async fn on_push(&mut self, push: Push) {
-        if self.client.is_none() {
-            return;
-        }
-        match push {
-            Push::Notice(code, message) => {
-                let text = match code {
-                    ErrorCode::QueueOverflow => format!("the relay dropped messages: {message}"),
-                    _ => format!("relay: {message}"),
-                };
-                self.emit(AppEvent::Notice(text)).await;
-            }
-            Push::Deliver(envelope) => self.on_envelope(&envelope).await,
-            Push::Pending(entry, envelope) => {
-                // Acknowledged once handled (in the history, or refused), never before.
-                self.on_envelope(&envelope).await;
-                if let Some(client) = self.client.as_ref() {
-                    client.acknowledge(entry).await;
-                }
-            }
-            Push::BacklogDone(count) => {
-                if count > 0 {
-                    let what = if count == 1 { "message" } else { "messages" };
-                    self.emit(AppEvent::Notice(format!(
-                        "{count} {what} arrived while you were away"
-                    )))
-                    .await;
-                }
-            }
-        }
-    }
-
-    /// A sealed envelope from the relay, live or from the mailbox.
-    async fn on_envelope(&mut self, envelope: &bytes::Bytes) {
-        let Some(client) = self.client.as_mut() else {
-            return;
-        };
-        match client.receive(envelope).await {
-            Ok(Some(Incoming::Message {
-                target,
-                from,
-                from_name,
-                text,
-                timestamp_ms,
-                id,
-                events,
-                ..
-            })) => {
-                let conversation = target.to_ui();
-                if self.open.as_ref() != Some(&conversation) && !text.is_empty() {
-                    *self.unread.entry(conversation.clone()).or_default() += 1;
-                }
-                for (n, event) in events.into_iter().enumerate() {
-                    self.emit(AppEvent::Message(ChatLine {
-                        conversation: conversation.clone(),
-                        message_id: format!("{id}-event-{n}"),
-                        sender: from,
-                        sender_name: Some(EVENT_MARK.into()),
-                        outgoing: false,
-                        timestamp_ms,
-                        text: event,
-                        delivery: None,
-                    }))
-                    .await;
-                }
-                if !text.is_empty() {
+    /// A delivery, filed by the connection loop: shown, counted as unread, or explained.
+    async fn on_incoming(&mut self, incoming: Incoming) {
+        match incoming {
+            Incoming::Message { .. } => {
+                let lines = incoming.shown();
+                for line in lines {
+                    let conversation = line.target.to_ui();
+                    if !line.event && self.open.as_ref() != Some(&conversation) {
+                        *self.unread.entry(conversation.clone()).or_default() += 1;
+                    }
                     self.emit(AppEvent::Message(ChatLine {
                         conversation,
-                        message_id: id,
-                        sender: from,
-                        sender_name: Some(from_name),
+                        message_id: line.id,
+                        sender: line.from,
+                        sender_name: Some(if line.event {
+                            EVENT_MARK.into()
+                        } else {
+                            line.from_name
+                        }),
                         outgoing: false,
-                        timestamp_ms,
-                        text,
+                        timestamp_ms: line.timestamp_ms,
+                        text: line.text,
                         delivery: None,
                     }))
                     .await;
                 }
                 self.send_conversations().await;
             }
-            Ok(Some(Incoming::Held { handle, from })) => {
+            Incoming::Held { handle, from } => {
                 self.emit(AppEvent::KeyChanged {
                     contact: from,
                     handle,
@@ -647,78 +618,20 @@ impl Controller {
                 .await;
                 self.send_conversations().await;
             }
-            Ok(Some(Incoming::Rejected { reason })) => {
+            Incoming::Rejected { reason } => {
                 self.emit(AppEvent::Notice(format!(
                     "a message did not open: {reason}"
                 )))
                 .await
             }
-            Ok(Some(Incoming::Notice(n))) => self.emit(AppEvent::Notice(n)).await,
-            Ok(None) => {}
-            Err(e) => self.emit(AppEvent::Error(format!("{e:#}"))).await,
+            Incoming::Notice(n) => self.emit(AppEvent::Notice(n)).await,
         }
-    }
-
-    async fn connect(&mut self) {
-        let Some(client) = self.client.as_mut() else {
-            return;
-        };
-        if client.settings().relay.is_none() {
-            return;
-        }
-        self.emit(AppEvent::Connection(ConnectionState::Connecting(
-            self.attempt + 1,
-        )))
-        .await;
-        let Some(client) = self.client.as_mut() else {
-            return;
-        };
-        match client.connect().await {
-            Ok(()) => {
-                self.attempt = 0;
-                self.emit(AppEvent::Connection(ConnectionState::Online))
-                    .await;
-                let Some(client) = self.client.as_mut() else {
-                    return;
-                };
-                match client.drain_outbox().await {
-                    Ok(reports) if !reports.is_empty() => {
-                        self.emit(AppEvent::Notice(format!(
-                            "sent {} message(s) from the outbox",
-                            reports.len()
-                        )))
-                        .await;
-                        self.send_conversations().await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => self.emit(AppEvent::Error(format!("outbox: {e:#}"))).await,
-                }
-            }
-            Err(e) => {
-                let why = match &e {
-                    NetError::Refused { message, .. } => message.clone(),
-                    other => other.to_string(),
-                };
-                self.schedule_reconnect(why).await;
-            }
-        }
-    }
-
-    async fn schedule_reconnect(&mut self, reason: String) {
-        let wait = backoff(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        self.retry_at = Some(tokio::time::Instant::now() + wait);
-        self.emit(AppEvent::Connection(ConnectionState::Offline {
-            retry_in_secs: wait.as_secs().max(1),
-            reason,
-        }))
-        .await;
     }
 
     async fn send_connection(&self) {
         let state = match self.client.as_ref() {
             Some(c) if c.is_connected() => ConnectionState::Online,
-            _ => ConnectionState::Connecting(self.attempt),
+            _ => ConnectionState::Connecting(self.serve.as_ref().map_or(0, Serve::attempt)),
         };
         self.emit(AppEvent::Connection(state)).await;
     }

@@ -10,10 +10,9 @@ use std::sync::{Arc, OnceLock};
 use syncra_core::text::escape_untrusted;
 
 use anyhow::Context;
-use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, WasmHost, WasmPluginConfig};
+use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, StoreKey, WasmHost, WasmPluginConfig};
 
 use crate::client::{Client, Incoming, Serve, ServeEvent, Target};
-use crate::net::Push;
 
 /// The process-wide Wasmtime engine.
 pub fn wasm_host() -> anyhow::Result<&'static WasmHost> {
@@ -25,12 +24,18 @@ pub fn wasm_host() -> anyhow::Result<&'static WasmHost> {
     Ok(HOST.get_or_init(|| h))
 }
 
-/// Loads a bot component, keeping its private store under `store_dir` unless the config says
-/// otherwise.
-pub fn load(mut config: WasmPluginConfig, store_dir: &Path) -> anyhow::Result<Arc<BotPlugin>> {
+/// Loads a bot component, keeping its private store under `store_dir` (`NAME.kv`) unless the
+/// config says otherwise, sealed with `key` (the identity's storage key, see
+/// [`Client::plugin_store_key`]) like the rest of the client's state at rest.
+pub fn load(
+    mut config: WasmPluginConfig,
+    store_dir: &Path,
+    key: StoreKey,
+) -> anyhow::Result<Arc<BotPlugin>> {
     if config.kv_file.is_none() {
-        config.kv_file = Some(store_dir.join(format!("{}.kv.json", config.name())));
+        config.kv_file = Some(store_dir.join(format!("{}.kv", config.name())));
     }
+    config.kv_key = Some(key);
     let plugin = BotPlugin::load(wasm_host()?, config).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Arc::new(plugin))
 }
@@ -109,54 +114,38 @@ pub async fn perform(
     out
 }
 
-/// Handles one delivery for a bot: opens it, asks the plugin, carries out its answer.
-pub async fn handle_delivery(
-    client: &mut Client,
-    plugin: &Arc<BotPlugin>,
-    envelope: &[u8],
-) -> anyhow::Result<()> {
-    let Some(Incoming::Message {
-        target,
-        from,
-        from_name,
-        text,
-        timestamp_ms,
-        id,
-        ..
-    }) = client.receive(envelope).await?
-    else {
-        return Ok(());
-    };
-    let group = match &target {
-        Target::Group(g) => client.book().groups.get(g).map(|g| g.name.clone()),
-        Target::Direct(_) => None,
-    };
-    let message = BotMessage {
-        id,
-        sender: from.to_string(),
-        sender_handle: Some(from_name),
-        group,
-        text,
-        timestamp_ms,
-    };
-    if plugin.is_disabled() {
-        // Never "delivered" and then silence: the sender is told.
-        perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
-        return Ok(());
-    }
-    match call(plugin, move |p| p.on_message(&message)).await {
-        Ok(actions) => {
-            perform(client, &target, actions).await;
+/// Hands one incoming message to a bot and carries out its answer. Group events and
+/// anything that is not a message are not given to bots.
+pub async fn handle_incoming(client: &mut Client, plugin: &Arc<BotPlugin>, incoming: &Incoming) {
+    for line in incoming.shown().into_iter().filter(|l| !l.event) {
+        let target = line.target.clone();
+        let message = BotMessage {
+            id: line.id,
+            sender: line.from.to_string(),
+            sender_handle: Some(line.from_name),
+            group: line.group_name,
+            text: line.text,
+            timestamp_ms: line.timestamp_ms,
+        };
+        if plugin.is_disabled() {
+            // Never "delivered" and then silence: the sender is told.
+            perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
+            continue;
         }
-        // The plugin was restarted (or disabled) and said so in the log; the bot keeps serving.
-        Err(e) => {
-            tracing::warn!("{}", escape_untrusted(&format!("{e:#}")));
-            if plugin.is_disabled() {
-                perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
+        match call(plugin, move |p| p.on_message(&message)).await {
+            Ok(actions) => {
+                perform(client, &target, actions).await;
+            }
+            // The plugin was restarted (or disabled) and said so in the log; the bot keeps
+            // serving.
+            Err(e) => {
+                tracing::warn!("{}", escape_untrusted(&format!("{e:#}")));
+                if plugin.is_disabled() {
+                    perform(client, &target, vec![BotAction::Reply(UNAVAILABLE.into())]).await;
+                }
             }
         }
     }
-    Ok(())
 }
 
 /// What a bot whose plugin was disabled answers every message with, so senders learn it
@@ -174,32 +163,21 @@ pub async fn run(
     let mut serve = Serve::new(client, stop)?;
     while let Some(event) = serve.next(client).await {
         match event {
-            ServeEvent::Connected => tracing::info!(bot = plugin.name(), "connected"),
+            ServeEvent::Connecting { .. } => {}
+            ServeEvent::Connected { .. } => tracing::info!(bot = plugin.name(), "connected"),
             ServeEvent::Disconnected { reason, retry_in } => tracing::warn!(
                 "disconnected: {}; retrying in {:.1}s",
                 escape_untrusted(&reason),
                 retry_in.as_secs_f64()
             ),
-            // Nothing a peer sends stops the bot: a bad delivery is reported and skipped.
-            ServeEvent::Push(Push::Deliver(envelope)) => {
-                if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
-                    tracing::warn!("{}", escape_untrusted(&format!("{e:#}")));
-                }
+            // Live, or what arrived while the bot was down (acknowledged once filed). Nothing a
+            // peer sends stops the bot: a bad delivery is reported and skipped.
+            ServeEvent::Incoming(incoming) => handle_incoming(client, &plugin, &incoming).await,
+            ServeEvent::Failed(message) => tracing::warn!("{}", escape_untrusted(&message)),
+            ServeEvent::Backlog(count) => {
+                tracing::info!("{count} messages arrived while the bot was away");
             }
-            // What arrived while the bot was down: handled like a live message, then
-            // acknowledged so the relay deletes it.
-            ServeEvent::Push(Push::Pending(entry, envelope)) => {
-                if let Err(e) = handle_delivery(client, &plugin, &envelope).await {
-                    tracing::warn!("{e:#}");
-                }
-                client.acknowledge(entry).await;
-            }
-            ServeEvent::Push(Push::BacklogDone(count)) => {
-                if count > 0 {
-                    tracing::info!("{count} messages arrived while the bot was away");
-                }
-            }
-            ServeEvent::Push(Push::Notice(code, message)) => {
+            ServeEvent::Notice(code, message) => {
                 tracing::info!("relay notice ({code}): {}", escape_untrusted(&message));
             }
         }

@@ -123,6 +123,8 @@ pub enum Incoming {
     Message {
         /// The conversation it belongs to.
         target: Target,
+        /// The group's local name, for a group message.
+        group_name: Option<String>,
         /// The sender.
         from: UserId,
         /// The sender's handle (or short id).
@@ -154,6 +156,91 @@ pub enum Incoming {
     },
     /// A relay notice not tied to a request.
     Notice(String),
+}
+
+/// What [`Client::open_delivery`] found.
+#[derive(Debug)]
+pub enum Opening {
+    /// Nothing more to do: refused (said why), or a repeat already shown (`None`).
+    Done(Option<Incoming>),
+    /// Opened; file it with [`Client::file_delivery`].
+    Opened(Opened),
+}
+
+/// A delivery that opened (signature, pinned key and replay window checked) and is not filed
+/// yet. Only [`Client::file_delivery`] can use it.
+#[derive(Debug)]
+pub struct Opened(Box<syncra_core::crypto::envelope::OpenedMessage>);
+
+impl Opened {
+    /// Who sent it (authenticated by their signature).
+    pub fn sender(&self) -> UserId {
+        self.0.sender
+    }
+}
+
+/// One line a frontend shows for an incoming message — the one place that turns what arrived
+/// into what `listen` prints, the TUI draws and a bot is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shown {
+    /// A group event ("alice added eve") rather than something a person wrote.
+    pub event: bool,
+    /// From someone who is not a contact: a message request.
+    pub request: bool,
+    /// The conversation.
+    pub target: Target,
+    /// The group's local name, for a group message.
+    pub group_name: Option<String>,
+    /// The sender.
+    pub from: UserId,
+    /// The sender's handle (or short id).
+    pub from_name: String,
+    /// The message id (hex; events get `<id>-event-<n>`).
+    pub id: String,
+    /// The sender's timestamp.
+    pub timestamp_ms: u64,
+    /// The text (untrusted: escape it before a terminal sees it).
+    pub text: String,
+}
+
+impl Incoming {
+    /// The lines to show for a message, events first; nothing for other kinds.
+    pub fn shown(&self) -> Vec<Shown> {
+        let Incoming::Message {
+            target,
+            group_name,
+            from,
+            from_name,
+            text,
+            timestamp_ms,
+            id,
+            request,
+            events,
+        } = self
+        else {
+            return Vec::new();
+        };
+        let line = |event: bool, id: String, text: &str| Shown {
+            event,
+            request: *request && !event,
+            target: target.clone(),
+            group_name: group_name.clone(),
+            from: *from,
+            from_name: from_name.clone(),
+            id,
+            timestamp_ms: *timestamp_ms,
+            text: text.to_owned(),
+        };
+        let mut lines: Vec<Shown> = events
+            .iter()
+            .enumerate()
+            .map(|(n, e)| line(true, format!("{id}-event-{n}"), e))
+            .collect();
+        if !text.is_empty() {
+            lines.push(line(false, id.clone(), text));
+        }
+        lines
+    }
 }
 
 /// Safety-number information about a contact.
@@ -205,6 +292,8 @@ pub struct Client {
     rejected: u64,
     /// `--insecure-plaintext` was given: not to be saved into settings.toml.
     insecure_flag: bool,
+    /// The prekey this process has seen the relay accept (see `rotate_prekey_if_due`).
+    published: Option<syncra_core::crypto::keys::PrekeyPublic>,
 }
 
 impl std::fmt::Debug for Client {
@@ -288,12 +377,19 @@ impl Client {
             pushes_rx: Some(pushes_rx),
             rejected: 0,
             insecure_flag: false,
+            published: None,
         })
     }
 
     /// My user id.
     pub fn user_id(&self) -> UserId {
         self.keys.user_id()
+    }
+
+    /// The key that seals the private stores of this identity's bots and extensions at rest
+    /// (the storage key that seals history; each store is bound to its plugin's name).
+    pub fn plugin_store_key(&self) -> syncra_plugin_wasm::StoreKey {
+        syncra_plugin_wasm::StoreKey(self.keys.storage.clone())
     }
 
     /// My fingerprint (my half of every safety number).
@@ -477,16 +573,28 @@ impl Client {
         let day = 24 * 3600;
         let rotation = self.settings.prekey_rotation_days.max(1) * day;
         let grace = self.settings.prekey_grace_days * day;
-        let before = self.keys.ring.retired().len();
-        let new = self.keys.rotate_if_due(now_secs(), rotation, grace);
-        if new.is_none() && self.keys.ring.retired().len() == before {
-            return Ok(());
-        }
-        // Save first: the new private prekey must exist on disk before anyone can seal to it.
-        self.keys.save(&self.home.key_file())?;
-        if let (Some(prekey), Some(session)) = (new, self.session()) {
-            session.rotate_prekey(prekey).await?;
-            tracing::info!("rotated the signed prekey");
+        // Under the key file's lock, on what it holds now: another process on this home may
+        // have rotated already (then it is not due here) or erased a retired prekey.
+        // Saved before publishing: the new private prekey must exist on disk before anyone can
+        // seal to it.
+        let rotated = self.keys.update(&self.home.key_file(), |keys| {
+            let before = keys.ring.retired().len();
+            let new = keys.rotate_if_due(now_secs(), rotation, grace);
+            let changed = new.is_some() || keys.ring.retired().len() != before;
+            (new.is_some(), changed)
+        })?;
+        // Published whenever the relay may not have it yet: a rotation made while offline, or
+        // whose publication failed, or made by another process on this home, is published at
+        // the next chance instead of never.
+        let current = self.keys.ring.current().signed().clone();
+        if self.published != Some(current.public)
+            && let Some(session) = self.session()
+        {
+            session.rotate_prekey(current.clone()).await?;
+            self.published = Some(current.public);
+            if rotated {
+                tracing::info!("rotated the signed prekey");
+            }
         }
         Ok(())
     }
@@ -909,98 +1017,149 @@ impl Client {
         self.rejected
     }
 
-    /// Opens a delivery, files it in history and says what to show.
+    /// Opens a delivery, files it in history and says what to show. The sender, if not a
+    /// contact yet, is looked up on the relay first (one round trip): a long-running session
+    /// uses [`Serve`] instead, which runs those lookups beside other deliveries.
     ///
     /// Nothing in a delivery is trusted: a message that does not open or breaks a rule (an
     /// invalid group id, a post from a non-member) comes back as [`Incoming::Rejected`], is
     /// counted and changes nothing. An `Err` is a local failure (the disk), never a peer's doing.
     pub async fn receive(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        let incoming = self.receive_inner(envelope).await?;
-        if let Some(Incoming::Rejected { reason }) = &incoming {
-            self.rejected = self.rejected.saturating_add(1);
-            tracing::warn!(
-                "skipped a delivery: {}",
-                syncra_core::text::escape_untrusted(reason)
-            );
+        let opened = match self.open_delivery(envelope)? {
+            Opening::Done(incoming) => return Ok(incoming),
+            Opening::Opened(opened) => opened,
+        };
+        let record = match self.lookup_needed(&opened) {
+            Some(session) => session.lookup_id(opened.sender()).await.ok(),
+            None => None,
+        };
+        self.file_delivery(opened, record)
+    }
+
+    /// The first half of [`receive`](Self::receive): opens the envelope (checking signature,
+    /// pinned key and replay window). Nothing is written yet.
+    pub fn open_delivery(&mut self, envelope: &[u8]) -> anyhow::Result<Opening> {
+        // Another process on this home may have changed contacts or groups since.
+        self.book.refresh()?;
+        let mut result = self.open_envelope(envelope);
+        if matches!(result, Err(OpenError::UnknownPrekey)) {
+            // Another process on this home may have rotated the prekey this was sealed to:
+            // read the key file again (no passphrase needed) and try once more.
+            match self.keys.reload(&self.home.key_file()) {
+                Ok(()) => result = self.open_envelope(envelope),
+                Err(e) => tracing::warn!("reading the key file again: {e:#}"),
+            }
         }
+        match result {
+            Ok(m) => Ok(Opening::Opened(Opened(Box::new(m)))),
+            // A repeat of something already shown (a retried send): shown once.
+            Err(OpenError::Replayed) => Ok(Opening::Done(None)),
+            Err(e) => Ok(Opening::Done(Some(
+                self.rejected(format!("a delivery did not open: {e}")),
+            ))),
+        }
+    }
+
+    /// The session to look the sender of `opened` up on, if they are not a contact yet and I
+    /// am connected. Their id is self-certifying; the lookup only learns their handle.
+    pub fn lookup_needed(&self, opened: &Opened) -> Option<Arc<Session>> {
+        if self.book.by_id(&opened.sender()).is_some() {
+            return None;
+        }
+        self.session()
+    }
+
+    /// The second half of [`receive`](Self::receive): files an opened delivery in history,
+    /// with the sender's directory record if it was looked up, and says what to show.
+    pub fn file_delivery(
+        &mut self,
+        opened: Opened,
+        looked_up: Option<IdentityRecord>,
+    ) -> anyhow::Result<Option<Incoming>> {
+        let opened = *opened.0;
+        let (sender, message_id) = (opened.sender, opened.message_id);
+        let incoming = self.file_opened(opened, looked_up)?;
+        // Remembered at rest once filed, so a replay after a restart is refused. (Filed first:
+        // a crash in between shows the message once more, by id once, rather than losing it.)
+        self.replay_log
+            .record(sender, &message_id, syncra_core::now_ms())?;
         Ok(incoming)
     }
 
-    async fn receive_inner(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        // Another process on this home may have changed contacts or groups since.
-        self.book.refresh()?;
-        // Opened in its own scope: the opener borrows non-Send state that must not live across
-        // the awaits below.
-        let result = {
-            let book = &self.book;
-            let pinned = |id: &UserId| book.pinned_key(id);
-            let opener = Opener {
-                me: self.keys.user_id(),
-                prekeys: &self.keys.ring,
-                pinned: &pinned,
-            };
-            opener.open(envelope, &mut self.guard, syncra_core::now_ms())
+    /// Counts and logs a refused delivery.
+    fn rejected(&mut self, reason: String) -> Incoming {
+        self.rejected = self.rejected.saturating_add(1);
+        tracing::warn!(
+            "skipped a delivery: {}",
+            syncra_core::text::escape_untrusted(&reason)
+        );
+        Incoming::Rejected { reason }
+    }
+
+    /// Opens a sealed envelope with my prekeys and pinned keys (in its own function: the opener
+    /// borrows non-Send state that must not live across an await).
+    fn open_envelope(
+        &mut self,
+        envelope: &[u8],
+    ) -> Result<syncra_core::crypto::envelope::OpenedMessage, OpenError> {
+        let book = &self.book;
+        let pinned = |id: &UserId| book.pinned_key(id);
+        let opener = Opener {
+            me: self.keys.user_id(),
+            prekeys: &self.keys.ring,
+            pinned: &pinned,
         };
-        let opened = match result {
-            Ok(m) => m,
-            // A repeat of something already shown (a retried send): shown once.
-            Err(OpenError::Replayed) => return Ok(None),
-            Err(e) => {
-                return Ok(Some(Incoming::Rejected {
-                    reason: format!("a delivery did not open: {e}"),
-                }));
-            }
-        };
-        // Remembered at rest before anything else, so a replay after a restart is refused.
-        self.replay_log
-            .record(opened.sender, &opened.message_id, syncra_core::now_ms())?;
+        opener.open(envelope, &mut self.guard, syncra_core::now_ms())
+    }
+
+    fn file_opened(
+        &mut self,
+        opened: syncra_core::crypto::envelope::OpenedMessage,
+        looked_up: Option<IdentityRecord>,
+    ) -> anyhow::Result<Option<Incoming>> {
         let content = Content::decode(&opened.body);
         let id = hex_id(&opened.message_id);
         let from = opened.sender;
         if let Some(info) = &content.group
             && !crate::contacts::valid_group_id(&info.id)
         {
-            return Ok(Some(Incoming::Rejected {
-                reason: format!(
-                    "a group message from {} with an invalid group id was refused",
-                    self.book.name_of(&from)
-                ),
-            }));
+            let reason = format!(
+                "a group message from {} with an invalid group id was refused",
+                self.book.name_of(&from)
+            );
+            return Ok(Some(self.rejected(reason)));
         }
 
-        // Who is it? Unknown senders are looked up (their id is self-certifying).
-        if self.book.by_id(&from).is_none() {
-            let record = match self.session() {
-                Some(s) => s.lookup_id(from).await.ok(),
-                None => None,
-            };
-            if let Some(record) = record
-                && record.identity_key == opened.sender_key
-            {
-                let _lock = self.book.lock()?;
-                let outcome = self.book.pin(record, true, syncra_core::now_ms());
-                self.book.save()?;
-                if let PinOutcome::KeyChanged(old) = outcome {
-                    let conv = Target::Direct(from).conversation();
-                    self.history.append(
-                        &conv,
-                        &StoredMessage {
-                            id,
-                            sender: from,
-                            outgoing: false,
-                            timestamp_ms: opened.timestamp_ms,
-                            text: content.text,
-                            delivery: None,
-                            reach: None,
-                            held: true,
-                            event: false,
-                        },
-                    )?;
-                    return Ok(Some(Incoming::Held {
-                        handle: old.handle,
-                        from,
-                    }));
-                }
+        // Who is it? An unknown sender's looked-up record is pinned if it is the key that
+        // signed (their id is self-certifying, so a lookup cannot name anyone else).
+        if self.book.by_id(&from).is_none()
+            && let Some(record) = looked_up
+            && record.user_id == from
+            && record.identity_key == opened.sender_key
+        {
+            let _lock = self.book.lock()?;
+            let outcome = self.book.pin(record, true, syncra_core::now_ms());
+            self.book.save()?;
+            if let PinOutcome::KeyChanged(old) = outcome {
+                let conv = Target::Direct(from).conversation();
+                self.history.append(
+                    &conv,
+                    &StoredMessage {
+                        id,
+                        sender: from,
+                        outgoing: false,
+                        timestamp_ms: opened.timestamp_ms,
+                        text: content.text,
+                        delivery: None,
+                        reach: None,
+                        held: true,
+                        event: false,
+                    },
+                )?;
+                return Ok(Some(Incoming::Held {
+                    handle: old.handle,
+                    from,
+                }));
             }
         }
         let accepted = self.book.is_accepted(&from);
@@ -1012,13 +1171,12 @@ impl Client {
             Some(info) if self.book.groups.contains_key(&info.id) => {
                 let group = &self.book.groups[&info.id];
                 if !group.members.contains(&from) {
-                    return Ok(Some(Incoming::Rejected {
-                        reason: format!(
-                            "a message from {} to @{}, of which they are not a member, was refused",
-                            self.book.name_of(&from),
-                            group.name
-                        ),
-                    }));
+                    let reason = format!(
+                        "a message from {} to @{}, of which they are not a member, was refused",
+                        self.book.name_of(&from),
+                        group.name
+                    );
+                    return Ok(Some(self.rejected(reason)));
                 }
                 if group.creator == Some(from) {
                     events = self.apply_membership(info, from, opened.timestamp_ms)?;
@@ -1030,7 +1188,7 @@ impl Client {
                     events = joined;
                     Target::Group(info.id.clone())
                 }
-                Err(reason) => return Ok(Some(Incoming::Rejected { reason })),
+                Err(reason) => return Ok(Some(self.rejected(reason))),
             },
             _ => Target::Direct(from),
         };
@@ -1072,8 +1230,13 @@ impl Client {
                 },
             )?;
         }
+        let group_name = match &target {
+            Target::Group(g) => self.book.groups.get(g).map(|g| g.name.clone()),
+            Target::Direct(_) => None,
+        };
         Ok(Some(Incoming::Message {
             target,
+            group_name,
             from,
             from_name: self.book.name_of(&from),
             text,
@@ -1372,11 +1535,6 @@ impl Client {
         }
         self.book.name_of(id)
     }
-
-    /// Saves the key file (after changes such as rotation).
-    pub fn save_keys(&mut self) -> anyhow::Result<()> {
-        self.keys.save(&self.home.key_file())
-    }
 }
 
 fn is_transient_rejection(o: &Outcome) -> bool {
@@ -1438,149 +1596,7 @@ fn now_secs() -> u64 {
     syncra_core::now_ms() / 1000
 }
 
-/// What [`serve`] reports to its caller.
-#[derive(Debug)]
-pub enum ServeEvent {
-    /// Connected (and the outbox drained).
-    Connected,
-    /// The connection failed or was lost; the next attempt is in `retry_in`.
-    Disconnected {
-        /// Why.
-        reason: String,
-        /// When the next attempt is.
-        retry_in: std::time::Duration,
-    },
-    /// Something arrived from the relay.
-    Push(Push),
-}
-
-/// Keeps a client connected — reconnecting with jittered backoff, draining the outbox on every
-/// connection and every few seconds (messages written by other processes leave too) — and
-/// yields what happens, until `stop` completes. The loop behind `syncra listen` and
-/// `syncra bot run`:
-///
-/// ```ignore
-/// let mut serve = Serve::new(&mut client, stop)?;
-/// while let Some(event) = serve.next(&mut client).await { /* ... */ }
-/// ```
-pub struct Serve<S> {
-    pushes: mpsc::Receiver<Push>,
-    stop: std::pin::Pin<Box<S>>,
-    attempt: u32,
-    wait: Option<std::time::Duration>,
-    /// How often the keys are checked for a due rotation or erasure.
-    key_check_every: std::time::Duration,
-    next_key_check: tokio::time::Instant,
-    /// Rotation failures in a row (for the retry backoff).
-    key_failures: u32,
-}
-
-/// How often a long-running session checks whether its prekey is due for rotation (and retired
-/// prekeys for erasure). Rotation periods are days; this bounds how late a rotation can be.
-pub const KEY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
-
-impl<S: Future<Output = ()>> Serve<S> {
-    /// Takes the client's deliveries; there can be only one consumer.
-    pub fn new(client: &mut Client, stop: S) -> anyhow::Result<Self> {
-        let pushes = client
-            .take_pushes()
-            .context("deliveries are already being consumed")?;
-        Ok(Serve {
-            pushes,
-            stop: Box::pin(stop),
-            attempt: 0,
-            wait: None,
-            key_check_every: KEY_CHECK_EVERY,
-            next_key_check: tokio::time::Instant::now() + KEY_CHECK_EVERY,
-            key_failures: 0,
-        })
-    }
-
-    /// Checks the keys this often instead of every [`KEY_CHECK_EVERY`] (tests).
-    pub fn check_keys_every(mut self, every: std::time::Duration) -> Self {
-        self.key_check_every = every;
-        self.next_key_check = tokio::time::Instant::now() + every;
-        self
-    }
-
-    /// The timer's turn: rotate or erase if due; a failure is retried with backoff.
-    async fn maintain_keys(&mut self, client: &mut Client) {
-        let now = tokio::time::Instant::now();
-        match client.maintain_keys().await {
-            Ok(()) => {
-                self.key_failures = 0;
-                self.next_key_check = now + self.key_check_every;
-            }
-            Err(e) => {
-                let retry_in = crate::net::backoff(self.key_failures).min(self.key_check_every);
-                self.key_failures = self.key_failures.saturating_add(1);
-                self.next_key_check = now + retry_in;
-                tracing::warn!(
-                    "prekey rotation failed; retrying in {:.1}s: {e:#}",
-                    retry_in.as_secs_f64()
-                );
-            }
-        }
-    }
-
-    /// The next event; `None` once `stop` completed (the client is then disconnected).
-    pub async fn next(&mut self, client: &mut Client) -> Option<ServeEvent> {
-        loop {
-            if let Some(wait) = self.wait.take() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = &mut self.stop => return None,
-                }
-            }
-            if !client.is_connected() {
-                match client.connect().await {
-                    Ok(()) => {
-                        self.attempt = 0;
-                        if let Err(e) = client.drain_outbox().await {
-                            tracing::warn!("outbox: {e:#}");
-                        }
-                        return Some(ServeEvent::Connected);
-                    }
-                    Err(e) => {
-                        let retry_in = crate::net::backoff(self.attempt);
-                        self.attempt = self.attempt.saturating_add(1);
-                        // Report first; the wait happens when the caller asks again.
-                        self.wait = Some(retry_in);
-                        return Some(ServeEvent::Disconnected {
-                            reason: e.to_string(),
-                            retry_in,
-                        });
-                    }
-                }
-            }
-            let session = client.session();
-            let closed = async {
-                match &session {
-                    Some(s) => s.wait_closed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = &mut self.stop => {
-                    client.disconnect().await;
-                    return None;
-                }
-                _ = closed => {}
-                () = tokio::time::sleep_until(self.next_key_check) => {
-                    self.maintain_keys(client).await;
-                }
-                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
-                    if client.outbox_len() > 0
-                        && let Err(e) = client.drain_outbox().await
-                    {
-                        tracing::warn!("outbox: {e:#}");
-                    }
-                }
-                push = self.pushes.recv() => return push.map(ServeEvent::Push),
-            }
-        }
-    }
-}
+pub use crate::serve::{KEY_CHECK_EVERY, Serve, ServeEvent};
 
 #[cfg(test)]
 mod tests {

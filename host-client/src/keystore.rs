@@ -84,16 +84,75 @@ impl KeyStore {
         let file = file
             .unlock(passphrase, allow_weak_kdf)
             .map_err(|e| explain(e, path))?;
+        Self::from_file(file, path)
+    }
+
+    /// Takes in what another process saved since (a rotation, an erasure), with the key already
+    /// in memory: no passphrase, no Argon2id run. The identity must be the same one.
+    pub fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let file = KeyFile::read(path).map_err(|e| explain(e, path))?;
+        let file = file
+            .unlock_again(&self.file)
+            .map_err(|e| explain(e, path))?;
+        let fresh = Self::from_file(file, path)?;
+        if fresh.user_id() != self.user_id() {
+            bail!(
+                "{} now holds another identity; refusing to mix them (restart this process)",
+                path.display()
+            );
+        }
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Changes the keys with no update lost to another process on the same home: under an
+    /// exclusive lock on `<key file>.lock`, the file is read again, `change` runs on what it
+    /// holds, and the file is saved if `change` says it changed something. Two processes that
+    /// rotate at once therefore rotate once; an erasure one made is not undone by the other.
+    pub fn update<T>(
+        &mut self,
+        path: &Path,
+        change: impl FnOnce(&mut KeyStore) -> (T, bool),
+    ) -> anyhow::Result<T> {
+        let lock_path = path.with_extension("key.lock");
+        let mut opts = std::fs::OpenOptions::new();
+        opts.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let lock = opts
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        lock.lock()
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+        self.reload(path)?;
+        let (result, changed) = change(self);
+        if changed {
+            self.save(path)?;
+        }
+        Ok(result)
+    }
+
+    fn from_file(file: UnlockedKeyFile, path: &Path) -> anyhow::Result<Self> {
         let corrupt = |what: &str| {
             anyhow::anyhow!(
                 "the key file {} is damaged ({what}); it was left untouched",
                 path.display()
             )
         };
-        let seed: [u8; 32] = file
-            .get(IDENTITY)
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| corrupt("no identity"))?;
+        // Copied straight into memory that is wiped on drop, never into a plain array.
+        let secret32 = |name: &str| -> anyhow::Result<Zeroizing<[u8; 32]>> {
+            let bytes = file
+                .get(name)
+                .filter(|s| s.len() == 32)
+                .ok_or_else(|| corrupt(name))?;
+            let mut out = Zeroizing::new([0u8; 32]);
+            out.copy_from_slice(bytes);
+            Ok(out)
+        };
+        let seed = secret32(IDENTITY).map_err(|_| corrupt("no identity"))?;
         let identity = IdentityKeyPair::from_seed(&seed);
         if let Some(id) = file.public.get("user_id")
             && *id != identity.user_id().to_string()
@@ -105,10 +164,7 @@ impl KeyStore {
             .and_then(LocalKey::from_bytes)
             .ok_or_else(|| corrupt("no storage key"))?;
         let restore = |name: &str| -> anyhow::Result<PrekeySecret> {
-            let secret: [u8; 32] = file
-                .get(name)
-                .and_then(|s| s.try_into().ok())
-                .ok_or_else(|| corrupt(name))?;
+            let secret = secret32(name)?;
             let signed: SignedPrekey = file
                 .public
                 .get(&format!("{name}.signed"))
@@ -120,12 +176,21 @@ impl KeyStore {
         let current = restore(CURRENT)?;
         let mut retired = Vec::new();
         let names: Vec<String> = file.names().map(str::to_owned).collect();
+        // In an unauthenticated (version 1) file, anyone who could write it could have moved a
+        // retirement time, to keep a prekey forever or to erase it early: those times are not
+        // believed, every retired prekey counts as retired now (kept one full grace period, then
+        // erased). The next save authenticates the file.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for name in names.iter().filter(|n| n.starts_with(RETIRED_PREFIX)) {
             let at: u64 = file
                 .public
                 .get(&format!("{name}.retired_at"))
                 .and_then(|t| t.parse().ok())
                 .ok_or_else(|| corrupt(name))?;
+            let at = if file.authenticated() { at } else { now };
             retired.push((restore(name)?, at));
         }
         Ok(KeyStore {
@@ -275,6 +340,68 @@ impl PassphraseSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_processes_rotating_at_once_rotate_once_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        let mut created = KeyStore::create(b"pw", KdfParams::INSECURE_FOR_TESTS, 1000).unwrap();
+        created.save(&path).unwrap();
+        let first = *created.ring.current().public();
+        // Two processes on one home (a listener and the TUI, say), both unlocked at the start.
+        let mut a = KeyStore::unlock(&path, b"pw", true).unwrap();
+        let mut b = KeyStore::unlock(&path, b"pw", true).unwrap();
+        let rotate = |ks: &mut KeyStore, now: u64| {
+            ks.update(&path, |k| {
+                let before = k.ring.retired().len();
+                let new = k.rotate_if_due(now, 100, 50);
+                let changed = new.is_some() || k.ring.retired().len() != before;
+                (new, changed)
+            })
+            .unwrap()
+        };
+        let made = rotate(&mut a, 1100).expect("due for a");
+        // B's copy is stale, but it rotates on what the file holds: not due any more.
+        assert!(rotate(&mut b, 1101).is_none(), "rotated twice");
+        assert_eq!(b.ring.current().signed(), &made, "b took in a's rotation");
+        assert!(b.ring.find(&first).is_some(), "the retired prekey is kept");
+        // A erases the retired prekey after its grace; B's stale copy does not bring it back.
+        rotate(&mut a, 1100 + 60);
+        assert!(a.ring.find(&first).is_none());
+        b.update(&path, |_| ((), true)).unwrap();
+        let back = KeyStore::unlock(&path, b"pw", true).unwrap();
+        assert!(back.ring.find(&first).is_none(), "an erasure was undone");
+    }
+
+    #[test]
+    fn retirement_times_in_an_unauthenticated_file_are_not_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        let mut ks = KeyStore::create(b"pw", KdfParams::INSECURE_FOR_TESTS, 1000).unwrap();
+        let old = *ks.ring.current().public();
+        ks.rotate_if_due(1100, 100, 50).unwrap();
+        ks.save(&path).unwrap();
+        // Downgraded to version 1 (no mac) with a retirement time far in the future, which
+        // would keep the retired prekey from ever being erased.
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file["version"] = 1.into();
+        file.as_object_mut().unwrap().remove("mac");
+        file["public"]["prekey.retired.0.retired_at"] = "99999999999".into();
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let back = KeyStore::unlock(&path, b"pw", true).unwrap();
+        let (_, at) = back.ring.retired()[0];
+        assert!(at < 99_999_999_999, "the edited time was believed");
+        assert!(back.ring.find(&old).is_some());
+        // Edited in a version 2 file, it is refused outright.
+        ks.save(&path).unwrap();
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file["public"]["prekey.retired.0.retired_at"] = "99999999999".into();
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let err = KeyStore::unlock(&path, b"pw", true).unwrap_err();
+        assert!(err.to_string().contains("authentication"), "{err}");
+    }
 
     #[test]
     fn create_save_unlock_rotate() {

@@ -21,6 +21,7 @@ pub mod message;
 pub mod net;
 pub mod outbox;
 pub mod replay;
+pub mod serve;
 
 pub use client::{Client, Incoming, InitOptions, SendReport, SendState, Target};
 pub use home::Home;

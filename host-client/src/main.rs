@@ -13,7 +13,6 @@ use serde_json::json;
 use syncra_client::client::{Serve, ServeEvent};
 use syncra_client::contacts::PinOutcome;
 use syncra_client::keystore::PassphraseSource;
-use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState, Target};
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
@@ -136,7 +135,7 @@ enum BotCommand {
         #[arg(long)]
         grant_network: bool,
         /// The bot's name, for its log lines and its private store
-        /// (`plugins/NAME.kv.json`); defaults to the file name without `.wasm`.
+        /// (`plugins/NAME.kv`, sealed); defaults to the file name without `.wasm`.
         #[arg(long)]
         name: Option<String>,
         /// Show what the guest writes to stderr (its `log` lines are shown anyway).
@@ -495,12 +494,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let store_dir = client.home().root().join("plugins");
             syncra_core::crypto::keyfile::create_private_dir(&store_dir)?;
+            let store_key = client.plugin_store_key();
             // Compiling a large component (a Python bot is ~18 MB) takes seconds the first time.
             let bot = waiting(
                 "loading the bot (compiling it; a large one, such as a Python bot, takes a while)",
                 async move {
                     tokio::task::spawn_blocking(move || {
-                        syncra_client::bot::load(config, &store_dir)
+                        syncra_client::bot::load(config, &store_dir, store_key)
                     })
                     .await
                     .context("the bot loader stopped")?
@@ -691,8 +691,9 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
     };
     let mut serve = Serve::new(client, stop)?;
     while let Some(event) = serve.next(client).await {
-        let line = match event {
-            ServeEvent::Connected => {
+        let lines = match event {
+            ServeEvent::Connecting { .. } => continue,
+            ServeEvent::Connected { .. } => {
                 eprintln!("connected");
                 continue;
             }
@@ -704,117 +705,54 @@ async fn listen(client: &mut Client) -> anyhow::Result<()> {
                 );
                 continue;
             }
-            ServeEvent::Push(Push::Deliver(envelope)) => {
-                match file_delivery(client, &envelope).await? {
-                    (_, Some(line)) => line,
-                    (_, None) => continue,
-                }
-            }
-            ServeEvent::Push(Push::Pending(entry, envelope)) => {
-                let (handled, line) = file_delivery(client, &envelope).await?;
-                // Acknowledged once handled (in the history, or refused), never before: an
-                // entry that could not be filed (the disk) comes again at the next login.
-                if handled {
-                    client.acknowledge(entry).await;
-                }
-                match line {
-                    Some(line) => line,
-                    None => continue,
-                }
-            }
+            ServeEvent::Incoming(incoming) => incoming_json(client, incoming),
+            // A local failure (the disk): reported, and the listener keeps going.
+            ServeEvent::Failed(message) => vec![json!({ "type": "error", "message": message })],
             // How many messages waited while this user was away (after them, live traffic).
-            ServeEvent::Push(Push::BacklogDone(0)) => continue,
-            ServeEvent::Push(Push::BacklogDone(count)) => json!({
-                "type": "backlog", "count": count,
-            }),
-            ServeEvent::Push(Push::Notice(code, message)) => json!({
+            ServeEvent::Backlog(count) => vec![json!({ "type": "backlog", "count": count })],
+            ServeEvent::Notice(code, message) => vec![json!({
                 "type": "notice", "code": code.name(), "message": message,
-            }),
+            })],
         };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
+        for line in lines {
+            writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
+        }
         out.flush()?;
     }
     Ok(())
 }
 
-/// Files one delivery and prints what it shows. Returns whether it was handled (in the history,
-/// or refused as a bad message) and the line to print when there is one more (a local failure
-/// is reported as an `error` line and not handled).
-async fn file_delivery(
-    client: &mut Client,
-    envelope: &bytes::Bytes,
-) -> anyhow::Result<(bool, Option<serde_json::Value>)> {
-    use std::io::Write;
-    match client.receive(envelope).await {
-        Ok(None) => Ok((true, None)),
-        Ok(Some(incoming)) => {
-            let lines = incoming_json(client, incoming);
-            let mut out = std::io::stdout().lock();
-            for line in lines {
-                writeln!(out, "{}", syncra_core::text::json_inert(&line.to_string()))?;
-            }
-            out.flush()?;
-            Ok((true, None))
-        }
-        // A local failure (the disk): reported, and the listener keeps going.
-        Err(e) => Ok((
-            false,
-            Some(json!({
-                "type": "error",
-                "message": format!("a delivery could not be filed: {e:#}"),
-            })),
-        )),
-    }
-}
-
 fn incoming_json(client: &Client, incoming: Incoming) -> Vec<serde_json::Value> {
     match incoming {
-        Incoming::Message {
-            target,
-            from,
-            from_name,
-            text,
-            timestamp_ms,
-            id,
-            request,
-            events,
-        } => {
-            let (group, group_id) = match &target {
-                Target::Group(g) => (
-                    client.book().groups.get(g).map(|g| g.name.clone()),
-                    Some(g.clone()),
-                ),
-                Target::Direct(_) => (None, None),
-            };
-            let mut lines: Vec<serde_json::Value> = events
-                .into_iter()
-                .map(|event| {
-                    json!({
-                        "type": "group_event",
-                        "from": from.to_string(),
-                        "from_handle": from_name,
-                        "group": group,
-                        "group_id": group_id,
-                        "timestamp_ms": timestamp_ms,
-                        "text": event,
-                    })
-                })
-                .collect();
-            if !text.is_empty() {
-                lines.push(json!({
-                    "type": if request { "request" } else { "message" },
-                    "id": id,
-                    "from": from.to_string(),
-                    "from_handle": from_name,
-                    "group": group,
+        Incoming::Message { .. } => incoming
+            .shown()
+            .into_iter()
+            .map(|line| {
+                let group_id = match &line.target {
+                    Target::Group(g) => Some(g.clone()),
+                    Target::Direct(_) => None,
+                };
+                let kind = match (line.event, line.request) {
+                    (true, _) => "group_event",
+                    (false, true) => "request",
+                    (false, false) => "message",
+                };
+                let mut value = json!({
+                    "type": kind,
+                    "from": line.from.to_string(),
+                    "from_handle": line.from_name,
+                    "group": line.group_name,
                     "group_id": group_id,
-                    "timestamp_ms": timestamp_ms,
-                    "text": text,
-                }));
-            }
-            lines
-        }
+                    "timestamp_ms": line.timestamp_ms,
+                    "text": line.text,
+                });
+                if !line.event {
+                    value["id"] = json!(line.id);
+                }
+                value
+            })
+            .collect(),
         Incoming::Held { handle, from } => vec![json!({
             "type": "held",
             "from": from.to_string(),

@@ -10,8 +10,8 @@ use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
 use syncra_core::crypto::keyfile::KdfParams;
 use syncra_plugin_wasm::WasmPluginConfig;
-use syncra_test_support::DEADLINE;
 use syncra_test_relay::TestRelay;
+use syncra_test_support::DEADLINE;
 use tokio::sync::{mpsc, oneshot};
 
 const PASS: &str = "pw for tests";
@@ -57,7 +57,7 @@ async fn start_bot(
     configure(&mut config);
     let store = dir.join(format!("{handle}-store"));
     std::fs::create_dir_all(&store).unwrap();
-    let plugin = syncra_client::bot::load(config, &store).unwrap();
+    let plugin = syncra_client::bot::load(config, &store, client.plugin_store_key()).unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         syncra_client::bot::run(&mut client, plugin, async {

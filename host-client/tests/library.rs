@@ -6,8 +6,8 @@ use syncra_client::keystore::KeyStore;
 use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
 use syncra_core::crypto::keyfile::KdfParams;
-use syncra_test_support::DEADLINE;
 use syncra_test_relay::TestRelay;
+use syncra_test_support::DEADLINE;
 
 const PASS: &str = "pw for tests";
 
@@ -211,4 +211,102 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
         .expect("the one-shot session is not stalled by its backlog")
         .unwrap();
     assert_eq!(contact.handle, "alice");
+}
+
+/// No head-of-line blocking on receive: messages from strangers (each needs a directory lookup
+/// to learn the sender's handle) do not hold up a contact's message. The directory is made to
+/// hang for real — the relay's PostgreSQL identity store is frozen (SIGSTOP) — so every lookup
+/// waits for the relay's store timeout; the contact's message, sent last, is shown first, and
+/// the strangers' messages follow, none lost, once the lookups end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_senders_do_not_hold_up_a_contact() {
+    use syncra_client::client::{Serve, ServeEvent};
+    use syncra_client::message::Content;
+    use syncra_core::crypto::envelope::{Recipient, seal};
+    use syncra_test_relay::TestUser;
+    use syncra_test_support::postgres::PostgresServer;
+
+    let mut pg = PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let bob_record = bob.session().unwrap().lookup_handle("bob").await.unwrap();
+    let to_bob = Recipient {
+        user_id: bob_record.user_id,
+        prekey: bob_record.prekey.public,
+    };
+    // Alice is bob's contact; the strangers are not. All are registered and connected before
+    // the directory hangs (raw protocol clients: sending needs no lookup).
+    let alice = TestUser::new("alice");
+    let (mut alice_conn, _) = alice.register(relay.url()).await;
+    bob.add_contact(&alice.handle).await.unwrap();
+    let mut strangers = Vec::new();
+    for i in 0..3 {
+        let s = TestUser::new(&format!("stranger{i}"));
+        let (conn, _) = s.register(relay.url()).await;
+        strangers.push((s, conn));
+    }
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let mut serve = Serve::new(&mut bob, stop).unwrap();
+        while let Some(event) = serve.next(&mut bob).await {
+            if let ServeEvent::Incoming(Incoming::Message {
+                from_name,
+                text,
+                request,
+                ..
+            }) = event
+            {
+                let _ = events_tx.send((from_name, text, request));
+            }
+        }
+    });
+
+    pg.pause();
+    let body = |text: &str| Content::text(text).encode();
+    let now = syncra_core::now_ms();
+    for (n, (s, conn)) in strangers.iter_mut().enumerate() {
+        let envelope = seal(&s.identity, &[to_bob], &body(&format!("hi {n}")), now)
+            .unwrap()
+            .bytes;
+        conn.send_envelope(1, envelope).await;
+    }
+    let envelope = seal(&alice.identity, &[to_bob], &body("from a contact"), now)
+        .unwrap()
+        .bytes;
+    alice_conn.send_envelope(1, envelope).await;
+
+    // Shown while every stranger's lookup still waits on the frozen store.
+    let (from, text, request) = tokio::time::timeout(DEADLINE, events.recv())
+        .await
+        .expect("the contact's message was held up behind the strangers' lookups")
+        .unwrap();
+    assert_eq!(
+        (from.as_str(), text.as_str(), request),
+        (alice.handle.as_str(), "from a contact", false)
+    );
+
+    pg.resume();
+    let mut rest = Vec::new();
+    while rest.len() < strangers.len() {
+        let (_, text, request) = tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .expect("a stranger's message was lost")
+            .unwrap();
+        assert!(request, "a stranger's first message is a request");
+        rest.push(text);
+    }
+    rest.sort();
+    assert_eq!(rest, ["hi 0", "hi 1", "hi 2"]);
+    let _ = stop_tx.send(());
+    serving.await.unwrap();
 }

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use data_encoding::{BASE64, BASE64URL_NOPAD};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -121,13 +121,15 @@ impl TokenKeys {
                     path.display()
                 )
             })?);
-            let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!(
+            if bytes.len() != 32 {
+                bail!(
                     "token key {} is corrupt (expected 32 bytes)",
                     path.display()
-                )
-            })?;
-            Zeroizing::new(arr)
+                );
+            }
+            let mut seed = Zeroizing::new([0u8; 32]);
+            seed.copy_from_slice(&bytes);
+            seed
         } else {
             let mut seed = Zeroizing::new([0u8; 32]);
             syncra_core::crypto::fill_random(seed.as_mut());

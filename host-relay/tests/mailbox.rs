@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
+use syncra_test_relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::{RelayProcess, free_port};
-use syncra_test_relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::servers::RedisServer;
 
 /// Logs in and reads the mailbox backlog up to `PendingEnd`: (entry id, envelope) in order.

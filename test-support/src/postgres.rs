@@ -59,6 +59,8 @@ pub struct PostgresServer {
     owner: Option<Owner>,
     ca_cert: Option<PathBuf>,
     child: Option<Child>,
+    /// Frozen by [`PostgresServer::pause`].
+    paused: bool,
 }
 
 /// The unprivileged user the server runs as when the tests run as root.
@@ -108,6 +110,7 @@ impl PostgresServer {
             owner,
             ca_cert: None,
             child: None,
+            paused: false,
         };
         server.initdb();
         if tls {
@@ -185,6 +188,55 @@ impl PostgresServer {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Freezes the server and every backend (SIGSTOP): connections stay open and every query
+    /// waits, as with a database that hangs. [`PostgresServer::resume`] undoes it (and so does
+    /// drop).
+    ///
+    /// # Panics
+    ///
+    /// If the server is not running or cannot be signalled.
+    pub fn pause(&mut self) {
+        self.signal_all("STOP");
+        self.paused = true;
+    }
+
+    /// Lets a [`PostgresServer::pause`]d server run again (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be signalled.
+    pub fn resume(&mut self) {
+        self.signal_all("CONT");
+        self.paused = false;
+    }
+
+    /// Sends `signal` to the postmaster and every process it started (the backends).
+    fn signal_all(&mut self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let mut pids = vec![pid.to_string()];
+        for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+            let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the fields after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "could not send SIG{signal} to the test PostgreSQL server"
+        );
     }
 
     /// The server's log so far (both runs, across restarts).
@@ -408,6 +460,9 @@ impl PostgresServer {
 
 impl Drop for PostgresServer {
     fn drop(&mut self) {
+        if self.paused {
+            self.signal_all("CONT");
+        }
         self.shut_down("QUIT");
     }
 }

@@ -8,6 +8,15 @@
 //!
 //! The file is JSON so that a person can see what it holds (names, parameters, public keys)
 //! without being able to read any secret. It is written 0600 in a 0700 directory, atomically.
+//!
+//! Version 2 authenticates the whole file: an HMAC-SHA256 (`mac`), under a key derived from the
+//! key-encryption key, over the parameters, the salt, every wrapped secret *with its name* and
+//! every public fact. KWP alone protects each secret but not which name it sits under, nor the
+//! public section — and the public section holds facts that control erasure (when a prekey was
+//! retired). Someone who can write the file but does not know the passphrase can no longer move
+//! a secret to another name or change a retirement time: the unlock fails as tampered.
+//! A version 1 file (no `mac`) still opens; it is rewritten as version 2 at its next save, and
+//! until then nothing in its public section may be trusted ([`UnlockedKeyFile::authenticated`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,10 +30,20 @@ use data_encoding::BASE64;
 use rand::CryptoRng;
 use zeroize::Zeroizing;
 
+use hmac::Mac;
+use subtle::ConstantTimeEq;
+
+use crate::crypto::transcript::Transcript;
 use crate::error::KeyFileError;
 
-/// The key file format version.
-pub const KEYFILE_VERSION: u32 = 1;
+/// The key file format version written today (version 1, without `mac`, is still read).
+pub const KEYFILE_VERSION: u32 = 2;
+
+/// Wrapped secrets by name, decoded from base64.
+type Wrapped = BTreeMap<String, Vec<u8>>;
+
+/// The last version without a `mac`.
+const UNAUTHENTICATED_VERSION: u32 = 1;
 
 /// Argon2id cost parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -95,6 +114,9 @@ pub struct KeyFile {
     /// Public, unencrypted facts kept beside the secrets (e.g. the user id), for display.
     #[serde(default)]
     pub public: BTreeMap<String, String>,
+    /// Base64 HMAC-SHA256 over everything above (version 2 on; see the module docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// A key file opened with its passphrase: the secrets and the key to re-seal them.
@@ -105,6 +127,8 @@ pub struct UnlockedKeyFile {
     secrets: BTreeMap<String, Zeroizing<Vec<u8>>>,
     /// Public facts, as in the file.
     pub public: BTreeMap<String, String>,
+    /// Whether the file was authenticated (version 2) when it was opened.
+    authenticated: bool,
 }
 
 impl std::fmt::Debug for UnlockedKeyFile {
@@ -139,6 +163,39 @@ fn wrap(kek: &[u8; 32], secret: &[u8]) -> Result<Vec<u8>, KeyFileError> {
     Ok(wrapped.to_vec())
 }
 
+/// The file's MAC: HMAC-SHA256 under `HMAC(kek, "syncra/v2/keyfile-mac")`, over a transcript of
+/// every field with lengths, so no two different files share an input.
+fn file_mac(
+    kek: &[u8; 32],
+    params: &KdfParams,
+    salt: &[u8; 16],
+    secrets: &BTreeMap<String, String>,
+    public: &BTreeMap<String, String>,
+) -> [u8; 32] {
+    type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+    let mut derive = <HmacSha256 as KeyInit>::new_from_slice(kek).expect("any key length");
+    derive.update(b"syncra/v2/keyfile-mac");
+    let mac_key = Zeroizing::new(derive.finalize().into_bytes());
+    let mut t = Transcript::new("syncra/v2/keyfile");
+    t.u32(KEYFILE_VERSION)
+        .u32(params.m_kib)
+        .u32(params.t)
+        .u32(params.p)
+        .fixed(salt)
+        .u32(u32::try_from(secrets.len()).unwrap_or(u32::MAX));
+    for (name, value) in secrets {
+        t.bytes(name.as_bytes()).bytes(value.as_bytes());
+    }
+    t.u32(u32::try_from(public.len()).unwrap_or(u32::MAX));
+    for (name, value) in public {
+        t.bytes(name.as_bytes()).bytes(value.as_bytes());
+    }
+    let mut mac =
+        <HmacSha256 as KeyInit>::new_from_slice(mac_key.as_slice()).expect("any key length");
+    mac.update(t.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
 fn unwrap(kek: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let kwp = KwpAes256::new(kek.into());
     let mut buf = Zeroizing::new(vec![0u8; wrapped.len()]);
@@ -166,7 +223,15 @@ impl UnlockedKeyFile {
             kek,
             secrets: BTreeMap::new(),
             public: BTreeMap::new(),
+            authenticated: true,
         })
+    }
+
+    /// Whether what was read is authenticated: true for a version 2 file (and a new one), false
+    /// for a version 1 file, whose public section anyone with write access could have changed.
+    /// Callers must not let an unauthenticated public fact shorten or stretch a key's life.
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
     }
 
     /// Stores (or replaces) a named secret.
@@ -196,6 +261,7 @@ impl UnlockedKeyFile {
         for (name, secret) in &self.secrets {
             secrets.insert(name.clone(), BASE64.encode(&wrap(&self.kek, secret)?));
         }
+        let mac = file_mac(&self.kek, &self.params, &self.salt, &secrets, &self.public);
         Ok(KeyFile {
             version: KEYFILE_VERSION,
             kdf: "argon2id".into(),
@@ -203,6 +269,7 @@ impl UnlockedKeyFile {
             salt: BASE64.encode(&self.salt),
             secrets,
             public: self.public.clone(),
+            mac: Some(BASE64.encode(&mac)),
         })
     }
 
@@ -220,8 +287,19 @@ impl KeyFile {
     pub fn parse(bytes: &[u8]) -> Result<Self, KeyFileError> {
         let file: KeyFile = serde_json::from_slice(bytes)
             .map_err(|e| KeyFileError::Corrupt(format!("not a key file: {e}")))?;
-        if file.version != KEYFILE_VERSION {
+        if file.version != KEYFILE_VERSION && file.version != UNAUTHENTICATED_VERSION {
             return Err(KeyFileError::UnsupportedVersion(file.version));
+        }
+        if (file.version == KEYFILE_VERSION) != file.mac.is_some() {
+            return Err(KeyFileError::Corrupt(format!(
+                "a version {} file {} a mac",
+                file.version,
+                if file.mac.is_some() {
+                    "cannot have"
+                } else {
+                    "must have"
+                }
+            )));
         }
         if file.kdf != "argon2id" {
             return Err(KeyFileError::Corrupt(format!("unknown kdf {:?}", file.kdf)));
@@ -248,6 +326,13 @@ impl KeyFile {
         if !allow_weak_kdf && self.params.is_weaker_than_minimum() {
             return Err(KeyFileError::WeakKdf);
         }
+        let (salt, wrapped) = self.checked_parts()?;
+        let kek = derive_kek(passphrase, &salt, &self.params)?;
+        self.open_with(kek, salt, wrapped)
+    }
+
+    /// The salt and the decoded wrapped secrets, checked for shape.
+    fn checked_parts(&self) -> Result<([u8; 16], Wrapped), KeyFileError> {
         let salt: [u8; 16] = BASE64
             .decode(self.salt.as_bytes())
             .ok()
@@ -269,7 +354,32 @@ impl KeyFile {
             }
             wrapped.insert(name.clone(), bytes);
         }
-        let kek = derive_kek(passphrase, &salt, &self.params)?;
+        Ok((salt, wrapped))
+    }
+
+    /// Reads the file again with the key of an already unlocked copy — no passphrase, no
+    /// Argon2id run — so a process can take in what another process saved. Refused if the file
+    /// was re-keyed (another salt or parameters: its passphrase changed).
+    pub fn unlock_again(
+        &self,
+        unlocked: &UnlockedKeyFile,
+    ) -> Result<UnlockedKeyFile, KeyFileError> {
+        let (salt, wrapped) = self.checked_parts()?;
+        if salt != unlocked.salt || self.params != unlocked.params {
+            return Err(KeyFileError::Corrupt(
+                "the key file was re-keyed by another process; unlock it again".into(),
+            ));
+        }
+        self.open_with(unlocked.kek.clone(), salt, wrapped)
+    }
+
+    /// Unwraps every secret with `kek` and checks the file's MAC.
+    fn open_with(
+        &self,
+        kek: Zeroizing<[u8; 32]>,
+        salt: [u8; 16],
+        wrapped: Wrapped,
+    ) -> Result<UnlockedKeyFile, KeyFileError> {
         let mut secrets = BTreeMap::new();
         let mut failed = Vec::new();
         for (name, bytes) in &wrapped {
@@ -289,12 +399,26 @@ impl KeyFile {
                 KeyFileError::Corrupt(format!("secrets {failed:?} fail their integrity check"))
             });
         }
+        // The passphrase is right (the secrets opened); now the file as a whole must be the
+        // one that passphrase sealed.
+        if let Some(mac) = &self.mac {
+            let expected = file_mac(&kek, &self.params, &salt, &self.secrets, &self.public);
+            let given = BASE64.decode(mac.as_bytes()).unwrap_or_default();
+            if !bool::from(given.as_slice().ct_eq(&expected)) {
+                return Err(KeyFileError::Corrupt(
+                    "the file fails its authentication check: it was changed outside Syncra \
+                     (a secret moved or a public fact edited)"
+                        .into(),
+                ));
+            }
+        }
         Ok(UnlockedKeyFile {
             params: self.params,
             salt,
             kek,
             secrets,
             public: self.public.clone(),
+            authenticated: self.mac.is_some(),
         })
     }
 }
@@ -374,6 +498,87 @@ mod tests {
             parsed.unlock(b"wrong horse", true),
             Err(KeyFileError::WrongPassphrase)
         ));
+    }
+
+    fn two_secrets() -> KeyFile {
+        let mut f =
+            UnlockedKeyFile::create(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng()).unwrap();
+        f.put("prekey.current", &[1u8; 32]);
+        f.put("prekey.retired.0", &[2u8; 32]);
+        f.public
+            .insert("prekey.retired.0.retired_at".into(), "1000".into());
+        f.seal().unwrap()
+    }
+
+    #[test]
+    fn an_edited_public_fact_is_refused_as_tampered() {
+        let mut file = two_secrets();
+        assert!(file.unlock(b"pw", true).unwrap().authenticated());
+        // Pushing a retirement into the future would keep a prekey from being erased.
+        file.public
+            .insert("prekey.retired.0.retired_at".into(), "99999999999".into());
+        let err = file.unlock(b"pw", true).unwrap_err();
+        assert!(
+            matches!(&err, KeyFileError::Corrupt(why) if why.contains("authentication")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_secret_moved_to_another_name_is_refused_as_tampered() {
+        let mut file = two_secrets();
+        let current = file.secrets["prekey.current"].clone();
+        let retired = file.secrets["prekey.retired.0"].clone();
+        file.secrets.insert("prekey.current".into(), retired);
+        file.secrets.insert("prekey.retired.0".into(), current);
+        assert!(matches!(
+            file.unlock(b"pw", true),
+            Err(KeyFileError::Corrupt(_))
+        ));
+        // A wrong passphrase is still told apart from tampering.
+        assert!(matches!(
+            two_secrets().unlock(b"nope", true),
+            Err(KeyFileError::WrongPassphrase)
+        ));
+    }
+
+    #[test]
+    fn a_version_1_file_opens_but_is_not_authenticated() {
+        let mut file = two_secrets();
+        file.version = UNAUTHENTICATED_VERSION;
+        file.mac = None;
+        let json = serde_json::to_vec(&file).unwrap();
+        let opened = KeyFile::parse(&json).unwrap().unlock(b"pw", true).unwrap();
+        assert!(!opened.authenticated());
+        // Saved again, it is version 2 and authenticated.
+        let resealed = opened.seal().unwrap();
+        assert_eq!(resealed.version, KEYFILE_VERSION);
+        assert!(resealed.unlock(b"pw", true).unwrap().authenticated());
+        // A version 2 file without its mac is not a version 2 file.
+        let mut stripped = two_secrets();
+        stripped.mac = None;
+        let json = serde_json::to_vec(&stripped).unwrap();
+        assert!(matches!(
+            KeyFile::parse(&json),
+            Err(KeyFileError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn unlock_again_reads_another_process_save_without_the_passphrase() {
+        let file = two_secrets();
+        let mine = file.unlock(b"pw", true).unwrap();
+        let mut theirs = file.unlock(b"pw", true).unwrap();
+        theirs.put("prekey.retired.1", &[3u8; 32]);
+        let saved = theirs.seal().unwrap();
+        let again = saved.unlock_again(&mine).unwrap();
+        assert_eq!(again.get("prekey.retired.1"), Some(&[3u8; 32][..]));
+        // A file re-keyed under another passphrase is not read with the old key.
+        let other =
+            UnlockedKeyFile::create(b"pw2", KdfParams::INSECURE_FOR_TESTS, &mut rng()).unwrap();
+        let mut other = other;
+        other.put("x", &[0u8; 32]);
+        assert!(other.seal().unwrap().unlock_again(&mine).is_err());
     }
 
     #[test]

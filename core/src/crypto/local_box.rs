@@ -37,8 +37,12 @@ impl LocalKey {
 
     /// A key from stored bytes.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; 32] = bytes.try_into().ok()?;
-        Some(LocalKey(Zeroizing::new(arr)))
+        if bytes.len() != 32 {
+            return None;
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(bytes);
+        Some(LocalKey(key))
     }
 
     /// The key bytes, for sealing into the key file.

@@ -31,7 +31,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use limits::Limiter;
 use runner::{CallKind, Runner, World};
 
-pub use kv::KvStore;
+pub use kv::{KvStore, StoreKey};
 
 mod bot_bindings {
     wasmtime::component::bindgen!({
@@ -186,6 +186,10 @@ pub struct WasmPluginConfig {
     /// Where its key-value store is kept (in memory only if absent).
     #[serde(default)]
     pub kv_file: Option<PathBuf>,
+    /// The key that seals the store file (never from a config file: the client sets it from
+    /// the identity's storage key). Without one the file is plaintext.
+    #[serde(skip)]
+    pub kv_key: Option<StoreKey>,
     /// Plugin-specific settings, passed to nobody yet (reserved for a `configure` export).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -229,6 +233,7 @@ impl WasmPluginConfig {
             instances: default_instances(),
             max_failures: default_max_failures(),
             kv_file: None,
+            kv_key: None,
             config: BTreeMap::new(),
         }
     }

@@ -158,7 +158,8 @@ impl<W: World> Runner<W> {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| load_err(e.to_string()))?;
         W::add_to_linker(&mut linker).map_err(|e| load_err(e.to_string()))?;
         let kv = Arc::new(Mutex::new(
-            KvStore::open(config.kv_file.as_deref()).map_err(|e| load_err(e.to_string()))?,
+            KvStore::open_as(config.kv_file.as_deref(), config.kv_key.as_ref(), &name)
+                .map_err(|e| load_err(e.to_string()))?,
         ));
         let runner = Runner {
             name,

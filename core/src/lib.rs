@@ -17,6 +17,7 @@ pub mod health;
 pub mod id;
 pub mod mailbox;
 pub mod record;
+pub mod redact;
 pub mod registry;
 mod serde_b64;
 pub mod store;

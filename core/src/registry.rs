@@ -222,6 +222,16 @@ pub fn typed_config<T: DeserializeOwned>(
     })
 }
 
+/// A duration setting in milliseconds that must be above zero (a timeout of 0 would fail every
+/// operation at once): the error names the setting.
+pub fn positive_ms(name: &str, ms: u64) -> Result<std::time::Duration, String> {
+    if ms == 0 {
+        Err(format!("`{name}` must be greater than 0"))
+    } else {
+        Ok(std::time::Duration::from_millis(ms))
+    }
+}
+
 /// Every category a host can load plugins for.
 pub struct PluginRegistry {
     /// Brokers, created with the sink that receives their deliveries.

@@ -511,61 +511,9 @@ pub fn redact(value: &mut serde_json::Value) {
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
-        serde_json::Value::String(s) => {
-            // Several servers may be listed in one string ("nats://a,nats://b").
-            let parts: Vec<String> = s
-                .split(',')
-                .map(|part| {
-                    let part = redact_url_password(part).unwrap_or_else(|| part.to_owned());
-                    redact_query_secret(&part)
-                })
-                .collect();
-            *s = parts.join(",");
-        }
+        serde_json::Value::String(s) => *s = syncra_core::redact::redact_url(s),
         _ => {}
     }
-}
-
-/// `...?password=x&...` (and `pass=`, `token=`) → the value redacted.
-fn redact_query_secret(s: &str) -> String {
-    let Some((base, query)) = s.split_once('?') else {
-        return s.to_owned();
-    };
-    let params: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _))
-                if ["password", "pass", "token", "secret"]
-                    .contains(&k.to_ascii_lowercase().as_str()) =>
-            {
-                format!("{k}=<redacted>")
-            }
-            _ => kv.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", params.join("&"))
-}
-
-/// `scheme://user:password@host/...` → `scheme://user:<redacted>@host/...`.
-fn redact_url_password(s: &str) -> Option<String> {
-    let scheme_end = s.find("://")? + 3;
-    let rest = &s[scheme_end..];
-    let at = rest.find('@')?;
-    let authority = &rest[..at];
-    if authority.contains('/') {
-        return None;
-    }
-    Some(match authority.find(':') {
-        // user:password@host: keep the user, hide the password.
-        Some(colon) => format!(
-            "{}{}:<redacted>{}",
-            &s[..scheme_end],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        // token@host (NATS tokens, Redis ACL passwords): the whole user part is the secret.
-        None => format!("{}<redacted>{}", &s[..scheme_end], &rest[at..]),
-    })
 }
 
 #[cfg(test)]

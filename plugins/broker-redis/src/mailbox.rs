@@ -23,7 +23,9 @@ use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::{Health, UserId};
 use tokio::sync::Mutex;
 
-use crate::{KIND, RedisConfig, redacted_url};
+use syncra_core::redact::redact_url;
+
+use crate::{KIND, RedisConfig};
 
 /// Appends if the quota allows: returns the new id, or 0 when full.
 const PUT: &str = r#"
@@ -101,7 +103,7 @@ impl RedisMailbox {
         config: &RedisConfig,
         limits: MailboxLimits,
     ) -> Result<Self, MailboxError> {
-        let location = redacted_url(&config.url);
+        let location = redact_url(&config.url);
         let client = Client::open(config.url.as_str()).map_err(|e| {
             MailboxError::Unavailable(format!("{location} is not a Redis URL: {e}"))
         })?;

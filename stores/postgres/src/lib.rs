@@ -55,7 +55,6 @@
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
-use std::ops::Range;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -67,7 +66,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
-use syncra_core::id::USER_ID_LEN;
+use syncra_core::record::StoredColumns;
+use syncra_core::redact::{REDACTED, redact_url, secret_spans};
 use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
@@ -125,7 +125,7 @@ const DELETE: &str = "DELETE FROM users WHERE user_id = $1";
 
 /// The configuration of `kind = "postgres"`.
 ///
-/// `Debug` shows the URLs with the password replaced by `***`.
+/// `Debug` shows the URLs with the password replaced by `<redacted>`.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
@@ -486,46 +486,26 @@ impl PostgresStore {
     }
 
     fn record_from_row(&self, row: &PgRow) -> Result<IdentityRecord, PostgresError> {
-        let raw_id: Vec<u8> = self.column(row, "user_id", "?")?;
-        let user_id = <[u8; USER_ID_LEN]>::try_from(raw_id.as_slice())
-            .map(UserId::from_bytes)
-            .map_err(|_| {
-                self.corrupt(
-                    format!("user id {}", hex(&raw_id)),
-                    format!("user_id is {} bytes, expected {USER_ID_LEN}", raw_id.len()),
-                )
-            })?;
-        let who = format!("user {user_id}");
-        let handle: String = self.column(row, "handle", &who)?;
-        let identity_key: Vec<u8> = self.column(row, "identity_key", &who)?;
-        let prekey_public: Vec<u8> = self.column(row, "prekey_public", &who)?;
+        let user_id: Vec<u8> = self.column(row, "user_id", "?")?;
+        let who = StoredColumns::row_name(&user_id);
+        // Kept as text: Postgres has no unsigned 64-bit integer.
         let created_at: String = self.column(row, "prekey_created_at", &who)?;
-        let signature: Vec<u8> = self.column(row, "prekey_signature", &who)?;
-
-        let handle =
-            Handle::parse(&handle).map_err(|e| self.corrupt(who.clone(), e.to_string()))?;
-        let created_at: u64 = created_at.parse().map_err(|_| {
+        let prekey_created_at: u64 = created_at.parse().map_err(|_| {
             self.corrupt(
                 who.clone(),
                 format!("prekey_created_at {created_at:?} is not a u64"),
             )
         })?;
-        let record = IdentityRecord {
+        StoredColumns {
+            handle: self.column(row, "handle", &who)?,
+            identity_key: self.column(row, "identity_key", &who)?,
+            prekey_public: self.column(row, "prekey_public", &who)?,
+            prekey_signature: self.column(row, "prekey_signature", &who)?,
+            prekey_created_at,
             user_id,
-            handle,
-            identity_key: self.fixed(&identity_key, "identity_key", &who)?,
-            prekey: SignedPrekey {
-                public: self.fixed(&prekey_public, "prekey_public", &who)?,
-                created_at,
-                signature: self.fixed(&signature, "prekey_signature", &who)?,
-            },
-        };
-        // Cheap (one hash) and catches a key swapped under an id. The prekey signature is left
-        // to clients, who verify every record they are handed anyway.
-        if UserId::from_identity_key(&record.identity_key) != record.user_id {
-            return Err(self.corrupt(who, "identity_key does not belong to user_id".into()));
         }
-        Ok(record)
+        .check()
+        .map_err(|c| self.corrupt(c.row, c.why))
     }
 
     fn column<'r, T>(&self, row: &'r PgRow, name: &str, who: &str) -> Result<T, PostgresError>
@@ -534,20 +514,6 @@ impl PostgresStore {
     {
         row.try_get(name)
             .map_err(|e| self.corrupt(who.to_owned(), format!("column {name}: {e}")))
-    }
-
-    fn fixed<const N: usize>(
-        &self,
-        bytes: &[u8],
-        name: &str,
-        who: &str,
-    ) -> Result<[u8; N], PostgresError> {
-        bytes.try_into().map_err(|_| {
-            self.corrupt(
-                who.to_owned(),
-                format!("{name} is {} bytes, expected {N}", bytes.len()),
-            )
-        })
     }
 
     fn corrupt(&self, row: String, why: String) -> PostgresError {
@@ -905,72 +871,6 @@ fn has_query_key(url: &str, keys: &[&str]) -> bool {
         .any(|key| keys.iter().any(|k| k.eq_ignore_ascii_case(key)))
 }
 
-/// `url` with every password in it replaced by `***`: the one in the user info
-/// (`postgres://user:PASSWORD@host`) and any `password=` parameter. Safe on malformed input:
-/// when unsure where a password ends, it redacts more, never less.
-pub fn redact_url(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let mut at = 0;
-    for span in password_spans(url) {
-        out.push_str(&url[at..span.start]);
-        out.push_str("***");
-        at = span.end;
-    }
-    out.push_str(&url[at..]);
-    out
-}
-
-/// The byte ranges of passwords in `url`, sorted and not overlapping.
-fn password_spans(url: &str) -> Vec<Range<usize>> {
-    let mut spans = Vec::new();
-    if let Some(scheme_end) = url.find("://") {
-        let start = scheme_end + 3;
-        let rest = &url[start..];
-        // The last `@` ends the user info even when a password holds an unencoded `/`, `?` or
-        // `@`; an `@` later in the URL only makes the redaction longer.
-        if let Some(at) = rest.rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                spans.push(start + colon + 1..start + at);
-            }
-        }
-    }
-    let lower = url.to_ascii_lowercase();
-    let key = "password=";
-    let mut from = 0;
-    while let Some(found) = lower[from..].find(key) {
-        let key_start = from + found;
-        let value_start = key_start + key.len();
-        from = value_start;
-        let boundary = url[..key_start]
-            .chars()
-            .next_back()
-            .is_none_or(|c| matches!(c, '?' | '&' | ';') || c.is_whitespace());
-        if !boundary {
-            continue;
-        }
-        let value = &url[value_start..];
-        let len = if let Some(quoted) = value.strip_prefix('\'') {
-            quoted.find('\'').map_or(value.len(), |end| end + 2)
-        } else {
-            value
-                .find(|c: char| c == '&' || c == '#' || c.is_whitespace())
-                .unwrap_or(value.len())
-        };
-        spans.push(value_start..value_start + len);
-    }
-    spans.retain(|s| !s.is_empty());
-    spans.sort_by_key(|s| s.start);
-    let mut merged: Vec<Range<usize>> = Vec::with_capacity(spans.len());
-    for span in spans {
-        match merged.last_mut() {
-            Some(last) if span.start <= last.end => last.end = last.end.max(span.end),
-            _ => merged.push(span),
-        }
-    }
-    merged
-}
-
 /// The passwords of the configured URLs, as written and percent-decoded, cut out of every
 /// message that leaves this crate. Driver errors are not known to include them, but a message
 /// is cheap to scrub and a leaked database password is not.
@@ -981,7 +881,7 @@ impl Secrets {
     fn of(config: &PostgresConfig) -> Self {
         let mut secrets = Vec::new();
         for url in std::iter::once(&config.url).chain(&config.migrate_url) {
-            for span in password_spans(url) {
+            for span in secret_spans(url) {
                 let raw = url[span].trim_matches('\'');
                 secrets.push(raw.to_owned());
                 secrets.push(percent_decode(raw));
@@ -999,7 +899,7 @@ impl Secrets {
         let mut text = text.to_owned();
         for secret in self.0.iter() {
             if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "***");
+                text = text.replace(secret.as_str(), REDACTED);
             }
         }
         text
@@ -1040,10 +940,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Registers kind `"postgres"`.
 pub fn register(kinds: &mut Kinds<Arc<dyn IdentityStore>, ()>) -> Result<(), PluginError> {
     kinds.register(KIND, |config, ()| async move {
@@ -1074,42 +970,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redact_url_hides_every_password() {
-        let check = |url: &str, expect: &str| assert_eq!(redact_url(url), expect, "{url}");
-        check(
-            "postgres://syncra:hunter2@db.example:5432/relay?sslmode=verify-full",
-            "postgres://syncra:***@db.example:5432/relay?sslmode=verify-full",
-        );
-        check(
-            "postgresql://u:p%40ss%2Fw@ep-x-pooler.eu.aws.neon.tech/db",
-            "postgresql://u:***@ep-x-pooler.eu.aws.neon.tech/db",
-        );
-        // Unencoded `/`, `?`, `@` and `#` inside a password: cut up to the last `@`.
-        check("postgres://u:a/b?c@d#e@host/db", "postgres://u:***@host/db");
-        check("postgres://u@host/db", "postgres://u@host/db");
-        check("postgres://host/db?user=u", "postgres://host/db?user=u");
-        check(
-            "postgres://host/db?user=u&password=hunter2&sslmode=require",
-            "postgres://host/db?user=u&password=***&sslmode=require",
-        );
-        check(
-            "postgres://host/db?PASSWORD=hunter2",
-            "postgres://host/db?PASSWORD=***",
-        );
-        check(
-            "host=db password='a b' user=u",
-            "host=db password=*** user=u",
-        );
-        check("postgres://u:@host/db", "postgres://u:@host/db");
-        check("not a url", "not a url");
-        // `password=` only counts as a key, not inside another key's name.
-        check(
-            "postgres://host/db?application_name=nopassword=x",
-            "postgres://host/db?application_name=nopassword=x",
-        );
-    }
-
-    #[test]
     fn secrets_scrub_the_password_as_written_and_decoded() {
         let config = PostgresConfig {
             migrate_url: Some("postgres://m:direct%2Bpw@host/db".into()),
@@ -1117,7 +977,10 @@ mod tests {
         };
         let secrets = Secrets::of(&config);
         let text = "p%40ss p@ss other direct%2Bpw direct+pw done";
-        assert_eq!(secrets.scrub(text), "*** *** *** *** *** done");
+        assert_eq!(
+            secrets.scrub(text),
+            "<redacted> <redacted> <redacted> <redacted> <redacted> done"
+        );
         assert!(!format!("{secrets:?}").contains("p@ss"));
     }
 
@@ -1143,7 +1006,7 @@ mod tests {
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(!debug.contains("direct-secret"), "{debug}");
         assert!(
-            debug.contains("postgres://u:***@db.example/relay"),
+            debug.contains("postgres://u:<redacted>@db.example/relay"),
             "{debug}"
         );
     }
@@ -1280,7 +1143,7 @@ mod tests {
             let text = format!("{err} {err:?}");
             assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
             assert!(!text.contains("hunter2"), "{url}: {text}");
-            assert!(text.contains("u:***@127.0.0.1"), "{url}: {text}");
+            assert!(text.contains("u:<redacted>@127.0.0.1"), "{url}: {text}");
         }
     }
 
@@ -1491,7 +1354,12 @@ mod tests {
             store.register(&alice).await.unwrap();
             sqlx::raw_sql(AssertSqlSafe(format!(
                 "{sql} WHERE user_id = '\\x{}'",
-                hex(alice.user_id.as_bytes())
+                alice
+                    .user_id
+                    .as_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
             )))
             .execute(&store.pool)
             .await
@@ -1533,7 +1401,7 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("syncra:***@127.0.0.1"), "{err}");
+        assert!(err.contains("syncra:<redacted>@127.0.0.1"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
         let store = PostgresStore::connect(&config).await.unwrap();
         let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")

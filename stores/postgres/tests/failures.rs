@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use syncra_core::error::StoreError;
+use syncra_core::redact::redact_url;
 use syncra_core::{Health, IdentityStore};
-use syncra_store_postgres::{PostgresConfig, PostgresStore, migrate, redact_url};
+use syncra_store_postgres::{PostgresConfig, PostgresStore, migrate};
 use syncra_test_support::postgres::{DATABASE, PostgresServer, USER};
 use syncra_test_support::{DEADLINE, test_identity, unique_name};
 
@@ -190,7 +191,10 @@ async fn the_password_never_shows() {
     server.stop();
     let err = store.by_id(&alice.user_id).await.unwrap_err();
     leaks("error", &format!("{err} {err:?}"));
-    assert!(err.to_string().contains(&format!("{USER}:***@")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("{USER}:<redacted>@")),
+        "{err}"
+    );
     let err = store.register(&alice).await.unwrap_err();
     leaks("error", &format!("{err} {err:?}"));
     leaks("health", &format!("{:?}", store.health().await));

@@ -25,7 +25,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
-use syncra_core::id::USER_ID_LEN;
+use syncra_core::record::StoredColumns;
 use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
@@ -208,40 +208,21 @@ impl SqliteStore {
     }
 
     fn record_from_row(&self, row: &SqliteRow) -> Result<IdentityRecord, SqliteError> {
-        let raw_id: Vec<u8> = self.column(row, "user_id", "?")?;
-        let user_id = <[u8; USER_ID_LEN]>::try_from(raw_id.as_slice())
-            .map(UserId::from_bytes)
-            .map_err(|_| {
-                self.corrupt(
-                    format!("user id {}", hex(&raw_id)),
-                    format!("user_id is {} bytes, expected {USER_ID_LEN}", raw_id.len()),
-                )
-            })?;
-        let who = format!("user {user_id}");
-        let handle: String = self.column(row, "handle", &who)?;
-        let identity_key: Vec<u8> = self.column(row, "identity_key", &who)?;
-        let prekey_public: Vec<u8> = self.column(row, "prekey_public", &who)?;
-        let created_at: i64 = self.column(row, "prekey_created_at", &who)?;
-        let signature: Vec<u8> = self.column(row, "prekey_signature", &who)?;
-
-        let handle =
-            Handle::parse(&handle).map_err(|e| self.corrupt(who.clone(), e.to_string()))?;
-        let record = IdentityRecord {
+        let user_id: Vec<u8> = self.column(row, "user_id", "?")?;
+        let who = StoredColumns::row_name(&user_id);
+        let prekey_created_at = self
+            .column::<i64>(row, "prekey_created_at", &who)?
+            .cast_unsigned();
+        StoredColumns {
+            handle: self.column(row, "handle", &who)?,
+            identity_key: self.column(row, "identity_key", &who)?,
+            prekey_public: self.column(row, "prekey_public", &who)?,
+            prekey_signature: self.column(row, "prekey_signature", &who)?,
+            prekey_created_at,
             user_id,
-            handle,
-            identity_key: self.fixed(&identity_key, "identity_key", &who)?,
-            prekey: SignedPrekey {
-                public: self.fixed(&prekey_public, "prekey_public", &who)?,
-                created_at: created_at.cast_unsigned(),
-                signature: self.fixed(&signature, "prekey_signature", &who)?,
-            },
-        };
-        // Cheap (one hash) and catches a key swapped under an id. The prekey signature is left
-        // to clients, who verify every record they are handed anyway.
-        if UserId::from_identity_key(&record.identity_key) != record.user_id {
-            return Err(self.corrupt(who, "identity_key does not belong to user_id".into()));
         }
-        Ok(record)
+        .check()
+        .map_err(|c| self.corrupt(c.row, c.why))
     }
 
     fn column<'r, T>(&self, row: &'r SqliteRow, name: &str, who: &str) -> Result<T, SqliteError>
@@ -250,20 +231,6 @@ impl SqliteStore {
     {
         row.try_get(name)
             .map_err(|e| self.corrupt(who.to_owned(), format!("column {name}: {e}")))
-    }
-
-    fn fixed<const N: usize>(
-        &self,
-        bytes: &[u8],
-        name: &str,
-        who: &str,
-    ) -> Result<[u8; N], SqliteError> {
-        bytes.try_into().map_err(|_| {
-            self.corrupt(
-                who.to_owned(),
-                format!("{name} is {} bytes, expected {N}", bytes.len()),
-            )
-        })
     }
 
     fn corrupt(&self, row: String, why: String) -> SqliteError {
@@ -419,10 +386,6 @@ impl IdentityStore for SqliteStore {
 /// Seconds since the Unix epoch, for `registered_at`.
 fn now_secs() -> i64 {
     i64::try_from(syncra_core::now_ms() / 1000).unwrap_or(i64::MAX)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The configuration of `kind = "sqlite"`.

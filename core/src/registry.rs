@@ -24,7 +24,9 @@ pub type FactoryFuture<T> = Pin<Box<dyn Future<Output = Result<T, PluginError>> 
 
 type FactoryFn<T, C> = Box<dyn Fn(serde_json::Value, C) -> FactoryFuture<T> + Send + Sync>;
 
-/// The first-party kinds of one category and the cargo feature that compiles each in.
+/// A first-party kind of one category and the cargo feature of the host that compiles it in.
+/// The lists live with the host that has the features (the relay's are in
+/// `host-relay/src/kinds.rs`); core only knows the shape.
 #[derive(Clone, Copy, Debug)]
 pub struct KnownKind {
     /// The kind name.
@@ -32,60 +34,6 @@ pub struct KnownKind {
     /// The cargo feature of the host that adds it.
     pub feature: &'static str,
 }
-
-/// First-party broker kinds.
-pub const KNOWN_BROKERS: &[KnownKind] = &[
-    KnownKind {
-        kind: "memory",
-        feature: "broker-memory",
-    },
-    KnownKind {
-        kind: "redis",
-        feature: "broker-redis",
-    },
-    KnownKind {
-        kind: "nats",
-        feature: "broker-nats",
-    },
-];
-
-/// First-party mailbox kinds, with the relay feature that compiles each in.
-pub const KNOWN_MAILBOXES: &[KnownKind] = &[
-    KnownKind {
-        kind: "none",
-        feature: "(always built in)",
-    },
-    KnownKind {
-        kind: "sqlite",
-        feature: "store-sqlite",
-    },
-    KnownKind {
-        kind: "postgres",
-        feature: "store-postgres",
-    },
-    KnownKind {
-        kind: "redis",
-        feature: "broker-redis",
-    },
-];
-
-/// First-party identity store kinds.
-pub const KNOWN_STORES: &[KnownKind] = &[
-    KnownKind {
-        kind: "sqlite",
-        feature: "store-sqlite",
-    },
-    KnownKind {
-        kind: "postgres",
-        feature: "store-postgres",
-    },
-];
-
-/// First-party transport kinds.
-pub const KNOWN_TRANSPORTS: &[KnownKind] = &[KnownKind {
-    kind: "ws",
-    feature: "transport-ws",
-}];
 
 /// The factories of one category (brokers, stores, ...).
 pub struct Kinds<T, C> {
@@ -244,13 +192,27 @@ pub struct PluginRegistry {
     pub mailboxes: Kinds<Arc<dyn Mailbox>, MailboxLimits>,
 }
 
-impl Default for PluginRegistry {
-    fn default() -> Self {
+/// The first-party kinds a host knows of, per category (see [`KnownKind`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KnownKinds {
+    /// Brokers.
+    pub brokers: &'static [KnownKind],
+    /// Identity stores.
+    pub stores: &'static [KnownKind],
+    /// Transports.
+    pub transports: &'static [KnownKind],
+    /// Mailboxes.
+    pub mailboxes: &'static [KnownKind],
+}
+
+impl PluginRegistry {
+    /// An empty registry whose "not compiled in" errors name the features in `known`.
+    pub fn new(known: KnownKinds) -> Self {
         PluginRegistry {
-            brokers: Kinds::new("broker", KNOWN_BROKERS),
-            stores: Kinds::new("store", KNOWN_STORES),
-            transports: Kinds::new("transport", KNOWN_TRANSPORTS),
-            mailboxes: Kinds::new("mailbox", KNOWN_MAILBOXES),
+            brokers: Kinds::new("broker", known.brokers),
+            stores: Kinds::new("store", known.stores),
+            transports: Kinds::new("transport", known.transports),
+            mailboxes: Kinds::new("mailbox", known.mailboxes),
         }
     }
 }
@@ -276,7 +238,11 @@ mod tests {
     }
 
     fn registry() -> Kinds<String, ()> {
-        let mut k = Kinds::new("broker", KNOWN_BROKERS);
+        const KNOWN: &[KnownKind] = &[KnownKind {
+            kind: "nats",
+            feature: "broker-nats",
+        }];
+        let mut k = Kinds::new("broker", KNOWN);
         k.register("echo", |config, ()| async move {
             let c: EchoConfig = typed_config("broker", "echo", config)?;
             Ok(c.word)

@@ -152,7 +152,6 @@ pub struct CommandInfo {
 
 /// Everything the client tells the interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum AppEvent {
     /// There is no identity: walk the person through creating one.
     Onboarding {
@@ -242,7 +241,6 @@ pub enum AppEvent {
 
 /// Everything the person can ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum UserAction {
     /// Send text to a conversation.
     Send {

@@ -358,9 +358,6 @@ impl Controller {
             } => self.verify(contact, mark_verified).await,
             UserAction::Command { name, args } => self.run_extension(name, args).await,
             UserAction::Quit => {}
-            other => {
-                tracing::debug!("ignoring {other:?} in this state");
-            }
         }
     }
 

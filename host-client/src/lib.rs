@@ -16,7 +16,6 @@ pub mod contacts;
 pub mod history;
 pub mod home;
 pub mod keystore;
-pub mod line_ui;
 pub mod message;
 pub mod net;
 pub mod outbox;

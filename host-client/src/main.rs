@@ -580,8 +580,8 @@ async fn interactive(cli: &Cli) -> anyhow::Result<ExitCode> {
     home.ensure()?;
     let settings = home.settings()?;
     let frontend: Box<dyn syncra_core::ui::UiFrontend> =
-        if cli.line || settings.frontend == syncra_client::line_ui::KIND {
-            Box::new(syncra_client::line_ui::LineFrontend)
+        if cli.line || settings.frontend == syncra_ui_line::KIND {
+            Box::new(syncra_ui_line::LineFrontend)
         } else if settings.frontend == syncra_ui_ratatui::KIND {
             if !std::io::stdout().is_terminal() {
                 bail!("the full-screen interface needs a terminal; use `syncra --line` in pipes");

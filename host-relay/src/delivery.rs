@@ -87,17 +87,13 @@ pub async fn send(
     if !state.hooks.is_empty() {
         let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
         let size = envelope.len();
-        let verdict = crate::plugins::ask(&state.hooks, move |h| {
+        let admitted = crate::plugins::admit(&state.hooks, move |h| {
             h.on_envelope(&user, &recipients, size)
         })
         .await;
-        match verdict {
-            crate::plugins::Verdict::Allow => {}
-            crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
-            crate::plugins::Verdict::Deny(why) => {
-                count_error(state, ErrorCode::HookDenied);
-                return error_frame(request_id, ErrorCode::HookDenied, why);
-            }
+        if let Err(why) = admitted {
+            count_error(state, ErrorCode::HookDenied);
+            return error_frame(request_id, ErrorCode::HookDenied, why);
         }
     }
     // Encoded once: the frame every local session gets and the broker payload share bytes.

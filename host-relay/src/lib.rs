@@ -14,6 +14,7 @@
 
 pub mod config;
 mod delivery;
+pub mod kinds;
 mod limits;
 mod metrics;
 pub mod plugins;
@@ -45,7 +46,7 @@ use tokens::TokenKeys;
 /// The plugins compiled into this build.
 pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
     #[allow(unused_mut)]
-    let mut registry = PluginRegistry::default();
+    let mut registry = PluginRegistry::new(kinds::KNOWN);
     #[cfg(feature = "transport-ws")]
     syncra_transport_ws::register(&mut registry.transports)?;
     #[cfg(feature = "broker-memory")]

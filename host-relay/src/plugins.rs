@@ -131,6 +131,26 @@ pub fn decide(verdicts: impl Iterator<Item = Verdict>) -> Verdict {
 /// or wait up to its deadline, and the WASM host blocks its thread for the call. Each call has
 /// its own blocking thread and its own hook instance, so one slow call holds up only its own
 /// session.
+/// What every hook point does with the hooks' verdict: goes on at once without hooks; waits out
+/// a delay; turns a refusal into `Err` with the reason the client is told.
+pub async fn admit(
+    hooks: &[Arc<dyn RelayHook>],
+    f: impl Fn(&dyn RelayHook) -> Verdict + Send + 'static,
+) -> Result<(), String> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    match ask(hooks, f).await {
+        Verdict::Allow => Ok(()),
+        Verdict::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Ok(())
+        }
+        Verdict::Deny(why) => Err(why),
+    }
+}
+
+/// The hooks' combined verdict (see `decide`), computed on a blocking thread.
 pub async fn ask(
     hooks: &[Arc<dyn RelayHook>],
     f: impl Fn(&dyn RelayHook) -> Verdict + Send + 'static,
@@ -408,7 +428,7 @@ mod tests {
 
     #[test]
     fn unknown_plugin_kinds_and_bad_entries_are_clear_errors() {
-        let mut registry = PluginRegistry::default();
+        let mut registry = PluginRegistry::new(crate::kinds::KNOWN);
         let err = load(
             &[serde_json::json!({"kind": "python", "path": "x"})],
             None,

@@ -357,18 +357,11 @@ pub async fn serve(
 
     drop(pending);
     let user = grant.user;
-    if !state.hooks.is_empty() {
-        let verdict = crate::plugins::ask(&state.hooks, move |h| h.on_connect(&user, ip)).await;
-        match verdict {
-            crate::plugins::Verdict::Allow => {}
-            crate::plugins::Verdict::Delay(d) => tokio::time::sleep(d).await,
-            crate::plugins::Verdict::Deny(why) => {
-                let _ = sink
-                    .close(CloseReason::error(ErrorCode::HookDenied, why))
-                    .await;
-                return;
-            }
-        }
+    if let Err(why) = crate::plugins::admit(&state.hooks, move |h| h.on_connect(&user, ip)).await {
+        let _ = sink
+            .close(CloseReason::error(ErrorCode::HookDenied, why))
+            .await;
+        return;
     }
 
     // Authenticated: the token goes out first, directly, then the writer owns the sink.

@@ -665,7 +665,7 @@ async fn unknown_and_uncompiled_plugin_kinds_are_different_errors() {
     assert!(err.contains("unknown broker kind \"natz\""), "{err}");
     // A build without the NATS broker (here: a registry without it) says how to get it.
     config.broker = serde_json::json!({ "kind": "nats" });
-    let mut slim = syncra_core::registry::PluginRegistry::default();
+    let mut slim = syncra_core::registry::PluginRegistry::new(syncra_relay::kinds::KNOWN);
     syncra_transport_ws::register(&mut slim.transports).unwrap();
     syncra_broker_memory::register(&mut slim.brokers).unwrap();
     syncra_store_sqlite::register(&mut slim.stores).unwrap();

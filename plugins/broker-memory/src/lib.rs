@@ -242,8 +242,6 @@ pub fn register(
 mod tests {
     use std::sync::Mutex;
 
-    use syncra_core::registry::KNOWN_BROKERS;
-
     use super::*;
 
     /// A sink that records payloads and answers with a fixed "taken".
@@ -371,7 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn registers_kind_memory_with_strict_config() {
-        let mut kinds = Kinds::new("broker", KNOWN_BROKERS);
+        let mut kinds = Kinds::new("broker", &[]);
         register(&mut kinds).unwrap();
         let sink = Counting::new(true);
         let broker = kinds

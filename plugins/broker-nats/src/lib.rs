@@ -689,7 +689,6 @@ pub fn register(
 
 #[cfg(test)]
 mod tests {
-    use syncra_core::registry::KNOWN_BROKERS;
 
     use super::*;
 
@@ -702,7 +701,7 @@ mod tests {
     }
 
     async fn create_error(section: serde_json::Value) -> PluginError {
-        let mut kinds = Kinds::new("broker", KNOWN_BROKERS);
+        let mut kinds = Kinds::new("broker", &[]);
         register(&mut kinds).unwrap();
         match kinds.create(section, Arc::new(Refusing)).await {
             Ok(_) => panic!("expected an error"),

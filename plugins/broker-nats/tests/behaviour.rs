@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use syncra_broker_nats::{NatsBroker, NatsConfig};
 use syncra_core::error::BrokerError;
-use syncra_core::registry::{KNOWN_BROKERS, Kinds};
+use syncra_core::registry::Kinds;
 use syncra_core::{Broker, BrokerSink, Health};
 use syncra_test_support::broker::OUTAGE_ANSWER_WITHIN;
 use syncra_test_support::servers::NatsServer;
@@ -57,7 +57,7 @@ async fn receivers_counts_only_nodes_whose_sink_took_the_payload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_kind_nats_and_refuses_unknown_keys() {
     let server = NatsServer::start();
-    let mut kinds = Kinds::new("broker", KNOWN_BROKERS);
+    let mut kinds = Kinds::new("broker", &[]);
     syncra_broker_nats::register(&mut kinds).unwrap();
     let (sink, mut inbox) = RecordingSink::new();
     let broker = kinds

@@ -687,7 +687,6 @@ pub fn register(
 
 #[cfg(test)]
 mod tests {
-    use syncra_core::registry::KNOWN_BROKERS;
 
     use super::*;
 
@@ -700,7 +699,7 @@ mod tests {
     }
 
     fn kinds() -> Kinds<Arc<dyn Broker>, Arc<dyn BrokerSink>> {
-        let mut kinds = Kinds::new("broker", KNOWN_BROKERS);
+        let mut kinds = Kinds::new("broker", &[]);
         register(&mut kinds).unwrap();
         kinds
     }

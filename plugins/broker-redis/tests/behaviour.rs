@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use syncra_broker_redis::{RedisBroker, RedisConfig};
 use syncra_core::error::BrokerError;
-use syncra_core::registry::{KNOWN_BROKERS, Kinds};
+use syncra_core::registry::Kinds;
 use syncra_core::{Broker, BrokerSink, Health};
 use syncra_test_support::broker::OUTAGE_ANSWER_WITHIN;
 use syncra_test_support::servers::RedisServer;
@@ -48,7 +48,7 @@ async fn receivers_counts_subscribed_nodes_including_the_publisher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_kind_redis_and_refuses_unknown_keys() {
     let server = RedisServer::start();
-    let mut kinds = Kinds::new("broker", KNOWN_BROKERS);
+    let mut kinds = Kinds::new("broker", &[]);
     syncra_broker_redis::register(&mut kinds).unwrap();
     let (sink, mut inbox) = RecordingSink::new();
     let broker = kinds

@@ -484,7 +484,6 @@ impl Model {
                 Screen::Starting => {}
             },
             AppEvent::Shutdown => self.quit = true,
-            _ => {}
         }
         Vec::new()
     }

@@ -963,7 +963,6 @@ pub fn register(kinds: &mut Kinds<Arc<dyn IdentityStore>, ()>) -> Result<(), Plu
 #[cfg(test)]
 mod tests {
     use syncra_core::crypto::keys::PrekeySecret;
-    use syncra_core::registry::KNOWN_STORES;
     use syncra_test_support::postgres::PostgresServer;
     use syncra_test_support::{FIXTURE_PREKEY_CREATED_AT, test_identity, unique_name};
 
@@ -1150,7 +1149,7 @@ mod tests {
     #[tokio::test]
     async fn registers_kind_postgres_with_strict_config() {
         let server = PostgresServer::start();
-        let mut kinds = Kinds::new("store", KNOWN_STORES);
+        let mut kinds = Kinds::new("store", &[]);
         register(&mut kinds).unwrap();
         let store = kinds
             .create(

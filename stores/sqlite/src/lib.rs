@@ -413,7 +413,6 @@ pub fn register(kinds: &mut Kinds<Arc<dyn IdentityStore>, ()>) -> Result<(), Plu
 
 #[cfg(test)]
 mod tests {
-    use syncra_core::registry::KNOWN_STORES;
     use syncra_test_support::{FIXTURE_PREKEY_CREATED_AT, test_identity};
 
     use super::*;
@@ -588,7 +587,7 @@ mod tests {
     #[tokio::test]
     async fn registers_kind_sqlite_with_strict_config() {
         let dir = tempfile::tempdir().unwrap();
-        let mut kinds = Kinds::new("store", KNOWN_STORES);
+        let mut kinds = Kinds::new("store", &[]);
         register(&mut kinds).unwrap();
         let path = dir.path().join("relay").join("identities.db");
         let store = kinds

@@ -182,7 +182,8 @@ impl State {
             )),
             AppEvent::Notice(n) => say(&format!("* {n}")),
             AppEvent::Error(e) => say(&format!("error: {e}")),
-            _ => {}
+            // Outgoing lines are what the person just typed; commands and shutdown need no line.
+            AppEvent::Message(_) | AppEvent::Commands(_) | AppEvent::Shutdown => {}
         }
     }
 

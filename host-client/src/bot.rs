@@ -12,7 +12,7 @@ use syncra_core::text::escape_untrusted;
 use anyhow::Context;
 use syncra_plugin_wasm::{BotAction, BotMessage, BotPlugin, StoreKey, WasmHost, WasmPluginConfig};
 
-use crate::client::{Client, Incoming, Serve, ServeEvent, Target};
+use crate::client::{Client, ClientError, Incoming, Serve, ServeEvent, Target};
 
 /// The process-wide Wasmtime engine.
 pub fn wasm_host() -> anyhow::Result<&'static WasmHost> {
@@ -75,13 +75,13 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
 pub const MAX_BOT_TEXT: usize = 200 * 1024;
 
 /// Refuses a bot text over [`MAX_BOT_TEXT`], saying so.
-pub fn check_bot_text(text: &str) -> anyhow::Result<()> {
+pub fn check_bot_text(text: &str) -> Result<(), ClientError> {
     if text.len() > MAX_BOT_TEXT {
-        anyhow::bail!(
+        return Err(ClientError::Invalid(format!(
             "the bot's message of {} bytes is over the {MAX_BOT_TEXT}-byte limit for one \
              message; it was not sent (split it into several)",
             text.len()
-        );
+        )));
     }
     Ok(())
 }
@@ -91,7 +91,7 @@ pub async fn perform(
     client: &mut Client,
     reply_to: &Target,
     actions: Vec<BotAction>,
-) -> Vec<anyhow::Result<crate::SendReport>> {
+) -> Vec<Result<crate::SendReport, ClientError>> {
     let mut out = Vec::new();
     for action in actions {
         let result = match action {

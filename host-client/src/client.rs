@@ -74,6 +74,53 @@ pub struct SendReport {
     pub outcomes: Vec<RecipientOutcome>,
 }
 
+/// What went wrong in a call of the client engine, by kind: a frontend decides what to do (and
+/// a command its exit code) by matching the kind, never by reading the words.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The call needs a connection to the relay and there is none.
+    #[error("not connected to the relay; check `syncra status`")]
+    NotConnected,
+    /// The relay refused the request or could not be reached.
+    #[error(transparent)]
+    Relay(NetError),
+    /// No contact, group or person by that name (or nobody registered under it).
+    #[error("{0}")]
+    Unknown(String),
+    /// Not allowed as things stand: sending to a contact whose key changed before it is
+    /// re-verified, changing a group one did not create, adding oneself.
+    #[error("{0}")]
+    Refused(String),
+    /// What was asked for is not valid: an empty message, a bad group name, nothing to change.
+    #[error("{0}")]
+    Invalid(String),
+    /// The relay's answer contradicts what is pinned (another key for a contact).
+    #[error("{0}")]
+    Untrusted(String),
+    /// A local failure: the disk, a damaged or locked file, a wrong passphrase.
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ClientError {
+    /// A kind raised deep inside keeps its kind; anything else is local.
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<ClientError>() {
+            Ok(kind) => kind,
+            Err(e) => match e.downcast::<NetError>() {
+                Ok(net) => ClientError::Relay(net),
+                Err(e) => ClientError::Local(e),
+            },
+        }
+    }
+}
+
+impl From<NetError> for ClientError {
+    fn from(e: NetError) -> Self {
+        ClientError::Relay(e)
+    }
+}
+
 /// Why a registration failed, by what the person has to change.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -558,8 +605,8 @@ impl Client {
     /// Rotates the signed prekey if it is due and erases retired ones past their grace, saving
     /// the key file and publishing the new prekey. Long-running sessions call it on a timer
     /// ([`Serve`]), so forward secrecy does not depend on reconnecting.
-    pub async fn maintain_keys(&mut self) -> anyhow::Result<()> {
-        self.rotate_prekey_if_due().await
+    pub async fn maintain_keys(&mut self) -> Result<(), ClientError> {
+        Ok(self.rotate_prekey_if_due().await?)
     }
 
     /// Disconnects politely.
@@ -601,11 +648,11 @@ impl Client {
 
     fn require_session(&self) -> anyhow::Result<Arc<Session>> {
         self.session()
-            .context("not connected to the relay; check `syncra status`")
+            .ok_or_else(|| ClientError::NotConnected.into())
     }
 
     /// Looks up `query` (a handle or a user id) and pins it as a contact.
-    pub async fn add_contact(&mut self, query: &str) -> anyhow::Result<(Contact, PinOutcome)> {
+    pub async fn add_contact(&mut self, query: &str) -> Result<(Contact, PinOutcome), ClientError> {
         let session = self.require_session()?;
         let record = match query.parse::<UserId>() {
             Ok(id) => session.lookup_id(id).await,
@@ -615,15 +662,15 @@ impl Client {
             NetError::Refused {
                 code: ErrorCode::NotFound,
                 ..
-            } => anyhow::anyhow!("nobody is registered as {query:?} on this relay"),
+            } => ClientError::Unknown(format!("nobody is registered as {query:?} on this relay")),
             NetError::Refused {
                 code: ErrorCode::HandleInvalid,
                 message,
-            } => anyhow::anyhow!("{message}"),
-            other => anyhow::anyhow!("looking up {query:?}: {other}"),
+            } => ClientError::Invalid(message),
+            other => ClientError::Relay(other),
         })?;
         if record.user_id == self.user_id() {
-            bail!("that is you");
+            return Err(ClientError::Refused("that is you".into()));
         }
         let _lock = self.book.lock()?;
         let outcome = self.book.pin(record.clone(), false, syncra_core::now_ms());
@@ -641,10 +688,12 @@ impl Client {
 
     /// The safety number with a contact; with `mark`, marks it verified (and accepts a changed
     /// key, which is the only way to unblock a contact whose key changed).
-    pub fn verify(&mut self, handle: &str, mark: bool) -> anyhow::Result<SafetyInfo> {
+    pub fn verify(&mut self, handle: &str, mark: bool) -> Result<SafetyInfo, ClientError> {
         let _lock = self.book.lock()?;
-        let contact = self.book.by_handle(handle).cloned().with_context(|| {
-            format!("{handle:?} is not a contact; add it with `syncra contact add`")
+        let contact = self.book.by_handle(handle).cloned().ok_or_else(|| {
+            ClientError::Unknown(format!(
+                "{handle:?} is not a contact; add it with `syncra contact add`"
+            ))
         })?;
         let mine = self.keys.identity.public();
         if let Some(new) = &contact.key_changed {
@@ -678,12 +727,11 @@ impl Client {
     }
 
     /// Resolves `to`: `@name` is a group, anything else a contact handle or user id.
-    pub fn resolve(&self, to: &str) -> anyhow::Result<Target> {
+    pub fn resolve(&self, to: &str) -> Result<Target, ClientError> {
         if let Some(name) = to.strip_prefix('@') {
-            let g = self
-                .book
-                .group(name)
-                .with_context(|| format!("no group named {name:?}; see `syncra group list`"))?;
+            let g = self.book.group(name).ok_or_else(|| {
+                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
+            })?;
             return Ok(Target::Group(g.id.clone()));
         }
         if let Ok(id) = to.parse::<UserId>()
@@ -691,8 +739,10 @@ impl Client {
         {
             return Ok(Target::Direct(id));
         }
-        let c = self.book.by_handle(to).with_context(|| {
-            format!("{to:?} is not a contact; add it with `syncra contact add {to}`")
+        let c = self.book.by_handle(to).ok_or_else(|| {
+            ClientError::Unknown(format!(
+                "{to:?} is not a contact; add it with `syncra contact add {to}`"
+            ))
         })?;
         Ok(Target::Direct(c.record.user_id))
     }
@@ -712,7 +762,7 @@ impl Client {
     }
 
     /// Writes a message to the outbox and history, then tries to send it.
-    pub async fn send_text(&mut self, to: &str, text: &str) -> anyhow::Result<SendReport> {
+    pub async fn send_text(&mut self, to: &str, text: &str) -> Result<SendReport, ClientError> {
         self.book.refresh()?;
         let target = self.resolve(to)?;
         let pending = self.queue(&target, text)?;
@@ -721,16 +771,18 @@ impl Client {
 
     /// Checks that sending is allowed, then writes the message to the outbox and to history
     /// (durably) before anything goes on the network. Returns the outbox entry.
-    pub fn queue(&mut self, target: &Target, text: &str) -> anyhow::Result<Pending> {
+    pub fn queue(&mut self, target: &Target, text: &str) -> Result<Pending, ClientError> {
         self.book.refresh()?;
         if let Target::Direct(id) = target
             && let Some(c) = self.book.by_id(id)
             && let Some(why) = self.blocked_reason(c)
         {
-            bail!(why);
+            return Err(ClientError::Refused(why));
         }
         if text.trim().is_empty() {
-            bail!("nothing to send: the message is empty");
+            return Err(ClientError::Invalid(
+                "nothing to send: the message is empty".into(),
+            ));
         }
         let id = hex_id(&new_message_id());
         let pending = Pending {
@@ -760,7 +812,7 @@ impl Client {
     }
 
     /// Sends a queued message (connecting first if needed).
-    pub async fn send_queued(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+    pub async fn send_queued(&mut self, pending: &Pending) -> Result<SendReport, ClientError> {
         let id = pending.id.clone();
         if !self.is_connected()
             && let Err(e) = self.connect().await
@@ -772,9 +824,9 @@ impl Client {
                     outcomes: Vec::new(),
                 });
             }
-            return Err(anyhow::anyhow!("connecting to the relay: {e}"));
+            return Err(ClientError::Relay(e));
         }
-        self.deliver_pending(pending).await
+        Ok(self.deliver_pending(pending).await?)
     }
 
     /// Sends every outbox entry. Returns the reports of those that got a final answer.
@@ -782,7 +834,7 @@ impl Client {
     /// An entry that can never be sent (it names no conversation of ours, sealing it fails...)
     /// is moved aside to `outbox/failed/` and marked failed in history; the entries behind it
     /// still leave. Only a lost connection stops the drain.
-    pub async fn drain_outbox(&mut self) -> anyhow::Result<Vec<SendReport>> {
+    pub async fn drain_outbox(&mut self) -> Result<Vec<SendReport>, ClientError> {
         let mut done = Vec::new();
         for pending in self.outbox.list()? {
             let report = match self.deliver_pending(&pending).await {
@@ -914,7 +966,11 @@ impl Client {
             .await
             .map_err(|e| anyhow::anyhow!("looking up {}: {e}", contact.handle))?;
         if by_id.identity_key != contact.record.identity_key {
-            bail!("the relay returned a different key for {}", contact.handle);
+            return Err(ClientError::Untrusted(format!(
+                "the relay returned a different key for {}",
+                contact.handle
+            ))
+            .into());
         }
         Ok(by_id)
     }
@@ -1363,20 +1419,24 @@ impl Client {
     }
 
     /// Creates a group with contacts (by handle); I am a member and its creator.
-    pub fn group_create(&mut self, name: &str, members: &[String]) -> anyhow::Result<Group> {
+    pub fn group_create(&mut self, name: &str, members: &[String]) -> Result<Group, ClientError> {
         let _lock = self.book.lock()?;
         if !crate::contacts::valid_group_name(name) {
-            bail!("a group name is one word of at most 32 letters, digits, - or _ (without the @)");
+            return Err(ClientError::Invalid(
+                "a group name is one word of at most 32 letters, digits, - or _ (without the @)"
+                    .into(),
+            ));
         }
         if self.book.group(name).is_some() {
-            bail!("a group named {name:?} exists already");
+            return Err(ClientError::Invalid(format!(
+                "a group named {name:?} exists already"
+            )));
         }
         let mut ids = vec![self.user_id()];
         for m in members {
-            let c = self
-                .book
-                .by_handle(m)
-                .with_context(|| format!("{m:?} is not a contact; add it first"))?;
+            let c = self.book.by_handle(m).ok_or_else(|| {
+                ClientError::Unknown(format!("{m:?} is not a contact; add it first"))
+            })?;
             if !ids.contains(&c.record.user_id) {
                 ids.push(c.record.user_id);
             }
@@ -1402,28 +1462,32 @@ impl Client {
         name: &str,
         add: &[String],
         remove: &[String],
-    ) -> anyhow::Result<(Group, Pending)> {
+    ) -> Result<(Group, Pending), ClientError> {
         let _lock = self.book.lock()?;
         let group = self
             .book
             .group(name)
-            .with_context(|| format!("no group named {name:?}; see `syncra group list`"))?
+            .ok_or_else(|| {
+                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
+            })?
             .clone();
         let me = self.user_id();
         if let Some(creator) = group.creator
             && creator != me
         {
-            bail!(
+            return Err(ClientError::Refused(format!(
                 "only the creator of @{name} ({}) can change its members",
                 self.book.name_of(&creator)
-            );
+            )));
         }
         let mut add_ids = Vec::new();
         for h in add {
             add_ids.push(
                 self.book
                     .by_handle(h)
-                    .with_context(|| format!("{h:?} is not a contact; add it first"))?
+                    .ok_or_else(|| {
+                        ClientError::Unknown(format!("{h:?} is not a contact; add it first"))
+                    })?
                     .record
                     .user_id,
             );
@@ -1432,9 +1496,9 @@ impl Client {
         for h in remove {
             let id = match self.book.by_handle(h) {
                 Some(c) => c.record.user_id,
-                None => h
-                    .parse::<UserId>()
-                    .map_err(|_| anyhow::anyhow!("{h:?} is not a contact or a user id"))?,
+                None => h.parse::<UserId>().map_err(|_| {
+                    ClientError::Unknown(format!("{h:?} is not a contact or a user id"))
+                })?,
             };
             remove_ids.push(id);
         }
@@ -1465,7 +1529,9 @@ impl Client {
             events.push(format!("you removed {}", names.join(", ")));
         }
         if events.is_empty() {
-            bail!("nothing changed: check the member names with `syncra group list`");
+            return Err(ClientError::Invalid(
+                "nothing changed: check the member names with `syncra group list`".into(),
+            ));
         }
         let now = syncra_core::now_ms();
         let g = {
@@ -1511,7 +1577,11 @@ impl Client {
     }
 
     /// History of a conversation (visible messages only), oldest first, the last `limit`.
-    pub fn history_of(&self, to: &str, limit: Option<usize>) -> anyhow::Result<Vec<StoredMessage>> {
+    pub fn history_of(
+        &self,
+        to: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
         let target = self.resolve(to)?;
         let (mut messages, _) = self.history.read(&target.conversation())?;
         // Messages held because a key changed show once that key was accepted (re-verified).

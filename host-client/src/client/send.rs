@@ -1,0 +1,325 @@
+//! Sending: checks, the outbox, sealing to every recipient's fresh prekey, the relay's answer.
+
+use super::*;
+
+impl Client {
+    pub(super) fn blocked_reason(&self, contact: &Contact) -> Option<String> {
+        contact.key_changed.as_ref().map(|new| {
+            format!(
+                "the identity key of {handle} CHANGED (was {old}, now {new}). This happens when \
+                 {handle} reinstalled Syncra — or when someone is impersonating them. Sending is \
+                 blocked until you compare safety numbers: run `syncra verify {handle}` and, if \
+                 they match what {handle} sees, `syncra verify {handle} --mark-verified`",
+                handle = contact.handle,
+                old = contact.record.user_id.short(),
+                new = new.user_id.short(),
+            )
+        })
+    }
+
+    /// Writes a message to the outbox and history, then tries to send it.
+    pub async fn send_text(&mut self, to: &str, text: &str) -> Result<SendReport, ClientError> {
+        self.book.refresh()?;
+        let target = self.resolve(to)?;
+        let pending = self.queue(&target, text)?;
+        self.send_queued(&pending).await
+    }
+
+    /// Checks that sending is allowed, then writes the message to the outbox and to history
+    /// (durably) before anything goes on the network. Returns the outbox entry.
+    pub fn queue(&mut self, target: &Target, text: &str) -> Result<Pending, ClientError> {
+        self.book.refresh()?;
+        if let Target::Direct(id) = target
+            && let Some(c) = self.book.by_id(id)
+            && let Some(why) = self.blocked_reason(c)
+        {
+            return Err(ClientError::Refused(why));
+        }
+        if text.trim().is_empty() {
+            return Err(ClientError::Invalid(
+                "nothing to send: the message is empty".into(),
+            ));
+        }
+        let id = hex_id(&new_message_id());
+        let pending = Pending {
+            id: id.clone(),
+            conversation: target.conversation(),
+            text: text.to_owned(),
+            created_ms: syncra_core::now_ms(),
+            notify: Vec::new(),
+        };
+        // Durable before anything else: from here on, nothing typed can be lost.
+        self.outbox.put(&pending)?;
+        self.history.append(
+            &pending.conversation,
+            &StoredMessage {
+                id: id.clone(),
+                sender: self.user_id(),
+                outgoing: true,
+                timestamp_ms: pending.created_ms,
+                text: text.to_owned(),
+                delivery: Some(Delivery::Sending),
+                reach: None,
+                held: false,
+                event: false,
+            },
+        )?;
+        Ok(pending)
+    }
+
+    /// Sends a queued message (connecting first if needed).
+    pub async fn send_queued(&mut self, pending: &Pending) -> Result<SendReport, ClientError> {
+        let id = pending.id.clone();
+        if !self.is_connected()
+            && let Err(e) = self.connect().await
+        {
+            if e.is_transient() {
+                return Ok(SendReport {
+                    id,
+                    state: SendState::Queued(e.to_string()),
+                    outcomes: Vec::new(),
+                });
+            }
+            return Err(ClientError::Relay(e));
+        }
+        Ok(self.deliver_pending(pending).await?)
+    }
+
+    /// Sends every outbox entry. Returns the reports of those that got a final answer.
+    ///
+    /// An entry that can never be sent (it names no conversation of ours, sealing it fails...)
+    /// is moved aside to `outbox/failed/` and marked failed in history; the entries behind it
+    /// still leave. Only a lost connection stops the drain.
+    pub async fn drain_outbox(&mut self) -> Result<Vec<SendReport>, ClientError> {
+        let mut done = Vec::new();
+        for pending in self.outbox.list()? {
+            let report = match self.deliver_pending(&pending).await {
+                Ok(report) => report,
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::warn!(
+                        "outbox entry {} cannot be sent and was moved to outbox/failed: {}",
+                        pending.id,
+                        syncra_core::text::escape_untrusted(&why)
+                    );
+                    self.outbox.set_aside_entry(&pending.id, &why)?;
+                    if Target::from_conversation(&pending.conversation).is_some() {
+                        let _ = self.history.set_delivery(
+                            &pending.conversation,
+                            &pending.id,
+                            Delivery::Failed,
+                        );
+                    }
+                    done.push(SendReport {
+                        id: pending.id.clone(),
+                        state: SendState::Failed(why),
+                        outcomes: Vec::new(),
+                    });
+                    continue;
+                }
+            };
+            if matches!(report.state, SendState::Queued(_)) {
+                break;
+            }
+            done.push(report);
+        }
+        Ok(done)
+    }
+
+    /// Entries moved aside because they could not be sent (`outbox/failed/`).
+    pub fn outbox_failed_len(&self) -> usize {
+        std::fs::read_dir(self.outbox.failed_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Entries waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.list().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub(super) async fn recipients_for(
+        &self,
+        target: &Target,
+        notify: &[UserId],
+    ) -> anyhow::Result<(Vec<Recipient>, Option<GroupInfo>)> {
+        let session = self.require_session()?;
+        match target {
+            Target::Direct(id) => {
+                let contact = self
+                    .book
+                    .by_id(id)
+                    .cloned()
+                    .context("the contact of this outbox entry is gone")?;
+                if let Some(why) = self.blocked_reason(&contact) {
+                    bail!(why);
+                }
+                let record = self.fresh_record(&session, &contact).await?;
+                Ok((
+                    vec![Recipient {
+                        user_id: record.user_id,
+                        prekey: record.prekey.public,
+                    }],
+                    None,
+                ))
+            }
+            Target::Group(gid) => {
+                let group = self
+                    .book
+                    .groups
+                    .get(gid)
+                    .cloned()
+                    .context("the group of this outbox entry is gone")?;
+                if !group.members.contains(&self.user_id()) {
+                    bail!("you are no longer a member of @{}", group.name);
+                }
+                let mut recipients = Vec::new();
+                let mut everyone = group.members.clone();
+                everyone.extend(notify.iter().filter(|m| !group.members.contains(m)));
+                for member in everyone.iter().filter(|m| **m != self.user_id()) {
+                    if let Some(c) = self.book.by_id(member)
+                        && let Some(why) = self.blocked_reason(c)
+                    {
+                        bail!(why);
+                    }
+                    let record = session.lookup_id(*member).await.map_err(|e| {
+                        anyhow::anyhow!("looking up group member {}: {e}", member.short())
+                    })?;
+                    recipients.push(Recipient {
+                        user_id: record.user_id,
+                        prekey: record.prekey.public,
+                    });
+                }
+                if recipients.is_empty() {
+                    bail!("the group has no other members");
+                }
+                Ok((
+                    recipients,
+                    Some(GroupInfo {
+                        id: group.id.clone(),
+                        name: group.name.clone(),
+                        members: group.members.clone(),
+                        creator: group.creator,
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// The contact's current record, checked: the handle must still point at the pinned
+    /// identity (else the contact is blocked) and the prekey must be signed by it.
+    pub(super) async fn fresh_record(
+        &self,
+        session: &Session,
+        contact: &Contact,
+    ) -> anyhow::Result<IdentityRecord> {
+        let by_id = session
+            .lookup_id(contact.record.user_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("looking up {}: {e}", contact.handle))?;
+        if by_id.identity_key != contact.record.identity_key {
+            return Err(ClientError::Untrusted(format!(
+                "the relay returned a different key for {}",
+                contact.handle
+            ))
+            .into());
+        }
+        Ok(by_id)
+    }
+
+    pub(super) async fn deliver_pending(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+        self.book.refresh()?;
+        let target = Target::from_conversation(&pending.conversation)
+            .context("outbox entry names an unknown conversation")?;
+        let queued = |e: String| SendReport {
+            id: pending.id.clone(),
+            state: SendState::Queued(e),
+            outcomes: Vec::new(),
+        };
+        if !self.is_connected() {
+            return Ok(queued("not connected".into()));
+        }
+        // Key changes are detected by handle before sending to a contact.
+        if let Target::Direct(id) = &target
+            && let Some(contact) = self.book.by_id(id).cloned()
+            && let Some(session) = self.session()
+        {
+            match session.lookup_handle(&contact.handle).await {
+                Ok(record) if record.user_id != contact.record.user_id => {
+                    let _lock = self.book.lock()?;
+                    self.book.pin(record, false, syncra_core::now_ms());
+                    self.book.save()?;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Ok(queued(e.to_string())),
+                Err(_) => {}
+            }
+        }
+        let (recipients, group) = match self.recipients_for(&target, &pending.notify).await {
+            Ok(r) => r,
+            Err(e) => {
+                if !self.is_connected() {
+                    return Ok(queued(e.to_string()));
+                }
+                // Blocked or gone: a final answer; the entry leaves the outbox as failed.
+                return self.finish(pending, SendState::Failed(format!("{e:#}")), Vec::new());
+            }
+        };
+        let content = Content {
+            v: 1,
+            text: pending.text.clone(),
+            group,
+        };
+        let message_id = parse_hex_id(&pending.id).unwrap_or_else(new_message_id);
+        let sealed = seal_with_id(
+            &self.keys.identity,
+            &recipients,
+            &content.encode(),
+            syncra_core::now_ms(),
+            message_id,
+        )
+        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+        let session = match self.session() {
+            Some(s) => s,
+            None => return Ok(queued("not connected".into())),
+        };
+        match session.send(sealed.bytes).await {
+            Ok(outcomes) => {
+                let state = overall(&outcomes);
+                if let SendState::Failed(why) = &state
+                    && outcomes.iter().all(|o| is_transient_rejection(&o.outcome))
+                {
+                    return Ok(queued(why.clone()));
+                }
+                self.finish(pending, state, outcomes)
+            }
+            Err(e) if e.is_transient() => Ok(queued(e.to_string())),
+            Err(e) => self.finish(pending, SendState::Failed(e.to_string()), Vec::new()),
+        }
+    }
+
+    pub(super) fn finish(
+        &mut self,
+        pending: &Pending,
+        state: SendState,
+        outcomes: Vec<RecipientOutcome>,
+    ) -> anyhow::Result<SendReport> {
+        let reach = Some(outcome_summary(&outcomes)).filter(|s| !s.is_empty());
+        self.history.set_delivery_with_reach(
+            &pending.conversation,
+            &pending.id,
+            state.delivery(),
+            reach,
+        )?;
+        self.outbox.remove(&pending.id)?;
+        Ok(SendReport {
+            id: pending.id.clone(),
+            state,
+            outcomes,
+        })
+    }
+}

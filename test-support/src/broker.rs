@@ -53,6 +53,16 @@ impl BrokerSink for RecordingSink {
     }
 }
 
+/// A sink like the relay's for its own payloads: called, but takes nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Refusing;
+
+impl BrokerSink for Refusing {
+    fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
+        false
+    }
+}
+
 /// What a [`RecordingSink`] received, in order.
 #[derive(Debug)]
 pub struct Deliveries {
@@ -574,7 +584,7 @@ pub async fn broker_outage_recovery<F, Fut>(
 }
 
 /// Polls `health` until it is up (`want_up`) or down, or panics after [`DEADLINE`].
-async fn wait_for_health(broker: &dyn Broker, want_up: bool, what: &str) {
+pub async fn wait_for_health(broker: &dyn Broker, want_up: bool, what: &str) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let health = broker.health().await;
@@ -593,4 +603,50 @@ async fn wait_for_health(broker: &dyn Broker, want_up: bool, what: &str) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A server that stops answering without closing its connections (a partition, a hung host):
+/// health turns down, a publish fails within [`OUTAGE_ANSWER_WITHIN`] instead of waiting for
+/// the client to give up on the connection, and both nodes recover when the server answers
+/// again. `a` publishes (its sink refuses), `b` (recording into `inbox_b`) subscribes to
+/// `topic`; `set_frozen(true)` freezes the server, `set_frozen(false)` thaws it. Both nodes
+/// must be configured with short timeouts and ping intervals (a few hundred ms).
+///
+/// # Panics
+///
+/// On any broken rule.
+pub async fn frozen_server_is_survived(
+    a: &dyn Broker,
+    b: &dyn Broker,
+    mut inbox_b: Deliveries,
+    topic: &str,
+    mut set_frozen: impl FnMut(bool),
+) {
+    b.subscribe(topic).await.expect("subscribe");
+    set_frozen(true);
+    wait_for_health(b, false, "the receiving node notices through its pings").await;
+    let result = tokio::time::timeout(
+        OUTAGE_ANSWER_WITHIN,
+        a.publish(topic, Bytes::from_static(b"lost?")),
+    )
+    .await
+    .expect("a publish to a frozen server must not hang");
+    assert!(
+        matches!(result, Err(syncra_core::error::BrokerError::Unavailable(_))),
+        "{result:?}"
+    );
+
+    set_frozen(false);
+    wait_for_health(a, true, "node a after the thaw").await;
+    wait_for_health(b, true, "node b after the thaw").await;
+    let after = Bytes::from_static(b"after the thaw");
+    let receipt = a
+        .publish(topic, after.clone())
+        .await
+        .expect("publish after the thaw");
+    assert_eq!(receipt.receivers, Some(1));
+    let before = inbox_b
+        .until_marker(topic, &after, "delivery after the thaw")
+        .await;
+    assert!(before.iter().all(|d| d.payload == "lost?"), "{before:?}");
 }

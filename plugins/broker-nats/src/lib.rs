@@ -690,15 +690,9 @@ pub fn register(
 #[cfg(test)]
 mod tests {
 
+    use syncra_test_support::broker::Refusing;
+
     use super::*;
-
-    struct Refusing;
-
-    impl BrokerSink for Refusing {
-        fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
-            false
-        }
-    }
 
     async fn create_error(section: serde_json::Value) -> PluginError {
         let mut kinds = Kinds::new("broker", &[]);

@@ -688,15 +688,9 @@ pub fn register(
 #[cfg(test)]
 mod tests {
 
+    use syncra_test_support::broker::Refusing;
+
     use super::*;
-
-    struct Refusing;
-
-    impl BrokerSink for Refusing {
-        fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
-            false
-        }
-    }
 
     fn kinds() -> Kinds<Arc<dyn Broker>, Arc<dyn BrokerSink>> {
         let mut kinds = Kinds::new("broker", &[]);

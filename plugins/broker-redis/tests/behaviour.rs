@@ -8,19 +8,10 @@ use bytes::Bytes;
 use syncra_broker_redis::{RedisBroker, RedisConfig};
 use syncra_core::error::BrokerError;
 use syncra_core::registry::Kinds;
-use syncra_core::{Broker, BrokerSink, Health};
-use syncra_test_support::broker::OUTAGE_ANSWER_WITHIN;
+use syncra_core::{Broker, Health};
+use syncra_test_support::broker::{Refusing, frozen_server_is_survived};
 use syncra_test_support::servers::RedisServer;
 use syncra_test_support::{DEADLINE, RecordingSink, unique_name};
-
-/// A sink like the relay's for its own payloads: called, but takes nothing.
-struct Refusing;
-
-impl BrokerSink for Refusing {
-    fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
-        false
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_counts_subscribed_nodes_including_the_publisher() {
@@ -130,9 +121,8 @@ async fn thousands_of_topics_are_subscribed_again_after_a_restart() {
     }
 }
 
-/// A server that stops answering without closing its connections (a partition, a hung host):
-/// the node that only receives notices through its pings, a publish fails within the command
-/// timeout, and both recover when the server answers again.
+/// A server that stops answering without closing its connections: the shared suite
+/// (`syncra_test_support::broker::frozen_server_is_survived`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_answering_is_noticed_and_survived() {
     let mut server = RedisServer::start();
@@ -140,52 +130,20 @@ async fn a_server_that_stops_answering_is_noticed_and_survived() {
     config.command_timeout_ms = 300;
     config.connect_timeout_ms = 300;
     config.ping_interval_ms = 100;
-    let (sink_b, mut inbox_b) = RecordingSink::new();
+    let (sink_b, inbox_b) = RecordingSink::new();
     let a = RedisBroker::connect(&config, Arc::new(Refusing))
         .await
         .unwrap();
     let b = RedisBroker::connect(&config, sink_b).await.unwrap();
     let topic = unique_name("redis.frozen");
-    b.subscribe(&topic).await.unwrap();
-
-    server.freeze();
-    wait_for(&b, false, "the receiving node notices through its pings").await;
-    let result = tokio::time::timeout(
-        OUTAGE_ANSWER_WITHIN,
-        a.publish(&topic, Bytes::from_static(b"lost?")),
-    )
-    .await
-    .expect("a publish to a frozen server must not hang");
-    assert!(
-        matches!(result, Err(BrokerError::Unavailable(_))),
-        "{result:?}"
-    );
-
-    server.thaw();
-    wait_for(&a, true, "node a after the thaw").await;
-    wait_for(&b, true, "node b after the thaw").await;
-    let after = Bytes::from_static(b"after the thaw");
-    let receipt = a.publish(&topic, after.clone()).await.unwrap();
-    assert_eq!(receipt.receivers, Some(1));
-    let before = inbox_b
-        .until_marker(&topic, &after, "delivery after the thaw")
-        .await;
-    assert!(before.iter().all(|d| d.payload == "lost?"), "{before:?}");
-}
-
-async fn wait_for(broker: &RedisBroker, up: bool, what: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let health = broker.health().await;
-        if (health == Health::Up) == up {
-            return;
+    frozen_server_is_survived(&a, &b, inbox_b, &topic, |frozen| {
+        if frozen {
+            server.freeze()
+        } else {
+            server.thaw()
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: still {health:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// `rediss://` goes through rustls (with ring as the crypto provider); against a plain server

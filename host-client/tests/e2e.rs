@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{PASS, User, syncra};
+use common::{PASS, User, alice_and_bob, syncra};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::RelayProcess;
 
@@ -76,11 +76,7 @@ fn two_people_chat_through_a_real_relay() {
 fn unknown_senders_arrive_as_requests() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     let listen = bob.listen();
     assert_eq!(alice.send("bob", "do we know each other?").0, 0);
     let m = listen.expect_text("do we know each other?");
@@ -92,11 +88,7 @@ fn unknown_senders_arrive_as_requests() {
 fn offline_recipient_and_outbox_across_a_relay_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
 
     // Bob is not connected: the relay holds the sealed message in his mailbox (exit status 4).
     let (code, out) = alice.send("bob", "are you there?");
@@ -138,11 +130,7 @@ fn a_relay_without_a_mailbox_says_offline() {
         &dir.path().join("relay"),
         &[("SYNCRA_MAILBOX__KIND", "none")],
     );
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, _bob) = alice_and_bob(dir.path(), &relay.url());
     let (code, out) = alice.send("bob", "are you there?");
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("offline"), "{out}");
@@ -153,11 +141,7 @@ fn a_relay_without_a_mailbox_says_offline() {
 fn messages_wait_for_someone_who_is_away() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     bob.ok(&["contact", "add", "alice"]);
     for text in ["first", "second", "third"] {
         let (code, out) = alice.send("bob", text);
@@ -204,11 +188,7 @@ fn messages_wait_for_someone_who_is_away() {
 fn listener_reconnects_after_the_relay_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     let bob_listen = bob.listen();
     relay.restart();
     // Bob's listener comes back by itself. Alice's message is delivered live, or held in Bob's
@@ -280,11 +260,7 @@ fn a_changed_key_blocks_sending_until_reverified() {
     let dir = tempfile::tempdir().unwrap();
     let relay_a = RelayProcess::start(&dir.path().join("relay-a"));
     let relay_b = RelayProcess::start(&dir.path().join("relay-b"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay_a.url());
-    bob.onboard(&relay_a.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, _bob) = alice_and_bob(dir.path(), &relay_a.url());
     assert_eq!(alice.send("bob", "first").0, 4, "held in bob's mailbox");
 
     // On relay B, "bob" is someone else (a new install, or an impersonator the relay favours).
@@ -318,11 +294,7 @@ fn a_changed_key_blocks_sending_until_reverified() {
 fn wrong_passphrase_and_damaged_files_are_clear_errors_and_nothing_is_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, _bob) = alice_and_bob(dir.path(), &relay.url());
     alice.send("bob", "one");
     alice.send("bob", "two");
     let key = alice.home.join("identity.key");
@@ -515,11 +487,7 @@ fn a_group_send_says_what_happened_per_member() {
 fn a_person_empties_their_mailbox() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     bob.ok(&["contact", "add", "alice"]);
     assert_eq!(alice.send("bob", "never read").0, 4);
     let out = bob.ok(&["mailbox", "clear"]);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{PASS, User};
+use common::{PASS, User, alice_and_bob};
 use syncra_client::keystore::KeyStore;
 use syncra_client::outbox::{Outbox, Pending};
 use syncra_test_support::process::RelayProcess;
@@ -25,11 +25,7 @@ fn outbox_files(user: &User) -> Vec<String> {
 fn an_outbox_entry_that_cannot_be_sent_is_set_aside_and_the_rest_still_leave() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     bob.ok(&["contact", "add", "alice"]);
     relay.kill();
     let (code, out) = alice.send("bob", "waiting behind a bad entry");
@@ -69,11 +65,7 @@ fn an_outbox_entry_that_cannot_be_sent_is_set_aside_and_the_rest_still_leave() {
 fn a_copied_outbox_entry_is_not_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, bob) = alice_and_bob(dir.path(), &relay.url());
     relay.kill();
     assert_eq!(alice.send("bob", "once").0, 3);
     let files = outbox_files(&alice);
@@ -160,11 +152,7 @@ fn several_processes_on_one_home_never_lose_an_update() {
 fn contacts_and_groups_are_encrypted_at_rest() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
-    let alice = User::new(dir.path(), "alice");
-    let bob = User::new(dir.path(), "bob");
-    alice.onboard(&relay.url());
-    bob.onboard(&relay.url());
-    alice.ok(&["contact", "add", "bob"]);
+    let (alice, _bob) = alice_and_bob(dir.path(), &relay.url());
     alice.ok(&["group", "create", "secretplans", "bob"]);
     let mut seen = String::new();
     for entry in std::fs::read_dir(&alice.home).unwrap().flatten() {

@@ -85,6 +85,16 @@ pub fn syncra() -> Command {
     c
 }
 
+/// Alice and bob, both registered on `relay`, and bob a contact of alice: how most tests start.
+pub fn alice_and_bob(root: &std::path::Path, relay: &str) -> (User, User) {
+    let alice = User::new(root, "alice");
+    let bob = User::new(root, "bob");
+    alice.onboard(relay);
+    bob.onboard(relay);
+    alice.ok(&["contact", "add", "bob"]);
+    (alice, bob)
+}
+
 impl User {
     pub fn new(root: &std::path::Path, handle: &str) -> User {
         User {

@@ -440,6 +440,42 @@ impl World for hook_bindings::RelayHook {
     }
 }
 
+/// What a bot and a relay hook have alike: loading (instantiated once, so a component of the
+/// wrong world fails at load, not at its first call), its name, its health, `Debug`.
+macro_rules! plugin_basics {
+    ($plugin:ident) => {
+        impl std::fmt::Debug for $plugin {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({})", stringify!($plugin), self.runner.name)
+            }
+        }
+
+        impl $plugin {
+            /// Loads and checks the component.
+            pub fn load(host: &WasmHost, config: WasmPluginConfig) -> Result<Self, WasmError> {
+                Ok($plugin {
+                    runner: Runner::load(host, config)?,
+                })
+            }
+
+            /// The plugin's name.
+            pub fn name(&self) -> &str {
+                &self.runner.name
+            }
+
+            /// Whether it was disabled after repeated failures.
+            pub fn is_disabled(&self) -> bool {
+                self.runner.health().disabled
+            }
+
+            /// How it is doing.
+            pub fn health(&self) -> PluginHealth {
+                self.runner.health()
+            }
+        }
+    };
+}
+
 /// A bot or client extension (world `bot`).
 ///
 /// Its calls block the calling thread until the guest answers or its deadline passes: make them
@@ -448,36 +484,9 @@ pub struct BotPlugin {
     runner: Runner<bot_bindings::Bot>,
 }
 
-impl std::fmt::Debug for BotPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BotPlugin({})", self.runner.name)
-    }
-}
+plugin_basics!(BotPlugin);
 
 impl BotPlugin {
-    /// Loads and checks a bot component (it is instantiated once, so a component of the wrong
-    /// world fails here, not at its first call).
-    pub fn load(host: &WasmHost, config: WasmPluginConfig) -> Result<Self, WasmError> {
-        Ok(BotPlugin {
-            runner: Runner::load(host, config)?,
-        })
-    }
-
-    /// The plugin's name.
-    pub fn name(&self) -> &str {
-        &self.runner.name
-    }
-
-    /// Whether it was disabled after repeated failures.
-    pub fn is_disabled(&self) -> bool {
-        self.runner.health().disabled
-    }
-
-    /// How it is doing.
-    pub fn health(&self) -> PluginHealth {
-        self.runner.health()
-    }
-
     /// The commands it offers.
     pub fn commands(&self) -> Result<Vec<BotCommand>, WasmError> {
         self.runner.call(CallKind::Commands, async |store, bot| {
@@ -516,35 +525,9 @@ pub struct HookPlugin {
     runner: Runner<hook_bindings::RelayHook>,
 }
 
-impl std::fmt::Debug for HookPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HookPlugin({})", self.runner.name)
-    }
-}
+plugin_basics!(HookPlugin);
 
 impl HookPlugin {
-    /// Loads and checks a relay-hook component.
-    pub fn load(host: &WasmHost, config: WasmPluginConfig) -> Result<Self, WasmError> {
-        Ok(HookPlugin {
-            runner: Runner::load(host, config)?,
-        })
-    }
-
-    /// The plugin's name.
-    pub fn name(&self) -> &str {
-        &self.runner.name
-    }
-
-    /// Whether it was disabled after repeated failures.
-    pub fn is_disabled(&self) -> bool {
-        self.runner.health().disabled
-    }
-
-    /// How it is doing.
-    pub fn health(&self) -> PluginHealth {
-        self.runner.health()
-    }
-
     /// A session authenticated.
     pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, WasmError> {
         self.runner.call(CallKind::OnConnect, async |store, hook| {

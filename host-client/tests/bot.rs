@@ -10,8 +10,8 @@ use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
 use syncra_core::crypto::keyfile::KdfParams;
 use syncra_plugin_wasm::WasmPluginConfig;
-use syncra_test_support::DEADLINE;
 use syncra_test_relay::TestRelay;
+use syncra_test_support::DEADLINE;
 use tokio::sync::{mpsc, oneshot};
 
 const PASS: &str = "pw for tests";

@@ -6,8 +6,8 @@ use syncra_client::keystore::KeyStore;
 use syncra_client::net::Push;
 use syncra_client::{Client, Home, Incoming, InitOptions, SendState};
 use syncra_core::crypto::keyfile::KdfParams;
-use syncra_test_support::DEADLINE;
 use syncra_test_relay::TestRelay;
+use syncra_test_support::DEADLINE;
 
 const PASS: &str = "pw for tests";
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
-use syncra_test_support::DEADLINE;
 use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
+use syncra_test_support::DEADLINE;
 use syncra_test_support::servers::{NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]

@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use syncra_core::wire::Outcome;
+use syncra_test_relay::{RawClient, TestUser, http_get};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::{RelayProcess, free_port};
-use syncra_test_relay::{RawClient, TestUser, http_get};
 
 /// The value of `syncra_relay_connections_refused_total{reason="…"}`, 0 if absent.
 async fn refused(admin: SocketAddr, reason: &str) -> u64 {

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
+use syncra_test_relay::{RawClient, TestRelay, TestUser};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::postgres::PostgresServer;
-use syncra_test_relay::{RawClient, TestRelay, TestUser};
 use syncra_test_support::servers::NatsServer;
 
 async fn node(pg: &str, nats: &str, key: &std::path::Path) -> TestRelay {

@@ -17,9 +17,9 @@ use syncra_core::crypto::envelope::{Recipient, seal};
 use syncra_core::crypto::keys::{IdentityKeyPair, PrekeySecret};
 use syncra_core::transport::Transport;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome};
+use syncra_test_relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::DEADLINE;
 use syncra_test_support::process::{RelayProcess, free_port, relay_binary};
-use syncra_test_relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::servers::{NatsServer, RedisServer};
 use syncra_transport_ws::{WsConfig, WsTransport};
 

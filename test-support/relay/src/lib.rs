@@ -279,7 +279,7 @@ impl TestUser {
         TestUser {
             identity,
             ring,
-            handle: crate::unique_name(prefix),
+            handle: syncra_test_support::unique_name(prefix),
         }
     }
 

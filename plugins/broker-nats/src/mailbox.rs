@@ -1,0 +1,501 @@
+//! `[mailbox] kind = "nats"`: sealed deliveries for recipients who are not connected, in a NATS
+//! JetStream stream shared by every node of a cluster. It takes the same settings as
+//! `[broker] kind = "nats"` (the URL with its credentials, the timeouts).
+//!
+//! # Layout
+//!
+//! One stream, [`STREAM`], file storage, holding the subjects `syncra.mbox.<user id>` — one
+//! subject per recipient. An entry's id is its stream sequence: it increases in the order puts
+//! were stored, per recipient as for the whole stream, and JetStream never reuses one, even once
+//! a subject is empty. Each entry carries three headers: [`STORED_AT`] (the relay's clock when it
+//! was stored, ms) and two running totals of the recipient's subject, [`BYTES_THROUGH`] and
+//! [`COUNT_THROUGH`] (bytes and entries put into that subject up to and including this entry).
+//!
+//! The stream's own settings do what JetStream can do by itself: `max_age` is the TTL (the
+//! server deletes old entries even if no relay runs), `max_msgs_per_subject` with
+//! `discard_new_per_subject` and `DiscardPolicy::New` refuses a put beyond the count quota
+//! instead of evicting the oldest entry, and `allow_direct` serves reads (`take`) from any
+//! replica.
+//!
+//! # Quotas: why the running totals
+//!
+//! JetStream limits messages per subject but not bytes per subject, so the byte quota is kept
+//! here. Entries only ever leave a subject from its front — `ack` deletes up to an id, `clear`
+//! all of them, expiry (ours and `max_age`) the oldest first, and the count limit refuses
+//! rather than evicts — so what a subject holds is always a contiguous run of what was put
+//! into it, and its usage is `last.through − first.through + first's own size` (the same for
+//! the count), read with two direct gets. A put reads both, checks the quota, and publishes with
+//! `Nats-Expected-Last-Subject-Sequence` set to the last entry it saw: if another put (on any
+//! node) got in between, JetStream refuses it and the put reads again. So the check and the
+//! append are atomic without any lock on the server, and the quota can never be exceeded;
+//! deletions that race with a put can only make it see more usage than there is (a refusal a
+//! moment too early, never an excess). Within one node, puts for the same recipient take a
+//! striped lock first so that they do not race each other. The stream's per-subject limit stays
+//! as the server's own backstop for the count.
+//!
+//! # Durability
+//!
+//! A put returns once JetStream acknowledged it: it is in the stream's files, and survives the
+//! relay and `nats-server` being killed (the store directory is read again on start). For power
+//! loss, run JetStream clustered with replicas (`replicas` on the stream) or a server version
+//! with `sync_interval: always` (docs/SCALING.md).
+//!
+//! # Must never
+//!
+//! Never evict an entry to make room (a full mailbox refuses), never report `stored` for a put
+//! JetStream did not acknowledge, never lower the stream's per-subject limit (JetStream would
+//! delete held entries to meet it), and never print the URL's credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, StorageType, Stream,
+};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, HeaderMap};
+use async_trait::async_trait;
+use bytes::Bytes;
+use syncra_core::error::PluginError;
+use syncra_core::mailbox::{Mailbox, MailboxEntry, MailboxError, MailboxLimits, PutOutcome};
+use syncra_core::registry::{Kinds, typed_config};
+use syncra_core::{Health, UserId};
+use tokio::sync::Mutex;
+
+use crate::{KIND, NatsConfig, connect_client};
+
+/// The stream that holds every recipient's entries.
+pub const STREAM: &str = "SYNCRA_MAILBOX";
+
+/// Every recipient's subject starts with this; the stream holds `syncra.mbox.>`.
+pub const SUBJECT_PREFIX: &str = "syncra.mbox.";
+
+/// When the entry was stored, by the storing relay's clock (ms since the epoch).
+pub const STORED_AT: &str = "Syncra-Stored-At";
+/// Bytes of deliveries put into this recipient's subject up to and including this entry.
+pub const BYTES_THROUGH: &str = "Syncra-Bytes-Through";
+/// Entries put into this recipient's subject up to and including this entry.
+pub const COUNT_THROUGH: &str = "Syncra-Count-Through";
+
+/// How often a put reads the subject again after another put got in first before it gives up
+/// and reports the mailbox unavailable. Each retry means some other put succeeded, so this is
+/// only reached under a flood of puts for one recipient from many nodes at once.
+const PUT_ATTEMPTS: usize = 64;
+
+/// Locks that serialise this node's puts per recipient (by a hash of the id): enough that
+/// unrelated recipients rarely share one, few enough to cost nothing.
+const PUT_STRIPES: usize = 64;
+
+/// A [`Mailbox`] in a NATS JetStream stream.
+pub struct NatsMailbox {
+    /// The connection, to check its state before a publish.
+    client: Client,
+    jetstream: Context,
+    stream: Stream,
+    /// The servers, for messages (credentials redacted).
+    server: String,
+    limits: MailboxLimits,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for NatsMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsMailbox")
+            .field("server", &self.server)
+            .field("stream", &STREAM)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The subject of one recipient's entries.
+pub fn subject(user: &UserId) -> String {
+    let mut s = String::with_capacity(SUBJECT_PREFIX.len() + 32);
+    s.push_str(SUBJECT_PREFIX);
+    user.push_to(&mut s);
+    s
+}
+
+/// The stream's settings for these limits. `per_subject` is the count limit the server keeps
+/// (never below what an existing stream has, see [`NatsMailbox::connect`]).
+fn stream_config(limits: &MailboxLimits, per_subject: i64, replicas: usize) -> StreamConfig {
+    StreamConfig {
+        name: STREAM.to_owned(),
+        description: Some("Syncra: sealed deliveries held for recipients who are away".into()),
+        subjects: vec![format!("{SUBJECT_PREFIX}>")],
+        storage: StorageType::File,
+        num_replicas: replicas,
+        max_age: Duration::from_millis(limits.ttl_ms),
+        max_messages_per_subject: per_subject,
+        discard: DiscardPolicy::New,
+        discard_new_per_subject: true,
+        allow_direct: true,
+        max_messages: -1,
+        max_bytes: -1,
+        max_consumers: -1,
+        ..StreamConfig::default()
+    }
+}
+
+/// The per-subject limit the server keeps for this quota.
+fn per_subject_limit(limits: &MailboxLimits) -> i64 {
+    i64::try_from(limits.max_entries).unwrap_or(i64::MAX)
+}
+
+/// What a subject holds, from its first and last entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    /// The last entry's sequence (0: the subject is empty).
+    last: u64,
+    /// The running totals through the last entry.
+    bytes_through: u64,
+    count_through: u64,
+    /// What the subject holds now.
+    bytes: u64,
+    count: u64,
+}
+
+impl NatsMailbox {
+    /// Connects and opens (or creates) the stream with these limits.
+    ///
+    /// An existing stream gets this node's TTL; its per-subject limit is raised to this node's
+    /// count quota if lower, never lowered (JetStream would delete held entries to meet a lower
+    /// one; the quota is checked here as well, so a lower quota still holds).
+    pub async fn connect(config: &NatsConfig, limits: MailboxLimits) -> Result<Self, PluginError> {
+        let connected = connect_client(config, "mailbox").await?;
+        let server = connected.server;
+        let start_error = |why: String| PluginError::Start {
+            category: "mailbox",
+            kind: KIND.to_owned(),
+            message: format!(
+                "nats at {server}: {why}; the mailbox needs JetStream (`nats-server -js`, or a \
+                 `jetstream {{}}` block in its config) and an account allowed to use it"
+            ),
+        };
+        let client = connected.client;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(connected.timeouts.command);
+        let wanted = stream_config(&limits, per_subject_limit(&limits), 1);
+        let mut stream = js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|e| start_error(format!("cannot open the stream {STREAM}: {e}")))?;
+        let have = stream.cached_info().config.clone();
+        let keep = per_subject_limit(&limits).max(have.max_messages_per_subject);
+        let update = stream_config(&limits, keep, have.num_replicas.max(1));
+        if !same_settings(&have, &update) {
+            js.update_stream(update)
+                .await
+                .map_err(|e| start_error(format!("cannot update the stream {STREAM}: {e}")))?;
+            stream = js
+                .get_stream(STREAM)
+                .await
+                .map_err(|e| start_error(format!("cannot open the stream {STREAM}: {e}")))?;
+        }
+        Ok(NatsMailbox {
+            client,
+            jetstream: js,
+            stream,
+            server,
+            limits,
+            stripes: (0..PUT_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    fn unavailable(&self, action: &str, e: impl std::fmt::Display) -> MailboxError {
+        MailboxError::Unavailable(format!(
+            "mailbox in stream {STREAM} at nats {}: {action} failed: {e}",
+            self.server
+        ))
+    }
+
+    fn corrupt(&self, m: &StreamMessage, why: &str) -> MailboxError {
+        MailboxError::Corrupt(format!(
+            "stream {STREAM} at nats {}, entry {}: {why}",
+            self.server, m.sequence
+        ))
+    }
+
+    /// A number from one of our headers.
+    fn header(&self, m: &StreamMessage, name: &str) -> Result<u64, MailboxError> {
+        m.headers
+            .get(name)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| self.corrupt(m, &format!("header {name} is missing or not a number")))
+    }
+
+    /// The first entry at or after `from` on `subject` (which may be the wildcard of the whole
+    /// stream), or `None`.
+    async fn next(
+        &self,
+        action: &str,
+        subject: &str,
+        from: u64,
+    ) -> Result<Option<StreamMessage>, MailboxError> {
+        match self
+            .stream
+            .direct_get_next_for_subject(subject, Some(from.max(1)))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.unavailable(action, e)),
+        }
+    }
+
+    /// What `subject` holds now.
+    async fn usage(&self, subject: &str) -> Result<Usage, MailboxError> {
+        let last = match self
+            .stream
+            .direct_get_last_for_subject(subject.to_owned())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Usage::default()),
+            Err(e) => return Err(self.unavailable("reading a mailbox's last entry", e)),
+        };
+        let bytes_through = self.header(&last, BYTES_THROUGH)?;
+        let count_through = self.header(&last, COUNT_THROUGH)?;
+        let mut usage = Usage {
+            last: last.sequence,
+            bytes_through,
+            count_through,
+            bytes: 0,
+            count: 0,
+        };
+        // Deleted in the meantime: the put's expected last sequence will be refused and it
+        // reads again.
+        let Some(first) = self
+            .next("reading a mailbox's first entry", subject, 1)
+            .await?
+        else {
+            return Ok(usage);
+        };
+        let before_bytes = self
+            .header(&first, BYTES_THROUGH)?
+            .checked_sub(first.payload.len() as u64)
+            .ok_or_else(|| self.corrupt(&first, "its byte total is below its own size"))?;
+        let before_count = self
+            .header(&first, COUNT_THROUGH)?
+            .checked_sub(1)
+            .ok_or_else(|| self.corrupt(&first, "its entry total is 0"))?;
+        usage.bytes = bytes_through.saturating_sub(before_bytes);
+        usage.count = count_through.saturating_sub(before_count);
+        Ok(usage)
+    }
+
+    fn stripe(&self, user: &UserId) -> &Mutex<()> {
+        let bytes = user.as_bytes();
+        let index = usize::from(bytes[0]) | (usize::from(bytes[1]) << 8);
+        &self.stripes[index % self.stripes.len()]
+    }
+}
+
+/// Whether an existing stream already has the settings this node would give it.
+fn same_settings(have: &StreamConfig, want: &StreamConfig) -> bool {
+    have.subjects == want.subjects
+        && have.max_age == want.max_age
+        && have.max_messages_per_subject == want.max_messages_per_subject
+        && have.discard == want.discard
+        && have.discard_new_per_subject == want.discard_new_per_subject
+        && have.allow_direct == want.allow_direct
+}
+
+/// Whether a publish was refused because the subject is at the stream's per-subject limit
+/// (JetStream answers "store failed" with error code 10077; the only limit this stream refuses
+/// new messages for is the per-subject one).
+fn refused_as_full(e: &PublishError) -> bool {
+    e.kind() == PublishErrorKind::Other
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|s| s.error_code() == ErrorCode::STREAM_STORE_FAILED)
+}
+
+#[async_trait]
+impl Mailbox for NatsMailbox {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn put(
+        &self,
+        recipient: &UserId,
+        delivery: Bytes,
+        now_ms: u64,
+    ) -> Result<PutOutcome, MailboxError> {
+        let size = delivery.len() as u64;
+        if size > self.limits.max_bytes {
+            return Ok(PutOutcome::Full);
+        }
+        let subject = subject(recipient);
+        let _serialised = self.stripe(recipient).lock().await;
+        for _ in 0..PUT_ATTEMPTS {
+            let usage = self.usage(&subject).await?;
+            if usage.count >= self.limits.max_entries
+                || usage.bytes.saturating_add(size) > self.limits.max_bytes
+            {
+                return Ok(PutOutcome::Full);
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(STORED_AT, now_ms.to_string().as_str());
+            headers.insert(
+                BYTES_THROUGH,
+                (usage.bytes_through + size).to_string().as_str(),
+            );
+            headers.insert(
+                COUNT_THROUGH,
+                (usage.count_through + 1).to_string().as_str(),
+            );
+            // While disconnected the client would hold the publish and send it after some later
+            // reconnection, long after the sender was told the mailbox is unavailable.
+            if self.client.connection_state() != State::Connected {
+                return Err(self.unavailable("storing a delivery", "disconnected; reconnecting"));
+            }
+            let message = PublishMessage::build()
+                .payload(delivery.clone())
+                .headers(headers)
+                .expected_last_subject_sequence(usage.last);
+            let acked = match self.jetstream.send_publish(subject.clone(), message).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(ack) => return Ok(PutOutcome::Stored(ack.sequence)),
+                // Another node's put (or a deletion of the whole subject) got in first.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) if refused_as_full(&e) => return Ok(PutOutcome::Full),
+                Err(e) => return Err(self.unavailable("storing a delivery", e)),
+            }
+        }
+        Err(self.unavailable(
+            "storing a delivery",
+            format!("{PUT_ATTEMPTS} attempts in a row lost to other puts for the same recipient"),
+        ))
+    }
+
+    async fn take(
+        &self,
+        recipient: &UserId,
+        after: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<MailboxEntry>, MailboxError> {
+        let oldest = now_ms.saturating_sub(self.limits.ttl_ms);
+        let subject = subject(recipient);
+        let mut out = Vec::new();
+        let mut from = after.saturating_add(1);
+        while out.len() < max {
+            let Some(m) = self.next("reading a mailbox", &subject, from).await? else {
+                break;
+            };
+            from = m.sequence.saturating_add(1);
+            let stored_at_ms = self.header(&m, STORED_AT)?;
+            if stored_at_ms >= oldest {
+                out.push(MailboxEntry {
+                    id: m.sequence,
+                    stored_at_ms,
+                    delivery: m.payload,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, recipient: &UserId, up_to: u64) -> Result<(), MailboxError> {
+        if up_to == 0 {
+            return Ok(());
+        }
+        // A purge with a sequence removes the subject's entries below it.
+        self.stream
+            .purge()
+            .filter(subject(recipient))
+            .sequence(up_to.saturating_add(1))
+            .await
+            .map_err(|e| self.unavailable("acknowledging", e))?;
+        Ok(())
+    }
+
+    async fn clear(&self, recipient: &UserId) -> Result<u64, MailboxError> {
+        let purged = self
+            .stream
+            .purge()
+            .filter(subject(recipient))
+            .await
+            .map_err(|e| self.unavailable("emptying a mailbox", e))?;
+        Ok(purged.purged)
+    }
+
+    /// Walks the stream from its oldest entry and deletes entries stored before the cutoff,
+    /// stopping at the first that is not: entries are appended in the order they were stored,
+    /// so the expired ones are the stream's front, and the work is proportional to what
+    /// expires. Deleting only a front keeps each subject a contiguous run, which the quota
+    /// arithmetic relies on. An entry that a node with a slower clock stored behind a newer one
+    /// is never taken once expired, and leaves with the next pass or the stream's `max_age`.
+    async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError> {
+        let cutoff = now_ms.saturating_sub(self.limits.ttl_ms);
+        let all = format!("{SUBJECT_PREFIX}>");
+        let mut from = 1;
+        let mut gone = 0;
+        while let Some(m) = self.next("purging expired entries", &all, from).await? {
+            if self.header(&m, STORED_AT)? >= cutoff {
+                break;
+            }
+            from = m.sequence.saturating_add(1);
+            self.stream
+                .delete_message(m.sequence)
+                .await
+                .map_err(|e| self.unavailable("purging expired entries", e))?;
+            gone += 1;
+        }
+        Ok(gone)
+    }
+
+    async fn health(&self) -> Health {
+        match self.jetstream.get_stream(STREAM).await {
+            Ok(_) => Health::Up,
+            Err(e) => Health::Down(
+                self.unavailable("reading the stream's state", e)
+                    .to_string(),
+            ),
+        }
+    }
+}
+
+/// Registers mailbox kind `"nats"` (the same settings as `[broker] kind = "nats"`).
+pub fn register(kinds: &mut Kinds<Arc<dyn Mailbox>, MailboxLimits>) -> Result<(), PluginError> {
+    kinds.register(KIND, |config, limits| async move {
+        let config: NatsConfig = typed_config("mailbox", KIND, config)?;
+        Ok(Arc::new(NatsMailbox::connect(&config, limits).await?) as Arc<dyn Mailbox>)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipient_is_one_literal_subject_under_the_stream() {
+        let user = UserId::from_bytes([7; syncra_core::id::USER_ID_LEN]);
+        let s = subject(&user);
+        assert!(s.starts_with(SUBJECT_PREFIX), "{s}");
+        assert_eq!(s.len(), SUBJECT_PREFIX.len() + 32);
+        assert!(
+            !s.contains('*') && !s.contains('>') && !s.contains(' '),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn an_existing_stream_keeps_a_higher_per_subject_limit() {
+        let limits = MailboxLimits::default();
+        let ours = stream_config(&limits, per_subject_limit(&limits), 1);
+        let mut theirs = ours.clone();
+        theirs.max_messages_per_subject = per_subject_limit(&limits) * 2;
+        let keep = per_subject_limit(&limits).max(theirs.max_messages_per_subject);
+        assert_eq!(keep, theirs.max_messages_per_subject);
+        assert!(same_settings(&theirs, &stream_config(&limits, keep, 1)));
+        assert!(!same_settings(&ours, &stream_config(&limits, keep, 1)));
+    }
+}

@@ -223,8 +223,12 @@ pub async fn run(config: MailboxConfig) -> anyhow::Result<MailboxReport> {
     // Store.
     eprintln!("syncra-load mailbox: store phase");
     let before = Cpu::now(&config)?;
-    let (sessions, store_outcomes, store_end) =
-        send_all(sessions, &templates, &config, Outcome::Stored).await?;
+    let Sent {
+        sessions,
+        outcomes: store_outcomes,
+        end: store_end,
+        ..
+    } = send_all(sessions, &templates, &config, Outcome::Stored).await?;
     let after_store = Cpu::now(&config)?;
     let stored = store_outcomes.get("stored").copied().unwrap_or(0);
     let store = before.phase(after_store, (store_end - before.at).as_secs_f64(), stored);
@@ -269,17 +273,21 @@ pub async fn run(config: MailboxConfig) -> anyhow::Result<MailboxReport> {
     // Live.
     eprintln!("syncra-load mailbox: live phase");
     receivers.sort_by_key(|(i, _)| *i);
-    let mut expected = vec![0u64; recipients.len()];
-    for i in 0..config.senders {
-        expected[i % recipients.len()] += config.messages as u64;
-    }
     let live_start = Cpu::now(&config)?;
+    // How many deliveries each recipient is owed is known only from the answers (a session
+    // whose queue is full refuses, and its sender is told): the receivers learn it at the end.
+    let (owed_tx, owed_rx) = tokio::sync::watch::channel(None::<Vec<u64>>);
     let mut readers = JoinSet::new();
-    for ((_, ws), want) in receivers.into_iter().zip(expected) {
-        readers.spawn(receive_live(ws, want));
+    for (i, ws) in receivers {
+        readers.spawn(receive_live(ws, i, owed_rx.clone()));
     }
-    let (_sessions, live_outcomes, _) =
-        send_all(sessions, &templates, &config, Outcome::Delivered).await?;
+    let live_sent = send_all(sessions, &templates, &config, Outcome::Delivered).await?;
+    let mut owed = vec![0u64; recipients.len()];
+    for (i, outcomes) in live_sent.per_sender.iter().enumerate() {
+        owed[i % recipients.len()] += outcomes.get("delivered").copied().unwrap_or(0);
+    }
+    let _ = owed_tx.send(Some(owed));
+    let live_outcomes = live_sent.outcomes;
     let mut live_received = 0;
     let mut live_end = live_start.at;
     while let Some(r) = readers.join_next().await {
@@ -335,7 +343,7 @@ async fn send_all(
     templates: &[Arc<Vec<Vec<u8>>>],
     config: &MailboxConfig,
     expect: Outcome,
-) -> anyhow::Result<(Vec<Ws>, BTreeMap<String, u64>, Instant)> {
+) -> anyhow::Result<Sent> {
     let mut set = JoinSet::new();
     for (i, ws) in sessions.into_iter().enumerate() {
         let pool = Arc::clone(&templates[i]);
@@ -351,14 +359,14 @@ async fn send_all(
     let mut first = true;
     while let Some(r) = set.join_next().await {
         let (i, ws, outcomes, at) = r.context("a sender panicked")??;
-        for (k, v) in outcomes {
-            *all.entry(k).or_insert(0) += v;
+        for (k, v) in &outcomes {
+            *all.entry(k.clone()).or_insert(0) += v;
         }
         end = if first { at } else { end.max(at) };
         first = false;
-        out.push((i, ws));
+        out.push((i, ws, outcomes));
     }
-    out.sort_by_key(|(i, _)| *i);
+    out.sort_by_key(|(i, _, _)| *i);
     let unexpected: u64 = all
         .iter()
         .filter(|(k, _)| **k != outcome_name(expect))
@@ -367,7 +375,30 @@ async fn send_all(
     if unexpected > 0 {
         eprintln!("syncra-load mailbox: WARNING: unexpected outcomes {all:?}");
     }
-    Ok((out.into_iter().map(|(_, w)| w).collect(), all, end))
+    let mut sessions = Vec::with_capacity(out.len());
+    let mut per_sender = Vec::with_capacity(out.len());
+    for (_, ws, outcomes) in out {
+        sessions.push(ws);
+        per_sender.push(outcomes);
+    }
+    Ok(Sent {
+        sessions,
+        outcomes: all,
+        per_sender,
+        end,
+    })
+}
+
+/// What a sending phase did.
+struct Sent {
+    /// The senders' connections, for another phase.
+    sessions: Vec<Ws>,
+    /// Outcomes by name, over every sender.
+    outcomes: BTreeMap<String, u64>,
+    /// Outcomes by name, per sender (in sender order).
+    per_sender: Vec<BTreeMap<String, u64>>,
+    /// When the last answer arrived.
+    end: Instant,
 }
 
 /// One sender: `n` sends, at most `window` unanswered.
@@ -486,16 +517,29 @@ async fn drain_backlog(ws: &mut Ws) -> anyhow::Result<(u64, Instant)> {
     }
 }
 
-/// Reads `want` live deliveries; returns how many arrived and when the last did.
-async fn receive_live(mut ws: Ws, want: u64) -> anyhow::Result<(u64, Instant)> {
+/// Reads live deliveries until as many arrived as recipient `index` is owed (known once every
+/// sender has its answers); returns how many arrived and when the last did.
+async fn receive_live(
+    mut ws: Ws,
+    index: usize,
+    mut owed: tokio::sync::watch::Receiver<Option<Vec<u64>>>,
+) -> anyhow::Result<(u64, Instant)> {
     let deadline = tokio::time::Instant::now() + PHASE_DEADLINE;
     let mut got = 0;
     let mut last = Instant::now();
-    while got < want {
-        match tokio::time::timeout_at(deadline, syncra::next_frame(&mut ws))
-            .await
-            .context("live deliveries did not arrive in time")??
-        {
+    let mut want: Option<u64> = None;
+    while want.is_none_or(|w| got < w) {
+        let frame = tokio::select! {
+            f = tokio::time::timeout_at(deadline, syncra::next_frame(&mut ws)) => {
+                f.context("live deliveries did not arrive in time")??
+            }
+            changed = owed.changed(), if want.is_none() => {
+                changed.context("the senders stopped")?;
+                want = owed.borrow().as_ref().map(|o| o.get(index).copied().unwrap_or(0));
+                continue;
+            }
+        };
+        match frame {
             Some(Frame::Deliver { .. }) => {
                 got += 1;
                 last = Instant::now();

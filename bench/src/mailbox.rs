@@ -86,6 +86,9 @@ pub struct Phase {
     pub backend_cpu_s: f64,
     /// Backend CPU microseconds per message.
     pub backend_cpu_us_per_msg: f64,
+    /// Cores that other programs (not the relay, the backend or this generator) kept busy
+    /// during the phase: a run on a busy machine says so here.
+    pub other_cores_busy: f64,
 }
 
 /// The whole run.
@@ -129,6 +132,10 @@ struct Cpu {
     at: Instant,
     relay: f64,
     backend: f64,
+    /// This generator's own CPU.
+    generator: f64,
+    /// Every processor's busy time.
+    machine: f64,
 }
 
 impl Cpu {
@@ -137,6 +144,8 @@ impl Cpu {
             at: Instant::now(),
             relay: procstat::cpu_seconds_all(&config.relay_pids)?,
             backend: procstat::cpu_seconds_tree(&config.backend_pids),
+            generator: procstat::cpu_seconds(procstat::self_pid())?,
+            machine: procstat::machine_busy_seconds()?,
         })
     }
 
@@ -145,6 +154,9 @@ impl Cpu {
     fn phase(self, end: Cpu, seconds: f64, messages: u64) -> Phase {
         let relay = (end.relay - self.relay).max(0.0);
         let backend = (end.backend - self.backend).max(0.0);
+        let generator = (end.generator - self.generator).max(0.0);
+        let window = (end.at - self.at).as_secs_f64();
+        let others = (end.machine - self.machine - relay - backend - generator).max(0.0);
         let per = |cpu: f64| {
             if messages == 0 {
                 0.0
@@ -164,6 +176,7 @@ impl Cpu {
             relay_cpu_us_per_msg: per(relay),
             backend_cpu_s: backend,
             backend_cpu_us_per_msg: per(backend),
+            other_cores_busy: if window > 0.0 { others / window } else { 0.0 },
         }
     }
 }

@@ -557,3 +557,45 @@ async fn redis_across_nodes() {
 async fn nats_across_nodes() {
     stored_on_one_node_is_delivered_on_another(Kind::Nats).await;
 }
+
+/// A draining client acknowledges every entry as it files it; the relay coalesces the burst
+/// (one mailbox call at a time per session, up to the highest id so far). Nothing beyond the
+/// highest acknowledged id is deleted, everything up to it is, and a pong after the burst means
+/// it was processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_acknowledgements_deletes_exactly_up_to_the_highest() {
+    let dir = tempfile::tempdir().unwrap();
+    // 300 sends and 200 acknowledgements in a moment: above the default per-user and
+    // per-address budgets, which are not what this test is about.
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        &[
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
+        ],
+    );
+    let url = relay.url();
+    let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
+    let (mut ca, _) = alice.register(&url).await;
+    register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
+    let bodies = numbered("m", 300);
+    store_all(&mut ca, &alice, &bob, 1, &bodies).await;
+
+    let (mut cb, backlog) = login_backlog(&bob, &url).await;
+    assert_eq!(backlog.len(), 300);
+    for (entry_id, _) in &backlog[..200] {
+        cb.send(&Frame::Acknowledge {
+            entry_id: *entry_id,
+        })
+        .await;
+    }
+    cb.send(&Frame::Ping { nonce: 9 }).await;
+    assert!(matches!(cb.reply().await, Frame::Pong { nonce: 9 }));
+    drop(cb);
+    relay.wait_sessions(1).await;
+    let got = login_and_collect(&bob, &url, 100).await;
+    assert_eq!(got, bodies[200..], "exactly the unacknowledged 100 remain");
+}

@@ -20,8 +20,9 @@ BACKENDS=("$@")
 ((${#BACKENDS[@]})) || BACKENDS=(sqlite postgres redis nats)
 build
 
-# The quota is raised so that a run is never refused as full; nothing else differs.
-MAILBOX_ENV=(SYNCRA_MAILBOX__MAX_ENTRIES_PER_RECIPIENT=1000000)
+# The quota is raised so that a run is never refused as full, and the idle timeout so that
+# senders waiting through a slow drain keep their sessions; nothing else differs.
+MAILBOX_ENV=(SYNCRA_MAILBOX__MAX_ENTRIES_PER_RECIPIENT=1000000 SYNCRA_LIMITS__IDLE_TIMEOUT_SECS=3600)
 
 for backend in "${BACKENDS[@]}"; do
     backend_pids=()

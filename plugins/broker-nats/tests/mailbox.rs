@@ -240,3 +240,44 @@ async fn registers_kind_nats_and_says_when_jetstream_is_missing() {
     };
     assert!(err.to_string().contains("JetStream"), "{err}");
 }
+
+/// A backlog larger than a page is read in pages, in order, with nothing skipped or repeated,
+/// and expired entries between current ones are passed over without cutting a page short (a
+/// short page tells the relay the backlog is over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_read_in_full_pages_in_order() {
+    let server = NatsServer::start_jetstream();
+    let m = mailbox(&server, limits(10_000, 1 << 30)).await;
+    let to = recipient();
+    let now = syncra_core::now_ms();
+    let expired = now - 2 * 3_600_000;
+    let mut want = Vec::new();
+    for i in 0..600u32 {
+        // Every fifth entry was stored long ago (a node with a slow clock).
+        let at = if i % 5 == 4 { expired } else { now };
+        if let PutOutcome::Stored(id) = m
+            .put(&to, Bytes::from(i.to_be_bytes().to_vec()), at)
+            .await
+            .unwrap()
+        {
+            if at == now {
+                want.push((id, i));
+            }
+        }
+    }
+    let mut got = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = m.take(&to, after, 256, now).await.unwrap();
+        let full = page.len() == 256;
+        for e in &page {
+            let body = u32::from_be_bytes(e.delivery.as_ref().try_into().unwrap());
+            got.push((e.id, body));
+            after = e.id;
+        }
+        if !full {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+}

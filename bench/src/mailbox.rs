@@ -570,12 +570,13 @@ impl MailboxReport {
     pub fn table(&self) -> String {
         let row = |name: &str, p: &Phase| {
             format!(
-                "{name:<6} {:>8} msgs {:>8.3} s {:>10.0} msg/s   relay {:>7.1} µs/msg   backend {:>7.1} µs/msg\n",
+                "{name:<6} {:>8} msgs {:>8.3} s {:>10.0} msg/s   relay {:>7.1} µs/msg   backend {:>7.1} µs/msg   others {:.2} cores\n",
                 p.messages,
                 p.seconds,
                 p.per_second,
                 p.relay_cpu_us_per_msg,
-                p.backend_cpu_us_per_msg
+                p.backend_cpu_us_per_msg,
+                p.other_cores_busy
             )
         };
         let mut out = format!(

@@ -35,7 +35,7 @@ for backend in "${BACKENDS[@]}"; do
             SYNCRA_MAILBOX__URL="$POSTGRES_URL"
         ;;
     redis)
-        start_redis_durable
+        start_redis --durable
         backend_pids=(--backend-pid "$REDIS_PID")
         start_relay "relay-$backend" "${MAILBOX_ENV[@]}" SYNCRA_MAILBOX__KIND=redis \
             SYNCRA_MAILBOX__URL="$REDIS_URL"

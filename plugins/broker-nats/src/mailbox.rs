@@ -16,9 +16,12 @@
 //! `discard_new_per_subject` and `DiscardPolicy::New` refuses a put beyond the count quota
 //! instead of evicting the oldest entry, and `allow_direct` serves the direct gets (by subject)
 //! from any replica. A `take` reads its first entry with a direct get (at a ping there is
-//! usually none: one round trip) and the rest in one fetch through a short-lived consumer
-//! filtered on the recipient's subject (a backlog of thousands is then a few round trips, not
-//! one per entry).
+//! usually none: one round trip) and the rest through a short-lived consumer filtered on the
+//! recipient's subject, kept from one page of a backlog to the next (a backlog of thousands is
+//! then a few dozen round trips, not one per entry). An acknowledgement deletes the entries
+//! this node handed out by sequence, and purges the subject only for entries it did not hand
+//! out: nats-server 2.9 walks the whole stream for a purge or a consumer filtered on a subject,
+//! which at 100 000 held entries made a drain take minutes (docs/BENCHMARKS.md).
 //!
 //! # Quotas: why the running totals
 //!
@@ -49,21 +52,24 @@
 //! JetStream did not acknowledge, never lower the stream's per-subject limit (JetStream would
 //! delete held entries to meet it), and never print the URL's credentials.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, pull};
 use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream::{
-    Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, StorageType, Stream,
+    Config as StreamConfig, DeleteStatus, DirectGetErrorKind, DiscardPolicy, StorageType, Stream,
 };
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::join_all;
 use syncra_core::error::PluginError;
 use syncra_core::mailbox::{Mailbox, MailboxEntry, MailboxError, MailboxLimits, PutOutcome};
 use syncra_core::registry::{Kinds, typed_config};
@@ -94,6 +100,17 @@ const PUT_ATTEMPTS: usize = 64;
 /// it at once; this is for a reader that died first).
 const CONSUMER_IDLE: Duration = Duration::from_secs(30);
 
+/// Readers kept between pages at most (one per backlog being read page by page).
+const MAX_READERS: usize = 1024;
+
+/// Recipients whose handed-out sequences are remembered at most, and sequences per recipient
+/// (a full backlog at the default quota); beyond, an acknowledgement purges instead.
+const MAX_HANDED_SUBJECTS: usize = 10_000;
+const MAX_HANDED_PER_SUBJECT: usize = 10_000;
+
+/// Deletions sent at once by one acknowledgement.
+const DELETES_AT_ONCE: usize = 64;
+
 /// Locks that serialise this node's puts per recipient (by a hash of the id): enough that
 /// unrelated recipients rarely share one, few enough to cost nothing.
 const PUT_STRIPES: usize = 64;
@@ -108,6 +125,18 @@ pub struct NatsMailbox {
     server: String,
     limits: MailboxLimits,
     stripes: Vec<Mutex<()>>,
+    /// Reading consumers kept between the pages of one backlog, by subject.
+    readers: StdMutex<HashMap<String, Reader>>,
+    /// Sequences this node handed out by subject and not yet acknowledged, oldest first: what
+    /// an acknowledgement deletes one by one.
+    handed: StdMutex<HashMap<String, VecDeque<u64>>>,
+}
+
+/// A reading consumer kept for the next page of the same backlog.
+struct Reader {
+    consumer: Consumer<pull::Config>,
+    /// The last sequence the page it served returned: the next page must start after it.
+    returned: u64,
 }
 
 impl std::fmt::Debug for NatsMailbox {
@@ -210,6 +239,8 @@ impl NatsMailbox {
             server,
             limits,
             stripes: (0..PUT_STRIPES).map(|_| Mutex::new(())).collect(),
+            readers: StdMutex::new(HashMap::new()),
+            handed: StdMutex::new(HashMap::new()),
         })
     }
 
@@ -251,19 +282,15 @@ impl NatsMailbox {
             })
     }
 
-    /// Reads up to `max` entries of `subject` from sequence `from` on, in one fetch through a
-    /// short-lived consumer (no acknowledgements, in memory, filtered on the subject) instead of
-    /// one request per entry: a 10 000-entry backlog is then a few dozen round trips. Returns
-    /// (sequence, headers, payload) in order, and whether the subject may hold more.
-    async fn fetch(
+    /// A short-lived consumer reading `subject` from sequence `from` on: no acknowledgements,
+    /// in memory, filtered on the subject. Reading a backlog through it is a few dozen round
+    /// trips for 10 000 entries instead of one request per entry.
+    async fn create_reader(
         &self,
         subject: &str,
         from: u64,
-        max: usize,
-    ) -> Result<(Vec<(u64, Option<HeaderMap>, Bytes)>, bool), MailboxError> {
-        let action = "reading a mailbox";
-        let consumer = self
-            .stream
+    ) -> Result<Consumer<pull::Config>, MailboxError> {
+        self.stream
             .create_consumer(pull::Config {
                 filter_subject: subject.to_owned(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
@@ -277,32 +304,92 @@ impl NatsMailbox {
                 ..pull::Config::default()
             })
             .await
-            .map_err(|e| self.unavailable(action, e))?;
-        let read = async {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(max)
-                .messages()
-                .await
-                .map_err(|e| self.unavailable(action, e))?;
-            let mut out = Vec::with_capacity(max);
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| self.unavailable(action, e))?;
-                let seq = m
-                    .info()
-                    .map_err(|e| self.unavailable(action, e))?
-                    .stream_sequence;
-                out.push((seq, m.message.headers, m.message.payload));
-            }
-            Ok::<_, MailboxError>(out)
-        }
-        .await;
-        // Best effort: the server removes it after `CONSUMER_IDLE` anyway.
+            .map_err(|e| self.unavailable("reading a mailbox", e))
+    }
+
+    /// Deletes a reading consumer; best effort (the server removes it after `CONSUMER_IDLE`).
+    async fn drop_reader(&self, consumer: Consumer<pull::Config>) {
         let name = consumer.cached_info().name.clone();
         let _ = self.stream.delete_consumer(&name).await;
-        let out = read?;
+    }
+
+    /// The next up to `max` entries of a reader: (sequence, headers, payload) in order, and
+    /// whether there may be more.
+    async fn fetch(
+        &self,
+        reader: &Consumer<pull::Config>,
+        max: usize,
+    ) -> Result<(Vec<(u64, Option<HeaderMap>, Bytes)>, bool), MailboxError> {
+        let action = "reading a mailbox";
+        let mut batch = reader
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| self.unavailable(action, e))?;
+        let mut out = Vec::with_capacity(max);
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| self.unavailable(action, e))?;
+            let seq = m
+                .info()
+                .map_err(|e| self.unavailable(action, e))?
+                .stream_sequence;
+            out.push((seq, m.message.headers, m.message.payload));
+        }
         let more = out.len() == max;
         Ok((out, more))
+    }
+
+    /// Remembers the sequences a take returned, for the acknowledgement that deletes them.
+    fn hand_out(&self, subject: &str, entries: &[MailboxEntry]) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+        if handed.len() >= MAX_HANDED_SUBJECTS && !handed.contains_key(subject) {
+            // Beyond the bound an acknowledgement purges instead (slower, never wrong).
+            return;
+        }
+        let queue = handed.entry(subject.to_owned()).or_default();
+        for e in entries {
+            // A page read again (a second session of the user) hands out the same entries.
+            if queue.back().is_none_or(|last| *last < e.id) {
+                queue.push_back(e.id);
+            }
+        }
+        while queue.len() > MAX_HANDED_PER_SUBJECT {
+            queue.pop_front();
+        }
+    }
+
+    /// Deletes one entry by sequence (JetStream finds it directly, unlike a purge filtered on
+    /// a subject, which walks the stream); an entry already gone is not an error.
+    async fn delete_seq(&self, seq: u64) -> Result<(), MailboxError> {
+        let answer: Result<Response<DeleteStatus>, _> = self
+            .jetstream
+            .request(
+                format!("STREAM.MSG.DELETE.{STREAM}"),
+                &serde_json::json!({ "seq": seq, "no_erase": true }),
+            )
+            .await;
+        match answer {
+            Ok(Response::Ok(_)) => Ok(()),
+            // nats-server 2.9 answers a deletion of a missing entry with "delete failed: no
+            // message found" (10057), other versions with "no message found" (10037). A 10057
+            // for another reason leaves the entry in place, and `ack` purges what is left up to
+            // its id after the deletions, so taking it as "gone" here loses nothing.
+            Ok(Response::Err { error })
+                if [
+                    ErrorCode::NO_MESSAGE_FOUND,
+                    ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
+                ]
+                .contains(&error.error_code()) =>
+            {
+                Ok(())
+            }
+            Ok(Response::Err { error }) => Err(self.unavailable("acknowledging", error)),
+            Err(e) => Err(self.unavailable("acknowledging", e)),
+        }
     }
 
     /// The first entry at or after `from` on `subject` (which may be the wildcard of the whole
@@ -464,26 +551,53 @@ impl Mailbox for NatsMailbox {
         let oldest = now_ms.saturating_sub(self.limits.ttl_ms);
         let subject = subject(recipient);
         let mut out = Vec::new();
-        // One direct get first: the common answer (at a ping) is "nothing", one round trip.
-        let Some(first) = self
-            .next("reading a mailbox", &subject, after.saturating_add(1))
-            .await?
-        else {
+        if max == 0 {
             return Ok(out);
-        };
-        let mut from = first.sequence.saturating_add(1);
-        let stored_at_ms = self.header(&first, STORED_AT)?;
-        if stored_at_ms >= oldest && max > 0 {
-            out.push(MailboxEntry {
-                id: first.sequence,
-                stored_at_ms,
-                delivery: first.payload,
-            });
         }
-        // The rest in fetches; expired entries are skipped, so fetch again until `max` are
-        // found or the subject has no more.
-        while out.len() < max {
-            let (entries, more) = self.fetch(&subject, from, max - out.len()).await?;
+        let kept = self
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&subject);
+        let (mut reader, mut from) = match kept {
+            // The next page of the backlog this reader served.
+            Some(r) if r.returned == after => (Some(r.consumer), after.saturating_add(1)),
+            other => {
+                if let Some(stale) = other {
+                    self.drop_reader(stale.consumer).await;
+                }
+                // One direct get first: the common answer (at a ping) is "nothing", one round
+                // trip.
+                let Some(first) = self
+                    .next("reading a mailbox", &subject, after.saturating_add(1))
+                    .await?
+                else {
+                    return Ok(out);
+                };
+                let stored_at_ms = self.header(&first, STORED_AT)?;
+                let from = first.sequence.saturating_add(1);
+                if stored_at_ms >= oldest {
+                    out.push(MailboxEntry {
+                        id: first.sequence,
+                        stored_at_ms,
+                        delivery: first.payload,
+                    });
+                }
+                (None, from)
+            }
+        };
+        // The rest through a reader; expired entries are skipped, so fetch again until `max`
+        // are found or the subject has no more.
+        let mut more = true;
+        while out.len() < max && more {
+            let consumer = match reader.take() {
+                Some(c) => c,
+                None => self.create_reader(&subject, from).await?,
+            };
+            let fetched = self.fetch(&consumer, max - out.len()).await;
+            reader = Some(consumer);
+            let (entries, may_have_more) = fetched?;
+            more = may_have_more;
             for (seq, headers, delivery) in entries {
                 from = seq.saturating_add(1);
                 let stored_at_ms = self.header_in(headers.as_ref(), seq, STORED_AT)?;
@@ -495,32 +609,81 @@ impl Mailbox for NatsMailbox {
                     });
                 }
             }
-            if !more {
-                break;
+        }
+        self.hand_out(&subject, &out);
+        if let Some(consumer) = reader {
+            // A full page: the relay reads on, and the next page continues with this reader.
+            let unused = match out.last().map(|e| e.id) {
+                Some(returned) if out.len() == max => {
+                    let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+                    if readers.len() < MAX_READERS {
+                        readers.insert(subject, Reader { consumer, returned });
+                        None
+                    } else {
+                        Some(consumer)
+                    }
+                }
+                _ => Some(consumer),
+            };
+            if let Some(consumer) = unused {
+                self.drop_reader(consumer).await;
             }
         }
         Ok(out)
     }
 
+    /// Deletes the entries this node handed out up to `up_to` one by one (concurrently), then,
+    /// if the subject still starts at or below `up_to` (entries another node or an earlier run
+    /// handed out), purges it up to there. A purge filtered on a subject walks the stream in
+    /// nats-server 2.9, which at 100 000 entries made each acknowledgement slow.
     async fn ack(&self, recipient: &UserId, up_to: u64) -> Result<(), MailboxError> {
         if up_to == 0 {
             return Ok(());
         }
-        // A purge with a sequence removes the subject's entries below it.
-        self.stream
-            .purge()
-            .filter(subject(recipient))
-            .sequence(up_to.saturating_add(1))
-            .await
-            .map_err(|e| self.unavailable("acknowledging", e))?;
-        Ok(())
+        let subject = subject(recipient);
+        let seqs: Vec<u64> = {
+            let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut seqs = Vec::new();
+            if let Some(queue) = handed.get_mut(&subject) {
+                while let Some(seq) = queue.front().copied().filter(|s| *s <= up_to) {
+                    queue.pop_front();
+                    seqs.push(seq);
+                }
+                if queue.is_empty() {
+                    handed.remove(&subject);
+                }
+            }
+            seqs
+        };
+        for chunk in seqs.chunks(DELETES_AT_ONCE) {
+            for result in join_all(chunk.iter().map(|seq| self.delete_seq(*seq))).await {
+                result?;
+            }
+        }
+        match self.next("acknowledging", &subject, 1).await? {
+            Some(first) if first.sequence <= up_to => {
+                self.stream
+                    .purge()
+                    .filter(subject)
+                    .sequence(up_to.saturating_add(1))
+                    .await
+                    .map_err(|e| self.unavailable("acknowledging", e))?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn clear(&self, recipient: &UserId) -> Result<u64, MailboxError> {
+        let subject = subject(recipient);
+        self.handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&subject);
         let purged = self
             .stream
             .purge()
-            .filter(subject(recipient))
+            .filter(subject)
             .await
             .map_err(|e| self.unavailable("emptying a mailbox", e))?;
         Ok(purged.purged)

@@ -255,14 +255,11 @@ async fn a_large_backlog_is_read_in_full_pages_in_order() {
     for i in 0..600u32 {
         // Every fifth entry was stored long ago (a node with a slow clock).
         let at = if i % 5 == 4 { expired } else { now };
-        if let PutOutcome::Stored(id) = m
-            .put(&to, Bytes::from(i.to_be_bytes().to_vec()), at)
-            .await
-            .unwrap()
-        {
-            if at == now {
-                want.push((id, i));
-            }
+        let put = m.put(&to, Bytes::from(i.to_be_bytes().to_vec()), at);
+        match put.await.unwrap() {
+            PutOutcome::Stored(id) if at == now => want.push((id, i)),
+            PutOutcome::Stored(_) => {}
+            PutOutcome::Full => panic!("not full"),
         }
     }
     let mut got = Vec::new();
@@ -280,4 +277,44 @@ async fn a_large_backlog_is_read_in_full_pages_in_order() {
         }
     }
     assert_eq!(got, want);
+}
+
+/// An acknowledgement deletes up to its id whichever node handed the entries out: the node
+/// that read them deletes them one by one, another node (or one started since) purges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_deletes_up_to_its_id_on_any_node() {
+    let server = NatsServer::start_jetstream();
+    let (a, b) = (
+        mailbox(&server, limits(1000, 1 << 20)).await,
+        mailbox(&server, limits(1000, 1 << 20)).await,
+    );
+    let to = recipient();
+    let now = syncra_core::now_ms();
+    for i in 0..10u8 {
+        a.put(&to, Bytes::from(vec![i]), now).await.unwrap();
+    }
+    let read = a.take(&to, 0, 100, now).await.unwrap();
+    a.ack(&to, read[3].id).await.unwrap();
+    let left: Vec<u64> = b
+        .take(&to, 0, 100, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, read[4..].iter().map(|e| e.id).collect::<Vec<_>>());
+    // Node c never handed anything out: it purges.
+    let c = mailbox(&server, limits(1000, 1 << 20)).await;
+    c.ack(&to, read[6].id).await.unwrap();
+    let left: Vec<u64> = a
+        .take(&to, 0, 100, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, read[7..].iter().map(|e| e.id).collect::<Vec<_>>());
+    // Acknowledging again, or below what is gone, changes nothing.
+    a.ack(&to, read[5].id).await.unwrap();
+    assert_eq!(a.take(&to, 0, 100, now).await.unwrap().len(), 3);
 }

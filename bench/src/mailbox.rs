@@ -437,7 +437,7 @@ async fn send_one(
                 stamp(index, seq as u32, ns),
             );
             sink.feed(Message::Binary(frame)).await?;
-            if seq % FLUSH_EVERY == 0 || writer_room.available_permits() == 0 {
+            if seq.is_multiple_of(FLUSH_EVERY) || writer_room.available_permits() == 0 {
                 sink.flush().await?;
             }
         }
@@ -502,7 +502,7 @@ async fn drain_backlog(ws: &mut Ws) -> anyhow::Result<(u64, Instant)> {
                 count += 1;
                 ws.feed(Message::Binary(Frame::Acknowledge { entry_id }.encode()))
                     .await?;
-                if count % FLUSH_EVERY as u64 == 0 {
+                if count.is_multiple_of(FLUSH_EVERY as u64) {
                     ws.flush().await?;
                 }
             }

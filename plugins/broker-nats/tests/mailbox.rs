@@ -37,6 +37,15 @@ async fn mailbox(server: &NatsServer, limits: MailboxLimits) -> Arc<NatsMailbox>
     )
 }
 
+fn ids(entries: &[syncra_core::mailbox::MailboxEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.id).collect()
+}
+
+/// The ids `to` holds now.
+async fn held_ids(m: &NatsMailbox, to: &UserId, now: u64) -> Vec<u64> {
+    ids(&m.take(to, 0, 10_000, now).await.unwrap())
+}
+
 /// Two nodes put 100-byte deliveries for one recipient at the same time against a 2 000-byte
 /// quota: exactly 20 are stored, whichever node stored them, and their ids are one order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +71,7 @@ async fn two_nodes_racing_never_exceed_the_byte_quota() {
     assert_eq!(stored.len(), 20, "2000 bytes hold twenty 100-byte entries");
     let held = a.take(&to, 0, 1000, now).await.unwrap();
     stored.sort();
-    assert_eq!(held.iter().map(|e| e.id).collect::<Vec<_>>(), stored);
+    assert_eq!(ids(&held), stored);
     // Acknowledging half frees exactly that much room.
     a.ack(&to, stored[9]).await.unwrap();
     for _ in 0..10 {
@@ -155,10 +164,10 @@ async fn entries_survive_the_server_being_killed_and_restarted() {
         .unwrap();
     let to = recipient();
     let now = syncra_core::now_ms();
-    let mut ids = Vec::new();
+    let mut stored = Vec::new();
     for i in 0..10u8 {
         match m.put(&to, Bytes::from(vec![i; 10]), now).await.unwrap() {
-            PutOutcome::Stored(id) => ids.push(id),
+            PutOutcome::Stored(id) => stored.push(id),
             PutOutcome::Full => panic!("not full"),
         }
     }
@@ -190,13 +199,13 @@ async fn entries_survive_the_server_being_killed_and_restarted() {
             }
         }
     };
-    assert_eq!(held.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    assert_eq!(ids(&held), stored);
     assert_eq!(held[9].delivery.as_ref(), [9u8; 10]);
     assert_eq!(m.health().await, Health::Up);
     // The usage arithmetic is intact after the restart: 10 held, room for 90 more.
     assert!(matches!(
         m.put(&to, Bytes::from_static(b"after"), now).await.unwrap(),
-        PutOutcome::Stored(id) if id > ids[9]
+        PutOutcome::Stored(id) if id > stored[9]
     ));
 }
 
@@ -295,25 +304,11 @@ async fn an_acknowledgement_deletes_up_to_its_id_on_any_node() {
     }
     let read = a.take(&to, 0, 100, now).await.unwrap();
     a.ack(&to, read[3].id).await.unwrap();
-    let left: Vec<u64> = b
-        .take(&to, 0, 100, now)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    assert_eq!(left, read[4..].iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(held_ids(&b, &to, now).await, ids(&read[4..]));
     // Node c never handed anything out: it purges.
     let c = mailbox(&server, limits(1000, 1 << 20)).await;
     c.ack(&to, read[6].id).await.unwrap();
-    let left: Vec<u64> = a
-        .take(&to, 0, 100, now)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    assert_eq!(left, read[7..].iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(held_ids(&a, &to, now).await, ids(&read[7..]));
     // Acknowledging again, or below what is gone, changes nothing.
     a.ack(&to, read[5].id).await.unwrap();
     assert_eq!(a.take(&to, 0, 100, now).await.unwrap().len(), 3);

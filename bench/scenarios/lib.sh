@@ -82,7 +82,7 @@ wait_quiet() {
 
 load() {
     case "${1:-}" in
-    relay | nats | idle) wait_quiet ;;
+    relay | nats | idle | mailbox) wait_quiet ;;
     esac
     "$BIN/syncra-load" "$@"
 }
@@ -159,23 +159,84 @@ CONF
     }
 }
 
-# start_redis: redis-server on a free port, no persistence. Sets REDIS_URL and REDIS_PID.
-start_redis() {
-    command -v redis-server >/dev/null || {
-        echo "redis-server is not installed (apt-get install redis-server)" >&2
+# spawned NAME PORT LOG: records the server just started in the background ($!) for the EXIT
+# trap and waits until it listens on PORT; prints its log and returns 1 if it does not. Sets
+# SPAWNED_PID.
+spawned() {
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    RUST_BACKTRACE=0 load wait-port "$2" --timeout 30 --pid "$SPAWNED_PID" || {
+        echo "$1 did not start; its log:" >&2
+        cat "$3" >&2
         return 1
     }
+}
+
+# installed BINARY PACKAGE: fails with the install hint if BINARY is not on PATH.
+installed() {
+    command -v "$1" >/dev/null || {
+        echo "$1 is not installed (apt-get install $2)" >&2
+        return 1
+    }
+}
+
+# start_redis [--durable]: redis-server on a free port. Without persistence by default; with
+# --durable it keeps what it acknowledged (an append-only file fsynced before every answer: what
+# a Redis holding the mailbox needs, see docs/SCALING.md). Sets REDIS_URL and REDIS_PID.
+start_redis() {
+    installed redis-server redis-server || return 1
+    local port persistence=(--appendonly no)
+    [[ "${1:-}" == --durable ]] && persistence=(--appendonly yes --appendfsync always)
+    port="$(free_port)"
+    mkdir -p "$WORK/redis"
+    redis-server --bind 127.0.0.1 --port "$port" --save '' "${persistence[@]}" \
+        --dir "$WORK/redis" >"$WORK/redis.log" 2>&1 &
+    spawned redis-server "$port" "$WORK/redis.log" || return 1
+    REDIS_PID=$SPAWNED_PID
+    REDIS_URL="redis://127.0.0.1:$port"
+}
+
+# start_nats_jetstream: nats-server with JetStream, its store in the work directory, on a
+# free port. Sets NATS_URL and NATS_PID.
+start_nats_jetstream() {
+    installed nats-server nats-server || return 1
     local port
     port="$(free_port)"
-    redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
-        --dir "$WORK" >"$WORK/redis.log" 2>&1 &
-    REDIS_PID=$!
-    STARTED_PIDS+=("$REDIS_PID")
-    REDIS_URL="redis://127.0.0.1:$port"
-    RUST_BACKTRACE=0 load wait-port "$port" --timeout 20 --pid "$REDIS_PID" || {
-        cat "$WORK/redis.log" >&2
+    nats-server -a 127.0.0.1 -p "$port" -js -sd "$WORK/jetstream" >"$WORK/nats.log" 2>&1 &
+    spawned nats-server "$port" "$WORK/nats.log" || return 1
+    NATS_PID=$SPAWNED_PID
+    NATS_URL="nats://127.0.0.1:$port"
+}
+
+# start_postgres: a fresh PostgreSQL cluster in the work directory on a free port, with the
+# server's default durability (fsync on, synchronous_commit on), trust authentication on
+# loopback only. As root it runs as the `postgres` user (PostgreSQL refuses root). Sets
+# POSTGRES_URL and POSTGRES_PID (the postmaster; its backends are its children).
+start_postgres() {
+    local bindir
+    bindir="$(pg_config --bindir 2>/dev/null || true)"
+    [[ -x "$bindir/initdb" ]] || bindir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+    [[ -x "$bindir/initdb" ]] || {
+        echo "PostgreSQL server binaries not found (apt-get install postgresql)" >&2
         return 1
     }
+    local port as=()
+    port="$(free_port)"
+    mkdir -p "$WORK/pg"
+    if [[ "$(id -u)" == 0 ]]; then
+        chown postgres: "$WORK" "$WORK/pg"
+        as=(setpriv --reuid=postgres --regid=postgres --init-groups)
+    fi
+    "${as[@]}" "$bindir/initdb" -D "$WORK/pg/data" -U syncra --auth trust --encoding UTF8 \
+        --locale C >"$WORK/initdb.log" 2>&1 || {
+        cat "$WORK/initdb.log" >&2
+        return 1
+    }
+    "${as[@]}" "$bindir/postgres" -D "$WORK/pg/data" -p "$port" -c listen_addresses=127.0.0.1 \
+        -c unix_socket_directories= >"$WORK/postgres.log" 2>&1 &
+    spawned postgres "$port" "$WORK/postgres.log" || return 1
+    POSTGRES_PID=$SPAWNED_PID
+    POSTGRES_URL="postgres://syncra@127.0.0.1:$port/postgres?sslmode=disable"
 }
 
 banner() {

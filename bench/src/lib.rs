@@ -12,6 +12,7 @@
 
 pub mod idle;
 pub mod load;
+pub mod mailbox;
 pub mod nats;
 pub mod procstat;
 pub mod report;

@@ -109,7 +109,8 @@ pub struct LoadConfig {
     pub drain: Duration,
 }
 
-fn stamp(sender: u32, seq: u32, ns: u64) -> [u8; STAMP_LEN] {
+/// The 16-byte stamp: sender index, sequence and send time.
+pub(crate) fn stamp(sender: u32, seq: u32, ns: u64) -> [u8; STAMP_LEN] {
     let mut s = [0u8; STAMP_LEN];
     s[..4].copy_from_slice(&sender.to_be_bytes());
     s[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -486,12 +487,7 @@ impl Envelopes {
             Envelopes::Pool { frames, next } => {
                 let template = &frames[*next % frames.len()];
                 *next += 1;
-                let mut out = BytesMut::with_capacity(template.len());
-                out.put_slice(template);
-                out[SEND_REQUEST_ID_AT..SEND_REQUEST_ID_AT + 4]
-                    .copy_from_slice(&request_id.to_be_bytes());
-                out[SEND_MESSAGE_ID_AT..SEND_MESSAGE_ID_AT + STAMP_LEN].copy_from_slice(&stamp);
-                Ok(out.freeze())
+                Ok(patched(template, request_id, stamp))
             }
             Envelopes::Seal {
                 identity,
@@ -508,7 +504,18 @@ impl Envelopes {
     }
 }
 
-fn pool_frames(
+/// A copy of a pre-encoded `Send` frame with its own request id and message id (the stamp).
+pub(crate) fn patched(template: &[u8], request_id: u32, stamp: [u8; STAMP_LEN]) -> Bytes {
+    let mut out = BytesMut::with_capacity(template.len());
+    out.put_slice(template);
+    out[SEND_REQUEST_ID_AT..SEND_REQUEST_ID_AT + 4].copy_from_slice(&request_id.to_be_bytes());
+    out[SEND_MESSAGE_ID_AT..SEND_MESSAGE_ID_AT + STAMP_LEN].copy_from_slice(&stamp);
+    out.freeze()
+}
+
+/// A few `Send` frames sealed ahead of time from `identity` to `recipients`, with bodies of
+/// `size` bytes, to be [`patched`] per message.
+pub(crate) fn pool_frames(
     identity: &IdentityKeyPair,
     recipients: &[Recipient],
     size: usize,

@@ -77,6 +77,45 @@ pub fn cpu_seconds_all(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
+/// The parent process id of `pid`, from `/proc/PID/stat` (field 4).
+fn parent_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pids` and every process descending from them, as `/proc` shows them now. A server that
+/// works in child processes (PostgreSQL: a backend per connection) is measured whole this way.
+pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut out: Vec<u32> = pids.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        for &p in &all {
+            if parent_of(p) == Some(parent) && !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// CPU seconds of `pids` and their descendants; a process gone since the list was made counts
+/// 0 (its CPU time is lost with it, so sample trees whose children live through the window).
+pub fn cpu_seconds_tree(pids: &[u32]) -> f64 {
+    with_descendants(pids)
+        .iter()
+        .filter_map(|p| cpu_seconds(*p).ok())
+        .sum()
+}
+
 /// Checks that every pid exists before a run starts, so a typo fails early.
 pub fn check_pids(pids: &[u32]) -> anyhow::Result<()> {
     for pid in pids {

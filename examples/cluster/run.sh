@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A local Syncra cluster: N relay nodes on one broker (NATS or Redis) and one identity store,
-# for trying multi-node routing and for the load generator. Everything listens on loopback and
+# for trying multi-node routing and for the load generator. The broker's server also holds the
+# shared mailbox (a JetStream stream, or Redis Streams with an fsynced append-only file), so a
+# message stored through one node is delivered through any other. Everything listens on loopback and
 # stops on Ctrl-C.
 #
 #   examples/cluster/run.sh nats 3          # three nodes on NATS (default)
@@ -35,10 +37,11 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 broker_port=$(free_port)
 if [ "$broker" = nats ]; then
-    nats-server -a 127.0.0.1 -p "$broker_port" >"$dir/nats.log" 2>&1 &
+    nats-server -a 127.0.0.1 -p "$broker_port" -js -sd "$dir/jetstream" >"$dir/nats.log" 2>&1 &
     broker_url="nats://127.0.0.1:$broker_port"
 else
-    redis-server --port "$broker_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" >"$dir/redis.log" 2>&1 &
+    redis-server --port "$broker_port" --bind 127.0.0.1 --save '' --appendonly yes \
+        --appendfsync always --dir "$dir" >"$dir/redis.log" 2>&1 &
     broker_url="redis://127.0.0.1:$broker_port/"
 fi
 pids+=($!)
@@ -57,6 +60,7 @@ for i in $(seq 0 $((nodes - 1))); do
         SYNCRA_ADMIN_LISTEN="127.0.0.1:$((port + 1))" \
         SYNCRA_DATA_DIR="$dir/node$i" \
         SYNCRA_BROKER__KIND="$broker" SYNCRA_BROKER__URL="$broker_url" \
+        SYNCRA_MAILBOX__KIND="$broker" SYNCRA_MAILBOX__URL="$broker_url" \
         SYNCRA_STORE__KIND="$store_kind" "$store_url_var" \
         SYNCRA_AUTH__TOKEN_KEY_FILE="$dir/token-signing.key" \
         NO_COLOR=1 \
@@ -75,7 +79,7 @@ for i in $(seq 0 $((nodes - 1))); do
     done
 done
 
-echo "broker: $broker at $broker_url; store: $store_kind; data and logs: $dir"
+echo "broker and mailbox: $broker at $broker_url; store: $store_kind; data and logs: $dir"
 for i in $(seq 0 $((nodes - 1))); do
     port=$((base_port + i * 10))
     echo "node $i: ws://127.0.0.1:$port/   health: http://127.0.0.1:$((port + 1))/healthz"

@@ -64,9 +64,9 @@ pub struct RelayConfig {
     pub broker: serde_json::Value,
     /// Identity store plugin section.
     pub store: serde_json::Value,
-    /// Mailbox plugin section: `kind` (`sqlite`, `postgres` or `none`), the common bounds
-    /// (`ttl_secs`, `max_entries_per_recipient`, `max_bytes_per_recipient`) and the kind's own
-    /// keys (see [`RelayConfig::mailbox_settings`]).
+    /// Mailbox plugin section: `kind` (`sqlite`, `postgres`, `redis`, `nats` or `none`), the
+    /// common bounds (`ttl_secs`, `max_entries_per_recipient`, `max_bytes_per_recipient`) and
+    /// the kind's own keys (see [`RelayConfig::mailbox_settings`]).
     #[serde(default = "default_mailbox")]
     pub mailbox: serde_json::Value,
     /// Authentication settings.

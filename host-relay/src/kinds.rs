@@ -38,6 +38,10 @@ pub const KNOWN_MAILBOXES: &[KnownKind] = &[
         kind: "redis",
         feature: "broker-redis",
     },
+    KnownKind {
+        kind: "nats",
+        feature: "broker-nats",
+    },
 ];
 
 /// First-party identity store kinds.

@@ -72,6 +72,8 @@ pub fn plugin_registry() -> anyhow::Result<PluginRegistry> {
     syncra_store_postgres::mailbox::register(&mut registry.mailboxes)?;
     #[cfg(feature = "broker-redis")]
     syncra_broker_redis::mailbox::register(&mut registry.mailboxes)?;
+    #[cfg(feature = "broker-nats")]
+    syncra_broker_nats::mailbox::register(&mut registry.mailboxes)?;
     Ok(registry)
 }
 

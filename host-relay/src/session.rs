@@ -681,6 +681,7 @@ async fn read_loop(
             Frame::Ping { nonce } if state.mailbox.stores() => {
                 Box::pin(pending_then_pong(state, user, queue, cursor, nonce))
             }
+            Frame::Acknowledge { entry_id } => Box::pin(acknowledge(state, user, cursor, entry_id)),
             other => Box::pin(handle_request(state, user, other)),
         };
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
@@ -741,14 +742,8 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
             request_id,
             envelope,
         } => Some(send(state, user, request_id, envelope).await),
-        Frame::Acknowledge { entry_id } => {
-            // No reply: an entry that stays because this failed is sent again later, and the
-            // client shows a message id once.
-            if let Err(e) = state.mailbox.ack(&user, entry_id).await {
-                state.metrics.mailbox_failure(&e);
-            }
-            None
-        }
+        // Served by `acknowledge` (coalesced per session) before requests get here.
+        Frame::Acknowledge { .. } => None,
         Frame::ClearMailbox { request_id } => match state.mailbox.clear(&user).await {
             Ok(_) => Some(Frame::Ack { request_id }.encode()),
             Err(e) => {
@@ -798,6 +793,56 @@ pub(crate) struct MailboxCursor {
     after: std::sync::atomic::AtomicU64,
     /// Set once the login backlog was sent; checks before that would send entries twice.
     backlog_sent: std::sync::atomic::AtomicBool,
+    /// The highest entry id the client acknowledged.
+    acked: std::sync::atomic::AtomicU64,
+    /// Held by the one acknowledgement of this session that is with the mailbox; the value is
+    /// the highest id the mailbox has deleted up to for this session.
+    acking: tokio::sync::Mutex<u64>,
+}
+
+/// Acknowledges the user's mailbox entries up to `entry_id`, coalesced per session.
+///
+/// Why: a client acknowledges every entry of its backlog as it files it, so draining 10 000
+/// entries sends 10 000 acknowledgements; one mailbox call each is one database transaction or
+/// one JetStream purge each, which held a Postgres drain for minutes and flooded a NATS server
+/// until reads timed out. Acknowledgements are cumulative, so only the highest matters: one
+/// acknowledgement at a time talks to the mailbox, and those that arrive meanwhile only raise
+/// the id it deletes up to next. The one talking looks again after every call and before it
+/// finishes, so no id is left behind, and since answers leave in request order, a `Pong` after
+/// an acknowledgement still means that it was processed. No reply: an entry that stays because
+/// the mailbox failed is sent again later, and a client shows a message id once.
+async fn acknowledge(
+    state: &NodeState,
+    user: UserId,
+    cursor: &MailboxCursor,
+    entry_id: u64,
+) -> Option<Bytes> {
+    use std::sync::atomic::Ordering;
+    cursor.acked.fetch_max(entry_id, Ordering::AcqRel);
+    loop {
+        // Another acknowledgement of this session is with the mailbox: it takes this id too.
+        let Ok(mut told) = cursor.acking.try_lock() else {
+            return None;
+        };
+        loop {
+            let target = cursor.acked.load(Ordering::Acquire);
+            if target <= *told {
+                break;
+            }
+            if let Err(e) = state.mailbox.ack(&user, target).await {
+                state.metrics.mailbox_failure(&e);
+                return None;
+            }
+            *told = target;
+        }
+        let done = *told;
+        drop(told);
+        // An acknowledgement that arrived between the last look and the unlock found the lock
+        // taken and left its id to us.
+        if cursor.acked.load(Ordering::Acquire) <= done {
+            return None;
+        }
+    }
 }
 
 /// Reads the user's mailbox after the cursor, a page at a time, as `Pending` frames.

@@ -1,8 +1,12 @@
 //! The offline mailbox against real `syncra-relay` processes: a message to someone who is not
 //! connected is answered `stored` and arrives first, in order, when they log in (on any node);
-//! it leaves the mailbox only when acknowledged; it survives the relay being killed right after
-//! the answer; quotas refuse with `mailbox_full`; `[mailbox] kind = "none"` keeps the strict
-//! stateless relay.
+//! it leaves the mailbox only when acknowledged; quotas refuse with `mailbox_full`;
+//! `[mailbox] kind = "none"` keeps the strict stateless relay.
+//!
+//! For every backend (`sqlite`, `postgres`, `redis`, `nats`), on real servers this test starts:
+//! a `stored` answer survives the relay being killed with SIGKILL right after it and the backend
+//! crashing and starting again on its data; and for every backend a cluster can share, a
+//! message stored through node A is delivered when the recipient logs into node B.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::time::Duration;
@@ -11,8 +15,9 @@ use bytes::Bytes;
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_relay::{RawClient, Received, TestUser, expect_auth_ok, http_get};
 use syncra_test_support::DEADLINE;
+use syncra_test_support::postgres::PostgresServer;
 use syncra_test_support::process::{RelayProcess, free_port};
-use syncra_test_support::servers::RedisServer;
+use syncra_test_support::servers::{NatsServer, RedisServer};
 
 /// Logs in and reads the mailbox backlog up to `PendingEnd`: (entry id, envelope) in order.
 async fn login_backlog(user: &TestUser, url: &str) -> (RawClient, Vec<(u64, Bytes)>) {
@@ -229,46 +234,258 @@ async fn mailbox_none_is_the_strict_stateless_relay() {
     assert!(!dir.path().join("relay").join("mailbox.db").exists());
 }
 
-/// Stored through node A, delivered when the recipient logs into node B (a shared mailbox and
-/// a real Redis between the nodes); an entry stored while the recipient is already logged in
-/// elsewhere is picked up at its next ping.
+/// A mailbox backend on a real server started for the test, with the settings that make
+/// `stored` durable (an fsynced append-only Redis, a JetStream store directory, Postgres
+/// commits the mailbox makes synchronous itself).
+enum Backend {
+    /// The relay's own file (in the shared directory, so that two nodes on one host can share
+    /// it in the cluster test).
+    Sqlite(std::path::PathBuf),
+    Postgres(PostgresServer),
+    Redis(RedisServer),
+    Nats(NatsServer),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sqlite,
+    Postgres,
+    Redis,
+    Nats,
+}
+
+impl Backend {
+    fn start(kind: Kind, shared: &std::path::Path) -> Backend {
+        match kind {
+            Kind::Sqlite => Backend::Sqlite(shared.join("mailbox.db")),
+            Kind::Postgres => Backend::Postgres(PostgresServer::start()),
+            Kind::Redis => Backend::Redis(RedisServer::start_durable()),
+            Kind::Nats => Backend::Nats(NatsServer::start_jetstream()),
+        }
+    }
+
+    /// The relay's `[mailbox]` settings for this backend.
+    fn mailbox_env(&self) -> Vec<(String, String)> {
+        let (kind, key, value) = match self {
+            Backend::Sqlite(path) => ("sqlite", "PATH", path.display().to_string()),
+            Backend::Postgres(s) => ("postgres", "URL", s.url()),
+            Backend::Redis(s) => ("redis", "URL", s.url()),
+            Backend::Nats(s) => ("nats", "URL", s.url()),
+        };
+        vec![
+            ("SYNCRA_MAILBOX__KIND".into(), kind.into()),
+            (format!("SYNCRA_MAILBOX__{key}"), value),
+        ]
+    }
+
+    /// The backend's process dies without a goodbye and starts again on the same data:
+    /// SIGKILL for Redis and NATS, Postgres's immediate shutdown (see
+    /// [`PostgresServer::crash`]). SQLite lives in the relay's process: nothing to do.
+    fn crash_and_restart(&mut self) {
+        match self {
+            Backend::Sqlite(_) => {}
+            Backend::Postgres(s) => {
+                s.crash();
+                s.restart();
+            }
+            Backend::Redis(s) => {
+                s.stop();
+                s.restart();
+            }
+            Backend::Nats(s) => {
+                s.stop();
+                s.restart();
+            }
+        }
+    }
+}
+
+fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+impl Relay {
+    /// Waits until `/healthz` says every backend is up again.
+    async fn wait_healthy(&self) {
+        let deadline = tokio::time::Instant::now() + DEADLINE * 3;
+        loop {
+            let (status, body) = http_get(self.admin, "/healthz").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never became healthy again: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Logs in and collects `want` mailbox entries: the login's backlog, then what pings pick up
+/// (a backend still recovering may answer the first read late; what was not sent then stays in
+/// the mailbox for the next check, which is what a client's pings are). Returns the bodies in
+/// the order they arrived.
+async fn login_and_collect(user: &TestUser, url: &str, want: usize) -> Vec<String> {
+    let (mut c, backlog) = login_backlog(user, url).await;
+    let mut bodies: Vec<String> = backlog
+        .iter()
+        .map(|(_, e)| String::from_utf8(user.open(e)).unwrap())
+        .collect();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut nonce = 100;
+    while bodies.len() < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {want} entries arrived: {bodies:?}",
+            bodies.len()
+        );
+        nonce += 1;
+        c.send(&Frame::Ping { nonce }).await;
+        loop {
+            match c.frame().await {
+                Frame::Pending { envelope, .. } => {
+                    bodies.push(String::from_utf8(user.open(&envelope)).unwrap());
+                }
+                Frame::Pong { nonce: n } if n == nonce => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if bodies.len() < want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    bodies
+}
+
+/// Sends `bodies` from `from` to `to`, each answered `stored`.
+async fn store_all(
+    c: &mut RawClient,
+    from: &TestUser,
+    to: &TestUser,
+    first_id: u32,
+    bodies: &[String],
+) {
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(
+            send(c, first_id + i as u32, from, to, body.as_bytes()).await,
+            Outcome::Stored,
+            "{body}"
+        );
+    }
+}
+
+fn numbered(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// `stored` is a promise: the relay is killed with SIGKILL right after the last answer and the
+/// backend crashes and comes back on its data before the relay starts again; then, with the
+/// relay running, more is stored and the backend crashes again. The recipient gets every
+/// message, in order.
+async fn stored_survives_relay_and_backend_crashes(kind: Kind) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = Backend::start(kind, dir.path());
+    let env = backend.mailbox_env();
+    let mut relay = Relay::start(&dir.path().join("relay"), &env_refs(&env));
+    let url = relay.url();
+    let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
+    let (mut ca, _) = alice.register(&url).await;
+    register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
+
+    let before = numbered("before-", 10);
+    store_all(&mut ca, &alice, &bob, 1, &before).await;
+    relay.process.kill();
+    backend.crash_and_restart();
+    relay.process.restart();
+    relay.wait_healthy().await;
+
+    // The relay runs; the backend crashes under it.
+    let mut ca = alice.login(&url).await;
+    let after = numbered("after-", 5);
+    store_all(&mut ca, &alice, &bob, 100, &after).await;
+    backend.crash_and_restart();
+    relay.wait_healthy().await;
+
+    let got = login_and_collect(&bob, &url, 15).await;
+    let want: Vec<String> = before.into_iter().chain(after).collect();
+    assert_eq!(got, want, "{kind:?}: every stored message, in order");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_on_one_node_is_delivered_on_another() {
-    let redis = RedisServer::start();
+async fn sqlite_stored_survives_crashes() {
+    stored_survives_relay_and_backend_crashes(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stored_survives_crashes() {
+    stored_survives_relay_and_backend_crashes(Kind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stored_survives_crashes() {
+    stored_survives_relay_and_backend_crashes(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stored_survives_crashes() {
+    stored_survives_relay_and_backend_crashes(Kind::Nats).await;
+}
+
+/// Stored through node A, delivered when the recipient logs into node B (the mailbox shared
+/// between the nodes; the broker is the backend's own server for Redis and NATS, a Redis for
+/// the others; identities in Postgres for Postgres, else in a shared SQLite file); then, with
+/// the recipient on B, A reaches them live through the broker, and an entry stored while B's
+/// subscription settles is picked up at the recipient's next ping — never lost either way.
+async fn stored_on_one_node_is_delivered_on_another(kind: Kind) {
     let shared = tempfile::tempdir().unwrap();
-    let node = |name: &str| {
-        Relay::start(
-            &shared.path().join(name),
-            &[
-                ("SYNCRA_RELAY_ID", "mailbox-cluster"),
-                ("SYNCRA_BROKER__KIND", "redis"),
-                ("SYNCRA_BROKER__URL", &redis.url()),
-                (
-                    "SYNCRA_STORE__PATH",
-                    shared.path().join("identities.db").to_str().unwrap(),
-                ),
-                (
-                    "SYNCRA_MAILBOX__PATH",
-                    shared.path().join("mailbox.db").to_str().unwrap(),
-                ),
-                (
-                    "SYNCRA_AUTH__TOKEN_KEY_FILE",
-                    shared.path().join("token.key").to_str().unwrap(),
-                ),
-            ],
-        )
+    let backend = Backend::start(kind, shared.path());
+    let redis_broker = match &backend {
+        Backend::Redis(_) | Backend::Nats(_) => None,
+        Backend::Sqlite(_) | Backend::Postgres(_) => Some(RedisServer::start()),
     };
-    let (a, b) = (node("a"), node("b"));
+    let mut env = backend.mailbox_env();
+    let (broker_kind, broker_url) = match (&backend, &redis_broker) {
+        (Backend::Nats(s), _) => ("nats", s.url()),
+        (Backend::Redis(s), _) => ("redis", s.url()),
+        (_, Some(r)) => ("redis", r.url()),
+        (_, None) => unreachable!("a broker was started above"),
+    };
+    env.extend([
+        ("SYNCRA_RELAY_ID".to_owned(), "mailbox-cluster".to_owned()),
+        ("SYNCRA_BROKER__KIND".to_owned(), broker_kind.to_owned()),
+        ("SYNCRA_BROKER__URL".to_owned(), broker_url),
+        (
+            "SYNCRA_AUTH__TOKEN_KEY_FILE".to_owned(),
+            shared.path().join("token.key").display().to_string(),
+        ),
+    ]);
+    match &backend {
+        Backend::Postgres(pg) => env.extend([
+            ("SYNCRA_STORE__KIND".to_owned(), "postgres".to_owned()),
+            ("SYNCRA_STORE__URL".to_owned(), pg.url()),
+        ]),
+        _ => env.push((
+            "SYNCRA_STORE__PATH".to_owned(),
+            shared.path().join("identities.db").display().to_string(),
+        )),
+    }
+    let (a, b) = (
+        Relay::start(&shared.path().join("a"), &env_refs(&env)),
+        Relay::start(&shared.path().join("b"), &env_refs(&env)),
+    );
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&a.url()).await;
     register_away(&bob, &b.url()).await;
     b.wait_sessions(0).await;
     assert_eq!(
         send(&mut ca, 1, &alice, &bob, b"via a").await,
-        Outcome::Stored
+        Outcome::Stored,
+        "{kind:?}"
     );
     let (mut cb, backlog) = login_backlog(&bob, &b.url()).await;
-    assert_eq!(backlog.len(), 1);
+    assert_eq!(backlog.len(), 1, "{kind:?}");
     assert_eq!(bob.open(&backlog[0].1), b"via a");
     cb.send(&Frame::Acknowledge {
         entry_id: backlog[0].0,
@@ -296,13 +513,89 @@ async fn stored_on_one_node_is_delivered_on_another() {
                     }
                 }
             }
-            other => panic!("unexpected outcome {other:?}"),
+            other => panic!("{kind:?}: unexpected outcome {other:?}"),
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never delivered via B"
+            "{kind:?}: never delivered via B"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(bob.open(&cb.delivery().await), b"live via b");
+    // The acknowledgements went to the shared mailbox (answers leave in request order, so
+    // once the pong is here they were done): nothing is left for a login on A.
+    cb.send(&Frame::Ping { nonce: 8 }).await;
+    loop {
+        match cb.frame().await {
+            Frame::Pong { nonce: 8 } => break,
+            Frame::Pending { entry_id, .. } => cb.send(&Frame::Acknowledge { entry_id }).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(cb);
+    b.wait_sessions(0).await;
+    let (_cb, left) = login_backlog(&bob, &a.url()).await;
+    assert!(left.is_empty(), "{kind:?}: acknowledged on B, gone on A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_shared_file_across_nodes() {
+    stored_on_one_node_is_delivered_on_another(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_across_nodes() {
+    stored_on_one_node_is_delivered_on_another(Kind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_across_nodes() {
+    stored_on_one_node_is_delivered_on_another(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_across_nodes() {
+    stored_on_one_node_is_delivered_on_another(Kind::Nats).await;
+}
+
+/// A draining client acknowledges every entry as it files it; the relay coalesces the burst
+/// (one mailbox call at a time per session, up to the highest id so far). Nothing beyond the
+/// highest acknowledged id is deleted, everything up to it is, and a pong after the burst means
+/// it was processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_acknowledgements_deletes_exactly_up_to_the_highest() {
+    let dir = tempfile::tempdir().unwrap();
+    // 300 sends and 200 acknowledgements in a moment: above the default per-user and
+    // per-address budgets, which are not what this test is about.
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        &[
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
+        ],
+    );
+    let url = relay.url();
+    let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
+    let (mut ca, _) = alice.register(&url).await;
+    register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
+    let bodies = numbered("m", 300);
+    store_all(&mut ca, &alice, &bob, 1, &bodies).await;
+
+    let (mut cb, backlog) = login_backlog(&bob, &url).await;
+    assert_eq!(backlog.len(), 300);
+    for (entry_id, _) in &backlog[..200] {
+        cb.send(&Frame::Acknowledge {
+            entry_id: *entry_id,
+        })
+        .await;
+    }
+    cb.send(&Frame::Ping { nonce: 9 }).await;
+    assert!(matches!(cb.reply().await, Frame::Pong { nonce: 9 }));
+    drop(cb);
+    relay.wait_sessions(1).await;
+    let got = login_and_collect(&bob, &url, 100).await;
+    assert_eq!(got, bodies[200..], "exactly the unacknowledged 100 remain");
 }

@@ -179,6 +179,18 @@ impl PostgresServer {
         self.shut_down("INT");
     }
 
+    /// Crashes the server: an immediate shutdown (SIGQUIT), in which the postmaster and its
+    /// backends exit at once without a checkpoint and without writing what is still in their
+    /// buffers; the next start runs crash recovery from the WAL on disk. This is what a crash
+    /// of the database process looks like (a bare SIGKILL of the postmaster would leave its
+    /// backends running and the data directory in use).
+    ///
+    /// The test cluster runs with `synchronous_commit = off`, so only a write that asked for
+    /// a synchronous commit itself is sure to survive this.
+    pub fn crash(&mut self) {
+        self.shut_down("QUIT");
+    }
+
     /// Starts the server again on the same port with the same data, waiting until it accepts
     /// connections. Stops it first if it is running.
     ///

@@ -1,6 +1,7 @@
 //! Real Redis and NATS servers for tests: `redis-server` and `nats-server` started on a free
-//! loopback port in a temp dir of their own, stopped and restarted on the same port by tests
-//! that need the backend to go away and come back, and killed when dropped.
+//! loopback port in a temp dir of their own, stopped and restarted on the same port (and, for a
+//! durable Redis or a JetStream NATS, on the same data) by tests that need the backend to go
+//! away and come back, and killed when dropped.
 //!
 //! A missing binary is a panic that says how to install it, never a skip: a broker test that
 //! silently does not run is worse than one that fails (see the design brief, "Tests and
@@ -202,45 +203,86 @@ impl Drop for Spawned {
     }
 }
 
+/// A loopback Redis on `port` in `dir`, with no RDB snapshots, and `persistence` (the
+/// append-only file settings).
+fn redis_args(port: u16, dir: &Path, persistence: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--port".into(),
+        port.to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--save".into(),
+        String::new(),
+        "--dir".into(),
+        dir.display().to_string(),
+    ];
+    args.extend(persistence.iter().map(|a| a.to_string()));
+    args
+}
+
 static REDIS: Recipe = Recipe {
     binary: "redis-server",
     install: "install redis-server: apt-get install redis-server",
+    args: |port, dir| redis_args(port, dir, &["--appendonly", "no"]),
+};
+
+/// Redis that keeps what it acknowledged: an append-only file, fsynced before every answer
+/// (`appendfsync always`), in the server's directory, which a restart reads again. This is the
+/// setting docs/SCALING.md asks of a Redis that holds the mailbox.
+static REDIS_DURABLE: Recipe = Recipe {
+    binary: "redis-server",
+    install: "install redis-server: apt-get install redis-server",
     args: |port, dir| {
-        vec![
-            "--port".into(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            dir.display().to_string(),
-        ]
+        redis_args(
+            port,
+            dir,
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        )
     },
 };
+
+/// A loopback NATS on `port`, with `extra` arguments.
+fn nats_args(port: u16, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
 
 static NATS: Recipe = Recipe {
     binary: "nats-server",
     install: "install nats-server: apt-get install nats-server",
-    args: |port, _dir| {
-        vec![
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-        ]
+    args: |port, _dir| nats_args(port, &[]),
+};
+
+/// NATS with JetStream, its store in the server's directory, which a restart reads again.
+static NATS_JETSTREAM: Recipe = Recipe {
+    binary: "nats-server",
+    install: "install nats-server: apt-get install nats-server",
+    args: |port, dir| {
+        nats_args(
+            port,
+            &[
+                "-js".into(),
+                "-sd".into(),
+                dir.join("jetstream").display().to_string(),
+            ],
+        )
     },
 };
 
-/// A `redis-server` of this test's own: no persistence, loopback only, on a free port.
+/// A `redis-server` of this test's own, loopback only, on a free port: without persistence
+/// ([`RedisServer::start`]) or with an fsynced append-only file ([`RedisServer::start_durable`]).
 pub struct RedisServer {
     server: Spawned,
 }
 
 impl RedisServer {
-    /// Starts a server and waits until it accepts connections.
+    /// Starts a server without persistence and waits until it accepts connections.
     ///
     /// # Panics
     ///
@@ -249,6 +291,18 @@ impl RedisServer {
     pub fn start() -> RedisServer {
         RedisServer {
             server: Spawned::start(&REDIS),
+        }
+    }
+
+    /// Starts a server that keeps what it acknowledged across a kill and a
+    /// [`restart`](Self::restart): `appendonly yes` with `appendfsync always`.
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::start`].
+    pub fn start_durable() -> RedisServer {
+        RedisServer {
+            server: Spawned::start(&REDIS_DURABLE),
         }
     }
 
@@ -277,7 +331,8 @@ impl RedisServer {
         self.server.stop();
     }
 
-    /// Starts it again on the same port (an empty server: nothing is persisted).
+    /// Starts it again on the same port (empty unless started with
+    /// [`start_durable`](Self::start_durable)).
     pub fn restart(&mut self) {
         self.server.restart();
     }
@@ -313,13 +368,14 @@ impl fmt::Debug for RedisServer {
     }
 }
 
-/// A `nats-server` of this test's own: core NATS (no JetStream), loopback only, on a free port.
+/// A `nats-server` of this test's own, loopback only, on a free port: core NATS
+/// ([`NatsServer::start`]) or with JetStream ([`NatsServer::start_jetstream`]).
 pub struct NatsServer {
     server: Spawned,
 }
 
 impl NatsServer {
-    /// Starts a server and waits until it accepts connections.
+    /// Starts a core NATS server (no JetStream) and waits until it accepts connections.
     ///
     /// # Panics
     ///
@@ -328,6 +384,18 @@ impl NatsServer {
     pub fn start() -> NatsServer {
         NatsServer {
             server: Spawned::start(&NATS),
+        }
+    }
+
+    /// Starts a server with JetStream (`-js`), its store in the server's own directory
+    /// (`-sd`), which a [`restart`](Self::restart) reads again.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn start_jetstream() -> NatsServer {
+        NatsServer {
+            server: Spawned::start(&NATS_JETSTREAM),
         }
     }
 
@@ -356,7 +424,7 @@ impl NatsServer {
         self.server.stop();
     }
 
-    /// Starts it again on the same port.
+    /// Starts it again on the same port (with JetStream, on the same store).
     pub fn restart(&mut self) {
         self.server.restart();
     }

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use syncra_bench::idle::{self, IdleConfig};
 use syncra_bench::load::{self, LoadConfig, Pacing, System};
+use syncra_bench::mailbox::{self, MailboxConfig};
 use syncra_bench::report::{self, LoadReport};
 use syncra_bench::soak::{self, SoakConfig};
 
@@ -35,6 +36,9 @@ enum Command {
     Idle(IdleArgs),
     /// Many sessions with steady traffic and churn for a long time; the relay's RSS over time.
     Soak(SoakArgs),
+    /// The offline mailbox: senders write to recipients who are away (answered `stored`), the
+    /// recipients log in and drain their backlogs, then the same traffic live for comparison.
+    Mailbox(MailboxArgs),
     /// Print two --json reports side by side with their ratios (first / second).
     Compare {
         /// The first report (the numerator).
@@ -177,6 +181,40 @@ struct SoakArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct MailboxArgs {
+    /// Relay URL, ws://127.0.0.1:PORT/.
+    #[arg(long)]
+    url: String,
+    /// Sending users.
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    /// Recipients (away during the store phase); sender i writes to recipient i mod R.
+    #[arg(long, default_value_t = 10)]
+    recipients: usize,
+    /// Messages each sender sends, in the store phase and again live.
+    #[arg(long, default_value_t = 1000)]
+    messages: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Unanswered sends per sender.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// The relay's process id(s).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// The mailbox backend's process id(s); their child processes are counted too.
+    #[arg(long = "backend-pid")]
+    backend_pids: Vec<u32>,
+    /// A label for the report (the backend's name).
+    #[arg(long, default_value = "mailbox")]
+    label: String,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     if !(0.0..=3600.0).contains(&v) {
         bail!("{what} must be between 0 and 3600 seconds");
@@ -286,6 +324,29 @@ fn main() -> anyhow::Result<()> {
             }
             if report.received == 0 {
                 bail!("nothing was delivered");
+            }
+            Ok(())
+        }
+        Command::Mailbox(args) => {
+            syncra_bench::ws::target(&args.url)?;
+            let config = MailboxConfig {
+                url: args.url,
+                senders: args.senders,
+                recipients: args.recipients,
+                messages: args.messages,
+                size: args.size,
+                window: args.window,
+                relay_pids: args.pids,
+                backend_pids: args.backend_pids,
+                label: args.label,
+            };
+            let report = runtime(cli.threads)?.block_on(mailbox::run(config))?;
+            print!("{}", report.table());
+            if let Some(path) = &args.json {
+                report::write_json(path, &report)?;
+            }
+            if report.store.messages == 0 || report.left_after_drain > 0 {
+                bail!("nothing was stored, or the drain left entries behind");
             }
             Ok(())
         }

@@ -1,5 +1,7 @@
 //! `syncra-broker-nats`: a [`Broker`] on core NATS (async-nats), so that the nodes of a relay
-//! cluster reach each other's users. No JetStream: nothing is stored, as the relay promises.
+//! cluster reach each other's users, and the `nats` mailbox ([`mailbox`]), which holds sealed
+//! deliveries for recipients who are away in a JetStream stream. The broker itself uses no
+//! JetStream: what passes between nodes is never stored.
 //!
 //! # Delivery truthfulness: publish is a request, every node answers
 //!
@@ -55,6 +57,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
+
+pub mod mailbox;
 
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, StatusCode, Subscriber};
@@ -173,7 +177,7 @@ impl fmt::Debug for NatsConfig {
 
 /// The timeouts of one broker, from its config.
 #[derive(Clone, Copy, Debug)]
-struct Timeouts {
+pub(crate) struct Timeouts {
     request: Duration,
     reply_window: Duration,
     command: Duration,
@@ -248,6 +252,71 @@ impl fmt::Debug for NatsBroker {
     }
 }
 
+/// A client connected with the settings of a [`NatsConfig`], and what its users need to know.
+pub(crate) struct Connected {
+    pub(crate) client: Client,
+    /// The servers, for messages (credentials redacted).
+    pub(crate) server: String,
+    pub(crate) timeouts: Timeouts,
+}
+
+/// Connects a client for `category` (`"broker"` or `"mailbox"`, the config section it came
+/// from) the way every part of this crate does: the URL and timeouts checked
+/// ([`PluginError::Config`]), a server reached now ([`PluginError::Start`]), reconnections for
+/// ever with jittered backoff, and connection events logged under the section's name. One
+/// home for it, so the broker and the mailbox cannot drift apart in how they treat a server.
+pub(crate) async fn connect_client(
+    config: &NatsConfig,
+    category: &'static str,
+) -> Result<Connected, PluginError> {
+    let config_error = |message: String| PluginError::Config {
+        category,
+        kind: KIND.to_owned(),
+        message,
+    };
+    let timeouts = Timeouts::from_config(config).map_err(config_error)?;
+    let server = redact_url(&config.url);
+    let addrs = config
+        .url
+        .split(',')
+        .map(|url| {
+            url.trim().parse::<ServerAddr>().map_err(|e| {
+                config_error(format!(
+                    "`url` {:?} is not a NATS URL ({e}); expected nats://host:port",
+                    redact_url(url.trim())
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let reconnect_max = timeouts.reconnect_max;
+    let events_server = server.clone();
+    let client = ConnectOptions::new()
+        .name("syncra-relay")
+        .connection_timeout(timeouts.connect)
+        .ping_interval(timeouts.ping_interval)
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| backoff(attempts, reconnect_max))
+        .event_callback(move |event| {
+            let server = events_server.clone();
+            async move { log_event(category, &server, event) }
+        })
+        .connect(addrs)
+        .await
+        .map_err(|e| PluginError::Start {
+            category,
+            kind: KIND.to_owned(),
+            message: format!(
+                "nats at {server}: cannot connect: {e}; check that the server runs and that \
+                 `url` in [{category}] is right"
+            ),
+        })?;
+    Ok(Connected {
+        client,
+        server,
+        timeouts,
+    })
+}
+
 impl NatsBroker {
     /// Connects to the server(s) of `config` and starts delivering to `sink`.
     ///
@@ -261,47 +330,16 @@ impl NatsBroker {
         config: &NatsConfig,
         sink: Arc<dyn BrokerSink>,
     ) -> Result<NatsBroker, PluginError> {
-        let config_error = |message: String| PluginError::Config {
-            category: "broker",
-            kind: KIND.to_owned(),
-            message,
-        };
-        let timeouts = Timeouts::from_config(config).map_err(config_error)?;
-        let server = redact_url(&config.url);
-        let addrs = config
-            .url
-            .split(',')
-            .map(|url| {
-                url.trim().parse::<ServerAddr>().map_err(|e| {
-                    config_error(format!(
-                        "`url` {:?} is not a NATS URL ({e}); expected nats://host:port",
-                        redact_url(url.trim())
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let Connected {
+            client,
+            server,
+            timeouts,
+        } = connect_client(config, "broker").await?;
         let start_error = |why: String| PluginError::Start {
             category: "broker",
             kind: KIND.to_owned(),
-            message: format!(
-                "nats at {server}: {why}; check that the server runs and that `url` in [broker] is right"
-            ),
+            message: format!("nats at {server}: {why}"),
         };
-        let reconnect_max = timeouts.reconnect_max;
-        let events_server = server.clone();
-        let client = ConnectOptions::new()
-            .name("syncra-relay")
-            .connection_timeout(timeouts.connect)
-            .ping_interval(timeouts.ping_interval)
-            .max_reconnects(None)
-            .reconnect_delay_callback(move |attempts| backoff(attempts, reconnect_max))
-            .event_callback(move |event| {
-                let server = events_server.clone();
-                async move { log_event(&server, event) }
-            })
-            .connect(addrs)
-            .await
-            .map_err(|e| start_error(format!("cannot connect: {e}")))?;
 
         let inbox = client.new_inbox();
         let answers = client
@@ -514,16 +552,19 @@ async fn serve(
     }
 }
 
-fn log_event(server: &str, event: Event) {
+/// Logs a connection event of the client serving `category` (`broker` or `mailbox`).
+fn log_event(category: &str, server: &str, event: Event) {
     match event {
-        Event::Connected => info!("nats broker: connected to {server}"),
-        Event::Disconnected => warn!("nats broker: lost {server}; reconnecting"),
+        Event::Connected => info!("nats {category}: connected to {server}"),
+        Event::Disconnected => warn!("nats {category}: lost {server}; reconnecting"),
         // The client dropped messages for a subscription that could not keep up: say so
         // loudly. Their publishers get no answer from this node and report "unavailable".
         Event::SlowConsumer(sid) => {
-            error!("nats broker: subscription {sid} could not keep up and messages were dropped")
+            error!(
+                "nats {category}: subscription {sid} could not keep up and messages were dropped"
+            )
         }
-        other => warn!("nats broker: {server}: {other}"),
+        other => warn!("nats {category}: {server}: {other}"),
     }
 }
 

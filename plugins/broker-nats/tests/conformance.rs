@@ -22,3 +22,25 @@ async fn nats_broker_conforms() {
     })
     .await;
 }
+
+/// The mailbox conformance suite on real `nats-server`s with JetStream. Every case gets a
+/// server of its own: the stream is one per server, and the expiry case needs a stream whose
+/// front is what it stored (expiry walks the stream from its oldest entry, see
+/// `syncra_broker_nats::mailbox`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_mailbox_conforms() {
+    let servers = std::sync::Mutex::new(Vec::new());
+    syncra_test_support::mailbox_conformance(|limits| {
+        let server = NatsServer::start_jetstream();
+        let config = NatsConfig::new(server.url());
+        servers.lock().unwrap().push(server);
+        async move {
+            Arc::new(
+                syncra_broker_nats::mailbox::NatsMailbox::connect(&config, limits)
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn syncra_core::Mailbox>
+        }
+    })
+    .await;
+}

@@ -313,7 +313,8 @@ pub struct PostgresStore {
     /// The redacted URL, for messages.
     location: Arc<str>,
     secrets: Secrets,
-    /// `BEGIN ...; SET LOCAL statement_timeout = ...` for reads and for writes.
+    /// `BEGIN ...; SET LOCAL statement_timeout = ...` for reads and for writes (writes also
+    /// with `synchronous_commit = on`).
     begin_read: Arc<str>,
     begin_write: Arc<str>,
     /// Whether queries use named, cached prepared statements.
@@ -381,7 +382,14 @@ impl PostgresStore {
                 "BEGIN READ ONLY; SET LOCAL statement_timeout = {statement_timeout}"
             )
             .into(),
-            begin_write: format!("BEGIN; SET LOCAL statement_timeout = {statement_timeout}").into(),
+            // A write is answered only once it is on the server's disk (WAL flushed), whatever
+            // the server's own `synchronous_commit` says: a mailbox `stored` and a registration
+            // are promises to a person.
+            begin_write: format!(
+                "BEGIN; SET LOCAL statement_timeout = {statement_timeout}; \
+                 SET LOCAL synchronous_commit = on"
+            )
+            .into(),
             persistent: config.prepared_statements,
             max_connections: config.max_connections,
             acquire_timeout: config.acquire_timeout(),
@@ -1260,6 +1268,15 @@ mod tests {
                 .unwrap();
             assert_eq!(timeout, "1234ms");
         }
+        // The test server runs with `synchronous_commit = off`; writes turn it on for
+        // themselves.
+        let mut tx = store.begin(&store.begin_write, "test").await.unwrap();
+        let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(sync, "on");
         // A statement past the limit is cancelled by the server, not waited for.
         let mut tx = store.begin(&store.begin_read, "test").await.unwrap();
         let err = sqlx::raw_sql("SELECT pg_sleep(3)")

@@ -1,9 +1,10 @@
 //! `[mailbox] kind = "postgres"`: sealed deliveries for recipients who are not connected, in
 //! the same Postgres (or Neon) database as the identities, shared by every node of a cluster.
 //!
-//! Each put is one transaction that locks the recipient's usage row, checks the quota, adds the
-//! entry under the next id and updates the usage: entries of one recipient get ids in commit
-//! order, and a put is answered only once committed. It holds sealed bytes only.
+//! Each put is one transaction with one statement that locks the recipient's usage row, checks
+//! the quota, counts the usage up and adds the entry under the next id: entries of one recipient
+//! get ids in commit order, and a put is answered only once committed (with
+//! `synchronous_commit = on`, whatever the server's default). It holds sealed bytes only.
 
 use std::sync::Arc;
 
@@ -96,55 +97,44 @@ impl Mailbox for PostgresMailbox {
         let db = &self.db;
         let key = recipient.as_bytes().as_slice();
         let size = delivery.len() as i64;
+        // A first entry is inserted with the usage row whatever the quota says below.
+        if size.cast_unsigned() > self.limits.max_bytes {
+            return Ok(PutOutcome::Full);
+        }
         db.bounded(action, async {
             let mut tx = db.begin(&db.begin_write, action).await?;
-            sqlx::query(
-                "INSERT INTO mailbox_usage (recipient, entries, bytes, next_id) \
-                 VALUES ($1, 0, 0, 1) ON CONFLICT (recipient) DO NOTHING",
-            )
-            .persistent(db.persistent)
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(db.failed(action))?;
-            // The row lock orders concurrent puts for one recipient.
-            let row = sqlx::query(
-                "SELECT entries, bytes, next_id FROM mailbox_usage WHERE recipient = $1 FOR UPDATE",
-            )
-            .persistent(db.persistent)
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db.failed(action))?;
-            let entries: i64 = row.try_get(0).map_err(db.failed(action))?;
-            let bytes: i64 = row.try_get(1).map_err(db.failed(action))?;
-            let id: i64 = row.try_get(2).map_err(db.failed(action))?;
-            if entries.cast_unsigned() >= self.limits.max_entries
-                || (bytes + size).cast_unsigned() > self.limits.max_bytes
-            {
-                return Ok(PutOutcome::Full);
-            }
-            sqlx::query(
-                "INSERT INTO mailbox (recipient, id, stored_at, delivery) VALUES ($1, $2, $3, $4)",
-            )
-            .persistent(db.persistent)
-            .bind(key)
-            .bind(id)
-            .bind(now_ms.min(i64::MAX as u64) as i64)
-            .bind(delivery.as_ref())
-            .execute(&mut *tx)
-            .await
-            .map_err(db.failed(action))?;
-            sqlx::query(
-                "UPDATE mailbox_usage SET entries = entries + 1, bytes = bytes + $2, \
-                 next_id = next_id + 1 WHERE recipient = $1",
+            // One statement: the usage row is created or, within the quota, counted up under its
+            // row lock (which orders concurrent puts for one recipient), and the entry takes the
+            // id it hands out. Beyond the quota the update matches nothing, so nothing is
+            // inserted and no id is returned. Three round trips per put (begin, this, commit)
+            // instead of six.
+            let id: Option<i64> = sqlx::query_scalar(
+                "WITH usage AS ( \
+                     INSERT INTO mailbox_usage AS u (recipient, entries, bytes, next_id) \
+                     VALUES ($1, 1, $2, 2) \
+                     ON CONFLICT (recipient) DO UPDATE \
+                         SET entries = u.entries + 1, bytes = u.bytes + $2, next_id = u.next_id + 1 \
+                         WHERE u.entries < $3 AND u.bytes + $2 <= $4 \
+                     RETURNING u.next_id - 1 AS id \
+                 ) \
+                 INSERT INTO mailbox (recipient, id, stored_at, delivery) \
+                 SELECT $1, id, $5, $6 FROM usage RETURNING id",
             )
             .persistent(db.persistent)
             .bind(key)
             .bind(size)
-            .execute(&mut *tx)
+            .bind(self.limits.max_entries.min(i64::MAX as u64) as i64)
+            .bind(self.limits.max_bytes.min(i64::MAX as u64) as i64)
+            .bind(now_ms.min(i64::MAX as u64) as i64)
+            .bind(delivery.as_ref())
+            .fetch_optional(&mut *tx)
             .await
             .map_err(db.failed(action))?;
+            let Some(id) = id else {
+                // Nothing was written; the transaction only took the row lock.
+                tx.rollback().await.map_err(db.failed(action))?;
+                return Ok(PutOutcome::Full);
+            };
             tx.commit().await.map_err(db.failed(action))?;
             Ok(PutOutcome::Stored(id.cast_unsigned()))
         })

@@ -1,11 +1,14 @@
 //! The embedded default `Mailbox` on SQLite: sealed deliveries for recipients who are not
 //! connected, in their own database file next to the identities (`mailbox.db`).
 //!
-//! Puts are **group-committed**: one writer task takes every put waiting at that moment (up to
-//! [`MAX_BATCH`]) and commits them in one transaction, so the fsync that makes an entry durable
-//! (`synchronous = FULL`) is paid once per batch, not once per message. A put is answered only
-//! after its batch committed, so `stored` always means "on disk". Acknowledgements, clears and
-//! expiry run as their own short transactions.
+//! Writes are **group-committed**: one writer task takes every put, acknowledgement and clear
+//! waiting at that moment (up to [`MAX_BATCH`]) and commits them in one transaction, so the
+//! fsync that makes a change durable (`synchronous = FULL`) is paid once per batch, not once per
+//! message, and writes never wait on each other for SQLite's write lock. A put is answered only
+//! after its batch committed, so `stored` always means "on disk". A client acknowledges every
+//! entry of its backlog as it files it, so a draining client sends a stream of acknowledgements;
+//! those of one recipient in one batch become one `DELETE` up to the highest id. Only expiry, once
+//! a minute, runs as its own transaction.
 //!
 //! It holds sealed bytes only — the same `Deliver` payload a live session would have received
 //! — and never anything it could open.
@@ -46,11 +49,40 @@ pub struct SqliteMailboxConfig {
     pub path: PathBuf,
 }
 
-struct PutJob {
-    recipient: UserId,
-    delivery: Bytes,
-    now_ms: u64,
-    reply: oneshot::Sender<Result<PutOutcome, MailboxError>>,
+/// A write for the writer task.
+enum Job {
+    Put {
+        recipient: UserId,
+        delivery: Bytes,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<PutOutcome, MailboxError>>,
+    },
+    /// Deletes the recipient's entries up to `up_to` (an acknowledgement, or `u64::MAX` to
+    /// clear); answers how many were deleted.
+    Delete {
+        recipient: UserId,
+        up_to: u64,
+        reply: oneshot::Sender<Result<u64, MailboxError>>,
+    },
+}
+
+impl Job {
+    fn recipient(&self) -> &UserId {
+        match self {
+            Job::Put { recipient, .. } | Job::Delete { recipient, .. } => recipient,
+        }
+    }
+
+    fn fail(self, e: MailboxError) {
+        match self {
+            Job::Put { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Job::Delete { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
 }
 
 /// A [`Mailbox`] in a SQLite database.
@@ -59,12 +91,12 @@ pub struct SqliteMailbox {
     pool: SqlitePool,
     location: Arc<str>,
     limits: MailboxLimits,
-    puts: mpsc::Sender<PutJob>,
+    writes: mpsc::Sender<Job>,
 }
 
-impl std::fmt::Debug for PutJob {
+impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PutJob").finish_non_exhaustive()
+        f.debug_struct("Job").finish_non_exhaustive()
     }
 }
 
@@ -96,41 +128,36 @@ impl SqliteMailbox {
             pool,
             location,
             limits,
-            puts: tx,
+            writes: tx,
         })
     }
 
-    /// Deletes a recipient's entries up to `up_to` and releases their usage; returns how many.
-    async fn delete_up_to(&self, recipient: &UserId, up_to: u64) -> Result<u64, MailboxError> {
-        let key = recipient.as_bytes().as_slice();
-        let up_to = up_to.min(i64::MAX as u64) as i64;
-        let mut tx = self.begin_write("acknowledging").await?;
-        let row = sqlx::query(
-            "SELECT count(*), coalesce(sum(length(delivery)), 0) FROM mailbox \
-             WHERE recipient = ? AND id <= ?",
-        )
-        .bind(key)
-        .bind(up_to)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(self.failed("acknowledging"))?;
-        let (entries, bytes): (i64, i64) = (
-            row.try_get(0).map_err(self.failed("acknowledging"))?,
-            row.try_get(1).map_err(self.failed("acknowledging"))?,
-        );
-        if entries > 0 {
-            sqlx::query("DELETE FROM mailbox WHERE recipient = ? AND id <= ?")
-                .bind(key)
-                .bind(up_to)
-                .execute(&mut *tx)
-                .await
-                .map_err(self.failed("acknowledging"))?;
-            release(&mut tx, key, entries, bytes)
-                .await
-                .map_err(self.failed("acknowledging"))?;
-        }
-        tx.commit().await.map_err(self.failed("acknowledging"))?;
-        Ok(entries.cast_unsigned())
+    /// Hands a job to the writer and waits for its answer.
+    async fn write<T>(
+        &self,
+        action: &str,
+        job: Job,
+        answer: oneshot::Receiver<Result<T, MailboxError>>,
+    ) -> Result<T, MailboxError> {
+        let gone = || unavailable(&self.location, action, "the writer stopped");
+        self.writes.send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Deletes a recipient's entries up to `up_to` through the writer; returns how many.
+    async fn delete(
+        &self,
+        recipient: &UserId,
+        up_to: u64,
+        action: &str,
+    ) -> Result<u64, MailboxError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Delete {
+            recipient: *recipient,
+            up_to,
+            reply,
+        };
+        self.write(action, job, answer).await
     }
 
     fn failed(&self, action: &'static str) -> impl FnOnce(sqlx::Error) -> MailboxError + '_ {
@@ -161,46 +188,66 @@ struct Usage {
     next_id: i64,
 }
 
-/// The group-commit writer: every put waiting at the time goes into one transaction.
+/// The group-commit writer: every write waiting at the time goes into one transaction.
 async fn writer(
     pool: SqlitePool,
     location: Arc<str>,
     limits: MailboxLimits,
-    mut rx: mpsc::Receiver<PutJob>,
+    mut rx: mpsc::Receiver<Job>,
 ) {
-    let mut batch: Vec<PutJob> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match commit(&pool, &limits, &batch).await {
-            Ok(outcomes) => {
-                for (job, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+            Ok(answers) => {
+                for (job, answer) in batch.drain(..).zip(answers) {
+                    match (job, answer) {
+                        (Job::Put { reply, .. }, Answer::Put(outcome)) => {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        (Job::Delete { reply, .. }, Answer::Deleted(n)) => {
+                            let _ = reply.send(Ok(n));
+                        }
+                        (job, _) => job.fail(unavailable(
+                            &location,
+                            "writing",
+                            "the writer paired an answer with the wrong job",
+                        )),
+                    }
                 }
             }
             Err(e) => {
                 let why = e.to_string();
                 for job in batch.drain(..) {
-                    let _ = job
-                        .reply
-                        .send(Err(unavailable(&location, "storing a delivery", &why)));
+                    let action = match job {
+                        Job::Put { .. } => "storing a delivery",
+                        Job::Delete { .. } => "deleting entries",
+                    };
+                    job.fail(unavailable(&location, action, &why));
                 }
             }
         }
     }
 }
 
+/// What the batch did for one job, in the batch's order.
+enum Answer {
+    Put(PutOutcome),
+    Deleted(u64),
+}
+
 async fn commit(
     pool: &SqlitePool,
     limits: &MailboxLimits,
-    batch: &[PutJob],
-) -> Result<Vec<PutOutcome>, sqlx::Error> {
-    // A handful of statements per batch, not per put: every statement is a round trip to the
+    batch: &[Job],
+) -> Result<Vec<Answer>, sqlx::Error> {
+    // A handful of statements per batch, not per write: every statement is a round trip to the
     // connection's thread, and those hops, not the disk, bounded the throughput.
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut usage: HashMap<UserId, Usage> = HashMap::new();
     let mut recipients: Vec<&UserId> = Vec::new();
     for job in batch {
-        if !recipients.contains(&&job.recipient) {
-            recipients.push(&job.recipient);
+        if !recipients.contains(&job.recipient()) {
+            recipients.push(job.recipient());
         }
     }
     for chunk in recipients.chunks(STATEMENT_ROWS) {
@@ -227,29 +274,73 @@ async fn commit(
             );
         }
     }
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut rows: Vec<(&UserId, i64, i64, &[u8])> = Vec::with_capacity(batch.len());
+
+    // Deletions first, one statement per recipient up to the highest id asked for in this
+    // batch (acknowledgements are cumulative), so that the room they free counts for the puts.
+    let mut deletes: Vec<(&UserId, u64)> = Vec::new();
     for job in batch {
-        let u = usage.entry(job.recipient).or_insert(Usage {
+        if let Job::Delete {
+            recipient, up_to, ..
+        } = job
+        {
+            match deletes.iter_mut().find(|(r, _)| *r == recipient) {
+                Some((_, highest)) => *highest = (*highest).max(*up_to),
+                None => deletes.push((recipient, *up_to)),
+            }
+        }
+    }
+    let mut deleted: HashMap<UserId, u64> = HashMap::new();
+    for (recipient, up_to) in &deletes {
+        let sizes: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM mailbox WHERE recipient = ? AND id <= ? RETURNING length(delivery)",
+        )
+        .bind(recipient.as_bytes().as_slice())
+        .bind((*up_to).min(i64::MAX as u64) as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some(u) = usage.get_mut(*recipient) {
+            u.entries = (u.entries - sizes.len() as i64).max(0);
+            u.bytes = (u.bytes - sizes.iter().sum::<i64>()).max(0);
+        }
+        deleted.insert(**recipient, sizes.len() as u64);
+    }
+
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut rows: Vec<(&UserId, i64, i64, &[u8])> = Vec::with_capacity(batch.len());
+    let mut put_into: Vec<&UserId> = Vec::new();
+    for job in batch {
+        let (recipient, delivery, now_ms) = match job {
+            Job::Put {
+                recipient,
+                delivery,
+                now_ms,
+                ..
+            } => (recipient, delivery, now_ms),
+            Job::Delete { recipient, .. } => {
+                answers.push(Answer::Deleted(
+                    deleted.get(recipient).copied().unwrap_or(0),
+                ));
+                continue;
+            }
+        };
+        let u = usage.entry(*recipient).or_insert(Usage {
             entries: 0,
             bytes: 0,
             next_id: 1,
         });
-        let size = job.delivery.len() as i64;
+        let size = delivery.len() as i64;
         if (u.entries as u64) >= limits.max_entries || (u.bytes + size) as u64 > limits.max_bytes {
-            outcomes.push(PutOutcome::Full);
+            answers.push(Answer::Put(PutOutcome::Full));
             continue;
         }
-        rows.push((
-            &job.recipient,
-            u.next_id,
-            job.now_ms as i64,
-            job.delivery.as_ref(),
-        ));
-        outcomes.push(PutOutcome::Stored(u.next_id as u64));
+        rows.push((recipient, u.next_id, *now_ms as i64, delivery.as_ref()));
+        answers.push(Answer::Put(PutOutcome::Stored(u.next_id as u64)));
         u.entries += 1;
         u.bytes += size;
         u.next_id += 1;
+        if !put_into.contains(&recipient) {
+            put_into.push(recipient);
+        }
     }
     for chunk in rows.chunks(STATEMENT_ROWS) {
         let mut query = QueryBuilder::<Sqlite>::new(
@@ -263,8 +354,11 @@ async fn commit(
         });
         query.build().execute(&mut *tx).await?;
     }
+    // Usage rows change for recipients that got entries or lost some; a recipient that never
+    // had a usage row and only had nothing deleted keeps having none.
     let touched: Vec<(&UserId, Usage)> = recipients
         .iter()
+        .filter(|r| put_into.contains(r) || deleted.get(**r).is_some_and(|n| *n > 0))
         .filter_map(|r| usage.get(*r).map(|u| (*r, *u)))
         .collect();
     for chunk in touched.chunks(STATEMENT_ROWS) {
@@ -284,7 +378,7 @@ async fn commit(
         query.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok(answers)
 }
 
 /// Subtracts deleted entries from a recipient's usage, in the deleting transaction.
@@ -321,15 +415,13 @@ impl Mailbox for SqliteMailbox {
         now_ms: u64,
     ) -> Result<PutOutcome, MailboxError> {
         let (reply, answer) = oneshot::channel();
-        let job = PutJob {
+        let job = Job::Put {
             recipient: *recipient,
             delivery,
             now_ms,
             reply,
         };
-        let gone = || unavailable(&self.location, "storing a delivery", "the writer stopped");
-        self.puts.send(job).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.write("storing a delivery", job, answer).await
     }
 
     async fn take(
@@ -372,11 +464,15 @@ impl Mailbox for SqliteMailbox {
     }
 
     async fn ack(&self, recipient: &UserId, up_to: u64) -> Result<(), MailboxError> {
-        self.delete_up_to(recipient, up_to).await.map(|_| ())
+        self.delete(recipient, up_to, "acknowledging")
+            .await
+            .map(drop)
     }
 
+    /// Counts what it deleted together with any acknowledgement of the same recipient that the
+    /// writer committed in the same batch.
     async fn clear(&self, recipient: &UserId) -> Result<u64, MailboxError> {
-        self.delete_up_to(recipient, u64::MAX).await
+        self.delete(recipient, u64::MAX, "emptying a mailbox").await
     }
 
     async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError> {
@@ -442,4 +538,123 @@ pub fn register(kinds: &mut Kinds<Arc<dyn Mailbox>, MailboxLimits>) -> Result<()
             })?;
         Ok(Arc::new(mailbox) as Arc<dyn Mailbox>)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+    use super::*;
+
+    fn user(n: u8) -> UserId {
+        UserId::from_bytes([n; USER_ID_LEN])
+    }
+
+    /// A database written before the entries moved to an ordinary table (migration 2) keeps
+    /// every entry, its id and its order, and ids go on from where they were.
+    #[tokio::test]
+    async fn entries_written_before_migration_2_survive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailbox.db");
+        let pool = crate::file_pool(&path).await.unwrap();
+        MIGRATOR.run_to(1, &pool).await.unwrap();
+        for (r, id, body) in [(1u8, 1i64, "a1"), (2, 1, "b1"), (1, 2, "a2"), (1, 3, "a3")] {
+            sqlx::query(
+                "INSERT INTO mailbox (recipient, id, stored_at, delivery) VALUES (?, ?, ?, ?)",
+            )
+            .bind(user(r).as_bytes().as_slice())
+            .bind(id)
+            .bind(1_000 + id)
+            .bind(body.as_bytes())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        for (r, entries, bytes, next_id) in [(1u8, 3i64, 6i64, 4i64), (2, 1, 2, 2)] {
+            sqlx::query(
+                "INSERT INTO mailbox_usage (recipient, entries, bytes, next_id) VALUES (?, ?, ?, ?)",
+            )
+            .bind(user(r).as_bytes().as_slice())
+            .bind(entries)
+            .bind(bytes)
+            .bind(next_id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+
+        let m = SqliteMailbox::open(&path, MailboxLimits::default())
+            .await
+            .unwrap();
+        let a = m.take(&user(1), 0, 10, 2_000).await.unwrap();
+        let got: Vec<(u64, &[u8])> = a.iter().map(|e| (e.id, e.delivery.as_ref())).collect();
+        assert_eq!(got, [(1, &b"a1"[..]), (2, b"a2"), (3, b"a3")]);
+        assert_eq!(m.take(&user(2), 0, 10, 2_000).await.unwrap().len(), 1);
+        assert_eq!(
+            m.put(&user(1), Bytes::from_static(b"a4"), 2_000)
+                .await
+                .unwrap(),
+            PutOutcome::Stored(4)
+        );
+        m.ack(&user(1), 2).await.unwrap();
+        let left: Vec<u64> = m
+            .take(&user(1), 0, 10, 2_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, [3, 4]);
+    }
+
+    /// Acknowledgements, clears and puts for one recipient in one batch: the deletions count
+    /// first, and what they free is room for the puts.
+    #[tokio::test]
+    async fn a_batch_of_acknowledgements_and_puts_keeps_the_quota_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = MailboxLimits {
+            max_entries: 10,
+            ..MailboxLimits::default()
+        };
+        let m = Arc::new(
+            SqliteMailbox::open(&dir.path().join("mailbox.db"), limits)
+                .await
+                .unwrap(),
+        );
+        let to = user(9);
+        for _ in 0..10 {
+            m.put(&to, Bytes::from_static(b"x"), 1).await.unwrap();
+        }
+        // Ten acknowledgements (as a draining client sends them) and ten puts at once.
+        let mut tasks = Vec::new();
+        for id in 1..=10u64 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(
+                async move { m.ack(&to, id).await.map(|_| None) },
+            ));
+        }
+        for _ in 0..10 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                m.put(&to, Bytes::from_static(b"y"), 1).await.map(Some)
+            }));
+        }
+        let mut stored = 0;
+        for t in tasks {
+            if let Some(PutOutcome::Stored(_)) = t.await.unwrap().unwrap() {
+                stored += 1;
+            }
+        }
+        let held = m.take(&to, 0, 100, 1).await.unwrap();
+        assert_eq!(held.len(), stored, "what is held is what was stored");
+        assert!(held.iter().all(|e| e.delivery.as_ref() == b"y"));
+        // The usage row agrees with the rows: exactly 10 - held more fit.
+        let mut more = 0;
+        while let PutOutcome::Stored(_) = m.put(&to, Bytes::from_static(b"z"), 1).await.unwrap() {
+            more += 1;
+        }
+        assert_eq!(held.len() + more, 10);
+        assert_eq!(m.clear(&to).await.unwrap(), 10);
+    }
 }

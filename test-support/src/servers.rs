@@ -275,6 +275,75 @@ static NATS_JETSTREAM: Recipe = Recipe {
     },
 };
 
+/// What every spawned server wrapper offers on top of its own `start` functions: its URL
+/// (`url_format` with the port), the port, running state and log, stop and restart (on the same
+/// port and data), freeze and thaw (SIGSTOP/SIGCONT: connections stay open but nothing answers,
+/// as in a network partition), [`Restartable`] and `Debug`.
+macro_rules! spawned_server {
+    ($server:ident, $url_format:literal) => {
+        impl $server {
+            /// The URL clients connect to.
+            pub fn url(&self) -> String {
+                format!($url_format, self.server.port)
+            }
+
+            /// The port it listens on (kept across restarts).
+            pub fn port(&self) -> u16 {
+                self.server.port
+            }
+
+            /// Whether the process is running (not stopped).
+            pub fn is_running(&self) -> bool {
+                self.server.is_running()
+            }
+
+            /// The server's log so far.
+            pub fn log_text(&self) -> String {
+                self.server.log_text()
+            }
+
+            /// Kills the server and waits for it to exit.
+            pub fn stop(&mut self) {
+                self.server.stop();
+            }
+
+            /// Starts it again on the same port (with the same data, if it keeps any).
+            pub fn restart(&mut self) {
+                self.server.restart();
+            }
+
+            /// Freezes the process (SIGSTOP). [`thaw`](Self::thaw) resumes it.
+            pub fn freeze(&mut self) {
+                self.server.freeze();
+            }
+
+            /// Resumes a frozen process (SIGCONT).
+            pub fn thaw(&mut self) {
+                self.server.thaw();
+            }
+        }
+
+        impl Restartable for $server {
+            fn stop(&mut self) {
+                $server::stop(self);
+            }
+
+            fn restart(&mut self) {
+                $server::restart(self);
+            }
+        }
+
+        impl fmt::Debug for $server {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($server))
+                    .field("url", &self.url())
+                    .field("running", &self.is_running())
+                    .finish()
+            }
+        }
+    };
+}
+
 /// A `redis-server` of this test's own, loopback only, on a free port: without persistence
 /// ([`RedisServer::start`]) or with an fsynced append-only file ([`RedisServer::start_durable`]).
 pub struct RedisServer {
@@ -305,68 +374,9 @@ impl RedisServer {
             server: Spawned::start(&REDIS_DURABLE),
         }
     }
-
-    /// The URL clients connect to, `redis://127.0.0.1:PORT/`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.server.port)
-    }
-
-    /// The port it listens on (kept across restarts).
-    pub fn port(&self) -> u16 {
-        self.server.port
-    }
-
-    /// Whether the process is running (not stopped).
-    pub fn is_running(&self) -> bool {
-        self.server.is_running()
-    }
-
-    /// The server's log so far.
-    pub fn log_text(&self) -> String {
-        self.server.log_text()
-    }
-
-    /// Kills the server and waits for it to exit.
-    pub fn stop(&mut self) {
-        self.server.stop();
-    }
-
-    /// Starts it again on the same port (empty unless started with
-    /// [`start_durable`](Self::start_durable)).
-    pub fn restart(&mut self) {
-        self.server.restart();
-    }
-
-    /// Freezes the process (SIGSTOP): connections stay open but nothing answers, as in a
-    /// network partition. [`thaw`](Self::thaw) resumes it.
-    pub fn freeze(&mut self) {
-        self.server.freeze();
-    }
-
-    /// Resumes a frozen process (SIGCONT).
-    pub fn thaw(&mut self) {
-        self.server.thaw();
-    }
 }
 
-impl Restartable for RedisServer {
-    fn stop(&mut self) {
-        RedisServer::stop(self);
-    }
-
-    fn restart(&mut self) {
-        RedisServer::restart(self);
-    }
-}
-
-impl fmt::Debug for RedisServer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisServer")
-            .field("url", &self.url())
-            .field("running", &self.is_running())
-            .finish()
-    }
-}
+spawned_server!(RedisServer, "redis://127.0.0.1:{}/");
 
 /// A `nats-server` of this test's own, loopback only, on a free port: core NATS
 /// ([`NatsServer::start`]) or with JetStream ([`NatsServer::start_jetstream`]).
@@ -398,67 +408,9 @@ impl NatsServer {
             server: Spawned::start(&NATS_JETSTREAM),
         }
     }
-
-    /// The URL clients connect to, `nats://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.server.port)
-    }
-
-    /// The port it listens on (kept across restarts).
-    pub fn port(&self) -> u16 {
-        self.server.port
-    }
-
-    /// Whether the process is running (not stopped).
-    pub fn is_running(&self) -> bool {
-        self.server.is_running()
-    }
-
-    /// The server's log so far.
-    pub fn log_text(&self) -> String {
-        self.server.log_text()
-    }
-
-    /// Kills the server and waits for it to exit.
-    pub fn stop(&mut self) {
-        self.server.stop();
-    }
-
-    /// Starts it again on the same port (with JetStream, on the same store).
-    pub fn restart(&mut self) {
-        self.server.restart();
-    }
-
-    /// Freezes the process (SIGSTOP): connections stay open but nothing answers, as in a
-    /// network partition. [`thaw`](Self::thaw) resumes it.
-    pub fn freeze(&mut self) {
-        self.server.freeze();
-    }
-
-    /// Resumes a frozen process (SIGCONT).
-    pub fn thaw(&mut self) {
-        self.server.thaw();
-    }
 }
 
-impl Restartable for NatsServer {
-    fn stop(&mut self) {
-        NatsServer::stop(self);
-    }
-
-    fn restart(&mut self) {
-        NatsServer::restart(self);
-    }
-}
-
-impl fmt::Debug for NatsServer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NatsServer")
-            .field("url", &self.url())
-            .field("running", &self.is_running())
-            .finish()
-    }
-}
+spawned_server!(NatsServer, "nats://127.0.0.1:{}");
 
 #[cfg(test)]
 mod tests {

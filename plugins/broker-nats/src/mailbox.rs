@@ -30,7 +30,9 @@
 //! all of them, expiry (ours and `max_age`) the oldest first, and the count limit refuses
 //! rather than evicts — so what a subject holds is always a contiguous run of what was put
 //! into it, and its usage is `last.through − first.through + first's own size` (the same for
-//! the count), read with two direct gets. A put reads both, checks the quota, and publishes with
+//! the count), read with two direct gets. (An acknowledgement that deleted by sequence purges
+//! up to its id whatever is left in front; a hole that a failure in between leaves can only make
+//! the usage look larger, never smaller.) A put reads both, checks the quota, and publishes with
 //! `Nats-Expected-Last-Subject-Sequence` set to the last entry it saw: if another put (on any
 //! node) got in between, JetStream refuses it and the put reads again. So the check and the
 //! append are atomic without any lock on the server, and the quota can never be exceeded;

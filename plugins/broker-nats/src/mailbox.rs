@@ -30,7 +30,9 @@
 //! all of them, expiry (ours and `max_age`) the oldest first, and the count limit refuses
 //! rather than evicts — so what a subject holds is always a contiguous run of what was put
 //! into it, and its usage is `last.through − first.through + first's own size` (the same for
-//! the count), read with two direct gets. A put reads both, checks the quota, and publishes with
+//! the count), read with two direct gets. (An acknowledgement that deleted by sequence purges
+//! up to its id whatever is left in front; a hole that a failure in between leaves can only make
+//! the usage look larger, never smaller.) A put reads both, checks the quota, and publishes with
 //! `Nats-Expected-Last-Subject-Sequence` set to the last entry it saw: if another put (on any
 //! node) got in between, JetStream refuses it and the put reads again. So the check and the
 //! append are atomic without any lock on the server, and the quota can never be exceeded;
@@ -103,10 +105,9 @@ const CONSUMER_IDLE: Duration = Duration::from_secs(30);
 /// Readers kept between pages at most (one per backlog being read page by page).
 const MAX_READERS: usize = 1024;
 
-/// Recipients whose handed-out sequences are remembered at most, and sequences per recipient
-/// (a full backlog at the default quota); beyond, an acknowledgement purges instead.
-const MAX_HANDED_SUBJECTS: usize = 10_000;
-const MAX_HANDED_PER_SUBJECT: usize = 10_000;
+/// Handed-out sequences remembered at most (8 bytes each, in all recipients' queues); see
+/// `NatsMailbox::hand_out`.
+const MAX_HANDED: usize = 1_000_000;
 
 /// Deletions sent at once by one acknowledgement.
 const DELETES_AT_ONCE: usize = 64;
@@ -127,9 +128,16 @@ pub struct NatsMailbox {
     stripes: Vec<Mutex<()>>,
     /// Reading consumers kept between the pages of one backlog, by subject.
     readers: StdMutex<HashMap<String, Reader>>,
-    /// Sequences this node handed out by subject and not yet acknowledged, oldest first: what
-    /// an acknowledgement deletes one by one.
-    handed: StdMutex<HashMap<String, VecDeque<u64>>>,
+    /// Sequences this node handed out and that were not acknowledged yet: what an
+    /// acknowledgement deletes one by one.
+    handed: StdMutex<Handed>,
+}
+
+/// Sequences handed out by subject, oldest first, and how many in all.
+#[derive(Default)]
+struct Handed {
+    by_subject: HashMap<String, VecDeque<u64>>,
+    total: usize,
 }
 
 /// A reading consumer kept for the next page of the same backlog.
@@ -240,7 +248,7 @@ impl NatsMailbox {
             limits,
             stripes: (0..PUT_STRIPES).map(|_| Mutex::new(())).collect(),
             readers: StdMutex::new(HashMap::new()),
-            handed: StdMutex::new(HashMap::new()),
+            handed: StdMutex::new(Handed::default()),
         })
     }
 
@@ -346,19 +354,21 @@ impl NatsMailbox {
             return;
         }
         let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
-        if handed.len() >= MAX_HANDED_SUBJECTS && !handed.contains_key(subject) {
-            // Beyond the bound an acknowledgement purges instead (slower, never wrong).
-            return;
+        // Sessions that read and never acknowledge (a one-shot command) leave their entries
+        // here. At the bound everything is forgotten at once: acknowledgements of forgotten
+        // entries purge instead (slower, never wrong), and the memory stays bounded.
+        if handed.total + entries.len() > MAX_HANDED {
+            handed.by_subject.clear();
+            handed.total = 0;
         }
-        let queue = handed.entry(subject.to_owned()).or_default();
+        let Handed { by_subject, total } = &mut *handed;
+        let queue = by_subject.entry(subject.to_owned()).or_default();
         for e in entries {
             // A page read again (a second session of the user) hands out the same entries.
             if queue.back().is_none_or(|last| *last < e.id) {
                 queue.push_back(e.id);
+                *total += 1;
             }
-        }
-        while queue.len() > MAX_HANDED_PER_SUBJECT {
-            queue.pop_front();
         }
     }
 
@@ -590,13 +600,26 @@ impl Mailbox for NatsMailbox {
         // are found or the subject has no more.
         let mut more = true;
         while out.len() < max && more {
-            let consumer = match reader.take() {
-                Some(c) => c,
-                None => self.create_reader(&subject, from).await?,
+            let (consumer, kept) = match reader.take() {
+                Some(c) => (c, true),
+                None => (self.create_reader(&subject, from).await?, false),
             };
-            let fetched = self.fetch(&consumer, max - out.len()).await;
-            reader = Some(consumer);
-            let (entries, may_have_more) = fetched?;
+            let (entries, may_have_more) = match self.fetch(&consumer, max - out.len()).await {
+                Ok(fetched) => {
+                    reader = Some(consumer);
+                    fetched
+                }
+                // A kept reader the server removed meanwhile (the client paused longer than
+                // `CONSUMER_IDLE` between pages): read on with a new one.
+                Err(_) if kept => {
+                    self.drop_reader(consumer).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.drop_reader(consumer).await;
+                    return Err(e);
+                }
+            };
             more = may_have_more;
             for (seq, headers, delivery) in entries {
                 from = seq.saturating_add(1);
@@ -643,16 +666,18 @@ impl Mailbox for NatsMailbox {
         let subject = subject(recipient);
         let seqs: Vec<u64> = {
             let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+            let Handed { by_subject, total } = &mut *handed;
             let mut seqs = Vec::new();
-            if let Some(queue) = handed.get_mut(&subject) {
+            if let Some(queue) = by_subject.get_mut(&subject) {
                 while let Some(seq) = queue.front().copied().filter(|s| *s <= up_to) {
                     queue.pop_front();
                     seqs.push(seq);
                 }
                 if queue.is_empty() {
-                    handed.remove(&subject);
+                    by_subject.remove(&subject);
                 }
             }
+            *total = total.saturating_sub(seqs.len());
             seqs
         };
         for chunk in seqs.chunks(DELETES_AT_ONCE) {
@@ -676,10 +701,12 @@ impl Mailbox for NatsMailbox {
 
     async fn clear(&self, recipient: &UserId) -> Result<u64, MailboxError> {
         let subject = subject(recipient);
-        self.handed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&subject);
+        {
+            let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(queue) = handed.by_subject.remove(&subject) {
+                handed.total = handed.total.saturating_sub(queue.len());
+            }
+        }
         let purged = self
             .stream
             .purge()

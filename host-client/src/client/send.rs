@@ -231,7 +231,10 @@ impl Client {
         Ok(by_id)
     }
 
-    pub(super) async fn deliver_pending(&mut self, pending: &Pending) -> anyhow::Result<SendReport> {
+    pub(super) async fn deliver_pending(
+        &mut self,
+        pending: &Pending,
+    ) -> anyhow::Result<SendReport> {
         self.book.refresh()?;
         let target = Target::from_conversation(&pending.conversation)
             .context("outbox entry names an unknown conversation")?;

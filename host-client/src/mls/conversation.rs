@@ -700,27 +700,43 @@ impl Conversation {
 fn classify(e: ProcessMessageError<MemoryStorageError>, epoch: u64, current: u64) -> MlsError {
     use ValidationError as V;
     match e {
-        ProcessMessageError::ValidationError(v) => match v {
-            V::WrongGroupId => MlsError::WrongGroup,
-            V::WrongEpoch | V::NoPastEpochData => MlsError::OldEpoch {
-                message: epoch,
-                current,
-            },
-            V::UnknownMember => MlsError::UnknownSender,
-            V::InvalidSignature | V::InvalidMembershipTag | V::MissingMembershipTag => {
-                MlsError::Tampered
-            }
-            V::UnableToDecrypt(d) => match d {
-                MessageDecryptionError::SecretTreeError(
-                    SecretTreeError::SecretReuseError | SecretTreeError::TooDistantInThePast,
-                ) => MlsError::Replayed,
-                MessageDecryptionError::AeadError | MessageDecryptionError::MalformedContent => {
+        ProcessMessageError::ValidationError(v) => {
+            match v {
+                V::WrongGroupId => MlsError::WrongGroup,
+                V::WrongEpoch | V::NoPastEpochData => MlsError::OldEpoch {
+                    message: epoch,
+                    current,
+                },
+                V::UnknownMember => MlsError::UnknownSender,
+                V::InvalidSignature | V::InvalidMembershipTag | V::MissingMembershipTag => {
                     MlsError::Tampered
                 }
+                V::UnableToDecrypt(d) => match d {
+                    // The key of that message was used already.
+                    MessageDecryptionError::SecretTreeError(SecretTreeError::SecretReuseError) => {
+                        MlsError::Replayed
+                    }
+                    // openmls says "too far in the past" both for an epoch it keeps no keys for
+                    // and for a generation behind the out-of-order window. For a past epoch the
+                    // keys are gone (or were never ours: we joined later); in the current epoch
+                    // the message is older than what we already read: a replay, or a copy
+                    // delayed beyond the window.
+                    MessageDecryptionError::SecretTreeError(
+                        SecretTreeError::TooDistantInThePast,
+                    ) if epoch < current => MlsError::OldEpoch {
+                        message: epoch,
+                        current,
+                    },
+                    MessageDecryptionError::SecretTreeError(
+                        SecretTreeError::TooDistantInThePast,
+                    ) => MlsError::Replayed,
+                    MessageDecryptionError::AeadError
+                    | MessageDecryptionError::MalformedContent => MlsError::Tampered,
+                    other => MlsError::Invalid(other.to_string()),
+                },
                 other => MlsError::Invalid(other.to_string()),
-            },
-            other => MlsError::Invalid(other.to_string()),
-        },
+            }
+        }
         ProcessMessageError::GroupStateError(MlsGroupStateError::UseAfterEviction) => {
             MlsError::NotAMember
         }
@@ -729,5 +745,137 @@ fn classify(e: ProcessMessageError<MemoryStorageError>, epoch: u64, current: u64
             MlsError::Unsupported("a handshake message in plaintext")
         }
         other => MlsError::internal("processing a message", other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Forgeries that need openmls directly (the public API cannot make them): a group whose
+    //! creator claims someone else's id, a commit adding a forged leaf, an update that swaps
+    //! the identity behind a leaf. Each is refused before anything is merged.
+    use openmls::prelude::{BasicCredential, CredentialWithKey, NewSignerBundle};
+    use syncra_core::crypto::keys::IdentityKeyPair;
+
+    use super::super::{BindingError, create_config, credential_for};
+    use super::*;
+
+    fn forged_credential(claimed: &IdentityKeyPair, key: &IdentityKeyPair) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(claimed.user_id().as_bytes().to_vec()).into(),
+            signature_key: key.public().to_vec().into(),
+        }
+    }
+
+    fn key_package_of(who: &MlsIdentity) -> MemberKeyPackage {
+        let out = who.key_package().expect("key package");
+        MemberKeyPackage::from_bytes(&out.bytes, who.user_id()).expect("valid")
+    }
+
+    /// Alice and bob in one conversation, bob's commit processing under test.
+    fn pair() -> (MlsIdentity, Conversation, MlsIdentity, Conversation) {
+        let alice = MlsIdentity::new(&IdentityKeyPair::generate());
+        let bob = MlsIdentity::new(&IdentityKeyPair::generate());
+        let mut a = alice.create_conversation().expect("create");
+        let out = a.add(&[key_package_of(&bob)]).expect("add");
+        a.commit_accepted().expect("accepted");
+        let b = bob.join(&out.welcome.expect("welcome")).expect("join");
+        (alice, a, bob, b)
+    }
+
+    #[test]
+    fn a_welcome_from_a_creator_claiming_another_id_is_refused() {
+        let alice = IdentityKeyPair::generate();
+        let mallory = IdentityKeyPair::generate();
+        let bob = MlsIdentity::new(&IdentityKeyPair::generate());
+        let provider = Provider::default();
+        let signer = IdentitySigner::new(&mallory);
+        let mut group = MlsGroup::new_with_group_id(
+            &provider,
+            &signer,
+            &create_config(),
+            GroupId::from_slice(&[7; GROUP_ID_LEN]),
+            forged_credential(&alice, &mallory),
+        )
+        .expect("openmls does not judge credentials; we do");
+        let (_, welcome, _) = group
+            .add_members(&provider, &signer, &[key_package_of(&bob).key_package])
+            .expect("add");
+        let welcome = welcome.to_bytes().expect("encode");
+        match bob.join(&welcome) {
+            Err(MlsError::Unbound(BindingError::KeyMismatch { claimed, actual })) => {
+                assert_eq!(claimed, alice.user_id());
+                assert_eq!(actual, mallory.user_id());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_commit_adding_a_leaf_not_bound_to_its_key_is_not_merged() {
+        let (alice, mut a, _bob, mut b) = pair();
+        let carol = IdentityKeyPair::generate();
+        let mallory = IdentityKeyPair::generate();
+        // Mallory's key under carol's id, signed by mallory: the KeyPackage verifies, the
+        // binding does not.
+        let forged = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &Provider::default(),
+                &IdentitySigner::new(&mallory),
+                forged_credential(&carol, &mallory),
+            )
+            .expect("build")
+            .key_package()
+            .clone();
+        let (commit, _, _) = a
+            .group
+            .add_members(&a.provider, alice.signer().as_ref(), &[forged])
+            .expect("add");
+        let epoch = b.epoch();
+        let err = b.process(&commit.to_bytes().expect("encode")).unwrap_err();
+        assert!(matches!(
+            err,
+            MlsError::Unbound(BindingError::KeyMismatch { .. })
+        ));
+        assert_eq!(b.epoch(), epoch, "nothing merged");
+        assert_eq!(b.roster().expect("roster").len(), 2);
+    }
+
+    #[test]
+    fn an_update_that_swaps_the_identity_behind_a_leaf_is_refused() {
+        let (alice, mut a, _bob, mut b) = pair();
+        let eve = IdentityKeyPair::generate();
+        let eve_signer = IdentitySigner::new(&eve);
+        let bundle = a
+            .group
+            .self_update_with_new_signer(
+                &a.provider,
+                alice.signer().as_ref(),
+                NewSignerBundle {
+                    signer: &eve_signer,
+                    credential_with_key: credential_for(&eve),
+                },
+                LeafNodeParameters::builder()
+                    .with_credential_with_key(credential_for(&eve))
+                    .build(),
+            )
+            .expect("openmls lets a member change its credential");
+        let (commit, _, _) = bundle.into_contents();
+        let err = b.process(&commit.to_bytes().expect("encode")).unwrap_err();
+        match err {
+            MlsError::IdentityChanged { before, after } => {
+                assert_eq!(before, alice.user_id());
+                assert_eq!(after, eve.user_id());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn debug_output_shows_ids_and_epochs_not_secrets() {
+        let (_alice, a, _bob, _b) = pair();
+        let shown = format!("{a:?}");
+        assert!(shown.contains("epoch: 1"), "{shown}");
+        assert!(shown.len() < 200, "{shown}");
     }
 }

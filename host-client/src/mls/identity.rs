@@ -16,9 +16,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use openmls::prelude::{
-    BasicCredential, Credential, CredentialType, CredentialWithKey, KeyPackage, KeyPackageBundle,
-    KeyPackageRef, MlsGroup, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, StagedWelcome,
-    tls_codec::DeserializeBytes,
+    BasicCredential, Capabilities, Credential, CredentialType, CredentialWithKey, ExtensionType,
+    KeyPackage, KeyPackageBundle, KeyPackageRef, MlsGroup, MlsMessageBodyIn, MlsMessageIn,
+    MlsMessageOut, StagedWelcome, tls_codec::DeserializeBytes,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_traits::OpenMlsProvider;
@@ -227,7 +227,13 @@ impl MlsIdentity {
     fn build_key_package(&self, last_resort: bool) -> Result<KeyPackageOutput, MlsError> {
         let mut builder = KeyPackage::builder();
         if last_resort {
-            builder = builder.mark_as_last_resort();
+            // A KeyPackage's extensions must be among its leaf's capabilities, or adders
+            // refuse it.
+            builder = builder.mark_as_last_resort().leaf_node_capabilities(
+                Capabilities::builder()
+                    .extensions(vec![ExtensionType::LastResort])
+                    .build(),
+            );
         }
         let bundle = builder
             .build(

@@ -30,6 +30,7 @@
 //! sees group id, epoch, content type and size, never who is added or removed.
 
 mod conversation;
+mod crypto;
 mod error;
 mod identity;
 mod state;
@@ -54,13 +55,17 @@ pub use identity::{IdentitySigner, KeyPackageOutput, MlsIdentity, bound_user_id,
 /// are what the sealed envelope already uses, so no new primitive enters the product.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
-/// Past epochs whose message keys a member keeps, so that an application message sent just
-/// before a commit (and ordered after it by the relay) still opens.
+/// Past epochs whose message keys a member keeps: none.
 ///
-/// Each kept epoch delays forward secrecy for its unread messages until it falls out of this
-/// window, so it stays small: two epochs cover a commit racing a send; a message older than
-/// that is refused as [`MlsError::OldEpoch`].
-pub const PAST_EPOCHS_KEPT: usize = 2;
+/// Keeping some would let an application message sent just before a commit still open after
+/// it, but it costs on every message and grows with the group: openmls rewrites a kept
+/// epoch's secret tree and member list to storage with each message sent or read (measured:
+/// encrypting in a group of 100 went from flat to 5× slower with two epochs kept;
+/// docs/BENCHMARKS.md). It also delays forward secrecy for those epochs. Instead the relay,
+/// which knows each group's epoch, will refuse an application message made in an epoch the
+/// group has left, and its sender encrypts it again after processing the commit; a message
+/// from a left epoch that reaches a member anyway is refused as [`MlsError::OldEpoch`].
+pub const PAST_EPOCHS_KEPT: usize = 0;
 
 /// Application messages are padded to a multiple of this many bytes inside the ciphertext, so
 /// the relay learns a size class, not a length (the sealed envelope's smallest bucket).
@@ -75,28 +80,30 @@ const MAXIMUM_FORWARD_DISTANCE: u32 = 1000;
 /// The bytes of a group id: 16 random bytes, chosen by the creator.
 pub const GROUP_ID_LEN: usize = 16;
 
-/// The crypto and the storage openmls works on: RustCrypto for the primitives and one memory
-/// storage per conversation (or per key-package store), which [`state`] serialises.
+/// The crypto and the storage openmls works on: RustCrypto for the primitives (verification
+/// through [`crypto::Crypto`], which keeps members' keys decoded) and one memory storage per
+/// conversation (or per key-package store), which [`state`] serialises.
 ///
 /// One storage per conversation, rather than one for everything, lets the client seal and
 /// write each conversation on its own: a message in one chat rewrites that chat's state only.
 #[derive(Default)]
 pub(crate) struct Provider {
-    crypto: RustCrypto,
+    crypto: crypto::Crypto,
+    rand: RustCrypto,
     storage: MemoryStorage,
 }
 
 impl Provider {
     pub(crate) fn with_storage(storage: MemoryStorage) -> Self {
         Provider {
-            crypto: RustCrypto::default(),
             storage,
+            ..Provider::default()
         }
     }
 }
 
 impl OpenMlsProvider for Provider {
-    type CryptoProvider = RustCrypto;
+    type CryptoProvider = crypto::Crypto;
     type RandProvider = RustCrypto;
     type StorageProvider = MemoryStorage;
 
@@ -109,7 +116,7 @@ impl OpenMlsProvider for Provider {
     }
 
     fn rand(&self) -> &Self::RandProvider {
-        &self.crypto
+        &self.rand
     }
 }
 

@@ -1,4 +1,4 @@
-//! Criterion benchmarks of Syncra's envelope against its primitives and against Olm.
+//! Criterion benchmarks of Syncra's envelope against its primitives and against Olm/Megolm.
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented items.
 #![allow(clippy::unwrap_used)] // A benchmark that cannot set up should stop loudly.
 //!
@@ -15,6 +15,7 @@ use ed25519_dalek::{Signer, SigningKey, Verifier};
 use hpke::{Deserializable, Kem, OpModeS};
 use syncra_core::crypto::envelope::{AcceptWindow, Opener, Recipient, ReplayGuard, seal};
 use syncra_core::crypto::keys::{IdentityKeyPair, PrekeyRing, PrekeySecret};
+use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig as MegolmConfig};
 use vodozemac::olm::{Account, OlmMessage, SessionConfig};
 
 const BODY: [u8; 256] = [0x42; 256];
@@ -152,5 +153,20 @@ fn olm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, envelope, primitives, olm);
+fn megolm(c: &mut Criterion) {
+    // Matrix's group ratchet: one outbound session, every member holds the inbound half. A
+    // message is one AES-CBC + HMAC under a hash-ratchet key and one Ed25519 signature.
+    let mut outbound = GroupSession::new(MegolmConfig::version_1());
+    let mut inbound = InboundGroupSession::new(&outbound.session_key(), MegolmConfig::version_1());
+    let mut group = c.benchmark_group("megolm");
+    group.bench_function("encrypt_decrypt_256B", |b| {
+        b.iter(|| {
+            let m = outbound.encrypt(black_box(BODY));
+            inbound.decrypt(&m).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, envelope, primitives, olm, megolm);
 criterion_main!(benches);

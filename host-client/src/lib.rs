@@ -17,6 +17,7 @@ pub mod history;
 pub mod home;
 pub mod keystore;
 pub mod message;
+pub mod mls;
 pub mod net;
 pub mod outbox;
 pub mod replay;

@@ -75,6 +75,23 @@ pub struct StoredMessage {
     pub event: bool,
 }
 
+impl StoredMessage {
+    /// A line that arrived from `sender` (not held, not an event: set those fields after).
+    pub fn received(id: String, sender: UserId, timestamp_ms: u64, text: String) -> Self {
+        StoredMessage {
+            id,
+            sender,
+            outgoing: false,
+            timestamp_ms,
+            text,
+            delivery: None,
+            reach: None,
+            held: false,
+            event: false,
+        }
+    }
+}
+
 /// One line of a log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]

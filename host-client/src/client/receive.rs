@@ -134,20 +134,11 @@ impl Client {
             self.book.save()?;
             if let PinOutcome::KeyChanged(old) = outcome {
                 let conv = Target::Direct(from).conversation();
-                self.history.append(
-                    &conv,
-                    &StoredMessage {
-                        id,
-                        sender: from,
-                        outgoing: false,
-                        timestamp_ms: opened.timestamp_ms,
-                        text: content.text,
-                        delivery: None,
-                        reach: None,
-                        held: true,
-                        event: false,
-                    },
-                )?;
+                let held = StoredMessage {
+                    held: true,
+                    ..StoredMessage::received(id, from, opened.timestamp_ms, content.text)
+                };
+                self.history.append(&conv, &held)?;
                 return Ok(Some(Incoming::Held {
                     handle: old.handle,
                     from,
@@ -187,40 +178,24 @@ impl Client {
         let request = matches!(target, Target::Direct(_)) && !accepted;
         let conversation = target.conversation();
         for text in &events {
-            self.history.append(
-                &conversation,
-                &StoredMessage {
-                    id: hex_id(&new_message_id()),
-                    sender: from,
-                    outgoing: false,
-                    timestamp_ms: opened.timestamp_ms,
-                    text: text.clone(),
-                    delivery: None,
-                    reach: None,
-                    held: false,
-                    event: true,
-                },
-            )?;
+            let event = StoredMessage {
+                event: true,
+                ..StoredMessage::received(
+                    hex_id(&new_message_id()),
+                    from,
+                    opened.timestamp_ms,
+                    text.clone(),
+                )
+            };
+            self.history.append(&conversation, &event)?;
         }
         let text = match (&content.group, request) {
             (Some(_), true) if content.text.is_empty() => "(invited you to a group)".to_owned(),
             _ => content.text,
         };
         if !text.is_empty() {
-            self.history.append(
-                &conversation,
-                &StoredMessage {
-                    id: id.clone(),
-                    sender: from,
-                    outgoing: false,
-                    timestamp_ms: opened.timestamp_ms,
-                    text: text.clone(),
-                    delivery: None,
-                    reach: None,
-                    held: false,
-                    event: false,
-                },
-            )?;
+            let line = StoredMessage::received(id.clone(), from, opened.timestamp_ms, text.clone());
+            self.history.append(&conversation, &line)?;
         }
         let group_name = match &target {
             Target::Group(g) => self.book.groups.get(g).map(|g| g.name.clone()),

@@ -264,6 +264,18 @@ pub enum StoreError {
     /// The store cannot be reached or failed.
     #[error("identity store unavailable: {0}")]
     Unavailable(String),
+    /// Publishing these KeyPackages would hold more than a user may keep.
+    #[error("at most {max} KeyPackages are kept per user")]
+    KeyPackagesFull {
+        /// The limit.
+        max: usize,
+    },
+    /// A KeyPackage is empty or larger than allowed.
+    #[error("a KeyPackage must be 1 to {max} bytes")]
+    BadKeyPackage {
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Broker failures.

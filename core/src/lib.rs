@@ -11,6 +11,7 @@
 //! [`registry`]. CI checks this with `cargo tree`.
 
 pub mod broker;
+pub mod carriage;
 pub mod crypto;
 pub mod error;
 pub mod health;

@@ -6,14 +6,68 @@
 //! current one — and each implementation only supplies raw storage with one hard requirement:
 //! [`IdentityStore::insert`] must be atomic, so of two racing registrations of one handle exactly
 //! one wins and the other gets [`StoreError::HandleTaken`]. Stores hold public material only.
+//!
+//! The store is also the relay's half of MLS (docs/PROTOCOL.md §9): a **KeyPackage directory**
+//! (one-time packages claimed once each, oldest first, and one last-resort package handed out
+//! when those run out) and, per group, the **epoch and members** the last accepted commit set —
+//! nothing else about a group. [`IdentityStore::advance_group`] must be atomic like `insert`:
+//! of two commits for one epoch exactly one advances the group, on every node of a cluster.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
+use crate::carriage::GroupId;
 use crate::crypto::keys::SignedPrekey;
 use crate::error::StoreError;
 use crate::health::Health;
 use crate::id::{Handle, UserId};
 use crate::record::IdentityRecord;
+
+/// The most KeyPackages a user may keep in the directory (one-time ones; the last-resort one is
+/// extra). Enough for a user to be added to this many conversations while offline.
+pub const MAX_KEY_PACKAGES: usize = 100;
+/// The largest KeyPackage a store keeps, in bytes (a Syncra KeyPackage is about 300).
+pub const MAX_KEY_PACKAGE_LEN: usize = 4096;
+
+/// How many KeyPackages the directory holds for a user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyPackageStock {
+    /// One-time packages left.
+    pub one_time: u32,
+    /// Whether a last-resort package is published.
+    pub last_resort: bool,
+}
+
+/// A KeyPackage handed out by [`IdentityStore::claim_key_package`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimedKeyPackage {
+    /// The package, as its owner published it (the claimer verifies it).
+    pub package: Bytes,
+    /// Whether it is the last-resort package (kept, and possibly handed out again).
+    pub last_resort: bool,
+}
+
+/// What the store knows about an MLS group: set by the last accepted commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupState {
+    /// The group's current epoch.
+    pub epoch: u64,
+    /// The members that commit declared.
+    pub members: Vec<UserId>,
+}
+
+/// The answer of [`IdentityStore::advance_group`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EpochAdvance {
+    /// The group moved from the given epoch to the next one.
+    Advanced,
+    /// The group is not at the given epoch (another commit won it, or the group is unknown and
+    /// the epoch is not 0); it is at `current` (`None`: unknown).
+    Conflict {
+        /// The group's epoch now.
+        current: Option<u64>,
+    },
+}
 
 /// Where a relay keeps identity records.
 #[async_trait]
@@ -45,6 +99,40 @@ pub trait IdentityStore: Send + Sync {
     /// generation they were issued under: a changed or missing generation revokes them.
     async fn generation(&self, id: &UserId) -> Result<Option<u64>, StoreError>;
 
+    /// Appends one-time KeyPackages for an existing user (claimed later in the order given) and,
+    /// if `last_resort` is given, replaces the user's last-resort package. Fails with
+    /// [`StoreError::NotFound`] for an unknown user and [`StoreError::KeyPackagesFull`] if more
+    /// than [`MAX_KEY_PACKAGES`] one-time packages would be held (then nothing is stored).
+    /// Does not check sizes; call [`IdentityStore::publish_key_packages`].
+    async fn store_key_packages(
+        &self,
+        id: &UserId,
+        one_time: &[Bytes],
+        last_resort: Option<&Bytes>,
+    ) -> Result<KeyPackageStock, StoreError>;
+
+    /// Takes a user's oldest one-time KeyPackage out of the directory and returns it, or, when
+    /// none is left, returns (and keeps) the last-resort one; `None` when there is neither.
+    /// Atomic: two claims never get the same one-time package.
+    async fn claim_key_package(&self, id: &UserId)
+    -> Result<Option<ClaimedKeyPackage>, StoreError>;
+
+    /// How many KeyPackages a user has left.
+    async fn key_package_stock(&self, id: &UserId) -> Result<KeyPackageStock, StoreError>;
+
+    /// What the last accepted commit of a group set, or `None` for a group no commit named.
+    async fn group(&self, group: &GroupId) -> Result<Option<GroupState>, StoreError>;
+
+    /// Moves a group from epoch `from` to `from + 1` and records its members, if and only if it
+    /// is at `from` now — or, for a group the store does not know, if `from` is 0 (its first
+    /// commit). Atomic across every relay sharing the store.
+    async fn advance_group(
+        &self,
+        group: &GroupId,
+        from: u64,
+        members: &[UserId],
+    ) -> Result<EpochAdvance, StoreError>;
+
     /// Whether the store is reachable.
     async fn health(&self) -> Health {
         Health::Up
@@ -66,6 +154,56 @@ pub trait IdentityStore: Send + Sync {
         }
         self.store_prekey(id, prekey).await
     }
+
+    /// Publishes KeyPackages after checking each is 1 to [`MAX_KEY_PACKAGE_LEN`] bytes. The relay
+    /// cannot read a KeyPackage (it would need MLS); whoever claims one verifies it, including
+    /// that it is bound to the user it was claimed for.
+    async fn publish_key_packages(
+        &self,
+        id: &UserId,
+        one_time: &[Bytes],
+        last_resort: Option<&Bytes>,
+    ) -> Result<KeyPackageStock, StoreError> {
+        let bad = |p: &Bytes| p.is_empty() || p.len() > MAX_KEY_PACKAGE_LEN;
+        if one_time.iter().any(bad) || last_resort.is_some_and(bad) {
+            return Err(StoreError::BadKeyPackage {
+                max: MAX_KEY_PACKAGE_LEN,
+            });
+        }
+        if one_time.len() > MAX_KEY_PACKAGES {
+            return Err(StoreError::KeyPackagesFull {
+                max: MAX_KEY_PACKAGES,
+            });
+        }
+        self.store_key_packages(id, one_time, last_resort).await
+    }
+}
+
+/// Encodes a member list for a store column: the user ids back to back.
+pub fn encode_members(members: &[UserId]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(members.len() * crate::id::USER_ID_LEN);
+    for m in members {
+        out.extend_from_slice(m.as_bytes());
+    }
+    out
+}
+
+/// Decodes [`encode_members`]; `None` if the length is not a whole number of ids.
+pub fn decode_members(bytes: &[u8]) -> Option<Vec<UserId>> {
+    const LEN: usize = crate::id::USER_ID_LEN;
+    if bytes.len() % LEN != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(LEN)
+            .map(|c| {
+                let mut id = [0u8; LEN];
+                id.copy_from_slice(c);
+                UserId::from_bytes(id)
+            })
+            .collect(),
+    )
 }
 
 /// A fresh registration generation, for [`IdentityStore::insert`] implementations: random, and

@@ -39,6 +39,10 @@ pub const MAX_OUTCOMES: usize = crate::crypto::envelope::MAX_RECIPIENTS;
 pub const MAX_HANDLE_FIELD: usize = 128;
 /// Bytes in an authentication nonce.
 pub const NONCE_LEN: usize = 32;
+/// Longest KeyPackage in a frame, in bytes (the directory's limit).
+pub const MAX_KEY_PACKAGE_LEN: usize = crate::store::MAX_KEY_PACKAGE_LEN;
+/// Most one-time KeyPackages in one `PublishKeyPackages` frame.
+pub const MAX_KEY_PACKAGES_PER_FRAME: usize = 100;
 
 /// A request id chosen by the client; replies carry it back. 0 means "not tied to a request".
 pub type RequestId = u32;
@@ -102,6 +106,15 @@ pub enum ErrorCode {
     MailboxFull,
     /// The mailbox could not store the message (its backend is down or did not answer).
     MailboxUnavailable,
+    /// A commit for an epoch the group has already left: another member's commit won it. The
+    /// author processes the winning commit (it is on its way) and commits again.
+    CommitConflict,
+    /// An MLS message made in an epoch other than the group's current one.
+    WrongEpoch,
+    /// The sender is not a member of the group as its last accepted commit declared it.
+    NotAMember,
+    /// A KeyPackage was refused (empty, too large, or more than a user may keep).
+    BadKeyPackage,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -135,6 +148,10 @@ impl ErrorCode {
         (25, ErrorCode::TooManyRecipients),
         (26, ErrorCode::MailboxFull),
         (27, ErrorCode::MailboxUnavailable),
+        (28, ErrorCode::CommitConflict),
+        (29, ErrorCode::WrongEpoch),
+        (30, ErrorCode::NotAMember),
+        (31, ErrorCode::BadKeyPackage),
     ];
 
     /// The numeric code.
@@ -188,6 +205,10 @@ impl ErrorCode {
             ErrorCode::TooManyRecipients => "too_many_recipients",
             ErrorCode::MailboxFull => "mailbox_full",
             ErrorCode::MailboxUnavailable => "mailbox_unavailable",
+            ErrorCode::CommitConflict => "commit_conflict",
+            ErrorCode::WrongEpoch => "wrong_epoch",
+            ErrorCode::NotAMember => "not_a_member",
+            ErrorCode::BadKeyPackage => "bad_key_package",
             ErrorCode::Other(_) => "other",
         }
     }
@@ -308,6 +329,26 @@ pub enum Frame {
         /// How many `Pending` frames this login's backlog had.
         count: u32,
     },
+    /// A claimed KeyPackage, for adding `user_id` to a group.
+    KeyPackage {
+        /// The claim this answers.
+        request_id: RequestId,
+        /// Whose it is (the claimer checks the package is bound to this user).
+        user_id: UserId,
+        /// Whether it is the user's last-resort package.
+        last_resort: bool,
+        /// The package.
+        package: Bytes,
+    },
+    /// How many KeyPackages this user has in the directory (the answer to a publish).
+    KeyPackages {
+        /// The publish this answers.
+        request_id: RequestId,
+        /// One-time packages left.
+        one_time: u32,
+        /// Whether a last-resort package is published.
+        last_resort: bool,
+    },
     /// Something failed.
     Error {
         /// The request that failed, or 0.
@@ -384,6 +425,23 @@ pub enum Frame {
         /// Echoed in the reply.
         request_id: RequestId,
     },
+    /// Adds one-time KeyPackages to this user's directory entry and, if given, replaces its
+    /// last-resort package. Answered with `KeyPackages` (also with none, to ask for the count).
+    PublishKeyPackages {
+        /// Echoed in the reply.
+        request_id: RequestId,
+        /// The new last-resort package, if any.
+        last_resort: Option<Bytes>,
+        /// One-time packages.
+        one_time: Vec<Bytes>,
+    },
+    /// Claims one of a user's KeyPackages. Answered with `KeyPackage`, or `not_found`.
+    ClaimKeyPackage {
+        /// Echoed in the reply.
+        request_id: RequestId,
+        /// Whose.
+        user_id: UserId,
+    },
 
     // Either direction.
     /// Liveness probe.
@@ -408,6 +466,8 @@ mod tag {
     pub const ERROR: u8 = 0x07;
     pub const PENDING: u8 = 0x08;
     pub const PENDING_END: u8 = 0x09;
+    pub const KEY_PACKAGE: u8 = 0x0a;
+    pub const KEY_PACKAGES: u8 = 0x0b;
     pub const REGISTER: u8 = 0x10;
     pub const AUTH: u8 = 0x11;
     pub const RESUME: u8 = 0x12;
@@ -417,6 +477,8 @@ mod tag {
     pub const SEND: u8 = 0x16;
     pub const ACKNOWLEDGE: u8 = 0x17;
     pub const CLEAR_MAILBOX: u8 = 0x18;
+    pub const PUBLISH_KEY_PACKAGES: u8 = 0x19;
+    pub const CLAIM_KEY_PACKAGE: u8 = 0x1a;
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
 }
@@ -479,6 +541,10 @@ impl Frame {
             Frame::PendingEnd { .. } => "pending_end",
             Frame::Acknowledge { .. } => "acknowledge",
             Frame::ClearMailbox { .. } => "clear_mailbox",
+            Frame::KeyPackage { .. } => "key_package",
+            Frame::KeyPackages { .. } => "key_packages",
+            Frame::PublishKeyPackages { .. } => "publish_key_packages",
+            Frame::ClaimKeyPackage { .. } => "claim_key_package",
             Frame::Error { .. } => "error",
             Frame::Register { .. } => "register",
             Frame::Auth { .. } => "auth",
@@ -505,6 +571,14 @@ impl Frame {
             | Frame::Send { envelope, .. }
             | Frame::Pending { envelope, .. } => 16 + envelope.len(),
             Frame::SendResult { outcomes, .. } => 32 + outcomes.len() * 24,
+            Frame::PublishKeyPackages {
+                last_resort,
+                one_time,
+                ..
+            } => {
+                16 + last_resort.as_ref().map_or(0, |p| p.len())
+                    + one_time.iter().map(|p| 2 + p.len()).sum::<usize>()
+            }
             _ => 256,
         }
     }
@@ -593,6 +667,50 @@ impl Frame {
             Frame::PendingEnd { count } => {
                 out.put_u8(tag::PENDING_END);
                 out.put_u32(*count);
+            }
+            Frame::KeyPackage {
+                request_id,
+                user_id,
+                last_resort,
+                package,
+            } => {
+                out.put_u8(tag::KEY_PACKAGE);
+                out.put_u32(*request_id);
+                out.put_slice(user_id.as_bytes());
+                out.put_u8(u8::from(*last_resort));
+                put_bytes16(out, package);
+            }
+            Frame::KeyPackages {
+                request_id,
+                one_time,
+                last_resort,
+            } => {
+                out.put_u8(tag::KEY_PACKAGES);
+                out.put_u32(*request_id);
+                out.put_u32(*one_time);
+                out.put_u8(u8::from(*last_resort));
+            }
+            Frame::PublishKeyPackages {
+                request_id,
+                last_resort,
+                one_time,
+            } => {
+                out.put_u8(tag::PUBLISH_KEY_PACKAGES);
+                out.put_u32(*request_id);
+                put_bytes16(out, last_resort.as_deref().unwrap_or_default());
+                let one_time = &one_time[..one_time.len().min(MAX_KEY_PACKAGES_PER_FRAME)];
+                out.put_u16(one_time.len() as u16);
+                for p in one_time {
+                    put_bytes16(out, p);
+                }
+            }
+            Frame::ClaimKeyPackage {
+                request_id,
+                user_id,
+            } => {
+                out.put_u8(tag::CLAIM_KEY_PACKAGE);
+                out.put_u32(*request_id);
+                out.put_slice(user_id.as_bytes());
             }
             Frame::Error {
                 request_id,
@@ -780,6 +898,44 @@ impl Frame {
             tag::PENDING_END => Frame::PendingEnd {
                 count: r.u32("count")?,
             },
+            tag::KEY_PACKAGE => Frame::KeyPackage {
+                request_id: r.u32("request_id")?,
+                user_id: r.user_id("user_id")?,
+                last_resort: r.flag("last_resort")?,
+                package: r.key_package("package")?,
+            },
+            tag::KEY_PACKAGES => Frame::KeyPackages {
+                request_id: r.u32("request_id")?,
+                one_time: r.u32("one_time")?,
+                last_resort: r.flag("last_resort")?,
+            },
+            tag::PUBLISH_KEY_PACKAGES => {
+                let request_id = r.u32("request_id")?;
+                let last_resort = r.bytes16("last_resort", MAX_KEY_PACKAGE_LEN)?;
+                let last_resort = (!last_resort.is_empty()).then_some(last_resort);
+                let count = r.u16("count")? as usize;
+                if count > MAX_KEY_PACKAGES_PER_FRAME {
+                    return Err(WireError::Invalid {
+                        field: "count",
+                        why: "more KeyPackages than one frame may carry",
+                    });
+                }
+                // Each needs at least its 2-byte length: check before allocating.
+                r.need(count * 2, "one_time")?;
+                let mut one_time = Vec::with_capacity(count);
+                for _ in 0..count {
+                    one_time.push(r.key_package("one_time")?);
+                }
+                Frame::PublishKeyPackages {
+                    request_id,
+                    last_resort,
+                    one_time,
+                }
+            }
+            tag::CLAIM_KEY_PACKAGE => Frame::ClaimKeyPackage {
+                request_id: r.u32("request_id")?,
+                user_id: r.user_id("user_id")?,
+            },
             tag::ERROR => Frame::Error {
                 request_id: r.u32("request_id")?,
                 code: ErrorCode::from_u16(r.u16("code")?),
@@ -885,6 +1041,12 @@ fn put_bytes32(out: &mut BytesMut, b: &[u8]) {
     out.put_slice(b);
 }
 
+fn put_bytes16(out: &mut BytesMut, b: &[u8]) {
+    let b = &b[..b.len().min(MAX_KEY_PACKAGE_LEN)];
+    out.put_u16(b.len() as u16);
+    out.put_slice(b);
+}
+
 fn put_prekey(out: &mut BytesMut, p: &SignedPrekey) {
     out.put_slice(&p.public);
     out.put_u64(p.created_at);
@@ -976,6 +1138,43 @@ impl Reader<'_> {
         let b = self.buf.slice(self.pos..self.pos + n);
         self.pos += n;
         Ok(b)
+    }
+
+    fn bytes16(&mut self, what: &'static str, max: usize) -> Result<Bytes, WireError> {
+        let n = self.u16(what)? as usize;
+        if n > max {
+            return Err(WireError::Invalid {
+                field: what,
+                why: "too long",
+            });
+        }
+        self.need(n, what)?;
+        let b = self.buf.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
+    }
+
+    /// A KeyPackage: 1 to [`MAX_KEY_PACKAGE_LEN`] bytes.
+    fn key_package(&mut self, what: &'static str) -> Result<Bytes, WireError> {
+        let b = self.bytes16(what, MAX_KEY_PACKAGE_LEN)?;
+        if b.is_empty() {
+            return Err(WireError::Invalid {
+                field: what,
+                why: "empty KeyPackage",
+            });
+        }
+        Ok(b)
+    }
+
+    fn flag(&mut self, what: &'static str) -> Result<bool, WireError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(WireError::Invalid {
+                field: what,
+                why: "must be 0 or 1",
+            }),
+        }
     }
 
     fn prekey(&mut self) -> Result<SignedPrekey, WireError> {

@@ -133,7 +133,42 @@ fn frame() -> impl Strategy<Value = Frame> {
         }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        (any::<u32>(), user_id(), any::<bool>(), key_package()).prop_map(
+            |(request_id, user_id, last_resort, package)| Frame::KeyPackage {
+                request_id,
+                user_id,
+                last_resort,
+                package
+            }
+        ),
+        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(
+            |(request_id, one_time, last_resort)| Frame::KeyPackages {
+                request_id,
+                one_time,
+                last_resort
+            }
+        ),
+        (
+            any::<u32>(),
+            proptest::option::of(key_package()),
+            proptest::collection::vec(key_package(), 0..5)
+        )
+            .prop_map(|(request_id, last_resort, one_time)| {
+                Frame::PublishKeyPackages {
+                    request_id,
+                    last_resort,
+                    one_time,
+                }
+            }),
+        (any::<u32>(), user_id()).prop_map(|(request_id, user_id)| Frame::ClaimKeyPackage {
+            request_id,
+            user_id
+        }),
     ]
+}
+
+fn key_package() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 1..300).prop_map(Bytes::from)
 }
 
 proptest! {
@@ -249,6 +284,43 @@ fn invalid_fields_are_refused() {
         WireError::Invalid {
             field: "outcome_count",
             why: "more outcomes than recipients allowed",
+        },
+    );
+    // A publish with more KeyPackages than a frame may carry, and one with an empty package.
+    let mut f = vec![PROTOCOL_VERSION, 0x19, 0, 0, 0, 1, 0, 0];
+    f.extend_from_slice(&101u16.to_be_bytes());
+    check(
+        &f,
+        WireError::Invalid {
+            field: "count",
+            why: "more KeyPackages than one frame may carry",
+        },
+    );
+    let f = [PROTOCOL_VERSION, 0x19, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+    check(
+        &f,
+        WireError::Invalid {
+            field: "one_time",
+            why: "empty KeyPackage",
+        },
+    );
+    // A KeyPackage longer than the directory keeps.
+    let mut f = vec![PROTOCOL_VERSION, 0x19, 0, 0, 0, 1];
+    f.extend_from_slice(&5000u16.to_be_bytes());
+    check(
+        &f,
+        WireError::Invalid {
+            field: "last_resort",
+            why: "too long",
+        },
+    );
+    // A flag that is neither 0 nor 1.
+    let f = [PROTOCOL_VERSION, 0x0b, 0, 0, 0, 1, 0, 0, 0, 3, 2];
+    check(
+        &f,
+        WireError::Invalid {
+            field: "last_resort",
+            why: "must be 0 or 1",
         },
     );
 }

@@ -7,8 +7,14 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use syncra_core::carriage::{GROUP_ID_LEN, GroupId};
 use syncra_core::crypto::keys::{IdentityKeyPair, PrekeySecret};
 use syncra_core::error::{CryptoError, StoreError};
+use syncra_core::store::{
+    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGE_LEN,
+    MAX_KEY_PACKAGES,
+};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
 use crate::fixtures::{FIXTURE_PREKEY_CREATED_AT, test_identity, unique_name};
@@ -43,7 +49,321 @@ where
     delete_frees_the_handle(make().await).await;
     a_new_registration_has_a_new_generation(make().await).await;
     racing_registrations_have_exactly_one_winner(make().await).await;
+    key_packages_are_claimed_once_oldest_first_then_last_resort(make().await).await;
+    key_package_publishing_is_bounded_and_needs_a_user(make().await).await;
+    racing_claims_never_share_a_key_package(make().await).await;
+    deleting_a_user_deletes_their_key_packages(make().await).await;
+    a_group_advances_one_epoch_per_commit(make().await).await;
+    racing_commits_for_one_epoch_have_exactly_one_winner(make().await).await;
     health_is_up(make().await).await;
+}
+
+fn packages(tag: &str, n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| Bytes::from(format!("{tag}-key-package-{i}")))
+        .collect()
+}
+
+fn fresh_group() -> GroupId {
+    let mut id = [0u8; GROUP_ID_LEN];
+    syncra_core::crypto::fill_random(&mut id);
+    GroupId(id)
+}
+
+async fn claim(store: &dyn IdentityStore, id: &UserId, case: &str) -> Option<ClaimedKeyPackage> {
+    store
+        .claim_key_package(id)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: claim failed: {e}"))
+}
+
+async fn key_packages_are_claimed_once_oldest_first_then_last_resort(
+    store: Arc<dyn IdentityStore>,
+) {
+    let case = "KeyPackages claimed once, oldest first, then the last resort";
+    let (_, _, alice) = fresh("alice");
+    register_ok(&*store, &alice, case).await;
+    let id = &alice.user_id;
+    assert_eq!(
+        claim(&*store, id, case).await,
+        None,
+        "{case}: nothing published yet"
+    );
+    let first = packages("first", 2);
+    let last_resort = Bytes::from_static(b"last resort");
+    let stock = store
+        .publish_key_packages(id, &first, Some(&last_resort))
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publish failed: {e}"));
+    assert_eq!(
+        stock,
+        KeyPackageStock {
+            one_time: 2,
+            last_resort: true
+        },
+        "{case}"
+    );
+    let more = packages("more", 1);
+    let stock = store.publish_key_packages(id, &more, None).await.unwrap();
+    assert_eq!(stock.one_time, 3, "{case}: publishing adds to what is held");
+    for expected in first.iter().chain(&more) {
+        assert_eq!(
+            claim(&*store, id, case).await,
+            Some(ClaimedKeyPackage {
+                package: expected.clone(),
+                last_resort: false
+            }),
+            "{case}: one-time packages come out in the order published"
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            claim(&*store, id, case).await,
+            Some(ClaimedKeyPackage {
+                package: last_resort.clone(),
+                last_resort: true
+            }),
+            "{case}: the last-resort package is handed out, and kept, once the rest are gone"
+        );
+    }
+    let replaced = Bytes::from_static(b"new last resort");
+    store
+        .publish_key_packages(id, &[], Some(&replaced))
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(&*store, id, case).await.map(|c| c.package),
+        Some(replaced),
+        "{case}: publishing a last-resort package replaces the old one"
+    );
+    assert_eq!(
+        store.key_package_stock(id).await.unwrap(),
+        KeyPackageStock {
+            one_time: 0,
+            last_resort: true
+        },
+        "{case}"
+    );
+}
+
+async fn key_package_publishing_is_bounded_and_needs_a_user(store: Arc<dyn IdentityStore>) {
+    let case = "KeyPackage publishing is bounded";
+    let (_, _, nobody) = fresh("nobody");
+    let err = store
+        .publish_key_packages(&nobody.user_id, &packages("x", 1), None)
+        .await;
+    assert!(
+        matches!(err, Err(StoreError::NotFound(id)) if id == nobody.user_id),
+        "{case}: an unknown user must be NotFound, got {err:?}"
+    );
+    let (_, _, alice) = fresh("alice");
+    register_ok(&*store, &alice, case).await;
+    let id = &alice.user_id;
+    store
+        .publish_key_packages(id, &packages("a", MAX_KEY_PACKAGES - 1), None)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: publishing up to the limit failed: {e}"));
+    let err = store
+        .publish_key_packages(id, &packages("b", 2), None)
+        .await;
+    assert!(
+        matches!(err, Err(StoreError::KeyPackagesFull { max }) if max == MAX_KEY_PACKAGES),
+        "{case}: beyond the limit must be KeyPackagesFull, got {err:?}"
+    );
+    assert_eq!(
+        store.key_package_stock(id).await.unwrap().one_time as usize,
+        MAX_KEY_PACKAGES - 1,
+        "{case}: a refused publish stores nothing"
+    );
+    for bad in [
+        Bytes::new(),
+        Bytes::from(vec![7u8; MAX_KEY_PACKAGE_LEN + 1]),
+    ] {
+        let err = store.publish_key_packages(id, &[], Some(&bad)).await;
+        assert!(
+            matches!(err, Err(StoreError::BadKeyPackage { .. })),
+            "{case}: a {}-byte package must be BadKeyPackage, got {err:?}",
+            bad.len()
+        );
+    }
+}
+
+async fn racing_claims_never_share_a_key_package(store: Arc<dyn IdentityStore>) {
+    let case = "racing claims";
+    let (_, _, alice) = fresh("alice");
+    register_ok(&*store, &alice, case).await;
+    let published = packages("race", RACERS / 2);
+    store
+        .publish_key_packages(&alice.user_id, &published, Some(&Bytes::from_static(b"lr")))
+        .await
+        .unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let start = Arc::clone(&start);
+            let id = alice.user_id;
+            tokio::spawn(async move {
+                start.wait().await;
+                store.claim_key_package(&id).await
+            })
+        })
+        .collect();
+    let mut one_time = Vec::new();
+    let mut last_resort = 0;
+    for task in tasks {
+        match tokio::time::timeout(crate::DEADLINE, task)
+            .await
+            .unwrap_or_else(|_| panic!("{case}: a claim did not finish in time"))
+            .unwrap_or_else(|e| panic!("{case}: a claim task panicked: {e}"))
+        {
+            Ok(Some(c)) if c.last_resort => last_resort += 1,
+            Ok(Some(c)) => one_time.push(c.package),
+            other => panic!("{case}: expected a package, got {other:?}"),
+        }
+    }
+    one_time.sort();
+    let mut expected = published.clone();
+    expected.sort();
+    assert_eq!(
+        one_time, expected,
+        "{case}: every one-time package must be handed out exactly once"
+    );
+    assert_eq!(last_resort, RACERS - published.len(), "{case}");
+}
+
+async fn deleting_a_user_deletes_their_key_packages(store: Arc<dyn IdentityStore>) {
+    let case = "delete takes the KeyPackages";
+    let (_, _, alice) = fresh("alice");
+    register_ok(&*store, &alice, case).await;
+    store
+        .publish_key_packages(
+            &alice.user_id,
+            &packages("d", 3),
+            Some(&Bytes::from_static(b"lr")),
+        )
+        .await
+        .unwrap();
+    assert!(store.delete(&alice.user_id).await.unwrap(), "{case}");
+    register_ok(&*store, &alice, case).await;
+    assert_eq!(
+        store.key_package_stock(&alice.user_id).await.unwrap(),
+        KeyPackageStock::default(),
+        "{case}: packages of a deleted registration must not outlive it"
+    );
+    assert_eq!(claim(&*store, &alice.user_id, case).await, None, "{case}");
+}
+
+async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
+    let case = "one epoch per commit";
+    let group = fresh_group();
+    let (_, _, alice) = fresh("alice");
+    let (_, _, bob) = fresh("bob");
+    let members = vec![alice.user_id, bob.user_id];
+    let read = |store: Arc<dyn IdentityStore>| async move {
+        store
+            .group(&group)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: reading the group failed: {e}"))
+    };
+    assert_eq!(
+        read(Arc::clone(&store)).await,
+        None,
+        "{case}: unknown group"
+    );
+    assert_eq!(
+        store.advance_group(&group, 3, &members).await.unwrap(),
+        EpochAdvance::Conflict { current: None },
+        "{case}: an unknown group starts at epoch 0"
+    );
+    assert_eq!(
+        store.advance_group(&group, 0, &members[..1]).await.unwrap(),
+        EpochAdvance::Advanced,
+        "{case}: the first commit creates the group"
+    );
+    assert_eq!(
+        read(Arc::clone(&store)).await,
+        Some(GroupState {
+            epoch: 1,
+            members: members[..1].to_vec()
+        }),
+        "{case}"
+    );
+    assert_eq!(
+        store.advance_group(&group, 0, &members).await.unwrap(),
+        EpochAdvance::Conflict { current: Some(1) },
+        "{case}: a second commit for a left epoch loses"
+    );
+    assert_eq!(
+        store.advance_group(&group, 1, &members).await.unwrap(),
+        EpochAdvance::Advanced,
+        "{case}"
+    );
+    assert_eq!(
+        read(Arc::clone(&store)).await,
+        Some(GroupState {
+            epoch: 2,
+            members: members.clone()
+        }),
+        "{case}: the winning commit's members are kept"
+    );
+    assert_eq!(
+        store.advance_group(&group, 7, &members).await.unwrap(),
+        EpochAdvance::Conflict { current: Some(2) },
+        "{case}: a commit from the future loses too"
+    );
+    assert_eq!(
+        store
+            .advance_group(&group, u64::MAX, &members)
+            .await
+            .unwrap(),
+        EpochAdvance::Conflict { current: Some(2) },
+        "{case}: the largest epoch is refused, not an error"
+    );
+}
+
+async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn IdentityStore>) {
+    let case = "racing commits";
+    let group = fresh_group();
+    store.advance_group(&group, 0, &[]).await.unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                let (_, _, member) = test_identity(&format!("member{i}"));
+                start.wait().await;
+                let result = store.advance_group(&group, 1, &[member.user_id]).await;
+                (member.user_id, result)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (who, result) = tokio::time::timeout(crate::DEADLINE, task)
+            .await
+            .unwrap_or_else(|_| panic!("{case}: a commit did not finish in time"))
+            .unwrap_or_else(|e| panic!("{case}: a commit task panicked: {e}"));
+        match result {
+            Ok(EpochAdvance::Advanced) => winners.push(who),
+            Ok(EpochAdvance::Conflict { current: Some(2) }) => {}
+            other => panic!("{case}: expected Advanced or Conflict at 2, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "{case}: exactly one commit may win an epoch"
+    );
+    assert_eq!(
+        store.group(&group).await.unwrap(),
+        Some(GroupState {
+            epoch: 2,
+            members: winners
+        }),
+        "{case}: the group holds the winner's members"
+    );
 }
 
 /// A fixture identity under a handle no other case uses.

@@ -64,11 +64,16 @@ use async_trait::async_trait;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
+use syncra_core::carriage::GroupId;
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
 use syncra_core::record::StoredColumns;
 use syncra_core::redact::{REDACTED, redact_url, secret_spans};
 use syncra_core::registry::{Kinds, typed_config};
+use syncra_core::store::{
+    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, decode_members,
+    encode_members,
+};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
 /// The kind name this store registers under.
@@ -121,7 +126,33 @@ const STORE_PREKEY: &str = "WITH updated AS ( \
          prekey_signature = $4 \
          WHERE user_id = $1 AND prekey_created_at <= $3::numeric RETURNING 1) \
      SELECT EXISTS (SELECT 1 FROM updated), EXISTS (SELECT 1 FROM users WHERE user_id = $1)";
-const DELETE: &str = "DELETE FROM users WHERE user_id = $1";
+/// Deleting a user takes their KeyPackages with them.
+const DELETE: &str = "WITH kp AS (DELETE FROM key_packages WHERE user_id = $1), \
+     lr AS (DELETE FROM last_resort_key_packages WHERE user_id = $1) \
+     DELETE FROM users WHERE user_id = $1";
+/// Locks the user's row, so concurrent publishes of one user count one after the other.
+const LOCK_USER: &str = "SELECT 1 FROM users WHERE user_id = $1 FOR UPDATE";
+const COUNT_KEY_PACKAGES: &str = "SELECT COUNT(*) FROM key_packages WHERE user_id = $1";
+const INSERT_KEY_PACKAGE: &str = "INSERT INTO key_packages (user_id, package) VALUES ($1, $2)";
+const UPSERT_LAST_RESORT: &str = "INSERT INTO last_resort_key_packages (user_id, package) \
+     VALUES ($1, $2) ON CONFLICT (user_id) DO UPDATE SET package = excluded.package";
+/// Claims the oldest one-time package: rows locked by a concurrent claim are skipped, so two
+/// claims never take the same one.
+const CLAIM_KEY_PACKAGE: &str = "DELETE FROM key_packages WHERE seq = ( \
+     SELECT seq FROM key_packages WHERE user_id = $1 ORDER BY seq LIMIT 1 \
+     FOR UPDATE SKIP LOCKED) RETURNING package";
+const LAST_RESORT: &str = "SELECT package FROM last_resort_key_packages WHERE user_id = $1";
+const STOCK: &str = "SELECT (SELECT COUNT(*) FROM key_packages WHERE user_id = $1), \
+     EXISTS (SELECT 1 FROM last_resort_key_packages WHERE user_id = $1)";
+const GROUP: &str = "SELECT epoch, members FROM mls_groups WHERE group_id = $1";
+/// Advances a known group if it is at the expected epoch (a concurrent commit holds the row
+/// lock; under READ COMMITTED the loser re-reads the advanced epoch and updates nothing).
+const ADVANCE_GROUP: &str = "UPDATE mls_groups SET epoch = $2 + 1, members = $3, \
+     updated_at = now() WHERE group_id = $1 AND epoch = $2";
+/// A group's first commit: of two racing ones the primary key lets one insert.
+const CREATE_GROUP: &str = "INSERT INTO mls_groups (group_id, epoch, members) \
+     VALUES ($1, 1, $2) ON CONFLICT (group_id) DO NOTHING";
+const GROUP_EPOCH: &str = "SELECT epoch FROM mls_groups WHERE group_id = $1";
 
 /// The configuration of `kind = "postgres"`.
 ///
@@ -480,6 +511,24 @@ impl PostgresStore {
         .await
     }
 
+    async fn stock_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        id: &UserId,
+        action: &'static str,
+    ) -> Result<KeyPackageStock, StoreError> {
+        let (one_time, last_resort): (i64, bool) = sqlx::query_as(STOCK)
+            .persistent(self.persistent)
+            .bind(id.as_bytes().as_slice())
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(self.failed(action))?;
+        Ok(KeyPackageStock {
+            one_time: u32::try_from(one_time).unwrap_or(u32::MAX),
+            last_resort,
+        })
+    }
+
     async fn exists(&self, id: &UserId) -> Result<bool, StoreError> {
         let action = "checking a refused registration";
         let mut tx = self.begin(&self.begin_read, action).await?;
@@ -682,6 +731,194 @@ impl IdentityStore for PostgresStore {
                 .rows_affected();
             tx.commit().await.map_err(self.failed(action))?;
             Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn store_key_packages(
+        &self,
+        id: &UserId,
+        one_time: &[bytes::Bytes],
+        last_resort: Option<&bytes::Bytes>,
+    ) -> Result<KeyPackageStock, StoreError> {
+        let action = "publishing KeyPackages";
+        let user = id.as_bytes().as_slice();
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_write, action).await?;
+            let known = sqlx::query(LOCK_USER)
+                .persistent(self.persistent)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.failed(action))?
+                .is_some();
+            if !known {
+                return Err(StoreError::NotFound(*id));
+            }
+            let held: i64 = sqlx::query_scalar(COUNT_KEY_PACKAGES)
+                .persistent(self.persistent)
+                .bind(user)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(self.failed(action))?;
+            if held.cast_unsigned() as usize + one_time.len() > MAX_KEY_PACKAGES {
+                return Err(StoreError::KeyPackagesFull {
+                    max: MAX_KEY_PACKAGES,
+                });
+            }
+            for package in one_time {
+                sqlx::query(INSERT_KEY_PACKAGE)
+                    .persistent(self.persistent)
+                    .bind(user)
+                    .bind(package.as_ref())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.failed(action))?;
+            }
+            if let Some(package) = last_resort {
+                sqlx::query(UPSERT_LAST_RESORT)
+                    .persistent(self.persistent)
+                    .bind(user)
+                    .bind(package.as_ref())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.failed(action))?;
+            }
+            let stock = self.stock_in(&mut tx, id, action).await?;
+            tx.commit().await.map_err(self.failed(action))?;
+            Ok(stock)
+        })
+        .await
+    }
+
+    async fn claim_key_package(
+        &self,
+        id: &UserId,
+    ) -> Result<Option<ClaimedKeyPackage>, StoreError> {
+        let action = "claiming a KeyPackage";
+        let user = id.as_bytes().as_slice();
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_write, action).await?;
+            let one_time: Option<Vec<u8>> = sqlx::query_scalar(CLAIM_KEY_PACKAGE)
+                .persistent(self.persistent)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.failed(action))?;
+            let claimed = match one_time {
+                Some(p) => Some(ClaimedKeyPackage {
+                    package: p.into(),
+                    last_resort: false,
+                }),
+                None => sqlx::query_scalar::<_, Vec<u8>>(LAST_RESORT)
+                    .persistent(self.persistent)
+                    .bind(user)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(self.failed(action))?
+                    .map(|p| ClaimedKeyPackage {
+                        package: p.into(),
+                        last_resort: true,
+                    }),
+            };
+            tx.commit().await.map_err(self.failed(action))?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn key_package_stock(&self, id: &UserId) -> Result<KeyPackageStock, StoreError> {
+        let action = "counting KeyPackages";
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_read, action).await?;
+            let stock = self.stock_in(&mut tx, id, action).await?;
+            tx.commit().await.map_err(self.failed(action))?;
+            Ok(stock)
+        })
+        .await
+    }
+
+    async fn group(&self, group: &GroupId) -> Result<Option<GroupState>, StoreError> {
+        let action = "reading a group";
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_read, action).await?;
+            let row: Option<(i64, Vec<u8>)> = sqlx::query_as(GROUP)
+                .persistent(self.persistent)
+                .bind(group.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.failed(action))?;
+            tx.commit().await.map_err(self.failed(action))?;
+            let Some((epoch, members)) = row else {
+                return Ok(None);
+            };
+            let row = format!("group {group}");
+            let members = decode_members(&members).ok_or_else(|| {
+                self.fail(&self.corrupt(row.clone(), "members: not a list of user ids".into()))
+            })?;
+            let epoch = u64::try_from(epoch).map_err(|_| {
+                self.fail(&self.corrupt(row, format!("epoch: {epoch} is negative")))
+            })?;
+            Ok(Some(GroupState { epoch, members }))
+        })
+        .await
+    }
+
+    async fn advance_group(
+        &self,
+        group: &GroupId,
+        from: u64,
+        members: &[UserId],
+    ) -> Result<EpochAdvance, StoreError> {
+        let action = "advancing a group's epoch";
+        let gid = group.as_bytes().as_slice();
+        let members = encode_members(members);
+        // The epoch is a BIGINT: an epoch at its end cannot advance.
+        let Some(from_signed) = i64::try_from(from).ok().filter(|f| *f < i64::MAX) else {
+            let current = self.group(group).await?.map(|g| g.epoch);
+            return Ok(EpochAdvance::Conflict { current });
+        };
+        self.bounded(action, async {
+            let mut tx = self.begin(&self.begin_write, action).await?;
+            let mut advanced = sqlx::query(ADVANCE_GROUP)
+                .persistent(self.persistent)
+                .bind(gid)
+                .bind(from_signed)
+                .bind(members.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(self.failed(action))?
+                .rows_affected()
+                == 1;
+            if !advanced && from == 0 {
+                advanced = sqlx::query(CREATE_GROUP)
+                    .persistent(self.persistent)
+                    .bind(gid)
+                    .bind(members.as_slice())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.failed(action))?
+                    .rows_affected()
+                    == 1;
+            }
+            let current = if advanced {
+                None
+            } else {
+                sqlx::query_scalar::<_, i64>(GROUP_EPOCH)
+                    .persistent(self.persistent)
+                    .bind(gid)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(self.failed(action))?
+            };
+            tx.commit().await.map_err(self.failed(action))?;
+            Ok(if advanced {
+                EpochAdvance::Advanced
+            } else {
+                EpochAdvance::Conflict {
+                    current: current.map(i64::cast_unsigned),
+                }
+            })
         })
         .await
     }

@@ -23,10 +23,15 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use syncra_core::carriage::GroupId;
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
 use syncra_core::record::StoredColumns;
 use syncra_core::registry::{Kinds, typed_config};
+use syncra_core::store::{
+    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, decode_members,
+    encode_members,
+};
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
 pub mod mailbox;
@@ -207,6 +212,44 @@ impl SqliteStore {
             .map_err(self.query_error(action))
     }
 
+    async fn stock_in(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: &UserId,
+    ) -> Result<KeyPackageStock, SqliteError> {
+        let user = id.as_bytes().as_slice();
+        let one_time: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM key_packages WHERE user_id = ?")
+                .bind(user)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(self.query_error("counting KeyPackages"))?;
+        let last_resort = sqlx::query("SELECT 1 FROM last_resort_key_packages WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(self.query_error("checking a last-resort KeyPackage"))?
+            .is_some();
+        Ok(KeyPackageStock {
+            one_time: u32::try_from(one_time).unwrap_or(u32::MAX),
+            last_resort,
+        })
+    }
+
+    fn group_state(
+        &self,
+        group: &GroupId,
+        epoch: i64,
+        members: &[u8],
+    ) -> Result<GroupState, SqliteError> {
+        let row = format!("group {group}");
+        let members = decode_members(members)
+            .ok_or_else(|| self.corrupt(row.clone(), "members: not a list of user ids".into()))?;
+        let epoch = u64::try_from(epoch)
+            .map_err(|_| self.corrupt(row, format!("epoch: {epoch} is negative")))?;
+        Ok(GroupState { epoch, members })
+    }
+
     fn record_from_row(&self, row: &SqliteRow) -> Result<IdentityRecord, SqliteError> {
         let user_id: Vec<u8> = self.column(row, "user_id", "?")?;
         let who = StoredColumns::row_name(&user_id);
@@ -356,13 +399,182 @@ impl IdentityStore for SqliteStore {
     }
 
     async fn delete(&self, id: &UserId) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write("starting a deletion").await?;
+        for sql in [
+            "DELETE FROM key_packages WHERE user_id = ?",
+            "DELETE FROM last_resort_key_packages WHERE user_id = ?",
+        ] {
+            sqlx::query(sql)
+                .bind(id.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_error("deleting a user's KeyPackages"))?;
+        }
         let deleted = sqlx::query("DELETE FROM users WHERE user_id = ?")
             .bind(id.as_bytes().as_slice())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(self.query_error("deleting a user"))?
             .rows_affected();
+        tx.commit()
+            .await
+            .map_err(self.query_error("committing a deletion"))?;
         Ok(deleted > 0)
+    }
+
+    async fn store_key_packages(
+        &self,
+        id: &UserId,
+        one_time: &[bytes::Bytes],
+        last_resort: Option<&bytes::Bytes>,
+    ) -> Result<KeyPackageStock, StoreError> {
+        let user = id.as_bytes().as_slice();
+        let mut tx = self.begin_write("starting a KeyPackage publish").await?;
+        let known = sqlx::query("SELECT 1 FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(self.query_error("checking a KeyPackage owner"))?
+            .is_some();
+        if !known {
+            return Err(StoreError::NotFound(*id));
+        }
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM key_packages WHERE user_id = ?")
+            .bind(user)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(self.query_error("counting KeyPackages"))?;
+        if held.cast_unsigned() as usize + one_time.len() > MAX_KEY_PACKAGES {
+            return Err(StoreError::KeyPackagesFull {
+                max: MAX_KEY_PACKAGES,
+            });
+        }
+        for package in one_time {
+            sqlx::query("INSERT INTO key_packages (user_id, package) VALUES (?, ?)")
+                .bind(user)
+                .bind(package.as_ref())
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_error("storing a KeyPackage"))?;
+        }
+        if let Some(package) = last_resort {
+            sqlx::query(
+                "INSERT INTO last_resort_key_packages (user_id, package) VALUES (?, ?) \
+                 ON CONFLICT (user_id) DO UPDATE SET package = excluded.package",
+            )
+            .bind(user)
+            .bind(package.as_ref())
+            .execute(&mut *tx)
+            .await
+            .map_err(self.query_error("storing a last-resort KeyPackage"))?;
+        }
+        let stock = self.stock_in(&mut tx, id).await?;
+        tx.commit()
+            .await
+            .map_err(self.query_error("committing a KeyPackage publish"))?;
+        Ok(stock)
+    }
+
+    async fn claim_key_package(
+        &self,
+        id: &UserId,
+    ) -> Result<Option<ClaimedKeyPackage>, StoreError> {
+        let user = id.as_bytes().as_slice();
+        let mut tx = self.begin_write("starting a KeyPackage claim").await?;
+        let oldest: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, package FROM key_packages WHERE user_id = ? ORDER BY seq LIMIT 1",
+        )
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.query_error("claiming a KeyPackage"))?;
+        let claimed = if let Some((seq, package)) = oldest {
+            sqlx::query("DELETE FROM key_packages WHERE seq = ?")
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_error("claiming a KeyPackage"))?;
+            Some(ClaimedKeyPackage {
+                package: package.into(),
+                last_resort: false,
+            })
+        } else {
+            let package: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT package FROM last_resort_key_packages WHERE user_id = ?",
+            )
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(self.query_error("reading a last-resort KeyPackage"))?;
+            package.map(|p| ClaimedKeyPackage {
+                package: p.into(),
+                last_resort: true,
+            })
+        };
+        tx.commit()
+            .await
+            .map_err(self.query_error("committing a KeyPackage claim"))?;
+        Ok(claimed)
+    }
+
+    async fn key_package_stock(&self, id: &UserId) -> Result<KeyPackageStock, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(self.query_error("counting KeyPackages"))?;
+        Ok(self.stock_in(&mut conn, id).await?)
+    }
+
+    async fn group(&self, group: &GroupId) -> Result<Option<GroupState>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT epoch, members FROM mls_groups WHERE group_id = ?")
+                .bind(group.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(self.query_error("reading a group"))?;
+        row.map(|(epoch, members)| self.group_state(group, epoch, &members))
+            .transpose()
+            .map_err(StoreError::from)
+    }
+
+    async fn advance_group(
+        &self,
+        group: &GroupId,
+        from: u64,
+        members: &[UserId],
+    ) -> Result<EpochAdvance, StoreError> {
+        let gid = group.as_bytes().as_slice();
+        let members = encode_members(members);
+        let mut tx = self.begin_write("starting a commit").await?;
+        // Under the write lock: the read and the write see the same epoch.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM mls_groups WHERE group_id = ?")
+                .bind(gid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(self.query_error("reading a group's epoch"))?;
+        let current = current.map(i64::cast_unsigned);
+        let next = from.checked_add(1).filter(|n| i64::try_from(*n).is_ok());
+        let (Some(next), true) = (next, current.unwrap_or(0) == from) else {
+            return Ok(EpochAdvance::Conflict { current });
+        };
+        sqlx::query(
+            "INSERT INTO mls_groups (group_id, epoch, members, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, \
+             members = excluded.members, updated_at = excluded.updated_at",
+        )
+        .bind(gid)
+        .bind(next.cast_signed())
+        .bind(members)
+        .bind(now_secs())
+        .execute(&mut *tx)
+        .await
+        .map_err(self.query_error("advancing a group's epoch"))?;
+        tx.commit()
+            .await
+            .map_err(self.query_error("committing a commit"))?;
+        Ok(EpochAdvance::Advanced)
     }
 
     async fn health(&self) -> Health {

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::carriage::GroupId;
+use crate::crypto::envelope::MessageId;
 use crate::crypto::keys::SignedPrekey;
 use crate::error::StoreError;
 use crate::health::Health;
@@ -54,6 +55,9 @@ pub struct GroupState {
     pub epoch: u64,
     /// The members that commit declared.
     pub members: Vec<UserId>,
+    /// That commit's message id: the same commit sent again (to a member it did not reach) is
+    /// recognised and routed, not refused as a conflict.
+    pub last_commit: MessageId,
 }
 
 /// The answer of [`IdentityStore::advance_group`].
@@ -123,14 +127,15 @@ pub trait IdentityStore: Send + Sync {
     /// What the last accepted commit of a group set, or `None` for a group no commit named.
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>, StoreError>;
 
-    /// Moves a group from epoch `from` to `from + 1` and records its members, if and only if it
-    /// is at `from` now — or, for a group the store does not know, if `from` is 0 (its first
-    /// commit). Atomic across every relay sharing the store.
+    /// Moves a group from epoch `from` to `from + 1` and records the commit's members and
+    /// message id, if and only if it is at `from` now — or, for a group the store does not know,
+    /// if `from` is 0 (its first commit). Atomic across every relay sharing the store.
     async fn advance_group(
         &self,
         group: &GroupId,
         from: u64,
         members: &[UserId],
+        commit: &MessageId,
     ) -> Result<EpochAdvance, StoreError>;
 
     /// Whether the store is reachable.

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
 use syncra_core::Confirm;
 use syncra_core::UserId;
-use syncra_core::crypto::envelope::{EnvelopeHeader, parse_header};
+use syncra_core::carriage::{CARRIAGE_VERSION, Routed};
 use syncra_core::error::OpenError;
 use syncra_core::mailbox::PutOutcome;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome, RequestId};
@@ -84,8 +84,16 @@ pub async fn send(
         Ok(h) => h,
         Err(refusal) => return refusal,
     };
+    if let Routed::Mls(carriage) = &header {
+        // One commit per epoch, members only, the current epoch only (groups.rs).
+        if let Err((code, why)) = crate::groups::admit(state, user, carriage).await {
+            count_error(state, code);
+            return error_frame(request_id, code, why);
+        }
+    }
+    let recipients = header.recipients();
     if !state.hooks.is_empty() {
-        let recipients: Vec<UserId> = header.recipients.iter().map(|r| r.user_id).collect();
+        let recipients = recipients.clone();
         let size = envelope.len();
         let admitted = crate::plugins::admit(&state.hooks, move |h| {
             h.on_envelope(&user, &recipients, size)
@@ -98,35 +106,35 @@ pub async fn send(
     }
     // Encoded once: the frame every local session gets and the broker payload share bytes.
     let delivery = state.router.delivery(&envelope, !state.broker.alone());
-    let outcomes = if let [only] = header.recipients.as_slice() {
-        vec![deliver_to(state, only.user_id, &delivery, &envelope).await]
+    let outcomes = if let [only] = recipients.as_slice() {
+        vec![deliver_to(state, *only, &delivery, &envelope).await]
     } else {
         join_all(
-            header
-                .recipients
+            recipients
                 .iter()
-                .map(|r| deliver_to(state, r.user_id, &delivery, &envelope)),
+                .map(|r| deliver_to(state, *r, &delivery, &envelope)),
         )
         .await
     };
     Frame::SendResult {
         request_id,
-        message_id: header.message_id,
+        message_id: header.message_id(),
         outcomes,
     }
     .encode()
 }
 
-/// The checks every send passes before routing: a well-formed header, the recipient cap, and
-/// the sender's send and fan-out budgets. Returns the header, or the error frame to answer with.
+/// The checks every send passes before routing: a well-formed header (a sealed envelope's or
+/// an MLS carriage's), the recipient cap, and the sender's send and fan-out budgets. Returns
+/// the header, or the error frame to answer with.
 fn admit_send(
     state: &NodeState,
     user: &UserId,
     request_id: RequestId,
     envelope: &[u8],
-) -> Result<EnvelopeHeader, Bytes> {
+) -> Result<Routed, Bytes> {
     let max_recipients = state.config.limits.max_recipients_per_send;
-    let (code, message) = match parse_header(envelope) {
+    let (code, message) = match Routed::parse(envelope) {
         Err(e) => (
             match e {
                 OpenError::TooManyRecipients(_) => ErrorCode::TooManyRecipients,
@@ -134,16 +142,16 @@ fn admit_send(
             },
             e.to_string(),
         ),
-        Ok(h) if h.recipients.len() > max_recipients => (
+        Ok(h) if h.recipient_count() > max_recipients => (
             ErrorCode::TooManyRecipients,
             format!(
                 "{} recipients in one send; this relay allows at most {max_recipients}",
-                h.recipients.len()
+                h.recipient_count()
             ),
         ),
         Ok(h) => match state
             .limits
-            .user_send(user, envelope.len(), h.recipients.len())
+            .user_send(user, envelope.len(), h.recipient_count())
         {
             Ok(()) => return Ok(h),
             Err(SendRefusal::Rate) => (
@@ -165,8 +173,8 @@ fn admit_send(
                     "this message of {} bytes to {} recipients would cost {} bytes of fan-out, \
                      more than the {} this relay allows at once; send it to fewer recipients",
                     envelope.len(),
-                    h.recipients.len(),
-                    envelope.len() * h.recipients.len(),
+                    h.recipient_count(),
+                    envelope.len() * h.recipient_count(),
                     state.config.limits.fanout_burst_bytes_per_user
                 ),
             ),
@@ -188,17 +196,25 @@ pub fn send_locally<'a>(
     request_id: RequestId,
     envelope: &Bytes,
 ) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
+    if envelope.first() == Some(&CARRIAGE_VERSION) {
+        // An MLS carriage asks the store about its group first.
+        let envelope = envelope.clone();
+        return Err(Box::pin(async move {
+            Some(send(state, user, request_id, envelope).await)
+        }));
+    }
     let header = match admit_send(state, &user, request_id, envelope) {
         Ok(h) => h,
         Err(refusal) => return Ok(refusal),
     };
+    let message_id = header.message_id();
     let delivery = state.router.delivery(envelope, false);
     let reaches: Vec<(UserId, Reach)> = header
-        .recipients
-        .iter()
+        .recipients()
+        .into_iter()
         .map(|r| {
-            let local = state.router.deliver_local(&r.user_id, &delivery.frame);
-            (r.user_id, reach(local, None))
+            let local = state.router.deliver_local(&r, &delivery.frame);
+            (r, reach(local, None))
         })
         .collect();
     let holds = state.mailbox.stores() && reaches.iter().any(|(_, r)| *r == Reach::Nobody);
@@ -209,7 +225,7 @@ pub fn send_locally<'a>(
             .collect();
         return Ok(Frame::SendResult {
             request_id,
-            message_id: header.message_id,
+            message_id,
             outcomes,
         }
         .encode());
@@ -223,7 +239,7 @@ pub fn send_locally<'a>(
         Some(
             Frame::SendResult {
                 request_id,
-                message_id: header.message_id,
+                message_id,
                 outcomes,
             }
             .encode(),

@@ -14,6 +14,7 @@
 
 pub mod config;
 mod delivery;
+mod groups;
 pub mod kinds;
 mod limits;
 mod metrics;

@@ -393,10 +393,9 @@ impl Router {
         else {
             return Err(Dropped::NotDeliver);
         };
-        match syncra_core::crypto::envelope::parse_header(&envelope) {
-            Ok(header) if header.recipients.iter().any(|r| r.user_id == user) => {
-                Ok(Some((user, frame)))
-            }
+        // A sealed envelope or an MLS carriage, well-formed and naming this user.
+        match syncra_core::carriage::Routed::parse(&envelope) {
+            Ok(header) if header.recipients().contains(&user) => Ok(Some((user, frame))),
             _ => Err(Dropped::NotRecipient),
         }
     }

@@ -67,11 +67,14 @@ fn store_code(e: &StoreError) -> ErrorCode {
         StoreError::AlreadyRegistered(_) => ErrorCode::AlreadyRegistered,
         StoreError::NotFound(_) => ErrorCode::NotFound,
         StoreError::Invalid(_) | StoreError::StalePrekey => ErrorCode::BadPrekey,
+        StoreError::KeyPackagesFull { .. } | StoreError::BadKeyPackage { .. } => {
+            ErrorCode::BadKeyPackage
+        }
         _ => ErrorCode::StoreUnavailable,
     }
 }
 
-async fn with_store_timeout<T>(
+pub(crate) async fn with_store_timeout<T>(
     f: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(STORE_TIMEOUT, f).await {
@@ -559,6 +562,8 @@ fn is_client_frame(f: &Frame) -> bool {
             | Frame::Send { .. }
             | Frame::Acknowledge { .. }
             | Frame::ClearMailbox { .. }
+            | Frame::PublishKeyPackages { .. }
+            | Frame::ClaimKeyPackage { .. }
             | Frame::Ping { .. }
             | Frame::Pong { .. }
     )
@@ -570,6 +575,8 @@ fn request_id_of(f: &Frame) -> RequestId {
         | Frame::LookupId { request_id, .. }
         | Frame::RotatePrekey { request_id, .. }
         | Frame::ClearMailbox { request_id }
+        | Frame::PublishKeyPackages { request_id, .. }
+        | Frame::ClaimKeyPackage { request_id, .. }
         | Frame::Send { request_id, .. } => *request_id,
         _ => 0,
     }
@@ -750,6 +757,47 @@ async fn handle_request(state: &NodeState, user: UserId, frame: Frame) -> Option
                 state.metrics.mailbox_failure(&e);
                 fail(request_id, ErrorCode::MailboxUnavailable, e.to_string())
             }
+        },
+        Frame::PublishKeyPackages {
+            request_id,
+            last_resort,
+            one_time,
+        } => match with_store_timeout(state.store.publish_key_packages(
+            &user,
+            &one_time,
+            last_resort.as_ref(),
+        ))
+        .await
+        {
+            Ok(stock) => Some(
+                Frame::KeyPackages {
+                    request_id,
+                    one_time: stock.one_time,
+                    last_resort: stock.last_resort,
+                }
+                .encode(),
+            ),
+            Err(e) => fail(request_id, store_code(&e), e.to_string()),
+        },
+        Frame::ClaimKeyPackage {
+            request_id,
+            user_id,
+        } => match with_store_timeout(state.store.claim_key_package(&user_id)).await {
+            Ok(Some(claimed)) => Some(
+                Frame::KeyPackage {
+                    request_id,
+                    user_id,
+                    last_resort: claimed.last_resort,
+                    package: claimed.package,
+                }
+                .encode(),
+            ),
+            Ok(None) => fail(
+                request_id,
+                ErrorCode::NotFound,
+                format!("user {user_id} has no KeyPackage published"),
+            ),
+            Err(e) => fail(request_id, store_code(&e), e.to_string()),
         },
         Frame::Register { .. } | Frame::Auth { .. } | Frame::Resume { .. } => fail(
             0,

@@ -272,12 +272,18 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         "{case}: unknown group"
     );
     assert_eq!(
-        store.advance_group(&group, 3, &members).await.unwrap(),
+        store
+            .advance_group(&group, 3, &members, &[3; 16])
+            .await
+            .unwrap(),
         EpochAdvance::Conflict { current: None },
         "{case}: an unknown group starts at epoch 0"
     );
     assert_eq!(
-        store.advance_group(&group, 0, &members[..1]).await.unwrap(),
+        store
+            .advance_group(&group, 0, &members[..1], &[1; 16])
+            .await
+            .unwrap(),
         EpochAdvance::Advanced,
         "{case}: the first commit creates the group"
     );
@@ -285,17 +291,24 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         read(Arc::clone(&store)).await,
         Some(GroupState {
             epoch: 1,
-            members: members[..1].to_vec()
+            members: members[..1].to_vec(),
+            last_commit: [1; 16],
         }),
         "{case}"
     );
     assert_eq!(
-        store.advance_group(&group, 0, &members).await.unwrap(),
+        store
+            .advance_group(&group, 0, &members, &[4; 16])
+            .await
+            .unwrap(),
         EpochAdvance::Conflict { current: Some(1) },
         "{case}: a second commit for a left epoch loses"
     );
     assert_eq!(
-        store.advance_group(&group, 1, &members).await.unwrap(),
+        store
+            .advance_group(&group, 1, &members, &[2; 16])
+            .await
+            .unwrap(),
         EpochAdvance::Advanced,
         "{case}"
     );
@@ -303,18 +316,22 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         read(Arc::clone(&store)).await,
         Some(GroupState {
             epoch: 2,
-            members: members.clone()
+            members: members.clone(),
+            last_commit: [2; 16],
         }),
         "{case}: the winning commit's members are kept"
     );
     assert_eq!(
-        store.advance_group(&group, 7, &members).await.unwrap(),
+        store
+            .advance_group(&group, 7, &members, &[7; 16])
+            .await
+            .unwrap(),
         EpochAdvance::Conflict { current: Some(2) },
         "{case}: a commit from the future loses too"
     );
     assert_eq!(
         store
-            .advance_group(&group, u64::MAX, &members)
+            .advance_group(&group, u64::MAX, &members, &[8; 16])
             .await
             .unwrap(),
         EpochAdvance::Conflict { current: Some(2) },
@@ -325,7 +342,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
 async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn IdentityStore>) {
     let case = "racing commits";
     let group = fresh_group();
-    store.advance_group(&group, 0, &[]).await.unwrap();
+    store.advance_group(&group, 0, &[], &[0; 16]).await.unwrap();
     let start = Arc::new(tokio::sync::Barrier::new(RACERS));
     let tasks: Vec<_> = (0..RACERS)
         .map(|i| {
@@ -334,8 +351,12 @@ async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn Ide
             tokio::spawn(async move {
                 let (_, _, member) = test_identity(&format!("member{i}"));
                 start.wait().await;
-                let result = store.advance_group(&group, 1, &[member.user_id]).await;
-                (member.user_id, result)
+                let commit = [i as u8; 16];
+                let result = store
+                    .advance_group(&group, 1, &[member.user_id], &commit)
+                    .await;
+                let member = (member.user_id, commit);
+                (member, result)
             })
         })
         .collect();
@@ -351,16 +372,18 @@ async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn Ide
             other => panic!("{case}: expected Advanced or Conflict at 2, got {other:?}"),
         }
     }
-    assert_eq!(
-        winners.len(),
-        1,
-        "{case}: exactly one commit may win an epoch"
-    );
+    let [(winner, commit)] = winners[..] else {
+        panic!(
+            "{case}: exactly one commit may win an epoch, {} did",
+            winners.len()
+        );
+    };
     assert_eq!(
         store.group(&group).await.unwrap(),
         Some(GroupState {
             epoch: 2,
-            members: winners
+            members: vec![winner],
+            last_commit: commit,
         }),
         "{case}: the group holds the winner's members"
     );

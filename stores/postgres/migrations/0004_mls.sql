@@ -17,5 +17,6 @@ CREATE TABLE mls_groups (
     group_id   BYTEA PRIMARY KEY CHECK (octet_length(group_id) = 16),
     epoch      BIGINT NOT NULL CHECK (epoch >= 0),
     members    BYTEA NOT NULL,
+    last_commit BYTEA NOT NULL CHECK (octet_length(last_commit) = 16),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );

@@ -65,6 +65,7 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
 use syncra_core::carriage::GroupId;
+use syncra_core::crypto::envelope::MessageId;
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
 use syncra_core::record::StoredColumns;
@@ -144,14 +145,14 @@ const CLAIM_KEY_PACKAGE: &str = "DELETE FROM key_packages WHERE seq = ( \
 const LAST_RESORT: &str = "SELECT package FROM last_resort_key_packages WHERE user_id = $1";
 const STOCK: &str = "SELECT (SELECT COUNT(*) FROM key_packages WHERE user_id = $1), \
      EXISTS (SELECT 1 FROM last_resort_key_packages WHERE user_id = $1)";
-const GROUP: &str = "SELECT epoch, members FROM mls_groups WHERE group_id = $1";
+const GROUP: &str = "SELECT epoch, members, last_commit FROM mls_groups WHERE group_id = $1";
 /// Advances a known group if it is at the expected epoch (a concurrent commit holds the row
 /// lock; under READ COMMITTED the loser re-reads the advanced epoch and updates nothing).
 const ADVANCE_GROUP: &str = "UPDATE mls_groups SET epoch = $2 + 1, members = $3, \
-     updated_at = now() WHERE group_id = $1 AND epoch = $2";
+     last_commit = $4, updated_at = now() WHERE group_id = $1 AND epoch = $2";
 /// A group's first commit: of two racing ones the primary key lets one insert.
-const CREATE_GROUP: &str = "INSERT INTO mls_groups (group_id, epoch, members) \
-     VALUES ($1, 1, $2) ON CONFLICT (group_id) DO NOTHING";
+const CREATE_GROUP: &str = "INSERT INTO mls_groups (group_id, epoch, members, last_commit) \
+     VALUES ($1, 1, $2, $3) ON CONFLICT (group_id) DO NOTHING";
 const GROUP_EPOCH: &str = "SELECT epoch FROM mls_groups WHERE group_id = $1";
 
 /// The configuration of `kind = "postgres"`.
@@ -842,24 +843,31 @@ impl IdentityStore for PostgresStore {
         let action = "reading a group";
         self.bounded(action, async {
             let mut tx = self.begin(&self.begin_read, action).await?;
-            let row: Option<(i64, Vec<u8>)> = sqlx::query_as(GROUP)
+            let row: Option<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(GROUP)
                 .persistent(self.persistent)
                 .bind(group.as_bytes().as_slice())
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(self.failed(action))?;
             tx.commit().await.map_err(self.failed(action))?;
-            let Some((epoch, members)) = row else {
+            let Some((epoch, members, last_commit)) = row else {
                 return Ok(None);
             };
             let row = format!("group {group}");
+            let last_commit = MessageId::try_from(last_commit.as_slice()).map_err(|_| {
+                self.fail(&self.corrupt(row.clone(), "last_commit: not a message id".into()))
+            })?;
             let members = decode_members(&members).ok_or_else(|| {
                 self.fail(&self.corrupt(row.clone(), "members: not a list of user ids".into()))
             })?;
             let epoch = u64::try_from(epoch).map_err(|_| {
                 self.fail(&self.corrupt(row, format!("epoch: {epoch} is negative")))
             })?;
-            Ok(Some(GroupState { epoch, members }))
+            Ok(Some(GroupState {
+                epoch,
+                members,
+                last_commit,
+            }))
         })
         .await
     }
@@ -869,6 +877,7 @@ impl IdentityStore for PostgresStore {
         group: &GroupId,
         from: u64,
         members: &[UserId],
+        commit: &MessageId,
     ) -> Result<EpochAdvance, StoreError> {
         let action = "advancing a group's epoch";
         let gid = group.as_bytes().as_slice();
@@ -885,6 +894,7 @@ impl IdentityStore for PostgresStore {
                 .bind(gid)
                 .bind(from_signed)
                 .bind(members.as_slice())
+                .bind(commit.as_slice())
                 .execute(&mut *tx)
                 .await
                 .map_err(self.failed(action))?
@@ -895,6 +905,7 @@ impl IdentityStore for PostgresStore {
                     .persistent(self.persistent)
                     .bind(gid)
                     .bind(members.as_slice())
+                    .bind(commit.as_slice())
                     .execute(&mut *tx)
                     .await
                     .map_err(self.failed(action))?

@@ -17,5 +17,6 @@ CREATE TABLE mls_groups (
     group_id BLOB PRIMARY KEY,
     epoch INTEGER NOT NULL,
     members BLOB NOT NULL,
+    last_commit BLOB NOT NULL,
     updated_at INTEGER NOT NULL
 );

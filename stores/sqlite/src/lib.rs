@@ -24,6 +24,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use syncra_core::carriage::GroupId;
+use syncra_core::crypto::envelope::MessageId;
 use syncra_core::crypto::keys::SignedPrekey;
 use syncra_core::error::{PluginError, StoreError};
 use syncra_core::record::StoredColumns;
@@ -241,13 +242,20 @@ impl SqliteStore {
         group: &GroupId,
         epoch: i64,
         members: &[u8],
+        last_commit: &[u8],
     ) -> Result<GroupState, SqliteError> {
         let row = format!("group {group}");
+        let last_commit = MessageId::try_from(last_commit)
+            .map_err(|_| self.corrupt(row.clone(), "last_commit: not a message id".into()))?;
         let members = decode_members(members)
             .ok_or_else(|| self.corrupt(row.clone(), "members: not a list of user ids".into()))?;
         let epoch = u64::try_from(epoch)
             .map_err(|_| self.corrupt(row, format!("epoch: {epoch} is negative")))?;
-        Ok(GroupState { epoch, members })
+        Ok(GroupState {
+            epoch,
+            members,
+            last_commit,
+        })
     }
 
     fn record_from_row(&self, row: &SqliteRow) -> Result<IdentityRecord, SqliteError> {
@@ -527,13 +535,13 @@ impl IdentityStore for SqliteStore {
     }
 
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>, StoreError> {
-        let row: Option<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT epoch, members FROM mls_groups WHERE group_id = ?")
+        let row: Option<(i64, Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT epoch, members, last_commit FROM mls_groups WHERE group_id = ?")
                 .bind(group.as_bytes().as_slice())
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(self.query_error("reading a group"))?;
-        row.map(|(epoch, members)| self.group_state(group, epoch, &members))
+        row.map(|(epoch, members, last)| self.group_state(group, epoch, &members, &last))
             .transpose()
             .map_err(StoreError::from)
     }
@@ -543,6 +551,7 @@ impl IdentityStore for SqliteStore {
         group: &GroupId,
         from: u64,
         members: &[UserId],
+        commit: &MessageId,
     ) -> Result<EpochAdvance, StoreError> {
         let gid = group.as_bytes().as_slice();
         let members = encode_members(members);
@@ -560,13 +569,15 @@ impl IdentityStore for SqliteStore {
             return Ok(EpochAdvance::Conflict { current });
         };
         sqlx::query(
-            "INSERT INTO mls_groups (group_id, epoch, members, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, \
-             members = excluded.members, updated_at = excluded.updated_at",
+            "INSERT INTO mls_groups (group_id, epoch, members, last_commit, updated_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET \
+             epoch = excluded.epoch, members = excluded.members, \
+             last_commit = excluded.last_commit, updated_at = excluded.updated_at",
         )
         .bind(gid)
         .bind(next.cast_signed())
         .bind(members)
+        .bind(commit.as_slice())
         .bind(now_secs())
         .execute(&mut *tx)
         .await

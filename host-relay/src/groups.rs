@@ -1,0 +1,160 @@
+//! The relay as a blind MLS delivery service: the rules an MLS carriage passes before it is
+//! routed (docs/PROTOCOL.md §9). The relay keeps, per group, the epoch and members the last
+//! accepted commit set (in the identity store, so every node of a cluster agrees) and nothing
+//! else; it never reads an MLS message.
+//!
+//! The rules, each refused with its own code:
+//!
+//! - **One commit per epoch.** A commit made in epoch `e` is accepted only if the group is at
+//!   `e` now (a group no commit named yet starts at 0); the store moves the group to `e + 1`
+//!   atomically, so of two commits for one epoch exactly one wins, on any node. The loser gets
+//!   `commit_conflict` and its author processes the winning commit (it is on its way, in order)
+//!   and commits again. The winning commit sent again (the same message id, to a member it did
+//!   not reach the first time) is routed, not refused.
+//! - **Members only.** Every carriage's sender must be a member as the last commit declared
+//!   (`not_a_member`), and its recipients too: an MLS message goes to members; a commit may
+//!   also go to those it removes, so they learn they are out.
+//! - **The current epoch only.** An application message, proposal or Welcome made in another
+//!   epoch than the group's is refused (`wrong_epoch`): members keep no keys of left epochs, so
+//!   such a message could not be read — its sender processes the commit it missed and encrypts
+//!   again, and nothing typed is lost.
+
+use syncra_core::UserId;
+use syncra_core::carriage::{CarriageHeader, CarriageKind};
+use syncra_core::error::StoreError;
+use syncra_core::store::{EpochAdvance, GroupState};
+use syncra_core::wire::ErrorCode;
+
+use crate::NodeState;
+use crate::session::with_store_timeout;
+
+/// Why a carriage was refused: the code and a message for its sender.
+pub type Refusal = (ErrorCode, String);
+
+/// Checks a carriage from `sender` against its group and, for a commit, claims the epoch.
+pub async fn admit(state: &NodeState, sender: UserId, h: &CarriageHeader) -> Result<(), Refusal> {
+    let group = with_store_timeout(state.store.group(&h.group_id))
+        .await
+        .map_err(unavailable)?;
+    match h.kind {
+        CarriageKind::Commit => commit(state, sender, h, group).await,
+        _ => {
+            let group = group.ok_or_else(|| {
+                (
+                    ErrorCode::NotAMember,
+                    format!("no commit created group {} at this relay", h.group_id),
+                )
+            })?;
+            member(&group, sender, h)?;
+            if h.epoch != group.epoch {
+                return Err((
+                    ErrorCode::WrongEpoch,
+                    format!(
+                        "this {} was made in epoch {}; group {} is at epoch {}",
+                        h.kind.name(),
+                        h.epoch,
+                        h.group_id,
+                        group.epoch
+                    ),
+                ));
+            }
+            outsiders(&h.recipients, &group.members, &[], h)
+        }
+    }
+}
+
+async fn commit(
+    state: &NodeState,
+    sender: UserId,
+    h: &CarriageHeader,
+    group: Option<GroupState>,
+) -> Result<(), Refusal> {
+    if !h.members.contains(&sender) {
+        return Err((
+            ErrorCode::NotAMember,
+            "a commit's members must include its sender (a member cannot commit its own \
+             removal; it proposes to leave)"
+                .into(),
+        ));
+    }
+    let before: &[UserId] = match &group {
+        Some(g) => {
+            member(g, sender, h)?;
+            // The same commit again: it won this epoch already; route it to whom it names.
+            if g.last_commit == h.message_id && g.epoch == h.epoch.saturating_add(1) {
+                return outsiders(&h.recipients, &g.members, &[], h);
+            }
+            &g.members
+        }
+        None => &[],
+    };
+    outsiders(&h.recipients, &h.members, before, h)?;
+    let advanced = with_store_timeout(state.store.advance_group(
+        &h.group_id,
+        h.epoch,
+        &h.members,
+        &h.message_id,
+    ))
+    .await
+    .map_err(unavailable)?;
+    match advanced {
+        EpochAdvance::Advanced => Ok(()),
+        EpochAdvance::Conflict { current } => Err((
+            ErrorCode::CommitConflict,
+            match current {
+                Some(now) => format!(
+                    "another commit won epoch {} of group {}; it is at epoch {now}: process \
+                     the winning commit, then commit again",
+                    h.epoch, h.group_id
+                ),
+                None => format!(
+                    "group {} is new here, so its first commit must be made in epoch 0, not {}",
+                    h.group_id, h.epoch
+                ),
+            },
+        )),
+    }
+}
+
+/// The sender must be a member of the group.
+fn member(group: &GroupState, sender: UserId, h: &CarriageHeader) -> Result<(), Refusal> {
+    if group.members.contains(&sender) {
+        Ok(())
+    } else {
+        Err((
+            ErrorCode::NotAMember,
+            format!(
+                "you are not a member of group {} (a {} from outside is refused)",
+                h.group_id,
+                h.kind.name()
+            ),
+        ))
+    }
+}
+
+/// Every recipient must be in `members` or `also`.
+fn outsiders(
+    recipients: &[UserId],
+    members: &[UserId],
+    also: &[UserId],
+    h: &CarriageHeader,
+) -> Result<(), Refusal> {
+    match recipients
+        .iter()
+        .find(|r| !members.contains(r) && !also.contains(r))
+    {
+        None => Ok(()),
+        Some(r) => Err((
+            ErrorCode::NotAMember,
+            format!(
+                "recipient {r} is not a member of group {}; a {} goes to members only",
+                h.group_id,
+                h.kind.name()
+            ),
+        )),
+    }
+}
+
+fn unavailable(e: StoreError) -> Refusal {
+    (ErrorCode::StoreUnavailable, e.to_string())
+}

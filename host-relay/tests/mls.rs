@@ -1,0 +1,503 @@
+//! The relay as a blind MLS delivery service, over real sockets (docs/PROTOCOL.md §9): the
+//! KeyPackage directory, one accepted commit per group epoch, members only, the current epoch
+//! only, and handshakes delivered in order through the mailbox to members who are offline.
+//!
+//! The relay never reads an MLS message, so the carriages here hold opaque bodies; the client
+//! tests (`host-client/tests/mls_relay.rs`) carry real MLS messages through the same rules.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+use bytes::Bytes;
+use syncra_core::carriage::{CarriageHeader, CarriageKind, GROUP_ID_LEN, GroupId};
+use syncra_core::wire::{ErrorCode, Frame, Outcome, RequestId};
+use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
+
+fn group() -> GroupId {
+    let mut id = [0u8; GROUP_ID_LEN];
+    syncra_core::crypto::fill_random(&mut id);
+    GroupId(id)
+}
+
+fn carriage(
+    kind: CarriageKind,
+    group: GroupId,
+    epoch: u64,
+    recipients: &[&TestUser],
+    members: &[&TestUser],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut message_id = [0u8; 16];
+    syncra_core::crypto::fill_random(&mut message_id);
+    CarriageHeader {
+        message_id,
+        kind,
+        group_id: group,
+        epoch,
+        recipients: recipients.iter().map(|u| u.id()).collect(),
+        members: members.iter().map(|u| u.id()).collect(),
+    }
+    .encode(body)
+}
+
+/// Sends a carriage; the send result's outcomes, or the error code and message.
+async fn send(
+    c: &mut RawClient,
+    request_id: RequestId,
+    bytes: &[u8],
+) -> Result<Vec<Outcome>, (ErrorCode, String)> {
+    c.send(&Frame::Send {
+        request_id,
+        envelope: Bytes::copy_from_slice(bytes),
+    })
+    .await;
+    answer(c, request_id).await
+}
+
+async fn answer(
+    c: &mut RawClient,
+    request_id: RequestId,
+) -> Result<Vec<Outcome>, (ErrorCode, String)> {
+    match c.reply().await {
+        Frame::SendResult {
+            request_id: r,
+            outcomes,
+            ..
+        } => {
+            assert_eq!(r, request_id);
+            Ok(outcomes.into_iter().map(|o| o.outcome).collect())
+        }
+        Frame::Error {
+            request_id: r,
+            code,
+            message,
+        } => {
+            assert_eq!(r, request_id);
+            Err((code, message))
+        }
+        other => panic!("expected a send result or an error, got {other:?}"),
+    }
+}
+
+fn refused(result: Result<Vec<Outcome>, (ErrorCode, String)>, code: ErrorCode) -> String {
+    match result {
+        Err((got, message)) => {
+            assert_eq!(got, code, "{message}");
+            message
+        }
+        Ok(outcomes) => panic!("expected {code:?}, the carriage was routed: {outcomes:?}"),
+    }
+}
+
+/// The MLS message of the next delivered carriage.
+async fn body(c: &mut RawClient) -> Vec<u8> {
+    let bytes = c.delivery().await;
+    syncra_core::carriage::parse(&bytes).unwrap().body.to_vec()
+}
+
+async fn users(relay: &TestRelay, names: &[&str]) -> Vec<(TestUser, RawClient)> {
+    let mut out = Vec::new();
+    for name in names {
+        let user = TestUser::new(name);
+        let (client, _) = user.register(relay.url()).await;
+        out.push((user, client));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_key_package_directory_hands_out_each_package_once_then_the_last_resort() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["kp_alice", "kp_bob"]).await;
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+
+    let one_time: Vec<Bytes> = vec![Bytes::from_static(b"kp-1"), Bytes::from_static(b"kp-2")];
+    ca.send(&Frame::PublishKeyPackages {
+        request_id: 1,
+        last_resort: Some(Bytes::from_static(b"kp-last")),
+        one_time: one_time.clone(),
+    })
+    .await;
+    assert_eq!(
+        ca.reply().await,
+        Frame::KeyPackages {
+            request_id: 1,
+            one_time: 2,
+            last_resort: true
+        }
+    );
+    let mut claimed = Vec::new();
+    for request_id in 10..14 {
+        cb.send(&Frame::ClaimKeyPackage {
+            request_id,
+            user_id: alice.id(),
+        })
+        .await;
+        match cb.reply().await {
+            Frame::KeyPackage {
+                request_id: r,
+                user_id,
+                last_resort,
+                package,
+            } => {
+                assert_eq!((r, user_id), (request_id, alice.id()));
+                claimed.push((package, last_resort));
+            }
+            other => panic!("expected a KeyPackage, got {other:?}"),
+        }
+    }
+    let last = (Bytes::from_static(b"kp-last"), true);
+    assert_eq!(
+        claimed,
+        vec![
+            (one_time[0].clone(), false),
+            (one_time[1].clone(), false),
+            last.clone(),
+            last
+        ],
+        "one-time packages once each, oldest first, then the last resort (kept)"
+    );
+    // Publishing nothing asks for the count.
+    ca.send(&Frame::PublishKeyPackages {
+        request_id: 2,
+        last_resort: None,
+        one_time: vec![],
+    })
+    .await;
+    assert_eq!(
+        ca.reply().await,
+        Frame::KeyPackages {
+            request_id: 2,
+            one_time: 0,
+            last_resort: true
+        }
+    );
+
+    // Nobody published: not_found, with who in the message.
+    cb.send(&Frame::ClaimKeyPackage {
+        request_id: 20,
+        user_id: bob.id(),
+    })
+    .await;
+    let why = cb.expect_error(ErrorCode::NotFound).await;
+    assert!(why.contains("no KeyPackage"), "{why}");
+
+    // More than a user may keep: refused whole, with the limit named.
+    let many: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("kp-{i}"))).collect();
+    ca.send(&Frame::PublishKeyPackages {
+        request_id: 3,
+        last_resort: None,
+        one_time: many.clone(),
+    })
+    .await;
+    assert!(matches!(
+        ca.reply().await,
+        Frame::KeyPackages { one_time: 100, .. }
+    ));
+    ca.send(&Frame::PublishKeyPackages {
+        request_id: 4,
+        last_resort: None,
+        one_time: many[..1].to_vec(),
+    })
+    .await;
+    let why = ca.expect_error(ErrorCode::BadKeyPackage).await;
+    assert!(why.contains("at most 100"), "{why}");
+}
+
+#[tokio::test]
+async fn exactly_one_of_two_concurrent_commits_wins_and_the_loser_commits_again() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["ep_alice", "ep_bob", "ep_carol"]).await;
+    let (carol, mut cc) = all.pop().unwrap();
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    let g = group();
+    let everyone = [&alice, &bob, &carol];
+
+    // The group's first commit claims epoch 0 (nobody else is in it yet to receive it).
+    let created = carriage(CarriageKind::Commit, g, 0, &[], &everyone, b"create");
+    assert_eq!(send(&mut ca, 1, &created).await.unwrap(), vec![]);
+
+    // Bob and Carol commit in epoch 1 at the same moment.
+    let from_bob = carriage(
+        CarriageKind::Commit,
+        g,
+        1,
+        &[&alice, &carol],
+        &everyone,
+        b"bob's",
+    );
+    let from_carol = carriage(
+        CarriageKind::Commit,
+        g,
+        1,
+        &[&alice, &bob],
+        &everyone,
+        b"carol's",
+    );
+    cb.send(&Frame::Send {
+        request_id: 2,
+        envelope: from_bob.into(),
+    })
+    .await;
+    cc.send(&Frame::Send {
+        request_id: 2,
+        envelope: from_carol.into(),
+    })
+    .await;
+    let (bob_answer, carol_answer) = tokio::join!(answer(&mut cb, 2), answer(&mut cc, 2));
+    let (winner, mut loser_client, loser) = match (bob_answer, carol_answer) {
+        (Ok(_), Err(e)) => {
+            refused(Err(e), ErrorCode::CommitConflict);
+            (b"bob's".to_vec(), cc, &carol)
+        }
+        (Err(e), Ok(_)) => {
+            refused(Err(e), ErrorCode::CommitConflict);
+            (b"carol's".to_vec(), cb, &bob)
+        }
+        other => panic!("exactly one commit must win epoch 1: {other:?}"),
+    };
+    // Everyone else gets the winning commit, the loser included, so it can rebase.
+    assert_eq!(body(&mut ca).await, winner);
+    assert_eq!(body(&mut loser_client).await, winner);
+
+    // The loser commits again in epoch 2: accepted, and Alice gets it next, in order.
+    let others: Vec<&TestUser> = everyone
+        .iter()
+        .copied()
+        .filter(|u| u.id() != loser.id())
+        .collect();
+    let again = carriage(CarriageKind::Commit, g, 2, &others, &everyone, b"rebased");
+    let outcomes = send(&mut loser_client, 3, &again).await.unwrap();
+    assert_eq!(outcomes, vec![Outcome::Delivered; 2]);
+    assert_eq!(body(&mut ca).await, b"rebased");
+}
+
+#[tokio::test]
+async fn messages_from_other_epochs_outsiders_and_unknown_groups_are_refused_by_name() {
+    use CarriageKind::{Application, Commit, Proposal, Welcome};
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["rule_alice", "rule_bob", "rule_dave"]).await;
+    let (dave, cd) = all.pop().unwrap();
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    let g = group();
+    let commit = carriage(Commit, g, 0, &[&bob], &[&alice, &bob], b"c0");
+    assert_eq!(
+        send(&mut ca, 1, &commit).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"c0");
+
+    let cases: Vec<(&str, usize, Vec<u8>, ErrorCode, &str)> = vec![
+        (
+            "an application message from a left epoch",
+            0,
+            carriage(Application, g, 0, &[&bob], &[], b"old"),
+            ErrorCode::WrongEpoch,
+            "made in epoch 0",
+        ),
+        (
+            "a proposal from a future epoch",
+            1,
+            carriage(Proposal, g, 5, &[&alice], &[], b"future"),
+            ErrorCode::WrongEpoch,
+            "is at epoch 1",
+        ),
+        (
+            "a message from someone outside the group",
+            2,
+            carriage(Application, g, 1, &[&alice], &[], b"hi"),
+            ErrorCode::NotAMember,
+            "not a member",
+        ),
+        (
+            "a member writing to someone outside the group",
+            0,
+            carriage(Application, g, 1, &[&dave], &[], b"psst"),
+            ErrorCode::NotAMember,
+            "recipient",
+        ),
+        (
+            "a Welcome to someone the last commit did not add",
+            0,
+            carriage(Welcome, g, 1, &[&dave], &[], b"welcome"),
+            ErrorCode::NotAMember,
+            "recipient",
+        ),
+        (
+            "a commit whose members leave out its sender",
+            0,
+            carriage(Commit, g, 1, &[&bob], &[&bob], b"self-removal"),
+            ErrorCode::NotAMember,
+            "include its sender",
+        ),
+        (
+            "a commit by an outsider",
+            2,
+            carriage(Commit, g, 1, &[&alice], &[&alice, &dave], b"takeover"),
+            ErrorCode::NotAMember,
+            "not a member",
+        ),
+        (
+            "a commit for an epoch the group left",
+            1,
+            carriage(Commit, g, 0, &[&alice], &[&alice, &bob], b"late"),
+            ErrorCode::CommitConflict,
+            "another commit won epoch 0",
+        ),
+        (
+            "a message to a group no commit created",
+            0,
+            carriage(Application, group(), 0, &[&bob], &[], b"?"),
+            ErrorCode::NotAMember,
+            "no commit created",
+        ),
+        (
+            "a new group's first commit made in a later epoch",
+            0,
+            carriage(Commit, group(), 3, &[], &[&alice], b"skip"),
+            ErrorCode::CommitConflict,
+            "epoch 0, not 3",
+        ),
+    ];
+    let mut clients = [ca, cb, cd];
+    for (i, (what, who, bytes, code, says)) in cases.into_iter().enumerate() {
+        let why = refused(send(&mut clients[who], 100 + i as u32, &bytes).await, code);
+        assert!(why.contains(says), "{what}: {why:?} should say {says:?}");
+    }
+    let [mut ca, mut cb, _] = clients;
+    // A carriage whose shape is wrong is a bad envelope, like a bad sealed envelope.
+    let mut bad = carriage(Application, g, 1, &[&bob], &[], b"x");
+    bad[17] = 9; // the kind byte
+    let why = refused(send(&mut ca, 200, &bad).await, ErrorCode::BadEnvelope);
+    assert!(why.contains("unknown carriage kind"), "{why}");
+
+    // Nothing refused reached anyone, the group is still at epoch 1, and it still works.
+    let fine = carriage(Application, g, 1, &[&bob], &[], b"still here");
+    assert_eq!(
+        send(&mut ca, 300, &fine).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"still here");
+    let fine = carriage(Application, g, 1, &[&alice], &[], b"me too");
+    assert_eq!(
+        send(&mut cb, 301, &fine).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(body(&mut ca).await, b"me too");
+}
+
+#[tokio::test]
+async fn the_winning_commit_sent_again_is_routed_and_a_rival_is_still_refused() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["re_alice", "re_bob"]).await;
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    let g = group();
+    let commit = carriage(CarriageKind::Commit, g, 0, &[&bob], &[&alice, &bob], b"c0");
+    assert_eq!(
+        send(&mut ca, 1, &commit).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    // Alice's outbox could not tell whether Bob got it (a lost answer): she sends it again.
+    assert_eq!(
+        send(&mut ca, 2, &commit).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"c0");
+    assert_eq!(body(&mut cb).await, b"c0", "the same commit, routed twice");
+    let rival = carriage(
+        CarriageKind::Commit,
+        g,
+        0,
+        &[&alice],
+        &[&alice, &bob],
+        b"rival",
+    );
+    refused(send(&mut cb, 3, &rival).await, ErrorCode::CommitConflict);
+}
+
+#[tokio::test]
+async fn a_member_offline_across_several_commits_catches_up_in_order_from_the_mailbox() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["off_alice", "off_bob"]).await;
+    let (bob, cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    drop(cb);
+    let g = group();
+    let both = [&alice, &bob];
+    let sent: Vec<Vec<u8>> = vec![
+        carriage(CarriageKind::Commit, g, 0, &[&bob], &both, b"commit 0"),
+        carriage(
+            CarriageKind::Application,
+            g,
+            1,
+            &[&bob],
+            &[],
+            b"message in 1",
+        ),
+        carriage(CarriageKind::Commit, g, 1, &[&bob], &both, b"commit 1"),
+        carriage(
+            CarriageKind::Application,
+            g,
+            2,
+            &[&bob],
+            &[],
+            b"message in 2",
+        ),
+        carriage(CarriageKind::Commit, g, 2, &[&bob], &both, b"commit 2"),
+        carriage(
+            CarriageKind::Application,
+            g,
+            3,
+            &[&bob],
+            &[],
+            b"message in 3",
+        ),
+    ];
+    // Bob's session may still be closing: until the relay sees it gone, a send is delivered to
+    // it; wait for the first `stored` before the rest.
+    loop {
+        let probe = carriage(CarriageKind::Commit, group(), 0, &[&bob], &both, b"probe");
+        if send(&mut ca, 1, &probe).await.unwrap() == vec![Outcome::Stored] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for (i, bytes) in sent.iter().enumerate() {
+        assert_eq!(
+            send(&mut ca, 10 + i as u32, bytes).await.unwrap(),
+            vec![Outcome::Stored],
+            "carriage {i}"
+        );
+    }
+    let mut cb = RawClient::connect(relay.url()).await;
+    cb.send(&bob.auth_frame(&cb)).await;
+    expect_auth_ok(&mut cb, bob.id()).await;
+    let mut backlog = Vec::new();
+    loop {
+        match cb.frame().await {
+            Frame::Pending { envelope, .. } => {
+                backlog.push(
+                    syncra_core::carriage::parse(&envelope)
+                        .unwrap()
+                        .body
+                        .to_vec(),
+                );
+            }
+            Frame::PendingEnd { .. } => break,
+            other => panic!("expected the backlog, got {other:?}"),
+        }
+    }
+    let expected: Vec<Vec<u8>> = std::iter::once(b"probe".to_vec())
+        .chain(
+            sent.iter()
+                .map(|b| syncra_core::carriage::parse(b).unwrap().body.to_vec()),
+        )
+        .collect();
+    // Probes that found Bob still connected went to his closing session; the one stored is first.
+    assert_eq!(
+        backlog, expected,
+        "handshakes and messages arrive in the order they were accepted"
+    );
+}

@@ -196,7 +196,7 @@ pub fn encode_members(members: &[UserId]) -> Vec<u8> {
 /// Decodes [`encode_members`]; `None` if the length is not a whole number of ids.
 pub fn decode_members(bytes: &[u8]) -> Option<Vec<UserId>> {
     const LEN: usize = crate::id::USER_ID_LEN;
-    if bytes.len() % LEN != 0 {
+    if !bytes.len().is_multiple_of(LEN) {
         return None;
     }
     Some(

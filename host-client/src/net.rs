@@ -501,6 +501,54 @@ impl Session {
         }
     }
 
+    /// Publishes one-time KeyPackages (and a new last-resort one, if given) to the relay's
+    /// directory; answers how many one-time ones are held and whether a last-resort one is.
+    /// With nothing to publish it only asks.
+    pub async fn publish_key_packages(
+        &self,
+        last_resort: Option<Vec<u8>>,
+        one_time: Vec<Vec<u8>>,
+    ) -> Result<(u32, bool), NetError> {
+        match self
+            .request(|request_id| Frame::PublishKeyPackages {
+                request_id,
+                last_resort: last_resort.map(Bytes::from),
+                one_time: one_time.into_iter().map(Bytes::from).collect(),
+            })
+            .await?
+        {
+            Frame::KeyPackages {
+                one_time,
+                last_resort,
+                ..
+            } => Ok((one_time, last_resort)),
+            other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        }
+    }
+
+    /// Claims one of `user_id`'s KeyPackages: the bytes (the caller verifies them, including
+    /// that they are bound to `user_id`) and whether it is the last-resort one.
+    pub async fn claim_key_package(&self, user_id: UserId) -> Result<(Bytes, bool), NetError> {
+        match self
+            .request(|request_id| Frame::ClaimKeyPackage {
+                request_id,
+                user_id,
+            })
+            .await?
+        {
+            Frame::KeyPackage {
+                user_id: whose,
+                last_resort,
+                package,
+                ..
+            } if whose == user_id => Ok((package, last_resort)),
+            Frame::KeyPackage { .. } => Err(NetError::Protocol(
+                "the relay answered with another user's KeyPackage".into(),
+            )),
+            other => Err(NetError::Protocol(format!("unexpected {}", other.kind()))),
+        }
+    }
+
     /// Tells the relay that mailbox entries up to `entry_id` are handled, so it deletes them.
     /// No reply: an entry whose acknowledgement is lost is sent again at the next login, and a
     /// message id is shown once.
@@ -612,6 +660,8 @@ fn spawn_reader(
                 } => push(Push::Notice(code, message)).await,
                 Frame::Record { request_id, .. }
                 | Frame::Ack { request_id }
+                | Frame::KeyPackage { request_id, .. }
+                | Frame::KeyPackages { request_id, .. }
                 | Frame::SendResult { request_id, .. }
                 | Frame::Error { request_id, .. } => {
                     let waiter = p

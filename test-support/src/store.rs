@@ -104,7 +104,10 @@ async fn key_packages_are_claimed_once_oldest_first_then_last_resort(
         "{case}"
     );
     let more = packages("more", 1);
-    let stock = store.publish_key_packages(id, &more, None).await.unwrap();
+    let stock = store
+        .publish_key_packages(id, &more, None)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
     assert_eq!(stock.one_time, 3, "{case}: publishing adds to what is held");
     for expected in first.iter().chain(&more) {
         assert_eq!(
@@ -130,14 +133,17 @@ async fn key_packages_are_claimed_once_oldest_first_then_last_resort(
     store
         .publish_key_packages(id, &[], Some(&replaced))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
     assert_eq!(
         claim(&*store, id, case).await.map(|c| c.package),
         Some(replaced),
         "{case}: publishing a last-resort package replaces the old one"
     );
     assert_eq!(
-        store.key_package_stock(id).await.unwrap(),
+        store
+            .key_package_stock(id)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         KeyPackageStock {
             one_time: 0,
             last_resort: true
@@ -171,7 +177,11 @@ async fn key_package_publishing_is_bounded_and_needs_a_user(store: Arc<dyn Ident
         "{case}: beyond the limit must be KeyPackagesFull, got {err:?}"
     );
     assert_eq!(
-        store.key_package_stock(id).await.unwrap().one_time as usize,
+        store
+            .key_package_stock(id)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"))
+            .one_time as usize,
         MAX_KEY_PACKAGES - 1,
         "{case}: a refused publish stores nothing"
     );
@@ -196,7 +206,7 @@ async fn racing_claims_never_share_a_key_package(store: Arc<dyn IdentityStore>) 
     store
         .publish_key_packages(&alice.user_id, &published, Some(&Bytes::from_static(b"lr")))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
     let start = Arc::new(tokio::sync::Barrier::new(RACERS));
     let tasks: Vec<_> = (0..RACERS)
         .map(|_| {
@@ -243,11 +253,20 @@ async fn deleting_a_user_deletes_their_key_packages(store: Arc<dyn IdentityStore
             Some(&Bytes::from_static(b"lr")),
         )
         .await
-        .unwrap();
-    assert!(store.delete(&alice.user_id).await.unwrap(), "{case}");
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    assert!(
+        store
+            .delete(&alice.user_id)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
+        "{case}"
+    );
     register_ok(&*store, &alice, case).await;
     assert_eq!(
-        store.key_package_stock(&alice.user_id).await.unwrap(),
+        store
+            .key_package_stock(&alice.user_id)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         KeyPackageStock::default(),
         "{case}: packages of a deleted registration must not outlive it"
     );
@@ -275,7 +294,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, 3, &members, &[3; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Conflict { current: None },
         "{case}: an unknown group starts at epoch 0"
     );
@@ -283,7 +302,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, 0, &members[..1], &[1; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Advanced,
         "{case}: the first commit creates the group"
     );
@@ -300,7 +319,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, 0, &members, &[4; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Conflict { current: Some(1) },
         "{case}: a second commit for a left epoch loses"
     );
@@ -308,7 +327,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, 1, &members, &[2; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Advanced,
         "{case}"
     );
@@ -325,7 +344,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, 7, &members, &[7; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Conflict { current: Some(2) },
         "{case}: a commit from the future loses too"
     );
@@ -333,7 +352,7 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
         store
             .advance_group(&group, u64::MAX, &members, &[8; 16])
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         EpochAdvance::Conflict { current: Some(2) },
         "{case}: the largest epoch is refused, not an error"
     );
@@ -342,7 +361,10 @@ async fn a_group_advances_one_epoch_per_commit(store: Arc<dyn IdentityStore>) {
 async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn IdentityStore>) {
     let case = "racing commits";
     let group = fresh_group();
-    store.advance_group(&group, 0, &[], &[0; 16]).await.unwrap();
+    store
+        .advance_group(&group, 0, &[], &[0; 16])
+        .await
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
     let start = Arc::new(tokio::sync::Barrier::new(RACERS));
     let tasks: Vec<_> = (0..RACERS)
         .map(|i| {
@@ -379,7 +401,10 @@ async fn racing_commits_for_one_epoch_have_exactly_one_winner(store: Arc<dyn Ide
         );
     };
     assert_eq!(
-        store.group(&group).await.unwrap(),
+        store
+            .group(&group)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}")),
         Some(GroupState {
             epoch: 2,
             members: vec![winner],

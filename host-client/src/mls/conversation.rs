@@ -54,6 +54,11 @@ impl ConversationId {
         &self.0
     }
 
+    /// The id for raw bytes (as a carriage names a group).
+    pub fn from_bytes(bytes: [u8; GROUP_ID_LEN]) -> Self {
+        ConversationId(bytes)
+    }
+
     fn of(group_id: &GroupId) -> Result<Self, MlsError> {
         let bytes = group_id.as_slice();
         bytes
@@ -249,6 +254,54 @@ impl fmt::Debug for Incoming {
                 .field("discarded", discarded)
                 .finish(),
         }
+    }
+}
+
+/// What an MLS message says about itself in the clear (RFC 9420 §6: group id, epoch and
+/// content type are plaintext even in a `PrivateMessage`). A client compares it with what the
+/// carriage declared to the relay before processing, so a commit cannot pass the relay's
+/// one-commit-per-epoch rule under another name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// The group id.
+    pub group: [u8; GROUP_ID_LEN],
+    /// The epoch it was made in.
+    pub epoch: u64,
+    /// What it is.
+    pub kind: FramedKind,
+}
+
+/// The content type of an MLS message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramedKind {
+    /// An application message.
+    Application,
+    /// A commit.
+    Commit,
+    /// A proposal.
+    Proposal,
+}
+
+impl Framing {
+    /// Reads the clear framing of a group message (not a Welcome or KeyPackage).
+    pub fn of(bytes: &[u8]) -> Result<Framing, MlsError> {
+        let message =
+            MlsMessageIn::tls_deserialize_exact_bytes(bytes).map_err(|_| MlsError::Malformed {
+                expected: "message",
+            })?;
+        let message = message
+            .try_into_protocol_message()
+            .map_err(|_| MlsError::Unsupported("a Welcome, GroupInfo or KeyPackage here"))?;
+        let group = ConversationId::of(message.group_id())?.0;
+        Ok(Framing {
+            group,
+            epoch: message.epoch().as_u64(),
+            kind: match message.content_type() {
+                ContentType::Application => FramedKind::Application,
+                ContentType::Commit => FramedKind::Commit,
+                ContentType::Proposal => FramedKind::Proposal,
+            },
+        })
     }
 }
 

@@ -33,6 +33,7 @@ mod conversation;
 mod crypto;
 mod error;
 mod identity;
+mod service;
 mod state;
 
 use openmls::prelude::{
@@ -44,10 +45,12 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 
 pub use conversation::{
-    CommitOutput, Conversation, ConversationId, Incoming, Intent, MemberKeyPackage, RosterEvent,
+    CommitOutput, Conversation, ConversationId, FramedKind, Framing, Incoming, Intent,
+    MemberKeyPackage, RosterEvent,
 };
 pub use error::{BindingError, MlsError};
 pub use identity::{IdentitySigner, KeyPackageOutput, MlsIdentity, bound_user_id, credential_for};
+pub use service::{Arrival, Conversations, ServiceError, StateError};
 
 /// The one ciphersuite Syncra speaks: DHKEM(X25519), AES-128-GCM, SHA-256, Ed25519.
 ///

@@ -1,0 +1,669 @@
+//! The client half of the MLS delivery service: the engine's output carried through the relay.
+//!
+//! [`Conversations`] holds this member's MLS identity and its conversations and speaks the
+//! relay's side of docs/PROTOCOL.md §9:
+//!
+//! - **KeyPackages**: [`Conversations::replenish`] keeps the directory stocked (one-time
+//!   packages and one last-resort package); creating a conversation claims one package per
+//!   member and checks it is bound to the member asked for.
+//! - **Commits**: every add, remove and update is a commit sent as a carriage naming the
+//!   members after it. The relay accepts one per epoch: accepted, it is merged and its Welcome
+//!   goes to the members it added; refused with `commit_conflict`, it is dropped and its intent
+//!   kept — once the winning commit has been processed, [`Conversations::rebase`] makes it again
+//!   on the new epoch, minus what the winner already did.
+//! - **Messages**: encrypted in the current epoch and sent to every other member; refused with
+//!   `wrong_epoch` when a commit this member has not processed yet moved the group on — the
+//!   caller processes what arrived and sends the same text again ([`ServiceError::Behind`]).
+//! - **Arrivals**: [`Conversations::receive`] takes a carriage from the relay, checks that the
+//!   kind, group and epoch it declared match the MLS message inside, and processes it: a
+//!   Welcome joins, a commit moves the conversation on (with the roster changes as events),
+//!   an application message is decrypted with its authenticated sender.
+//!
+//! A 1:1 chat is [`Conversations::create`] with one other member followed by a message: the
+//! commit claims the group's first epoch, then the Welcome and the first message leave one
+//! after the other on the same ordered path, so the other side joins before it reads.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use syncra_core::UserId;
+use syncra_core::carriage::{self, CarriageHeader, CarriageKind, GroupId};
+use syncra_core::crypto::keys::IdentityKeyPair;
+use syncra_core::crypto::local_box::LocalKey;
+use syncra_core::error::OpenError;
+use syncra_core::wire::{ErrorCode, RecipientOutcome};
+use zeroize::Zeroizing;
+
+use super::conversation::{
+    CommitOutput, Conversation, ConversationId, FramedKind, Framing, Incoming, Intent,
+    MemberKeyPackage, RosterEvent,
+};
+use super::error::MlsError;
+use super::identity::MlsIdentity;
+use crate::net::{NetError, Session};
+
+/// What a carriage from the relay turned out to be, once processed.
+pub enum Arrival {
+    /// A Welcome: this member joined a conversation.
+    Joined {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Its members, this one included.
+        roster: Vec<UserId>,
+        /// The epoch it was joined in.
+        epoch: u64,
+    },
+    /// An application message.
+    Message {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Its sender, authenticated by MLS (not by anything the relay said).
+        sender: UserId,
+        /// The plaintext.
+        plaintext: Zeroizing<Vec<u8>>,
+        /// The epoch it was sent in.
+        epoch: u64,
+    },
+    /// A commit of another member, merged.
+    Commit {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who committed it.
+        by: UserId,
+        /// The membership changes, in order.
+        events: Vec<RosterEvent>,
+        /// The conversation's epoch now.
+        epoch: u64,
+        /// It removed this member: the conversation is over for it.
+        removed_me: bool,
+        /// It won an epoch this member had also committed in: call
+        /// [`Conversations::rebase`] to make that commit again.
+        rebase: bool,
+    },
+}
+
+impl std::fmt::Debug for Arrival {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arrival::Joined {
+                conversation,
+                roster,
+                epoch,
+            } => write!(
+                f,
+                "Joined({conversation}, {} members, epoch {epoch})",
+                roster.len()
+            ),
+            // The plaintext stays out of logs.
+            Arrival::Message {
+                conversation,
+                sender,
+                plaintext,
+                epoch,
+            } => write!(
+                f,
+                "Message({conversation}, from {sender}, {} bytes, epoch {epoch})",
+                plaintext.len()
+            ),
+            Arrival::Commit {
+                conversation,
+                by,
+                events,
+                epoch,
+                removed_me,
+                rebase,
+            } => write!(
+                f,
+                "Commit({conversation}, by {by}, {events:?}, epoch {epoch}, removed_me \
+                 {removed_me}, rebase {rebase})"
+            ),
+        }
+    }
+}
+
+/// Why a conversation operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The MLS engine refused (a tampered, replayed or out-of-epoch message has its own
+    /// variant there).
+    #[error(transparent)]
+    Mls(#[from] MlsError),
+    /// The relay could not be reached or refused.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A carriage from the relay is malformed.
+    #[error("malformed carriage: {0}")]
+    Carriage(#[from] OpenError),
+    /// What a carriage declared to the relay is not what the MLS message inside is.
+    #[error("the carriage declared {declared}, but the MLS message inside is {actual}")]
+    Mismatch {
+        /// What the carriage said.
+        declared: String,
+        /// What the message is.
+        actual: String,
+    },
+    /// No conversation with this id.
+    #[error("no conversation {0}")]
+    Unknown(ConversationId),
+    /// Another member's commit won this epoch. Process what arrives (the winner is on its
+    /// way), then [`Conversations::rebase`].
+    #[error("another member's commit won epoch {epoch} of conversation {conversation}")]
+    Conflict {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The epoch lost.
+        epoch: u64,
+    },
+    /// The group moved past the epoch this message was made in. Process what arrives, then
+    /// send the same text again.
+    #[error("conversation {conversation} moved past epoch {epoch}; send again once caught up")]
+    Behind {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The epoch the message was made in.
+        epoch: u64,
+    },
+}
+
+/// The file of the KeyPackage store, in the MLS state directory.
+const KEY_STORE_FILE: &str = "key-packages.state";
+/// The ending of a conversation's file (its name is the conversation id, base32).
+const STATE_SUFFIX: &str = ".state";
+
+/// Why the MLS state on disk could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A file does not open under this home's storage key, or does not decode.
+    #[error("{path}: damaged or not this home's MLS state ({why})")]
+    Damaged {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn label(file: &str) -> Vec<u8> {
+    let mut label = b"syncra/mls/".to_vec();
+    label.extend_from_slice(file.as_bytes());
+    label
+}
+
+/// This member's MLS conversations and the relay protocol around them.
+pub struct Conversations {
+    identity: MlsIdentity,
+    groups: HashMap<ConversationId, Conversation>,
+    /// Commits that lost their epoch, to make again once the winner is processed.
+    lost: HashMap<ConversationId, Intent>,
+}
+
+impl std::fmt::Debug for Conversations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conversations")
+            .field("me", &self.identity.user_id())
+            .field("conversations", &self.groups.len())
+            .finish()
+    }
+}
+
+fn message_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    syncra_core::crypto::fill_random(&mut id);
+    id
+}
+
+impl Conversations {
+    /// No conversations yet, for this identity.
+    pub fn new(identity: MlsIdentity) -> Self {
+        Conversations {
+            identity,
+            groups: HashMap::new(),
+            lost: HashMap::new(),
+        }
+    }
+
+    /// This member's MLS identity (its KeyPackage store is saved with it).
+    pub fn identity(&self) -> &MlsIdentity {
+        &self.identity
+    }
+
+    /// A conversation.
+    pub fn get(&self, id: ConversationId) -> Option<&Conversation> {
+        self.groups.get(&id)
+    }
+
+    /// Every conversation's id.
+    pub fn ids(&self) -> impl Iterator<Item = ConversationId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    /// Adds a conversation restored from disk.
+    pub fn insert(&mut self, conversation: Conversation) {
+        self.groups.insert(conversation.id(), conversation);
+    }
+
+    /// Seals the KeyPackage store and every conversation into `dir` under the home's storage
+    /// key (AES-256-GCM, each bound to its file name), each file written atomically with mode
+    /// 0600: the same protection as the history. Call after every change and before the
+    /// change's output leaves the device, so a crash never leaves the relay ahead of the disk.
+    pub fn save(&self, dir: &Path, key: &LocalKey) -> Result<(), StateError> {
+        self.save_file(
+            dir,
+            key,
+            KEY_STORE_FILE,
+            &self.identity.key_store_to_bytes(),
+        )?;
+        for (id, conversation) in &self.groups {
+            let file = format!("{id}{STATE_SUFFIX}");
+            self.save_file(dir, key, &file, &conversation.to_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn save_file(
+        &self,
+        dir: &Path,
+        key: &LocalKey,
+        file: &str,
+        state: &[u8],
+    ) -> Result<(), StateError> {
+        let path = dir.join(file);
+        let sealed = key.seal(&label(file), state);
+        syncra_core::crypto::keyfile::write_private(&path, &sealed).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// Opens what [`Conversations::save`] wrote (an empty or missing directory: no
+    /// conversations yet). A file that does not open under `key` or does not decode is an
+    /// error naming it; nothing is skipped silently.
+    pub fn load(
+        identity: &IdentityKeyPair,
+        dir: &Path,
+        key: &LocalKey,
+    ) -> Result<Self, StateError> {
+        let open = |file: &str| -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+            let path = dir.join(file);
+            match std::fs::read(&path) {
+                Ok(sealed) => {
+                    key.open(&label(file), &sealed)
+                        .map(Some)
+                        .map_err(|e| StateError::Damaged {
+                            path,
+                            why: e.to_string(),
+                        })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(StateError::Io { path, source }),
+            }
+        };
+        let damaged = |file: &str, e: MlsError| StateError::Damaged {
+            path: dir.join(file),
+            why: e.to_string(),
+        };
+        let mls = match open(KEY_STORE_FILE)? {
+            Some(store) => {
+                MlsIdentity::restore(identity, &store).map_err(|e| damaged(KEY_STORE_FILE, e))?
+            }
+            None => MlsIdentity::new(identity),
+        };
+        let mut conversations = Conversations::new(mls);
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(conversations),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: dir.to_owned(),
+                    source,
+                });
+            }
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let name = entry.file_name();
+            let Some(file) = name.to_str() else { continue };
+            if file == KEY_STORE_FILE || !file.ends_with(STATE_SUFFIX) {
+                continue;
+            }
+            let Some(state) = open(file)? else { continue };
+            let conversation = Conversation::from_bytes(&state, &conversations.identity)
+                .map_err(|e| damaged(file, e))?;
+            if format!("{}{STATE_SUFFIX}", conversation.id()) != file {
+                return Err(StateError::Damaged {
+                    path: dir.join(file),
+                    why: format!("it holds conversation {}", conversation.id()),
+                });
+            }
+            conversations.insert(conversation);
+        }
+        Ok(conversations)
+    }
+
+    /// Tops the directory up to `target` one-time KeyPackages and publishes a last-resort one
+    /// if none is there. Answers what the directory holds afterwards. Save the identity's key
+    /// store before the next call that may use a package.
+    pub async fn replenish(
+        &self,
+        session: &Session,
+        target: u32,
+    ) -> Result<(u32, bool), ServiceError> {
+        let (held, has_last_resort) = session.publish_key_packages(None, Vec::new()).await?;
+        let one_time = (held..target)
+            .map(|_| self.identity.key_package().map(|k| k.bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let last_resort = if has_last_resort {
+            None
+        } else {
+            Some(self.identity.last_resort_key_package()?.bytes)
+        };
+        if one_time.is_empty() && last_resort.is_none() {
+            return Ok((held, has_last_resort));
+        }
+        Ok(session.publish_key_packages(last_resort, one_time).await?)
+    }
+
+    /// Claims and checks a member's KeyPackage.
+    async fn claim(
+        &self,
+        session: &Session,
+        user: UserId,
+    ) -> Result<MemberKeyPackage, ServiceError> {
+        let (bytes, _last_resort) = session.claim_key_package(user).await?;
+        Ok(MemberKeyPackage::from_bytes(&bytes, user)?)
+    }
+
+    /// Creates a conversation with `members` (a 1:1 chat: one member): claims their
+    /// KeyPackages, commits the adds (claiming epoch 0 at the relay) and sends them the Welcome.
+    pub async fn create(
+        &mut self,
+        session: &Session,
+        members: &[UserId],
+    ) -> Result<ConversationId, ServiceError> {
+        let mut packages = Vec::with_capacity(members.len());
+        for &user in members {
+            packages.push(self.claim(session, user).await?);
+        }
+        let mut conversation = self.identity.create_conversation()?;
+        let id = conversation.id();
+        let out = conversation.add(&packages)?;
+        self.groups.insert(id, conversation);
+        self.commit(session, id, out).await?;
+        Ok(id)
+    }
+
+    /// Adds members to a conversation (a commit, then a Welcome for them).
+    pub async fn add(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+        members: &[UserId],
+    ) -> Result<u64, ServiceError> {
+        let mut packages = Vec::with_capacity(members.len());
+        for &user in members {
+            packages.push(self.claim(session, user).await?);
+        }
+        let out = self.conversation(id)?.add(&packages)?;
+        self.commit(session, id, out).await
+    }
+
+    /// Removes members from a conversation: they cannot read anything after this commit.
+    pub async fn remove(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+        members: &[UserId],
+    ) -> Result<u64, ServiceError> {
+        let out = self.conversation(id)?.remove(members)?;
+        self.commit(session, id, out).await
+    }
+
+    /// Replaces this member's leaf keys: a copy of its earlier state stops opening anything.
+    pub async fn update(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<u64, ServiceError> {
+        let out = self.conversation(id)?.update()?;
+        self.commit(session, id, out).await
+    }
+
+    /// Makes a commit that lost its epoch again, on the epoch the winner moved the group to.
+    /// `None` when nothing was lost or the winner already did it all.
+    pub async fn rebase(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<Option<u64>, ServiceError> {
+        let Some(intent) = self.lost.remove(&id) else {
+            return Ok(None);
+        };
+        match self.conversation(id)?.retry(intent)? {
+            Some(out) => self.commit(session, id, out).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Encrypts `plaintext` for every other member and sends it.
+    pub async fn send(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+        plaintext: &[u8],
+    ) -> Result<Vec<RecipientOutcome>, ServiceError> {
+        let me = self.identity.user_id();
+        let conversation = self.conversation(id)?;
+        let recipients: Vec<UserId> = conversation
+            .roster()?
+            .into_iter()
+            .filter(|u| *u != me)
+            .collect();
+        if recipients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let epoch = conversation.epoch();
+        let body = conversation.encrypt(plaintext)?;
+        let carriage = CarriageHeader {
+            message_id: message_id(),
+            kind: CarriageKind::Application,
+            group_id: GroupId(*id.as_bytes()),
+            epoch,
+            recipients,
+            members: Vec::new(),
+        }
+        .encode(&body);
+        match session.send(carriage).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(NetError::Refused {
+                code: ErrorCode::WrongEpoch,
+                ..
+            }) => Err(ServiceError::Behind {
+                conversation: id,
+                epoch,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn conversation(&mut self, id: ConversationId) -> Result<&mut Conversation, ServiceError> {
+        self.groups.get_mut(&id).ok_or(ServiceError::Unknown(id))
+    }
+
+    /// Sends a commit this member made: merged once the relay accepts it (then the Welcome goes
+    /// to the members it added), dropped with its intent kept when another commit won.
+    async fn commit(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+        out: CommitOutput,
+    ) -> Result<u64, ServiceError> {
+        let me = self.identity.user_id();
+        let conversation = self.conversation(id)?;
+        let before = conversation.roster()?;
+        let after: Vec<UserId> = match conversation.pending_intent() {
+            Some(Intent::Add(added)) => before
+                .iter()
+                .copied()
+                .chain(added.iter().map(MemberKeyPackage::user_id))
+                .collect(),
+            Some(Intent::Remove(removed)) => before
+                .iter()
+                .copied()
+                .filter(|u| !removed.contains(u))
+                .collect(),
+            Some(Intent::Update) | None => before.clone(),
+        };
+        // Everyone in the group before the commit gets it, the removed included (so they learn
+        // they are out); the added get the Welcome instead.
+        let recipients: Vec<UserId> = before.iter().copied().filter(|u| *u != me).collect();
+        let carriage = CarriageHeader {
+            message_id: message_id(),
+            kind: CarriageKind::Commit,
+            group_id: GroupId(*id.as_bytes()),
+            epoch: out.epoch,
+            recipients,
+            members: after.clone(),
+        }
+        .encode(&out.commit);
+        match session.send(carriage).await {
+            Ok(_) => {}
+            Err(NetError::Refused {
+                code: ErrorCode::CommitConflict,
+                ..
+            }) => {
+                let intent = self.conversation(id)?.commit_rejected()?;
+                self.lost.insert(id, intent);
+                return Err(ServiceError::Conflict {
+                    conversation: id,
+                    epoch: out.epoch,
+                });
+            }
+            Err(e @ NetError::Refused { .. }) => {
+                // Refused for good (not a member, a malformed carriage): the commit never
+                // happened.
+                self.conversation(id)?.commit_rejected()?;
+                return Err(e.into());
+            }
+            // Not known whether the relay took it: the commit stays pending.
+            Err(e) => return Err(e.into()),
+        }
+        let epoch = self.conversation(id)?.commit_accepted()?;
+        if let Some(welcome) = out.welcome {
+            let joiners: Vec<UserId> = after
+                .iter()
+                .copied()
+                .filter(|u| !before.contains(u))
+                .collect();
+            if !joiners.is_empty() {
+                let carriage = CarriageHeader {
+                    message_id: message_id(),
+                    kind: CarriageKind::Welcome,
+                    group_id: GroupId(*id.as_bytes()),
+                    epoch,
+                    recipients: joiners,
+                    members: Vec::new(),
+                }
+                .encode(&welcome);
+                session.send(carriage).await?;
+            }
+        }
+        Ok(epoch)
+    }
+
+    /// Processes one carriage the relay delivered, in the relay's order.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Arrival, ServiceError> {
+        let carried = carriage::parse(bytes)?;
+        let header = carried.header;
+        let id = ConversationId::from_bytes(header.group_id.0);
+        if header.kind == CarriageKind::Welcome {
+            if self.groups.contains_key(&id) {
+                return Err(
+                    MlsError::Unsupported("a Welcome to a conversation already joined").into(),
+                );
+            }
+            let conversation = self.identity.join(carried.body)?;
+            if conversation.id() != id || conversation.epoch() != header.epoch {
+                return Err(ServiceError::Mismatch {
+                    declared: format!("a Welcome to {id} in epoch {}", header.epoch),
+                    actual: format!(
+                        "a Welcome to {} in epoch {}",
+                        conversation.id(),
+                        conversation.epoch()
+                    ),
+                });
+            }
+            let roster = conversation.roster()?;
+            let epoch = conversation.epoch();
+            self.groups.insert(id, conversation);
+            return Ok(Arrival::Joined {
+                conversation: id,
+                roster,
+                epoch,
+            });
+        }
+        let framing = Framing::of(carried.body)?;
+        let kind = match framing.kind {
+            FramedKind::Application => CarriageKind::Application,
+            FramedKind::Commit => CarriageKind::Commit,
+            FramedKind::Proposal => CarriageKind::Proposal,
+        };
+        if kind != header.kind
+            || framing.group != header.group_id.0
+            || framing.epoch != header.epoch
+        {
+            return Err(ServiceError::Mismatch {
+                declared: format!("a {} in epoch {} of {id}", header.kind.name(), header.epoch),
+                actual: format!(
+                    "a {} in epoch {} of {}",
+                    kind.name(),
+                    framing.epoch,
+                    ConversationId::from_bytes(framing.group)
+                ),
+            });
+        }
+        let conversation = self.conversation(id)?;
+        match conversation.process(carried.body)? {
+            Incoming::Message {
+                sender,
+                plaintext,
+                epoch,
+            } => Ok(Arrival::Message {
+                conversation: id,
+                sender,
+                plaintext,
+                epoch,
+            }),
+            Incoming::Commit {
+                by,
+                events,
+                epoch,
+                removed_me,
+                discarded,
+            } => {
+                let rebase = discarded.is_some() || self.lost.contains_key(&id);
+                if let Some(intent) = discarded {
+                    self.lost.insert(id, intent);
+                }
+                Ok(Arrival::Commit {
+                    conversation: id,
+                    by,
+                    events,
+                    epoch,
+                    removed_me,
+                    rebase,
+                })
+            }
+        }
+    }
+}

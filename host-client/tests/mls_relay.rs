@@ -559,3 +559,75 @@ async fn conversations_are_sealed_at_rest_and_pick_up_where_they_left_off() {
     let err = Conversations::load(&bob.user.identity, &state, &key).unwrap_err();
     assert!(err.to_string().contains("aaaaaaaa"), "{err}");
 }
+
+/// A relay node of a two-node cluster: the shared Postgres holds the directory and the group
+/// epochs, NATS carries deliveries between the nodes.
+async fn cluster_node(pg: &str, nats: &str, key: &std::path::Path) -> TestRelay {
+    let (pg, nats, key) = (pg.to_owned(), nats.to_owned(), key.to_path_buf());
+    TestRelay::start(move |c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": pg });
+        c.mailbox = serde_json::json!({ "kind": "postgres", "url": pg });
+        c.broker = serde_json::json!({ "kind": "nats", "url": nats });
+        c.auth.token_key_file = key;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_two_node_cluster_one_commit_wins_each_epoch_and_everyone_agrees() {
+    use syncra_test_support::postgres::PostgresServer;
+    use syncra_test_support::servers::NatsServer;
+    let pg = PostgresServer::start();
+    let nats = NatsServer::start();
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("token.key");
+    let n1 = cluster_node(&pg.url(), &nats.url(), &key).await;
+    let n2 = cluster_node(&pg.url(), &nats.url(), &key).await;
+    let mut alice = Member::join(&n1, "cl_alice").await;
+    let mut bob = Member::join(&n1, "cl_bob").await;
+    let mut carol = Member::join(&n2, "cl_carol").await;
+
+    // A 1:1 chat across the nodes: the Welcome and the first message cross the broker.
+    let chat = alice
+        .mls
+        .create(&alice.session, &[carol.id()])
+        .await
+        .unwrap();
+    alice.say(chat, "across nodes").await;
+    carol.expect_joined().await;
+    carol.expect_message(&alice, "across nodes").await;
+
+    let g = alice
+        .mls
+        .create(&alice.session, &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    bob.expect_joined().await;
+    carol.expect_joined().await;
+    // Bob (node 1) and Carol (node 2) commit in the same epoch: the store decides, once.
+    let (b, c) = tokio::join!(
+        bob.mls.update(&bob.session, g),
+        carol.mls.update(&carol.session, g)
+    );
+    let (winner, loser) = match (b, c) {
+        (Ok(_), Err(ServiceError::Conflict { .. })) => (&mut bob, &mut carol),
+        (Err(ServiceError::Conflict { .. }), Ok(_)) => (&mut carol, &mut bob),
+        other => panic!("exactly one commit must win the epoch across nodes: {other:?}"),
+    };
+    match loser.next().await {
+        Arrival::Commit { rebase: true, .. } => {}
+        other => panic!("the loser must be told to rebase: {other:?}"),
+    }
+    assert_eq!(loser.mls.rebase(&loser.session, g).await.unwrap(), Some(3));
+    alice.expect_commit().await;
+    alice.expect_commit().await;
+    winner.expect_commit().await;
+    assert_eq!(
+        (alice.epoch(g), winner.epoch(g), loser.epoch(g)),
+        (3, 3, 3),
+        "everyone ends in the same epoch"
+    );
+    winner.say(g, "agreed").await;
+    alice.expect_message(winner, "agreed").await;
+    loser.expect_message(winner, "agreed").await;
+}

@@ -631,3 +631,59 @@ async fn on_a_two_node_cluster_one_commit_wins_each_epoch_and_everyone_agrees() 
     alice.expect_message(winner, "agreed").await;
     loser.expect_message(winner, "agreed").await;
 }
+
+#[tokio::test]
+async fn leaves_are_refreshed_on_a_schedule_and_all_at_once_after_a_rotation() {
+    use syncra_client::mls::LEAF_UPDATE_INTERVAL_MS;
+    let relay = TestRelay::start(|_| {}).await;
+    let mut alice = Member::join(&relay, "sched_alice").await;
+    let mut bob = Member::join(&relay, "sched_bob").await;
+    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
+    bob.expect_joined().await;
+    let now = syncra_core::now_ms();
+    assert!(
+        bob.mls.updates_due(now, LEAF_UPDATE_INTERVAL_MS).is_empty(),
+        "a leaf from a fresh KeyPackage is not due"
+    );
+    // A day later Bob's leaf is due; refreshing it is an update commit Alice sees.
+    let later = now + LEAF_UPDATE_INTERVAL_MS;
+    assert_eq!(
+        bob.mls.updates_due(later, LEAF_UPDATE_INTERVAL_MS),
+        vec![chat]
+    );
+    let done = bob
+        .mls
+        .update_due(&bob.session, later, LEAF_UPDATE_INTERVAL_MS)
+        .await;
+    assert!(matches!(done[..], [(id, Ok(2))] if id == chat), "{done:?}");
+    let (events, _) = alice.expect_commit().await;
+    assert_eq!(events, vec![RosterEvent::Updated { member: bob.id() }]);
+    assert!(
+        bob.mls
+            .updates_due(later, LEAF_UPDATE_INTERVAL_MS)
+            .is_empty()
+    );
+
+    // The schedule survives a restart (it is sealed with the state).
+    let dir = tempfile::tempdir().unwrap();
+    let key = syncra_core::crypto::local_box::LocalKey::generate();
+    bob.mls.save(dir.path(), &key).unwrap();
+    bob.mls = Conversations::load(&bob.user.identity, dir.path(), &key).unwrap();
+    assert!(
+        bob.mls
+            .updates_due(later, LEAF_UPDATE_INTERVAL_MS)
+            .is_empty()
+    );
+
+    // After a key rotation every conversation is due at once.
+    bob.mls.all_due();
+    assert_eq!(
+        bob.mls.updates_due(later, LEAF_UPDATE_INTERVAL_MS),
+        vec![chat]
+    );
+    bob.mls
+        .update_due(&bob.session, later, LEAF_UPDATE_INTERVAL_MS)
+        .await;
+    alice.expect_commit().await;
+    assert_eq!((alice.epoch(chat), bob.epoch(chat)), (3, 3));
+}

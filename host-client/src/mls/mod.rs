@@ -50,7 +50,7 @@ pub use conversation::{
 };
 pub use error::{BindingError, MlsError};
 pub use identity::{IdentitySigner, KeyPackageOutput, MlsIdentity, bound_user_id, credential_for};
-pub use service::{Arrival, Conversations, ServiceError, StateError};
+pub use service::{Arrival, Conversations, LEAF_UPDATE_INTERVAL_MS, ServiceError, StateError};
 
 /// The one ciphersuite Syncra speaks: DHKEM(X25519), AES-128-GCM, SHA-256, Ed25519.
 ///

@@ -167,6 +167,13 @@ pub enum ServiceError {
 
 /// The file of the KeyPackage store, in the MLS state directory.
 const KEY_STORE_FILE: &str = "key-packages.state";
+/// The file of when this member last refreshed its leaf in each conversation.
+const UPDATES_FILE: &str = "leaf-updates.state";
+
+/// How often a member refreshes its own leaf in each conversation when nothing else did: a
+/// stolen copy of its state stops reading at the next refresh, so this bounds how long a
+/// compromise lasts (post-compromise security). Any commit of its own refreshes it too.
+pub const LEAF_UPDATE_INTERVAL_MS: u64 = 24 * 60 * 60 * 1000;
 /// The ending of a conversation's file (its name is the conversation id, base32).
 const STATE_SUFFIX: &str = ".state";
 
@@ -203,6 +210,9 @@ pub struct Conversations {
     groups: HashMap<ConversationId, Conversation>,
     /// Commits that lost their epoch, to make again once the winner is processed.
     lost: HashMap<ConversationId, Intent>,
+    /// When this member's leaf was last fresh in each conversation (joined, created, or one
+    /// of its commits accepted), in ms since the epoch.
+    refreshed: HashMap<ConversationId, u64>,
 }
 
 impl std::fmt::Debug for Conversations {
@@ -227,6 +237,7 @@ impl Conversations {
             identity,
             groups: HashMap::new(),
             lost: HashMap::new(),
+            refreshed: HashMap::new(),
         }
     }
 
@@ -261,6 +272,12 @@ impl Conversations {
             KEY_STORE_FILE,
             &self.identity.key_store_to_bytes(),
         )?;
+        let mut refreshed = Vec::with_capacity(self.refreshed.len() * 24);
+        for (id, at) in &self.refreshed {
+            refreshed.extend_from_slice(id.as_bytes());
+            refreshed.extend_from_slice(&at.to_be_bytes());
+        }
+        self.save_file(dir, key, UPDATES_FILE, &refreshed)?;
         for (id, conversation) in &self.groups {
             let file = format!("{id}{STATE_SUFFIX}");
             self.save_file(dir, key, &file, &conversation.to_bytes())?;
@@ -334,7 +351,7 @@ impl Conversations {
             })?;
             let name = entry.file_name();
             let Some(file) = name.to_str() else { continue };
-            if file == KEY_STORE_FILE || !file.ends_with(STATE_SUFFIX) {
+            if file == KEY_STORE_FILE || file == UPDATES_FILE || !file.ends_with(STATE_SUFFIX) {
                 continue;
             }
             let Some(state) = open(file)? else { continue };
@@ -347,6 +364,23 @@ impl Conversations {
                 });
             }
             conversations.insert(conversation);
+        }
+        if let Some(refreshed) = open(UPDATES_FILE)? {
+            if !refreshed.len().is_multiple_of(24) {
+                return Err(StateError::Damaged {
+                    path: dir.join(UPDATES_FILE),
+                    why: "not a list of (conversation, time) pairs".into(),
+                });
+            }
+            for entry in refreshed.chunks_exact(24) {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&entry[..16]);
+                let mut at = [0u8; 8];
+                at.copy_from_slice(&entry[16..]);
+                conversations
+                    .refreshed
+                    .insert(ConversationId::from_bytes(id), u64::from_be_bytes(at));
+            }
         }
         Ok(conversations)
     }
@@ -399,6 +433,7 @@ impl Conversations {
         let id = conversation.id();
         let out = conversation.add(&packages)?;
         self.groups.insert(id, conversation);
+        self.refreshed.insert(id, syncra_core::now_ms());
         self.commit(session, id, out).await?;
         Ok(id)
     }
@@ -437,6 +472,47 @@ impl Conversations {
     ) -> Result<u64, ServiceError> {
         let out = self.conversation(id)?.update()?;
         self.commit(session, id, out).await
+    }
+
+    /// The conversations this member is in whose leaf was last refreshed `every_ms` or more
+    /// before `now_ms` (or never, as far as this device knows).
+    pub fn updates_due(&self, now_ms: u64, every_ms: u64) -> Vec<ConversationId> {
+        let mut due: Vec<ConversationId> = self
+            .groups
+            .iter()
+            .filter(|(_, c)| c.is_active())
+            .map(|(id, _)| *id)
+            .filter(|id| {
+                self.refreshed
+                    .get(id)
+                    .is_none_or(|at| now_ms.saturating_sub(*at) >= every_ms)
+            })
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// After the identity's keys were rotated (or a device may have been exposed): every
+    /// conversation's leaf is due for a refresh at the next [`Conversations::update_due`].
+    pub fn all_due(&mut self) {
+        self.refreshed.clear();
+    }
+
+    /// Refreshes this member's leaf in every conversation where it is due
+    /// ([`Conversations::updates_due`]): one update commit each. A conversation whose update
+    /// lost its epoch stays due (rebase it after processing the winner, or try again later).
+    pub async fn update_due(
+        &mut self,
+        session: &Session,
+        now_ms: u64,
+        every_ms: u64,
+    ) -> Vec<(ConversationId, Result<u64, ServiceError>)> {
+        let mut done = Vec::new();
+        for id in self.updates_due(now_ms, every_ms) {
+            let result = self.update(session, id).await;
+            done.push((id, result));
+        }
+        done
     }
 
     /// Makes a commit that lost its epoch again, on the epoch the winner moved the group to.
@@ -559,6 +635,8 @@ impl Conversations {
             Err(e) => return Err(e.into()),
         }
         let epoch = self.conversation(id)?.commit_accepted()?;
+        // Every commit of ours carries a fresh path for our leaf.
+        self.refreshed.insert(id, syncra_core::now_ms());
         if let Some(welcome) = out.welcome {
             let joiners: Vec<UserId> = after
                 .iter()
@@ -606,6 +684,8 @@ impl Conversations {
             let roster = conversation.roster()?;
             let epoch = conversation.epoch();
             self.groups.insert(id, conversation);
+            // Joined with a fresh KeyPackage: the leaf is as fresh as that package.
+            self.refreshed.insert(id, syncra_core::now_ms());
             return Ok(Arrival::Joined {
                 conversation: id,
                 roster,

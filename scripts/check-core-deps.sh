@@ -3,7 +3,7 @@
 # holds contracts only; implementations live in their own crates (see ARCHITECTURE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-forbidden='^(sqlx|sqlx-core|tokio-tungstenite|tungstenite|redis|async-nats|ratatui|crossterm|wasmtime|libloading)$'
+forbidden='^(sqlx|sqlx-core|tokio-tungstenite|tungstenite|redis|async-nats|ratatui|crossterm|wasmtime|libloading|openmls|mls-rs)$'
 deps=$(cargo tree -p syncra-core -e normal --prefix none --format '{p}' --locked | awk '{print $1}' | sort -u)
 bad=$(grep -E "$forbidden" <<<"$deps" || true)
 if [ -n "$bad" ]; then
@@ -11,4 +11,4 @@ if [ -n "$bad" ]; then
     echo "$bad" >&2
     exit 1
 fi
-echo "ok: syncra-core depends on none of sqlx, tungstenite, redis, async-nats, ratatui, crossterm, wasmtime, libloading"
+echo "ok: syncra-core depends on none of sqlx, tungstenite, redis, async-nats, ratatui, crossterm, wasmtime, libloading, openmls, mls-rs"

@@ -32,7 +32,13 @@ impl Drop for Listener {
 impl Listener {
     /// Waits for a message with this text, skipping others.
     pub fn expect_text(&self, text: &str) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE;
+        self.expect_text_within(text, DEADLINE)
+    }
+
+    /// [`Listener::expect_text`] with its own deadline: for a listener that may be in its
+    /// reconnect backoff (which doubles up to 30 s) when the message arrives.
+    pub fn expect_text_within(&self, text: &str, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
+use syncra_core::carriage::CARRIAGE_VERSION;
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
 use syncra_core::error::{StoreError, TransportError};
 use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
@@ -669,6 +670,13 @@ async fn read_loop(
         // A send that can only be routed locally is answered on the spot, without the boxed
         // future below, when nothing is ahead of it (answers leave in request order) and no
         // recipient needs the mailbox.
+        // An MLS carriage is routed only after its group's check, a store round trip: what the
+        // session sends after it must not be routed before it (a message after its sender's
+        // commit would meet the old epoch), so it is waited for before the next frame is read.
+        let ordered = matches!(
+            &frame,
+            Frame::Send { envelope, .. } if envelope.first() == Some(&CARRIAGE_VERSION)
+        );
         let mut request: BoxFuture<'_, Option<Bytes>> = match frame {
             Frame::Send {
                 request_id,
@@ -701,6 +709,13 @@ async fn read_loop(
             }
             Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
             Poll::Pending => in_flight.push_back(request),
+        }
+        if ordered {
+            while let Some(reply) = in_flight.next().await {
+                if !answer(queue, reply).await {
+                    return;
+                }
+            }
         }
     }
 }

@@ -501,3 +501,48 @@ async fn a_member_offline_across_several_commits_catches_up_in_order_from_the_ma
         "handshakes and messages arrive in the order they were accepted"
     );
 }
+
+#[tokio::test]
+async fn pipelined_carriages_are_routed_in_the_order_they_were_sent() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut all = users(&relay, &["pipe_alice", "pipe_bob"]).await;
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    let g = group();
+    let both = [&alice, &bob];
+    // Alice sends commits and the messages of each new epoch back to back, without waiting for
+    // answers: each message must meet the epoch its commit made, and Bob gets them in order.
+    let mut sent = Vec::new();
+    for epoch in 0..5u64 {
+        let body = format!("commit {epoch}").into_bytes();
+        sent.push((
+            carriage(CarriageKind::Commit, g, epoch, &[&bob], &both, &body),
+            body,
+        ));
+        for n in 0..4 {
+            let body = format!("message {n} in {}", epoch + 1).into_bytes();
+            sent.push((
+                carriage(CarriageKind::Application, g, epoch + 1, &[&bob], &[], &body),
+                body,
+            ));
+        }
+    }
+    for (i, (bytes, _)) in sent.iter().enumerate() {
+        ca.send(&Frame::Send {
+            request_id: i as u32 + 1,
+            envelope: Bytes::copy_from_slice(bytes),
+        })
+        .await;
+    }
+    for i in 0..sent.len() {
+        let outcomes = answer(&mut ca, i as u32 + 1).await;
+        assert_eq!(
+            outcomes.map_err(|(code, why)| format!("{code:?}: {why}")),
+            Ok(vec![Outcome::Delivered]),
+            "carriage {i}"
+        );
+    }
+    for (i, (_, expected)) in sent.iter().enumerate() {
+        assert_eq!(&body(&mut cb).await, expected, "delivery {i}");
+    }
+}

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::NodeState;
 use crate::limits::SendRefusal;
-use crate::links::{ANSWER_TIMEOUT, Taken};
+use crate::links::Taken;
 use crate::router::LocalDelivery;
 use crate::session::{count_error, error_frame};
 
@@ -287,13 +287,9 @@ fn remote(state: &NodeState, recipient: &UserId, local: LocalDelivery, frame: &B
 
 /// How many of the asked nodes took it; `Err` if none did and one could not say.
 async fn answers(asked: Vec<oneshot::Receiver<Taken>>) -> Result<u64, ()> {
-    let wait = |rx: oneshot::Receiver<Taken>| async move {
-        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-            Ok(Ok(taken)) => taken,
-            // Timed out, or the link was dropped: unknown.
-            Ok(Err(_)) | Err(_) => Err(()),
-        }
-    };
+    // Every answer channel is settled or dropped within `links::ANSWER_TIMEOUT` (the links
+    // sweep the batches that were not answered in time), so this needs no timer of its own.
+    let wait = |rx: oneshot::Receiver<Taken>| async move { rx.await.unwrap_or(Err(())) };
     let answers = if asked.len() == 1 {
         let mut asked = asked;
         vec![wait(asked.remove(0)).await]

@@ -6,23 +6,22 @@
 //! message: on NATS four client-side hops and two server-side routings per message, which made
 //! two nodes deliver a third of what one node does (docs/BENCHMARKS.md, issue 19). Now every
 //! node keeps one *link* per node it sends to: a queue that a sender fills without waiting,
-//! and one task that publishes what is queued as one batch on the destination's topic, waits
-//! until the broker took it, and publishes the next. While one batch is on its way, the next
-//! fills, so batches grow with the load and cost nothing at low load (a lone message goes out
-//! at once, as a batch of one).
+//! and one task that publishes what is queued as one batch on the destination's topic and
+//! then the next. While the task publishes one batch, the next fills, so batches grow with
+//! the load and cost nothing at low load (a lone message goes out at once, as a batch of one).
 //!
 //! # Answers, truthfully
 //!
 //! The destination node offers each delivery of a batch to its sessions and publishes one
 //! *answer* on the sender's node topic: the batch's number and one bit per delivery, set when
 //! a session took it. The sender waits for that bit before it says `delivered`, on every
-//! broker (so Redis, whose `PUBLISH` only counts subscribers, now reports takers too). The
-//! batch itself is published asking whether anyone received it: a broker that knows nobody is
-//! subscribed to the destination's topic (NATS's "no responders", Redis's count 0: the node is
-//! gone) settles every delivery of the batch as not taken at once; a broker failure settles
-//! them as unknown (`broker_unavailable`); an answer that does not come within
-//! [`ANSWER_TIMEOUT`] is unknown too. An answer is MAC'd like every payload, and is accepted
-//! only from the node the batch was sent to and only for as many deliveries as it held.
+//! broker (so Redis, whose `PUBLISH` only counts subscribers, now reports takers too). A batch
+//! the broker did not take settles its deliveries as unknown (`broker_unavailable`), and so
+//! does an answer that does not come within [`ANSWER_TIMEOUT`] (the destination crashed
+//! without its `Bye`: until the presence table forgets it, after
+//! `presence::PEER_TIMEOUT`, its users' senders hear `broker_unavailable` and their outboxes
+//! retry). An answer is MAC'd like every payload, and is accepted only from the node the batch
+//! was sent to and only for as many deliveries as it held.
 //!
 //! # Order
 //!
@@ -53,7 +52,8 @@ pub const MAX_BATCH: usize = 256;
 /// Bytes of frames per batch at most: a batch stays far below NATS's default 1 MiB payload
 /// limit. A single larger frame still goes out, alone.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
-/// How long a sender waits for the destination's answer before it reports "unknown".
+/// How long a sender waits for the destination's answer before it reports "unknown" (give or
+/// take a quarter: batches are swept four times per this period).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A link with nothing to send for this long ends its task (a new one starts with the next
 /// delivery), so links to nodes that left do not accumulate.
@@ -225,33 +225,48 @@ impl Links {
         }
     }
 
-    /// Forgets batches whose senders have given up.
+    /// Forgets batches sent more than [`ANSWER_TIMEOUT`] ago: their senders hear "unknown"
+    /// (the answer channel is dropped).
     fn sweep(&self, now: Instant) {
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, w| now.duration_since(w.sent) < 2 * ANSWER_TIMEOUT);
+            .retain(|_, w| now.duration_since(w.sent) < ANSWER_TIMEOUT);
     }
 }
 
 /// The body of a batch: `batch u64 || count u16 || count × (user 20 || length u32 || frame)`.
+#[cfg(test)]
 pub fn encode_batch<'a>(
     batch: u64,
-    items: impl ExactSizeIterator<Item = (&'a UserId, &'a [u8])> + Clone,
+    items: impl ExactSizeIterator<Item = (&'a UserId, &'a [u8])>,
 ) -> Vec<u8> {
-    let len = items
-        .clone()
-        .map(|(_, frame)| USER_ID_LEN + 4 + frame.len())
-        .sum::<usize>();
-    let mut body = Vec::with_capacity(10 + len);
-    body.extend_from_slice(&batch.to_be_bytes());
-    body.extend_from_slice(&u16::try_from(items.len()).unwrap_or(u16::MAX).to_be_bytes());
+    let mut out = BytesMut::new();
+    write_batch(&mut out, batch, items);
+    out.to_vec()
+}
+
+/// The bytes [`write_batch`] writes for `items`.
+fn batch_len(items: &[Item]) -> usize {
+    10 + items
+        .iter()
+        .map(|i| USER_ID_LEN + 4 + i.frame.len())
+        .sum::<usize>()
+}
+
+/// Writes a batch's body (the layout of `encode_batch`).
+fn write_batch<'a>(
+    out: &mut BytesMut,
+    batch: u64,
+    items: impl ExactSizeIterator<Item = (&'a UserId, &'a [u8])>,
+) {
+    out.put_u64(batch);
+    out.put_u16(u16::try_from(items.len()).unwrap_or(u16::MAX));
     for (user, frame) in items {
-        body.extend_from_slice(user.as_bytes());
-        body.extend_from_slice(&u32::try_from(frame.len()).unwrap_or(u32::MAX).to_be_bytes());
-        body.extend_from_slice(frame);
+        out.put_slice(user.as_bytes());
+        out.put_u32(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        out.put_slice(frame);
     }
-    body
 }
 
 /// A batch from another node, split: its number and each delivery's user and frame (slices of
@@ -330,10 +345,9 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
                 continue;
             };
             let batch = links.next_batch.fetch_add(1, Ordering::Relaxed);
-            let payload = links.router.batch_payload(&encode_batch(
-                batch,
-                items.iter().map(|i| (&i.user, &i.frame[..])),
-            ));
+            let payload = links.router.batch_payload_with(batch_len(&items), |out| {
+                write_batch(out, batch, items.iter().map(|i| (&i.user, &i.frame[..])));
+            });
             let answers: Vec<_> = items.into_iter().map(|i| i.answer).collect();
             let wants_answer = answers.iter().any(Option::is_some);
             let now = Instant::now();
@@ -353,9 +367,13 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
                         },
                     );
             }
-            // Whether anyone received it: nobody means the node is gone.
-            let settled = match broker.publish_confirm(&topic, payload, Confirm::Any).await {
-                Ok(r) if r.receivers == Some(0) => Some(Ok(false)),
+            // Handed over without waiting for a receipt: the answer is what counts, and not
+            // waiting lets the next batch follow at once (one batch in flight per link made
+            // the link's round trip the cluster's limit).
+            let settled = match broker
+                .publish_confirm(&topic, payload, Confirm::Nothing)
+                .await
+            {
                 Ok(_) => None,
                 Err(e) => {
                     debug!("a batch to another node failed: {e}");
@@ -372,14 +390,26 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
                     Links::settle(w.answers, taken);
                 }
             }
-            links.sweep(now);
         }
     }
 }
 
-/// Publishes the answers the sink made, in order.
+/// Publishes the answers the sink made, in order, and forgets the batches whose answers did
+/// not come in time (their senders then hear "unknown": a dropped answer channel).
 async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(NodeId, Bytes)>) {
-    while let Some((to, body)) = rx.recv().await {
+    let mut sweep = tokio::time::interval(ANSWER_TIMEOUT / 4);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (to, body) = tokio::select! {
+            next = rx.recv() => match next {
+                Some(answer) => answer,
+                None => return,
+            },
+            _ = sweep.tick() => {
+                links.sweep(Instant::now());
+                continue;
+            }
+        };
         let Some(broker) = links.broker.get() else {
             continue;
         };

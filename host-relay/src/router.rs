@@ -317,8 +317,18 @@ impl Router {
     }
 
     /// A batch of deliveries (`crate::links`) as a broker payload.
+    #[cfg(test)]
     pub fn batch_payload(&self, body: &[u8]) -> Bytes {
         self.seal(kind::BATCH, body)
+    }
+
+    /// [`Router::batch_payload`] with the body written by `write` (about `len` bytes).
+    pub fn batch_payload_with(
+        &self,
+        len: usize,
+        write: impl FnOnce(&mut bytes::BytesMut),
+    ) -> Bytes {
+        self.seal_with(kind::BATCH, len, write)
     }
 
     /// The answer to a batch as a broker payload.
@@ -333,11 +343,22 @@ impl Router {
 
     /// Node id, MAC over node id and everything after it, then the kind and the body.
     fn seal(&self, kind: u8, body: &[u8]) -> Bytes {
-        let mut payload = bytes::BytesMut::with_capacity(PAYLOAD_PREFIX + 1 + body.len());
+        self.seal_with(kind, body.len(), |out| out.extend_from_slice(body))
+    }
+
+    /// [`Router::seal`] with the body written by `write` straight into the payload (about
+    /// `len` bytes), so a batch is not copied twice.
+    pub fn seal_with(
+        &self,
+        kind: u8,
+        len: usize,
+        write: impl FnOnce(&mut bytes::BytesMut),
+    ) -> Bytes {
+        let mut payload = bytes::BytesMut::with_capacity(PAYLOAD_PREFIX + 1 + len);
         payload.extend_from_slice(&self.node_id);
         payload.extend_from_slice(&[0u8; MAC_LEN]);
         payload.extend_from_slice(&[kind]);
-        payload.extend_from_slice(body);
+        write(&mut payload);
         let tag = self.mac.tag(&self.node_id, &payload[PAYLOAD_PREFIX..]);
         payload[NODE_ID_LEN..PAYLOAD_PREFIX].copy_from_slice(&tag);
         payload.freeze()

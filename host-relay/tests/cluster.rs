@@ -10,7 +10,7 @@ use std::time::Duration;
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
 use syncra_test_support::DEADLINE;
-use syncra_test_support::servers::{NatsServer, RedisServer};
+use syncra_test_support::servers::{NatsCluster, NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -78,7 +78,11 @@ async fn cluster(kind: Kind, n: usize) -> Cluster {
 
 /// One node: the cluster's broker, a shared SQLite store and a shared token key.
 async fn node(server: &Server, shared: &Path) -> TestRelay {
-    let (kind, url) = (server.kind(), server.url());
+    node_on(server.kind(), server.url(), shared).await
+}
+
+/// One node on a broker of `kind` at `url`, with the shared store, mailbox and token key.
+async fn node_on(kind: &'static str, url: String, shared: &Path) -> TestRelay {
     let store = shared.join("identities.db");
     let mailbox = shared.join("mailbox.db");
     let key = shared.join("token.key");
@@ -536,6 +540,82 @@ async fn a_recipient_moving_nodes_mid_stream(kind: Kind) {
     let got = send_until(&mut ca, &a, &[&b], b"after", &[Outcome::Delivered]).await;
     assert_eq!(got, [Outcome::Delivered]);
     inbox.fill(&mut new, &b, &[b"after".to_vec()]).await;
+}
+
+/// Two relays on a three-server NATS cluster (full-mesh routes, JetStream on), and the server
+/// one relay is connected to is killed while a sender on that relay writes, one message at a
+/// time, to a recipient on the other relay. Both relays stay up and reconnect to the servers
+/// that are left (relay 0 was given only the killed server's address: it learnt the others from
+/// it, as NATS clients do); no message is claimed delivered that does not arrive (each is
+/// `delivered`, `stored` or `broker_unavailable`, and every `delivered` and `stored` one
+/// arrives, once); both nodes report healthy again and messages are delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_ride_out_losing_one_of_three_nats_servers() {
+    let mut nats = NatsCluster::start(3);
+    let urls = nats.urls();
+    let shared = tempfile::tempdir().unwrap();
+    let n0 = node_on("nats", urls[0].clone(), shared.path()).await;
+    let n1 = node_on("nats", urls.join(","), shared.path()).await;
+    let (a, b) = (TestUser::new("ka"), TestUser::new("kb"));
+    let (mut ca, _) = a.register(n0.url()).await;
+    let (mut cb, _) = b.register(n1.url()).await;
+    // The routes form, and node 0 learns where B is.
+    let got = send_until(&mut ca, &a, &[&b], b"before", &[Outcome::Delivered]).await;
+    assert_eq!(got, [Outcome::Delivered]);
+
+    let mut sent = vec![(b"before".to_vec(), Outcome::Delivered)];
+    let mut id = 1_000;
+    let mut send = async |ca: &mut RawClient, body: Vec<u8>| {
+        id += 1;
+        let out = tokio::time::timeout(DEADLINE, ca.send_envelope(id, a.seal(&[&b], &body)))
+            .await
+            .expect("every send gets an answer, server or no server");
+        sent.push((body, out[0].outcome));
+        out[0].outcome
+    };
+    for i in 0..20 {
+        send(&mut ca, format!("k-{i:03}").into_bytes()).await;
+    }
+    nats.servers[0].stop();
+    // Until 20 in a row are delivered again (the relays reconnected and resynchronised).
+    let deadline = tokio::time::Instant::now() + 3 * DEADLINE;
+    let mut in_a_row = 0;
+    let mut i = 20;
+    while in_a_row < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "traffic did not resume after losing one NATS server"
+        );
+        let outcome = send(&mut ca, format!("k-{i:03}").into_bytes()).await;
+        i += 1;
+        in_a_row = if outcome == Outcome::Delivered { in_a_row + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (body, outcome) in &sent {
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Delivered | Outcome::Stored | Outcome::Rejected(ErrorCode::BrokerUnavailable)
+            ),
+            "{:?} got {outcome:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let must_arrive: Vec<Vec<u8>> = sent
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Delivered | Outcome::Stored))
+        .map(|(b, _)| b.clone())
+        .collect();
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut cb, &b, &must_arrive).await;
+    inbox.check_once(Kind::Nats);
+    for node in [&n0, &n1] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while node.admin_get("/healthz").await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "a node stayed unhealthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 macro_rules! for_both {

@@ -588,14 +588,20 @@ async fn relays_ride_out_losing_one_of_three_nats_servers() {
         );
         let outcome = send(&mut ca, format!("k-{i:03}").into_bytes()).await;
         i += 1;
-        in_a_row = if outcome == Outcome::Delivered { in_a_row + 1 } else { 0 };
+        in_a_row = if outcome == Outcome::Delivered {
+            in_a_row + 1
+        } else {
+            0
+        };
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (body, outcome) in &sent {
         assert!(
             matches!(
                 outcome,
-                Outcome::Delivered | Outcome::Stored | Outcome::Rejected(ErrorCode::BrokerUnavailable)
+                Outcome::Delivered
+                    | Outcome::Stored
+                    | Outcome::Rejected(ErrorCode::BrokerUnavailable)
             ),
             "{:?} got {outcome:?}",
             String::from_utf8_lossy(body)
@@ -612,7 +618,10 @@ async fn relays_ride_out_losing_one_of_three_nats_servers() {
     for node in [&n0, &n1] {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while node.admin_get("/healthz").await.0 != 200 {
-            assert!(tokio::time::Instant::now() < deadline, "a node stayed unhealthy");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node stayed unhealthy"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -208,9 +208,7 @@ fn route<'a>(
         .collect();
     let waits = |(_, local, remote): &(UserId, LocalDelivery, Remote)| match remote {
         Remote::Asked(_) => true,
-        Remote::Known(known) => {
-            state.mailbox.stores() && reach(*local, known.clone()) == Reach::Nobody
-        }
+        Remote::Known(known) => state.mailbox.stores() && reach(*local, *known) == Reach::Nobody,
     };
     if !plans.iter().any(waits) {
         let outcomes = plans

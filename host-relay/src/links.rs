@@ -422,3 +422,164 @@ async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(Nod
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OverflowPolicy;
+    use crate::router::{ClusterMac, NODE_ID_LEN};
+
+    fn links() -> Arc<Links> {
+        let router = Router::new(
+            [1; NODE_ID_LEN],
+            OverflowPolicy::Reject,
+            ClusterMac::new(&[9; 32]),
+            1 << 20,
+        );
+        Arc::new(Links::new(Arc::new(router)))
+    }
+
+    /// A batch of `n` deliveries sent to `node`, all waiting for their bits.
+    fn waiting(links: &Links, batch: u64, node: NodeId, n: usize) -> Vec<oneshot::Receiver<Taken>> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), rx)
+            })
+            .unzip();
+        links.waiting.lock().unwrap().insert(
+            batch,
+            Waiting {
+                node,
+                sent: Instant::now(),
+                answers: txs,
+            },
+        );
+        rxs
+    }
+
+    fn answer(batch: u64, taken: &[bool]) -> Vec<u8> {
+        let links = links();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let links = Links {
+            answers: tx,
+            ..Arc::into_inner(links).unwrap()
+        };
+        links.reply([0; NODE_ID_LEN], batch, taken);
+        rx.try_recv().unwrap().1.to_vec()
+    }
+
+    #[tokio::test]
+    async fn an_answer_settles_its_batch_bit_by_bit() {
+        let l = links();
+        let there = [2; NODE_ID_LEN];
+        let rxs = waiting(&l, 7, there, 10);
+        let taken = [
+            true, false, true, true, false, false, false, false, true, false,
+        ];
+        assert_eq!(l.answer(there, &answer(7, &taken)), Ok(()));
+        for (rx, want) in rxs.into_iter().zip(taken) {
+            assert_eq!(rx.await.unwrap(), Ok(want));
+        }
+        assert!(l.waiting.lock().unwrap().is_empty());
+        // A late or repeated answer finds nothing to settle.
+        assert_eq!(l.answer(there, &answer(7, &taken)), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_another_node_or_for_another_size_settles_nothing() {
+        let l = links();
+        let there = [2; NODE_ID_LEN];
+        let mut rxs = waiting(&l, 7, there, 3);
+        let cases: Vec<(&str, NodeId, Vec<u8>)> = vec![
+            (
+                "from a node the batch did not go to",
+                [3; NODE_ID_LEN],
+                answer(7, &[true; 3]),
+            ),
+            (
+                "for more deliveries than the batch held",
+                there,
+                answer(7, &[true; 9]),
+            ),
+            ("for fewer", there, answer(7, &[true; 2])),
+            (
+                "a bitmap cut short",
+                there,
+                answer(7, &[true; 9])[..10].to_vec(),
+            ),
+            ("no count", there, 7u64.to_be_bytes().to_vec()),
+            ("empty", there, vec![]),
+        ];
+        for (name, from, body) in cases {
+            assert_eq!(l.answer(from, &body), Err(()), "{name}");
+            for rx in &mut rxs {
+                assert!(rx.try_recv().is_err(), "{name}: settled nothing");
+            }
+        }
+        // The sweep gives up on it: its senders hear "unknown".
+        l.sweep(Instant::now() + ANSWER_TIMEOUT);
+        for rx in rxs {
+            assert!(rx.await.is_err());
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_what_is_not_one() {
+        let (a, b) = (
+            UserId::from_bytes([1; USER_ID_LEN]),
+            UserId::from_bytes([2; USER_ID_LEN]),
+        );
+        let body = Bytes::from(encode_batch(
+            5,
+            [(&a, &b"first"[..]), (&b, &b"second"[..])].into_iter(),
+        ));
+        let (batch, items) = parse_batch(&body, 64).unwrap();
+        assert_eq!(batch, 5);
+        assert_eq!(
+            items,
+            vec![
+                (a, Bytes::from_static(b"first")),
+                (b, Bytes::from_static(b"second"))
+            ]
+        );
+        let none = encode_batch(5, std::iter::empty());
+        let bad: Vec<(&str, Vec<u8>, usize)> = vec![
+            ("no deliveries", none, 64),
+            ("a frame over the limit", body.to_vec(), 5),
+            ("cut short", body[..body.len() - 1].to_vec(), 64),
+            ("trailing bytes", [&body[..], b"!"].concat(), 64),
+            (
+                "a count beyond the deliveries",
+                {
+                    let mut v = body.to_vec();
+                    v[9] = 3;
+                    v
+                },
+                64,
+            ),
+            (
+                "a length beyond the payload",
+                {
+                    let mut v = body.to_vec();
+                    v[10 + USER_ID_LEN..10 + USER_ID_LEN + 4]
+                        .copy_from_slice(&u32::MAX.to_be_bytes());
+                    v
+                },
+                usize::MAX,
+            ),
+            (
+                "more than MAX_BATCH",
+                {
+                    let mut v = body.to_vec();
+                    v[8..10].copy_from_slice(&u16::try_from(MAX_BATCH + 1).unwrap().to_be_bytes());
+                    v
+                },
+                64,
+            ),
+        ];
+        for (name, body, max) in bad {
+            assert!(parse_batch(&Bytes::from(body), max).is_err(), "{name}");
+        }
+    }
+}

@@ -77,6 +77,9 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the link must have worked, after a failure or at start, before the table is
 /// trusted to say "nobody else holds this user".
 pub const SETTLE: Duration = Duration::from_millis(250);
+/// A node sends the snapshot others ask for at most this often (a request in between is
+/// answered when the interval has passed, at the next heartbeat).
+pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
 /// Users per announcement: 20 KiB of ids, far below any broker's payload limit.
 pub const USERS_PER_ANNOUNCEMENT: usize = 1_000;
 
@@ -302,6 +305,11 @@ impl Presence {
         peer.heard = now;
         let in_order = peer.synced && seq == peer.seq.wrapping_add(1);
         let numbered = announcement.numbered();
+        if numbered && seq <= peer.seq {
+            // Numbers only grow (a node's id is new each time it starts): this is an old
+            // announcement again, which a broker publisher could replay. Ignored.
+            return Ok(());
+        }
         let mut lost = false;
         match announcement {
             Announcement::Held(users) => {
@@ -475,6 +483,7 @@ pub async fn run(
     // Start as after an outage: everyone sends their snapshot, this node sends its own.
     let mut resync = true;
     let mut link_ok_since: Option<Instant> = None;
+    let mut last_snapshot: Option<Instant> = None;
     loop {
         let settle_at = link_ok_since
             .filter(|_| !presence.trusted())
@@ -497,7 +506,11 @@ pub async fn run(
             )
             .await;
         }
-        if resync || presence.snapshot_wanted.swap(false, Ordering::AcqRel) {
+        // Snapshots asked for by others are sent at most every SNAPSHOT_INTERVAL, so replayed
+        // or repeated hellos cannot make a node publish its whole set in a loop.
+        let snapshot_due = last_snapshot.is_none_or(|at| at.elapsed() >= SNAPSHOT_INTERVAL);
+        if resync || (snapshot_due && presence.snapshot_wanted.swap(false, Ordering::AcqRel)) {
+            last_snapshot = Some(Instant::now());
             // The snapshot covers the changed users too.
             ok &= snapshot(&presence, &router, broker).await;
         } else if !users.is_empty() {
@@ -663,6 +676,14 @@ mod tests {
         apply(&p, 1, 6, Announcement::SnapshotFirst(vec![b]));
         assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
         assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+
+        // An old announcement again (a replay by a broker publisher) changes nothing.
+        apply(&p, 1, 2, Announcement::Held(vec![a]));
+        apply(&p, 1, 3, Announcement::Released(vec![b]));
+        apply(&p, 1, 1, Announcement::SnapshotFirst(vec![]));
+        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        assert!(asked(&p).is_empty(), "a replay is not a gap");
 
         // A hello for someone else asks nothing of us; one for us or everyone does.
         apply(&p, 2, 1, Announcement::Hello(Some([7; NODE_ID_LEN])));

@@ -208,7 +208,10 @@ impl Relay {
             config.limits.max_frame,
         ));
         let metrics = Arc::new(Metrics::default());
-        let presence = Arc::new(Presence::new(node_id));
+        let presence = Arc::new(Presence::new(
+            node_id,
+            presence::presence_key(&tokens.cluster_key()),
+        ));
         let links = Arc::new(Links::new(router.clone()));
         let topic = router::node_topic(&node_id);
         let sink: Arc<dyn BrokerSink> = Arc::new(RouterSink {

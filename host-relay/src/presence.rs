@@ -24,7 +24,9 @@
 //!
 //! # The announcements
 //!
-//! Every announcement is a broker payload MAC'd with the cluster key (`router`), with a body of
+//! Every announcement is a broker payload MAC'd with the cluster key (`router`) whose body is
+//! sealed with AES-256-GCM under a key derived from it ([`presence_key`], bound to the sending
+//! node): the broker carries who is online where, and must not read it. Opened, the body is
 //! `seq (u64, big-endian) || op (u8) || data`. A node numbers the announcements that change
 //! its set (`Held`, `Released`, `SnapshotFirst`, `SnapshotMore`) 1, 2, 3, … and sends them from
 //! one task, in order; the others carry the last number used:
@@ -58,6 +60,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use syncra_core::crypto::local_box::LocalKey;
 use syncra_core::id::USER_ID_LEN;
 use syncra_core::{Broker, Confirm, UserId};
 use tokio::sync::{Notify, watch};
@@ -191,10 +194,27 @@ struct Peer {
     users: HashSet<UserId>,
 }
 
+/// The key presence announcements are sealed under, derived from the cluster key.
+pub fn presence_key(cluster_key: &[u8; 32]) -> LocalKey {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(cluster_key)
+        .expect("HMAC takes keys of any length");
+    mac.update(b"syncra/v1/presence-box");
+    let key = zeroize::Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+    LocalKey::from_bytes(key.as_ref()).expect("32 bytes")
+}
+
+/// What a sealed announcement is bound to: the protocol's label and the sending node.
+fn label(node: &NodeId) -> Vec<u8> {
+    [&b"syncra/v1/presence"[..], node].concat()
+}
+
 /// The presence table of one node and the state of its announcements.
 #[derive(Debug)]
 pub struct Presence {
     me: NodeId,
+    /// Encrypts the announcements: the broker carries them, and they say who is online where.
+    key: LocalKey,
     /// user → the other nodes holding them. Read on every send.
     holders: DashMap<UserId, Vec<NodeId>>,
     peers: Mutex<HashMap<NodeId, Peer>>,
@@ -214,10 +234,12 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// An empty table for node `me`.
-    pub fn new(me: NodeId) -> Self {
+    /// An empty table for node `me`, whose announcements are sealed under `key` (the same on
+    /// every node of the cluster: [`presence_key`]).
+    pub fn new(me: NodeId, key: LocalKey) -> Self {
         Presence {
             me,
+            key,
             holders: DashMap::new(),
             peers: Mutex::default(),
             changed: Mutex::default(),
@@ -282,11 +304,12 @@ impl Presence {
 
     /// Applies an announcement from node `from` (its MAC already verified). `Err` if the body
     /// does not parse.
-    pub fn apply(&self, from: NodeId, body: &[u8]) -> Result<(), ()> {
-        let (seq, announcement) = Announcement::parse(body)?;
+    pub fn apply(&self, from: NodeId, sealed: &[u8]) -> Result<(), ()> {
         if from == self.me {
             return Ok(());
         }
+        let body = self.key.open(&label(&from), sealed).map_err(drop)?;
+        let (seq, announcement) = Announcement::parse(&body)?;
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if announcement == Announcement::Bye {
@@ -427,7 +450,10 @@ async fn announce(
     } else {
         presence.seq.load(Ordering::Acquire)
     };
-    let payload = router.presence_payload(&announcement.encode(seq));
+    let sealed = presence
+        .key
+        .seal(&label(&presence.me), &announcement.encode(seq));
+    let payload = router.presence_payload(&sealed);
     broker
         .publish_confirm(PRESENCE_TOPIC, payload, confirm)
         .await
@@ -595,7 +621,7 @@ pub async fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn user(n: u8) -> UserId {
@@ -639,8 +665,18 @@ mod tests {
         }
     }
 
+    fn key() -> LocalKey {
+        presence_key(&[5; 32])
+    }
+
+    /// An announcement from `node` as the broker carries it.
+    pub(crate) fn sealed(node: NodeId, seq: u64, a: &Announcement) -> Vec<u8> {
+        key().seal(&label(&node), &a.encode(seq))
+    }
+
     fn apply(p: &Presence, from: u8, seq: u64, a: Announcement) {
-        p.apply([from; NODE_ID_LEN], &a.encode(seq)).unwrap();
+        p.apply([from; NODE_ID_LEN], &sealed([from; NODE_ID_LEN], seq, &a))
+            .unwrap();
     }
 
     fn asked(p: &Presence) -> Vec<NodeId> {
@@ -649,7 +685,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_table_follows_announcements_and_asks_after_a_gap() {
-        let p = Presence::new([0; NODE_ID_LEN]);
+        let p = Presence::new([0; NODE_ID_LEN], key());
         let (a, b) = (user(1), user(2));
         // Node 1 starts: snapshot, then deltas in order.
         apply(&p, 1, 1, Announcement::SnapshotFirst(vec![a]));
@@ -695,14 +731,44 @@ mod tests {
         apply(&p, 2, 1, Announcement::Bye);
         assert_eq!(p.others(&a), None);
         // This node's own announcements change nothing.
-        p.apply([0; NODE_ID_LEN], &Announcement::Held(vec![a]).encode(1))
-            .unwrap();
+        p.apply(
+            [0; NODE_ID_LEN],
+            &sealed([0; NODE_ID_LEN], 1, &Announcement::Held(vec![a])),
+        )
+        .unwrap();
         assert_eq!(p.others(&a), None);
+    }
+
+    #[test]
+    fn announcements_are_sealed_to_the_cluster_and_their_sender() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        let held = Announcement::Held(vec![user(1)]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("in the clear", held.encode(1)),
+            (
+                "under another cluster's key",
+                presence_key(&[6; 32]).seal(&label(&[1; NODE_ID_LEN]), &held.encode(1)),
+            ),
+            ("sealed by another node", sealed([2; NODE_ID_LEN], 1, &held)),
+            (
+                "cut short",
+                sealed([1; NODE_ID_LEN], 1, &held)[..20].to_vec(),
+            ),
+        ];
+        for (name, body) in cases {
+            assert_eq!(p.apply([1; NODE_ID_LEN], &body), Err(()), "{name}");
+        }
+        assert_eq!(p.others(&user(1)), None);
+        assert_eq!(
+            p.apply([1; NODE_ID_LEN], &sealed([1; NODE_ID_LEN], 1, &held)),
+            Ok(())
+        );
+        assert_eq!(p.others(&user(1)), Some(vec![[1; NODE_ID_LEN]]));
     }
 
     #[tokio::test(start_paused = true)]
     async fn silent_nodes_are_forgotten() {
-        let p = Presence::new([0; NODE_ID_LEN]);
+        let p = Presence::new([0; NODE_ID_LEN], key());
         apply(&p, 1, 1, Announcement::SnapshotFirst(vec![user(1)]));
         tokio::time::advance(PEER_TIMEOUT / 2).await;
         apply(&p, 2, 1, Announcement::SnapshotFirst(vec![user(1)]));

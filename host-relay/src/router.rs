@@ -634,7 +634,10 @@ mod tests {
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let sink = RouterSink {
             router: router.clone(),
-            presence: Arc::new(crate::presence::Presence::new(*router.node_id())),
+            presence: Arc::new(crate::presence::Presence::new(
+                *router.node_id(),
+                crate::presence::presence_key(&[5; 32]),
+            )),
             links: Arc::new(crate::links::Links::new(router.clone())),
             metrics: metrics.clone(),
             topic: node_topic(router.node_id()),
@@ -666,7 +669,11 @@ mod tests {
         assert_eq!(out.rx.try_recv().unwrap(), frame);
         assert!(out.rx.try_recv().is_err());
         // An authentic presence announcement on the presence topic is applied.
-        let held = crate::presence::Announcement::Held(vec![user]).encode(1);
+        let held = crate::presence::tests::sealed(
+            [2; NODE_ID_LEN],
+            1,
+            &crate::presence::Announcement::Held(vec![user]),
+        );
         assert!(sink.deliver(PRESENCE_TOPIC, there.presence_payload(&held)));
         assert_eq!(sink.presence.others(&user), Some(vec![[2; NODE_ID_LEN]]));
         assert!(!metrics.render().contains("broker_dropped_total{"));

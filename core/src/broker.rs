@@ -1,8 +1,8 @@
 //! The `Broker` contract: publish/subscribe between relay nodes.
 //!
-//! Why this shape: a relay node subscribes to one topic per user it holds, which can be tens of
-//! thousands of topics, so deliveries come through one [`BrokerSink`] given at construction
-//! rather than one stream per subscription. `publish` answers how many receivers took the
+//! Why this shape: deliveries come through one [`BrokerSink`] given at construction rather
+//! than one stream per subscription (a relay node once subscribed to one topic per user it
+//! held; since issue 19 it subscribes to its own delivery topic and the presence topic). `publish` answers how many receivers took the
 //! payload where the broker can know (Redis counts subscribers, NATS can use request/reply),
 //! because the relay promises senders a truthful "delivered" or "offline". Failures are errors,
 //! never silent drops, so the relay can answer "broker unavailable".

@@ -21,16 +21,17 @@
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
-use syncra_core::Confirm;
 use syncra_core::UserId;
 use syncra_core::carriage::{CARRIAGE_VERSION, Routed};
 use syncra_core::error::OpenError;
 use syncra_core::mailbox::PutOutcome;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome, RequestId};
+use tokio::sync::oneshot;
 
 use crate::NodeState;
 use crate::limits::SendRefusal;
-use crate::router::{Delivery, LocalDelivery, user_topic};
+use crate::links::Taken;
+use crate::router::LocalDelivery;
 use crate::session::{count_error, error_frame};
 
 /// What routing found out about one recipient before the mailbox is asked.
@@ -73,7 +74,8 @@ pub fn decide(reach: Reach, held: Option<Result<PutOutcome, ()>>) -> Outcome {
     }
 }
 
-/// Routes one envelope to every recipient and builds the send result.
+/// Routes one envelope to every recipient and builds the send result: the path with relay
+/// hooks (asked before routing).
 pub async fn send(
     state: &NodeState,
     user: UserId,
@@ -91,9 +93,8 @@ pub async fn send(
             return error_frame(request_id, code, why);
         }
     }
-    let recipients = header.recipients();
     if !state.hooks.is_empty() {
-        let recipients = recipients.clone();
+        let recipients = header.recipients();
         let size = envelope.len();
         let admitted = crate::plugins::admit(&state.hooks, move |h| {
             h.on_envelope(&user, &recipients, size)
@@ -104,24 +105,10 @@ pub async fn send(
             return error_frame(request_id, ErrorCode::HookDenied, why);
         }
     }
-    // Encoded once: the frame every local session gets and the broker payload share bytes.
-    let delivery = state.router.delivery(&envelope, !state.broker.alone());
-    let outcomes = if let [only] = recipients.as_slice() {
-        vec![deliver_to(state, *only, &delivery, &envelope).await]
-    } else {
-        join_all(
-            recipients
-                .iter()
-                .map(|r| deliver_to(state, *r, &delivery, &envelope)),
-        )
-        .await
-    };
-    Frame::SendResult {
-        request_id,
-        message_id: header.message_id(),
-        outcomes,
+    match route(state, request_id, header, &envelope) {
+        Ok(answer) => answer,
+        Err(later) => later.await.unwrap_or_default(),
     }
-    .encode()
 }
 
 /// The checks every send passes before routing: a well-formed header (a sealed envelope's or
@@ -184,12 +171,11 @@ fn admit_send(
     Err(error_frame(request_id, code, message))
 }
 
-/// A send routed on the spot, without the boxed future a request otherwise costs: for when
-/// this node is alone on its broker (routing is local deliveries only) and no relay hook is
-/// configured. Every recipient a local session took is answered at once; if any recipient
-/// has nobody connected and the relay keeps a mailbox, the answer needs the mailbox, and the
-/// future that asks it (after the local deliveries, which are done here, in order) is returned
-/// instead.
+/// A send without relay hooks: admitted, delivered to local sessions and handed to the broker
+/// for other nodes now, in this call (so a sender's messages keep their order). Answered on
+/// the spot, without the boxed future a request otherwise costs, when every recipient's
+/// outcome is already known (taken here, or nobody and no mailbox); otherwise the future that
+/// waits for the other nodes' answers and the mailbox is returned.
 pub fn send_locally<'a>(
     state: &'a NodeState,
     user: UserId,
@@ -197,31 +183,62 @@ pub fn send_locally<'a>(
     envelope: &Bytes,
 ) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
     if envelope.first() == Some(&CARRIAGE_VERSION) {
-        // An MLS carriage asks the store about its group first.
+        // An MLS carriage asks the store about its group first (groups.rs); the session reads
+        // its next frame only once this is routed, so order is kept.
         let envelope = envelope.clone();
         return Err(Box::pin(async move {
             Some(send(state, user, request_id, envelope).await)
         }));
     }
-    let header = match admit_send(state, &user, request_id, envelope) {
-        Ok(h) => h,
-        Err(refusal) => return Ok(refusal),
-    };
+    match admit_send(state, &user, request_id, envelope) {
+        Ok(header) => route(state, request_id, header, envelope),
+        Err(refusal) => Ok(refusal),
+    }
+}
+
+/// What other nodes did with one recipient's delivery, once local sessions were offered it.
+#[derive(Debug)]
+enum Remote {
+    /// Known without waiting (`None`: the node is alone on its broker; `Some(Err)`: unknown
+    /// because the node cannot trust its presence table).
+    Known(Option<Result<u64, ()>>),
+    /// Queued for these nodes; their answers come here.
+    Asked(Vec<oneshot::Receiver<Taken>>),
+}
+
+/// Delivers to every recipient's local sessions, hands the payloads for other nodes to the
+/// broker, and answers: at once when no answer is awaited, or with the future that awaits them.
+fn route<'a>(
+    state: &'a NodeState,
+    request_id: RequestId,
+    header: Routed,
+    envelope: &Bytes,
+) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
     let message_id = header.message_id();
-    let delivery = state.router.delivery(envelope, false);
-    let reaches: Vec<(UserId, Reach)> = header
+    // Encoded once: the frame every local session gets and every broker payload carries.
+    let frame = state.router.deliver_frame(envelope);
+    let mut plans: Vec<(UserId, LocalDelivery, Remote)> = header
         .recipients()
         .into_iter()
         .map(|r| {
-            let local = state.router.deliver_local(&r, &delivery.frame);
-            (r, reach(local, None))
+            let local = state.router.deliver_local(&r, &frame);
+            (r, local, remote(state, &r, local, &frame))
         })
         .collect();
-    let holds = state.mailbox.stores() && reaches.iter().any(|(_, r)| *r == Reach::Nobody);
-    if !holds {
-        let outcomes = reaches
+    let waits = |(_, local, remote): &(UserId, LocalDelivery, Remote)| match remote {
+        Remote::Asked(_) => true,
+        Remote::Known(known) => state.mailbox.stores() && reach(*local, *known) == Reach::Nobody,
+    };
+    if !plans.iter().any(waits) {
+        let outcomes = plans
             .into_iter()
-            .map(|(id, r)| counted(state, id, decide(r, None)))
+            .map(|(id, local, remote)| {
+                let known = match remote {
+                    Remote::Known(known) => known,
+                    Remote::Asked(_) => None,
+                };
+                counted(state, id, decide(reach(local, known), None))
+            })
             .collect();
         return Ok(Frame::SendResult {
             request_id,
@@ -232,10 +249,17 @@ pub fn send_locally<'a>(
     }
     let envelope = envelope.clone();
     Err(Box::pin(async move {
-        let mut outcomes = Vec::with_capacity(reaches.len());
-        for (id, r) in reaches {
-            outcomes.push(counted(state, id, settle(state, id, r, &envelope).await));
-        }
+        let outcomes = if plans.len() == 1 {
+            let (id, local, remote) = plans.remove(0);
+            vec![outcome(state, id, local, remote, &envelope).await]
+        } else {
+            join_all(
+                plans
+                    .into_iter()
+                    .map(|(id, local, remote)| outcome(state, id, local, remote, &envelope)),
+            )
+            .await
+        };
         Some(
             Frame::SendResult {
                 request_id,
@@ -245,6 +269,75 @@ pub fn send_locally<'a>(
             .encode(),
         )
     }))
+}
+
+/// Where other nodes come in for one recipient: the delivery is queued (in send order) for
+/// the nodes the presence table names, and for no other, so same-node traffic never touches
+/// the broker.
+fn remote(state: &NodeState, recipient: &UserId, local: LocalDelivery, frame: &Bytes) -> Remote {
+    if state.broker.alone() {
+        // No other node exists: this node's sessions are all there is.
+        return Remote::Known(None);
+    }
+    let Some(nodes) = state.presence.others(recipient) else {
+        // Nobody else holds the recipient, as far as a table that has kept up knows; a table
+        // that may have missed announcements (the broker failed) cannot say "nobody".
+        return Remote::Known(Some(if local.taken > 0 || state.presence.trusted() {
+            Ok(0)
+        } else {
+            Err(())
+        }));
+    };
+    // Delivered already, or not: either way the other nodes get their copy; their answer is
+    // only needed when no local session took it.
+    let answer = local.taken == 0;
+    let asked: Vec<_> = nodes
+        .into_iter()
+        .filter_map(|node| state.links.send(node, *recipient, frame.clone(), answer))
+        .collect();
+    if answer {
+        Remote::Asked(asked)
+    } else {
+        Remote::Known(Some(Ok(0)))
+    }
+}
+
+/// How many of the asked nodes took it; `Err` if none did and one could not say.
+async fn answers(asked: Vec<oneshot::Receiver<Taken>>) -> Result<u64, ()> {
+    // Every answer channel is settled or dropped within `links::ANSWER_TIMEOUT` (the links
+    // sweep the batches that were not answered in time), so this needs no timer of its own.
+    let wait = |rx: oneshot::Receiver<Taken>| async move { rx.await.unwrap_or(Err(())) };
+    let answers = if asked.len() == 1 {
+        let mut asked = asked;
+        vec![wait(asked.remove(0)).await]
+    } else {
+        join_all(asked.into_iter().map(wait)).await
+    };
+    let taken = answers.iter().filter(|a| matches!(a, Ok(true))).count() as u64;
+    if taken == 0 && answers.iter().any(Result::is_err) {
+        Err(())
+    } else {
+        Ok(taken)
+    }
+}
+
+/// The outcome for one recipient once the other nodes answered.
+async fn outcome(
+    state: &NodeState,
+    recipient: UserId,
+    local: LocalDelivery,
+    remote: Remote,
+    envelope: &Bytes,
+) -> RecipientOutcome {
+    let remote = match remote {
+        Remote::Known(known) => known,
+        Remote::Asked(asked) => Some(answers(asked).await),
+    };
+    counted(
+        state,
+        recipient,
+        settle(state, recipient, reach(local, remote), envelope).await,
+    )
 }
 
 /// The outcome for a recipient whose reach is known: for nobody, the mailbox decides.
@@ -279,55 +372,6 @@ fn counted(state: &NodeState, recipient: UserId, outcome: Outcome) -> RecipientO
         user_id: recipient,
         outcome,
     }
-}
-
-/// Delivers to one recipient: to this node's sessions of theirs first, then through the broker
-/// to other nodes, learning from the broker only as much as the outcome needs, then (nobody
-/// connected) to the mailbox.
-async fn deliver_to(
-    state: &NodeState,
-    recipient: UserId,
-    delivery: &Delivery,
-    envelope: &Bytes,
-) -> RecipientOutcome {
-    let local = state.router.deliver_local(&recipient, &delivery.frame);
-    let remote = if state.broker.alone() {
-        // No other node exists: this node's sessions are all there is.
-        None
-    } else if local.taken > 0 {
-        // Delivered already; other nodes only need a copy for the recipient's other devices,
-        // and whether one took it changes nothing in the answer. A broker failure here is
-        // logged by the broker and does not turn a delivery into an error.
-        let _ = state
-            .broker
-            .publish_confirm(
-                &user_topic(&recipient),
-                delivery.payload.clone(),
-                Confirm::Nothing,
-            )
-            .await;
-        Some(Ok(0))
-    } else {
-        let answer = state
-            .broker
-            .publish_confirm(
-                &user_topic(&recipient),
-                delivery.payload.clone(),
-                Confirm::Any,
-            )
-            .await;
-        // A broker that counts our own subscription would otherwise make us claim a delivery
-        // on the strength of our own echo.
-        let own =
-            u64::from(state.broker.counts_own_subscription() && state.router.holds(&recipient));
-        Some(
-            answer
-                .map(|receipt| receipt.receivers.unwrap_or(0).saturating_sub(own))
-                .map_err(|_| ()),
-        )
-    };
-    let outcome = settle(state, recipient, reach(local, remote), envelope).await;
-    counted(state, recipient, outcome)
 }
 
 #[cfg(test)]

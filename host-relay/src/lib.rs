@@ -17,8 +17,10 @@ mod delivery;
 mod groups;
 pub mod kinds;
 mod limits;
+mod links;
 mod metrics;
 pub mod plugins;
+mod presence;
 mod router;
 mod session;
 mod tokens;
@@ -40,7 +42,9 @@ use tracing::{info, warn};
 
 pub use config::RelayConfig;
 use limits::{LimitSettings, Limits};
+use links::Links;
 use metrics::Metrics;
+use presence::Presence;
 use router::{Router, RouterSink};
 use tokens::TokenKeys;
 
@@ -97,6 +101,10 @@ pub(crate) struct NodeState {
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Arc<Router>,
+    /// Which other nodes hold which users (`presence`).
+    pub(crate) presence: Arc<Presence>,
+    /// Deliveries to other nodes, batched per node (`links`).
+    pub(crate) links: Arc<Links>,
     /// Set when shutdown starts, so sessions that log in during the drain are closed too.
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Relay hooks, asked about every session and envelope.
@@ -112,6 +120,8 @@ pub struct Relay {
     stop: watch::Sender<bool>,
     accept_task: tokio::task::JoinHandle<JoinSet<()>>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
+    /// Announces this node's users to the others (a node alone on its broker has none).
+    presence_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -199,9 +209,18 @@ impl Relay {
             config.limits.max_frame,
         ));
         let metrics = Arc::new(Metrics::default());
+        let presence = Arc::new(Presence::new(
+            node_id,
+            presence::presence_key(&tokens.cluster_key()),
+        ));
+        let links = Arc::new(Links::new(router.clone()));
+        let topic = router::node_topic(&node_id);
         let sink: Arc<dyn BrokerSink> = Arc::new(RouterSink {
             router: router.clone(),
+            presence: presence.clone(),
+            links: links.clone(),
             metrics: metrics.clone(),
+            topic: topic.clone(),
         });
         let broker = registry
             .brokers
@@ -213,6 +232,18 @@ impl Relay {
                     config.describe_source()
                 )
             })?;
+
+        links.start(broker.clone());
+        if !broker.alone() {
+            // Two subscriptions for the node's life, whatever the number of users it holds.
+            // Both brokers remember a subscription they could not confirm and make it when the
+            // connection is back, so a failure here is logged, not fatal.
+            for topic in [topic.as_str(), router::PRESENCE_TOPIC] {
+                if let Err(e) = broker.subscribe(topic).await {
+                    warn!("broker subscribe to {topic} failed: {e}");
+                }
+            }
+        }
 
         let listener = transport.bind(&config.listen).await.map_err(|e| {
             let hint = match &e {
@@ -250,6 +281,8 @@ impl Relay {
             limits,
             metrics,
             router,
+            presence,
+            links,
             draining: std::sync::atomic::AtomicBool::new(false),
             hooks,
         });
@@ -264,6 +297,19 @@ impl Relay {
         if state.mailbox.stores() {
             tokio::spawn(expire_mailbox(state.clone(), stop_rx.clone()));
         }
+        let presence_task = (!state.broker.alone()).then(|| {
+            tokio::spawn(presence::run(
+                state.presence.clone(),
+                state.router.clone(),
+                state.broker.clone(),
+                stop_rx.clone(),
+            ))
+        });
+        // A node serves once it knows who holds whom (or the broker is down: then it serves
+        // local traffic and answers `broker_unavailable` for the rest until it can resync).
+        if presence_task.is_some() && !state.presence.wait_trusted(Duration::from_secs(3)).await {
+            warn!("the broker did not take this node's presence announcements; starting anyway");
+        }
         let accept_task = tokio::spawn(accept_loop(state.clone(), listener, stop_rx));
         Ok(Relay {
             url,
@@ -273,6 +319,7 @@ impl Relay {
             stop,
             accept_task,
             admin_task,
+            presence_task,
         })
     }
 
@@ -333,6 +380,11 @@ impl Relay {
             sessions.abort_all();
         }
         if let Some(task) = self.admin_task {
+            let _ = task.await;
+        }
+        // The presence task says `Bye` (other nodes stop sending here) and ends; its publish is
+        // bounded by the broker's own timeouts.
+        if let Some(task) = self.presence_task {
             let _ = task.await;
         }
         Ok(())

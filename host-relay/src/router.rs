@@ -26,6 +26,9 @@ pub const PAYLOAD_PREFIX: usize = NODE_ID_LEN + MAC_LEN;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+/// What the MAC covers first: the version of the payload format.
+const MAC_DOMAIN: &[u8] = b"syncra/v2/cluster-payload";
+
 /// Authenticates payloads between the nodes of a cluster: HMAC-SHA256 under the cluster key
 /// over the node id and the frame. The broker is a trust boundary: anyone who can publish on
 /// NATS or Redis could otherwise hand any frame to any user's sessions.
@@ -54,6 +57,9 @@ impl ClusterMac {
     fn mac(&self, node_id: &[u8], frame: &[u8]) -> HmacSha256 {
         use hmac::Mac;
         let mut mac = self.keyed.clone();
+        // The payload format's version: a payload of another format (the per-user topics' node
+        // id, MAC and bare frame) never verifies as one of this one.
+        mac.update(MAC_DOMAIN);
         mac.update(node_id);
         mac.update(frame);
         mac
@@ -72,17 +78,31 @@ impl ClusterMac {
     }
 }
 
-/// The broker topic that carries a user's deliveries.
-pub fn user_topic(user: &UserId) -> String {
-    const PREFIX: &str = "syncra.u.";
-    let mut topic = String::with_capacity(PREFIX.len() + 32);
-    topic.push_str(PREFIX);
-    user.push_to(&mut topic);
-    topic
+/// A node's id: random per process, at the start of every broker payload the node sends.
+pub type NodeId = [u8; NODE_ID_LEN];
+
+/// What a broker payload carries after the node id and the MAC: its first byte.
+mod kind {
+    /// Deliveries for users held by the node the payload is addressed to (`crate::links`).
+    pub const BATCH: u8 = 1;
+    /// A presence announcement (`crate::presence`).
+    pub const PRESENCE: u8 = 2;
+    /// The answer to a batch (`crate::links`).
+    pub const ANSWER: u8 = 3;
 }
 
-fn user_from_topic(topic: &str) -> Option<UserId> {
-    topic.strip_prefix("syncra.u.")?.parse().ok()
+/// The topic every node subscribes to for presence announcements.
+pub const PRESENCE_TOPIC: &str = "syncra.presence";
+
+const NODE_TOPIC_PREFIX: &str = "syncra.n.";
+
+/// The topic that carries deliveries to one node: one subscription per node, whatever the
+/// number of users it holds.
+pub fn node_topic(node: &NodeId) -> String {
+    let mut topic = String::with_capacity(NODE_TOPIC_PREFIX.len() + 2 * NODE_ID_LEN);
+    topic.push_str(NODE_TOPIC_PREFIX);
+    topic.push_str(&data_encoding::HEXLOWER.encode(node));
+    topic
 }
 
 /// The sending side of one session: its queue and the means to close it.
@@ -206,15 +226,6 @@ pub struct LocalDelivery {
     pub full: usize,
 }
 
-/// One envelope encoded for delivery; see [`Router::delivery`].
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The `Deliver` frame, for local sessions.
-    pub frame: Bytes,
-    /// Node id, MAC and frame, for the broker (empty when made for local sessions only).
-    pub payload: Bytes,
-}
-
 /// The sessions this node holds, by user.
 #[derive(Debug)]
 pub struct Router {
@@ -288,29 +299,69 @@ impl Router {
         result
     }
 
-    /// Encodes an envelope for delivery, once: the broker payload (this node's id, the MAC,
-    /// then the `Deliver` frame) and the frame for local sessions, which shares the payload's
-    /// bytes. With `for_broker` false (a node alone on its broker) no MAC is computed and the
-    /// payload is empty.
-    pub fn delivery(&self, envelope: &[u8], for_broker: bool) -> Delivery {
-        if !for_broker {
-            let frame = syncra_core::wire::encode_deliver_after(&[], envelope);
-            return Delivery {
-                frame,
-                payload: Bytes::new(),
-            };
-        }
-        let mut prefix = [0u8; PAYLOAD_PREFIX];
-        prefix[..NODE_ID_LEN].copy_from_slice(&self.node_id);
-        let unsigned = syncra_core::wire::encode_deliver_after(&prefix, envelope);
-        let tag = self.mac.tag(&self.node_id, &unsigned[PAYLOAD_PREFIX..]);
-        let mut payload = bytes::BytesMut::from(unsigned);
+    /// This node's id.
+    #[cfg(test)]
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// The users this node holds a session of, for a presence snapshot.
+    pub fn users(&self) -> Vec<UserId> {
+        self.sessions.iter().map(|e| *e.key()).collect()
+    }
+
+    /// The `Deliver` frame of an envelope, encoded once for every local session and every
+    /// broker payload.
+    pub fn deliver_frame(&self, envelope: &[u8]) -> Bytes {
+        syncra_core::wire::encode_deliver_after(&[], envelope)
+    }
+
+    /// A batch of deliveries (`crate::links`) as a broker payload.
+    #[cfg(test)]
+    pub fn batch_payload(&self, body: &[u8]) -> Bytes {
+        self.seal(kind::BATCH, body)
+    }
+
+    /// [`Router::batch_payload`] with the body written by `write` (about `len` bytes).
+    pub fn batch_payload_with(
+        &self,
+        len: usize,
+        write: impl FnOnce(&mut bytes::BytesMut),
+    ) -> Bytes {
+        self.seal_with(kind::BATCH, len, write)
+    }
+
+    /// The answer to a batch as a broker payload.
+    pub fn answer_payload(&self, body: &[u8]) -> Bytes {
+        self.seal(kind::ANSWER, body)
+    }
+
+    /// A presence payload with `body` (see `crate::presence`).
+    pub fn presence_payload(&self, body: &[u8]) -> Bytes {
+        self.seal(kind::PRESENCE, body)
+    }
+
+    /// Node id, MAC over node id and everything after it, then the kind and the body.
+    fn seal(&self, kind: u8, body: &[u8]) -> Bytes {
+        self.seal_with(kind, body.len(), |out| out.extend_from_slice(body))
+    }
+
+    /// [`Router::seal`] with the body written by `write` straight into the payload (about
+    /// `len` bytes), so a batch is not copied twice.
+    pub fn seal_with(
+        &self,
+        kind: u8,
+        len: usize,
+        write: impl FnOnce(&mut bytes::BytesMut),
+    ) -> Bytes {
+        let mut payload = bytes::BytesMut::with_capacity(PAYLOAD_PREFIX + 1 + len);
+        payload.extend_from_slice(&self.node_id);
+        payload.extend_from_slice(&[0u8; MAC_LEN]);
+        payload.extend_from_slice(&[kind]);
+        write(&mut payload);
+        let tag = self.mac.tag(&self.node_id, &payload[PAYLOAD_PREFIX..]);
         payload[NODE_ID_LEN..PAYLOAD_PREFIX].copy_from_slice(&tag);
-        let payload = payload.freeze();
-        Delivery {
-            frame: payload.slice(PAYLOAD_PREFIX..),
-            payload,
-        }
+        payload.freeze()
     }
 
     /// Every session, for shutdown.
@@ -322,34 +373,48 @@ impl Router {
     }
 }
 
-/// Receives payloads from other nodes and hands them to local sessions.
+/// Receives payloads from other nodes: deliveries go to local sessions, presence
+/// announcements to the presence table.
 ///
 /// The broker is a trust boundary: whoever can publish on it (a compromised broker account, a
-/// misconfigured ACL, another tenant) is hostile. A payload reaches a session only if its MAC
-/// verifies under the cluster key, it is exactly one well-formed `Deliver` frame within the
-/// frame limit, and the envelope's header names the topic's user as a recipient. Everything
-/// else is dropped and counted by reason (`syncra_relay_broker_dropped_total`).
+/// misconfigured ACL, another tenant) is hostile. A payload is looked at only if its MAC
+/// verifies under the cluster key. A delivery reaches a session only if it came on this node's
+/// own topic and is exactly one well-formed `Deliver` frame within the frame limit whose
+/// envelope names the payload's user as a recipient; a presence announcement is applied only
+/// if it came on the presence topic and parses exactly. Everything else is dropped and counted
+/// by reason (`syncra_relay_broker_dropped_total`).
 #[derive(Debug)]
 pub struct RouterSink {
     /// The router to deliver into.
     pub router: Arc<Router>,
+    /// Where presence announcements go.
+    pub presence: Arc<crate::presence::Presence>,
+    /// Where answers to this node's batches go, and answers to other nodes' batches leave.
+    pub links: Arc<crate::links::Links>,
     /// Where drops are counted and logged.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This node's delivery topic.
+    pub topic: String,
 }
 
 /// Why a broker payload was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
-    /// The topic is not a user topic.
+    /// Not this node's topic or the presence topic, or a payload on the wrong one of the two.
     Topic,
-    /// Shorter than a node id and a MAC.
+    /// Shorter than a node id, a MAC and a kind.
     Short,
     /// The MAC does not verify under the cluster key.
     Mac,
-    /// Not one well-formed `Deliver` frame.
+    /// A batch that does not parse, or a delivery in it that is not one well-formed `Deliver`
+    /// frame.
     NotDeliver,
-    /// The envelope's header is malformed or does not name the topic's user.
+    /// The envelope's header is malformed or does not name the payload's user.
     NotRecipient,
+    /// A presence announcement that does not parse.
+    NotPresence,
+    /// An answer that does not parse or answers nothing this node sent to its sender.
+    NotAnswer,
 }
 
 impl Dropped {
@@ -361,59 +426,137 @@ impl Dropped {
             Dropped::Mac => "bad_mac",
             Dropped::NotDeliver => "not_a_delivery",
             Dropped::NotRecipient => "not_a_recipient",
+            Dropped::NotPresence => "not_presence",
+            Dropped::NotAnswer => "not_an_answer",
         }
     }
 }
 
+/// An authentic payload from another node, by kind, not yet parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Remote {
+    /// This node's own payload come back (nothing is done with it, so a forgery naming this
+    /// node achieves nothing).
+    Own,
+    /// Deliveries for this node's sessions (`crate::links::parse_batch`).
+    Batch {
+        /// The node that sent it.
+        from: NodeId,
+        /// Everything after the kind byte.
+        body: Bytes,
+    },
+    /// The answer to one of this node's batches (`crate::links::Links::answer`).
+    Answer {
+        /// The node that sent it.
+        from: NodeId,
+        /// Everything after the kind byte.
+        body: Bytes,
+    },
+    /// A presence announcement (`crate::presence::Announcement::parse`).
+    Presence {
+        /// The node that sent it.
+        from: NodeId,
+        /// Everything after the kind byte.
+        body: Bytes,
+    },
+}
+
 impl Router {
-    /// Checks a payload from the broker. `Ok(None)` is this node's own publish coming back
-    /// (its local sessions were served directly); `Ok(Some)` the user and the frame to hand
-    /// to that user's sessions.
+    /// Checks a payload from the broker that came on `topic`: its MAC, and that its kind
+    /// belongs on that topic; `node_topic` is this node's own delivery topic.
     pub fn accept_remote(
         &self,
         topic: &str,
+        node_topic: &str,
         payload: &Bytes,
-    ) -> Result<Option<(UserId, Bytes)>, Dropped> {
-        let user = user_from_topic(topic).ok_or(Dropped::Topic)?;
+    ) -> Result<Remote, Dropped> {
+        let on_presence = topic == PRESENCE_TOPIC;
+        if !on_presence && topic != node_topic {
+            return Err(Dropped::Topic);
+        }
         if payload.len() <= PAYLOAD_PREFIX {
             return Err(Dropped::Short);
         }
         let (node_id, rest) = payload.split_at(NODE_ID_LEN);
         if node_id == self.node_id {
-            // Nothing is delivered for it, so a forgery naming this node achieves nothing.
-            return Ok(None);
+            return Ok(Remote::Own);
         }
-        let (tag, frame) = rest.split_at(MAC_LEN);
-        if !self.mac.verify(node_id, frame, tag) {
+        let (tag, signed) = rest.split_at(MAC_LEN);
+        if !self.mac.verify(node_id, signed, tag) {
             return Err(Dropped::Mac);
         }
-        let frame = payload.slice(PAYLOAD_PREFIX..);
+        let mut from = [0u8; NODE_ID_LEN];
+        from.copy_from_slice(node_id);
+        let body = payload.slice(PAYLOAD_PREFIX + 1..);
+        match (signed[0], on_presence) {
+            (kind::PRESENCE, true) => Ok(Remote::Presence { from, body }),
+            (kind::BATCH, false) => Ok(Remote::Batch { from, body }),
+            (kind::ANSWER, false) => Ok(Remote::Answer { from, body }),
+            _ => Err(Dropped::Topic),
+        }
+    }
+
+    /// Checks one delivery of a batch: exactly one well-formed `Deliver` frame within the frame
+    /// limit whose envelope names `user` as a recipient.
+    pub fn check_delivery(&self, user: &UserId, frame: &Bytes) -> Result<(), Dropped> {
         let Ok(syncra_core::wire::Frame::Deliver { envelope }) =
-            syncra_core::wire::Frame::decode(&frame, self.max_frame)
+            syncra_core::wire::Frame::decode(frame, self.max_frame)
         else {
             return Err(Dropped::NotDeliver);
         };
         // A sealed envelope or an MLS carriage, well-formed and naming this user.
         match syncra_core::carriage::Routed::parse(&envelope) {
-            Ok(header) if header.recipients().contains(&user) => Ok(Some((user, frame))),
+            Ok(header) if header.recipients().contains(user) => Ok(()),
             _ => Err(Dropped::NotRecipient),
         }
+    }
+
+    /// The frame limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
     }
 }
 
 impl BrokerSink for RouterSink {
     fn deliver(&self, topic: &str, payload: Bytes) -> bool {
-        match self.router.accept_remote(topic, &payload) {
-            Ok(Some((user, frame))) => {
-                self.metrics.broker_in.inc();
-                self.router.deliver_local(&user, &frame).taken > 0
+        let dropped = match self.router.accept_remote(topic, &self.topic, &payload) {
+            Ok(Remote::Batch { from, body }) => {
+                match crate::links::parse_batch(&body, self.router.max_frame()) {
+                    Ok((batch, items)) => {
+                        let taken: Vec<bool> = items
+                            .iter()
+                            .map(
+                                |(user, frame)| match self.router.check_delivery(user, frame) {
+                                    Ok(()) => {
+                                        self.metrics.broker_in.inc();
+                                        self.router.deliver_local(user, frame).taken > 0
+                                    }
+                                    Err(dropped) => {
+                                        self.metrics.broker_drop(dropped.reason());
+                                        false
+                                    }
+                                },
+                            )
+                            .collect();
+                        self.links.reply(from, batch, &taken);
+                        return taken.iter().any(|t| *t);
+                    }
+                    Err(()) => Dropped::NotDeliver,
+                }
             }
-            Ok(None) => false,
-            Err(dropped) => {
-                self.metrics.broker_drop(dropped.reason());
-                false
-            }
-        }
+            Ok(Remote::Answer { from, body }) => match self.links.answer(from, &body) {
+                Ok(()) => return false,
+                Err(()) => Dropped::NotAnswer,
+            },
+            Ok(Remote::Presence { from, body }) => match self.presence.apply(from, &body) {
+                Ok(()) => return true,
+                Err(()) => Dropped::NotPresence,
+            },
+            Ok(Remote::Own) => return false,
+            Err(dropped) => dropped,
+        };
+        self.metrics.broker_drop(dropped.reason());
+        false
     }
 }
 
@@ -422,10 +565,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topics_round_trip() {
-        let u = UserId::from_identity_key(&[3; 32]);
-        assert_eq!(user_from_topic(&user_topic(&u)), Some(u));
-        assert_eq!(user_from_topic("other.topic"), None);
+    fn node_topics_are_distinct_literal_subjects() {
+        let (a, b) = (node_topic(&[1; NODE_ID_LEN]), node_topic(&[2; NODE_ID_LEN]));
+        assert_ne!(a, b);
+        assert_eq!(a, format!("syncra.n.{}", "01".repeat(NODE_ID_LEN)));
+        assert_ne!(a, PRESENCE_TOPIC);
     }
 
     #[tokio::test]
@@ -487,6 +631,26 @@ mod tests {
             .bytes
     }
 
+    fn sink(router: &Arc<Router>) -> (RouterSink, Arc<crate::metrics::Metrics>) {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let sink = RouterSink {
+            router: router.clone(),
+            presence: Arc::new(crate::presence::Presence::new(
+                *router.node_id(),
+                crate::presence::presence_key(&[5; 32]),
+            )),
+            links: Arc::new(crate::links::Links::new(router.clone())),
+            metrics: metrics.clone(),
+            topic: node_topic(router.node_id()),
+        };
+        (sink, metrics)
+    }
+
+    /// One delivery of `frame` to `user` in a batch from `from`.
+    fn batch(from: &Router, user: &UserId, frame: &[u8]) -> Bytes {
+        from.batch_payload(&crate::links::encode_batch(1, [(user, frame)].into_iter()))
+    }
+
     #[test]
     fn sink_ignores_own_payloads_and_delivers_authentic_deliveries() {
         let here = Arc::new(router(1, OverflowPolicy::Reject));
@@ -494,46 +658,41 @@ mod tests {
         let user = UserId::from_identity_key(&[1; 32]);
         let mut out = SessionQueue::channel(1, 4);
         here.add(user, out.queue.clone());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        let sink = RouterSink {
-            router: here.clone(),
-            metrics: metrics.clone(),
-        };
+        let (sink, metrics) = sink(&here);
+        let topic = node_topic(here.node_id());
         let envelope = envelope_for(&[user]);
-        let own = here.delivery(&envelope, true);
-        assert!(!sink.deliver(&user_topic(&user), own.payload.clone()));
-        let remote = there.delivery(&envelope, true);
-        assert!(sink.deliver(&user_topic(&user), remote.payload.clone()));
-        assert_eq!(out.rx.try_recv().unwrap(), remote.frame);
-        assert_eq!(own.frame, remote.frame);
-        assert_eq!(here.delivery(&envelope, false).frame, own.frame);
+        let frame = here.deliver_frame(&envelope);
+        assert!(!sink.deliver(&topic, batch(&here, &user, &frame)));
+        assert!(sink.deliver(
+            &topic,
+            batch(&there, &user, &there.deliver_frame(&envelope))
+        ));
+        assert_eq!(out.rx.try_recv().unwrap(), frame);
         assert!(out.rx.try_recv().is_err());
+        // An authentic presence announcement on the presence topic is applied.
+        let held = crate::presence::tests::sealed(
+            [2; NODE_ID_LEN],
+            1,
+            &crate::presence::Announcement::Held(vec![user]),
+        );
+        assert!(sink.deliver(PRESENCE_TOPIC, there.presence_payload(&held)));
+        assert_eq!(sink.presence.others(&user), Some(vec![[2; NODE_ID_LEN]]));
         assert!(!metrics.render().contains("broker_dropped_total{"));
     }
 
-    /// What a broker publisher without the cluster key can send, each refused with its reason
-    /// and nothing reaching the session.
+    /// What a broker publisher without the cluster key (or a node with it, sending what is not
+    /// a delivery) can send: each refused with its reason, nothing reaching the session or the
+    /// presence table.
     #[test]
-    fn sink_drops_what_is_not_an_authentic_delivery_for_the_topic() {
+    fn sink_drops_what_is_not_an_authentic_payload_for_the_topic() {
         let here = Arc::new(router(1, OverflowPolicy::Reject));
         let user = UserId::from_identity_key(&[1; 32]);
         let other = UserId::from_identity_key(&[2; 32]);
         let mut out = SessionQueue::channel(1, 64);
         here.add(user, out.queue.clone());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        let sink = RouterSink {
-            router: here.clone(),
-            metrics: metrics.clone(),
-        };
-        let topic = user_topic(&user);
+        let topic = node_topic(here.node_id());
         // A node with the cluster key, for the cases that get past the MAC.
         let peer = router(2, OverflowPolicy::Reject);
-        let signed = |frame: &[u8]| {
-            let mut payload = vec![2u8; NODE_ID_LEN];
-            payload.extend_from_slice(&peer.mac.tag(&[2u8; NODE_ID_LEN], frame));
-            payload.extend_from_slice(frame);
-            Bytes::from(payload)
-        };
         let forged_record = syncra_core::wire::Frame::SendResult {
             request_id: 1,
             message_id: [0; 16],
@@ -545,75 +704,136 @@ mod tests {
             mac: mac(3),
             ..keyless
         };
-        let cases: Vec<(&str, Bytes, Dropped)> = vec![
+        let frame = |to: &[UserId]| peer.deliver_frame(&envelope_for(to));
+        let held = crate::presence::Announcement::Held(vec![other]).encode(1);
+        let one = crate::links::encode_batch(1, [(&user, &frame(&[user])[..])].into_iter());
+        let cases: Vec<(&str, &str, Bytes, Dropped)> = vec![
             (
-                "not a user topic",
-                signed(&here.delivery(&envelope_for(&[user]), false).frame),
+                "a user topic of the old scheme",
+                "syncra.u.x",
+                batch(&peer, &user, &frame(&[user])),
+                Dropped::Topic,
+            ),
+            (
+                "another node's topic",
+                "syncra.n.00",
+                batch(&peer, &user, &frame(&[user])),
                 Dropped::Topic,
             ),
             (
                 "short",
+                &topic,
                 Bytes::from_static(b"0123456789abcdef0123"),
                 Dropped::Short,
             ),
             (
-                "unauthenticated deliver",
-                keyless.delivery(&envelope_for(&[user]), true).payload,
+                "unauthenticated deliveries",
+                &topic,
+                batch(&keyless, &user, &frame(&[user])),
                 Dropped::Mac,
             ),
             (
-                "old-format payload (node id + frame)",
+                "unauthenticated presence",
+                PRESENCE_TOPIC,
+                keyless.presence_payload(&held),
+                Dropped::Mac,
+            ),
+            (
+                "unauthenticated answer",
+                &topic,
+                keyless.answer_payload(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1]),
+                Dropped::Mac,
+            ),
+            (
+                "old-format payload (node id + MAC + frame)",
+                &topic,
                 {
+                    let f = frame(&[user]);
                     let mut p = vec![2u8; NODE_ID_LEN];
-                    p.extend_from_slice(&here.delivery(&envelope_for(&[user]), false).frame);
+                    // The earlier format's MAC: HMAC under the cluster key over node id and
+                    // frame, without the format's label.
+                    use hmac::{KeyInit, Mac};
+                    let mut old = <HmacSha256 as KeyInit>::new_from_slice(&[9; 32]).unwrap();
+                    old.update(&[2u8; NODE_ID_LEN]);
+                    old.update(&f);
+                    p.extend_from_slice(&old.finalize().into_bytes());
+                    p.extend_from_slice(&f);
                     Bytes::from(p)
                 },
                 Dropped::Mac,
             ),
             (
+                "deliveries on the presence topic",
+                PRESENCE_TOPIC,
+                batch(&peer, &user, &frame(&[user])),
+                Dropped::Topic,
+            ),
+            (
+                "presence on the node topic",
+                &topic,
+                peer.presence_payload(&held),
+                Dropped::Topic,
+            ),
+            (
+                "unknown kind",
+                &topic,
+                peer.seal(9, b"whatever"),
+                Dropped::Topic,
+            ),
+            (
+                "a batch cut short",
+                &topic,
+                peer.batch_payload(&one[..one.len() - 1]),
+                Dropped::NotDeliver,
+            ),
+            (
+                "a batch with bytes after its last delivery",
+                &topic,
+                peer.batch_payload(&[&one[..], b"x"].concat()),
+                Dropped::NotDeliver,
+            ),
+            (
                 "authentic but not a deliver",
-                signed(&forged_record),
+                &topic,
+                batch(&peer, &user, &forged_record),
                 Dropped::NotDeliver,
             ),
             (
                 "authentic garbage",
-                signed(b"\x02\x06garbage"),
+                &topic,
+                batch(&peer, &user, b"\x02\x06garbage"),
                 Dropped::NotDeliver,
             ),
             (
                 "deliver for someone else",
-                peer.delivery(&envelope_for(&[other]), true).payload,
+                &topic,
+                batch(&peer, &user, &frame(&[other])),
                 Dropped::NotRecipient,
             ),
+            (
+                "authentic presence that does not parse",
+                PRESENCE_TOPIC,
+                peer.presence_payload(&held[..held.len() - 3]),
+                Dropped::NotPresence,
+            ),
+            (
+                "an answer to a batch never sent there",
+                &topic,
+                peer.answer_payload(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 1]),
+                Dropped::NotAnswer,
+            ),
         ];
-        for (name, payload, expected) in cases {
-            let topic = if expected == Dropped::Topic {
-                "syncra.x.y"
-            } else {
-                topic.as_str()
-            };
-            assert_eq!(
-                here.accept_remote(topic, &payload).err(),
-                Some(expected),
-                "{name}"
-            );
+        for (name, topic, payload, expected) in cases {
+            let (sink, metrics) = sink(&here);
             assert!(!sink.deliver(topic, payload), "{name}");
+            let text = metrics.render();
+            let series = format!(
+                "syncra_relay_broker_dropped_total{{reason=\"{}\"}} 1",
+                expected.reason()
+            );
+            assert!(text.contains(&series), "{name}: {series}\n{text}");
+            assert_eq!(sink.presence.others(&other), None, "{name}: presence");
         }
         assert!(out.rx.try_recv().is_err(), "nothing reached the session");
-        let text = metrics.render();
-        for reason in [
-            "bad_topic",
-            "truncated",
-            "bad_mac",
-            "not_a_delivery",
-            "not_a_recipient",
-        ] {
-            assert!(
-                text.contains(&format!(
-                    "syncra_relay_broker_dropped_total{{reason=\"{reason}\"}}"
-                )),
-                "{reason} counted:\n{text}"
-            );
-        }
     }
 }

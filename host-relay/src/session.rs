@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::NodeState;
 use crate::delivery::{send, send_locally};
-use crate::router::{SessionOutbox, SessionQueue, user_topic};
+use crate::router::{SessionOutbox, SessionQueue};
 use crate::tokens::{TokenError, TokenGrant};
 
 /// Malformed frames tolerated on one connection before it is closed.
@@ -389,12 +389,11 @@ pub async fn serve(
         state.config.limits.queue_capacity,
     );
     let queue = outbox.queue.clone();
-    if state.router.add(user, queue.clone())
-        && let Err(e) = state.broker.subscribe(&user_topic(&user)).await
-    {
-        // Local delivery still works; other nodes cannot reach this session until the broker
-        // is back. The health endpoint reports the broker, so this is logged, not fatal.
-        warn!(user = %user.short(), "broker subscribe failed: {e}");
+    // A first session here: other nodes learn it through the presence announcements, and
+    // this waits until they did (see `presence`), so that what they send after this session's
+    // `AuthOk` reaches it.
+    if state.router.add(user, queue.clone()) && !state.broker.alone() {
+        state.presence.held(user).await;
     }
     state.metrics.sessions.inc();
     debug!(user = %user.short(), session = queue.id, "session started");
@@ -419,17 +418,10 @@ pub async fn serve(
         let _ = writer.await;
     }
     state.metrics.sessions.dec();
-    if state.router.remove(&user, queue.id) {
-        if let Err(e) = state.broker.unsubscribe(&user_topic(&user)).await {
-            warn!(user = %user.short(), "broker unsubscribe failed: {e}");
-        }
-        // A new session of the same user may have subscribed while we unsubscribed: make sure
-        // a node that holds the user stays subscribed.
-        if state.router.holds(&user)
-            && let Err(e) = state.broker.subscribe(&user_topic(&user)).await
-        {
-            warn!(user = %user.short(), "broker resubscribe failed: {e}");
-        }
+    // The last session here: announced by the presence task, which reads the router when it
+    // gets there, so a session that began meanwhile keeps the user announced.
+    if state.router.remove(&user, queue.id) && !state.broker.alone() {
+        state.presence.changed(user);
     }
     debug!(user = %user.short(), session = queue.id, "session ended");
 }
@@ -667,9 +659,9 @@ async fn read_loop(
             }
             Received::Frame(f) => f,
         };
-        // A send that can only be routed locally is answered on the spot, without the boxed
-        // future below, when nothing is ahead of it (answers leave in request order) and no
-        // recipient needs the mailbox.
+        // A send is routed on the spot (local sessions, and the hand-over to the broker for
+        // other nodes); its answer, when already known, goes out without the boxed future
+        // below: at once when nothing is ahead of it (answers leave in request order).
         // An MLS carriage is routed only after its group's check, a store round trip: what the
         // session sends after it must not be routed before it (a message after its sender's
         // commit would meet the old epoch), so it is waited for before the next frame is read.
@@ -681,17 +673,19 @@ async fn read_loop(
             Frame::Send {
                 request_id,
                 envelope,
-            } if in_flight.is_empty() && state.hooks.is_empty() && state.broker.alone() => {
-                match send_locally(state, user, request_id, &envelope) {
-                    Ok(reply) => {
-                        if !answer(queue, Some(reply)).await {
-                            return;
-                        }
-                        continue;
+            } if state.hooks.is_empty() => match send_locally(state, user, request_id, &envelope) {
+                Ok(reply) if in_flight.is_empty() => {
+                    if !answer(queue, Some(reply)).await {
+                        return;
                     }
-                    Err(held) => held,
+                    continue;
                 }
-            }
+                Ok(reply) => {
+                    in_flight.push_back(Box::pin(std::future::ready(Some(reply))));
+                    continue;
+                }
+                Err(held) => held,
+            },
             // A ping is also when entries stored since the login's backlog are picked up.
             Frame::Ping { nonce } if state.mailbox.stores() => {
                 Box::pin(pending_then_pong(state, user, queue, cursor, nonce))

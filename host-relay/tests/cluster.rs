@@ -4,12 +4,13 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
 use syncra_test_support::DEADLINE;
-use syncra_test_support::servers::{NatsServer, RedisServer};
+use syncra_test_support::servers::{NatsCluster, NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -77,7 +78,11 @@ async fn cluster(kind: Kind, n: usize) -> Cluster {
 
 /// One node: the cluster's broker, a shared SQLite store and a shared token key.
 async fn node(server: &Server, shared: &Path) -> TestRelay {
-    let (kind, url) = (server.kind(), server.url());
+    node_on(server.kind(), server.url(), shared).await
+}
+
+/// One node on a broker of `kind` at `url`, with the shared store, mailbox and token key.
+async fn node_on(kind: &'static str, url: String, shared: &Path) -> TestRelay {
     let store = shared.join("identities.db");
     let mailbox = shared.join("mailbox.db");
     let key = shared.join("token.key");
@@ -342,6 +347,286 @@ async fn a_broker_outage_is_reported_and_recovers(kind: Kind) {
     }
 }
 
+/// What a recipient got, by body: live deliveries and mailbox entries (acknowledged).
+#[derive(Default)]
+struct Inbox {
+    bodies: Vec<Vec<u8>>,
+}
+
+impl Inbox {
+    /// Reads `c` until every body in `want` arrived or, with nothing left to wait for, a ping
+    /// comes back; pings every round so that entries stored after the login's backlog come.
+    async fn fill(&mut self, c: &mut RawClient, user: &TestUser, want: &[Vec<u8>]) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut nonce = 0;
+        while !want.iter().all(|w| self.bodies.contains(w)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} messages arrived",
+                want.iter().filter(|w| self.bodies.contains(w)).count(),
+                want.len()
+            );
+            nonce += 1;
+            c.send(&Frame::Ping { nonce }).await;
+            loop {
+                match c.frame().await {
+                    Frame::Deliver { envelope } => self.bodies.push(user.open(&envelope)),
+                    Frame::Pending { entry_id, envelope } => {
+                        self.bodies.push(user.open(&envelope));
+                        c.send(&Frame::Acknowledge { entry_id }).await;
+                    }
+                    Frame::PendingEnd { .. } => {}
+                    Frame::Pong { nonce: n } if n == nonce => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Panics if a body arrived twice.
+    fn check_once(&self, kind: Kind) {
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.bodies {
+            assert!(
+                seen.insert(b),
+                "{kind:?}: {:?} arrived twice",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+}
+
+/// Sends `n` messages `{prefix}-{i}` from `from` to `to` without waiting between them, then
+/// reads every answer; returns each message's outcome.
+async fn stream(
+    mut c: RawClient,
+    from: Arc<TestUser>,
+    to: Arc<TestUser>,
+    prefix: &'static str,
+    n: u32,
+) -> (RawClient, Vec<(Vec<u8>, Outcome)>) {
+    let mut bodies = Vec::new();
+    for i in 0..n {
+        let body = format!("{prefix}-{i:03}").into_bytes();
+        c.send(&Frame::Send {
+            request_id: 50_000 + i,
+            envelope: from.seal(&[&to], &body).into(),
+        })
+        .await;
+        bodies.push(body);
+        // Now and then let the answers catch up, so the stream spans the other side's moves.
+        if i % 8 == 7 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut outcomes = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        match c.reply().await {
+            Frame::SendResult {
+                request_id,
+                outcomes: o,
+                ..
+            } => {
+                assert_eq!(request_id, 50_000 + i as u32);
+                outcomes.push((body, o[0].outcome));
+            }
+            other => panic!("expected a send result, got {other:?}"),
+        }
+    }
+    (c, outcomes)
+}
+
+/// Waits until a message from `c`'s node to `nobody` (whose registration session has ended)
+/// is `stored`: the mailbox path works from that node.
+async fn settled(c: &mut RawClient, from: &TestUser, nobody: &TestUser) {
+    let got = send_until(c, from, &[nobody], b"anyone?", &[Outcome::Stored]).await;
+    assert_eq!(got, [Outcome::Stored]);
+}
+
+/// The outcomes a stream may get while its recipient logs in or moves: `delivered` (a
+/// session took it, here or on the node that answered) or `stored` (nobody held the recipient
+/// as far as the sender's node knew, and the mailbox has it). Never `offline`,
+/// `broker_unavailable` or a rejection with the broker up.
+fn check_outcomes(kind: Kind, outcomes: &[(Vec<u8>, Outcome)]) {
+    for (body, outcome) in outcomes {
+        assert!(
+            matches!(outcome, Outcome::Delivered | Outcome::Stored),
+            "{kind:?}: {:?} got {outcome:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+/// A recipient logs in on another node while a sender streams to them. Sends before the
+/// sender's node learnt of the login are stored, later ones delivered; every one arrives
+/// exactly once (the stored ones from the mailbox), and none is claimed delivered that did not.
+async fn a_login_racing_a_stream_loses_nothing(kind: Kind) {
+    let cl = cluster(kind, 2).await;
+    let (a, b, nobody) = (
+        Arc::new(TestUser::new("ra")),
+        Arc::new(TestUser::new("rb")),
+        TestUser::new("rn"),
+    );
+    let (mut ca, _) = a.register(cl.nodes[0].url()).await;
+    drop(b.register(cl.nodes[1].url()).await);
+    drop(nobody.register(cl.nodes[1].url()).await);
+    settled(&mut ca, &a, &nobody).await;
+
+    const N: u32 = 200;
+    let sender = tokio::spawn(stream(ca, a.clone(), b.clone(), "race", N));
+    let mut cb = b.login(cl.nodes[1].url()).await;
+    let (_ca, outcomes) = sender.await.unwrap();
+    check_outcomes(kind, &outcomes);
+    let all: Vec<Vec<u8>> = outcomes.iter().map(|(b, _)| b.clone()).collect();
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut cb, &b, &all).await;
+    inbox.check_once(kind);
+}
+
+/// A recipient leaves one node and logs in on another while a sender on a third streams to
+/// them: the sender's node may still believe the old node holds them. The old node answers
+/// that nobody took it (on both brokers: the answer is the destination's, not the broker's
+/// count), so every message is `delivered` to the new session or `stored`, and every one
+/// arrives exactly once.
+async fn a_recipient_moving_nodes_mid_stream(kind: Kind) {
+    let cl = cluster(kind, 3).await;
+    let (a, b, nobody) = (
+        Arc::new(TestUser::new("ma")),
+        Arc::new(TestUser::new("mb")),
+        TestUser::new("mn"),
+    );
+    let (mut ca, _) = a.register(cl.nodes[0].url()).await;
+    let (mut old, _) = b.register(cl.nodes[1].url()).await;
+    drop(nobody.register(cl.nodes[1].url()).await);
+    settled(&mut ca, &a, &nobody).await;
+    // Node 0 knows B is on node 1.
+    let got = send_until(&mut ca, &a, &[&b], b"before", &[Outcome::Delivered]).await;
+    assert_eq!(got, [Outcome::Delivered]);
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut old, &b, &[b"before".to_vec()]).await;
+
+    // B leaves node 1; its session there has ended (a session that took a message would
+    // rightly count it delivered, and this client would never read it).
+    let _ = old
+        .conn
+        .sink
+        .close(syncra_core::transport::CloseReason::normal("moving"))
+        .await;
+    drop(old);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cl.nodes[1]
+        .admin_get("/healthz")
+        .await
+        .1
+        .contains("\"sessions\":0")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const N: u32 = 200;
+    let sender = tokio::spawn(stream(ca, a.clone(), b.clone(), "move", N));
+    let mut new = b.login(cl.nodes[2].url()).await;
+    let (mut ca, outcomes) = sender.await.unwrap();
+    check_outcomes(kind, &outcomes);
+    let all: Vec<Vec<u8>> = outcomes.iter().map(|(b, _)| b.clone()).collect();
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut new, &b, &all).await;
+    inbox.check_once(kind);
+    // Node 0 has caught up: B is reached on node 2.
+    let got = send_until(&mut ca, &a, &[&b], b"after", &[Outcome::Delivered]).await;
+    assert_eq!(got, [Outcome::Delivered]);
+    inbox.fill(&mut new, &b, &[b"after".to_vec()]).await;
+}
+
+/// Two relays on a three-server NATS cluster (full-mesh routes, JetStream on), and the server
+/// one relay is connected to is killed while a sender on that relay writes, one message at a
+/// time, to a recipient on the other relay. Both relays stay up and reconnect to the servers
+/// that are left (relay 0 was given only the killed server's address: it learnt the others from
+/// it, as NATS clients do); no message is claimed delivered that does not arrive (each is
+/// `delivered`, `stored` or `broker_unavailable`, and every `delivered` and `stored` one
+/// arrives, once); both nodes report healthy again and messages are delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_ride_out_losing_one_of_three_nats_servers() {
+    let mut nats = NatsCluster::start(3);
+    let urls = nats.urls();
+    let shared = tempfile::tempdir().unwrap();
+    let n0 = node_on("nats", urls[0].clone(), shared.path()).await;
+    let n1 = node_on("nats", urls.join(","), shared.path()).await;
+    let (a, b) = (TestUser::new("ka"), TestUser::new("kb"));
+    let (mut ca, _) = a.register(n0.url()).await;
+    let (mut cb, _) = b.register(n1.url()).await;
+    // The routes form, and node 0 learns where B is.
+    let got = send_until(&mut ca, &a, &[&b], b"before", &[Outcome::Delivered]).await;
+    assert_eq!(got, [Outcome::Delivered]);
+
+    let mut sent = vec![(b"before".to_vec(), Outcome::Delivered)];
+    let mut id = 1_000;
+    let mut send = async |ca: &mut RawClient, body: Vec<u8>| {
+        id += 1;
+        let out = tokio::time::timeout(DEADLINE, ca.send_envelope(id, a.seal(&[&b], &body)))
+            .await
+            .expect("every send gets an answer, server or no server");
+        sent.push((body, out[0].outcome));
+        out[0].outcome
+    };
+    for i in 0..20 {
+        send(&mut ca, format!("k-{i:03}").into_bytes()).await;
+    }
+    nats.servers[0].stop();
+    // Until 20 in a row are delivered again (the relays reconnected and resynchronised).
+    let deadline = tokio::time::Instant::now() + 3 * DEADLINE;
+    let mut in_a_row = 0;
+    let mut i = 20;
+    while in_a_row < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "traffic did not resume after losing one NATS server"
+        );
+        let outcome = send(&mut ca, format!("k-{i:03}").into_bytes()).await;
+        i += 1;
+        in_a_row = if outcome == Outcome::Delivered {
+            in_a_row + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (body, outcome) in &sent {
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Delivered
+                    | Outcome::Stored
+                    | Outcome::Rejected(ErrorCode::BrokerUnavailable)
+            ),
+            "{:?} got {outcome:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let must_arrive: Vec<Vec<u8>> = sent
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Delivered | Outcome::Stored))
+        .map(|(b, _)| b.clone())
+        .collect();
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut cb, &b, &must_arrive).await;
+    inbox.check_once(Kind::Nats);
+    for node in [&n0, &n1] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while node.admin_get("/healthz").await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node stayed unhealthy"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 macro_rules! for_both {
     ($($name:ident),*) => {
         mod redis {
@@ -360,5 +645,7 @@ for_both!(
     pipelined_sends_keep_their_order_across_nodes,
     a_user_on_two_nodes_receives_on_both,
     a_group_across_three_nodes,
-    a_broker_outage_is_reported_and_recovers
+    a_broker_outage_is_reported_and_recovers,
+    a_login_racing_a_stream_loses_nothing,
+    a_recipient_moving_nodes_mid_stream
 );

@@ -61,11 +61,18 @@ async fn send_until(c: &mut RawClient, from: &TestUser, to: &TestUser, body: &[u
     }
 }
 
-/// A sink for a publisher that subscribes to nothing.
-struct Deaf;
+/// The sink of an outsider listening on the presence topic: it learns the nodes' ids (the
+/// first 16 bytes of every payload are sent in the clear), hence their delivery topics.
+#[derive(Default)]
+struct Eavesdropper {
+    nodes: std::sync::Mutex<std::collections::BTreeSet<[u8; 16]>>,
+}
 
-impl BrokerSink for Deaf {
-    fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
+impl BrokerSink for Eavesdropper {
+    fn deliver(&self, _topic: &str, payload: Bytes) -> bool {
+        if let Some(id) = payload.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+            self.nodes.lock().unwrap().insert(id);
+        }
         false
     }
 }
@@ -92,10 +99,11 @@ fn node(shared: &Path, name: &str, broker: &str, url: &str, admin: SocketAddr) -
 }
 
 /// Whoever can publish on the broker (here: an ordinary client of the same Redis or NATS
-/// server, without the cluster key) publishes on a user's topic what used to reach that user's
-/// sockets as is: a forged `Record` (which pinned an attacker's key on a first contact), a
-/// forged `SendResult`, and a `Deliver` without a valid MAC. None reaches the user, each is
-/// counted, and a real delivery from the other node still arrives.
+/// server, without the cluster key) publishes on each node's delivery topic and on the
+/// presence topic what used to reach a user's sockets as is: a forged `Record` (which pinned an
+/// attacker's key on a first contact), a forged `SendResult`, and a `Deliver` without a valid
+/// MAC. None reaches the user, each is counted, and a real delivery from the other node still
+/// arrives.
 async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
     let shared = tempfile::tempdir().unwrap();
     let admin_a: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -111,19 +119,30 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
     let (mut cb, _) = bob.register(&b.url()).await;
     let (_ce, _) = eve.register(&a.url()).await;
 
-    // Bob on node B reaches Alice on node A: her topic is subscribed.
+    // Bob on node B reaches Alice on node A: B has learnt where she is.
     send_until(&mut cb, &bob, &alice, b"first", Outcome::Delivered).await;
 
     let registry = syncra_relay::plugin_registry().unwrap();
+    let ears = Arc::new(Eavesdropper::default());
     let attacker = registry
         .brokers
         .create(
             serde_json::json!({ "kind": broker, "url": url }),
-            Arc::new(Deaf) as Arc<dyn BrokerSink>,
+            ears.clone() as Arc<dyn BrokerSink>,
         )
         .await
         .unwrap();
-    let topic = format!("syncra.u.{}", alice.id());
+    attacker.subscribe("syncra.presence").await.unwrap();
+    wait_for("the outsider hears both nodes' heartbeats", async || {
+        ears.nodes.lock().unwrap().len() >= 2
+    })
+    .await;
+    let mut topics = vec!["syncra.presence".to_owned()];
+    for id in ears.nodes.lock().unwrap().iter() {
+        topics.push(format!("syncra.n.{}", data_encoding::HEXLOWER.encode(id)));
+    }
+    let alice_user = alice.id();
+    let alice_id: &[u8] = alice_user.as_bytes();
     let node_id = [7u8; 16];
     let forged_record = Frame::Record {
         request_id: 2,
@@ -147,25 +166,33 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
         // The format before the cluster key: node id, then any frame.
         [&node_id[..], &forged_record].concat(),
         [&node_id[..], &forged_result].concat(),
-        // Node id, a made-up MAC, a well-formed delivery.
-        [&node_id[..], &[0u8; 32], &forged_deliver].concat(),
-        [&node_id[..], &[0u8; 32], &forged_record].concat(),
+        // Node id, a made-up MAC, a well-formed delivery (kind 1, the user, the frame).
+        [&node_id[..], &[0u8; 32], &[1], alice_id, &forged_deliver].concat(),
+        [&node_id[..], &[0u8; 32], &[1], alice_id, &forged_record].concat(),
+        // A made-up presence announcement: "node 7 holds Alice".
+        [&node_id[..], &[0u8; 32], &[2], &[0; 7], &[1, 1], alice_id].concat(),
     ];
-    for payload in &payloads {
-        attacker
-            .publish(&topic, Bytes::from(payload.clone()))
-            .await
-            .unwrap();
+    for topic in &topics {
+        for payload in &payloads {
+            attacker
+                .publish(topic, Bytes::from(payload.clone()))
+                .await
+                .unwrap();
+        }
     }
-    wait_for("node A drops every forged payload", async || {
-        metric(
-            admin_a,
-            "syncra_relay_broker_dropped_total{reason=\"bad_mac\"}",
-        )
-        .await
-            >= payloads.len() as u64
-    })
-    .await;
+    // Each node gets every payload twice: on its own topic and on the presence topic.
+    let forged_per_node = 2 * payloads.len() as u64;
+    for admin in [admin_a, admin_b] {
+        wait_for("each node drops every forged payload", async || {
+            metric(
+                admin,
+                "syncra_relay_broker_dropped_total{reason=\"bad_mac\"}",
+            )
+            .await
+                >= forged_per_node
+        })
+        .await;
+    }
 
     // A real cross-node delivery still arrives, and it is the only thing Alice got.
     send_until(&mut cb, &bob, &alice, b"second", Outcome::Delivered).await;
@@ -193,15 +220,17 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
         1,
         "logged once per minute, not once per payload:\n{log}"
     );
-    assert_eq!(
-        metric(
-            admin_b,
-            "syncra_relay_broker_dropped_total{reason=\"bad_mac\"}"
-        )
-        .await,
-        0,
-        "node B's own deliveries verify"
-    );
+    for admin in [admin_a, admin_b] {
+        assert_eq!(
+            metric(
+                admin,
+                "syncra_relay_broker_dropped_total{reason=\"bad_mac\"}"
+            )
+            .await,
+            forged_per_node,
+            "only the forged payloads were dropped: the nodes' own verify"
+        );
+    }
     drop(b);
 }
 

@@ -53,10 +53,17 @@ const START_ATTEMPTS: usize = 3;
 
 impl Spawned {
     fn start(recipe: &'static Recipe) -> Spawned {
+        Spawned::start_prepared(recipe, |_| {})
+    }
+
+    /// [`Spawned::start`], with `prepare` given the server's directory before it first starts
+    /// (to write a configuration file its arguments name).
+    fn start_prepared(recipe: &'static Recipe, prepare: impl FnOnce(&Path)) -> Spawned {
         let dir = tempfile::Builder::new()
             .prefix(&format!("syncra-{}-", recipe.binary))
             .tempdir()
             .unwrap_or_else(|e| panic!("create a temp dir for {}: {e}", recipe.binary));
+        prepare(dir.path());
         let mut server = Spawned {
             recipe,
             port: 0,
@@ -275,6 +282,19 @@ static NATS_JETSTREAM: Recipe = Recipe {
     },
 };
 
+/// A member of a NATS cluster: its routes and JetStream settings are in `cluster.conf` in the
+/// server's directory, written by [`NatsCluster::start`] before the server starts.
+static NATS_CLUSTER_MEMBER: Recipe = Recipe {
+    binary: "nats-server",
+    install: "install nats-server: apt-get install nats-server",
+    args: |port, dir| {
+        nats_args(
+            port,
+            &["-c".into(), dir.join("cluster.conf").display().to_string()],
+        )
+    },
+};
+
 /// What every spawned server wrapper offers on top of its own `start` functions: its URL
 /// (`url_format` with the port), the port, running state and log, stop and restart (on the same
 /// port and data), freeze and thaw (SIGSTOP/SIGCONT: connections stay open but nothing answers,
@@ -411,6 +431,63 @@ impl NatsServer {
 }
 
 spawned_server!(NatsServer, "nats://127.0.0.1:{}");
+
+/// A cluster of `nats-server`s of this test's own on loopback: full-mesh routes between them
+/// and JetStream enabled on each (a JetStream cluster, its store in each server's directory).
+/// A test can stop and restart each member; the others keep serving.
+pub struct NatsCluster {
+    /// The members, in the order of [`NatsCluster::urls`].
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers that route to each other, and waits until each accepts clients
+    /// (routes form within moments after that; a client that needs them retries).
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let servers = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, cluster_port)| {
+                let server = Spawned::start_prepared(&NATS_CLUSTER_MEMBER, |dir| {
+                    let conf = format!(
+                        "server_name: syncra-test-{i}\n\
+                         jetstream {{\n  store_dir: \"{}\"\n}}\n\
+                         cluster {{\n  name: syncra-test\n  listen: \"127.0.0.1:{cluster_port}\"\n  \
+                         routes: [{routes}]\n}}\n",
+                        dir.join("jetstream").display()
+                    );
+                    std::fs::write(dir.join("cluster.conf"), conf)
+                        .unwrap_or_else(|e| panic!("write the nats cluster config: {e}"));
+                });
+                NatsServer { server }
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every member's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+}
+
+impl fmt::Debug for NatsCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsCluster")
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,779 @@
+//! Presence: which *other* nodes of the cluster hold a session of which user, learned through
+//! the broker, so that a node publishes a delivery only where it is needed.
+//!
+//! # Why
+//!
+//! With one broker topic per user, a node published every envelope in case another node held
+//! the recipient, even when sender and recipient sat on the same node: on NATS that cost five
+//! times the CPU of a local delivery (docs/BENCHMARKS.md, issue 19). Now each node subscribes
+//! to two topics only: its own delivery topic (`syncra.n.<node id>`) and the presence topic
+//! (`syncra.presence`), and keeps a table *user → other nodes holding a session of theirs*,
+//! fed by the other nodes' announcements on the presence topic. A delivery goes to the nodes
+//! the table names, and nowhere when it names none.
+//!
+//! # The table is a hint; outcomes stay truthful
+//!
+//! The table only decides *whom to ask*. `delivered` still needs a taker: a local session, or
+//! the answer of the node the payload was published to (NATS: that node's sink took it; Redis:
+//! that node is subscribed, the one approximation, `docs/SCALING.md`). A stale table can
+//! therefore only make the relay ask a node that no longer holds the user (answer "no",
+//! then the mailbox: `stored`) or not ask a node that just gained the user (`stored`, and the
+//! recipient picks the entry up at its next ping). When the node cannot trust its table —
+//! its link to the broker failed and it has not resynchronised since — a recipient that is
+//! neither here nor in the table is `rejected: broker_unavailable`, as before.
+//!
+//! # The announcements
+//!
+//! Every announcement is a broker payload MAC'd with the cluster key (`router`) whose body is
+//! sealed with AES-256-GCM under a key derived from it ([`presence_key`], bound to the sending
+//! node): the broker carries who is online where, and must not read it. Opened, the body is
+//! `seq (u64, big-endian) || op (u8) || data`. A node numbers the announcements that change
+//! its set (`Held`, `Released`, `SnapshotFirst`, `SnapshotMore`) 1, 2, 3, … and sends them from
+//! one task, in order; the others carry the last number used:
+//!
+//! | op | data | meaning |
+//! |---|---|---|
+//! | 1 `Held` | user ids (20 bytes each) | the sender now holds these users |
+//! | 2 `Released` | user ids | the sender no longer holds these users |
+//! | 3 `SnapshotFirst` | user ids | the sender holds exactly these (more may follow) |
+//! | 4 `SnapshotMore` | user ids | … and these |
+//! | 5 `Heartbeat` | — | the sender is alive; its last number is `seq` |
+//! | 6 `Hello` | empty, or a node id | send your snapshot (everyone, or only that node) |
+//! | 7 `Bye` | — | the sender is leaving: forget it |
+//!
+//! A receiver that sees a gap in a node's numbers (a lost announcement, an outage on either
+//! side), or a heartbeat with another number than the last it applied, asks that node for a
+//! snapshot (`Hello` naming it, at most once per [`ASK_INTERVAL`]). A node not heard from for
+//! [`PEER_TIMEOUT`] is forgotten. A node whose own publishes failed sends `Hello` to everyone
+//! and its snapshot once the broker takes publishes again. A user's first session on a node
+//! waits (up to [`CONFIRM_TIMEOUT`]) until its `Held` was published and, on NATS, applied by
+//! the nodes that answered within the broker's reply window, so that a sender on another node
+//! reaches a session that has its `AuthOk`.
+//!
+//! Must never: apply an announcement whose MAC did not verify (the router checks it first),
+//! trust a length it has not checked, or block the broker's delivery task (applying is a few
+//! map operations; publishing is the presence task's job).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use syncra_core::crypto::local_box::LocalKey;
+use syncra_core::id::USER_ID_LEN;
+use syncra_core::{Broker, Confirm, UserId};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::router::{NODE_ID_LEN, NodeId, PRESENCE_TOPIC, Router};
+
+/// How often a node sends a heartbeat and looks at its peers.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A peer not heard from for this long is forgotten (with every user it held).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A node asks one peer for a snapshot at most this often.
+pub const ASK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a first session waits for its `Held` to be announced.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the link must have worked, after a failure or at start, before the table is
+/// trusted to say "nobody else holds this user".
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// A node sends the snapshot others ask for at most this often (a request in between is
+/// answered when the interval has passed, at the next heartbeat).
+pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
+/// Users per announcement: 20 KiB of ids, far below any broker's payload limit.
+pub const USERS_PER_ANNOUNCEMENT: usize = 1_000;
+
+/// One presence announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    /// The sender now holds these users.
+    Held(Vec<UserId>),
+    /// The sender no longer holds these users.
+    Released(Vec<UserId>),
+    /// The sender holds exactly these users (the first part of a snapshot).
+    SnapshotFirst(Vec<UserId>),
+    /// More users of the snapshot begun by the last `SnapshotFirst`.
+    SnapshotMore(Vec<UserId>),
+    /// The sender is alive.
+    Heartbeat,
+    /// Send your snapshot: everyone (`None`) or only the named node.
+    Hello(Option<NodeId>),
+    /// The sender is leaving.
+    Bye,
+}
+
+mod op {
+    pub const HELD: u8 = 1;
+    pub const RELEASED: u8 = 2;
+    pub const SNAPSHOT_FIRST: u8 = 3;
+    pub const SNAPSHOT_MORE: u8 = 4;
+    pub const HEARTBEAT: u8 = 5;
+    pub const HELLO: u8 = 6;
+    pub const BYE: u8 = 7;
+}
+
+impl Announcement {
+    /// Whether it changes the sender's set, and so takes the next number.
+    fn numbered(&self) -> bool {
+        matches!(
+            self,
+            Announcement::Held(_)
+                | Announcement::Released(_)
+                | Announcement::SnapshotFirst(_)
+                | Announcement::SnapshotMore(_)
+        )
+    }
+
+    /// The body: `seq || op || data`.
+    pub fn encode(&self, seq: u64) -> Vec<u8> {
+        let (op, users, node): (u8, &[UserId], Option<&NodeId>) = match self {
+            Announcement::Held(u) => (op::HELD, u, None),
+            Announcement::Released(u) => (op::RELEASED, u, None),
+            Announcement::SnapshotFirst(u) => (op::SNAPSHOT_FIRST, u, None),
+            Announcement::SnapshotMore(u) => (op::SNAPSHOT_MORE, u, None),
+            Announcement::Heartbeat => (op::HEARTBEAT, &[], None),
+            Announcement::Hello(target) => (op::HELLO, &[], target.as_ref()),
+            Announcement::Bye => (op::BYE, &[], None),
+        };
+        let mut out = Vec::with_capacity(9 + users.len() * USER_ID_LEN + NODE_ID_LEN);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.push(op);
+        for user in users {
+            out.extend_from_slice(user.as_bytes());
+        }
+        if let Some(node) = node {
+            out.extend_from_slice(node);
+        }
+        out
+    }
+
+    /// Parses a body from another node; every length is checked. `Err` for anything that is
+    /// not exactly one announcement.
+    pub fn parse(body: &[u8]) -> Result<(u64, Announcement), ()> {
+        let (seq, rest) = body.split_first_chunk::<8>().ok_or(())?;
+        let seq = u64::from_be_bytes(*seq);
+        let (&op, data) = rest.split_first().ok_or(())?;
+        let users = || -> Result<Vec<UserId>, ()> {
+            let chunks = data.chunks_exact(USER_ID_LEN);
+            if !chunks.remainder().is_empty() {
+                return Err(());
+            }
+            Ok(chunks
+                .filter_map(|c| <[u8; USER_ID_LEN]>::try_from(c).ok())
+                .map(UserId::from_bytes)
+                .collect())
+        };
+        let announcement = match op {
+            op::HELD => Announcement::Held(users()?),
+            op::RELEASED => Announcement::Released(users()?),
+            op::SNAPSHOT_FIRST => Announcement::SnapshotFirst(users()?),
+            op::SNAPSHOT_MORE => Announcement::SnapshotMore(users()?),
+            op::HEARTBEAT if data.is_empty() => Announcement::Heartbeat,
+            op::HELLO if data.is_empty() => Announcement::Hello(None),
+            op::HELLO => Announcement::Hello(Some(NodeId::try_from(data).map_err(drop)?)),
+            op::BYE if data.is_empty() => Announcement::Bye,
+            _ => return Err(()),
+        };
+        Ok((seq, announcement))
+    }
+}
+
+/// What this node knows of another node.
+#[derive(Debug)]
+struct Peer {
+    /// The last number applied.
+    seq: u64,
+    /// Whether every numbered announcement since a snapshot was applied.
+    synced: bool,
+    heard: Instant,
+    /// When this node last asked it for a snapshot.
+    asked: Option<Instant>,
+    users: HashSet<UserId>,
+}
+
+/// The key presence announcements are sealed under, derived from the cluster key.
+pub fn presence_key(cluster_key: &[u8; 32]) -> LocalKey {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(cluster_key)
+        .expect("HMAC takes keys of any length");
+    mac.update(b"syncra/v1/presence-box");
+    let key = zeroize::Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+    LocalKey::from_bytes(key.as_ref()).expect("32 bytes")
+}
+
+/// What a sealed announcement is bound to: the protocol's label and the sending node.
+fn label(node: &NodeId) -> Vec<u8> {
+    [&b"syncra/v1/presence"[..], node].concat()
+}
+
+/// The presence table of one node and the state of its announcements.
+#[derive(Debug)]
+pub struct Presence {
+    me: NodeId,
+    /// Encrypts the announcements: the broker carries them, and they say who is online where.
+    key: LocalKey,
+    /// user → the other nodes holding them. Read on every send.
+    holders: DashMap<UserId, Vec<NodeId>>,
+    peers: Mutex<HashMap<NodeId, Peer>>,
+    /// Users whose state here changed since the last announcement, and the number of rounds the
+    /// task has begun (under the same lock, so a waiter knows which round covers it).
+    changed: Mutex<(HashSet<UserId>, u64)>,
+    wake: Notify,
+    /// A peer asked for this node's snapshot.
+    snapshot_wanted: AtomicBool,
+    /// Peers to ask for a snapshot.
+    ask: Mutex<HashSet<NodeId>>,
+    trusted: AtomicBool,
+    /// Rounds done (announced, or failed and given up on).
+    done: watch::Sender<u64>,
+    /// The last number used.
+    seq: AtomicU64,
+}
+
+impl Presence {
+    /// An empty table for node `me`, whose announcements are sealed under `key` (the same on
+    /// every node of the cluster: [`presence_key`]).
+    pub fn new(me: NodeId, key: LocalKey) -> Self {
+        Presence {
+            me,
+            key,
+            holders: DashMap::new(),
+            peers: Mutex::default(),
+            changed: Mutex::default(),
+            wake: Notify::new(),
+            snapshot_wanted: AtomicBool::new(false),
+            ask: Mutex::default(),
+            trusted: AtomicBool::new(false),
+            done: watch::Sender::new(0),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The other nodes believed to hold a session of `user` (`None`: none).
+    pub fn others(&self, user: &UserId) -> Option<Vec<NodeId>> {
+        self.holders.get(user).map(|nodes| nodes.clone())
+    }
+
+    /// Whether the table can be trusted to say that nobody else holds a user: the link to the
+    /// broker has worked for [`SETTLE`] since the last failure.
+    pub fn trusted(&self) -> bool {
+        self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Waits (up to `limit`) until the table is trusted: a starting node has said hello and
+    /// the others have had [`SETTLE`] to send their snapshots.
+    pub async fn wait_trusted(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut done = self.done.subscribe();
+        while !self.trusted() {
+            if tokio::time::timeout_at(deadline, done.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Notes that this node's set changed for `user` (a first session began or a last one
+    /// ended); the task announces the user's state as the router has it when it gets there.
+    /// Returns the round that will cover it.
+    pub fn changed(&self, user: UserId) -> u64 {
+        let mut changed = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        changed.0.insert(user);
+        let round = changed.1 + 1;
+        drop(changed);
+        self.wake.notify_one();
+        round
+    }
+
+    /// [`Presence::changed`] for a first session, waiting (up to [`CONFIRM_TIMEOUT`]) until it
+    /// is announced.
+    pub async fn held(&self, user: UserId) {
+        let round = self.changed(user);
+        let mut done = self.done.subscribe();
+        let announced = tokio::time::timeout(CONFIRM_TIMEOUT, done.wait_for(|d| *d >= round));
+        if announced.await.is_err() {
+            debug!(user = %user.short(), "presence not confirmed in time; logging in anyway");
+        }
+    }
+
+    /// Applies an announcement from node `from` (its MAC already verified). `Err` if the body
+    /// does not parse.
+    pub fn apply(&self, from: NodeId, sealed: &[u8]) -> Result<(), ()> {
+        if from == self.me {
+            return Ok(());
+        }
+        let body = self.key.open(&label(&from), sealed).map_err(drop)?;
+        let (seq, announcement) = Announcement::parse(&body)?;
+        let now = Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if announcement == Announcement::Bye {
+            if let Some(peer) = peers.remove(&from) {
+                self.forget(&from, peer.users);
+            }
+            return Ok(());
+        }
+        let peer = peers.entry(from).or_insert_with(|| Peer {
+            seq: 0,
+            synced: false,
+            heard: now,
+            asked: None,
+            users: HashSet::new(),
+        });
+        peer.heard = now;
+        let in_order = peer.synced && seq == peer.seq.wrapping_add(1);
+        let numbered = announcement.numbered();
+        if numbered && seq <= peer.seq {
+            // Numbers only grow (a node's id is new each time it starts): this is an old
+            // announcement again, which a broker publisher could replay. Ignored.
+            return Ok(());
+        }
+        let mut lost = false;
+        match announcement {
+            Announcement::Held(users) => {
+                lost = !in_order;
+                for user in users {
+                    if peer.users.insert(user) {
+                        self.holders.entry(user).or_default().push(from);
+                    }
+                }
+            }
+            Announcement::Released(users) => {
+                lost = !in_order;
+                for user in users {
+                    if peer.users.remove(&user) {
+                        self.drop_holder(&user, &from);
+                    }
+                }
+            }
+            Announcement::SnapshotFirst(users) => {
+                let old = std::mem::take(&mut peer.users);
+                self.forget(&from, old);
+                for user in users {
+                    if peer.users.insert(user) {
+                        self.holders.entry(user).or_default().push(from);
+                    }
+                }
+                peer.synced = true;
+            }
+            Announcement::SnapshotMore(users) => {
+                lost = !in_order;
+                for user in users {
+                    if peer.users.insert(user) {
+                        self.holders.entry(user).or_default().push(from);
+                    }
+                }
+            }
+            Announcement::Heartbeat => lost = !peer.synced || seq != peer.seq,
+            Announcement::Hello(target) => {
+                if target.is_none_or(|t| t == self.me) {
+                    self.snapshot_wanted.store(true, Ordering::Release);
+                    self.wake.notify_one();
+                }
+                // A node says hello when it starts or resynchronises, and its snapshot follows.
+            }
+            Announcement::Bye => {}
+        }
+        if numbered {
+            peer.seq = seq;
+        }
+        if lost {
+            peer.synced = false;
+            if peer
+                .asked
+                .is_none_or(|at| now.duration_since(at) >= ASK_INTERVAL)
+            {
+                peer.asked = Some(now);
+                self.ask
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(from);
+                self.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_holder(&self, user: &UserId, node: &NodeId) {
+        self.holders.remove_if_mut(user, |_, nodes| {
+            nodes.retain(|n| n != node);
+            nodes.is_empty()
+        });
+    }
+
+    fn forget(&self, node: &NodeId, users: HashSet<UserId>) {
+        for user in users {
+            self.drop_holder(&user, node);
+        }
+    }
+
+    /// Forgets peers not heard from for [`PEER_TIMEOUT`].
+    fn expire(&self, now: Instant) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let silent: Vec<NodeId> = peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.heard) >= PEER_TIMEOUT)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in silent {
+            if let Some(peer) = peers.remove(&node) {
+                debug!("presence: a node was silent for {PEER_TIMEOUT:?}; forgetting it");
+                self.forget(&node, peer.users);
+            }
+        }
+    }
+
+    /// Takes the users changed since the last round and begins a round.
+    fn begin_round(&self) -> (u64, Vec<UserId>) {
+        let mut changed = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        changed.1 += 1;
+        let users = changed.0.drain().collect();
+        (changed.1, users)
+    }
+}
+
+/// Publishes one announcement; false if the broker did not take it.
+async fn announce(
+    presence: &Presence,
+    router: &Router,
+    broker: &dyn Broker,
+    announcement: Announcement,
+    confirm: Confirm,
+) -> bool {
+    let seq = if announcement.numbered() {
+        presence.seq.fetch_add(1, Ordering::AcqRel) + 1
+    } else {
+        presence.seq.load(Ordering::Acquire)
+    };
+    let sealed = presence
+        .key
+        .seal(&label(&presence.me), &announcement.encode(seq));
+    let payload = router.presence_payload(&sealed);
+    broker
+        .publish_confirm(PRESENCE_TOPIC, payload, confirm)
+        .await
+        .is_ok()
+}
+
+/// Publishes this node's snapshot: what the router holds now.
+async fn snapshot(presence: &Presence, router: &Router, broker: &dyn Broker) -> bool {
+    let users = router.users();
+    let mut parts = users.chunks(USERS_PER_ANNOUNCEMENT);
+    let first = parts.next().unwrap_or(&[]).to_vec();
+    let mut ok = announce(
+        presence,
+        router,
+        broker,
+        Announcement::SnapshotFirst(first),
+        Confirm::Nothing,
+    )
+    .await;
+    for part in parts {
+        ok &= announce(
+            presence,
+            router,
+            broker,
+            Announcement::SnapshotMore(part.to_vec()),
+            Confirm::Nothing,
+        )
+        .await;
+    }
+    ok
+}
+
+/// Sleeps until `at`, or for ever.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The presence task of a node: announces its changes, answers snapshot requests, asks peers
+/// whose announcements it missed, sends heartbeats and forgets silent peers, until `stop`;
+/// then says `Bye`.
+pub async fn run(
+    presence: Arc<Presence>,
+    router: Arc<Router>,
+    broker: Arc<dyn Broker>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let broker = broker.as_ref();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Start as after an outage: everyone sends their snapshot, this node sends its own.
+    let mut resync = true;
+    let mut link_ok_since: Option<Instant> = None;
+    let mut last_snapshot: Option<Instant> = None;
+    loop {
+        let settle_at = link_ok_since
+            .filter(|_| !presence.trusted())
+            .map(|since| since + SETTLE);
+        let ticked = tokio::select! {
+            _ = stop.changed() => break,
+            () = presence.wake.notified() => false,
+            _ = tick.tick() => true,
+            () = sleep_until_some(settle_at) => false,
+        };
+        let (round, users) = presence.begin_round();
+        let mut ok = true;
+        if resync {
+            ok &= announce(
+                &presence,
+                &router,
+                broker,
+                Announcement::Hello(None),
+                Confirm::Nothing,
+            )
+            .await;
+        }
+        // Snapshots asked for by others are sent at most every SNAPSHOT_INTERVAL, so replayed
+        // or repeated hellos cannot make a node publish its whole set in a loop.
+        let snapshot_due = last_snapshot.is_none_or(|at| at.elapsed() >= SNAPSHOT_INTERVAL);
+        if resync || (snapshot_due && presence.snapshot_wanted.swap(false, Ordering::AcqRel)) {
+            last_snapshot = Some(Instant::now());
+            // The snapshot covers the changed users too.
+            ok &= snapshot(&presence, &router, broker).await;
+        } else if !users.is_empty() {
+            let (held, released): (Vec<UserId>, Vec<UserId>) =
+                users.into_iter().partition(|u| router.holds(u));
+            for part in held.chunks(USERS_PER_ANNOUNCEMENT) {
+                // Counted: on NATS this returns once the nodes answered, i.e. applied it.
+                ok &= announce(
+                    &presence,
+                    &router,
+                    broker,
+                    Announcement::Held(part.to_vec()),
+                    Confirm::Count,
+                )
+                .await;
+            }
+            for part in released.chunks(USERS_PER_ANNOUNCEMENT) {
+                ok &= announce(
+                    &presence,
+                    &router,
+                    broker,
+                    Announcement::Released(part.to_vec()),
+                    Confirm::Nothing,
+                )
+                .await;
+            }
+        }
+        let ask: Vec<NodeId> = presence
+            .ask
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
+        for node in ask {
+            ok &= announce(
+                &presence,
+                &router,
+                broker,
+                Announcement::Hello(Some(node)),
+                Confirm::Nothing,
+            )
+            .await;
+        }
+        let now = Instant::now();
+        if ticked {
+            ok &= announce(
+                &presence,
+                &router,
+                broker,
+                Announcement::Heartbeat,
+                Confirm::Nothing,
+            )
+            .await;
+            presence.expire(now);
+        }
+        if ok {
+            resync = false;
+            let since = *link_ok_since.get_or_insert(now);
+            if now.duration_since(since) >= SETTLE && !presence.trusted() {
+                presence.trusted.store(true, Ordering::Release);
+            }
+        } else {
+            if presence.trusted.swap(false, Ordering::AcqRel) {
+                warn!(
+                    "presence: the broker did not take an announcement; resynchronising when it is back"
+                );
+            }
+            resync = true;
+            link_ok_since = None;
+        }
+        presence.done.send_replace(round);
+    }
+    presence.trusted.store(false, Ordering::Release);
+    let _ = announce(
+        &presence,
+        &router,
+        broker,
+        Announcement::Bye,
+        Confirm::Nothing,
+    )
+    .await;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn user(n: u8) -> UserId {
+        UserId::from_bytes([n; USER_ID_LEN])
+    }
+
+    #[test]
+    fn announcements_round_trip_and_refuse_what_is_not_one() {
+        let node = [9u8; NODE_ID_LEN];
+        for (seq, a) in [
+            (1, Announcement::Held(vec![user(1), user(2)])),
+            (2, Announcement::Released(vec![user(1)])),
+            (3, Announcement::SnapshotFirst(vec![])),
+            (4, Announcement::SnapshotMore(vec![user(3)])),
+            (4, Announcement::Heartbeat),
+            (4, Announcement::Hello(None)),
+            (4, Announcement::Hello(Some(node))),
+            (u64::MAX, Announcement::Bye),
+        ] {
+            assert_eq!(Announcement::parse(&a.encode(seq)), Ok((seq, a.clone())));
+        }
+        let held = Announcement::Held(vec![user(1)]).encode(1);
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("short seq", vec![0; 7]),
+            ("no op", vec![0; 8]),
+            ("unknown op", [&[0u8; 8][..], &[99]].concat()),
+            ("a user cut short", held[..held.len() - 1].to_vec()),
+            (
+                "heartbeat with data",
+                [&[0u8; 8][..], &[op::HEARTBEAT, 1]].concat(),
+            ),
+            ("bye with data", [&[0u8; 8][..], &[op::BYE, 1]].concat()),
+            (
+                "hello with a short node id",
+                [&[0u8; 8][..], &[op::HELLO, 1, 2]].concat(),
+            ),
+        ];
+        for (name, body) in bad {
+            assert_eq!(Announcement::parse(&body), Err(()), "{name}");
+        }
+    }
+
+    fn key() -> LocalKey {
+        presence_key(&[5; 32])
+    }
+
+    /// An announcement from `node` as the broker carries it.
+    pub(crate) fn sealed(node: NodeId, seq: u64, a: &Announcement) -> Vec<u8> {
+        key().seal(&label(&node), &a.encode(seq))
+    }
+
+    fn apply(p: &Presence, from: u8, seq: u64, a: Announcement) {
+        p.apply([from; NODE_ID_LEN], &sealed([from; NODE_ID_LEN], seq, &a))
+            .unwrap();
+    }
+
+    fn asked(p: &Presence) -> Vec<NodeId> {
+        p.ask.lock().unwrap().drain().collect()
+    }
+
+    #[tokio::test]
+    async fn the_table_follows_announcements_and_asks_after_a_gap() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        let (a, b) = (user(1), user(2));
+        // Node 1 starts: snapshot, then deltas in order.
+        apply(&p, 1, 1, Announcement::SnapshotFirst(vec![a]));
+        apply(&p, 1, 2, Announcement::Held(vec![b]));
+        assert_eq!(p.others(&a), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
+        apply(&p, 2, 1, Announcement::SnapshotFirst(vec![a]));
+        assert_eq!(p.others(&a).map(|n| n.len()), Some(2));
+        assert!(asked(&p).is_empty(), "nothing missed yet");
+        apply(&p, 1, 3, Announcement::Released(vec![a]));
+        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        apply(&p, 1, 3, Announcement::Heartbeat);
+        assert!(asked(&p).is_empty());
+
+        // Number 4 is lost: 5 is applied (best knowledge) and node 1 is asked for a snapshot.
+        apply(&p, 1, 5, Announcement::Released(vec![b]));
+        assert_eq!(p.others(&b), None);
+        assert_eq!(asked(&p), vec![[1; NODE_ID_LEN]]);
+        // A heartbeat with a number never seen (the last announcement was lost) asks too, but
+        // not more often than ASK_INTERVAL.
+        apply(&p, 1, 6, Announcement::Heartbeat);
+        assert!(asked(&p).is_empty(), "asked a moment ago");
+        // The snapshot replaces whatever node 1 was believed to hold.
+        apply(&p, 1, 6, Announcement::SnapshotFirst(vec![b]));
+        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+
+        // An old announcement again (a replay by a broker publisher) changes nothing.
+        apply(&p, 1, 2, Announcement::Held(vec![a]));
+        apply(&p, 1, 3, Announcement::Released(vec![b]));
+        apply(&p, 1, 1, Announcement::SnapshotFirst(vec![]));
+        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        assert!(asked(&p).is_empty(), "a replay is not a gap");
+
+        // A hello for someone else asks nothing of us; one for us or everyone does.
+        apply(&p, 2, 1, Announcement::Hello(Some([7; NODE_ID_LEN])));
+        assert!(!p.snapshot_wanted.load(Ordering::Acquire));
+        apply(&p, 2, 1, Announcement::Hello(Some([0; NODE_ID_LEN])));
+        assert!(p.snapshot_wanted.swap(false, Ordering::AcqRel));
+
+        // Bye forgets a node and everything it held.
+        apply(&p, 2, 1, Announcement::Bye);
+        assert_eq!(p.others(&a), None);
+        // This node's own announcements change nothing.
+        p.apply(
+            [0; NODE_ID_LEN],
+            &sealed([0; NODE_ID_LEN], 1, &Announcement::Held(vec![a])),
+        )
+        .unwrap();
+        assert_eq!(p.others(&a), None);
+    }
+
+    #[test]
+    fn announcements_are_sealed_to_the_cluster_and_their_sender() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        let held = Announcement::Held(vec![user(1)]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("in the clear", held.encode(1)),
+            (
+                "under another cluster's key",
+                presence_key(&[6; 32]).seal(&label(&[1; NODE_ID_LEN]), &held.encode(1)),
+            ),
+            ("sealed by another node", sealed([2; NODE_ID_LEN], 1, &held)),
+            (
+                "cut short",
+                sealed([1; NODE_ID_LEN], 1, &held)[..20].to_vec(),
+            ),
+        ];
+        for (name, body) in cases {
+            assert_eq!(p.apply([1; NODE_ID_LEN], &body), Err(()), "{name}");
+        }
+        assert_eq!(p.others(&user(1)), None);
+        assert_eq!(
+            p.apply([1; NODE_ID_LEN], &sealed([1; NODE_ID_LEN], 1, &held)),
+            Ok(())
+        );
+        assert_eq!(p.others(&user(1)), Some(vec![[1; NODE_ID_LEN]]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_nodes_are_forgotten() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        apply(&p, 1, 1, Announcement::SnapshotFirst(vec![user(1)]));
+        tokio::time::advance(PEER_TIMEOUT / 2).await;
+        apply(&p, 2, 1, Announcement::SnapshotFirst(vec![user(1)]));
+        tokio::time::advance(PEER_TIMEOUT / 2).await;
+        p.expire(Instant::now());
+        assert_eq!(p.others(&user(1)), Some(vec![[2; NODE_ID_LEN]]));
+    }
+}

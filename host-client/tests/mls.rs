@@ -523,7 +523,7 @@ fn a_member_offline_across_several_commits_catches_up_in_order() {
             Incoming::Message {
                 sender, plaintext, ..
             } => texts.push((sender, String::from_utf8(plaintext.to_vec()).unwrap())),
-            Incoming::Commit { .. } => {}
+            Incoming::Commit { .. } | Incoming::LeaveRequest { .. } => {}
         }
     }
     assert_eq!(

@@ -687,3 +687,56 @@ async fn leaves_are_refreshed_on_a_schedule_and_all_at_once_after_a_rotation() {
     alice.expect_commit().await;
     assert_eq!((alice.epoch(chat), bob.epoch(chat)), (3, 3));
 }
+
+#[tokio::test]
+async fn a_member_leaves_through_a_proposal_that_another_member_commits() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut alice = Member::join(&relay, "lv_alice").await;
+    let mut bob = Member::join(&relay, "lv_bob").await;
+    let mut carol = Member::join(&relay, "lv_carol").await;
+    let g = alice
+        .mls
+        .create(&alice.session, &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    bob.expect_joined().await;
+    carol.expect_joined().await;
+
+    // Carol asks to leave; she cannot commit her own departure.
+    carol.mls.leave(&carol.session, g).await.unwrap();
+    for m in [&mut alice, &mut bob] {
+        match m.next().await {
+            Arrival::LeaveRequest { member, .. } => assert_eq!(member, carol.id()),
+            other => panic!("expected Carol's leave request, got {other:?}"),
+        }
+    }
+    // Alice commits it: Carol learns she is out, Bob sees who removed whom.
+    assert_eq!(
+        alice
+            .mls
+            .commit_departures(&alice.session, g)
+            .await
+            .unwrap(),
+        2
+    );
+    let (_, removed_me) = carol.expect_commit().await;
+    assert!(removed_me);
+    let (events, _) = bob.expect_commit().await;
+    assert_eq!(
+        events,
+        vec![RosterEvent::Removed {
+            by: alice.id(),
+            member: carol.id()
+        }]
+    );
+    let both = sorted(vec![alice.id(), bob.id()]);
+    assert_eq!((alice.roster(g), bob.roster(g)), (both.clone(), both));
+    // What follows is for Alice and Bob only.
+    assert_eq!(alice.say(g, "just us").await, vec![Outcome::Delivered]);
+    bob.expect_message(&alice, "just us").await;
+    // Nothing is left to commit.
+    assert!(matches!(
+        alice.mls.commit_departures(&alice.session, g).await,
+        Err(ServiceError::Mls(MlsError::NothingToDo(_)))
+    ));
+}

@@ -223,6 +223,13 @@ pub enum Incoming {
         /// to [`Conversation::retry`].
         discarded: Option<Intent>,
     },
+    /// A member asked to leave (a proposal removing itself), kept until a commit: any member
+    /// commits it with [`Conversation::commit_pending`]. A commit that does not include it
+    /// drops it (the epoch it was made in is over); the member then asks again.
+    LeaveRequest {
+        /// Who wants to leave.
+        member: UserId,
+    },
 }
 
 impl fmt::Debug for Incoming {
@@ -252,6 +259,10 @@ impl fmt::Debug for Incoming {
                 .field("epoch", epoch)
                 .field("removed_me", removed_me)
                 .field("discarded", discarded)
+                .finish(),
+            Incoming::LeaveRequest { member } => f
+                .debug_struct("LeaveRequest")
+                .field("member", member)
                 .finish(),
         }
     }
@@ -489,6 +500,53 @@ impl Conversation {
         self.output(epoch, commit, welcome)
     }
 
+    /// Asks to leave: a proposal removing this member, for the others; one of them commits it
+    /// ([`Conversation::commit_pending`]). Until then this member is still in.
+    pub fn leave(&mut self) -> Result<Vec<u8>, MlsError> {
+        if !self.group.is_active() {
+            return Err(MlsError::NotAMember);
+        }
+        let proposal = self
+            .group
+            .leave_group(&self.provider, self.signer.as_ref())
+            .map_err(|e| MlsError::internal("asking to leave", e))?;
+        proposal
+            .to_bytes()
+            .map_err(|e| MlsError::internal("encoding a proposal", e))
+    }
+
+    /// Who asked to leave in this epoch and is not out yet.
+    pub fn leave_requests(&self) -> Vec<UserId> {
+        self.group
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(remove) => self.user_at(remove.removed()).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Commits the leave requests received in this epoch: those members are out after it.
+    pub fn commit_pending(&mut self) -> Result<CommitOutput, MlsError> {
+        self.ensure_can_commit()?;
+        let me = self.signer.user_id();
+        let leaving = self.leave_requests();
+        if leaving.is_empty() {
+            return Err(MlsError::NothingToDo("no leave request to commit"));
+        }
+        if leaving.contains(&me) {
+            return Err(MlsError::Unsupported(
+                "committing one's own departure; another member commits it",
+            ));
+        }
+        let epoch = self.epoch();
+        let (commit, welcome, _) = self
+            .group
+            .commit_to_pending_proposals(&self.provider, self.signer.as_ref())
+            .map_err(|e| MlsError::InvalidCommit(e.to_string()))?;
+        self.output(epoch, commit, welcome)
+    }
+
     /// What this member's pending commit meant to do, if one is pending.
     pub fn pending_intent(&self) -> Option<Intent> {
         self.group
@@ -618,10 +676,7 @@ impl Conversation {
                     current,
                 });
             }
-            ContentType::Proposal => {
-                return Err(MlsError::Unsupported("a standalone proposal"));
-            }
-            ContentType::Application | ContentType::Commit => {}
+            ContentType::Application | ContentType::Commit | ContentType::Proposal => {}
         }
 
         // Read before processing: a winning commit clears our pending one.
@@ -654,9 +709,25 @@ impl Conversation {
                     discarded: pending,
                 })
             }
-            ProcessedMessageContent::ProposalMessage(_)
-            | ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
-                Err(MlsError::Unsupported("a standalone proposal"))
+            ProcessedMessageContent::ProposalMessage(queued) => {
+                // The one proposal a member sends on its own: leaving. Anything else (adding or
+                // removing others, changing the group) is a commit's job.
+                let leaving = matches!(
+                    queued.proposal(),
+                    Proposal::Remove(remove) if remove.removed() == sender_leaf
+                );
+                if !leaving {
+                    return Err(MlsError::Unsupported(
+                        "a standalone proposal other than leaving",
+                    ));
+                }
+                self.group
+                    .store_pending_proposal(&self.provider.storage, *queued)
+                    .map_err(|e| MlsError::internal("keeping a leave request", e))?;
+                Ok(Incoming::LeaveRequest { member: sender })
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                Err(MlsError::Unsupported("a proposal from outside the group"))
             }
             ProcessedMessageContent::OwnPendingCommit
             | ProcessedMessageContent::OwnPrivateMessage => Err(MlsError::Unsupported(

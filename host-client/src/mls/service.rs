@@ -64,6 +64,14 @@ pub enum Arrival {
         /// The epoch it was sent in.
         epoch: u64,
     },
+    /// A member asked to leave; any other member commits it
+    /// ([`Conversations::commit_departures`]).
+    LeaveRequest {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who wants to leave.
+        member: UserId,
+    },
     /// A commit of another member, merged.
     Commit {
         /// The conversation.
@@ -105,6 +113,10 @@ impl std::fmt::Debug for Arrival {
                 "Message({conversation}, from {sender}, {} bytes, epoch {epoch})",
                 plaintext.len()
             ),
+            Arrival::LeaveRequest {
+                conversation,
+                member,
+            } => write!(f, "LeaveRequest({conversation}, {member})"),
             Arrival::Commit {
                 conversation,
                 by,
@@ -515,6 +527,58 @@ impl Conversations {
         done
     }
 
+    /// Asks to leave a conversation: a proposal to the other members, one of whom commits it.
+    /// This member is out once that commit arrives (`removed_me`); a commit that does not
+    /// include it ends the epoch the request was made in, so ask again after it.
+    pub async fn leave(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<(), ServiceError> {
+        let me = self.identity.user_id();
+        let conversation = self.conversation(id)?;
+        let recipients: Vec<UserId> = conversation
+            .roster()?
+            .into_iter()
+            .filter(|u| *u != me)
+            .collect();
+        if recipients.is_empty() {
+            return Err(MlsError::NothingToDo("nobody else is in the conversation").into());
+        }
+        let epoch = conversation.epoch();
+        let body = conversation.leave()?;
+        let carriage = CarriageHeader {
+            message_id: message_id(),
+            kind: CarriageKind::Proposal,
+            group_id: GroupId(*id.as_bytes()),
+            epoch,
+            recipients,
+            members: Vec::new(),
+        }
+        .encode(&body);
+        match session.send(carriage).await {
+            Ok(_) => Ok(()),
+            Err(NetError::Refused {
+                code: ErrorCode::WrongEpoch,
+                ..
+            }) => Err(ServiceError::Behind {
+                conversation: id,
+                epoch,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Commits the leave requests this member received in the conversation's current epoch.
+    pub async fn commit_departures(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<u64, ServiceError> {
+        let out = self.conversation(id)?.commit_pending()?;
+        self.commit(session, id, out).await
+    }
+
     /// Makes a commit that lost its epoch again, on the epoch the winner moved the group to.
     /// `None` when nothing was lost or the winner already did it all.
     pub async fn rebase(
@@ -723,6 +787,10 @@ impl Conversations {
                 sender,
                 plaintext,
                 epoch,
+            }),
+            Incoming::LeaveRequest { member } => Ok(Arrival::LeaveRequest {
+                conversation: id,
+                member,
             }),
             Incoming::Commit {
                 by,

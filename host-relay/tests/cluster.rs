@@ -164,10 +164,28 @@ async fn a_user_on_two_nodes_receives_on_both(kind: Kind) {
     let mut b2 = b.login(cl.nodes[2].url()).await;
     let got = send_until(&mut ca, &a, &[&b], b"both of you", &[Outcome::Delivered]).await;
     assert_eq!(got, [Outcome::Delivered]);
-    // Each of B's sessions gets the message (possibly after earlier retries' copies).
-    for c in [&mut b1, &mut b2] {
-        assert_eq!(b.open(&c.delivery().await), b"both of you");
+    // A's node may learn of B's second session a moment after B's first one took a message
+    // (on Redis the announcement is not awaited at login; docs/SCALING.md): until then, only
+    // the first session gets it. Once A's node knows both, each of B's sessions gets every
+    // message.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut id = 100;
+    loop {
+        let got = tokio::time::timeout(std::time::Duration::from_millis(300), b2.delivery()).await;
+        if let Ok(envelope) = got {
+            assert_eq!(b.open(&envelope), b"both of you");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's second session never got it"
+        );
+        id += 1;
+        let out = ca.send_envelope(id, a.seal(&[&b], b"both of you")).await;
+        assert_eq!(out[0].outcome, Outcome::Delivered);
     }
+    // The first session got every copy.
+    assert_eq!(b.open(&b1.delivery().await), b"both of you");
 }
 
 async fn a_group_across_three_nodes(kind: Kind) {

@@ -171,7 +171,7 @@ async fn a_user_on_two_nodes_receives_on_both(kind: Kind) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut id = 100;
     loop {
-        let got = tokio::time::timeout(std::time::Duration::from_millis(300), b2.delivery()).await;
+        let got = tokio::time::timeout(Duration::from_millis(300), b2.delivery()).await;
         if let Ok(envelope) = got {
             assert_eq!(b.open(&envelope), b"both of you");
             break;

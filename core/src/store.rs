@@ -60,6 +60,24 @@ pub struct GroupState {
     pub last_commit: MessageId,
 }
 
+impl GroupState {
+    /// A group row as the stores keep it (a signed 64-bit epoch, the members' ids back to back,
+    /// the commit id), checked: the one decoding every store uses. The error says which column
+    /// is wrong.
+    pub fn from_columns(epoch: i64, members: &[u8], last_commit: &[u8]) -> Result<Self, String> {
+        let last_commit = MessageId::try_from(last_commit)
+            .map_err(|_| "last_commit: not a message id".to_owned())?;
+        let members =
+            decode_members(members).ok_or_else(|| "members: not a list of user ids".to_owned())?;
+        let epoch = u64::try_from(epoch).map_err(|_| format!("epoch: {epoch} is negative"))?;
+        Ok(GroupState {
+            epoch,
+            members,
+            last_commit,
+        })
+    }
+}
+
 /// The answer of [`IdentityStore::advance_group`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EpochAdvance {
@@ -194,7 +212,7 @@ pub fn encode_members(members: &[UserId]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_members`]; `None` if the length is not a whole number of ids.
-pub fn decode_members(bytes: &[u8]) -> Option<Vec<UserId>> {
+fn decode_members(bytes: &[u8]) -> Option<Vec<UserId>> {
     const LEN: usize = crate::id::USER_ID_LEN;
     if !bytes.len().is_multiple_of(LEN) {
         return None;

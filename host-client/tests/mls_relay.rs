@@ -160,6 +160,29 @@ fn sorted(mut ids: Vec<UserId>) -> Vec<UserId> {
     ids
 }
 
+/// Alice creates a conversation with Bob and Carol; both join from the Welcome.
+async fn group_of_three(
+    alice: &mut Member,
+    bob: &mut Member,
+    carol: &mut Member,
+) -> ConversationId {
+    let g = alice
+        .mls
+        .create(&alice.session, &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    bob.expect_joined().await;
+    carol.expect_joined().await;
+    g
+}
+
+/// Alice creates a 1:1 chat with Bob; he joins from the Welcome.
+async fn chat_of_two(alice: &mut Member, bob: &mut Member) -> ConversationId {
+    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
+    bob.expect_joined().await;
+    chat
+}
+
 /// The MLS message inside a carriage.
 fn body(carriage: &[u8]) -> Vec<u8> {
     syncra_core::carriage::parse(carriage)
@@ -203,13 +226,7 @@ async fn a_removed_member_cannot_read_what_follows_and_a_later_one_cannot_read_w
     let mut carol = Member::join(&relay, "rm_carol").await;
     let mut dave = Member::join(&relay, "rm_dave").await;
 
-    let g = alice
-        .mls
-        .create(&alice.session, &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    bob.expect_joined().await;
-    carol.expect_joined().await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
     alice.say(g, "before").await;
     let before = bob.next_raw().await;
     assert!(matches!(
@@ -286,8 +303,7 @@ async fn a_copied_state_stops_decrypting_after_its_owners_next_update() {
     let relay = TestRelay::start(|_| {}).await;
     let mut alice = Member::join(&relay, "heal_alice").await;
     let mut bob = Member::join(&relay, "heal_bob").await;
-    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
-    bob.expect_joined().await;
+    let chat = chat_of_two(&mut alice, &mut bob).await;
 
     // An attacker copies Bob's state (a stolen disk image) and reads along.
     let stolen = bob.mls.get(chat).unwrap().to_bytes();
@@ -338,13 +354,7 @@ async fn of_two_concurrent_commits_one_wins_the_other_is_rebased_and_everyone_ag
     let mut bob = Member::join(&relay, "cc_bob").await;
     let mut carol = Member::join(&relay, "cc_carol").await;
     let dave = Member::join(&relay, "cc_dave").await;
-    let g = alice
-        .mls
-        .create(&alice.session, &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    bob.expect_joined().await;
-    carol.expect_joined().await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
 
     // Bob updates while Carol adds Dave, both in epoch 1.
     let add = [dave.id()];
@@ -390,13 +400,7 @@ async fn a_member_offline_across_several_commits_catches_up_in_order_from_the_ma
     let mut bob = Member::join(&relay, "off_bob").await;
     let mut carol = Member::join(&relay, "off_carol").await;
     let dave = Member::join(&relay, "off_dave").await;
-    let g = alice
-        .mls
-        .create(&alice.session, &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    bob.expect_joined().await;
-    carol.expect_joined().await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
 
     carol.session.close().await;
     carol.session.wait_closed().await;
@@ -456,8 +460,7 @@ async fn tampered_replayed_mislabelled_and_out_of_epoch_messages_are_refused_by_
     let relay = TestRelay::start(|_| {}).await;
     let mut alice = Member::join(&relay, "bad_alice").await;
     let mut bob = Member::join(&relay, "bad_bob").await;
-    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
-    bob.expect_joined().await;
+    let chat = chat_of_two(&mut alice, &mut bob).await;
 
     alice.say(chat, "one").await;
     let one = bob.next_raw().await;
@@ -524,8 +527,7 @@ async fn conversations_are_sealed_at_rest_and_pick_up_where_they_left_off() {
     let relay = TestRelay::start(|_| {}).await;
     let mut alice = Member::join(&relay, "rest_alice").await;
     let mut bob = Member::join(&relay, "rest_bob").await;
-    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
-    bob.expect_joined().await;
+    let chat = chat_of_two(&mut alice, &mut bob).await;
     alice.say(chat, "before the restart").await;
     bob.expect_message(&alice, "before the restart").await;
 
@@ -597,13 +599,7 @@ async fn on_a_two_node_cluster_one_commit_wins_each_epoch_and_everyone_agrees() 
     carol.expect_joined().await;
     carol.expect_message(&alice, "across nodes").await;
 
-    let g = alice
-        .mls
-        .create(&alice.session, &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    bob.expect_joined().await;
-    carol.expect_joined().await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
     // Bob (node 1) and Carol (node 2) commit in the same epoch: the store decides, once.
     let (b, c) = tokio::join!(
         bob.mls.update(&bob.session, g),
@@ -638,8 +634,7 @@ async fn leaves_are_refreshed_on_a_schedule_and_all_at_once_after_a_rotation() {
     let relay = TestRelay::start(|_| {}).await;
     let mut alice = Member::join(&relay, "sched_alice").await;
     let mut bob = Member::join(&relay, "sched_bob").await;
-    let chat = alice.mls.create(&alice.session, &[bob.id()]).await.unwrap();
-    bob.expect_joined().await;
+    let chat = chat_of_two(&mut alice, &mut bob).await;
     let now = syncra_core::now_ms();
     assert!(
         bob.mls.updates_due(now, LEAF_UPDATE_INTERVAL_MS).is_empty(),
@@ -694,13 +689,7 @@ async fn a_member_leaves_through_a_proposal_that_another_member_commits() {
     let mut alice = Member::join(&relay, "lv_alice").await;
     let mut bob = Member::join(&relay, "lv_bob").await;
     let mut carol = Member::join(&relay, "lv_carol").await;
-    let g = alice
-        .mls
-        .create(&alice.session, &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    bob.expect_joined().await;
-    carol.expect_joined().await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
 
     // Carol asks to leave; she cannot commit her own departure.
     carol.mls.leave(&carol.session, g).await.unwrap();

@@ -535,38 +535,23 @@ impl Conversations {
         session: &Session,
         id: ConversationId,
     ) -> Result<(), ServiceError> {
-        let me = self.identity.user_id();
-        let conversation = self.conversation(id)?;
-        let recipients: Vec<UserId> = conversation
-            .roster()?
-            .into_iter()
-            .filter(|u| *u != me)
-            .collect();
+        let recipients = self.others(id)?;
         if recipients.is_empty() {
             return Err(MlsError::NothingToDo("nobody else is in the conversation").into());
         }
+        let conversation = self.conversation(id)?;
         let epoch = conversation.epoch();
         let body = conversation.leave()?;
-        let carriage = CarriageHeader {
-            message_id: message_id(),
-            kind: CarriageKind::Proposal,
-            group_id: GroupId(*id.as_bytes()),
+        self.carry(
+            session,
+            id,
+            CarriageKind::Proposal,
             epoch,
             recipients,
-            members: Vec::new(),
-        }
-        .encode(&body);
-        match session.send(carriage).await {
-            Ok(_) => Ok(()),
-            Err(NetError::Refused {
-                code: ErrorCode::WrongEpoch,
-                ..
-            }) => Err(ServiceError::Behind {
-                conversation: id,
-                epoch,
-            }),
-            Err(e) => Err(e.into()),
-        }
+            &body,
+        )
+        .await
+        .map(drop)
     }
 
     /// Commits the leave requests this member received in the conversation's current epoch.
@@ -602,27 +587,55 @@ impl Conversations {
         id: ConversationId,
         plaintext: &[u8],
     ) -> Result<Vec<RecipientOutcome>, ServiceError> {
-        let me = self.identity.user_id();
-        let conversation = self.conversation(id)?;
-        let recipients: Vec<UserId> = conversation
-            .roster()?
-            .into_iter()
-            .filter(|u| *u != me)
-            .collect();
+        let recipients = self.others(id)?;
         if recipients.is_empty() {
             return Ok(Vec::new());
         }
+        let conversation = self.conversation(id)?;
         let epoch = conversation.epoch();
         let body = conversation.encrypt(plaintext)?;
+        self.carry(
+            session,
+            id,
+            CarriageKind::Application,
+            epoch,
+            recipients,
+            &body,
+        )
+        .await
+    }
+
+    /// Every member of a conversation but this one.
+    fn others(&mut self, id: ConversationId) -> Result<Vec<UserId>, ServiceError> {
+        let me = self.identity.user_id();
+        Ok(self
+            .conversation(id)?
+            .roster()?
+            .into_iter()
+            .filter(|u| *u != me)
+            .collect())
+    }
+
+    /// Sends an MLS message made in `epoch` that is not a commit; the relay's `wrong_epoch` (the
+    /// group moved on meanwhile) becomes [`ServiceError::Behind`].
+    async fn carry(
+        &self,
+        session: &Session,
+        id: ConversationId,
+        kind: CarriageKind,
+        epoch: u64,
+        recipients: Vec<UserId>,
+        body: &[u8],
+    ) -> Result<Vec<RecipientOutcome>, ServiceError> {
         let carriage = CarriageHeader {
             message_id: message_id(),
-            kind: CarriageKind::Application,
+            kind,
             group_id: GroupId(*id.as_bytes()),
             epoch,
             recipients,
             members: Vec::new(),
         }
-        .encode(&body);
+        .encode(body);
         match session.send(carriage).await {
             Ok(outcomes) => Ok(outcomes),
             Err(NetError::Refused {
@@ -708,16 +721,8 @@ impl Conversations {
                 .filter(|u| !before.contains(u))
                 .collect();
             if !joiners.is_empty() {
-                let carriage = CarriageHeader {
-                    message_id: message_id(),
-                    kind: CarriageKind::Welcome,
-                    group_id: GroupId(*id.as_bytes()),
-                    epoch,
-                    recipients: joiners,
-                    members: Vec::new(),
-                }
-                .encode(&welcome);
-                session.send(carriage).await?;
+                self.carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
+                    .await?;
             }
         }
         Ok(epoch)

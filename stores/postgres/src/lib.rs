@@ -72,8 +72,7 @@ use syncra_core::record::StoredColumns;
 use syncra_core::redact::{REDACTED, redact_url, secret_spans};
 use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::store::{
-    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, decode_members,
-    encode_members,
+    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, encode_members,
 };
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
@@ -853,21 +852,9 @@ impl IdentityStore for PostgresStore {
             let Some((epoch, members, last_commit)) = row else {
                 return Ok(None);
             };
-            let row = format!("group {group}");
-            let last_commit = MessageId::try_from(last_commit.as_slice()).map_err(|_| {
-                self.fail(&self.corrupt(row.clone(), "last_commit: not a message id".into()))
-            })?;
-            let members = decode_members(&members).ok_or_else(|| {
-                self.fail(&self.corrupt(row.clone(), "members: not a list of user ids".into()))
-            })?;
-            let epoch = u64::try_from(epoch).map_err(|_| {
-                self.fail(&self.corrupt(row, format!("epoch: {epoch} is negative")))
-            })?;
-            Ok(Some(GroupState {
-                epoch,
-                members,
-                last_commit,
-            }))
+            GroupState::from_columns(epoch, &members, &last_commit)
+                .map(Some)
+                .map_err(|why| self.fail(&self.corrupt(format!("group {group}"), why)))
         })
         .await
     }

@@ -30,8 +30,7 @@ use syncra_core::error::{PluginError, StoreError};
 use syncra_core::record::StoredColumns;
 use syncra_core::registry::{Kinds, typed_config};
 use syncra_core::store::{
-    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, decode_members,
-    encode_members,
+    ClaimedKeyPackage, EpochAdvance, GroupState, KeyPackageStock, MAX_KEY_PACKAGES, encode_members,
 };
 use syncra_core::{Handle, Health, IdentityRecord, IdentityStore, UserId};
 
@@ -244,18 +243,8 @@ impl SqliteStore {
         members: &[u8],
         last_commit: &[u8],
     ) -> Result<GroupState, SqliteError> {
-        let row = format!("group {group}");
-        let last_commit = MessageId::try_from(last_commit)
-            .map_err(|_| self.corrupt(row.clone(), "last_commit: not a message id".into()))?;
-        let members = decode_members(members)
-            .ok_or_else(|| self.corrupt(row.clone(), "members: not a list of user ids".into()))?;
-        let epoch = u64::try_from(epoch)
-            .map_err(|_| self.corrupt(row, format!("epoch: {epoch} is negative")))?;
-        Ok(GroupState {
-            epoch,
-            members,
-            last_commit,
-        })
+        GroupState::from_columns(epoch, members, last_commit)
+            .map_err(|why| self.corrupt(format!("group {group}"), why))
     }
 
     fn record_from_row(&self, row: &SqliteRow) -> Result<IdentityRecord, SqliteError> {

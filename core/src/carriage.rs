@@ -53,11 +53,6 @@ impl GroupId {
     pub fn as_bytes(&self) -> &[u8; GROUP_ID_LEN] {
         &self.0
     }
-
-    /// Parses a group id from exactly [`GROUP_ID_LEN`] bytes.
-    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        <[u8; GROUP_ID_LEN]>::try_from(bytes).ok().map(GroupId)
-    }
 }
 
 impl std::fmt::Display for GroupId {
@@ -177,28 +172,18 @@ impl CarriageHeader {
 /// within [`MAX_CARRIAGE_BODY`], and nothing after it.
 pub fn parse(bytes: &[u8]) -> Result<Carriage<'_>, OpenError> {
     let mut r = Cursor { bytes, at: 0 };
-    let version = r.take(1, "empty carriage")?[0];
+    let [version] = r.array("empty carriage")?;
     if version != CARRIAGE_VERSION {
         return Err(OpenError::UnsupportedVersion(version));
     }
-    let mut message_id = [0u8; MESSAGE_ID_LEN];
-    message_id.copy_from_slice(r.take(MESSAGE_ID_LEN, "truncated message id")?);
-    let kind = CarriageKind::from_u8(r.take(1, "truncated kind")?[0])
-        .ok_or(OpenError::Malformed("unknown carriage kind"))?;
-    let group_id = GroupId::from_slice(r.take(GROUP_ID_LEN, "truncated group id")?)
-        .ok_or(OpenError::Malformed("truncated group id"))?;
-    let epoch = u64::from_be_bytes(
-        r.take(8, "truncated epoch")?
-            .try_into()
-            .map_err(|_| OpenError::Malformed("truncated epoch"))?,
-    );
-    let recipients = r.ids(MAX_RECIPIENTS, "recipient")?;
-    let members = r.ids(MAX_MEMBERS, "member")?;
-    let body_len = u32::from_be_bytes(
-        r.take(4, "truncated body length")?
-            .try_into()
-            .map_err(|_| OpenError::Malformed("truncated body length"))?,
-    ) as usize;
+    let message_id: MessageId = r.array("truncated message id")?;
+    let [kind] = r.array("truncated kind")?;
+    let kind = CarriageKind::from_u8(kind).ok_or(OpenError::Malformed("unknown carriage kind"))?;
+    let group_id = GroupId(r.array("truncated group id")?);
+    let epoch = u64::from_be_bytes(r.array("truncated epoch")?);
+    let recipients = r.ids(MAX_RECIPIENTS, "duplicate recipient")?;
+    let members = r.ids(MAX_MEMBERS, "duplicate member")?;
+    let body_len = u32::from_be_bytes(r.array("truncated body length")?) as usize;
     if body_len == 0 {
         return Err(OpenError::Malformed("empty MLS message"));
     }
@@ -249,13 +234,16 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
 
-    /// A u16 count, then that many distinct user ids (the count checked before any allocation).
-    fn ids(&mut self, max: usize, what: &'static str) -> Result<Vec<UserId>, OpenError> {
-        let count = u16::from_be_bytes(
-            self.take(2, "truncated count")?
-                .try_into()
-                .map_err(|_| OpenError::Malformed("truncated count"))?,
-        ) as usize;
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], OpenError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    /// A u16 count, then that many distinct user ids (the count checked before any allocation);
+    /// a repeated id is refused as `duplicate`.
+    fn ids(&mut self, max: usize, duplicate: &'static str) -> Result<Vec<UserId>, OpenError> {
+        let count = u16::from_be_bytes(self.array("truncated count")?) as usize;
         if count > max {
             return Err(OpenError::TooManyRecipients(count));
         }
@@ -266,10 +254,7 @@ impl<'a> Cursor<'a> {
             id.copy_from_slice(chunk);
             let id = UserId::from_bytes(id);
             if ids.contains(&id) {
-                return Err(OpenError::Malformed(match what {
-                    "member" => "duplicate member",
-                    _ => "duplicate recipient",
-                }));
+                return Err(OpenError::Malformed(duplicate));
             }
             ids.push(id);
         }

@@ -131,6 +131,12 @@ impl Home {
         self.root.join("outbox")
     }
 
+    /// The MLS state directory: each conversation's group state and the KeyPackage store,
+    /// sealed with the storage key (docs/PROTOCOL.md §9.5).
+    pub fn mls_dir(&self) -> PathBuf {
+        self.root.join("mls")
+    }
+
     /// Whether an identity exists here.
     pub fn has_identity(&self) -> bool {
         self.key_file().exists()

@@ -157,7 +157,7 @@ enum ContactCommand {
 
 #[derive(Subcommand, Debug)]
 enum GroupCommand {
-    /// Create a group with contacts.
+    /// Create a group with contacts (an MLS group; needs the relay).
     Create {
         /// The group's name.
         name: String,
@@ -171,14 +171,19 @@ enum GroupCommand {
         /// Member handles.
         members: Vec<String>,
     },
-    /// Remove members (they get no key for later messages).
+    /// Remove members (they cannot read anything sent after the removal).
     Remove {
         /// The group's name.
         name: String,
         /// Member handles.
         members: Vec<String>,
     },
-    /// List groups.
+    /// Leave a group (another member commits it; you are out once they do).
+    Leave {
+        /// The group's name.
+        name: String,
+    },
+    /// List groups: the members shown are the MLS roster every member agrees on.
     List,
 }
 
@@ -432,24 +437,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Group { command } => {
             let mut client = open(&cli).await?;
+            if !matches!(command, GroupCommand::List) {
+                waiting("connecting to the relay", client.connect()).await?;
+            }
             match command {
                 GroupCommand::Create { name, members } => {
-                    let g = client.group_create(name, members)?;
+                    let g = client.group_create(name, members).await?;
                     println!("created @{} with {} members", g.name, g.members.len());
                 }
                 GroupCommand::Add { name, members } => {
-                    let (g, pending) = client.group_update(name, members, &[])?;
+                    let g = client.group_update(name, members, &[]).await?;
                     println!("@{} now has {} members", g.name, g.members.len());
-                    announce(&mut client, &pending).await;
                 }
                 GroupCommand::Remove { name, members } => {
-                    let (g, pending) = client.group_update(name, &[], members)?;
+                    let g = client.group_update(name, &[], members).await?;
                     println!(
-                        "@{} now has {} members; removed members get no key for later messages",
+                        "@{} now has {} members; removed members cannot read what follows",
                         g.name,
                         g.members.len()
                     );
-                    announce(&mut client, &pending).await;
+                }
+                GroupCommand::Leave { name } => {
+                    let g = client.group_leave(name).await?;
+                    println!(
+                        "asked to leave @{}; you are out once another member commits it",
+                        g.name
+                    );
                 }
                 GroupCommand::List => {
                     for g in client.book().groups.values() {
@@ -468,6 +481,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            client.disconnect().await;
         }
         Command::Bot {
             command:
@@ -656,26 +670,6 @@ fn escape(text: &str) -> std::borrow::Cow<'_, str> {
 /// One JSON line on stdout: exact JSON, and inert on a terminal.
 fn print_json(value: &serde_json::Value) {
     println!("{}", syncra_core::text::json_inert(&value.to_string()));
-}
-
-/// Sends a membership change now if the relay can be reached; else it waits in the outbox.
-async fn announce(client: &mut Client, pending: &syncra_client::outbox::Pending) {
-    match client.send_queued(pending).await {
-        Ok(report) => match report.state {
-            SendState::Delivered | SendState::Offline | SendState::Stored => {
-                println!("members were told");
-            }
-            SendState::Queued(why) => {
-                println!(
-                    "queued: {}; members are told on the next connection",
-                    escape(&why)
-                )
-            }
-            SendState::Failed(why) => println!("telling members failed: {}", escape(&why)),
-        },
-        Err(e) => println!("telling members failed: {}", escape(&format!("{e:#}"))),
-    }
-    client.disconnect().await;
 }
 
 fn format_time(ms: u64) -> String {

@@ -2,8 +2,11 @@
 //! frontend shows — used by `syncra listen`, `syncra bot run` and the terminal UI alike.
 //!
 //! It reconnects with jittered backoff, drains the outbox on every connection and every few
-//! seconds (messages other processes on the same home wrote leave too), rotates and erases
-//! prekeys on a timer, and files every delivery in history before acknowledging it.
+//! seconds (messages other processes on the same home wrote leave too; so do messages the
+//! relay refused because their group had moved on, once the missed commits are processed),
+//! rotates and erases prekeys, tops up KeyPackages and refreshes MLS leaves on a timer, makes
+//! lost commits again and commits other members' leave requests, and files every delivery in
+//! history before acknowledging it.
 //!
 //! **No head-of-line blocking.** A message from someone who is not a contact yet needs a
 //! directory lookup (one round trip, rate-limited by the relay) to learn their handle. Those
@@ -285,9 +288,13 @@ impl<S: Future<Output = ()>> Serve<S> {
                     tracing::warn!("outbox: {e:#}");
                 }
             }
-            Wake::Push(Push::Deliver(envelope)) => self.deliver(client, None, &envelope).await,
-            Wake::Push(Push::Pending(entry, envelope)) => {
-                self.deliver(client, Some(entry), &envelope).await;
+            Wake::Push(Push::Deliver(carriage)) => {
+                self.deliver(client, None, &carriage).await;
+                client.follow_up().await;
+            }
+            Wake::Push(Push::Pending(entry, carriage)) => {
+                self.deliver(client, Some(entry), &carriage).await;
+                client.follow_up().await;
             }
             Wake::Push(Push::BacklogDone(count)) => {
                 if count > 0 {
@@ -359,9 +366,9 @@ impl<S: Future<Output = ()>> Serve<S> {
         }
     }
 
-    /// One delivery: opened now; filed now, or after its sender's lookup.
-    async fn deliver(&mut self, client: &mut Client, entry: Option<u64>, envelope: &[u8]) {
-        let opened = match client.open_delivery(envelope) {
+    /// One delivery: processed by MLS now; filed now, or after its sender's lookup.
+    async fn deliver(&mut self, client: &mut Client, entry: Option<u64>, carriage: &[u8]) {
+        let opened = match client.open_delivery(carriage) {
             Ok(Opening::Opened(opened)) => opened,
             Ok(Opening::Done(incoming)) => {
                 if let Some(entry) = entry {

@@ -1,114 +1,11 @@
-//! Client-side groups: creating and changing them (creator only), joining, membership events.
+//! Groups on MLS: created, grown, shrunk and left through commits the relay orders (one per
+//! epoch). Any member may add or remove; every member sees the same roster, and every change
+//! as an event in the group's history.
 
 use super::*;
+use crate::mls::{ConversationId, ServiceError};
 
 impl Client {
-    /// A group I do not have yet, from an accepted contact: only its creator may bring me in,
-    /// and only to a list that has me and them. Returns the events to show, or why not.
-    pub(super) fn join_group(
-        &mut self,
-        info: &GroupInfo,
-        from: UserId,
-        ts: u64,
-    ) -> Result<Vec<String>, String> {
-        let _lock = self
-            .book
-            .lock()
-            .map_err(|e| format!("locking contacts: {e:#}"))?;
-        let me = self.user_id();
-        let who = self.book.name_of(&from);
-        if info.creator != Some(from) {
-            return Err(format!(
-                "a message from {who} to a group I am not in was refused: only a group's creator \
-                 can add members"
-            ));
-        }
-        if !info.members.contains(&me) || !info.members.contains(&from) {
-            return Err(format!(
-                "a group message from {who} whose member list lacks me or them was refused"
-            ));
-        }
-        let mut members = Vec::new();
-        for m in &info.members {
-            if !members.contains(m) {
-                members.push(*m);
-            }
-        }
-        let name = self
-            .book
-            .unique_group_name(&crate::contacts::local_group_name(&info.name));
-        let others: Vec<String> = members
-            .iter()
-            .filter(|m| **m != from)
-            .map(|m| self.member_name(m))
-            .collect();
-        self.book.groups.insert(
-            info.id.clone(),
-            Group {
-                id: info.id.clone(),
-                name: name.clone(),
-                members,
-                updated_ms: ts,
-                creator: Some(from),
-            },
-        );
-        self.book
-            .save()
-            .map_err(|e| format!("saving groups: {e:#}"))?;
-        Ok(vec![format!(
-            "{who} created @{name} with {}",
-            others.join(", ")
-        )])
-    }
-
-    /// A member list from the group's creator: applied if newer, and every change becomes an
-    /// event ("alice added eve", "alice removed you").
-    pub(super) fn apply_membership(
-        &mut self,
-        info: &GroupInfo,
-        from: UserId,
-        ts: u64,
-    ) -> anyhow::Result<Vec<String>> {
-        let _lock = self.book.lock()?;
-        let Some(group) = self.book.groups.get(&info.id) else {
-            return Ok(Vec::new());
-        };
-        if ts <= group.updated_ms || group.members == info.members {
-            return Ok(Vec::new());
-        }
-        let old = group.members.clone();
-        let mut new = Vec::new();
-        for m in &info.members {
-            if !new.contains(m) {
-                new.push(*m);
-            }
-        }
-        let who = self.book.name_of(&from);
-        let added: Vec<String> = new
-            .iter()
-            .filter(|m| !old.contains(m))
-            .map(|m| self.member_name(m))
-            .collect();
-        let removed: Vec<String> = old
-            .iter()
-            .filter(|m| !new.contains(m))
-            .map(|m| self.member_name(m))
-            .collect();
-        let mut events = Vec::new();
-        if !added.is_empty() {
-            events.push(format!("{who} added {}", added.join(", ")));
-        }
-        if !removed.is_empty() {
-            events.push(format!("{who} removed {}", removed.join(", ")));
-        }
-        if let Some(g) = self.book.groups.get_mut(&info.id) {
-            g.members = new;
-            g.updated_ms = ts;
-        }
-        self.book.save()?;
-        Ok(events)
-    }
-
     /// A member's name in an event: `you` for me.
     pub(super) fn member_name(&self, id: &UserId) -> String {
         if *id == self.user_id() {
@@ -118,9 +15,77 @@ impl Client {
         }
     }
 
-    /// Creates a group with contacts (by handle); I am a member and its creator.
-    pub fn group_create(&mut self, name: &str, members: &[String]) -> Result<Group, ClientError> {
-        let _lock = self.book.lock()?;
+    /// The user ids of contacts, by handle (refusing a contact whose key changed).
+    fn contact_ids(&self, handles: &[String]) -> Result<Vec<UserId>, ClientError> {
+        let mut ids: Vec<UserId> = Vec::new();
+        for h in handles {
+            let c = self.book.by_handle(h).ok_or_else(|| {
+                ClientError::Unknown(format!("{h:?} is not a contact; add it first"))
+            })?;
+            if let Some(why) = self.blocked_reason(c) {
+                return Err(ClientError::Refused(why));
+            }
+            if c.record.user_id != self.user_id() && !ids.contains(&c.record.user_id) {
+                ids.push(c.record.user_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Events I made, in the group's history.
+    fn note_events(&self, hex: &str, events: &[String]) -> anyhow::Result<()> {
+        let now = syncra_core::now_ms();
+        for text in events {
+            self.history.append(
+                &Target::Group(hex.to_owned()).conversation(),
+                &StoredMessage {
+                    id: hex_id(&new_message_id()),
+                    sender: self.user_id(),
+                    outgoing: true,
+                    timestamp_ms: now,
+                    text: text.clone(),
+                    delivery: None,
+                    reach: None,
+                    held: false,
+                    event: true,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sends the group's name to its members (an empty group message): how members added by
+    /// a commit learn what to call it. Through the outbox, so it is not lost offline.
+    async fn announce_name(&mut self, hex: &str) -> Result<(), ClientError> {
+        let pending = Pending {
+            id: hex_id(&new_message_id()),
+            conversation: Target::Group(hex.to_owned()).conversation(),
+            text: String::new(),
+            created_ms: syncra_core::now_ms(),
+            notify: Vec::new(),
+        };
+        self.outbox.put(&pending)?;
+        self.send_queued(&pending).await?;
+        Ok(())
+    }
+
+    fn problem(e: ServiceError) -> ClientError {
+        match e {
+            ServiceError::Net(net) => ClientError::Relay(net),
+            ServiceError::State(_) => ClientError::Local(e.into()),
+            other => ClientError::Refused(other.to_string()),
+        }
+    }
+
+    /// Creates a group with contacts (by handle): an MLS group whose first commit adds them
+    /// all, a Welcome for them, then its name. Needs the relay (their KeyPackages are claimed
+    /// from it).
+    pub async fn group_create(
+        &mut self,
+        name: &str,
+        members: &[String],
+    ) -> Result<Group, ClientError> {
+        self.book.refresh()?;
         if !crate::contacts::valid_group_name(name) {
             return Err(ClientError::Invalid(
                 "a group name is one word of at most 32 letters, digits, - or _ (without the @)"
@@ -132,38 +97,61 @@ impl Client {
                 "a group named {name:?} exists already"
             )));
         }
-        let mut ids = vec![self.user_id()];
-        for m in members {
-            let c = self.book.by_handle(m).ok_or_else(|| {
-                ClientError::Unknown(format!("{m:?} is not a contact; add it first"))
-            })?;
-            if !ids.contains(&c.record.user_id) {
-                ids.push(c.record.user_id);
-            }
+        let ids = self.contact_ids(members)?;
+        if ids.is_empty() {
+            return Err(ClientError::Invalid(
+                "a group needs at least one other member".into(),
+            ));
         }
+        let session = self.require_session()?;
+        let id = {
+            let _lock = self
+                .mls
+                .lock(&self.keys.identity)
+                .map_err(|e| ClientError::Local(e.into()))?;
+            self.mls
+                .create_as(&session, &ids, true)
+                .await
+                .map_err(Self::problem)?
+        };
+        let roster = self
+            .mls
+            .get(id)
+            .map(|c| c.roster())
+            .transpose()
+            .map_err(|e| ClientError::Local(e.into()))?
+            .unwrap_or_default();
         let group = Group {
-            id: crate::contacts::new_group_id(),
+            id: id.to_hex(),
             name: name.to_owned(),
-            members: ids,
+            members: roster,
             updated_ms: syncra_core::now_ms(),
             creator: Some(self.user_id()),
         };
-        self.book.groups.insert(group.id.clone(), group.clone());
-        self.book.save()?;
+        {
+            let _lock = self.book.lock()?;
+            self.book.groups.insert(group.id.clone(), group.clone());
+            self.book.save()?;
+        }
+        let names: Vec<String> = ids.iter().map(|m| self.book.name_of(m)).collect();
+        self.note_events(
+            &group.id,
+            &[format!("you created @{name} with {}", names.join(", "))],
+        )?;
+        self.announce_name(&group.id).await?;
         Ok(group)
     }
 
-    /// Adds or removes members; only the group's creator may. The change is recorded as an
-    /// event and queued as a membership message to everyone in the old and the new list (a
-    /// removed member learns it and gets no wrap for any later message). Returns the group and
-    /// the outbox entry to send.
-    pub fn group_update(
+    /// Adds or removes members (any member may): one commit each way, accepted by the relay
+    /// only on the group's current epoch. If another member's commit won that epoch, this one
+    /// catches up and makes it again. Returns the group with its roster now.
+    pub async fn group_update(
         &mut self,
         name: &str,
         add: &[String],
         remove: &[String],
-    ) -> Result<(Group, Pending), ClientError> {
-        let _lock = self.book.lock()?;
+    ) -> Result<Group, ClientError> {
+        self.book.refresh()?;
         let group = self
             .book
             .group(name)
@@ -171,27 +159,9 @@ impl Client {
                 ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
             })?
             .clone();
-        let me = self.user_id();
-        if let Some(creator) = group.creator
-            && creator != me
-        {
-            return Err(ClientError::Refused(format!(
-                "only the creator of @{name} ({}) can change its members",
-                self.book.name_of(&creator)
-            )));
-        }
-        let mut add_ids = Vec::new();
-        for h in add {
-            add_ids.push(
-                self.book
-                    .by_handle(h)
-                    .ok_or_else(|| {
-                        ClientError::Unknown(format!("{h:?} is not a contact; add it first"))
-                    })?
-                    .record
-                    .user_id,
-            );
-        }
+        let conversation = ConversationId::from_hex(&group.id)
+            .ok_or_else(|| ClientError::Invalid(format!("@{name} is not an MLS group")))?;
+        let add_ids = self.contact_ids(add)?;
         let mut remove_ids = Vec::new();
         for h in remove {
             let id = match self.book.by_handle(h) {
@@ -200,79 +170,116 @@ impl Client {
                     ClientError::Unknown(format!("{h:?} is not a contact or a user id"))
                 })?,
             };
+            if id == self.user_id() {
+                return Err(ClientError::Invalid(format!(
+                    "to leave @{name}, use `syncra group leave {name}`"
+                )));
+            }
             remove_ids.push(id);
         }
-        let old = group.members.clone();
-        let mut members = old.clone();
-        for id in add_ids {
-            if !members.contains(&id) {
-                members.push(id);
-            }
-        }
-        members.retain(|m| *m == me || !remove_ids.contains(m));
-        let added: Vec<String> = members
-            .iter()
-            .filter(|m| !old.contains(m))
-            .map(|m| self.book.name_of(m))
-            .collect();
-        let removed: Vec<UserId> = old
-            .iter()
-            .filter(|m| !members.contains(m))
-            .copied()
-            .collect();
+        let session = self.require_session()?;
         let mut events = Vec::new();
-        if !added.is_empty() {
-            events.push(format!("you added {}", added.join(", ")));
-        }
-        if !removed.is_empty() {
-            let names: Vec<String> = removed.iter().map(|m| self.book.name_of(m)).collect();
-            events.push(format!("you removed {}", names.join(", ")));
+        for (adding, ids) in [(true, add_ids), (false, remove_ids)] {
+            let ids: Vec<UserId> = {
+                let current = self.mls.get(conversation).ok_or_else(|| {
+                    ClientError::Refused(format!("you are no longer a member of @{name}"))
+                })?;
+                ids.into_iter()
+                    .filter(|m| current.contains(*m) != adding)
+                    .collect()
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            self.commit_change(&session, conversation, adding, &ids)
+                .await?;
+            let names: Vec<String> = ids.iter().map(|m| self.book.name_of(m)).collect();
+            let verb = if adding { "added" } else { "removed" };
+            events.push(format!("you {verb} {}", names.join(", ")));
         }
         if events.is_empty() {
             return Err(ClientError::Invalid(
                 "nothing changed: check the member names with `syncra group list`".into(),
             ));
         }
-        let now = syncra_core::now_ms();
-        let g = {
-            let entry = self
-                .book
-                .groups
-                .get_mut(&group.id)
-                .context("group vanished")?;
-            entry.members = members;
-            entry.updated_ms = now;
-            if entry.creator.is_none() {
-                entry.creator = Some(me);
-            }
-            entry.clone()
-        };
-        self.book.save()?;
-        let target = Target::Group(g.id.clone());
-        for text in events {
-            self.history.append(
-                &target.conversation(),
-                &StoredMessage {
-                    id: hex_id(&new_message_id()),
-                    sender: me,
-                    outgoing: true,
-                    timestamp_ms: now,
-                    text,
-                    delivery: None,
-                    reach: None,
-                    held: false,
-                    event: true,
-                },
-            )?;
+        self.sync_roster_of(conversation)?;
+        self.note_events(&group.id, &events)?;
+        if !add.is_empty() {
+            self.announce_name(&group.id).await?;
         }
-        let pending = Pending {
-            id: hex_id(&new_message_id()),
-            conversation: target.conversation(),
-            text: String::new(),
-            created_ms: now,
-            notify: removed,
+        Ok(self.book.groups.get(&group.id).cloned().unwrap_or(group))
+    }
+
+    /// One add or remove commit; after losing the epoch to another member's commit, catches
+    /// up (a one-shot command processes its deliveries) and makes it again, twice at most.
+    async fn commit_change(
+        &mut self,
+        session: &Session,
+        conversation: ConversationId,
+        adding: bool,
+        ids: &[UserId],
+    ) -> Result<(), ClientError> {
+        let first = {
+            let _lock = self
+                .mls
+                .lock(&self.keys.identity)
+                .map_err(|e| ClientError::Local(e.into()))?;
+            if adding {
+                self.mls.add(session, conversation, ids).await
+            } else {
+                self.mls.remove(session, conversation, ids).await
+            }
         };
-        self.outbox.put(&pending)?;
-        Ok((g, pending))
+        let mut result = first.map(drop);
+        for _ in 0..2 {
+            match result {
+                Err(ServiceError::Conflict { .. }) if self.pushes_rx.is_some() => {
+                    self.catch_up(std::time::Duration::from_secs(3)).await?;
+                    let _lock = self
+                        .mls
+                        .lock(&self.keys.identity)
+                        .map_err(|e| ClientError::Local(e.into()))?;
+                    result = self.mls.rebase(session, conversation).await.map(drop);
+                }
+                _ => break,
+            }
+        }
+        result.map_err(|e| match e {
+            ServiceError::Net(NetError::Refused {
+                code: ErrorCode::NotFound,
+                ..
+            }) => ClientError::Unknown(
+                "a member to add has no MLS KeyPackage in the directory (an older Syncra?)".into(),
+            ),
+            other => Self::problem(other),
+        })
+    }
+
+    /// Asks to leave a group: a proposal that another member commits (MLS does not let a
+    /// member commit its own removal). I am out once that commit arrives.
+    pub async fn group_leave(&mut self, name: &str) -> Result<Group, ClientError> {
+        self.book.refresh()?;
+        let group = self
+            .book
+            .group(name)
+            .ok_or_else(|| {
+                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
+            })?
+            .clone();
+        let conversation = ConversationId::from_hex(&group.id)
+            .ok_or_else(|| ClientError::Invalid(format!("@{name} is not an MLS group")))?;
+        let session = self.require_session()?;
+        {
+            let _lock = self
+                .mls
+                .lock(&self.keys.identity)
+                .map_err(|e| ClientError::Local(e.into()))?;
+            self.mls
+                .leave(&session, conversation)
+                .await
+                .map_err(Self::problem)?;
+        }
+        self.note_events(&group.id, &["you asked to leave".to_owned()])?;
+        Ok(group)
     }
 }

@@ -8,12 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use data_encoding::HEXLOWER;
-use syncra_core::crypto::envelope::{
-    AcceptWindow, MESSAGE_ID_LEN, MessageId, Opener, Recipient, ReplayGuard, seal_with_id,
-};
+use syncra_core::crypto::envelope::{AcceptWindow, MESSAGE_ID_LEN, MessageId, ReplayGuard};
 use syncra_core::crypto::keyfile::KdfParams;
 use syncra_core::crypto::safety::{fingerprint, safety_number};
-use syncra_core::error::OpenError;
 use syncra_core::wire::{ErrorCode, Outcome, RecipientOutcome};
 use syncra_core::{Handle, IdentityRecord, UserId};
 use syncra_transport_ws::WsTransport;
@@ -23,13 +20,17 @@ use crate::contacts::{Book, Contact, Group, PinOutcome};
 use crate::history::{Delivery, History, StoredMessage};
 use crate::home::{Home, Settings};
 use crate::keystore::KeyStore;
-use crate::message::{Content, GroupInfo};
+use crate::message::Content;
+use crate::mls::{Arrival, ConversationId, Conversations};
 use crate::net::{Dial, Login, NetError, Push, Session};
 use crate::outbox::{Outbox, Pending};
 
+mod conversations;
 mod groups;
 mod receive;
 mod send;
+
+pub use conversations::KEY_PACKAGE_TARGET;
 
 /// Where a message goes: a contact or a group.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,15 +219,24 @@ pub enum Opening {
     Opened(Opened),
 }
 
-/// A delivery that opened (signature, pinned key and replay window checked) and is not filed
+/// A delivery MLS processed (its sender authenticated, its state saved) that is not filed
 /// yet. Only [`Client::file_delivery`] can use it.
 #[derive(Debug)]
-pub struct Opened(Box<syncra_core::crypto::envelope::OpenedMessage>);
+pub struct Opened(Box<Arrival>);
 
 impl Opened {
-    /// Who sent it (authenticated by their signature).
+    /// Who it is from, as MLS authenticated it (a commit: its committer; a Welcome: the first
+    /// member of the roster it brings).
     pub fn sender(&self) -> UserId {
-        self.0.sender
+        match &*self.0 {
+            Arrival::Message { sender, .. } => *sender,
+            Arrival::Commit { by, .. } => *by,
+            Arrival::LeaveRequest { member, .. } => *member,
+            Arrival::Joined { roster, .. } => roster
+                .first()
+                .copied()
+                .unwrap_or_else(|| UserId::from_identity_key(&[0; 32])),
+        }
     }
 }
 
@@ -313,11 +323,6 @@ fn hex_id(id: &MessageId) -> String {
     HEXLOWER.encode(id)
 }
 
-fn parse_hex_id(s: &str) -> Option<MessageId> {
-    let bytes = HEXLOWER.decode(s.as_bytes()).ok()?;
-    bytes.try_into().ok()
-}
-
 fn new_message_id() -> MessageId {
     let mut id = [0u8; MESSAGE_ID_LEN];
     syncra_core::crypto::fill_random(&mut id);
@@ -332,6 +337,11 @@ pub struct Client {
     book: Book,
     history: History,
     outbox: Outbox,
+    /// The MLS conversations (shared with other processes of this home under a lock).
+    mls: Conversations,
+    /// Conversations with something to do that needs the relay ([`Client::follow_up`]).
+    follow_ups: std::collections::BTreeSet<ConversationId>,
+    /// Message ids already filed, per sender: a message sent twice shows once.
     guard: ReplayGuard,
     replay_log: crate::replay::ReplayLog,
     transport: Arc<WsTransport>,
@@ -405,6 +415,8 @@ impl Client {
         )?;
         let history = History::new(home.chats_dir(), keys.storage.clone(), settings.fsync);
         let outbox = Outbox::new(home.outbox_dir(), keys.storage.clone());
+        let mls = Conversations::open(&keys.identity, &home.mls_dir(), &keys.storage)
+            .context("opening the MLS conversations")?;
         let transport =
             crate::net::transport(settings.ca_file.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (pushes_tx, pushes_rx) = mpsc::channel(1024);
@@ -419,6 +431,8 @@ impl Client {
             book,
             history,
             outbox,
+            mls,
+            follow_ups: Default::default(),
             guard,
             replay_log,
             transport,
@@ -563,6 +577,9 @@ impl Client {
         self.save_settings().map_err(RegisterError::Local)?;
         self.token = Some(session.token.clone());
         self.session = Some(session);
+        if let Err(e) = self.maintain_mls().await {
+            tracing::warn!("publishing MLS KeyPackages failed (will retry): {e:#}");
+        }
         Ok(())
     }
 
@@ -603,6 +620,9 @@ impl Client {
             // retries at its next connection.
             tracing::warn!("prekey rotation failed (will retry): {e:#}");
         }
+        if let Err(e) = self.maintain_mls().await {
+            tracing::warn!("MLS upkeep failed (will retry): {e:#}");
+        }
         Ok(())
     }
 
@@ -610,11 +630,19 @@ impl Client {
     /// the key file and publishing the new prekey. Long-running sessions call it on a timer
     /// ([`Serve`]), so forward secrecy does not depend on reconnecting.
     pub async fn maintain_keys(&mut self) -> Result<(), ClientError> {
-        Ok(self.rotate_prekey_if_due().await?)
+        self.rotate_prekey_if_due().await?;
+        self.maintain_mls().await
     }
 
-    /// Disconnects politely.
+    /// Disconnects politely. A one-shot command first files what the relay delivered to it
+    /// meanwhile: a commit taken by this session and dropped would leave the conversation
+    /// behind.
     pub async fn disconnect(&mut self) {
+        if self.is_connected()
+            && let Err(e) = self.catch_up(std::time::Duration::ZERO).await
+        {
+            tracing::warn!("filing what arrived before disconnecting: {e:#}");
+        }
         if let Some(s) = self.session.take() {
             s.close().await;
         }
@@ -634,6 +662,11 @@ impl Client {
             let changed = new.is_some() || keys.ring.retired().len() != before;
             (new.is_some(), changed)
         })?;
+        if rotated {
+            // After a key rotation every conversation's leaf is refreshed too.
+            let _lock = self.mls.lock(&self.keys.identity)?;
+            self.mls.all_due();
+        }
         // Published whenever the relay may not have it yet: a rotation made while offline, or
         // whose publication failed, or made by another process on this home, is published at
         // the next chance instead of never.

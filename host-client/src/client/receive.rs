@@ -1,6 +1,8 @@
-//! Receiving: opening a delivery, then filing it (pinning a new sender, group rules, history).
+//! Receiving: an MLS carriage processed (under the MLS state's lock, saved before anything is
+//! shown), then filed (pinning a new sender, the group's roster and events, history).
 
 use super::*;
+use crate::mls::{Arrival, MlsError, RosterEvent, ServiceError};
 
 impl Client {
     /// Deliveries refused or skipped since this process started (bad, replayed messages
@@ -9,15 +11,16 @@ impl Client {
         self.rejected
     }
 
-    /// Opens a delivery, files it in history and says what to show. The sender, if not a
+    /// Processes a delivery, files it in history and says what to show. The sender, if not a
     /// contact yet, is looked up on the relay first (one round trip): a long-running session
     /// uses [`Serve`] instead, which runs those lookups beside other deliveries.
     ///
-    /// Nothing in a delivery is trusted: a message that does not open or breaks a rule (an
-    /// invalid group id, a post from a non-member) comes back as [`Incoming::Rejected`], is
-    /// counted and changes nothing. An `Err` is a local failure (the disk), never a peer's doing.
-    pub async fn receive(&mut self, envelope: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        let opened = match self.open_delivery(envelope)? {
+    /// Nothing in a delivery is trusted: one that does not process (tampered, replayed, from
+    /// an epoch whose keys are gone, not for a conversation of mine, not a Syncra message)
+    /// comes back as [`Incoming::Rejected`], is counted and changes nothing. An `Err` is a
+    /// local failure (the disk), never a peer's doing.
+    pub async fn receive(&mut self, carriage: &[u8]) -> anyhow::Result<Option<Incoming>> {
+        let opened = match self.open_delivery(carriage)? {
             Opening::Done(incoming) => return Ok(incoming),
             Opening::Opened(opened) => opened,
         };
@@ -28,54 +31,102 @@ impl Client {
         self.file_delivery(opened, record)
     }
 
-    /// The first half of [`receive`](Self::receive): opens the envelope (checking signature,
-    /// pinned key and replay window). Nothing is written yet.
-    pub fn open_delivery(&mut self, envelope: &[u8]) -> anyhow::Result<Opening> {
+    /// The first half of [`receive`](Self::receive): processes the carriage with MLS (its
+    /// kind, group and epoch checked against the message inside) and saves the MLS state.
+    /// Nothing is filed yet.
+    pub fn open_delivery(&mut self, carriage: &[u8]) -> anyhow::Result<Opening> {
         // Another process on this home may have changed contacts or groups since.
         self.book.refresh()?;
-        let mut result = self.open_envelope(envelope);
-        if matches!(result, Err(OpenError::UnknownPrekey)) {
-            // Another process on this home may have rotated the prekey this was sealed to:
-            // read the key file again (no passphrase needed) and try once more.
-            match self.keys.reload(&self.home.key_file()) {
-                Ok(()) => result = self.open_envelope(envelope),
-                Err(e) => tracing::warn!("reading the key file again: {e:#}"),
-            }
+        if carriage.first() != Some(&syncra_core::carriage::CARRIAGE_VERSION) {
+            return Ok(Opening::Done(Some(
+                self.rejected(
+                    "a delivery in the retired sealed-envelope format (version 1) was refused: \
+                 conversations are MLS only; the sender needs to upgrade"
+                        .into(),
+                ),
+            )));
         }
+        let result = {
+            let _lock = self.mls.lock(&self.keys.identity)?;
+            self.mls.receive(carriage)
+        };
         match result {
-            Ok(m) => Ok(Opening::Opened(Opened(Box::new(m)))),
-            // A repeat of something already shown (a retried send): shown once.
-            Err(OpenError::Replayed) => Ok(Opening::Done(None)),
+            Ok(arrival) => Ok(Opening::Opened(Opened(Box::new(arrival)))),
+            // Already processed by another process of this home (it filed it), or a repeat.
+            Err(ServiceError::Mls(e)) if self.already_processed(carriage, &e) => {
+                Ok(Opening::Done(None))
+            }
+            Err(ServiceError::State(e)) => Err(anyhow::Error::new(e).context("the MLS state")),
             Err(e) => Ok(Opening::Done(Some(
-                self.rejected(format!("a delivery did not open: {e}")),
+                self.rejected(format!("a delivery was refused: {e}")),
             ))),
         }
+    }
+
+    /// Whether a carriage that MLS refused is one this home has seen already: a replayed
+    /// message, a commit for an epoch already left, a Welcome to a conversation already joined.
+    /// Several processes of one home (the TUI, `listen`, a one-shot command) each get the
+    /// relay's copy; the first processes and files it, the others meet it as one of these.
+    fn already_processed(&self, carriage: &[u8], error: &MlsError) -> bool {
+        let Ok(carried) = syncra_core::carriage::parse(carriage) else {
+            return false;
+        };
+        let id = ConversationId::from_bytes(carried.header.group_id.0);
+        let welcome = carried.header.kind == syncra_core::carriage::CarriageKind::Welcome;
+        let seen = match error {
+            MlsError::Replayed | MlsError::CommitLost { .. } | MlsError::OldEpoch { .. } => true,
+            MlsError::Unsupported(_) => welcome,
+            _ => false,
+        };
+        seen && self.mls.get(id).is_some()
     }
 
     /// The session to look the sender of `opened` up on, if they are not a contact yet and I
     /// am connected. Their id is self-certifying; the lookup only learns their handle.
     pub fn lookup_needed(&self, opened: &Opened) -> Option<Arc<Session>> {
-        if self.book.by_id(&opened.sender()).is_some() {
+        if !matches!(*opened.0, Arrival::Message { .. })
+            || self.book.by_id(&opened.sender()).is_some()
+        {
             return None;
         }
         self.session()
     }
 
-    /// The second half of [`receive`](Self::receive): files an opened delivery in history,
+    /// The second half of [`receive`](Self::receive): files a processed delivery in history,
     /// with the sender's directory record if it was looked up, and says what to show.
     pub fn file_delivery(
         &mut self,
         opened: Opened,
         looked_up: Option<IdentityRecord>,
     ) -> anyhow::Result<Option<Incoming>> {
-        let opened = *opened.0;
-        let (sender, message_id) = (opened.sender, opened.message_id);
-        let incoming = self.file_opened(opened, looked_up)?;
-        // Remembered at rest once filed, so a replay after a restart is refused. (Filed first:
-        // a crash in between shows the message once more, by id once, rather than losing it.)
-        self.replay_log
-            .record(sender, &message_id, syncra_core::now_ms())?;
-        Ok(incoming)
+        match *opened.0 {
+            Arrival::Message {
+                conversation,
+                sender,
+                plaintext,
+                ..
+            } => self.file_message(conversation, sender, &plaintext, looked_up),
+            Arrival::Commit {
+                conversation,
+                by,
+                events,
+                removed_me,
+                rebase,
+                ..
+            } => {
+                if rebase {
+                    self.follow_ups.insert(conversation);
+                }
+                self.file_commit(conversation, by, &events, removed_me)
+            }
+            Arrival::LeaveRequest { conversation, .. } => {
+                // Any other member commits it; this one does at its next turn.
+                self.follow_ups.insert(conversation);
+                Ok(None)
+            }
+            // A group shows once a message names it; a 1:1 chat with its first message.
+            Arrival::Joined { .. } => Ok(None),
+        }
     }
 
     /// Counts and logs a refused delivery.
@@ -88,46 +139,79 @@ impl Client {
         Incoming::Rejected { reason }
     }
 
-    /// Opens a sealed envelope with my prekeys and pinned keys (in its own function: the opener
-    /// borrows non-Send state that must not live across an await).
-    pub(super) fn open_envelope(
-        &mut self,
-        envelope: &[u8],
-    ) -> Result<syncra_core::crypto::envelope::OpenedMessage, OpenError> {
-        let book = &self.book;
-        let pinned = |id: &UserId| book.pinned_key(id);
-        let opener = Opener {
-            me: self.keys.user_id(),
-            prekeys: &self.keys.ring,
-            pinned: &pinned,
-        };
-        opener.open(envelope, &mut self.guard, syncra_core::now_ms())
+    /// The target a conversation is shown under: a named group (my local entry for it), or
+    /// the 1:1 chat with `other` — only while the conversation was made as one and has exactly
+    /// the two of us in it.
+    fn shown_as(&self, conversation: ConversationId, other: UserId) -> Option<Target> {
+        let hex = conversation.to_hex();
+        if self.book.groups.contains_key(&hex) {
+            return Some(Target::Group(hex));
+        }
+        let roster = self.mls.get(conversation)?.roster().ok()?;
+        let direct = !conversation.is_group()
+            && roster.len() == 2
+            && roster.contains(&other)
+            && roster.contains(&self.user_id());
+        direct.then_some(Target::Direct(other))
     }
 
-    pub(super) fn file_opened(
+    /// Keeps my entry for a group in step with its MLS roster (the membership shown).
+    pub(super) fn sync_roster_of(&mut self, conversation: ConversationId) -> anyhow::Result<()> {
+        let hex = conversation.to_hex();
+        let Some(roster) = self
+            .mls
+            .get(conversation)
+            .map(|c| {
+                if c.is_active() {
+                    c.roster()
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .transpose()?
+        else {
+            return Ok(());
+        };
+        let _lock = self.book.lock()?;
+        if let Some(group) = self.book.groups.get_mut(&hex)
+            && group.members != roster
+        {
+            group.members = roster;
+            group.updated_ms = syncra_core::now_ms();
+            self.book.save()?;
+        }
+        Ok(())
+    }
+
+    fn file_message(
         &mut self,
-        opened: syncra_core::crypto::envelope::OpenedMessage,
+        conversation: ConversationId,
+        from: UserId,
+        plaintext: &[u8],
         looked_up: Option<IdentityRecord>,
     ) -> anyhow::Result<Option<Incoming>> {
-        let content = Content::decode(&opened.body);
-        let id = hex_id(&opened.message_id);
-        let from = opened.sender;
-        if let Some(info) = &content.group
-            && !crate::contacts::valid_group_id(&info.id)
-        {
+        let Some(content) = Content::decode(plaintext) else {
             let reason = format!(
-                "a group message from {} with an invalid group id was refused",
+                "a message from {} that is not a Syncra message of this version was refused",
                 self.book.name_of(&from)
             );
             return Ok(Some(self.rejected(reason)));
+        };
+        let Some(message_id) = content.message_id() else {
+            return Ok(None);
+        };
+        // Sent twice (its first answer was lost): shown once.
+        if self.guard.contains(&from, &message_id) {
+            return Ok(None);
         }
+        let id = content.id.clone();
+        let ts = content.ts;
 
-        // Who is it? An unknown sender's looked-up record is pinned if it is the key that
-        // signed (their id is self-certifying, so a lookup cannot name anyone else).
+        // Who is it? An unknown sender's looked-up record is pinned if it is the key MLS
+        // authenticated (their id is self-certifying, so a lookup cannot name anyone else).
         if self.book.by_id(&from).is_none()
             && let Some(record) = looked_up
             && record.user_id == from
-            && record.identity_key == opened.sender_key
         {
             let _lock = self.book.lock()?;
             let outcome = self.book.pin(record, true, syncra_core::now_ms());
@@ -136,9 +220,10 @@ impl Client {
                 let conv = Target::Direct(from).conversation();
                 let held = StoredMessage {
                     held: true,
-                    ..StoredMessage::received(id, from, opened.timestamp_ms, content.text)
+                    ..StoredMessage::received(id, from, ts, content.text)
                 };
                 self.history.append(&conv, &held)?;
+                self.remember(from, &message_id)?;
                 return Ok(Some(Incoming::Held {
                     handle: old.handle,
                     from,
@@ -148,55 +233,37 @@ impl Client {
         let accepted = self.book.is_accepted(&from);
 
         // A group message from someone I did not accept is a message request like any other
-        // first message: it creates no group and names no members.
+        // first message: it creates no group entry and names no members.
         let mut events = Vec::new();
-        let target = match &content.group {
-            Some(info) if self.book.groups.contains_key(&info.id) => {
-                let group = &self.book.groups[&info.id];
-                if !group.members.contains(&from) {
-                    let reason = format!(
-                        "a message from {} to @{}, of which they are not a member, was refused",
-                        self.book.name_of(&from),
-                        group.name
-                    );
-                    return Ok(Some(self.rejected(reason)));
-                }
-                if group.creator == Some(from) {
-                    events = self.apply_membership(info, from, opened.timestamp_ms)?;
-                }
-                Target::Group(info.id.clone())
+        let target = match self.shown_as(conversation, from) {
+            Some(target) => target,
+            None if accepted && content.group.is_some() => {
+                events = self.adopt_group(conversation, from, &content)?;
+                Target::Group(conversation.to_hex())
             }
-            Some(info) if accepted => match self.join_group(info, from, opened.timestamp_ms) {
-                Ok(joined) => {
-                    events = joined;
-                    Target::Group(info.id.clone())
-                }
-                Err(reason) => return Ok(Some(self.rejected(reason))),
-            },
-            _ => Target::Direct(from),
+            None => Target::Direct(from),
         };
+        if let Target::Group(_) = &target {
+            self.sync_roster_of(conversation)?;
+        }
         let request = matches!(target, Target::Direct(_)) && !accepted;
-        let conversation = target.conversation();
+        let conversation_name = target.conversation();
         for text in &events {
             let event = StoredMessage {
                 event: true,
-                ..StoredMessage::received(
-                    hex_id(&new_message_id()),
-                    from,
-                    opened.timestamp_ms,
-                    text.clone(),
-                )
+                ..StoredMessage::received(hex_id(&new_message_id()), from, ts, text.clone())
             };
-            self.history.append(&conversation, &event)?;
+            self.history.append(&conversation_name, &event)?;
         }
         let text = match (&content.group, request) {
             (Some(_), true) if content.text.is_empty() => "(invited you to a group)".to_owned(),
             _ => content.text,
         };
         if !text.is_empty() {
-            let line = StoredMessage::received(id.clone(), from, opened.timestamp_ms, text.clone());
-            self.history.append(&conversation, &line)?;
+            let line = StoredMessage::received(id.clone(), from, ts, text.clone());
+            self.history.append(&conversation_name, &line)?;
         }
+        self.remember(from, &message_id)?;
         let group_name = match &target {
             Target::Group(g) => self.book.groups.get(g).map(|g| g.name.clone()),
             Target::Direct(_) => None,
@@ -207,10 +274,124 @@ impl Client {
             from,
             from_name: self.book.name_of(&from),
             text,
-            timestamp_ms: opened.timestamp_ms,
+            timestamp_ms: ts,
             id,
             request,
             events,
+        }))
+    }
+
+    /// Remembers a filed message id at rest, so a repeat (even after a restart) shows once.
+    fn remember(&mut self, from: UserId, message_id: &MessageId) -> anyhow::Result<()> {
+        let now = syncra_core::now_ms();
+        self.guard.insert(from, *message_id, now);
+        self.replay_log.record(from, message_id, now)
+    }
+
+    /// A group I am in by MLS but have no entry for yet, named by an accepted contact's
+    /// message: my entry for it, under a local name made from theirs.
+    fn adopt_group(
+        &mut self,
+        conversation: ConversationId,
+        from: UserId,
+        content: &Content,
+    ) -> anyhow::Result<Vec<String>> {
+        let roster = match self.mls.get(conversation) {
+            Some(c) => c.roster()?,
+            None => return Ok(Vec::new()),
+        };
+        let suggested = content
+            .group
+            .as_ref()
+            .map(|g| g.name.as_str())
+            .unwrap_or("");
+        let _lock = self.book.lock()?;
+        let name = self
+            .book
+            .unique_group_name(&crate::contacts::local_group_name(suggested));
+        let who = self.book.name_of(&from);
+        let others: Vec<String> = roster
+            .iter()
+            .filter(|m| **m != from)
+            .map(|m| self.member_name(m))
+            .collect();
+        self.book.groups.insert(
+            conversation.to_hex(),
+            Group {
+                id: conversation.to_hex(),
+                name: name.clone(),
+                members: roster,
+                updated_ms: syncra_core::now_ms(),
+                creator: Some(from),
+            },
+        );
+        self.book.save()?;
+        Ok(vec![format!(
+            "{who} created @{name} with {}",
+            others.join(", ")
+        )])
+    }
+
+    /// A commit of another member: the roster shown follows it, and each change becomes an
+    /// event in the group's history ("alice added eve", "alice removed you").
+    fn file_commit(
+        &mut self,
+        conversation: ConversationId,
+        by: UserId,
+        events: &[RosterEvent],
+        removed_me: bool,
+    ) -> anyhow::Result<Option<Incoming>> {
+        let hex = conversation.to_hex();
+        if !self.book.groups.contains_key(&hex) {
+            // A 1:1 chat's key updates, or a group not shown yet: nothing to show.
+            return Ok(None);
+        }
+        self.sync_roster_of(conversation)?;
+        let who = self.member_name(&by);
+        let mut lines = Vec::new();
+        for event in events {
+            match event {
+                RosterEvent::Added { by, member } => lines.push(format!(
+                    "{} added {}",
+                    self.member_name(by),
+                    self.member_name(member)
+                )),
+                RosterEvent::Removed { by, member } => lines.push(format!(
+                    "{} removed {}",
+                    self.member_name(by),
+                    self.member_name(member)
+                )),
+                // Keys healing is not news to the people in the conversation.
+                RosterEvent::Updated { .. } => {}
+            }
+        }
+        if removed_me && lines.is_empty() {
+            lines.push(format!("{who} removed you"));
+        }
+        if lines.is_empty() {
+            return Ok(None);
+        }
+        let target = Target::Group(hex.clone());
+        let now = syncra_core::now_ms();
+        for text in &lines {
+            let event = StoredMessage {
+                event: true,
+                ..StoredMessage::received(hex_id(&new_message_id()), by, now, text.clone())
+            };
+            self.history.append(&target.conversation(), &event)?;
+        }
+        let group_name = self.book.groups.get(&hex).map(|g| g.name.clone());
+        let id = hex_id(&new_message_id());
+        Ok(Some(Incoming::Message {
+            target,
+            group_name,
+            from: by,
+            from_name: self.book.name_of(&by),
+            text: String::new(),
+            timestamp_ms: now,
+            id,
+            request: false,
+            events: lines,
         }))
     }
 }

@@ -142,95 +142,6 @@ impl Client {
         self.outbox.list().map(|l| l.len()).unwrap_or(0)
     }
 
-    pub(super) async fn recipients_for(
-        &self,
-        target: &Target,
-        notify: &[UserId],
-    ) -> anyhow::Result<(Vec<Recipient>, Option<GroupInfo>)> {
-        let session = self.require_session()?;
-        match target {
-            Target::Direct(id) => {
-                let contact = self
-                    .book
-                    .by_id(id)
-                    .cloned()
-                    .context("the contact of this outbox entry is gone")?;
-                if let Some(why) = self.blocked_reason(&contact) {
-                    bail!(why);
-                }
-                let record = self.fresh_record(&session, &contact).await?;
-                Ok((
-                    vec![Recipient {
-                        user_id: record.user_id,
-                        prekey: record.prekey.public,
-                    }],
-                    None,
-                ))
-            }
-            Target::Group(gid) => {
-                let group = self
-                    .book
-                    .groups
-                    .get(gid)
-                    .cloned()
-                    .context("the group of this outbox entry is gone")?;
-                if !group.members.contains(&self.user_id()) {
-                    bail!("you are no longer a member of @{}", group.name);
-                }
-                let mut recipients = Vec::new();
-                let mut everyone = group.members.clone();
-                everyone.extend(notify.iter().filter(|m| !group.members.contains(m)));
-                for member in everyone.iter().filter(|m| **m != self.user_id()) {
-                    if let Some(c) = self.book.by_id(member)
-                        && let Some(why) = self.blocked_reason(c)
-                    {
-                        bail!(why);
-                    }
-                    let record = session.lookup_id(*member).await.map_err(|e| {
-                        anyhow::anyhow!("looking up group member {}: {e}", member.short())
-                    })?;
-                    recipients.push(Recipient {
-                        user_id: record.user_id,
-                        prekey: record.prekey.public,
-                    });
-                }
-                if recipients.is_empty() {
-                    bail!("the group has no other members");
-                }
-                Ok((
-                    recipients,
-                    Some(GroupInfo {
-                        id: group.id.clone(),
-                        name: group.name.clone(),
-                        members: group.members.clone(),
-                        creator: group.creator,
-                    }),
-                ))
-            }
-        }
-    }
-
-    /// The contact's current record, checked: the handle must still point at the pinned
-    /// identity (else the contact is blocked) and the prekey must be signed by it.
-    pub(super) async fn fresh_record(
-        &self,
-        session: &Session,
-        contact: &Contact,
-    ) -> anyhow::Result<IdentityRecord> {
-        let by_id = session
-            .lookup_id(contact.record.user_id)
-            .await
-            .map_err(|e| anyhow::anyhow!("looking up {}: {e}", contact.handle))?;
-        if by_id.identity_key != contact.record.identity_key {
-            return Err(ClientError::Untrusted(format!(
-                "the relay returned a different key for {}",
-                contact.handle
-            ))
-            .into());
-        }
-        Ok(by_id)
-    }
-
     pub(super) async fn deliver_pending(
         &mut self,
         pending: &Pending,
@@ -262,35 +173,34 @@ impl Client {
                 Err(_) => {}
             }
         }
-        let (recipients, group) = match self.recipients_for(&target, &pending.notify).await {
-            Ok(r) => r,
-            Err(e) => {
-                if !self.is_connected() {
-                    return Ok(queued(e.to_string()));
-                }
-                // Blocked or gone: a final answer; the entry leaves the outbox as failed.
-                return self.finish(pending, SendState::Failed(format!("{e:#}")), Vec::new());
-            }
-        };
-        let content = Content {
-            v: 1,
-            text: pending.text.clone(),
-            group,
-        };
-        let message_id = parse_hex_id(&pending.id).unwrap_or_else(new_message_id);
-        let sealed = seal_with_id(
-            &self.keys.identity,
-            &recipients,
-            &content.encode(),
-            syncra_core::now_ms(),
-            message_id,
-        )
-        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
         let session = match self.session() {
             Some(s) => s,
             None => return Ok(queued("not connected".into())),
         };
-        match session.send(sealed.bytes).await {
+        let (conversation, group) = match self.conversation_for(&target, &session).await {
+            Ok(found) => found,
+            Err(e) if e.offline => {
+                return self.finish(pending, SendState::Offline, Vec::new());
+            }
+            Err(e) => {
+                if !self.is_connected() || e.is_transient() {
+                    return Ok(queued(e.to_string()));
+                }
+                // Blocked or gone: a final answer; the entry leaves the outbox as failed.
+                return self.finish(pending, SendState::Failed(e.to_string()), Vec::new());
+            }
+        };
+        let content = Content {
+            v: crate::message::CONTENT_VERSION,
+            id: pending.id.clone(),
+            ts: pending.created_ms,
+            text: pending.text.clone(),
+            group,
+        };
+        match self
+            .send_in(&session, conversation, &content.encode())
+            .await
+        {
             Ok(outcomes) => {
                 let state = overall(&outcomes);
                 if let SendState::Failed(why) = &state

@@ -59,6 +59,25 @@ impl ConversationId {
         ConversationId(bytes)
     }
 
+    /// Whether its creator made it as a named group rather than a 1:1 chat: the top bit of
+    /// the first byte (docs/PROTOCOL.md §9.8). Part of the group id, so it is in the group
+    /// context every member signs and agrees on; a 1:1 chat is treated as one only while its
+    /// roster is exactly two people.
+    pub fn is_group(&self) -> bool {
+        self.0[0] & 0x80 != 0
+    }
+
+    /// As 32 lowercase hex characters (the client's group ids and history file names).
+    pub fn to_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+
+    /// From 32 lowercase hex characters.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let bytes = data_encoding::HEXLOWER.decode(hex.as_bytes()).ok()?;
+        bytes.try_into().ok().map(ConversationId)
+    }
+
     fn of(group_id: &GroupId) -> Result<Self, MlsError> {
         let bytes = group_id.as_slice();
         bytes

@@ -260,9 +260,18 @@ impl MlsIdentity {
     /// A new conversation with this member alone in it (epoch 0). Add the others with
     /// [`Conversation::add`]; a 1:1 chat is a conversation of two.
     pub fn create_conversation(&self) -> Result<Conversation, MlsError> {
+        let mut first = [0u8; 1];
+        syncra_core::crypto::fill_random(&mut first);
+        self.create_conversation_as(first[0] & 0x80 != 0)
+    }
+
+    /// A new conversation whose id says whether it is a named group or a 1:1 chat
+    /// ([`ConversationId::is_group`](super::ConversationId::is_group)).
+    pub fn create_conversation_as(&self, group: bool) -> Result<Conversation, MlsError> {
         let provider = Provider::default();
         let mut id = [0u8; GROUP_ID_LEN];
         syncra_core::crypto::fill_random(&mut id);
+        id[0] = (id[0] & 0x7f) | if group { 0x80 } else { 0 };
         let group = MlsGroup::new_with_group_id(
             &provider,
             self.signer.as_ref(),

@@ -166,6 +166,9 @@ pub enum ServiceError {
         /// The epoch lost.
         epoch: u64,
     },
+    /// The state on disk could not be read or written; nothing left the device.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The group moved past the epoch this message was made in. Process what arrives, then
     /// send the same text again.
     #[error("conversation {conversation} moved past epoch {epoch}; send again once caught up")]
@@ -181,6 +184,11 @@ pub enum ServiceError {
 const KEY_STORE_FILE: &str = "key-packages.state";
 /// The file of when this member last refreshed its leaf in each conversation.
 const UPDATES_FILE: &str = "leaf-updates.state";
+/// A random stamp rewritten with every save, so a process sharing the directory knows when to
+/// read it again (not secret).
+const GENERATION_FILE: &str = "generation";
+/// The lock every process of one home takes around a change of the MLS state.
+const LOCK_FILE: &str = "mls.lock";
 
 /// How often a member refreshes its own leaf in each conversation when nothing else did: a
 /// stolen copy of its state stops reading at the next refresh, so this bounds how long a
@@ -210,6 +218,16 @@ pub enum StateError {
     },
 }
 
+/// The stamp of the last save in `dir` (`None`: nothing saved yet).
+fn read_stamp(dir: &Path) -> Result<Option<[u8; 16]>, StateError> {
+    let path = dir.join(GENERATION_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(bytes.try_into().ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io { path, source }),
+    }
+}
+
 fn label(file: &str) -> Vec<u8> {
     let mut label = b"syncra/mls/".to_vec();
     label.extend_from_slice(file.as_bytes());
@@ -225,6 +243,25 @@ pub struct Conversations {
     /// When this member's leaf was last fresh in each conversation (joined, created, or one
     /// of its commits accepted), in ms since the epoch.
     refreshed: HashMap<ConversationId, u64>,
+    /// Where the state is kept, when it is kept ([`Conversations::open`]).
+    store: Option<Store>,
+    /// What the relay answered for the last Welcome sent, per joiner.
+    welcomed: Vec<RecipientOutcome>,
+}
+
+/// The directory the state is sealed into, and the stamp of what this process last read or
+/// wrote there.
+struct Store {
+    dir: std::path::PathBuf,
+    key: LocalKey,
+    stamp: Option<[u8; 16]>,
+}
+
+/// Holds the MLS state's lock; dropping it releases the lock.
+#[derive(Debug)]
+#[must_use = "the lock is released when this is dropped"]
+pub struct StateLock {
+    _file: std::fs::File,
 }
 
 impl std::fmt::Debug for Conversations {
@@ -250,7 +287,100 @@ impl Conversations {
             groups: HashMap::new(),
             lost: HashMap::new(),
             refreshed: HashMap::new(),
+            store: None,
+            welcomed: Vec::new(),
         }
+    }
+
+    /// Opens the state kept in `dir` ([`Conversations::load`]) and keeps it there: from now on
+    /// every change is sealed to disk before its output leaves the device (a restored older
+    /// state would reuse message keys), and [`Conversations::lock`] picks up what other
+    /// processes of the same home wrote.
+    pub fn open(
+        identity: &IdentityKeyPair,
+        dir: &Path,
+        key: &LocalKey,
+    ) -> Result<Self, StateError> {
+        syncra_core::crypto::keyfile::create_private_dir(dir).map_err(|source| StateError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let stamp = read_stamp(dir)?;
+        let mut conversations = Self::load(identity, dir, key)?;
+        conversations.store = Some(Store {
+            dir: dir.to_owned(),
+            key: key.clone(),
+            stamp,
+        });
+        Ok(conversations)
+    }
+
+    /// Takes the lock every process of this home shares around a change (waiting for it), and
+    /// reads the state again if another process changed it since. Hold it from before a change
+    /// until its output is sent. Without a directory ([`Conversations::new`]) it is a no-op
+    /// lock on nothing.
+    pub fn lock(&mut self, identity: &IdentityKeyPair) -> Result<Option<StateLock>, StateError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let path = store.dir.join(LOCK_FILE);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = opts.open(&path).map_err(io)?;
+        file.lock().map_err(io)?;
+        let stamp = read_stamp(&store.dir)?;
+        if stamp != store.stamp {
+            let fresh = Self::load(identity, &store.dir, &store.key)?;
+            self.identity = fresh.identity;
+            self.groups = fresh.groups;
+            self.refreshed = fresh.refreshed;
+            // A lost commit's intent is only this process's to rebase.
+            let groups = &self.groups;
+            self.lost.retain(|id, _| groups.contains_key(id));
+            if let Some(store) = &mut self.store {
+                store.stamp = stamp;
+            }
+        }
+        Ok(Some(StateLock { _file: file }))
+    }
+
+    /// Seals the KeyPackage store, the leaf schedule and `changed` (every conversation if
+    /// `None`) to disk, then a new stamp. Nothing to do without a directory.
+    fn checkpoint(&mut self, changed: Option<ConversationId>) -> Result<(), StateError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let (dir, key) = (store.dir.clone(), store.key.clone());
+        match changed {
+            None => self.save(&dir, &key)?,
+            Some(id) => {
+                self.save_shared(&dir, &key)?;
+                if let Some(conversation) = self.groups.get(&id) {
+                    let file = format!("{id}{STATE_SUFFIX}");
+                    self.save_file(&dir, &key, &file, &conversation.to_bytes())?;
+                }
+            }
+        }
+        let mut stamp = [0u8; 16];
+        syncra_core::crypto::fill_random(&mut stamp);
+        let path = dir.join(GENERATION_FILE);
+        syncra_core::crypto::keyfile::write_private(&path, &stamp).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        if let Some(store) = &mut self.store {
+            store.stamp = Some(stamp);
+        }
+        Ok(())
     }
 
     /// This member's MLS identity (its KeyPackage store is saved with it).
@@ -278,6 +408,16 @@ impl Conversations {
     /// 0600: the same protection as the history. Call after every change and before the
     /// change's output leaves the device, so a crash never leaves the relay ahead of the disk.
     pub fn save(&self, dir: &Path, key: &LocalKey) -> Result<(), StateError> {
+        self.save_shared(dir, key)?;
+        for (id, conversation) in &self.groups {
+            let file = format!("{id}{STATE_SUFFIX}");
+            self.save_file(dir, key, &file, &conversation.to_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The KeyPackage store and the leaf schedule.
+    fn save_shared(&self, dir: &Path, key: &LocalKey) -> Result<(), StateError> {
         self.save_file(
             dir,
             key,
@@ -289,12 +429,7 @@ impl Conversations {
             refreshed.extend_from_slice(id.as_bytes());
             refreshed.extend_from_slice(&at.to_be_bytes());
         }
-        self.save_file(dir, key, UPDATES_FILE, &refreshed)?;
-        for (id, conversation) in &self.groups {
-            let file = format!("{id}{STATE_SUFFIX}");
-            self.save_file(dir, key, &file, &conversation.to_bytes())?;
-        }
-        Ok(())
+        self.save_file(dir, key, UPDATES_FILE, &refreshed)
     }
 
     fn save_file(
@@ -401,7 +536,7 @@ impl Conversations {
     /// if none is there. Answers what the directory holds afterwards. Save the identity's key
     /// store before the next call that may use a package.
     pub async fn replenish(
-        &self,
+        &mut self,
         session: &Session,
         target: u32,
     ) -> Result<(u32, bool), ServiceError> {
@@ -417,6 +552,8 @@ impl Conversations {
         if one_time.is_empty() && last_resort.is_none() {
             return Ok((held, has_last_resort));
         }
+        // Their private halves are on disk before anyone can claim them.
+        self.checkpoint(None)?;
         Ok(session.publish_key_packages(last_resort, one_time).await?)
     }
 
@@ -437,11 +574,24 @@ impl Conversations {
         session: &Session,
         members: &[UserId],
     ) -> Result<ConversationId, ServiceError> {
+        let mut first = [0u8; 1];
+        syncra_core::crypto::fill_random(&mut first);
+        self.create_as(session, members, first[0] & 0x80 != 0).await
+    }
+
+    /// [`Conversations::create`], as a named group or a 1:1 chat
+    /// ([`ConversationId::is_group`]).
+    pub async fn create_as(
+        &mut self,
+        session: &Session,
+        members: &[UserId],
+        group: bool,
+    ) -> Result<ConversationId, ServiceError> {
         let mut packages = Vec::with_capacity(members.len());
         for &user in members {
             packages.push(self.claim(session, user).await?);
         }
-        let mut conversation = self.identity.create_conversation()?;
+        let mut conversation = self.identity.create_conversation_as(group)?;
         let id = conversation.id();
         let out = conversation.add(&packages)?;
         self.groups.insert(id, conversation);
@@ -542,6 +692,7 @@ impl Conversations {
         let conversation = self.conversation(id)?;
         let epoch = conversation.epoch();
         let body = conversation.leave()?;
+        self.checkpoint(Some(id))?;
         self.carry(
             session,
             id,
@@ -594,6 +745,8 @@ impl Conversations {
         let conversation = self.conversation(id)?;
         let epoch = conversation.epoch();
         let body = conversation.encrypt(plaintext)?;
+        // The message key is used: on disk before the message leaves.
+        self.checkpoint(Some(id))?;
         self.carry(
             session,
             id,
@@ -689,6 +842,8 @@ impl Conversations {
             members: after.clone(),
         }
         .encode(&out.commit);
+        // The pending commit is on disk before the relay can accept it.
+        self.checkpoint(Some(id))?;
         match session.send(carriage).await {
             Ok(_) => {}
             Err(NetError::Refused {
@@ -697,6 +852,7 @@ impl Conversations {
             }) => {
                 let intent = self.conversation(id)?.commit_rejected()?;
                 self.lost.insert(id, intent);
+                self.checkpoint(Some(id))?;
                 return Err(ServiceError::Conflict {
                     conversation: id,
                     epoch: out.epoch,
@@ -706,6 +862,7 @@ impl Conversations {
                 // Refused for good (not a member, a malformed carriage): the commit never
                 // happened.
                 self.conversation(id)?.commit_rejected()?;
+                self.checkpoint(Some(id))?;
                 return Err(e.into());
             }
             // Not known whether the relay took it: the commit stays pending.
@@ -714,6 +871,7 @@ impl Conversations {
         let epoch = self.conversation(id)?.commit_accepted()?;
         // Every commit of ours carries a fresh path for our leaf.
         self.refreshed.insert(id, syncra_core::now_ms());
+        self.checkpoint(Some(id))?;
         if let Some(welcome) = out.welcome {
             let joiners: Vec<UserId> = after
                 .iter()
@@ -721,15 +879,57 @@ impl Conversations {
                 .filter(|u| !before.contains(u))
                 .collect();
             if !joiners.is_empty() {
-                self.carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
+                self.welcomed = self
+                    .carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
                     .await?;
             }
         }
         Ok(epoch)
     }
 
-    /// Processes one carriage the relay delivered, in the relay's order.
+    /// Processes one carriage the relay delivered, in the relay's order. With a directory
+    /// ([`Conversations::open`]) the change is on disk when this returns.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Arrival, ServiceError> {
+        let arrival = self.process_carriage(bytes)?;
+        let id = match &arrival {
+            Arrival::Joined { conversation, .. }
+            | Arrival::Message { conversation, .. }
+            | Arrival::LeaveRequest { conversation, .. }
+            | Arrival::Commit { conversation, .. } => *conversation,
+        };
+        self.checkpoint(Some(id))?;
+        Ok(arrival)
+    }
+
+    /// What the relay answered for the last Welcome this member sent, per joiner (`offline`
+    /// on a relay without a mailbox: that joiner will never be in the conversation).
+    pub fn welcome_outcomes(&self) -> &[RecipientOutcome] {
+        &self.welcomed
+    }
+
+    /// Drops a conversation this member made but nobody else joined (its Welcome reached no
+    /// one), with its state on disk.
+    pub fn forget(&mut self, id: ConversationId) -> Result<(), StateError> {
+        self.groups.remove(&id);
+        self.lost.remove(&id);
+        self.refreshed.remove(&id);
+        if let Some(store) = &self.store {
+            let path = store.dir.join(format!("{id}{STATE_SUFFIX}"));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StateError::Io { path, source }),
+            }
+        }
+        self.checkpoint(None)
+    }
+
+    /// Whether this member has a commit to make again ([`Conversations::rebase`]).
+    pub fn has_lost_commit(&self, id: ConversationId) -> bool {
+        self.lost.contains_key(&id)
+    }
+
+    fn process_carriage(&mut self, bytes: &[u8]) -> Result<Arrival, ServiceError> {
         let carried = carriage::parse(bytes)?;
         let header = carried.header;
         let id = ConversationId::from_bytes(header.group_id.0);

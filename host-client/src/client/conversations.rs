@@ -1,0 +1,308 @@
+//! Conversations on MLS: which MLS group a message goes to, sending in it (again, once caught
+//! up, when the group moved on), and the upkeep the delivery service asks of a member —
+//! KeyPackages in the directory, commits that lost their epoch made again, leave requests
+//! committed, leaves refreshed on a schedule.
+//!
+//! A 1:1 chat is the conversation made as one (`ConversationId::is_group` false) whose roster
+//! is exactly the two people. If both sides create one at the same moment, each ends up in two;
+//! both then send in the one with the smaller id (the rule is the same on both sides, so they
+//! meet there) and read both.
+
+use std::time::Duration;
+
+use super::*;
+use crate::message::GroupLabel;
+use crate::mls::{ConversationId, LEAF_UPDATE_INTERVAL_MS, ServiceError};
+
+/// One-time KeyPackages a client keeps in the directory.
+pub const KEY_PACKAGE_TARGET: u32 = 10;
+
+/// How long a one-shot command waits for the commits it missed when the relay says the group
+/// moved on (`wrong_epoch`) or another commit won (`commit_conflict`).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+
+/// Why a send got no final answer from the relay.
+#[derive(Debug)]
+pub(super) struct SendProblem {
+    /// Trying again later may work (the relay unreachable, the group moved on meanwhile).
+    pub transient: bool,
+    /// The recipient is offline and the relay keeps no mailbox: nothing was sent.
+    pub offline: bool,
+    pub why: String,
+}
+
+impl SendProblem {
+    fn gone(why: impl Into<String>) -> Self {
+        SendProblem {
+            transient: false,
+            offline: false,
+            why: why.into(),
+        }
+    }
+
+    pub(super) fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl std::fmt::Display for SendProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl From<ServiceError> for SendProblem {
+    fn from(e: ServiceError) -> Self {
+        let transient = match &e {
+            ServiceError::Net(net) => net.is_transient(),
+            // The winner or the missed commit is on its way; the disk may come back.
+            ServiceError::Behind { .. } | ServiceError::Conflict { .. } => true,
+            ServiceError::State(_) => true,
+            _ => false,
+        };
+        SendProblem {
+            transient,
+            offline: false,
+            why: e.to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for SendProblem {
+    fn from(e: anyhow::Error) -> Self {
+        SendProblem {
+            transient: true,
+            offline: false,
+            why: format!("{e:#}"),
+        }
+    }
+}
+
+impl Client {
+    /// The 1:1 conversation with `peer` to send in, if there is one.
+    pub fn direct_with(&self, peer: UserId) -> Option<ConversationId> {
+        let me = self.user_id();
+        self.mls
+            .ids()
+            .filter(|id| !id.is_group())
+            .filter(|id| {
+                self.mls.get(*id).is_some_and(|c| {
+                    c.is_active()
+                        && c.roster()
+                            .is_ok_and(|r| r.len() == 2 && r.contains(&me) && r.contains(&peer))
+                })
+            })
+            .min()
+    }
+
+    /// The conversation a message to `target` goes in — for a contact without one yet, a new
+    /// 1:1 conversation (their KeyPackage claimed, the Welcome sent) — and the group label
+    /// the message carries.
+    pub(super) async fn conversation_for(
+        &mut self,
+        target: &Target,
+        session: &Session,
+    ) -> Result<(ConversationId, Option<GroupLabel>), SendProblem> {
+        match target {
+            Target::Direct(peer) => {
+                let contact =
+                    self.book.by_id(peer).cloned().ok_or_else(|| {
+                        SendProblem::gone("the contact of this outbox entry is gone")
+                    })?;
+                if let Some(why) = self.blocked_reason(&contact) {
+                    return Err(SendProblem::gone(why));
+                }
+                let _lock = self
+                    .mls
+                    .lock(&self.keys.identity)
+                    .map_err(anyhow::Error::new)?;
+                // Another process of this home may have made it meanwhile (read under the lock).
+                if let Some(id) = self.direct_with(*peer) {
+                    return Ok((id, None));
+                }
+                let id = self.mls.create_as(session, &[*peer], false).await.map_err(
+                    |e| match e {
+                        ServiceError::Net(NetError::Refused {
+                            code: ErrorCode::NotFound,
+                            ..
+                        }) => SendProblem::gone(format!(
+                            "{} has no MLS KeyPackage in the directory (a Syncra too old for MLS \
+                             conversations, or not logged in since upgrading)",
+                            contact.handle
+                        )),
+                        other => other.into(),
+                    },
+                )?;
+                let reached = self
+                    .mls
+                    .welcome_outcomes()
+                    .iter()
+                    .all(|o| matches!(o.outcome, Outcome::Delivered | Outcome::Stored));
+                if !reached {
+                    // On a relay without a mailbox: they would never join this conversation,
+                    // so it is dropped and the next message starts another.
+                    self.mls.forget(id).map_err(anyhow::Error::new)?;
+                    return Err(SendProblem {
+                        transient: false,
+                        offline: true,
+                        why: format!(
+                            "{} is not connected and the relay keeps no mailbox",
+                            contact.handle
+                        ),
+                    });
+                }
+                Ok((id, None))
+            }
+            Target::Group(hex) => {
+                let group =
+                    self.book.groups.get(hex).cloned().ok_or_else(|| {
+                        SendProblem::gone("the group of this outbox entry is gone")
+                    })?;
+                let id = ConversationId::from_hex(hex)
+                    .ok_or_else(|| SendProblem::gone("the group has no MLS conversation"))?;
+                if !self.mls.get(id).is_some_and(|c| c.is_active()) {
+                    return Err(SendProblem::gone(format!(
+                        "you are no longer a member of @{}",
+                        group.name
+                    )));
+                }
+                Ok((id, Some(GroupLabel { name: group.name })))
+            }
+        }
+    }
+
+    /// Encrypts and sends `plaintext` in a conversation, under the MLS state's lock. When the
+    /// relay says the group moved on (`wrong_epoch`), a one-shot command processes what it
+    /// missed and encrypts again; a long-running session ([`Serve`], which owns the deliveries)
+    /// gets a transient problem and its outbox tries again once it has caught up.
+    pub(super) async fn send_in(
+        &mut self,
+        session: &Session,
+        conversation: ConversationId,
+        plaintext: &[u8],
+    ) -> Result<Vec<RecipientOutcome>, SendProblem> {
+        let mut attempt = 0;
+        loop {
+            let result = {
+                let _lock = self
+                    .mls
+                    .lock(&self.keys.identity)
+                    .map_err(anyhow::Error::new)?;
+                self.mls.send(session, conversation, plaintext).await
+            };
+            match result {
+                Err(ServiceError::Behind { .. }) if self.pushes_rx.is_some() && attempt < 2 => {
+                    attempt += 1;
+                    self.catch_up(CATCH_UP_WAIT).await?;
+                }
+                other => return other.map_err(SendProblem::from),
+            }
+        }
+    }
+
+    /// Processes and files the deliveries this process holds (a one-shot command owns its
+    /// deliveries), waiting up to `wait` for the first one. Returns how many were processed.
+    pub(super) async fn catch_up(&mut self, wait: Duration) -> anyhow::Result<usize> {
+        let Some(mut pushes) = self.pushes_rx.take() else {
+            return Ok(0);
+        };
+        let mut done = 0;
+        let deadline = tokio::time::Instant::now() + wait;
+        let result = loop {
+            let push = match pushes.try_recv() {
+                Ok(push) => push,
+                Err(_) if done > 0 || wait.is_zero() => break Ok(done),
+                Err(_) => match tokio::time::timeout_at(deadline, pushes.recv()).await {
+                    Ok(Some(push)) => push,
+                    _ => break Ok(done),
+                },
+            };
+            let (entry, carriage) = match push {
+                Push::Deliver(carriage) => (None, carriage),
+                Push::Pending(entry, carriage) => (Some(entry), carriage),
+                _ => continue,
+            };
+            if let Err(e) = self.receive(&carriage).await {
+                break Err(e);
+            }
+            if let Some(entry) = entry {
+                self.acknowledge(entry).await;
+            }
+            done += 1;
+        };
+        self.pushes_rx = Some(pushes);
+        result
+    }
+
+    /// What processing deliveries left to do that needs the relay: commits that lost their
+    /// epoch made again, other members' leave requests committed. [`Serve`] calls it after
+    /// every delivery; a failure is logged and tried again after the next one.
+    pub async fn follow_up(&mut self) {
+        if self.follow_ups.is_empty() {
+            return;
+        }
+        let Some(session) = self.session() else {
+            return;
+        };
+        for id in std::mem::take(&mut self.follow_ups) {
+            let lock = self.mls.lock(&self.keys.identity);
+            if let Err(e) = lock {
+                tracing::warn!("the MLS state: {e}");
+                self.follow_ups.insert(id);
+                continue;
+            }
+            if self.mls.has_lost_commit(id)
+                && let Err(e) = self.mls.rebase(&session, id).await
+            {
+                tracing::warn!("making a lost commit of conversation {id} again: {e}");
+            }
+            let departures = self
+                .mls
+                .get(id)
+                .is_some_and(|c| c.is_active() && !c.leave_requests().is_empty());
+            if departures {
+                match self.mls.commit_departures(&session, id).await {
+                    Ok(_) => {
+                        drop(lock);
+                        if let Err(e) = self.sync_roster_of(id) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("committing a leave request in {id}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Keeps the directory stocked with this member's KeyPackages and refreshes its leaf
+    /// wherever it is due ([`LEAF_UPDATE_INTERVAL_MS`]). Run on connecting and on the key timer.
+    pub(super) async fn maintain_mls(&mut self) -> Result<(), ClientError> {
+        let session = self.require_session()?;
+        let _lock = self
+            .mls
+            .lock(&self.keys.identity)
+            .map_err(|e| ClientError::Local(e.into()))?;
+        self.mls
+            .replenish(&session, KEY_PACKAGE_TARGET)
+            .await
+            .map_err(|e| ClientError::Local(anyhow::anyhow!("publishing KeyPackages: {e}")))?;
+        for (id, result) in self
+            .mls
+            .update_due(&session, syncra_core::now_ms(), LEAF_UPDATE_INTERVAL_MS)
+            .await
+        {
+            if let Err(e) = result {
+                tracing::warn!("refreshing my leaf in conversation {id}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of MLS conversations this member is in.
+    pub fn conversation_count(&self) -> usize {
+        self.mls
+            .ids()
+            .filter(|id| self.mls.get(*id).is_some_and(|c| c.is_active()))
+            .count()
+    }
+}

@@ -1,4 +1,4 @@
-//! The client library against an in-process relay: prekey rotation on schedule, duplicates
+//! The client library against an in-process relay: prekey rotation on schedule, replays
 //! shown once, tampered deliveries reported, history at rest.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
@@ -36,6 +36,20 @@ async fn next_delivery(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<u8> {
     }
 }
 
+/// Receives deliveries (a Welcome first, for a new conversation) until one is a message to
+/// show; answers it and the carriage it came in.
+async fn next_message(
+    client: &mut Client,
+    rx: &mut tokio::sync::mpsc::Receiver<Push>,
+) -> (Incoming, Vec<u8>) {
+    loop {
+        let carriage = next_delivery(rx).await;
+        if let Some(incoming) = client.receive(&carriage).await.unwrap() {
+            return (incoming, carriage);
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_overdue_prekey_is_rotated_published_and_the_old_one_kept_for_grace() {
     let relay = TestRelay::start(|_| {}).await;
@@ -65,14 +79,13 @@ async fn an_overdue_prekey_is_rotated_published_and_the_old_one_kept_for_grace()
     assert!(ks.ring.find(&old_prekey).is_some());
     assert_eq!(ks.ring.current().public(), &record.prekey.public);
 
-    // Messages sealed to the new prekey open.
+    // Conversations go on (the rotation also refreshed bob's MLS leaves).
     alice.add_contact("bob").await.unwrap();
     let mut pushes = bob.take_pushes().unwrap();
     let report = alice.send_text("bob", "after rotation").await.unwrap();
     assert_eq!(report.state, SendState::Delivered);
-    let env = next_delivery(&mut pushes).await;
-    match bob.receive(&env).await.unwrap() {
-        Some(Incoming::Message { text, .. }) => assert_eq!(text, "after rotation"),
+    match next_message(&mut bob, &mut pushes).await.0 {
+        Incoming::Message { text, .. } => assert_eq!(text, "after rotation"),
         other => panic!("{other:?}"),
     }
 }
@@ -86,22 +99,28 @@ async fn a_duplicate_delivery_is_shown_once_and_a_tampered_one_is_reported() {
     alice.add_contact("bob").await.unwrap();
     let mut pushes = bob.take_pushes().unwrap();
     alice.send_text("bob", "only once").await.unwrap();
-    let env = next_delivery(&mut pushes).await;
-    assert!(matches!(
-        bob.receive(&env).await.unwrap(),
-        Some(Incoming::Message { .. })
-    ));
-    // The same envelope again (a retried send that had in fact arrived): nothing to show.
+    let (first, env) = next_message(&mut bob, &mut pushes).await;
+    assert!(matches!(first, Incoming::Message { .. }), "{first:?}");
+    // The same carriage again (a replay): MLS has used its key; nothing to show.
     assert_eq!(bob.receive(&env).await.unwrap(), None);
     assert_eq!(bob.history_of("alice", None).unwrap().len(), 1);
 
-    let mut tampered = env.clone();
+    // A fresh message altered on the way is reported, and the genuine one still opens.
+    alice.send_text("bob", "the genuine one").await.unwrap();
+    let genuine = next_delivery(&mut pushes).await;
+    let mut tampered = genuine.clone();
     let last = tampered.len() - 3;
     tampered[last] ^= 0x20;
-    assert!(matches!(
-        bob.receive(&tampered).await.unwrap(),
-        Some(Incoming::Rejected { .. })
-    ));
+    let refused = bob.receive(&tampered).await.unwrap();
+    assert!(
+        matches!(&refused, Some(Incoming::Rejected { reason }) if reason.contains("tampered")),
+        "{refused:?}"
+    );
+    assert_eq!(bob.rejected_count(), 1);
+    match bob.receive(&genuine).await.unwrap() {
+        Some(Incoming::Message { text, .. }) => assert_eq!(text, "the genuine one"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -215,15 +234,13 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
 
 /// No head-of-line blocking on receive: messages from strangers (each needs a directory lookup
 /// to learn the sender's handle) do not hold up a contact's message. The directory is made to
-/// hang for real — the relay's PostgreSQL identity store is frozen (SIGSTOP) — so every lookup
-/// waits for the relay's store timeout; the contact's message, sent last, is shown first, and
-/// the strangers' messages follow, none lost, once the lookups end.
+/// hang for real — the relay's PostgreSQL identity store is frozen (SIGSTOP) after the messages
+/// reached bob's session and before bob reads them — so every lookup waits for the relay's
+/// store timeout; the contact's message, sent last, is shown first, and the strangers' messages
+/// follow, none lost, once the lookups end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_senders_do_not_hold_up_a_contact() {
     use syncra_client::client::{Serve, ServeEvent};
-    use syncra_client::message::Content;
-    use syncra_core::crypto::envelope::{Recipient, seal};
-    use syncra_test_relay::TestUser;
     use syncra_test_support::postgres::PostgresServer;
 
     let mut pg = PostgresServer::start();
@@ -234,22 +251,23 @@ async fn new_senders_do_not_hold_up_a_contact() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let mut bob = user(dir.path(), &relay, "bob").await;
-    let bob_record = bob.session().unwrap().lookup_handle("bob").await.unwrap();
-    let to_bob = Recipient {
-        user_id: bob_record.user_id,
-        prekey: bob_record.prekey.public,
-    };
-    // Alice is bob's contact; the strangers are not. All are registered and connected before
-    // the directory hangs (raw protocol clients: sending needs no lookup).
-    let alice = TestUser::new("alice");
-    let (mut alice_conn, _) = alice.register(relay.url()).await;
-    bob.add_contact(&alice.handle).await.unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    bob.add_contact("alice").await.unwrap();
+    alice.add_contact("bob").await.unwrap();
     let mut strangers = Vec::new();
     for i in 0..3 {
-        let s = TestUser::new(&format!("stranger{i}"));
-        let (conn, _) = s.register(relay.url()).await;
-        strangers.push((s, conn));
+        let mut s = user(dir.path(), &relay, &format!("stranger{i}")).await;
+        s.add_contact("bob").await.unwrap();
+        strangers.push(s);
     }
+    // Bob is connected and nobody reads his deliveries yet: they wait in his session.
+    for (n, s) in strangers.iter_mut().enumerate() {
+        let report = s.send_text("bob", &format!("hi {n}")).await.unwrap();
+        assert_eq!(report.state, SendState::Delivered);
+    }
+    let report = alice.send_text("bob", "from a contact").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered);
+    pg.pause();
 
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -271,20 +289,6 @@ async fn new_senders_do_not_hold_up_a_contact() {
         }
     });
 
-    pg.pause();
-    let body = |text: &str| Content::text(text).encode();
-    let now = syncra_core::now_ms();
-    for (n, (s, conn)) in strangers.iter_mut().enumerate() {
-        let envelope = seal(&s.identity, &[to_bob], &body(&format!("hi {n}")), now)
-            .unwrap()
-            .bytes;
-        conn.send_envelope(1, envelope).await;
-    }
-    let envelope = seal(&alice.identity, &[to_bob], &body("from a contact"), now)
-        .unwrap()
-        .bytes;
-    alice_conn.send_envelope(1, envelope).await;
-
     // Shown while every stranger's lookup still waits on the frozen store.
     let (from, text, request) = tokio::time::timeout(DEADLINE, events.recv())
         .await
@@ -292,7 +296,7 @@ async fn new_senders_do_not_hold_up_a_contact() {
         .unwrap();
     assert_eq!(
         (from.as_str(), text.as_str(), request),
-        (alice.handle.as_str(), "from a contact", false)
+        ("alice", "from a contact", false)
     );
 
     pg.resume();

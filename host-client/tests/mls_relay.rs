@@ -39,7 +39,7 @@ impl Member {
         drop(user.register(relay.url()).await);
         let (session, pushes) = connect(&user, relay.url()).await;
         let mls = Conversations::new(MlsIdentity::new(&user.identity));
-        let member = Member {
+        let mut member = Member {
             user,
             url: relay.url().to_owned(),
             session,

@@ -234,6 +234,37 @@ impl Client {
         result
     }
 
+    /// Before a one-shot command disconnects: a live delivery it holds would be lost (the relay
+    /// counted it delivered), and a lost commit leaves a conversation behind for good, so if
+    /// any arrived live, everything held is processed and filed in order. Held mailbox entries
+    /// alone stay at the relay (not acknowledged) for the next login, where `listen` or the TUI
+    /// shows them.
+    pub(super) async fn settle_deliveries(&mut self) -> anyhow::Result<()> {
+        let Some(mut pushes) = self.pushes_rx.take() else {
+            return Ok(());
+        };
+        let mut held = Vec::new();
+        while let Ok(push) = pushes.try_recv() {
+            held.push(push);
+        }
+        self.pushes_rx = Some(pushes);
+        if !held.iter().any(|p| matches!(p, Push::Deliver(_))) {
+            return Ok(());
+        }
+        for push in held {
+            let (entry, carriage) = match push {
+                Push::Deliver(carriage) => (None, carriage),
+                Push::Pending(entry, carriage) => (Some(entry), carriage),
+                _ => continue,
+            };
+            self.receive(&carriage).await?;
+            if let Some(entry) = entry {
+                self.acknowledge(entry).await;
+            }
+        }
+        Ok(())
+    }
+
     /// What processing deliveries left to do that needs the relay: commits that lost their
     /// epoch made again, other members' leave requests committed. [`Serve`] calls it after
     /// every delivery; a failure is logged and tried again after the next one.

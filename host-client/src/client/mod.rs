@@ -639,7 +639,7 @@ impl Client {
     /// behind.
     pub async fn disconnect(&mut self) {
         if self.is_connected()
-            && let Err(e) = self.catch_up(std::time::Duration::ZERO).await
+            && let Err(e) = self.settle_deliveries().await
         {
             tracing::warn!("filing what arrived before disconnecting: {e:#}");
         }

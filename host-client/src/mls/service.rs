@@ -738,24 +738,60 @@ impl Conversations {
         id: ConversationId,
         plaintext: &[u8],
     ) -> Result<Vec<RecipientOutcome>, ServiceError> {
+        let Some((carriage, epoch)) = self.seal(id, plaintext)? else {
+            return Ok(Vec::new());
+        };
+        self.send_carriage(session, id, epoch, carriage).await
+    }
+
+    /// Encrypts `plaintext` for every other member into a carriage, without sending it
+    /// (`None`: nobody else is in the conversation). With a directory the used message key is
+    /// on disk when this returns. Answers the carriage and the epoch it was made in.
+    pub fn seal(
+        &mut self,
+        id: ConversationId,
+        plaintext: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, ServiceError> {
         let recipients = self.others(id)?;
         if recipients.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let conversation = self.conversation(id)?;
         let epoch = conversation.epoch();
         let body = conversation.encrypt(plaintext)?;
-        // The message key is used: on disk before the message leaves.
         self.checkpoint(Some(id))?;
-        self.carry(
-            session,
-            id,
-            CarriageKind::Application,
+        let carriage = CarriageHeader {
+            message_id: message_id(),
+            kind: CarriageKind::Application,
+            group_id: GroupId(*id.as_bytes()),
             epoch,
             recipients,
-            &body,
-        )
-        .await
+            members: Vec::new(),
+        }
+        .encode(&body);
+        Ok(Some((carriage, epoch)))
+    }
+
+    /// Sends a carriage made by [`Conversations::seal`]; `wrong_epoch` becomes
+    /// [`ServiceError::Behind`].
+    pub async fn send_carriage(
+        &self,
+        session: &Session,
+        id: ConversationId,
+        epoch: u64,
+        carriage: Vec<u8>,
+    ) -> Result<Vec<RecipientOutcome>, ServiceError> {
+        match session.send(carriage).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(NetError::Refused {
+                code: ErrorCode::WrongEpoch,
+                ..
+            }) => Err(ServiceError::Behind {
+                conversation: id,
+                epoch,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every member of a conversation but this one.
@@ -789,17 +825,7 @@ impl Conversations {
             members: Vec::new(),
         }
         .encode(body);
-        match session.send(carriage).await {
-            Ok(outcomes) => Ok(outcomes),
-            Err(NetError::Refused {
-                code: ErrorCode::WrongEpoch,
-                ..
-            }) => Err(ServiceError::Behind {
-                conversation: id,
-                epoch,
-            }),
-            Err(e) => Err(e.into()),
-        }
+        self.send_carriage(session, id, epoch, carriage).await
     }
 
     fn conversation(&mut self, id: ConversationId) -> Result<&mut Conversation, ServiceError> {

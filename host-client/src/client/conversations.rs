@@ -202,7 +202,7 @@ impl Client {
 
     /// Processes and files the deliveries this process holds (a one-shot command owns its
     /// deliveries), waiting up to `wait` for the first one. Returns how many were processed.
-    pub(super) async fn catch_up(&mut self, wait: Duration) -> anyhow::Result<usize> {
+    pub async fn catch_up(&mut self, wait: Duration) -> anyhow::Result<usize> {
         let Some(mut pushes) = self.pushes_rx.take() else {
             return Ok(0);
         };
@@ -287,15 +287,22 @@ impl Client {
             {
                 tracing::warn!("making a lost commit of conversation {id} again: {e}");
             }
-            let departures = self
+            let leaving = self
                 .mls
                 .get(id)
-                .is_some_and(|c| c.is_active() && !c.leave_requests().is_empty());
-            if departures {
+                .filter(|c| c.is_active())
+                .map(|c| c.leave_requests())
+                .unwrap_or_default();
+            if !leaving.is_empty() {
                 match self.mls.commit_departures(&session, id).await {
                     Ok(_) => {
                         drop(lock);
-                        if let Err(e) = self.sync_roster_of(id) {
+                        let names: Vec<String> =
+                            leaving.iter().map(|m| self.book.name_of(m)).collect();
+                        let noted = self.sync_roster_of(id).and_then(|()| {
+                            self.note_events(&id.to_hex(), &[format!("{} left", names.join(", "))])
+                        });
+                        if let Err(e) = noted {
                             tracing::warn!("{e:#}");
                         }
                     }

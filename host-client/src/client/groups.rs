@@ -33,7 +33,7 @@ impl Client {
     }
 
     /// Events I made, in the group's history.
-    fn note_events(&self, hex: &str, events: &[String]) -> anyhow::Result<()> {
+    pub(super) fn note_events(&self, hex: &str, events: &[String]) -> anyhow::Result<()> {
         let now = syncra_core::now_ms();
         for text in events {
             self.history.append(

@@ -1,0 +1,251 @@
+//! The product's conversations on MLS, through the client library and a real relay: the rules
+//! the commands, `listen`, the TUI and bots all rely on (docs/PROTOCOL.md §9.8).
+//!
+//! Each client here is a one-shot client (nobody else reads its deliveries), as a `syncra`
+//! command is: it processes what it holds with `catch_up`.
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+use std::time::Duration;
+
+use syncra_client::client::Client;
+use syncra_client::{Home, InitOptions, SendState};
+use syncra_core::crypto::keyfile::KdfParams;
+use syncra_test_relay::TestRelay;
+
+const PASS: &str = "pw for tests";
+
+async fn user(dir: &std::path::Path, relay: &TestRelay, handle: &str) -> Client {
+    let options = InitOptions {
+        kdf: KdfParams::MINIMUM,
+    };
+    let mut c = Client::init(Home::at(dir.join(handle)), PASS, options).unwrap();
+    c.register(relay.url(), handle).await.unwrap();
+    c
+}
+
+/// Processes everything the client holds until nothing more comes for a while.
+async fn settle(client: &mut Client) {
+    while client.catch_up(Duration::from_millis(400)).await.unwrap() > 0 {}
+}
+
+/// The texts of a conversation's history (events included), oldest first.
+fn texts(client: &Client, with: &str) -> Vec<String> {
+    client
+        .history_of(with, None)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect()
+}
+
+async fn add(client: &mut Client, handles: &[&str]) {
+    for handle in handles {
+        client.add_contact(handle).await.unwrap();
+    }
+}
+
+/// Both sides write first at the same moment: each creates a 1:1 conversation, so there are
+/// two; both then send in the one with the smaller id and read both, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_first_messages_at_once_meet_in_one_conversation() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    bob.add_contact("alice").await.unwrap();
+    let (a, b) = tokio::join!(
+        alice.send_text("bob", "hi bob"),
+        bob.send_text("alice", "hi alice")
+    );
+    assert_eq!(a.unwrap().state, SendState::Delivered);
+    assert_eq!(b.unwrap().state, SendState::Delivered);
+    settle(&mut alice).await;
+    settle(&mut bob).await;
+    assert_eq!(alice.conversation_count(), 2, "both conversations exist");
+    let bob_id = bob.user_id();
+    let alice_id = alice.user_id();
+    let chosen = alice.direct_with(bob_id).unwrap();
+    assert_eq!(
+        bob.direct_with(alice_id),
+        Some(chosen),
+        "both pick the same one"
+    );
+
+    alice.send_text("bob", "second from alice").await.unwrap();
+    bob.send_text("alice", "second from bob").await.unwrap();
+    settle(&mut alice).await;
+    settle(&mut bob).await;
+    assert_eq!(
+        texts(&alice, "bob"),
+        ["hi bob", "hi alice", "second from alice", "second from bob"]
+    );
+    assert_eq!(
+        texts(&bob, "alice"),
+        ["hi alice", "hi bob", "second from bob", "second from alice"]
+    );
+    assert_eq!(alice.rejected_count() + bob.rejected_count(), 0);
+}
+
+/// A member whose state is behind a commit it has not processed sends: the relay refuses the
+/// message made in the old epoch (`wrong_epoch`); the client processes what it missed and
+/// encrypts the same message again, and everyone — the new member included — reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_behind_a_commit_catches_up_and_is_encrypted_again() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    add(&mut alice, &["bob"]).await;
+    add(&mut bob, &["alice", "dave"]).await;
+    add(&mut dave, &["bob"]).await;
+    alice.group_create("g", &["bob".to_owned()]).await.unwrap();
+    settle(&mut bob).await;
+    let group = bob.book().group("g").unwrap().clone();
+    assert_eq!(group.members.len(), 2);
+    let grown = bob
+        .group_update("g", &["dave".to_owned()], &[])
+        .await
+        .unwrap();
+    assert_eq!(grown.members.len(), 3);
+
+    // Alice has not processed bob's commit yet.
+    let report = alice.send_text("@g", "after the add").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered, "{report:?}");
+    // She processed the commit it missed (it is in her history now)...
+    let history = texts(&alice, "@g");
+    assert!(
+        history.iter().any(|t| t.starts_with("bob added ")),
+        "{history:?}"
+    );
+    settle(&mut bob).await;
+    settle(&mut dave).await;
+    assert!(texts(&bob, "@g").contains(&"after the add".to_owned()));
+    let daves = dave.book().groups.values().next().unwrap().name.clone();
+    assert!(texts(&dave, &format!("@{daves}")).contains(&"after the add".to_owned()));
+}
+
+/// Two members change the roster at the same moment: the relay accepts one commit for the
+/// epoch; the other member processes the winner and makes its change again. Everyone ends
+/// with the same roster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_roster_changes_one_wins_and_the_other_is_made_again() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    let mut erin = user(dir.path(), &relay, "erin").await;
+    add(&mut alice, &["bob", "dave"]).await;
+    add(&mut bob, &["alice", "erin"]).await;
+    add(&mut dave, &["alice"]).await;
+    add(&mut erin, &["bob"]).await;
+    alice.group_create("g", &["bob".to_owned()]).await.unwrap();
+    settle(&mut bob).await;
+    let (to_dave, to_erin) = (["dave".to_owned()], ["erin".to_owned()]);
+    let (a, b) = tokio::join!(
+        alice.group_update("g", &to_dave, &[]),
+        bob.group_update("g", &to_erin, &[])
+    );
+    a.unwrap();
+    b.unwrap();
+    settle(&mut alice).await;
+    settle(&mut bob).await;
+    let roster = |c: &Client| {
+        let mut m = c.book().group("g").unwrap().members.clone();
+        m.sort();
+        m
+    };
+    assert_eq!(roster(&alice).len(), 4, "{:?}", roster(&alice));
+    assert_eq!(roster(&alice), roster(&bob));
+    // Both new members joined and read the group.
+    alice.send_text("@g", "welcome both").await.unwrap();
+    for c in [&mut dave, &mut erin] {
+        settle(c).await;
+        let name = c.book().groups.values().next().unwrap().name.clone();
+        assert!(texts(c, &format!("@{name}")).contains(&"welcome both".to_owned()));
+    }
+}
+
+/// A member leaves: its request (a proposal) is committed by another member's client at its
+/// next turn; the leaver learns it is out, the others see who removed whom, and nothing sent
+/// afterwards reaches the leaver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaves_and_another_members_client_commits_it() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut carol = user(dir.path(), &relay, "carol").await;
+    add(&mut alice, &["bob", "carol"]).await;
+    add(&mut bob, &["alice"]).await;
+    add(&mut carol, &["alice"]).await;
+    alice
+        .group_create("g", &["bob".to_owned(), "carol".to_owned()])
+        .await
+        .unwrap();
+    settle(&mut bob).await;
+    settle(&mut carol).await;
+    carol.group_leave("g").await.unwrap();
+    settle(&mut bob).await;
+    bob.follow_up().await;
+    settle(&mut alice).await;
+    settle(&mut carol).await;
+    // Carol and bob are not each other's contacts: they see short ids.
+    let seen = texts(&carol, "@g");
+    assert!(seen.iter().any(|t| t.ends_with(" removed you")), "{seen:?}");
+    let seen = texts(&bob, "@g");
+    assert!(seen.iter().any(|t| t.ends_with(" left")), "{seen:?}");
+    assert!(texts(&alice, "@g").contains(&"bob removed carol".to_owned()));
+    assert_eq!(alice.book().group("g").unwrap().members.len(), 2);
+    alice.send_text("@g", "just us").await.unwrap();
+    settle(&mut carol).await;
+    assert!(!texts(&carol, "@g").contains(&"just us".to_owned()));
+    let refused = carol.send_text("@g", "still here?").await.unwrap();
+    assert!(
+        matches!(&refused.state, SendState::Failed(why) if why.contains("no longer a member")),
+        "{refused:?}"
+    );
+}
+
+/// Several processes of one home (the TUI, `listen`, one-shot commands) share its MLS state
+/// under a lock: each reads what the others wrote before using it, so they send in one
+/// conversation, never reuse a message key, and a delivery both get is filed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_of_one_home_share_their_conversations() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    first.add_contact("bob").await.unwrap();
+    bob.add_contact("alice").await.unwrap();
+    let mut second = Client::open(Home::at(dir.path().join("alice")), PASS).unwrap();
+    second.connect().await.unwrap();
+
+    first.send_text("bob", "from the first").await.unwrap();
+    second.send_text("bob", "from the second").await.unwrap();
+    assert_eq!(
+        first.direct_with(bob.user_id()),
+        second.direct_with(bob.user_id())
+    );
+    for n in 0..5 {
+        first.send_text("bob", &format!("a{n}")).await.unwrap();
+        second.send_text("bob", &format!("b{n}")).await.unwrap();
+    }
+    settle(&mut bob).await;
+    let got = texts(&bob, "alice");
+    assert_eq!(got.len(), 12, "{got:?}");
+    assert_eq!(bob.rejected_count(), 0, "no message key was used twice");
+
+    bob.send_text("alice", "to both").await.unwrap();
+    settle(&mut first).await;
+    settle(&mut second).await;
+    let mine = texts(&first, "bob");
+    assert_eq!(
+        mine.iter().filter(|t| *t == "to both").count(),
+        1,
+        "{mine:?}"
+    );
+    assert_eq!(first.rejected_count() + second.rejected_count(), 0);
+}

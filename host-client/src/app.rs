@@ -25,6 +25,16 @@ use crate::serve::{Serve, ServeEvent, Wake};
 /// The sender name of a group event line ("alice added eve").
 const EVENT_MARK: &str = "*";
 
+/// Commands the client itself offers in the palette (before any extension's).
+const BUILT_IN: &[(&str, &str)] = &[
+    ("invite", "add contacts to the open group: /invite HANDLE…"),
+    (
+        "remove",
+        "remove members from the open group: /remove HANDLE…",
+    ),
+    ("leave", "leave the open group (another member commits it)"),
+];
+
 /// The relay offered by default during onboarding.
 pub const DEFAULT_RELAY: &str = "ws://127.0.0.1:7443/";
 
@@ -368,7 +378,13 @@ impl Controller {
         };
         let configs = client.settings().plugins.clone();
         let store_dir = client.home().root().join("plugins");
-        let mut commands = Vec::new();
+        let mut commands: Vec<CommandInfo> = BUILT_IN
+            .iter()
+            .map(|(name, help)| CommandInfo {
+                name: (*name).to_owned(),
+                help: (*help).to_owned(),
+            })
+            .collect();
         for config in configs {
             let name = config.name();
             let dir = store_dir.clone();
@@ -409,8 +425,43 @@ impl Controller {
         commands
     }
 
+    /// A built-in group command on the open group ([`BUILT_IN`]): the MLS commit goes out
+    /// now; the roster and the event show as for any other change.
+    async fn run_group_command(&mut self, name: &str, args: &str) {
+        let (Some(open), Some(client)) = (self.open.clone(), self.client.as_mut()) else {
+            return;
+        };
+        let Target::Group(gid) = to_target(&open) else {
+            self.emit(AppEvent::Error(format!("/{name} works in a group")))
+                .await;
+            return;
+        };
+        let Some(group) = client.book().groups.get(&gid).map(|g| g.name.clone()) else {
+            return;
+        };
+        let handles: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+        let result = match name {
+            "leave" => client.group_leave(&group).await.map(drop),
+            "invite" => client.group_update(&group, &handles, &[]).await.map(drop),
+            _ => client.group_update(&group, &[], &handles).await.map(drop),
+        };
+        if let Err(e) = result {
+            self.emit(AppEvent::Error(format!("/{name}: {e}"))).await;
+        }
+        let lines = self.history_lines(&open, 500);
+        self.emit(AppEvent::History {
+            conversation: open,
+            lines,
+        })
+        .await;
+        self.send_conversations().await;
+    }
+
     /// Runs an extension's command in the open conversation.
     async fn run_extension(&mut self, name: String, args: String) {
+        if BUILT_IN.iter().any(|(n, _)| *n == name) {
+            return self.run_group_command(&name, &args).await;
+        }
         let Some((plugin, _)) = self
             .extensions
             .iter()

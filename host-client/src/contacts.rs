@@ -40,26 +40,23 @@ pub struct Contact {
     pub request: bool,
 }
 
-/// A client-side group. The relay knows nothing of it: a group message is sealed once with one
-/// wrap per member.
-///
-/// Everything about a group that arrives from a peer is untrusted: the id must have the one
-/// format [`valid_group_id`] accepts (it becomes part of a file name), the name is only a
-/// suggestion turned into a local name ([`local_group_name`]), and the member list counts only
-/// when it comes from the group's creator.
+/// My entry for a group: its local name and the membership shown, for an MLS group
+/// (docs/PROTOCOL.md §9.8). The members are the MLS roster, brought in line with it by every
+/// commit and message; the name is only a suggestion from a peer turned into a local name
+/// ([`local_group_name`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
-    /// 32 lowercase hex characters (128 random bits, made by the creator).
+    /// The MLS group id as 32 lowercase hex characters.
     pub id: String,
     /// My local name for it (unique among my groups); `@name` resolves by this only.
     pub name: String,
-    /// Members, including me.
+    /// Members, including me (the MLS roster, in leaf order).
     pub members: Vec<UserId>,
-    /// Timestamp (ms) of the membership change this list comes from; newer lists win.
+    /// When the members were last brought in line with the roster (ms).
     pub updated_ms: u64,
-    /// Who created it: the only one whose membership changes count. `None` for groups made
-    /// before creators were recorded: their membership changes only locally.
+    /// Who named it to me (its creator, for groups I saw created). Shown, not trusted: any
+    /// member may change an MLS group's members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creator: Option<UserId>,
 }

@@ -34,13 +34,13 @@ use openmls::prelude::{
     MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessMessageError, ProcessedMessageContent,
     Proposal, ProtocolVersion, Sender, StagedCommit, ValidationError, tls_codec::DeserializeBytes,
 };
-use openmls_memory_storage::MemoryStorageError;
 use openmls_rust_crypto::RustCrypto;
 use syncra_core::id::UserId;
 use zeroize::Zeroizing;
 
 use super::error::MlsError;
 use super::identity::{IdentitySigner, MlsIdentity, bound_user_id};
+use super::storage::StorageError;
 use super::{CIPHERSUITE, GROUP_ID_LEN, Provider, state};
 
 /// A conversation's id: the MLS group id, 16 random bytes. Printed as 26 lowercase base32
@@ -840,7 +840,7 @@ impl Conversation {
 
 /// Maps openmls's refusal to ours. `epoch` and `current` were checked before, so an epoch
 /// refusal here is about the past epochs whose keys are gone.
-fn classify(e: ProcessMessageError<MemoryStorageError>, epoch: u64, current: u64) -> MlsError {
+fn classify(e: ProcessMessageError<StorageError>, epoch: u64, current: u64) -> MlsError {
     use ValidationError as V;
     match e {
         ProcessMessageError::ValidationError(v) => {

@@ -1,16 +1,29 @@
-//! The primitives openmls runs on: RustCrypto, with members' Ed25519 keys kept decoded.
+//! The primitives openmls runs on: RustCrypto, with Ed25519 verification made cheaper.
 //!
 //! Every application message carries a signature its readers verify with the sender's leaf
-//! key. RustCrypto decodes that key from its 32 bytes on every call, which is a point
-//! decompression (a field exponentiation) per message. The keys of a group are few and stable,
-//! so this provider keeps them decoded and delegates everything else to RustCrypto unchanged.
-//! Verification stays strict (`verify_strict`: no small-order keys, no malleable signatures),
-//! as in RustCrypto and in `syncra-core`.
+//! key; that verification is most of the cost of reading a message. RustCrypto calls
+//! `verify_strict` with a key decoded from its 32 bytes on every call. Strict verification
+//! stays (no small-order keys, no small-order `R`, no malleable signatures), as in RustCrypto
+//! and in `syncra-core`, but two field exponentiations per message go:
+//!
+//! - **Keys are kept decoded.** Decoding is a point decompression (a square root). The keys of
+//!   a group are few and stable; a key of small order is refused when it is decoded and never
+//!   kept.
+//! - **`R` is checked without decompressing it.** `verify_strict` decompresses the signature's
+//!   `R` (a second square root) to test that it is not of small order, then checks that
+//!   `[s]B - [k]A` compresses to `R`'s bytes. Once that check has passed, `R`'s bytes are the
+//!   canonical encoding of a point, and a point is of small order exactly when its canonical
+//!   encoding is one of the eight of the small-order points ([`small_order_encodings`]):
+//!   comparing 32 bytes against eight decides the same thing. The accepted signatures are
+//!   exactly those `verify_strict` accepts; the tests hold the two side by side.
+//!
+//! Everything else is delegated to RustCrypto unchanged.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use curve25519_dalek::constants::EIGHT_TORSION;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use openmls::prelude::tls_codec::SecretVLBytes;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
@@ -23,7 +36,15 @@ use openmls_traits::types::{
 /// member, so this bounds memory, not the group.
 const MAX_KEYS: usize = 4096;
 
-/// RustCrypto with a cache of decoded Ed25519 verification keys.
+/// The canonical encodings of the eight points of small order (the 8-torsion subgroup).
+/// Compression is one-to-one from points to canonical encodings, so these are all of them.
+fn small_order_encodings() -> &'static [[u8; 32]; 8] {
+    static ENCODINGS: LazyLock<[[u8; 32]; 8]> =
+        LazyLock::new(|| EIGHT_TORSION.map(|point| point.compress().to_bytes()));
+    &ENCODINGS
+}
+
+/// RustCrypto with a cache of decoded Ed25519 verification keys (none of small order).
 #[derive(Default)]
 pub(crate) struct Crypto {
     inner: RustCrypto,
@@ -47,6 +68,10 @@ impl Crypto {
                 None => {
                     let key = VerifyingKey::from_bytes(&pk)
                         .map_err(|_| CryptoError::CryptoLibraryError)?;
+                    // `verify_strict` refuses every signature under a small-order key.
+                    if key.is_weak() {
+                        return Err(CryptoError::InvalidSignature);
+                    }
                     if keys.len() >= MAX_KEYS {
                         keys.clear();
                     }
@@ -55,8 +80,18 @@ impl Crypto {
                 }
             }
         };
-        key.verify_strict(data, &Signature::from_bytes(&signature))
-            .map_err(|_| CryptoError::InvalidSignature)
+        // `verify_strict`, in the order the module docs explain: the ordinary check first
+        // (canonical `s`, and `[s]B - [k]A` compresses to exactly `R`'s bytes), then `R` not
+        // of small order, decided on its now canonical bytes.
+        key.verify(data, &Signature::from_bytes(&signature))
+            .map_err(|_| CryptoError::InvalidSignature)?;
+        if small_order_encodings()
+            .iter()
+            .any(|r| signature[..32] == r[..])
+        {
+            return Err(CryptoError::InvalidSignature);
+        }
+        Ok(())
     }
 }
 
@@ -213,6 +248,9 @@ impl OpenMlsCrypto for Crypto {
 
 #[cfg(test)]
 mod tests {
+    use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+    use curve25519_dalek::scalar::{Scalar, clamp_integer};
+    use sha2::{Digest, Sha512};
     use syncra_core::crypto::keys::IdentityKeyPair;
 
     use super::*;
@@ -248,5 +286,67 @@ mod tests {
             ours.verify_signature(SignatureScheme::ED25519, msg, &key.public(), &sig),
             Ok(())
         );
+    }
+
+    /// A signature whose `R` is the small-order point `EIGHT_TORSION[target]`, by a key
+    /// `A = [a]B + EIGHT_TORSION[1]` (of mixed order, so not weak) or, for `target` 0, by the
+    /// honest key `A = [a]B`: with `s = k·a`, `[s]B - [k]A` is `-[k]` times the torsion part,
+    /// so messages are tried until that lands on the target. Only the holder of `a` can do
+    /// this, and the ordinary check accepts it; strict verification must not.
+    fn small_order_r_signature(target: usize) -> ([u8; 32], Vec<u8>, [u8; 64]) {
+        let a = Scalar::from_bytes_mod_order(clamp_integer([0x5a; 32]));
+        let torsion = if target == 0 {
+            EIGHT_TORSION[0]
+        } else {
+            EIGHT_TORSION[1]
+        };
+        let public = (ED25519_BASEPOINT_POINT * a + torsion)
+            .compress()
+            .to_bytes();
+        let r = EIGHT_TORSION[target].compress().to_bytes();
+        for counter in 0u32.. {
+            let msg = counter.to_be_bytes().to_vec();
+            let k = Scalar::from_bytes_mod_order_wide(
+                &Sha512::new()
+                    .chain_update(r)
+                    .chain_update(public)
+                    .chain_update(&msg)
+                    .finalize()
+                    .into(),
+            );
+            if -(torsion * k) == EIGHT_TORSION[target] {
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(&r);
+                sig[32..].copy_from_slice((k * a).as_bytes());
+                return (public, msg, sig);
+            }
+        }
+        unreachable!("one message in eight lands on the target")
+    }
+
+    #[test]
+    fn small_order_r_is_refused_like_verify_strict() {
+        let ours = Crypto::default();
+        let theirs = RustCrypto::default();
+        let mut seen = Vec::new();
+        for target in 0..8 {
+            let (public, msg, sig) = small_order_r_signature(target);
+            // The ordinary check accepts it: what refuses it below is the check of `R`.
+            let key = VerifyingKey::from_bytes(&public).expect("a point");
+            assert!(!key.is_weak());
+            assert!(key.verify(&msg, &Signature::from_bytes(&sig)).is_ok());
+            let verify = |c: &dyn OpenMlsCrypto| {
+                c.verify_signature(SignatureScheme::ED25519, &msg, &public, &sig)
+            };
+            assert_eq!(verify(&theirs), Err(CryptoError::InvalidSignature));
+            assert_eq!(verify(&ours), Err(CryptoError::InvalidSignature));
+            seen.push(sig[..32].to_vec());
+        }
+        // All eight encodings were reached, and they are the table's.
+        seen.sort();
+        let mut table: Vec<Vec<u8>> = small_order_encodings().iter().map(|r| r.to_vec()).collect();
+        table.sort();
+        table.dedup();
+        assert_eq!(seen, table);
     }
 }

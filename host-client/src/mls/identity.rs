@@ -20,7 +20,6 @@ use openmls::prelude::{
     KeyPackage, KeyPackageBundle, KeyPackageRef, MlsGroup, MlsMessageBodyIn, MlsMessageIn,
     MlsMessageOut, StagedWelcome, tls_codec::DeserializeBytes,
 };
-use openmls_memory_storage::MemoryStorage;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::{Signer, SignerError};
 use openmls_traits::storage::StorageProvider;
@@ -31,6 +30,7 @@ use zeroize::Zeroizing;
 
 use super::conversation::Conversation;
 use super::error::{BindingError, MlsError};
+use super::storage::Storage;
 use super::{CIPHERSUITE, GROUP_ID_LEN, Provider, create_config, join_config, state};
 
 /// The prefix every MLS label carries (RFC 9420, section 5.1.2).
@@ -182,7 +182,7 @@ impl fmt::Debug for MlsIdentity {
 impl MlsIdentity {
     /// This identity with an empty KeyPackage store.
     pub fn new(identity: &IdentityKeyPair) -> Self {
-        Self::with_key_store(identity, MemoryStorage::default())
+        Self::with_key_store(identity, Storage::default())
     }
 
     /// This identity with the KeyPackage store saved by [`MlsIdentity::key_store_to_bytes`].
@@ -191,7 +191,7 @@ impl MlsIdentity {
         Ok(Self::with_key_store(identity, storage))
     }
 
-    fn with_key_store(identity: &IdentityKeyPair, storage: MemoryStorage) -> Self {
+    fn with_key_store(identity: &IdentityKeyPair, storage: Storage) -> Self {
         MlsIdentity {
             signer: Arc::new(IdentitySigner::new(identity)),
             credential: credential_for(identity),

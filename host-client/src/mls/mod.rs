@@ -35,12 +35,12 @@ mod error;
 mod identity;
 mod service;
 mod state;
+mod storage;
 
 use openmls::prelude::{
     Ciphersuite, MlsGroupCreateConfig, MlsGroupJoinConfig, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY,
     SenderRatchetConfiguration,
 };
-use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 
@@ -84,8 +84,8 @@ const MAXIMUM_FORWARD_DISTANCE: u32 = 1000;
 pub const GROUP_ID_LEN: usize = 16;
 
 /// The crypto and the storage openmls works on: RustCrypto for the primitives (verification
-/// through [`crypto::Crypto`], which keeps members' keys decoded) and one memory storage per
-/// conversation (or per key-package store), which [`state`] serialises.
+/// through [`crypto::Crypto`], which keeps members' keys decoded) and one [`storage::Storage`]
+/// per conversation (or per key-package store), which [`state`] serialises.
 ///
 /// One storage per conversation, rather than one for everything, lets the client seal and
 /// write each conversation on its own: a message in one chat rewrites that chat's state only.
@@ -93,11 +93,11 @@ pub const GROUP_ID_LEN: usize = 16;
 pub(crate) struct Provider {
     crypto: crypto::Crypto,
     rand: RustCrypto,
-    storage: MemoryStorage,
+    storage: storage::Storage,
 }
 
 impl Provider {
-    pub(crate) fn with_storage(storage: MemoryStorage) -> Self {
+    pub(crate) fn with_storage(storage: storage::Storage) -> Self {
         Provider {
             storage,
             ..Provider::default()
@@ -108,7 +108,7 @@ impl Provider {
 impl OpenMlsProvider for Provider {
     type CryptoProvider = crypto::Crypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = MemoryStorage;
+    type StorageProvider = storage::Storage;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage

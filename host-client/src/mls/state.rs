@@ -1,36 +1,37 @@
 //! MLS state as bytes, for the client to seal at rest.
 //!
 //! openmls keeps a group's state (tree, epoch secrets, the message-key ratchets) and the
-//! private halves of KeyPackages in a storage provider: here a memory storage, a map from
-//! openmls's keys to openmls's values. This module writes that map out and reads it back; the
-//! client seals the bytes with its storage key (`local_box`), like history.
+//! private halves of KeyPackages in a storage provider: here [`Storage`], a map from keys to
+//! values in postcard (its module documents both). This module writes that map out and reads
+//! it back; the client seals the bytes with its storage key (`local_box`), like history.
 //!
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! magic "syncra/mls-state" || version u8 (1) || kind u8 (1 conversation, 2 key store)
+//! magic "syncra/mls-state" || version u8 (2) || kind u8 (1 conversation, 2 key store)
 //! || header_len u32 || header (the group id of a conversation, empty for a key store)
 //! || count u32 || count × (key_len u32 || key || value_len u32 || value)
 //! ```
 //!
-//! Entries are written sorted by key, so equal states give equal bytes. Reading checks every
-//! length against what is left, refuses duplicate keys and trailing bytes, and never panics:
-//! the bytes come from a file, and files get damaged.
+//! Version 1 held the same map with openmls's JSON values; it is refused, not converted.
+//!
+//! Entries are written in strictly increasing key order, so equal states give equal bytes.
+//! Reading checks every length against what is left, refuses keys out of order (and so
+//! duplicates), another kind and trailing bytes, and never panics: the bytes come from a file,
+//! and files get damaged. A value is checked when openmls reads it, against the type it asks
+//! for ([`super::storage`]).
 //!
 //! The state must be written (and sealed) after every call that changed it and before what it
 //! produced leaves the device: restoring an older state after sending would reuse a message
 //! key.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-
-use openmls_memory_storage::MemoryStorage;
 use zeroize::Zeroizing;
 
 use super::error::MlsError;
+use super::storage::{Entries, Storage};
 
 const MAGIC: &[u8] = b"syncra/mls-state";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// What a state blob holds; a conversation's bytes never load as a key store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub(crate) enum Kind {
 /// A decoded blob.
 pub(crate) struct Decoded {
     pub(crate) header: Vec<u8>,
-    pub(crate) storage: MemoryStorage,
+    pub(crate) storage: Storage,
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -53,15 +54,9 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Writes `storage` with its header. The result holds secrets: it is wiped when dropped.
-pub(crate) fn encode(kind: Kind, header: &[u8], storage: &MemoryStorage) -> Zeroizing<Vec<u8>> {
-    // A poisoned lock means a panic elsewhere while holding it; the map itself is still whole
-    // (openmls writes each entry in one insert).
-    let values = storage
-        .values
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+pub(crate) fn encode(kind: Kind, header: &[u8], storage: &Storage) -> Zeroizing<Vec<u8>> {
+    // The map is sorted by key.
+    let entries = storage.entries();
     let size = entries
         .iter()
         .map(|(k, v)| 8 + k.len() + v.len())
@@ -73,7 +68,7 @@ pub(crate) fn encode(kind: Kind, header: &[u8], storage: &MemoryStorage) -> Zero
     put_bytes(&mut out, header);
     let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&count.to_be_bytes());
-    for (key, value) in entries {
+    for (key, value) in entries.iter() {
         put_bytes(&mut out, key);
         put_bytes(&mut out, value);
     }
@@ -122,22 +117,24 @@ pub(crate) fn decode(kind: Kind, bytes: &[u8]) -> Result<Decoded, MlsError> {
     if count > r.rest.len() / 8 {
         return Err(bad());
     }
-    let mut map = HashMap::with_capacity(count);
+    let mut map = Entries::new();
+    let mut last: Option<&[u8]> = None;
     for _ in 0..count {
-        let key = r.bytes()?.to_vec();
-        let value = r.bytes()?.to_vec();
-        if map.insert(key, value).is_some() {
+        let key = r.bytes()?;
+        // Strictly increasing: one encoding per state, and no key twice.
+        if last.is_some_and(|last| last >= key) {
             return Err(bad());
         }
+        last = Some(key);
+        let value = Zeroizing::new(r.bytes()?.to_vec());
+        map.insert(key.to_vec(), value);
     }
     if !r.rest.is_empty() {
         return Err(bad());
     }
     Ok(Decoded {
         header,
-        storage: MemoryStorage {
-            values: RwLock::new(map),
-        },
+        storage: Storage::from_entries(map),
     })
 }
 
@@ -145,21 +142,32 @@ pub(crate) fn decode(kind: Kind, bytes: &[u8]) -> Result<Decoded, MlsError> {
 mod tests {
     use super::*;
 
-    fn storage(entries: &[(&[u8], &[u8])]) -> MemoryStorage {
+    fn storage(entries: &[(&[u8], &[u8])]) -> Storage {
         let map = entries
             .iter()
-            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map(|(k, v)| (k.to_vec(), Zeroizing::new(v.to_vec())))
             .collect();
-        MemoryStorage {
-            values: RwLock::new(map),
-        }
+        Storage::from_entries(map)
     }
 
-    fn values(s: &MemoryStorage) -> HashMap<Vec<u8>, Vec<u8>> {
-        s.values
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    fn values(s: &Storage) -> Vec<(Vec<u8>, Vec<u8>)> {
+        s.entries()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_vec()))
+            .collect()
+    }
+
+    /// A blob with these entries, in this order, whatever the order.
+    fn raw(version: u8, kind: Kind, entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[version, kind as u8]);
+        put_bytes(&mut bytes, b"");
+        bytes.extend_from_slice(&u32::try_from(entries.len()).unwrap().to_be_bytes());
+        for (k, v) in entries {
+            put_bytes(&mut bytes, k);
+            put_bytes(&mut bytes, v);
+        }
+        bytes
     }
 
     #[test]
@@ -170,6 +178,10 @@ mod tests {
         let back = decode(Kind::Conversation, &bytes).expect("decodes");
         assert_eq!(back.header, b"group-id");
         assert_eq!(values(&back.storage), values(&s));
+        assert_eq!(
+            *encode(Kind::Conversation, b"group-id", &back.storage),
+            *bytes
+        );
     }
 
     #[test]
@@ -194,15 +206,18 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_are_refused() {
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&[VERSION, Kind::KeyStore as u8]);
-        put_bytes(&mut bytes, b"");
-        bytes.extend_from_slice(&2u32.to_be_bytes());
-        for _ in 0..2 {
-            put_bytes(&mut bytes, b"k");
-            put_bytes(&mut bytes, b"v");
-        }
-        assert!(decode(Kind::KeyStore, &bytes).is_err());
+    fn duplicate_and_unordered_keys_are_refused() {
+        let ordered = raw(VERSION, Kind::KeyStore, &[(b"a", b"1"), (b"b", b"2")]);
+        assert!(decode(Kind::KeyStore, &ordered).is_ok());
+        let twice = raw(VERSION, Kind::KeyStore, &[(b"k", b"v"), (b"k", b"v")]);
+        assert!(decode(Kind::KeyStore, &twice).is_err());
+        let unordered = raw(VERSION, Kind::KeyStore, &[(b"b", b"2"), (b"a", b"1")]);
+        assert!(decode(Kind::KeyStore, &unordered).is_err());
+    }
+
+    #[test]
+    fn the_json_era_version_is_refused() {
+        let old = raw(1, Kind::KeyStore, &[(b"a", b"[1,2,3]")]);
+        assert!(decode(Kind::KeyStore, &old).is_err());
     }
 }

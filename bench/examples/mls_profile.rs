@@ -5,8 +5,8 @@
 //!
 //! ```sh
 //! cargo build --profile bench -p syncra-bench --example mls_profile
-//! valgrind --tool=callgrind target/bench/examples/mls_profile 2 1000   # N = 2, M = 1 000
-//! valgrind --tool=callgrind target/bench/examples/mls_profile 2 0      # the set-up alone
+//! valgrind --tool=callgrind target/release/examples/mls_profile 2 1000   # N = 2, M = 1 000
+//! valgrind --tool=callgrind target/release/examples/mls_profile 2 0      # the set-up alone
 //! ```
 //!
 //! The difference of the two totals, divided by M, is the instructions of one 1:1 message

@@ -858,3 +858,84 @@ impl StorageProvider<CURRENT_VERSION> for Storage {
         self.delete(Label::Psk, psk_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openmls_traits::storage::Entity;
+    use serde::Deserialize;
+
+    use super::*;
+
+    /// Stand-ins for openmls's types: the storage sees only their serde form.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Id(Vec<u8>);
+    impl Key<CURRENT_VERSION> for Id {}
+    impl traits::GroupId<CURRENT_VERSION> for Id {}
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Ref(u32);
+    impl Key<CURRENT_VERSION> for Ref {}
+    impl Entity<CURRENT_VERSION> for Ref {}
+    impl traits::ProposalRef<CURRENT_VERSION> for Ref {}
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Proposal(String);
+    impl Entity<CURRENT_VERSION> for Proposal {}
+    impl traits::QueuedProposal<CURRENT_VERSION> for Proposal {}
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Secrets(Vec<u8>);
+    impl Entity<CURRENT_VERSION> for Secrets {}
+    impl traits::MessageSecrets<CURRENT_VERSION> for Secrets {}
+
+    #[test]
+    fn values_round_trip_and_damage_is_an_error() {
+        let s = Storage::default();
+        let group = Id(b"group".to_vec());
+        // Larger than the first buffer: the value grows through `Wiping::grow`.
+        let secrets = Secrets((0..=255).cycle().take(5000).collect());
+        s.write_message_secrets(&group, &secrets).unwrap();
+        let back: Option<Secrets> = s.message_secrets(&group).unwrap();
+        assert_eq!(back, Some(secrets));
+        let other: Option<Secrets> = s.message_secrets(&Id(b"other".to_vec())).unwrap();
+        assert_eq!(other, None);
+
+        // A trailing byte, a truncation, another type: errors, not panics or garbage.
+        let key = storage_key(Label::MessageSecrets, &group).unwrap();
+        let good = s.entries()[&key].to_vec();
+        for bad in [
+            [good.as_slice(), &[0]].concat(),
+            good[..good.len() - 1].to_vec(),
+        ] {
+            s.entries_mut().insert(key.clone(), Zeroizing::new(bad));
+            let read: Result<Option<Secrets>, _> = s.message_secrets(&group);
+            assert!(matches!(read, Err(StorageError::Decode(_))));
+        }
+        s.entries_mut().insert(key, Zeroizing::new(vec![0xff; 3]));
+        let read: Result<Option<Proposal>, _> = s.read(Label::MessageSecrets, &group);
+        assert!(read.is_err());
+    }
+
+    #[test]
+    fn the_proposal_queue_keeps_order_and_clears_completely() {
+        let s = Storage::default();
+        let group = Id(b"group".to_vec());
+        for n in 1..=3 {
+            s.queue_proposal(&group, &Ref(n), &Proposal(format!("p{n}")))
+                .unwrap();
+        }
+        s.remove_proposal(&group, &Ref(2)).unwrap();
+        let queued: Vec<(Ref, Proposal)> = s.queued_proposals(&group).unwrap();
+        assert_eq!(
+            queued,
+            vec![
+                (Ref(1), Proposal("p1".into())),
+                (Ref(3), Proposal("p3".into()))
+            ]
+        );
+        <Storage as StorageProvider<CURRENT_VERSION>>::clear_proposal_queue::<Id, Ref>(&s, &group)
+            .unwrap();
+        // Nothing of the queue is left behind: not the references, not the proposals.
+        assert!(s.entries().is_empty());
+    }
+}

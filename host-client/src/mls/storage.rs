@@ -66,10 +66,12 @@ enum Label {
 #[non_exhaustive]
 pub enum StorageError {
     /// openmls handed over a value or key postcard cannot encode.
-    #[error("MLS storage could not encode a {0:?} entry: {1}")]
+    #[error("could not encode the {0} record of an MLS state: {1}")]
     Encode(&'static str, String),
     /// A stored value is not what its key says (damaged or foreign state).
-    #[error("MLS storage holds a {0:?} entry that does not decode")]
+    #[error(
+        "the {0} record of this MLS state does not decode: damaged, or written in another format"
+    )]
     Decode(&'static str),
 }
 

@@ -571,6 +571,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("contacts:    {}", client.book().contacts.len());
             println!("groups:      {}", client.book().groups.len());
             println!(
+                "mls:         {} conversations (1:1 and groups)",
+                client.conversation_count()
+            );
+            println!(
                 "outbox:      {} waiting, {} set aside in {}",
                 client.outbox_len(),
                 client.outbox_failed_len(),

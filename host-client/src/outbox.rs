@@ -21,7 +21,7 @@ use syncra_core::crypto::local_box::LocalKey;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pending {
-    /// The message id (hex); the envelope reuses it on every attempt.
+    /// The message id (hex); every attempt carries it inside the MLS plaintext.
     pub id: String,
     /// The conversation (history file name): a user id or `group-<id>`.
     pub conversation: String,
@@ -29,8 +29,9 @@ pub struct Pending {
     pub text: String,
     /// When it was written (ms).
     pub created_ms: u64,
-    /// Who gets this entry besides the conversation's members: the members a membership change
-    /// removed, so they learn it.
+    /// Written by versions before groups moved to MLS (the members a membership change
+    /// removed); read so their entries still open, ignored: an MLS commit reaches the removed
+    /// members itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<syncra_core::UserId>,
 }

@@ -249,3 +249,38 @@ async fn processes_of_one_home_share_their_conversations() {
     );
     assert_eq!(first.rejected_count() + second.rejected_count(), 0);
 }
+
+/// A group entry from before groups moved to MLS has no MLS group behind it: sending to it
+/// fails with what to do, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_from_before_mls_says_to_create_it_again() {
+    use syncra_client::contacts::{Book, Group};
+    use syncra_client::keystore::KeyStore;
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    let home = alice.home().clone();
+    let keys = KeyStore::unlock(&home.key_file(), PASS.as_bytes(), false).unwrap();
+    let mut book = Book::load(home.contacts_file(), home.groups_file(), keys.storage).unwrap();
+    {
+        let _lock = book.lock().unwrap();
+        book.groups.insert(
+            "00112233445566778899aabbccddeeff".into(),
+            Group {
+                id: "00112233445566778899aabbccddeeff".into(),
+                name: "old".into(),
+                members: vec![alice.user_id(), bob.user_id()],
+                updated_ms: 1,
+                creator: Some(alice.user_id()),
+            },
+        );
+        book.save().unwrap();
+    }
+    let report = alice.send_text("@old", "anyone?").await.unwrap();
+    assert!(
+        matches!(&report.state, SendState::Failed(why) if why.contains("before groups moved to MLS")),
+        "{report:?}"
+    );
+}

@@ -501,3 +501,83 @@ fn a_person_empties_their_mailbox() {
     drop(bob_listen);
     assert!(bob.history_json("alice").is_empty());
 }
+
+/// The interface's group commands: in line mode (the same controller as the TUI) a member opens
+/// the group and removes someone with `/remove`; the others see it as an event, and `/leave`
+/// asks to leave.
+#[test]
+fn group_commands_in_the_interface_change_the_roster() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let (alice, bob, carol) = (
+        User::new(dir.path(), "alice"),
+        User::new(dir.path(), "bob"),
+        User::new(dir.path(), "carol"),
+    );
+    for u in [&alice, &bob, &carol] {
+        u.onboard(&relay.url());
+    }
+    alice.ok(&["contact", "add", "bob"]);
+    alice.ok(&["contact", "add", "carol"]);
+    bob.ok(&["contact", "add", "alice"]);
+    carol.ok(&["contact", "add", "alice"]);
+    alice.ok(&["group", "create", "trio", "bob", "carol"]);
+    let bl = bob.listen();
+    let cl = carol.listen();
+    bl.expect("the creation", |l| l["type"] == "group_event");
+    cl.expect("the creation", |l| l["type"] == "group_event");
+
+    let mut line = alice
+        .cmd(&["--line"])
+        .env_remove("SYNCRA_PASSPHRASE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = line.stdin.take().unwrap();
+    let stdout = line.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    let mut wait_for = |what: &str| {
+        let deadline = Instant::now() + DEADLINE * 4;
+        while !printed.iter().any(|l: &String| l.contains(what)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            printed.push(
+                rx.recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("{what:?} never printed: {printed:#?}")),
+            );
+        }
+    };
+    wait_for("identity alice");
+    writeln!(stdin, "{PASS}").unwrap();
+    wait_for("* online");
+    writeln!(stdin, "/open @trio").unwrap();
+    writeln!(stdin, "/remove carol").unwrap();
+    // (Bob has no contact for carol: he sees her short id.)
+    let ev = bl.expect("the removal", |l| l["type"] == "group_event");
+    assert!(
+        ev["text"].as_str().unwrap().starts_with("alice removed "),
+        "{ev}"
+    );
+    let ev = cl.expect("the removal", |l| l["type"] == "group_event");
+    assert_eq!(ev["text"], "alice removed you", "{ev}");
+    writeln!(stdin, "/quit").unwrap();
+    let _ = line.wait();
+    let h = alice.history_json("@trio");
+    assert!(
+        h.iter()
+            .any(|m| m["event"] == true && m["text"] == "you removed carol"),
+        "{h:?}"
+    );
+    let list = bob.ok(&["group", "list"]);
+    assert!(list.contains("@trio\talice, bob\t"), "{list}");
+}

@@ -160,11 +160,20 @@ impl Client {
                     })?;
                 let id = ConversationId::from_hex(hex)
                     .ok_or_else(|| SendProblem::gone("the group has no MLS conversation"))?;
-                if !self.mls.get(id).is_some_and(|c| c.is_active()) {
-                    return Err(SendProblem::gone(format!(
-                        "you are no longer a member of @{}",
-                        group.name
-                    )));
+                match self.mls.get(id) {
+                    Some(c) if c.is_active() => {}
+                    Some(_) => {
+                        return Err(SendProblem::gone(format!(
+                            "you are no longer a member of @{}",
+                            group.name
+                        )));
+                    }
+                    None => {
+                        return Err(SendProblem::gone(format!(
+                            "@{} was made before groups moved to MLS (or its invitation never                              arrived); create it again with `syncra group create`",
+                            group.name
+                        )));
+                    }
                 }
                 Ok((id, Some(GroupLabel { name: group.name })))
             }

@@ -247,6 +247,9 @@ pub struct Conversations {
     store: Option<Store>,
     /// What the relay answered for the last Welcome sent, per joiner.
     welcomed: Vec<RecipientOutcome>,
+    /// The KeyPackage store or the leaf schedule changed since the last save (most changes
+    /// touch one conversation only, and each file written is a disk sync).
+    shared_dirty: bool,
 }
 
 /// The directory the state is sealed into, and the stamp of what this process last read or
@@ -289,6 +292,7 @@ impl Conversations {
             refreshed: HashMap::new(),
             store: None,
             welcomed: Vec::new(),
+            shared_dirty: false,
         }
     }
 
@@ -363,19 +367,25 @@ impl Conversations {
         match changed {
             None => self.save(&dir, &key)?,
             Some(id) => {
-                self.save_shared(&dir, &key)?;
+                if self.shared_dirty {
+                    self.save_shared(&dir, &key)?;
+                }
                 if let Some(conversation) = self.groups.get(&id) {
                     let file = format!("{id}{STATE_SUFFIX}");
                     self.save_file(&dir, &key, &file, &conversation.to_bytes())?;
                 }
             }
         }
+        self.shared_dirty = false;
+        // The stamp only tells other running processes to read again: written, not synced
+        // (after a crash every process starts by reading anyway). A torn stamp reads as
+        // "changed", which costs one reload.
         let mut stamp = [0u8; 16];
         syncra_core::crypto::fill_random(&mut stamp);
         let path = dir.join(GENERATION_FILE);
-        syncra_core::crypto::keyfile::write_private(&path, &stamp).map_err(|e| StateError::Io {
+        std::fs::write(&path, stamp).map_err(|source| StateError::Io {
             path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })?;
         if let Some(store) = &mut self.store {
             store.stamp = Some(stamp);
@@ -596,6 +606,7 @@ impl Conversations {
         let out = conversation.add(&packages)?;
         self.groups.insert(id, conversation);
         self.refreshed.insert(id, syncra_core::now_ms());
+        self.shared_dirty = true;
         self.commit(session, id, out).await?;
         Ok(id)
     }
@@ -658,6 +669,7 @@ impl Conversations {
     /// conversation's leaf is due for a refresh at the next [`Conversations::update_due`].
     pub fn all_due(&mut self) {
         self.refreshed.clear();
+        self.shared_dirty = true;
     }
 
     /// Refreshes this member's leaf in every conversation where it is due
@@ -897,6 +909,7 @@ impl Conversations {
         let epoch = self.conversation(id)?.commit_accepted()?;
         // Every commit of ours carries a fresh path for our leaf.
         self.refreshed.insert(id, syncra_core::now_ms());
+        self.shared_dirty = true;
         self.checkpoint(Some(id))?;
         if let Some(welcome) = out.welcome {
             let joiners: Vec<UserId> = after
@@ -979,8 +992,10 @@ impl Conversations {
             let roster = conversation.roster()?;
             let epoch = conversation.epoch();
             self.groups.insert(id, conversation);
-            // Joined with a fresh KeyPackage: the leaf is as fresh as that package.
+            // Joined with a fresh KeyPackage: the leaf is as fresh as that package. The package
+            // left the store.
             self.refreshed.insert(id, syncra_core::now_ms());
+            self.shared_dirty = true;
             return Ok(Arrival::Joined {
                 conversation: id,
                 roster,

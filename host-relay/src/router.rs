@@ -89,6 +89,8 @@ mod kind {
     pub const PRESENCE: u8 = 2;
     /// The answer to a batch (`crate::links`).
     pub const ANSWER: u8 = 3;
+    /// The acknowledgement of a presence `Held` (`crate::presence`, on brokers that need it).
+    pub const PRESENCE_ACK: u8 = 4;
 }
 
 /// The topic every node subscribes to for presence announcements.
@@ -336,6 +338,12 @@ impl Router {
         self.seal(kind::ANSWER, body)
     }
 
+    /// The acknowledgement of a presence announcement as a broker payload (body:
+    /// `crate::presence::Presence::ack_body`).
+    pub fn presence_ack_payload(&self, body: &[u8]) -> Bytes {
+        self.seal(kind::PRESENCE_ACK, body)
+    }
+
     /// A presence payload with `body` (see `crate::presence`).
     pub fn presence_payload(&self, body: &[u8]) -> Bytes {
         self.seal(kind::PRESENCE, body)
@@ -459,6 +467,14 @@ pub enum Remote {
         /// Everything after the kind byte.
         body: Bytes,
     },
+    /// The acknowledgement of one of this node's presence announcements
+    /// (`crate::presence::Presence::ack`).
+    PresenceAck {
+        /// The node that sent it.
+        from: NodeId,
+        /// Everything after the kind byte.
+        body: Bytes,
+    },
 }
 
 impl Router {
@@ -492,6 +508,7 @@ impl Router {
             (kind::PRESENCE, true) => Ok(Remote::Presence { from, body }),
             (kind::BATCH, false) => Ok(Remote::Batch { from, body }),
             (kind::ANSWER, false) => Ok(Remote::Answer { from, body }),
+            (kind::PRESENCE_ACK, false) => Ok(Remote::PresenceAck { from, body }),
             _ => Err(Dropped::Topic),
         }
     }
@@ -549,7 +566,16 @@ impl BrokerSink for RouterSink {
                 Err(()) => Dropped::NotAnswer,
             },
             Ok(Remote::Presence { from, body }) => match self.presence.apply(from, &body) {
-                Ok(()) => return true,
+                Ok(held) => {
+                    if let Some(seq) = held {
+                        self.links.ack_presence(from, seq);
+                    }
+                    return true;
+                }
+                Err(()) => Dropped::NotPresence,
+            },
+            Ok(Remote::PresenceAck { from, body }) => match self.presence.ack(from, &body) {
+                Ok(()) => return false,
                 Err(()) => Dropped::NotPresence,
             },
             Ok(Remote::Own) => return false,
@@ -563,6 +589,7 @@ impl BrokerSink for RouterSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::presence::Presence;
 
     #[test]
     fn node_topics_are_distinct_literal_subjects() {
@@ -814,6 +841,24 @@ mod tests {
                 "authentic presence that does not parse",
                 PRESENCE_TOPIC,
                 peer.presence_payload(&held[..held.len() - 3]),
+                Dropped::NotPresence,
+            ),
+            (
+                "unauthenticated presence acknowledgement",
+                &topic,
+                keyless.presence_ack_payload(&Presence::ack_body(here.node_id(), 1)),
+                Dropped::Mac,
+            ),
+            (
+                "a presence acknowledgement on the presence topic",
+                PRESENCE_TOPIC,
+                peer.presence_ack_payload(&Presence::ack_body(here.node_id(), 1)),
+                Dropped::Topic,
+            ),
+            (
+                "an acknowledgement of another node's announcement",
+                &topic,
+                peer.presence_ack_payload(&Presence::ack_body(&[7; NODE_ID_LEN], 1)),
                 Dropped::NotPresence,
             ),
             (

@@ -10,6 +10,7 @@ use std::time::Duration;
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
 use syncra_test_support::DEADLINE;
+use syncra_test_support::latency::DelayedLink;
 use syncra_test_support::servers::{NatsCluster, NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]
@@ -156,36 +157,56 @@ async fn two_nodes_exchange_and_report_truthfully(kind: Kind) {
     expect_auth_ok(&mut resumed, a.id()).await;
 }
 
+/// How far node 0 of [`a_user_on_two_nodes_receives_on_both`] is from the broker: what the
+/// broker sends it arrives this much later. Far beyond the time a client takes to hear its
+/// `AuthOk` and send, and beyond NATS's reply window (20 ms by default).
+const FAR: Duration = Duration::from_millis(300);
+
+/// B logs in on nodes 1 and 2 while A's node 0 hears the broker [`FAR`] later than the others.
+/// Each login completes only once every other node applied its presence announcement, so the
+/// first message A sends after both logins reaches both of B's sessions: no retry, no wait.
+/// (Without that, node 0 learns of B's sessions up to `FAR` after they logged in, and its
+/// first message is `stored` or reaches only one of them.)
 async fn a_user_on_two_nodes_receives_on_both(kind: Kind) {
-    let cl = cluster(kind, 3).await;
-    let (a, b) = (TestUser::new("ya"), TestUser::new("yb"));
-    let (mut ca, _) = a.register(cl.nodes[0].url()).await;
-    let (mut b1, _) = b.register(cl.nodes[1].url()).await;
-    let mut b2 = b.login(cl.nodes[2].url()).await;
-    let got = send_until(&mut ca, &a, &[&b], b"both of you", &[Outcome::Delivered]).await;
-    assert_eq!(got, [Outcome::Delivered]);
-    // A's node may learn of B's second session a moment after B's first one took a message
-    // (on Redis the announcement is not awaited at login; docs/SCALING.md): until then, only
-    // the first session gets it. Once A's node knows both, each of B's sessions gets every
-    // message.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut id = 100;
-    loop {
-        let got = tokio::time::timeout(Duration::from_millis(300), b2.delivery()).await;
-        if let Ok(envelope) = got {
-            assert_eq!(b.open(&envelope), b"both of you");
-            break;
+    let server = Server::start(kind);
+    let port: u16 = server
+        .url()
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let far = DelayedLink::start(port, FAR);
+    let far_url = server
+        .url()
+        .replace(&port.to_string(), &far.port().to_string());
+    let shared = tempfile::tempdir().unwrap();
+    let n0 = node_on(server.kind(), far_url, shared.path()).await;
+    let n1 = node(&server, shared.path()).await;
+    let n2 = node(&server, shared.path()).await;
+    // Each node has heard of the two others (a login waits for the nodes its node knows of).
+    for node in [&n0, &n1, &n2] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !node.admin_get("/healthz").await.1.contains("\"nodes\":2") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind:?}: the nodes never heard of each other"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "B's second session never got it"
-        );
-        id += 1;
-        let out = ca.send_envelope(id, a.seal(&[&b], b"both of you")).await;
-        assert_eq!(out[0].outcome, Outcome::Delivered);
     }
-    // The first session got every copy.
-    assert_eq!(b.open(&b1.delivery().await), b"both of you");
+    let (a, b) = (TestUser::new("ya"), TestUser::new("yb"));
+    let (mut ca, _) = a.register(n0.url()).await;
+    let (mut b1, _) = b.register(n1.url()).await;
+    let mut b2 = b.login(n2.url()).await;
+    let out = ca.send_envelope(1, a.seal(&[&b], b"both of you")).await;
+    assert_eq!(out[0].outcome, Outcome::Delivered, "{kind:?}");
+    for (which, session) in [("first", &mut b1), ("second", &mut b2)] {
+        let got = tokio::time::timeout(DEADLINE, session.delivery())
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: B's {which} session never got it"));
+        assert_eq!(b.open(&got), b"both of you");
+    }
 }
 
 async fn a_group_across_three_nodes(kind: Kind) {

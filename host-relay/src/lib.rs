@@ -149,6 +149,9 @@ pub struct HealthReport {
     pub mailbox: Health,
     /// Authenticated sessions on this node.
     pub sessions: i64,
+    /// The other nodes of the cluster this node knows of: heard from within
+    /// `presence::PEER_TIMEOUT`, and not gone with a `Bye`.
+    pub nodes: usize,
     /// Each relay hook, in `[[plugins]]` order.
     pub hooks: Vec<plugins::HookHealth>,
 }
@@ -411,6 +414,7 @@ async fn health(state: &NodeState) -> HealthReport {
         store,
         mailbox,
         sessions: state.metrics.sessions.get(),
+        nodes: state.presence.peer_count(),
         hooks,
     }
 }

@@ -89,8 +89,16 @@ pub struct Links {
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_batch: AtomicU64,
     /// Answers the sink made, for the task that publishes them.
-    answers: mpsc::UnboundedSender<(NodeId, Bytes)>,
-    answers_rx: Mutex<Option<mpsc::UnboundedReceiver<(NodeId, Bytes)>>>,
+    answers: mpsc::UnboundedSender<(NodeId, Reply)>,
+    answers_rx: Mutex<Option<mpsc::UnboundedReceiver<(NodeId, Reply)>>>,
+}
+
+/// What the sink asks the answer task to publish to another node.
+enum Reply {
+    /// The answer to a batch (its body).
+    Batch(Bytes),
+    /// The acknowledgement of a presence `Held` (its body).
+    PresenceAck(Bytes),
 }
 
 impl std::fmt::Debug for Links {
@@ -216,7 +224,14 @@ impl Links {
             bitmap[i / 8] |= 1 << (i % 8);
         }
         body.put_slice(&bitmap);
-        let _ = self.answers.send((to, body.freeze()));
+        let _ = self.answers.send((to, Reply::Batch(body.freeze())));
+    }
+
+    /// Queues the acknowledgement of `to`'s presence `Held` number `seq` for publishing
+    /// (`crate::presence`).
+    pub fn ack_presence(&self, to: NodeId, seq: u64) {
+        let body = crate::presence::Presence::ack_body(&to, seq);
+        let _ = self.answers.send((to, Reply::PresenceAck(body.into())));
     }
 
     fn settle(answers: Vec<Option<oneshot::Sender<Taken>>>, taken: Taken) {
@@ -396,11 +411,11 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
 
 /// Publishes the answers the sink made, in order, and forgets the batches whose answers did
 /// not come in time (their senders then hear "unknown": a dropped answer channel).
-async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(NodeId, Bytes)>) {
+async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(NodeId, Reply)>) {
     let mut sweep = tokio::time::interval(ANSWER_TIMEOUT / 4);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (to, body) = tokio::select! {
+        let (to, reply) = tokio::select! {
             next = rx.recv() => match next {
                 Some(answer) => answer,
                 None => return,
@@ -413,7 +428,10 @@ async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(Nod
         let Some(broker) = links.broker.get() else {
             continue;
         };
-        let payload = links.router.answer_payload(&body);
+        let payload = match reply {
+            Reply::Batch(body) => links.router.answer_payload(&body),
+            Reply::PresenceAck(body) => links.router.presence_ack_payload(&body),
+        };
         if let Err(e) = broker
             .publish_confirm(&node_topic(&to), payload, Confirm::Nothing)
             .await
@@ -466,7 +484,10 @@ mod tests {
             ..Arc::into_inner(links).unwrap()
         };
         links.reply([0; NODE_ID_LEN], batch, taken);
-        rx.try_recv().unwrap().1.to_vec()
+        match rx.try_recv().unwrap().1 {
+            Reply::Batch(body) => body.to_vec(),
+            Reply::PresenceAck(_) => panic!("a batch's answer, not an acknowledgement"),
+        }
     }
 
     #[tokio::test]

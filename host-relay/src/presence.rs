@@ -45,10 +45,29 @@
 //! side), or a heartbeat with another number than the last it applied, asks that node for a
 //! snapshot (`Hello` naming it, at most once per [`ASK_INTERVAL`]). A node not heard from for
 //! [`PEER_TIMEOUT`] is forgotten. A node whose own publishes failed sends `Hello` to everyone
-//! and its snapshot once the broker takes publishes again. A user's first session on a node
-//! waits (up to [`CONFIRM_TIMEOUT`]) until its `Held` was published and, on NATS, applied by
-//! the nodes that answered within the broker's reply window, so that a sender on another node
-//! reaches a session that has its `AuthOk`.
+//! and its snapshot once the broker takes publishes again.
+//!
+//! # A first login waits until the other nodes applied its `Held`
+//!
+//! A user's first session on a node completes its login (gets `AuthOk`) only once every other
+//! node this node knows of applied the `Held` that names it, or after [`CONFIRM_TIMEOUT`]: then
+//! a sender on another node that writes after that `AuthOk` reaches this session, as it would
+//! reach a session on its own node.
+//!
+//! Neither broker's own receipt says that. Redis counts the subscribed connections it handed
+//! the payload to, which may not have read it yet; a NATS request counts the nodes that
+//! answered within its reply window, and a node slower than the window is left out. So each
+//! node that applies a `Held` *acknowledges* it, on the same brokers and the same way: a
+//! payload on the announcing node's own topic, `announcer node id || seq`, MAC'd like every
+//! payload. The announcing node waits until every node in its table when it published (every
+//! node heard from within [`PEER_TIMEOUT`] that has not said `Bye`) acknowledged it, or was
+//! forgotten meanwhile. A node that starts meanwhile is not waited for: it asked everyone for a
+//! snapshot, which names the user. A node that crashed without its `Bye`, or is cut off, makes
+//! the logins on the others wait the full [`CONFIRM_TIMEOUT`] until it is forgotten, at most
+//! [`PEER_TIMEOUT`] after it was last heard.
+//!
+//! Snapshots are not awaited: a login that falls into a resynchronisation round is covered by
+//! the snapshot, which the others apply when it arrives.
 //!
 //! Must never: apply an announcement whose MAC did not verify (the router checks it first),
 //! trust a length it has not checked, or block the broker's delivery task (applying is a few
@@ -61,8 +80,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use syncra_core::crypto::local_box::LocalKey;
+use syncra_core::error::BrokerError;
 use syncra_core::id::USER_ID_LEN;
-use syncra_core::{Broker, Confirm, UserId};
+use syncra_core::{Broker, Confirm, PublishReceipt, UserId};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -231,6 +251,12 @@ pub struct Presence {
     done: watch::Sender<u64>,
     /// The last number used.
     seq: AtomicU64,
+    /// The nodes that acknowledged each of this node's `Held` announcements the presence task
+    /// waits for, by number. Only the numbers being waited for are kept.
+    acks: Mutex<HashMap<u64, HashSet<NodeId>>>,
+    /// Bumped with every acknowledgement kept and every peer forgotten, to wake the presence
+    /// task while it waits.
+    acks_seen: watch::Sender<u64>,
 }
 
 impl Presence {
@@ -249,7 +275,96 @@ impl Presence {
             trusted: AtomicBool::new(false),
             done: watch::Sender::new(0),
             seq: AtomicU64::new(0),
+            acks: Mutex::default(),
+            acks_seen: watch::Sender::new(0),
         }
+    }
+
+    /// The body of the acknowledgement of `announcer`'s `Held` number `seq`.
+    pub fn ack_body(announcer: &NodeId, seq: u64) -> Vec<u8> {
+        [&announcer[..], &seq.to_be_bytes()].concat()
+    }
+
+    /// Takes an acknowledgement from node `from` (its MAC already verified). `Err` if it does
+    /// not parse or acknowledges another node's announcement; one for a number nobody waits
+    /// for (late, or a replay) changes nothing.
+    pub fn ack(&self, from: NodeId, body: &[u8]) -> Result<(), ()> {
+        let (announcer, seq) = body.split_first_chunk::<NODE_ID_LEN>().ok_or(())?;
+        let seq: [u8; 8] = seq.try_into().map_err(drop)?;
+        if *announcer != self.me {
+            return Err(());
+        }
+        let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(nodes) = acks.get_mut(&u64::from_be_bytes(seq))
+            && nodes.insert(from)
+        {
+            drop(acks);
+            self.acks_seen.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
+    }
+
+    /// Starts keeping the acknowledgements of number `seq` (before it is published: an
+    /// acknowledgement may come back before the broker's receipt does).
+    fn expect_acks(&self, seq: u64) {
+        self.acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(seq, HashSet::new());
+    }
+
+    /// How many other nodes the table knows.
+    pub fn peer_count(&self) -> usize {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The nodes in the table now.
+    fn peer_ids(&self) -> HashSet<NodeId> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Waits until each node of `want` acknowledged number `seq` or was forgotten, or until
+    /// `deadline`; then stops keeping its acknowledgements. Returns whether they all came.
+    async fn wait_acks(&self, seq: u64, want: &HashSet<NodeId>, deadline: Instant) -> bool {
+        let mut seen = self.acks_seen.subscribe();
+        let all = loop {
+            if self.acked_by_all(seq, want) {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, seen.changed())
+                .await
+                .is_err()
+            {
+                break false;
+            }
+        };
+        self.stop_acks(seq);
+        all
+    }
+
+    /// Whether each node of `want` still in the table acknowledged number `seq`.
+    fn acked_by_all(&self, seq: u64, want: &HashSet<NodeId>) -> bool {
+        let peers = self.peer_ids();
+        let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        let got = acks.get(&seq);
+        want.iter()
+            .all(|n| !peers.contains(n) || got.is_some_and(|g| g.contains(n)))
+    }
+
+    /// Stops keeping the acknowledgements of number `seq`.
+    fn stop_acks(&self, seq: u64) {
+        self.acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&seq);
     }
 
     /// The other nodes believed to hold a session of `user` (`None`: none).
@@ -303,10 +418,11 @@ impl Presence {
     }
 
     /// Applies an announcement from node `from` (its MAC already verified). `Err` if the body
-    /// does not parse.
-    pub fn apply(&self, from: NodeId, sealed: &[u8]) -> Result<(), ()> {
+    /// does not parse; `Ok(Some(seq))` for a `Held` applied, which the caller acknowledges
+    /// (see the module docs).
+    pub fn apply(&self, from: NodeId, sealed: &[u8]) -> Result<Option<u64>, ()> {
         if from == self.me {
-            return Ok(());
+            return Ok(None);
         }
         let body = self.key.open(&label(&from), sealed).map_err(drop)?;
         let (seq, announcement) = Announcement::parse(&body)?;
@@ -315,8 +431,9 @@ impl Presence {
         if announcement == Announcement::Bye {
             if let Some(peer) = peers.remove(&from) {
                 self.forget(&from, peer.users);
+                self.acks_seen.send_modify(|n| *n = n.wrapping_add(1));
             }
-            return Ok(());
+            return Ok(None);
         }
         let peer = peers.entry(from).or_insert_with(|| Peer {
             seq: 0,
@@ -331,12 +448,14 @@ impl Presence {
         if numbered && seq <= peer.seq {
             // Numbers only grow (a node's id is new each time it starts): this is an old
             // announcement again, which a broker publisher could replay. Ignored.
-            return Ok(());
+            return Ok(None);
         }
         let mut lost = false;
+        let mut applied_held = None;
         match announcement {
             Announcement::Held(users) => {
                 lost = !in_order;
+                applied_held = Some(seq);
                 for user in users {
                     if peer.users.insert(user) {
                         self.holders.entry(user).or_default().push(from);
@@ -396,7 +515,7 @@ impl Presence {
                 self.wake.notify_one();
             }
         }
-        Ok(())
+        Ok(applied_held)
     }
 
     fn drop_holder(&self, user: &UserId, node: &NodeId) {
@@ -428,6 +547,16 @@ impl Presence {
         }
     }
 
+    /// The number of an announcement: the next one if it changes this node's set, else the
+    /// last one used.
+    fn number(&self, announcement: &Announcement) -> u64 {
+        if announcement.numbered() {
+            self.seq.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.seq.load(Ordering::Acquire)
+        }
+    }
+
     /// Takes the users changed since the last round and begins a round.
     fn begin_round(&self) -> (u64, Vec<UserId>) {
         let mut changed = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -445,11 +574,21 @@ async fn announce(
     announcement: Announcement,
     confirm: Confirm,
 ) -> bool {
-    let seq = if announcement.numbered() {
-        presence.seq.fetch_add(1, Ordering::AcqRel) + 1
-    } else {
-        presence.seq.load(Ordering::Acquire)
-    };
+    let seq = presence.number(&announcement);
+    publish(presence, router, broker, seq, &announcement, confirm)
+        .await
+        .is_ok()
+}
+
+/// Publishes one announcement with number `seq`.
+async fn publish(
+    presence: &Presence,
+    router: &Router,
+    broker: &dyn Broker,
+    seq: u64,
+    announcement: &Announcement,
+    confirm: Confirm,
+) -> Result<PublishReceipt, BrokerError> {
     let sealed = presence
         .key
         .seal(&label(&presence.me), &announcement.encode(seq));
@@ -457,7 +596,27 @@ async fn announce(
     broker
         .publish_confirm(PRESENCE_TOPIC, payload, confirm)
         .await
-        .is_ok()
+}
+
+/// Publishes `Held` for `users`; returns its number, whose acknowledgements are now kept.
+/// `Err` if the broker did not take it.
+async fn announce_held(
+    presence: &Presence,
+    router: &Router,
+    broker: &dyn Broker,
+    users: Vec<UserId>,
+) -> Result<u64, ()> {
+    let held = Announcement::Held(users);
+    let seq = presence.number(&held);
+    presence.expect_acks(seq);
+    // Nothing to count: the acknowledgements say who applied it.
+    match publish(presence, router, broker, seq, &held, Confirm::Nothing).await {
+        Ok(_) => Ok(seq),
+        Err(_) => {
+            presence.stop_acks(seq);
+            Err(())
+        }
+    }
 }
 
 /// Publishes this node's snapshot: what the router holds now.
@@ -521,7 +680,12 @@ pub async fn run(
             () = sleep_until_some(settle_at) => false,
         };
         let (round, users) = presence.begin_round();
+        let round_began = Instant::now();
         let mut ok = true;
+        // The numbers of the `Held` announcements whose acknowledgements are awaited, and the
+        // nodes to hear from.
+        let mut awaited = Vec::new();
+        let mut want = HashSet::new();
         if resync {
             ok &= announce(
                 &presence,
@@ -542,16 +706,14 @@ pub async fn run(
         } else if !users.is_empty() {
             let (held, released): (Vec<UserId>, Vec<UserId>) =
                 users.into_iter().partition(|u| router.holds(u));
+            if !held.is_empty() {
+                want = presence.peer_ids();
+            }
             for part in held.chunks(USERS_PER_ANNOUNCEMENT) {
-                // Counted: on NATS this returns once the nodes answered, i.e. applied it.
-                ok &= announce(
-                    &presence,
-                    &router,
-                    broker,
-                    Announcement::Held(part.to_vec()),
-                    Confirm::Count,
-                )
-                .await;
+                match announce_held(&presence, &router, broker, part.to_vec()).await {
+                    Ok(seq) => awaited.push(seq),
+                    Err(()) => ok = false,
+                }
             }
             for part in released.chunks(USERS_PER_ANNOUNCEMENT) {
                 ok &= announce(
@@ -606,6 +768,16 @@ pub async fn run(
             }
             resync = true;
             link_ok_since = None;
+        }
+        // The first sessions this round announced log in once the others applied it (or the
+        // waiting ends with the waiters' own timeout).
+        for seq in awaited {
+            if !presence
+                .wait_acks(seq, &want, round_began + CONFIRM_TIMEOUT)
+                .await
+            {
+                debug!("presence: not every node acknowledged a `Held` in time");
+            }
         }
         presence.done.send_replace(round);
     }
@@ -761,9 +933,67 @@ pub(crate) mod tests {
         assert_eq!(p.others(&user(1)), None);
         assert_eq!(
             p.apply([1; NODE_ID_LEN], &sealed([1; NODE_ID_LEN], 1, &held)),
-            Ok(())
+            Ok(Some(1))
         );
         assert_eq!(p.others(&user(1)), Some(vec![[1; NODE_ID_LEN]]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_waits_for_every_node_known_when_it_was_sent() {
+        const N: usize = NODE_ID_LEN;
+        let p = Arc::new(Presence::new([0; N], key()));
+        apply(&p, 1, 1, Announcement::SnapshotFirst(vec![]));
+        apply(&p, 2, 1, Announcement::SnapshotFirst(vec![]));
+        let want = p.peer_ids();
+        // Applying a `Held` asks the caller to acknowledge it; nothing else does.
+        assert_eq!(
+            p.apply(
+                [1; N],
+                &sealed([1; N], 2, &Announcement::Held(vec![user(1)]))
+            ),
+            Ok(Some(2))
+        );
+        assert_eq!(
+            p.apply([1; N], &sealed([1; N], 3, &Announcement::Released(vec![]))),
+            Ok(None)
+        );
+
+        p.expect_acks(5);
+        // An acknowledgement of another node's announcement, or one that does not parse, is
+        // refused.
+        assert_eq!(p.ack([1; N], &Presence::ack_body(&[9; N], 5)), Err(()));
+        assert_eq!(p.ack([1; N], &[0; N]), Err(()));
+        assert_eq!(p.ack([1; N], &[0; N + 9]), Err(()));
+        assert!(!p.acked_by_all(5, &want));
+        assert_eq!(p.ack([1; N], &Presence::ack_body(&[0; N], 5)), Ok(()));
+        assert!(!p.acked_by_all(5, &want), "node 2 has not acknowledged it");
+        // A node that leaves is not waited for any more.
+        apply(&p, 2, 1, Announcement::Bye);
+        assert!(p.acked_by_all(5, &want));
+        p.stop_acks(5);
+
+        // A node that never acknowledges: the wait ends at its deadline.
+        p.expect_acks(6);
+        let want = p.peer_ids();
+        let deadline = Instant::now() + CONFIRM_TIMEOUT;
+        assert!(!p.wait_acks(6, &want, deadline).await);
+        assert_eq!(Instant::now(), deadline);
+
+        // An acknowledgement that comes during the wait ends it.
+        p.expect_acks(7);
+        let waiter = tokio::spawn({
+            let (p, want) = (Arc::clone(&p), want.clone());
+            async move {
+                p.wait_acks(7, &want, Instant::now() + CONFIRM_TIMEOUT)
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        p.ack([1; N], &Presence::ack_body(&[0; N], 7)).unwrap();
+        assert!(waiter.await.unwrap());
+        // Once the wait is over, an acknowledgement (late, or replayed) keeps nothing.
+        p.ack([1; N], &Presence::ack_body(&[0; N], 7)).unwrap();
+        assert!(p.acks.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

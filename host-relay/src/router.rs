@@ -3,9 +3,16 @@
 //! A user may be connected more than once (several devices, or a reconnect overlapping the old
 //! session). Each session has a bounded queue drained by its own writer task; delivery only
 //! ever *tries* to enqueue, so a slow consumer never slows the sender or anyone else.
+//!
+//! The queue is a `VecDeque` under a lock, not a tokio channel: a bounded tokio `mpsc`
+//! allocates its shared state and a first block of 32 slots when it is made, about 1.5 KiB for
+//! every session, idle or not. This one holds no buffer until a frame arrives, and gives it back
+//! whenever its writer finds it empty, so an idle session pays for a few words
+//! (docs/BENCHMARKS.md, issue 19).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -13,7 +20,7 @@ use syncra_core::UserId;
 use syncra_core::broker::BrokerSink;
 use syncra_core::transport::CloseReason;
 use syncra_core::wire::ErrorCode;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::config::OverflowPolicy;
 
@@ -89,6 +96,8 @@ mod kind {
     pub const PRESENCE: u8 = 2;
     /// The answer to a batch (`crate::links`).
     pub const ANSWER: u8 = 3;
+    /// The acknowledgement of a presence `Held` (`crate::presence`, on brokers that need it).
+    pub const PRESENCE_ACK: u8 = 4;
 }
 
 /// The topic every node subscribes to for presence announcements.
@@ -110,17 +119,31 @@ pub fn node_topic(node: &NodeId) -> String {
 pub struct SessionQueue {
     /// Unique per node, for removal.
     pub id: u64,
-    tx: mpsc::Sender<Bytes>,
+    /// Frames waiting at most.
+    capacity: usize,
+    frames: Mutex<Frames>,
+    /// Wakes the writer: frames arrived, or the queue was closed to senders.
+    filled: Notify,
+    /// Wakes a reply waiting for room: the writer took frames, or went away.
+    drained: Notify,
     dropped: AtomicU64,
     close: Mutex<Option<CloseReason>>,
     kill: Notify,
 }
 
+/// The frames waiting for a session's writer, and whether more may come.
+#[derive(Debug, Default)]
+struct Frames {
+    waiting: VecDeque<Bytes>,
+    /// The writer closed the queue (it is flushing before it ends): nothing more is taken.
+    shut: bool,
+    /// The writer is gone: nothing will be written any more.
+    gone: bool,
+}
+
 /// The receiving side, owned by the session's writer task.
 #[derive(Debug)]
 pub struct SessionOutbox {
-    /// Frames to write.
-    pub rx: mpsc::Receiver<Bytes>,
     /// The shared half.
     pub queue: Arc<SessionQueue>,
 }
@@ -128,12 +151,13 @@ pub struct SessionOutbox {
 impl SessionQueue {
     /// A queue holding up to `capacity` frames, with its receiving side.
     pub fn channel(id: u64, capacity: usize) -> SessionOutbox {
-        let (tx, rx) = mpsc::channel(capacity);
         SessionOutbox {
-            rx,
             queue: Arc::new(SessionQueue {
                 id,
-                tx,
+                capacity,
+                frames: Mutex::default(),
+                filled: Notify::new(),
+                drained: Notify::new(),
                 dropped: AtomicU64::new(0),
                 close: Mutex::new(None),
                 kill: Notify::new(),
@@ -141,11 +165,31 @@ impl SessionQueue {
         }
     }
 
+    fn frames(&self) -> std::sync::MutexGuard<'_, Frames> {
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `frame` if there is room: `Ok`, or why not (full, or the writer is gone) and
+    /// the frame back.
+    fn push(&self, frame: Bytes) -> Result<(), (Offer, Bytes)> {
+        let mut frames = self.frames();
+        if frames.gone || frames.shut {
+            return Err((Offer::Gone, frame));
+        }
+        if frames.waiting.len() >= self.capacity {
+            return Err((Offer::Full, frame));
+        }
+        frames.waiting.push_back(frame);
+        drop(frames);
+        self.filled.notify_one();
+        Ok(())
+    }
+
     /// Tries to enqueue a delivery. Returns whether the session took it.
     pub fn offer(&self, frame: Bytes, policy: OverflowPolicy) -> Offer {
-        match self.tx.try_send(frame) {
+        match self.push(frame) {
             Ok(()) => Offer::Taken,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err((Offer::Full, _)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 if policy == OverflowPolicy::Disconnect {
                     self.close(CloseReason::error(
@@ -155,14 +199,38 @@ impl SessionQueue {
                 }
                 Offer::Full
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+            Err((other, _)) => other,
+        }
+    }
+
+    /// Enqueues a reply to this session's own request if there is room; if not, gives it back
+    /// (`Some`) to wait with [`SessionQueue::reply`], or says the session is gone (`None`).
+    pub fn try_reply(&self, frame: Bytes) -> Result<(), Option<Bytes>> {
+        match self.push(frame) {
+            Ok(()) => Ok(()),
+            Err((Offer::Full, frame)) => Err(Some(frame)),
+            Err(_) => Err(None),
         }
     }
 
     /// Enqueues a reply to this session's own request, waiting for room: the client that
     /// asked is the one whose reader is slowed, nobody else.
     pub async fn reply(&self, frame: Bytes) -> bool {
-        self.tx.send(frame).await.is_ok()
+        let mut frame = frame;
+        loop {
+            // Registered before the check, so room made in between is not missed.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            match self.push(frame) {
+                Ok(()) => return true,
+                Err((Offer::Full, back)) => {
+                    frame = back;
+                    drained.await;
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     /// How many deliveries were refused since the last call, resetting the count.
@@ -203,6 +271,62 @@ impl SessionQueue {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
+    }
+}
+
+impl SessionOutbox {
+    /// Waits for frames and swaps every waiting one into `batch`, which must be empty (its
+    /// buffer becomes the queue's). Returns false once the queue is shut and empty. Before it
+    /// waits, it gives back the memory of both buffers: an idle session holds none.
+    pub async fn next_batch(&mut self, batch: &mut VecDeque<Bytes>) -> bool {
+        debug_assert!(batch.is_empty());
+        loop {
+            {
+                let mut frames = self.queue.frames();
+                if !frames.waiting.is_empty() {
+                    std::mem::swap(&mut frames.waiting, batch);
+                    drop(frames);
+                    self.queue.drained.notify_one();
+                    return true;
+                }
+                if frames.shut {
+                    return false;
+                }
+                frames.waiting = VecDeque::new();
+            }
+            *batch = VecDeque::new();
+            self.queue.filled.notified().await;
+        }
+    }
+
+    /// Takes the oldest waiting frame, if any.
+    #[cfg(test)]
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.queue.frames().waiting.pop_front()
+    }
+
+    /// Whether the queue holds a buffer now.
+    #[cfg(test)]
+    fn holds_buffer(&self) -> bool {
+        self.queue.frames().waiting.capacity() > 0
+    }
+
+    /// Stops taking frames; what is queued can still be taken with
+    /// [`SessionOutbox::next_batch`].
+    pub fn shut(&self) {
+        self.queue.frames().shut = true;
+        // A reply waiting for room sees the queue closed.
+        self.queue.drained.notify_one();
+    }
+}
+
+impl Drop for SessionOutbox {
+    fn drop(&mut self) {
+        let mut frames = self.queue.frames();
+        frames.gone = true;
+        frames.waiting = VecDeque::new();
+        drop(frames);
+        self.queue.drained.notify_one();
     }
 }
 
@@ -336,6 +460,12 @@ impl Router {
         self.seal(kind::ANSWER, body)
     }
 
+    /// The acknowledgement of a presence announcement as a broker payload (body:
+    /// `crate::presence::Presence::ack_body`).
+    pub fn presence_ack_payload(&self, body: &[u8]) -> Bytes {
+        self.seal(kind::PRESENCE_ACK, body)
+    }
+
     /// A presence payload with `body` (see `crate::presence`).
     pub fn presence_payload(&self, body: &[u8]) -> Bytes {
         self.seal(kind::PRESENCE, body)
@@ -459,6 +589,14 @@ pub enum Remote {
         /// Everything after the kind byte.
         body: Bytes,
     },
+    /// The acknowledgement of one of this node's presence announcements
+    /// (`crate::presence::Presence::ack`).
+    PresenceAck {
+        /// The node that sent it.
+        from: NodeId,
+        /// Everything after the kind byte.
+        body: Bytes,
+    },
 }
 
 impl Router {
@@ -492,6 +630,7 @@ impl Router {
             (kind::PRESENCE, true) => Ok(Remote::Presence { from, body }),
             (kind::BATCH, false) => Ok(Remote::Batch { from, body }),
             (kind::ANSWER, false) => Ok(Remote::Answer { from, body }),
+            (kind::PRESENCE_ACK, false) => Ok(Remote::PresenceAck { from, body }),
             _ => Err(Dropped::Topic),
         }
     }
@@ -549,7 +688,16 @@ impl BrokerSink for RouterSink {
                 Err(()) => Dropped::NotAnswer,
             },
             Ok(Remote::Presence { from, body }) => match self.presence.apply(from, &body) {
-                Ok(()) => return true,
+                Ok(held) => {
+                    if let Some(seq) = held {
+                        self.links.ack_presence(from, seq);
+                    }
+                    return true;
+                }
+                Err(()) => Dropped::NotPresence,
+            },
+            Ok(Remote::PresenceAck { from, body }) => match self.presence.ack(from, &body) {
+                Ok(()) => return false,
                 Err(()) => Dropped::NotPresence,
             },
             Ok(Remote::Own) => return false,
@@ -562,7 +710,10 @@ impl BrokerSink for RouterSink {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::presence::Presence;
 
     #[test]
     fn node_topics_are_distinct_literal_subjects() {
@@ -587,6 +738,61 @@ mod tests {
         assert!(!out.queue.is_closing());
         assert!(router.remove(&user, out.queue.id));
         assert!(!router.holds(&user));
+    }
+
+    #[tokio::test]
+    async fn a_queue_holds_memory_only_while_frames_wait_and_a_reply_waits_for_room() {
+        let mut out = SessionQueue::channel(1, 2);
+        let queue = out.queue.clone();
+        assert!(!out.holds_buffer(), "a new session holds no buffer");
+        let frame = Bytes::from_static(b"x");
+        assert_eq!(
+            queue.offer(frame.clone(), OverflowPolicy::Reject),
+            Offer::Taken
+        );
+        assert!(queue.reply(frame.clone()).await);
+        assert_eq!(
+            queue.offer(frame.clone(), OverflowPolicy::Reject),
+            Offer::Full
+        );
+        // A reply waits for room, which the writer makes by taking the batch.
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.reply(Bytes::from_static(b"r")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let mut batch = VecDeque::new();
+        assert!(out.next_batch(&mut batch).await);
+        assert_eq!(batch.len(), 2);
+        assert!(waiting.await.unwrap());
+        batch.clear();
+        assert!(out.next_batch(&mut batch).await);
+        assert_eq!(batch, [Bytes::from_static(b"r")]);
+        batch.clear();
+        // Found empty, the writer gives both buffers back before it waits.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), out.next_batch(&mut batch))
+                .await
+                .is_err()
+        );
+        assert!(!out.holds_buffer() && batch.capacity() == 0);
+        // Shut: nothing more is taken, what waits is still written, then the end.
+        assert_eq!(
+            queue.offer(frame.clone(), OverflowPolicy::Reject),
+            Offer::Taken
+        );
+        out.shut();
+        assert_eq!(
+            queue.offer(frame.clone(), OverflowPolicy::Reject),
+            Offer::Gone
+        );
+        assert!(out.next_batch(&mut batch).await);
+        batch.clear();
+        assert!(!out.next_batch(&mut batch).await);
+        // The writer gone: a reply says so instead of waiting.
+        drop(out);
+        assert!(!queue.reply(frame).await);
     }
 
     #[tokio::test]
@@ -635,7 +841,7 @@ mod tests {
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let sink = RouterSink {
             router: router.clone(),
-            presence: Arc::new(crate::presence::Presence::new(
+            presence: Arc::new(Presence::new(
                 *router.node_id(),
                 crate::presence::presence_key(&[5; 32]),
             )),
@@ -667,8 +873,8 @@ mod tests {
             &topic,
             batch(&there, &user, &there.deliver_frame(&envelope))
         ));
-        assert_eq!(out.rx.try_recv().unwrap(), frame);
-        assert!(out.rx.try_recv().is_err());
+        assert_eq!(out.try_recv().unwrap(), frame);
+        assert!(out.try_recv().is_none());
         // An authentic presence announcement on the presence topic is applied.
         let held = crate::presence::tests::sealed(
             [2; NODE_ID_LEN],
@@ -817,6 +1023,24 @@ mod tests {
                 Dropped::NotPresence,
             ),
             (
+                "unauthenticated presence acknowledgement",
+                &topic,
+                keyless.presence_ack_payload(&Presence::ack_body(here.node_id(), 1)),
+                Dropped::Mac,
+            ),
+            (
+                "a presence acknowledgement on the presence topic",
+                PRESENCE_TOPIC,
+                peer.presence_ack_payload(&Presence::ack_body(here.node_id(), 1)),
+                Dropped::Topic,
+            ),
+            (
+                "an acknowledgement of another node's announcement",
+                &topic,
+                peer.presence_ack_payload(&Presence::ack_body(&[7; NODE_ID_LEN], 1)),
+                Dropped::NotPresence,
+            ),
+            (
                 "an answer to a batch never sent there",
                 &topic,
                 peer.answer_payload(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 1]),
@@ -834,6 +1058,6 @@ mod tests {
             assert!(text.contains(&series), "{name}: {series}\n{text}");
             assert_eq!(sink.presence.others(&other), None, "{name}: presence");
         }
-        assert!(out.rx.try_recv().is_err(), "nothing reached the session");
+        assert!(out.try_recv().is_none(), "nothing reached the session");
     }
 }

@@ -6,6 +6,7 @@
 //! an `Error` frame with its code; the connection is closed only when continuing would be
 //! pointless or abusive (too many failed logins, a frame over the size limit, a timeout).
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -613,85 +614,52 @@ async fn read_loop(
     let mut in_flight: FuturesOrdered<BoxFuture<'_, Option<Bytes>>> = FuturesOrdered::new();
     let mut malformed = 0u32;
     loop {
-        let received = tokio::select! {
-            biased;
-            _ = &mut closed => return,
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if !answer(queue, reply).await {
-                    return;
-                }
-                continue;
-            }
-            // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
-            r = receive(state, stream, ip), if in_flight.len() < in_flight_max => r,
-            () = &mut idle_tick => {
-                quiet_quarters += 1;
-                if quiet_quarters > 4 {
-                    queue.close(CloseReason::error(
-                        ErrorCode::Timeout,
-                        "idle for too long; send pings to keep a session open",
-                    ));
-                    return;
-                }
-                let next = idle_tick.deadline() + quarter;
-                idle_tick.as_mut().reset(next);
-                continue;
-            }
-        };
-        quiet_quarters = 0;
-        let frame = match received {
-            Received::Closed => return,
-            Received::Fatal(reason) => {
-                queue.close(reason);
-                return;
-            }
-            Received::Bad(request_id, code, message) => {
-                count_error(state, code);
-                malformed += 1;
-                if malformed > MAX_MALFORMED {
-                    queue.close(CloseReason::error(code, "too many bad frames"));
-                    return;
-                }
-                in_flight.push_back(Box::pin(std::future::ready(Some(error_frame(
-                    request_id, code, message,
-                )))));
-                continue;
-            }
-            Received::Frame(f) => f,
-        };
-        // A send is routed on the spot (local sessions, and the hand-over to the broker for
-        // other nodes); its answer, when already known, goes out without the boxed future
-        // below: at once when nothing is ahead of it (answers leave in request order).
-        // An MLS carriage is routed only after its group's check, a store round trip: what the
-        // session sends after it must not be routed before it (a message after its sender's
-        // commit would meet the old epoch), so it is waited for before the next frame is read.
-        let ordered = matches!(
-            &frame,
-            Frame::Send { envelope, .. } if envelope.first() == Some(&CARRIAGE_VERSION)
-        );
-        let mut request: BoxFuture<'_, Option<Bytes>> = match frame {
-            Frame::Send {
-                request_id,
-                envelope,
-            } if state.hooks.is_empty() => match send_locally(state, user, request_id, &envelope) {
-                Ok(reply) if in_flight.is_empty() => {
-                    if !answer(queue, Some(reply)).await {
+        // Decided in a plain function, so that the frame is gone before anything is awaited:
+        // a frame is 224 bytes, and whatever lives across an await is part of this task's
+        // memory for the session's whole life, idle or not.
+        let step = {
+            let received = tokio::select! {
+                biased;
+                _ = &mut closed => return,
+                Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !answer(queue, reply).await {
                         return;
                     }
                     continue;
                 }
-                Ok(reply) => {
-                    in_flight.push_back(Box::pin(std::future::ready(Some(reply))));
+                // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
+                r = receive(state, stream, ip), if in_flight.len() < in_flight_max => r,
+                () = &mut idle_tick => {
+                    quiet_quarters += 1;
+                    if quiet_quarters > 4 {
+                        queue.close(CloseReason::error(
+                            ErrorCode::Timeout,
+                            "idle for too long; send pings to keep a session open",
+                        ));
+                        return;
+                    }
+                    let next = idle_tick.deadline() + quarter;
+                    idle_tick.as_mut().reset(next);
                     continue;
                 }
-                Err(held) => held,
-            },
-            // A ping is also when entries stored since the login's backlog are picked up.
-            Frame::Ping { nonce } if state.mailbox.stores() => {
-                Box::pin(pending_then_pong(state, user, queue, cursor, nonce))
+            };
+            quiet_quarters = 0;
+            classify(state, user, queue, cursor, received, &mut malformed)
+        };
+        let (mut request, ordered) = match step {
+            Step::End => return,
+            // Known at once, nothing ahead of it: answered without a boxed future.
+            Step::Answer(reply) if in_flight.is_empty() => {
+                if !answer(queue, Some(reply)).await {
+                    return;
+                }
+                continue;
             }
-            Frame::Acknowledge { entry_id } => Box::pin(acknowledge(state, user, cursor, entry_id)),
-            other => Box::pin(handle_request(state, user, other)),
+            Step::Answer(reply) => {
+                in_flight.push_back(Box::pin(std::future::ready(Some(reply))));
+                continue;
+            }
+            Step::Serve(request, ordered) => (request, ordered),
         };
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
         match first {
@@ -714,11 +682,90 @@ async fn read_loop(
     }
 }
 
+/// What the read loop does with what it received, decided without waiting.
+enum Step<'a> {
+    /// The session is over.
+    End,
+    /// An answer known at once (a send routed on the spot, or an error).
+    Answer(Bytes),
+    /// A request to serve, and whether the next frame waits for it (an MLS carriage).
+    Serve(BoxFuture<'a, Option<Bytes>>, bool),
+}
+
+/// Decides what to do with `received`: a send is routed on the spot (local sessions, and the
+/// hand-over to the broker for other nodes) and its answer returned when already known. An
+/// MLS carriage is routed only after its group's check, a store round trip: what the session
+/// sends after it must not be routed before it (a message after its sender's commit would meet
+/// the old epoch), so the loop waits for it before the next frame is read.
+fn classify<'a>(
+    state: &'a NodeState,
+    user: UserId,
+    queue: &'a SessionQueue,
+    cursor: &'a MailboxCursor,
+    received: Received,
+    malformed: &mut u32,
+) -> Step<'a> {
+    match received {
+        Received::Closed => Step::End,
+        Received::Fatal(reason) => {
+            queue.close(reason);
+            Step::End
+        }
+        Received::Bad(request_id, code, message) => {
+            count_error(state, code);
+            *malformed += 1;
+            if *malformed > MAX_MALFORMED {
+                queue.close(CloseReason::error(code, "too many bad frames"));
+                return Step::End;
+            }
+            Step::Answer(error_frame(request_id, code, message))
+        }
+        Received::Frame(frame) => {
+            let ordered = matches!(
+                &frame,
+                Frame::Send { envelope, .. } if envelope.first() == Some(&CARRIAGE_VERSION)
+            );
+            match start_request(state, user, queue, cursor, frame) {
+                Ok(reply) => Step::Answer(reply),
+                Err(request) => Step::Serve(request, ordered),
+            }
+        }
+    }
+}
+
+/// Starts serving one request: its answer if it is known at once (a send routed on the spot),
+/// or the future that serves it.
+fn start_request<'a>(
+    state: &'a NodeState,
+    user: UserId,
+    queue: &'a SessionQueue,
+    cursor: &'a MailboxCursor,
+    frame: Frame,
+) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
+    match frame {
+        Frame::Send {
+            request_id,
+            envelope,
+        } if state.hooks.is_empty() => send_locally(state, user, request_id, &envelope),
+        // A ping is also when entries stored since the login's backlog are picked up.
+        Frame::Ping { nonce } if state.mailbox.stores() => Err(Box::pin(pending_then_pong(
+            state, user, queue, cursor, nonce,
+        ))),
+        Frame::Acknowledge { entry_id } => {
+            Err(Box::pin(acknowledge(state, user, cursor, entry_id)))
+        }
+        other => Err(Box::pin(handle_request(state, user, other))),
+    }
+}
+
 /// Queues a request's answer, if it has one. False when the session is gone.
 async fn answer(queue: &SessionQueue, reply: Option<Bytes>) -> bool {
-    match reply {
-        Some(reply) => queue.reply(reply).await,
-        None => true,
+    match reply.map(|reply| queue.try_reply(reply)) {
+        None | Some(Ok(())) => true,
+        // The queue is full (the client reads slowly): wait for room. Boxed, so that the wait's
+        // state is not part of every session's task, which is as large as its largest await.
+        Some(Err(Some(reply))) => Box::pin(queue.reply(reply)).await,
+        Some(Err(None)) => false,
     }
 }
 
@@ -1001,8 +1048,9 @@ async fn write_loop(
     user: UserId,
     cursor: Arc<MailboxCursor>,
 ) {
+    // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
     if state.mailbox.stores()
-        && send_backlog(&state, &mut sink, &user, &cursor)
+        && Box::pin(send_backlog(&state, &mut sink, &user, &cursor))
             .await
             .is_err()
     {
@@ -1010,45 +1058,60 @@ async fn write_loop(
         return;
     }
     let batch_max = state.config.limits.write_batch;
-    // Grown on the first delivery, not up front: an idle session should cost as little as
-    // possible (64 × 32 bytes here is 2 KiB per connection).
-    let mut batch: Vec<Bytes> = Vec::new();
+    // Swapped with the queue's buffer, so steady traffic allocates nothing; both are given back
+    // whenever the queue runs empty (an idle session holds neither).
+    let mut batch: VecDeque<Bytes> = VecDeque::new();
     let queue = outbox.queue.clone();
     let reason = loop {
         tokio::select! {
             biased;
-            n = outbox.rx.recv_many(&mut batch, batch_max) => {
-                if n == 0 {
+            more = outbox.next_batch(&mut batch) => {
+                if !more {
                     break CloseReason::normal("session ended");
                 }
                 let dropped = queue.take_dropped();
                 if dropped > 0 {
                     state.metrics.queue_overflow.inc_by(dropped);
-                    batch.push(error_frame(
+                    batch.push_back(error_frame(
                         0,
                         ErrorCode::QueueOverflow,
                         format!("{dropped} messages were refused because this session could not keep up"),
                     ));
                 }
-                state.metrics.frames_out.inc_by(batch.len() as u64);
-                state.metrics.write_batches.inc();
-                if sink.send(&batch).await.is_err() {
+                if write_batch(&state, &mut sink, &mut batch, batch_max).await.is_err() {
                     queue.close(CloseReason::normal("connection lost"));
                     return;
                 }
-                batch.clear();
             }
             reason = queue.closed() => break reason,
         }
     };
     // Flush what is already queued (a draining shutdown must not lose accepted deliveries),
     // then say why we close.
-    outbox.rx.close();
-    while outbox.rx.recv_many(&mut batch, batch_max).await > 0 {
-        if sink.send(&batch).await.is_err() {
+    outbox.shut();
+    while outbox.next_batch(&mut batch).await {
+        if write_batch(&state, &mut sink, &mut batch, batch_max)
+            .await
+            .is_err()
+        {
             return;
         }
-        batch.clear();
     }
     let _ = sink.close(reason).await;
+}
+
+/// Writes `batch` in writes of at most `batch_max` frames, and empties it.
+async fn write_batch(
+    state: &NodeState,
+    sink: &mut Box<dyn FrameSink>,
+    batch: &mut VecDeque<Bytes>,
+    batch_max: usize,
+) -> Result<(), TransportError> {
+    state.metrics.frames_out.inc_by(batch.len() as u64);
+    for frames in batch.make_contiguous().chunks(batch_max) {
+        state.metrics.write_batches.inc();
+        sink.send(frames).await?;
+    }
+    batch.clear();
+    Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use syncra_core::wire::{ErrorCode, Frame, Outcome};
 use syncra_test_relay::{RawClient, TestRelay, TestUser, expect_auth_ok};
 use syncra_test_support::DEADLINE;
+use syncra_test_support::latency::DelayedLink;
 use syncra_test_support::servers::{NatsCluster, NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]
@@ -156,36 +157,56 @@ async fn two_nodes_exchange_and_report_truthfully(kind: Kind) {
     expect_auth_ok(&mut resumed, a.id()).await;
 }
 
+/// How far node 0 of [`a_user_on_two_nodes_receives_on_both`] is from the broker: what the
+/// broker sends it arrives this much later. Far beyond the time a client takes to hear its
+/// `AuthOk` and send, and beyond NATS's reply window (20 ms by default).
+const FAR: Duration = Duration::from_millis(300);
+
+/// B logs in on nodes 1 and 2 while A's node 0 hears the broker [`FAR`] later than the others.
+/// Each login completes only once every other node applied its presence announcement, so the
+/// first message A sends after both logins reaches both of B's sessions: no retry, no wait.
+/// (Without that, node 0 learns of B's sessions up to `FAR` after they logged in, and its
+/// first message is `stored` or reaches only one of them.)
 async fn a_user_on_two_nodes_receives_on_both(kind: Kind) {
-    let cl = cluster(kind, 3).await;
-    let (a, b) = (TestUser::new("ya"), TestUser::new("yb"));
-    let (mut ca, _) = a.register(cl.nodes[0].url()).await;
-    let (mut b1, _) = b.register(cl.nodes[1].url()).await;
-    let mut b2 = b.login(cl.nodes[2].url()).await;
-    let got = send_until(&mut ca, &a, &[&b], b"both of you", &[Outcome::Delivered]).await;
-    assert_eq!(got, [Outcome::Delivered]);
-    // A's node may learn of B's second session a moment after B's first one took a message
-    // (on Redis the announcement is not awaited at login; docs/SCALING.md): until then, only
-    // the first session gets it. Once A's node knows both, each of B's sessions gets every
-    // message.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut id = 100;
-    loop {
-        let got = tokio::time::timeout(Duration::from_millis(300), b2.delivery()).await;
-        if let Ok(envelope) = got {
-            assert_eq!(b.open(&envelope), b"both of you");
-            break;
+    let server = Server::start(kind);
+    let port: u16 = server
+        .url()
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let far = DelayedLink::start(port, FAR);
+    let far_url = server
+        .url()
+        .replace(&port.to_string(), &far.port().to_string());
+    let shared = tempfile::tempdir().unwrap();
+    let n0 = node_on(server.kind(), far_url, shared.path()).await;
+    let n1 = node(&server, shared.path()).await;
+    let n2 = node(&server, shared.path()).await;
+    // Each node has heard of the two others (a login waits for the nodes its node knows of).
+    for node in [&n0, &n1, &n2] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !node.admin_get("/healthz").await.1.contains("\"nodes\":2") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind:?}: the nodes never heard of each other"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "B's second session never got it"
-        );
-        id += 1;
-        let out = ca.send_envelope(id, a.seal(&[&b], b"both of you")).await;
-        assert_eq!(out[0].outcome, Outcome::Delivered);
     }
-    // The first session got every copy.
-    assert_eq!(b.open(&b1.delivery().await), b"both of you");
+    let (a, b) = (TestUser::new("ya"), TestUser::new("yb"));
+    let (mut ca, _) = a.register(n0.url()).await;
+    let (mut b1, _) = b.register(n1.url()).await;
+    let mut b2 = b.login(n2.url()).await;
+    let out = ca.send_envelope(1, a.seal(&[&b], b"both of you")).await;
+    assert_eq!(out[0].outcome, Outcome::Delivered, "{kind:?}");
+    for (which, session) in [("first", &mut b1), ("second", &mut b2)] {
+        let got = tokio::time::timeout(DEADLINE, session.delivery())
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: B's {which} session never got it"));
+        assert_eq!(b.open(&got), b"both of you");
+    }
 }
 
 async fn a_group_across_three_nodes(kind: Kind) {
@@ -643,6 +664,170 @@ async fn relays_ride_out_losing_one_of_three_nats_servers() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// One node on the NATS servers at `urls`, with the JetStream mailbox kept by three servers,
+/// the shared SQLite store and the shared token key.
+async fn jetstream_node(urls: String, shared: &Path) -> TestRelay {
+    let store = shared.join("identities.db");
+    let key = shared.join("token.key");
+    TestRelay::start(move |c| {
+        c.broker = serde_json::json!({ "kind": "nats", "url": urls });
+        c.store = serde_json::json!({ "kind": "sqlite", "path": store });
+        c.mailbox = serde_json::json!({ "kind": "nats", "url": urls, "replicas": 3 });
+        c.auth.token_key_file = key;
+        c.relay_id = "test-cluster".into();
+    })
+    .await
+}
+
+/// Ends a client's session and waits until `node` holds no session any more, so that what is
+/// sent next to its user is stored, not taken by a session nobody reads.
+async fn leave(c: RawClient, node: &TestRelay) {
+    let mut c = c;
+    let _ = c
+        .conn
+        .sink
+        .close(syncra_core::transport::CloseReason::normal("leaving"))
+        .await;
+    drop(c);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !node
+        .admin_get("/healthz")
+        .await
+        .1
+        .contains("\"sessions\":0")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until both nodes report healthy (broker and mailbox up).
+async fn healthy(nodes: &[&TestRelay]) {
+    for node in nodes {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let (status, body) = node.admin_get("/healthz").await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node stayed unhealthy: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Two relays with the NATS mailbox (a JetStream stream with `replicas = 3`) on a three-server
+/// NATS cluster, and the server that leads the stream, the only address relay 0 was given, is
+/// killed while messages wait in the mailbox for a recipient who is away. The relays stay up and reconnect
+/// to the servers left; the stream, kept by the two others, still holds every entry answered
+/// `stored`, and the recipient gets each of them, once, when they log in; new messages are
+/// stored again (after at most a few `mailbox_unavailable` or `broker_unavailable` answers
+/// while JetStream elects a new leader) and delivered, live and from the mailbox, on both
+/// relays. A recipient with no session is never reported `delivered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_ride_out_losing_a_nats_server_with_the_mailbox_on_it() {
+    let mut nats = NatsCluster::start(3);
+    nats.wait_jetstream_ready();
+    let urls = nats.urls();
+    let shared = tempfile::tempdir().unwrap();
+    // Relay 1 knows every server and creates the stream; relay 0 is given only the server that
+    // leads the stream, the one killed below.
+    let n1 = jetstream_node(urls.join(","), shared.path()).await;
+    let leader = nats.stream_leader("SYNCRA_MAILBOX");
+    let n0 = jetstream_node(urls[leader].clone(), shared.path()).await;
+    let (a, b) = (TestUser::new("ja"), TestUser::new("jb"));
+    let (mut ca, _) = a.register(n0.url()).await;
+    let (cb, _) = b.register(n1.url()).await;
+    leave(cb, &n1).await;
+
+    let mut id = 0;
+    let mut send = async |ca: &mut RawClient, body: &[u8]| {
+        id += 1;
+        let out = tokio::time::timeout(DEADLINE, ca.send_envelope(id, a.seal(&[&b], body)))
+            .await
+            .expect("every send gets an answer, server or no server");
+        out[0].outcome
+    };
+    // Held for B, who is away: every one `stored` (the cluster is whole).
+    let mut stored = Vec::new();
+    for i in 0..10 {
+        let body = format!("held-{i:02}").into_bytes();
+        assert_eq!(
+            send(&mut ca, &body).await,
+            Outcome::Stored,
+            "before the kill"
+        );
+        stored.push(body);
+    }
+
+    nats.servers[leader].stop();
+    // Until 10 in a row are stored again: the relay reconnected, and the stream has a leader.
+    let deadline = tokio::time::Instant::now() + 3 * DEADLINE;
+    let (mut in_a_row, mut i) = (0, 0);
+    let mut refused = 0;
+    while in_a_row < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mailbox did not resume after losing one NATS server ({refused} refused)"
+        );
+        let body = format!("after-{i:03}").into_bytes();
+        i += 1;
+        match send(&mut ca, &body).await {
+            Outcome::Stored => {
+                stored.push(body);
+                in_a_row += 1;
+            }
+            Outcome::Rejected(ErrorCode::MailboxUnavailable | ErrorCode::BrokerUnavailable) => {
+                refused += 1;
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!(
+                "B is away: {:?} got {other:?}",
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    }
+    eprintln!("{refused} sends refused while the relays and JetStream recovered");
+    healthy(&[&n0, &n1]).await;
+
+    // B logs in on relay 1 and gets everything stored, before and after the kill, once.
+    let mut cb = b.login(n1.url()).await;
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut cb, &b, &stored).await;
+    inbox.check_once(Kind::Nats);
+    assert_eq!(inbox.bodies.len(), stored.len(), "nothing more arrived");
+
+    // Live again across the relays (relay 0 reaches relay 1 through the servers left).
+    let got = send_until(&mut ca, &a, &[&b], b"live", &[Outcome::Delivered]).await;
+    assert_eq!(got, [Outcome::Delivered]);
+    inbox.fill(&mut cb, &b, &[b"live".to_vec()]).await;
+
+    // And stored again, and taken from the mailbox on relay 0, the one that lost its server.
+    leave(cb, &n1).await;
+    let mut later = Vec::new();
+    for i in 0..5 {
+        let body = format!("later-{i}").into_bytes();
+        assert_eq!(
+            send(&mut ca, &body).await,
+            Outcome::Stored,
+            "B is away again"
+        );
+        later.push(body);
+    }
+    let mut cb = b.login(n0.url()).await;
+    let mut inbox = Inbox::default();
+    inbox.fill(&mut cb, &b, &later).await;
+    inbox.check_once(Kind::Nats);
+    healthy(&[&n0, &n1]).await;
 }
 
 macro_rules! for_both {

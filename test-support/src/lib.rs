@@ -13,6 +13,7 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod latency;
 pub mod mailbox;
 pub mod postgres;
 pub mod process;

@@ -438,6 +438,8 @@ spawned_server!(NatsServer, "nats://127.0.0.1:{}");
 pub struct NatsCluster {
     /// The members, in the order of [`NatsCluster::urls`].
     pub servers: Vec<NatsServer>,
+    /// Each member's HTTP monitoring port (`/healthz`), in the same order.
+    monitor_ports: Vec<u16>,
 }
 
 impl NatsCluster {
@@ -449,6 +451,7 @@ impl NatsCluster {
     /// As [`NatsServer::start`].
     pub fn start(n: usize) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
@@ -458,9 +461,11 @@ impl NatsCluster {
             .iter()
             .enumerate()
             .map(|(i, cluster_port)| {
+                let monitor_port = monitor_ports[i];
                 let server = Spawned::start_prepared(&NATS_CLUSTER_MEMBER, |dir| {
                     let conf = format!(
                         "server_name: syncra-test-{i}\n\
+                         http: \"127.0.0.1:{monitor_port}\"\n\
                          jetstream {{\n  store_dir: \"{}\"\n}}\n\
                          cluster {{\n  name: syncra-test\n  listen: \"127.0.0.1:{cluster_port}\"\n  \
                          routes: [{routes}]\n}}\n",
@@ -472,13 +477,105 @@ impl NatsCluster {
                 NatsServer { server }
             })
             .collect();
-        NatsCluster { servers }
+        NatsCluster {
+            servers,
+            monitor_ports,
+        }
     }
 
     /// Every member's URL.
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(NatsServer::url).collect()
     }
+
+    /// Waits until every running member reports JetStream ready on its `/healthz` (the servers
+    /// elected a meta leader and each is current with it), so that a stream with replicas can
+    /// be created. Members accept clients well before that.
+    ///
+    /// # Panics
+    ///
+    /// If a running member is not ready within [`DEADLINE`] (the message carries its answer
+    /// and its log).
+    pub fn wait_jetstream_ready(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        for (server, port) in self.servers.iter().zip(&self.monitor_ports) {
+            if !server.is_running() {
+                continue;
+            }
+            loop {
+                let answer = http_get_loopback(*port, "/healthz");
+                if answer.contains("\"status\":\"ok\"") {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "nats-server on port {} did not report JetStream ready within \
+                         {DEADLINE:?}: /healthz said {answer:?}; log:\n{}",
+                        server.port(),
+                        server.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl NatsCluster {
+    /// The index (in [`NatsCluster::servers`]) of the member that leads JetStream stream
+    /// `stream`, once one does, as the running members' `/jsz` report it.
+    ///
+    /// # Panics
+    ///
+    /// If no running member names a leader for the stream within [`DEADLINE`].
+    pub fn stream_leader(&self, stream: &str) -> usize {
+        let deadline = Instant::now() + DEADLINE;
+        let mut last = String::new();
+        loop {
+            for (server, port) in self.servers.iter().zip(&self.monitor_ports) {
+                if !server.is_running() {
+                    continue;
+                }
+                last = http_get_loopback(*port, "/jsz?accounts=true&streams=true");
+                if let Some(leader) = stream_leader_in(&last, stream) {
+                    return leader;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("no nats-server names a leader for stream {stream} in /jsz: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The member index in the leader's name (`syncra-test-<i>`) of `stream` in a `/jsz` answer:
+/// the first `leader` after the stream's name and before its `state` (the stream's own
+/// cluster section; the meta cluster's comes before every stream).
+fn stream_leader_in(jsz: &str, stream: &str) -> Option<usize> {
+    let compact: String = jsz.chars().filter(|c| !c.is_whitespace()).collect();
+    let at = compact.find(&format!("\"name\":\"{stream}\""))?;
+    let rest = &compact[at..];
+    let rest = &rest[..rest.find("\"state\":").unwrap_or(rest.len())];
+    let (_, after) = rest.split_once("\"leader\":\"syncra-test-")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The body of `GET path` on `127.0.0.1:port` (HTTP/1.0, read to the end), or what went wrong,
+/// for polling a server's monitoring endpoint.
+fn http_get_loopback(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let attempt = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    attempt().unwrap_or_else(|e| format!("no answer: {e}"))
 }
 
 impl fmt::Debug for NatsCluster {
@@ -522,6 +619,22 @@ mod tests {
         assert!(!accepts(port), "a stopped server must not accept");
         nats.restart();
         assert!(accepts(port));
+    }
+
+    #[test]
+    fn a_stream_leader_is_read_from_its_own_cluster_section() {
+        let jsz = r#"{ "meta_cluster": { "name": "syncra-test", "leader": "syncra-test-0" },
+          "account_details": [ { "stream_detail": [
+            { "name": "OTHER", "cluster": { "name": "syncra-test", "leader": "syncra-test-2" },
+              "state": {} },
+            { "name": "SYNCRA_MAILBOX", "cluster": { "name": "syncra-test",
+              "leader": "syncra-test-1", "replicas": [ { "name": "syncra-test-0" } ] },
+              "state": { "messages": 0 } },
+            { "name": "NO_LEADER", "cluster": { "name": "syncra-test" }, "state": {} } ] } ] }"#;
+        assert_eq!(stream_leader_in(jsz, "SYNCRA_MAILBOX"), Some(1));
+        assert_eq!(stream_leader_in(jsz, "OTHER"), Some(2));
+        assert_eq!(stream_leader_in(jsz, "NO_LEADER"), None);
+        assert_eq!(stream_leader_in(jsz, "ABSENT"), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `[mailbox] kind = "nats"`: sealed deliveries for recipients who are not connected, in a NATS
 //! JetStream stream shared by every node of a cluster. It takes the same settings as
-//! `[broker] kind = "nats"` (the URL with its credentials, the timeouts).
+//! `[broker] kind = "nats"` (the URL with its credentials, the timeouts) and one of its own,
+//! `replicas` ([`NatsMailboxConfig`]).
 //!
 //! # Layout
 //!
@@ -44,9 +45,15 @@
 //! # Durability
 //!
 //! A put returns once JetStream acknowledged it: it is in the stream's files, and survives the
-//! relay and `nats-server` being killed (the store directory is read again on start). For power
-//! loss, run JetStream clustered with replicas (`replicas` on the stream) or a server version
-//! with `sync_interval: always` (docs/SCALING.md).
+//! relay and `nats-server` being killed (the store directory is read again on start). With
+//! `replicas = 3` on a JetStream cluster, JetStream acknowledges a put once a majority of the
+//! stream's replicas stored it, so the stream survives losing one server, and the relays carry
+//! on against the others (`relays_ride_out_losing_a_nats_server_with_the_mailbox_on_it`, in
+//! host-relay's cluster tests). A direct get may be served by a replica a moment behind the
+//! leader: a `take` then misses the newest entries until the recipient's next ping, and a put
+//! that read a stale last entry is refused by the leader's expected-sequence check and reads
+//! again. For power loss, run replicas on separate machines or a server version with
+//! `sync_interval: always` (docs/SCALING.md).
 //!
 //! # Must never
 //!
@@ -115,6 +122,69 @@ const DELETES_AT_ONCE: usize = 64;
 /// Locks that serialise this node's puts per recipient (by a hash of the id): enough that
 /// unrelated recipients rarely share one, few enough to cost nothing.
 const PUT_STRIPES: usize = 64;
+
+/// The most replicas JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
+/// The configuration of `[mailbox] kind = "nats"`: the connection settings of
+/// `[broker] kind = "nats"`, and the stream's replica count.
+///
+/// ```toml
+/// [mailbox]
+/// kind = "nats"
+/// url = "nats://nats-1.internal:4222,nats://nats-2.internal:4222,nats://nats-3.internal:4222"
+/// replicas = 3
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsMailboxConfig {
+    /// The server(s) and timeouts, as for the broker.
+    pub connection: NatsConfig,
+    /// How many servers of a JetStream cluster keep the stream (1 to [`MAX_REPLICAS`]). Unset:
+    /// a new stream gets 1, an existing stream keeps what it has; set: the stream is created
+    /// with it, or changed to it (JetStream moves the data itself).
+    pub replicas: Option<usize>,
+}
+
+impl NatsMailboxConfig {
+    /// A configuration for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsMailboxConfig {
+            connection: NatsConfig::new(url),
+            replicas: None,
+        }
+    }
+
+    /// Reads a `[mailbox]` section (without its `kind`): `replicas`, then the connection
+    /// settings, which refuse any key they do not know.
+    pub fn from_section(mut section: serde_json::Value) -> Result<Self, PluginError> {
+        let config_error = |message: String| PluginError::Config {
+            category: "mailbox",
+            kind: KIND.to_owned(),
+            message,
+        };
+        let replicas = match section
+            .as_object_mut()
+            .and_then(|fields| fields.remove("replicas"))
+        {
+            None => None,
+            Some(value) => match serde_json::from_value::<usize>(value.clone()) {
+                Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Some(n),
+                _ => {
+                    return Err(config_error(format!(
+                        "`replicas` is {value}; expected a whole number from 1 to \
+                         {MAX_REPLICAS} (JetStream keeps at most {MAX_REPLICAS} copies of a \
+                         stream)"
+                    )));
+                }
+            },
+        };
+        let connection: NatsConfig = typed_config("mailbox", KIND, section)?;
+        Ok(NatsMailboxConfig {
+            connection,
+            replicas,
+        })
+    }
+}
 
 /// A [`Mailbox`] in a NATS JetStream stream.
 pub struct NatsMailbox {
@@ -206,31 +276,41 @@ struct Usage {
 impl NatsMailbox {
     /// Connects and opens (or creates) the stream with these limits.
     ///
-    /// An existing stream gets this node's TTL; its per-subject limit is raised to this node's
-    /// count quota if lower, never lowered (JetStream would delete held entries to meet a lower
-    /// one; the quota is checked here as well, so a lower quota still holds).
-    pub async fn connect(config: &NatsConfig, limits: MailboxLimits) -> Result<Self, PluginError> {
-        let connected = connect_client(config, "mailbox").await?;
+    /// An existing stream gets this node's TTL, and its replica count if `replicas` is set;
+    /// its per-subject limit is raised to this node's count quota if lower, never lowered
+    /// (JetStream would delete held entries to meet a lower one; the quota is checked here as
+    /// well, so a lower quota still holds).
+    pub async fn connect(
+        config: &NatsMailboxConfig,
+        limits: MailboxLimits,
+    ) -> Result<Self, PluginError> {
+        let connected = connect_client(&config.connection, "mailbox").await?;
         let server = connected.server;
         let start_error = |why: String| PluginError::Start {
             category: "mailbox",
             kind: KIND.to_owned(),
             message: format!(
                 "nats at {server}: {why}; the mailbox needs JetStream (`nats-server -js`, or a \
-                 `jetstream {{}}` block in its config) and an account allowed to use it"
+                 `jetstream {{}}` block in its config), an account allowed to use it, and for \
+                 `replicas` above 1 a JetStream cluster of at least that many servers"
             ),
         };
         let client = connected.client;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(connected.timeouts.command);
-        let wanted = stream_config(&limits, per_subject_limit(&limits), 1);
+        let wanted = stream_config(
+            &limits,
+            per_subject_limit(&limits),
+            config.replicas.unwrap_or(1),
+        );
         let mut stream = js
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| start_error(format!("cannot open the stream {STREAM}: {e}")))?;
         let have = stream.cached_info().config.clone();
         let keep = per_subject_limit(&limits).max(have.max_messages_per_subject);
-        let update = stream_config(&limits, keep, have.num_replicas.max(1));
+        let replicas = config.replicas.unwrap_or(have.num_replicas.max(1));
+        let update = stream_config(&limits, keep, replicas);
         if !same_settings(&have, &update) {
             js.update_stream(update)
                 .await
@@ -477,6 +557,7 @@ fn same_settings(have: &StreamConfig, want: &StreamConfig) -> bool {
         && have.discard == want.discard
         && have.discard_new_per_subject == want.discard_new_per_subject
         && have.allow_direct == want.allow_direct
+        && have.num_replicas.max(1) == want.num_replicas.max(1)
 }
 
 /// Whether a publish was refused because the subject is at the stream's per-subject limit
@@ -752,10 +833,10 @@ impl Mailbox for NatsMailbox {
     }
 }
 
-/// Registers mailbox kind `"nats"` (the same settings as `[broker] kind = "nats"`).
+/// Registers mailbox kind `"nats"` (the settings of `[broker] kind = "nats"`, and `replicas`).
 pub fn register(kinds: &mut Kinds<Arc<dyn Mailbox>, MailboxLimits>) -> Result<(), PluginError> {
     kinds.register(KIND, |config, limits| async move {
-        let config: NatsConfig = typed_config("mailbox", KIND, config)?;
+        let config = NatsMailboxConfig::from_section(config)?;
         Ok(Arc::new(NatsMailbox::connect(&config, limits).await?) as Arc<dyn Mailbox>)
     })
 }
@@ -774,6 +855,56 @@ mod tests {
             !s.contains('*') && !s.contains('>') && !s.contains(' '),
             "{s}"
         );
+    }
+
+    #[test]
+    fn replicas_is_a_mailbox_setting_from_one_to_five() {
+        let section = |extra: serde_json::Value| {
+            let mut s = serde_json::json!({ "url": "nats://h:4222" });
+            for (k, v) in extra.as_object().unwrap() {
+                s[k] = v.clone();
+            }
+            NatsMailboxConfig::from_section(s)
+        };
+        assert_eq!(
+            section(serde_json::json!({})).unwrap(),
+            NatsMailboxConfig::new("nats://h:4222")
+        );
+        assert_eq!(
+            section(serde_json::json!({ "replicas": 3 }))
+                .unwrap()
+                .replicas,
+            Some(3)
+        );
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(6),
+            serde_json::json!(-1),
+            serde_json::json!("3"),
+        ] {
+            let err = section(serde_json::json!({ "replicas": bad })).unwrap_err();
+            assert!(matches!(err, PluginError::Config { .. }), "{err}");
+            assert!(err.to_string().contains("`replicas`"), "{err}");
+        }
+        // The connection settings still refuse what they do not know.
+        let err = section(serde_json::json!({ "replica": 3 })).unwrap_err();
+        assert!(err.to_string().contains("replica"), "{err}");
+        // And the broker does not take `replicas` at all.
+        assert!(
+            serde_json::from_value::<NatsConfig>(
+                serde_json::json!({ "url": "nats://h", "replicas": 3 })
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_changed_replica_count_updates_the_stream() {
+        let limits = MailboxLimits::default();
+        let one = stream_config(&limits, per_subject_limit(&limits), 1);
+        let three = stream_config(&limits, per_subject_limit(&limits), 3);
+        assert!(!same_settings(&one, &three));
+        assert!(same_settings(&three, &three.clone()));
     }
 
     #[test]

@@ -32,7 +32,7 @@ async fn the_nats_mailbox_conforms() {
     let servers = std::sync::Mutex::new(Vec::new());
     syncra_test_support::mailbox_conformance(|limits| {
         let server = NatsServer::start_jetstream();
-        let config = NatsConfig::new(server.url());
+        let config = syncra_broker_nats::mailbox::NatsMailboxConfig::new(server.url());
         servers.lock().unwrap().push(server);
         async move {
             Arc::new(

@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncra_broker_nats::NatsConfig;
-use syncra_broker_nats::mailbox::NatsMailbox;
+use syncra_broker_nats::mailbox::{NatsMailbox, NatsMailboxConfig};
 use syncra_core::mailbox::{Mailbox, MailboxError, MailboxLimits, PutOutcome};
 use syncra_core::registry::Kinds;
 use syncra_core::{Health, UserId};
@@ -31,7 +30,7 @@ fn limits(max_entries: u64, max_bytes: u64) -> MailboxLimits {
 
 async fn mailbox(server: &NatsServer, limits: MailboxLimits) -> Arc<NatsMailbox> {
     Arc::new(
-        NatsMailbox::connect(&NatsConfig::new(server.url()), limits)
+        NatsMailbox::connect(&NatsMailboxConfig::new(server.url()), limits)
             .await
             .unwrap(),
     )
@@ -157,8 +156,8 @@ async fn a_lower_quota_never_lowers_the_streams_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_survive_the_server_being_killed_and_restarted() {
     let mut server = NatsServer::start_jetstream();
-    let mut config = NatsConfig::new(server.url());
-    config.command_timeout_ms = 500;
+    let mut config = NatsMailboxConfig::new(server.url());
+    config.connection.command_timeout_ms = 500;
     let m = NatsMailbox::connect(&config, limits(100, 1 << 20))
         .await
         .unwrap();

@@ -466,8 +466,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 GroupCommand::List => {
                     for g in client.book().groups.values() {
-                        let names: Vec<String> =
+                        let mut names: Vec<String> =
                             g.members.iter().map(|m| client.name_of(m)).collect();
+                        if !g.members.contains(&client.user_id()) {
+                            names = vec!["(you are no longer a member)".to_owned()];
+                        }
                         let creator = g
                             .creator
                             .map(|c| client.name_of(&c))

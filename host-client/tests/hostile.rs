@@ -268,6 +268,11 @@ fn members_change_the_roster_every_change_is_shown_and_non_members_cannot_post()
         let list = u.ok(&["group", "list"]);
         assert!(!list.contains("carol"), "{list}");
     }
+    let list = carol.ok(&["group", "list"]);
+    assert!(
+        list.contains("@team\t(you are no longer a member)"),
+        "{list}"
+    );
     let err = carol.send("@team", "am I still in?").1;
     assert!(err.contains("no longer a member"), "{err}");
     assert_eq!(alice.send("@team", "carol is gone").0, 0);

@@ -425,6 +425,18 @@ impl Controller {
         commands
     }
 
+    /// Sends the open conversation's history and the conversation list again, after a command
+    /// changed them.
+    async fn show_again(&mut self, open: ConversationId) {
+        let lines = self.history_lines(&open, 500);
+        self.emit(AppEvent::History {
+            conversation: open,
+            lines,
+        })
+        .await;
+        self.send_conversations().await;
+    }
+
     /// A built-in group command on the open group ([`BUILT_IN`]): the MLS commit goes out
     /// now; the roster and the event show as for any other change.
     async fn run_group_command(&mut self, name: &str, args: &str) {
@@ -448,13 +460,7 @@ impl Controller {
         if let Err(e) = result {
             self.emit(AppEvent::Error(format!("/{name}: {e}"))).await;
         }
-        let lines = self.history_lines(&open, 500);
-        self.emit(AppEvent::History {
-            conversation: open,
-            lines,
-        })
-        .await;
-        self.send_conversations().await;
+        self.show_again(open).await;
     }
 
     /// Runs an extension's command in the open conversation.
@@ -509,13 +515,7 @@ impl Controller {
                 self.emit(AppEvent::Error(format!("/{name}: {e:#}"))).await;
             }
         }
-        let lines = self.history_lines(&open, 500);
-        self.emit(AppEvent::History {
-            conversation: open,
-            lines,
-        })
-        .await;
-        self.send_conversations().await;
+        self.show_again(open).await;
     }
 
     async fn add_contact(&mut self, query: String) {

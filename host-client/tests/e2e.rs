@@ -507,7 +507,7 @@ fn a_person_empties_their_mailbox() {
 /// asks to leave.
 #[test]
 fn group_commands_in_the_interface_change_the_roster() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&dir.path().join("relay"));
     let (alice, bob, carol) = (
@@ -528,24 +528,7 @@ fn group_commands_in_the_interface_change_the_roster() {
     bl.expect("the creation", |l| l["type"] == "group_event");
     cl.expect("the creation", |l| l["type"] == "group_event");
 
-    let mut line = alice
-        .cmd(&["--line"])
-        .env_remove("SYNCRA_PASSPHRASE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = line.stdin.take().unwrap();
-    let stdout = line.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut line, mut stdin, rx) = common::line_mode(&alice);
     let mut printed = Vec::new();
     let mut wait_for = |what: &str| {
         let deadline = Instant::now() + DEADLINE * 4;

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
-use std::sync::mpsc;
+use std::io::Write;
 use std::time::Instant;
 
 use common::{PASS, User};
@@ -315,24 +313,7 @@ fn peer_text_is_inert_in_line_mode_history_and_export_and_exact_in_json() {
     bob.ok(&["contact", "add", "alice"]);
 
     // Line mode, live.
-    let mut line = alice
-        .cmd(&["--line"])
-        .env_remove("SYNCRA_PASSPHRASE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = line.stdin.take().unwrap();
-    let stdout = line.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut line, mut stdin, rx) = common::line_mode(alice);
     let mut printed = Vec::new();
     let wait_for = |printed: &mut Vec<String>, what: &str| {
         // Unlocking runs Argon2id with the default cost in a debug build: give it room.

@@ -15,6 +15,21 @@ impl Client {
         }
     }
 
+    /// My group called `name` (read afresh) and its MLS conversation.
+    fn mls_group(&mut self, name: &str) -> Result<(Group, ConversationId), ClientError> {
+        self.book.refresh()?;
+        let group = self
+            .book
+            .group(name)
+            .ok_or_else(|| {
+                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
+            })?
+            .clone();
+        let conversation = ConversationId::from_hex(&group.id)
+            .ok_or_else(|| ClientError::Invalid(format!("@{name} is not an MLS group")))?;
+        Ok((group, conversation))
+    }
+
     /// The user ids of contacts, by handle (refusing a contact whose key changed).
     fn contact_ids(&self, handles: &[String]) -> Result<Vec<UserId>, ClientError> {
         let mut ids: Vec<UserId> = Vec::new();
@@ -151,16 +166,7 @@ impl Client {
         add: &[String],
         remove: &[String],
     ) -> Result<Group, ClientError> {
-        self.book.refresh()?;
-        let group = self
-            .book
-            .group(name)
-            .ok_or_else(|| {
-                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
-            })?
-            .clone();
-        let conversation = ConversationId::from_hex(&group.id)
-            .ok_or_else(|| ClientError::Invalid(format!("@{name} is not an MLS group")))?;
+        let (group, conversation) = self.mls_group(name)?;
         let add_ids = self.contact_ids(add)?;
         let mut remove_ids = Vec::new();
         for h in remove {
@@ -258,16 +264,7 @@ impl Client {
     /// Asks to leave a group: a proposal that another member commits (MLS does not let a
     /// member commit its own removal). I am out once that commit arrives.
     pub async fn group_leave(&mut self, name: &str) -> Result<Group, ClientError> {
-        self.book.refresh()?;
-        let group = self
-            .book
-            .group(name)
-            .ok_or_else(|| {
-                ClientError::Unknown(format!("no group named {name:?}; see `syncra group list`"))
-            })?
-            .clone();
-        let conversation = ConversationId::from_hex(&group.id)
-            .ok_or_else(|| ClientError::Invalid(format!("@{name} is not an MLS group")))?;
+        let (group, conversation) = self.mls_group(name)?;
         let session = self.require_session()?;
         {
             let _lock = self

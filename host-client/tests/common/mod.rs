@@ -82,6 +82,31 @@ impl Listener {
     }
 }
 
+/// `syncra --line` for `user`, asking for the passphrase on its terminal (stdin): the process,
+/// its stdin, and the lines it prints, as they come.
+#[allow(dead_code)] // Not every test binary drives line mode.
+pub fn line_mode(user: &User) -> (Child, std::process::ChildStdin, mpsc::Receiver<String>) {
+    let mut line = user
+        .cmd(&["--line"])
+        .env_remove("SYNCRA_PASSPHRASE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdin = line.stdin.take().unwrap();
+    let stdout = line.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    (line, stdin, rx)
+}
+
 pub fn syncra() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_syncra"));
     c.env_remove("SYNCRA_HOME")

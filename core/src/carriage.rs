@@ -7,7 +7,8 @@
 //! and order it, in the clear:
 //!
 //! - the recipients (user ids; the relay learns them for the sealed envelope too),
-//! - the group id, the epoch and the kind (application, commit, welcome, proposal) — the same
+//! - the group id, the epoch and the kind (application, commit, welcome, proposal, rejoin
+//!   request) — the same
 //!   facts an MLS `PrivateMessage` shows in its own plaintext header,
 //! - for a commit, the members after it, so the relay can refuse handshakes and messages from
 //!   users who are not in the group (it sees the same ids as recipients of every message).
@@ -81,6 +82,10 @@ pub enum CarriageKind {
     Welcome,
     /// A proposal (e.g. a member asking to leave), committed later by another member.
     Proposal,
+    /// A member whose copy of the group fell behind for good (it missed a commit) asks the
+    /// others to let it back in: not an MLS message but a signed request carrying a fresh
+    /// KeyPackage of its own. `epoch` is the epoch its copy is stuck in, at most the group's.
+    Rejoin,
 }
 
 impl CarriageKind {
@@ -91,6 +96,7 @@ impl CarriageKind {
             CarriageKind::Commit => 2,
             CarriageKind::Welcome => 3,
             CarriageKind::Proposal => 4,
+            CarriageKind::Rejoin => 5,
         }
     }
 
@@ -101,6 +107,7 @@ impl CarriageKind {
             2 => CarriageKind::Commit,
             3 => CarriageKind::Welcome,
             4 => CarriageKind::Proposal,
+            5 => CarriageKind::Rejoin,
             _ => return None,
         })
     }
@@ -112,6 +119,7 @@ impl CarriageKind {
             CarriageKind::Commit => "commit",
             CarriageKind::Welcome => "welcome",
             CarriageKind::Proposal => "proposal",
+            CarriageKind::Rejoin => "rejoin request",
         }
     }
 }
@@ -336,6 +344,7 @@ mod tests {
             CarriageKind::Commit,
             CarriageKind::Welcome,
             CarriageKind::Proposal,
+            CarriageKind::Rejoin,
         ] {
             let h = header(kind);
             let bytes = h.encode(b"mls bytes");

@@ -284,3 +284,124 @@ async fn a_group_from_before_mls_says_to_create_it_again() {
         "{report:?}"
     );
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A member whose copy of a group missed a commit for good — here its MLS state put back from a
+/// copy taken before the commit, as a restore from backup does; a commit delivered live to a
+/// process that died, or dropped by the mailbox after its time to live, leaves the same — reads
+/// nothing more: every later message is from an epoch it cannot reach. Its client asks the
+/// members to let it back in; another member's client readmits it (one commit, one Welcome).
+/// Then it reads and writes again, what it typed meanwhile goes out, everyone sees who let whom
+/// back in, and the one message sent while it was out of step stays unreadable to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut carol = user(dir.path(), &relay, "carol").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    add(&mut alice, &["bob", "carol", "dave"]).await;
+    add(&mut bob, &["alice", "carol"]).await;
+    add(&mut carol, &["alice", "bob"]).await;
+    add(&mut dave, &["alice"]).await;
+    alice
+        .group_create("g", &["bob".to_owned(), "carol".to_owned()])
+        .await
+        .unwrap();
+    settle(&mut bob).await;
+    settle(&mut carol).await;
+
+    // A copy of bob's MLS state as it is now.
+    let bob_home = bob.home().clone();
+    let copy = dir.path().join("bob-mls-copy");
+    copy_dir(&bob_home.mls_dir(), &copy);
+    // Alice adds dave; bob processes the commit...
+    alice
+        .group_update("g", &["dave".to_owned()], &[])
+        .await
+        .unwrap();
+    settle(&mut bob).await;
+    settle(&mut carol).await;
+    settle(&mut dave).await;
+    // ...and loses it: his MLS state is put back from the copy.
+    bob.disconnect().await;
+    drop(bob);
+    std::fs::remove_dir_all(bob_home.mls_dir()).unwrap();
+    copy_dir(&copy, &bob_home.mls_dir());
+    let mut bob = Client::open(bob_home, PASS).unwrap();
+    bob.connect().await.unwrap();
+
+    alice
+        .send_text("@g", "while bob is out of step")
+        .await
+        .unwrap();
+    settle(&mut bob).await;
+    assert_eq!(bob.rejected_count(), 1, "the message he cannot read");
+    // What bob types now cannot go out yet (his copy is behind): it waits in his outbox.
+    let typed = bob.send_text("@g", "typed while stuck").await.unwrap();
+    assert!(!matches!(typed.state, SendState::Delivered), "{typed:?}");
+    assert_eq!(bob.outbox_len(), 1);
+    bob.follow_up().await;
+    assert!(
+        texts(&bob, "@g")
+            .iter()
+            .any(|t| t.contains("asked the members to let it back in")),
+        "{:?}",
+        texts(&bob, "@g")
+    );
+
+    // Alice's client answers; carol's finds the request answered already.
+    settle(&mut alice).await;
+    alice.follow_up().await;
+    settle(&mut carol).await;
+    carol.follow_up().await;
+    settle(&mut dave).await;
+    dave.follow_up().await;
+    settle(&mut bob).await;
+    assert!(
+        texts(&bob, "@g")
+            .iter()
+            .any(|t| t.starts_with("you are back in")),
+        "{:?}",
+        texts(&bob, "@g")
+    );
+    let sent = bob.drain_outbox().await.unwrap();
+    assert!(
+        sent.iter().all(|r| r.state == SendState::Delivered),
+        "{sent:?}"
+    );
+    alice.send_text("@g", "welcome back").await.unwrap();
+    bob.send_text("@g", "I am back").await.unwrap();
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        settle(c).await;
+    }
+
+    let bobs = texts(&bob, "@g");
+    assert!(bobs.contains(&"welcome back".to_owned()), "{bobs:?}");
+    assert!(!bobs.contains(&"while bob is out of step".to_owned()));
+    let alices = texts(&alice, "@g");
+    for line in ["you let bob back in", "typed while stuck", "I am back"] {
+        assert!(alices.contains(&line.to_owned()), "{line}: {alices:?}");
+    }
+    let carols = texts(&carol, "@g");
+    for line in ["alice let bob back in", "typed while stuck", "I am back"] {
+        assert!(carols.contains(&line.to_owned()), "{line}: {carols:?}");
+    }
+    let members = alice.book().group("g").unwrap().members.clone();
+    assert_eq!(members.len(), 4);
+    assert_eq!(bob.book().group("g").unwrap().members, members);
+    assert_eq!(carol.book().group("g").unwrap().members, members);
+    assert_eq!(
+        alice.rejected_count() + carol.rejected_count() + dave.rejected_count(),
+        0,
+        "nobody but bob refused anything"
+    );
+}

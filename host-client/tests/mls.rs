@@ -9,7 +9,7 @@
 
 use syncra_client::mls::{
     Conversation, Incoming, Intent, MemberKeyPackage, MlsError, MlsIdentity, PAST_EPOCHS_KEPT,
-    RosterEvent,
+    RejoinRequest, RosterEvent,
 };
 use syncra_core::crypto::keys::IdentityKeyPair;
 use syncra_core::id::UserId;
@@ -536,6 +536,133 @@ fn a_member_offline_across_several_commits_catches_up_in_order() {
         people[0].conv().roster().unwrap()
     );
     assert!(!dave.conv().roster().unwrap().contains(&carol));
+}
+
+/// A member whose copy missed a commit for good (it never arrives) reads nothing more: every
+/// later message is from an epoch it cannot reach. It asks to be let back in — a request signed
+/// with its identity key naming its leaf, the group and the epoch it is stuck in — and another
+/// member removes that leaf and adds its new KeyPackage in one commit. It joins from the
+/// Welcome and reads and writes again; what was sent while it was out stays unreadable. The
+/// same request again (a replay, or a second member answering) is stale; a request whose
+/// signature does not cover what it claims, or from a member who is not behind, is refused.
+#[test]
+fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
+    let mut people = group(3);
+    let (alice, bob, carol) = (people[0].id(), people[1].id(), people[2].id());
+    // Alice updates; the commit never reaches bob.
+    let out = people[0].conv().update().unwrap();
+    people[0].conv().commit_accepted().unwrap();
+    people[2].apply(&out.commit);
+    let missed = people[0].send("sent while bob was out of step");
+    assert!(matches!(
+        people[1].refuse(&missed),
+        MlsError::FutureEpoch { .. }
+    ));
+
+    let stuck = people[1].conv().epoch();
+    let id = people[1].conv().id();
+    let request = people[1]
+        .mls
+        .rejoin_request(people[1].conv.as_ref().unwrap())
+        .unwrap();
+    // The group and the epoch are signed: a relay cannot point the request elsewhere.
+    for (group, epoch) in [
+        (id, stuck + 1),
+        (people[0].mls.create_conversation().unwrap().id(), stuck),
+    ] {
+        assert!(matches!(
+            RejoinRequest::from_bytes(&request, group, epoch),
+            Err(MlsError::BadRejoin(_))
+        ));
+    }
+    let mut forged = request.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(matches!(
+        RejoinRequest::from_bytes(&forged, id, stuck),
+        Err(MlsError::BadRejoin(_))
+    ));
+    assert!(matches!(
+        RejoinRequest::from_bytes(&request[..request.len() - 1], id, stuck),
+        Err(MlsError::Malformed { .. })
+    ));
+    let parsed = RejoinRequest::from_bytes(&request, id, stuck).unwrap();
+    assert_eq!(parsed.package.user_id(), bob);
+    people[2].conv().check_rejoin(&parsed).unwrap();
+
+    // Alice lets bob back in: one commit, then the Welcome for bob alone.
+    let readmit = people[0].conv().readmit(&parsed).unwrap();
+    people[0].conv().commit_accepted().unwrap();
+    match people[2].apply(&readmit.commit) {
+        Incoming::Commit { events, .. } => {
+            assert_eq!(
+                events,
+                [RosterEvent::Rejoined {
+                    by: alice,
+                    member: bob
+                }]
+            );
+        }
+        other => panic!("expected a commit, got {other:?}"),
+    }
+    people[1].join(&readmit.welcome.clone().unwrap());
+    assert_agree(&mut people);
+    let m = people[2].send("welcome back");
+    people[1].read(&m, carol, "welcome back");
+    people[0].read(&m, carol, "welcome back");
+    let m = people[1].send("I am back");
+    people[0].read(&m, bob, "I am back");
+    people[2].read(&m, bob, "I am back");
+    // What was sent while bob was out stays unreadable for him.
+    assert!(people[1].conv().process(&missed).is_err());
+
+    // The same request again names a leaf bob no longer has.
+    assert!(matches!(
+        people[2].conv().check_rejoin(&parsed),
+        Err(MlsError::StaleRejoin)
+    ));
+    assert!(matches!(
+        people[0].conv().readmit(&parsed),
+        Err(MlsError::StaleRejoin)
+    ));
+    // A member whose copy is not behind has nothing to ask for.
+    let current = people[2].conv().epoch();
+    let request = people[2]
+        .mls
+        .rejoin_request(people[2].conv.as_ref().unwrap())
+        .unwrap();
+    let parsed = RejoinRequest::from_bytes(&request, id, current).unwrap();
+    assert!(matches!(
+        people[0].conv().check_rejoin(&parsed),
+        Err(MlsError::BadRejoin(_))
+    ));
+}
+
+/// Of two members answering one rejoin request at once, the relay accepts one commit; the
+/// other's, made again on the winner, has nothing left to do.
+#[test]
+fn two_members_answering_one_rejoin_request_readmit_once() {
+    let mut people = group(3);
+    let out = people[0].conv().update().unwrap();
+    people[0].conv().commit_accepted().unwrap();
+    people[2].apply(&out.commit);
+    let stuck = people[1].conv().epoch();
+    let id = people[1].conv().id();
+    let request = people[1]
+        .mls
+        .rejoin_request(people[1].conv.as_ref().unwrap())
+        .unwrap();
+    let parsed = RejoinRequest::from_bytes(&request, id, stuck).unwrap();
+    let winner = people[0].conv().readmit(&parsed).unwrap();
+    let _loser = people[2].conv().readmit(&parsed).unwrap();
+    // The relay took alice's: carol's is dropped, its intent kept.
+    people[0].conv().commit_accepted().unwrap();
+    let intent = people[2].conv().commit_rejected().unwrap();
+    assert!(matches!(intent, Intent::Readmit { .. }));
+    people[2].apply(&winner.commit);
+    assert!(people[2].conv().retry(intent).unwrap().is_none());
+    people[1].join(&winner.welcome.unwrap());
+    assert_agree(&mut people);
 }
 
 #[test]

@@ -17,7 +17,9 @@
 //! - **The current epoch only.** An application message, proposal or Welcome made in another
 //!   epoch than the group's is refused (`wrong_epoch`): members keep no keys of left epochs, so
 //!   such a message could not be read — its sender processes the commit it missed and encrypts
-//!   again, and nothing typed is lost.
+//!   again, and nothing typed is lost. The exception is a rejoin request: a member whose copy
+//!   of the group fell behind for good asks the others to let it back in, from the epoch it
+//!   is stuck in (at most the group's).
 
 use syncra_core::UserId;
 use syncra_core::carriage::{CarriageHeader, CarriageKind};
@@ -46,7 +48,13 @@ pub async fn admit(state: &NodeState, sender: UserId, h: &CarriageHeader) -> Res
                 )
             })?;
             member(&group, sender, h)?;
-            if h.epoch != group.epoch {
+            // A member asking to be let back in is behind by definition: its copy is stuck in
+            // an epoch the group left. One from an epoch the group never reached is nonsense.
+            let stale = match h.kind {
+                CarriageKind::Rejoin => h.epoch > group.epoch,
+                _ => h.epoch != group.epoch,
+            };
+            if stale {
                 return Err((
                     ErrorCode::WrongEpoch,
                     format!(

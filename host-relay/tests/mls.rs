@@ -274,7 +274,7 @@ async fn exactly_one_of_two_concurrent_commits_wins_and_the_loser_commits_again(
 
 #[tokio::test]
 async fn messages_from_other_epochs_outsiders_and_unknown_groups_are_refused_by_name() {
-    use CarriageKind::{Application, Commit, Proposal, Welcome};
+    use CarriageKind::{Application, Commit, Proposal, Rejoin, Welcome};
     let relay = TestRelay::start(|_| {}).await;
     let mut all = users(&relay, &["rule_alice", "rule_bob", "rule_dave"]).await;
     let (dave, cd) = all.pop().unwrap();
@@ -353,6 +353,27 @@ async fn messages_from_other_epochs_outsiders_and_unknown_groups_are_refused_by_
             "no commit created",
         ),
         (
+            "a rejoin request from an epoch the group never reached",
+            1,
+            carriage(Rejoin, g, 2, &[&alice], &[], b"from the future"),
+            ErrorCode::WrongEpoch,
+            "is at epoch 1",
+        ),
+        (
+            "a rejoin request from someone outside the group",
+            2,
+            carriage(Rejoin, g, 0, &[&alice], &[], b"let me in"),
+            ErrorCode::NotAMember,
+            "not a member",
+        ),
+        (
+            "a rejoin request to someone outside the group",
+            1,
+            carriage(Rejoin, g, 0, &[&dave], &[], b"psst"),
+            ErrorCode::NotAMember,
+            "recipient",
+        ),
+        (
             "a new group's first commit made in a later epoch",
             0,
             carriage(Commit, group(), 3, &[], &[&alice], b"skip"),
@@ -385,6 +406,14 @@ async fn messages_from_other_epochs_outsiders_and_unknown_groups_are_refused_by_
         vec![Outcome::Delivered]
     );
     assert_eq!(body(&mut ca).await, b"me too");
+    // A member whose copy is stuck in an epoch the group left asks to be let back in: the one
+    // carriage made in a left epoch that is routed (docs/PROTOCOL.md §9.7, rule 3).
+    let stuck = carriage(Rejoin, g, 0, &[&alice], &[], b"let me back in");
+    assert_eq!(
+        send(&mut cb, 302, &stuck).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(body(&mut ca).await, b"let me back in");
 }
 
 #[tokio::test]

@@ -296,6 +296,25 @@ impl Client {
             {
                 tracing::warn!("making a lost commit of conversation {id} again: {e}");
             }
+            if self.mls.has_rejoin_requests(id) {
+                let (back, failed) = self.mls.readmit_pending(&session, id).await;
+                for e in failed {
+                    tracing::warn!("letting a member back into conversation {id}: {e}");
+                }
+                if !back.is_empty() {
+                    let names: Vec<String> = back.iter().map(|m| self.book.name_of(m)).collect();
+                    let noted = self.sync_roster_of(id).and_then(|()| {
+                        self.note_events(
+                            &id.to_hex(),
+                            &[format!("you let {} back in", names.join(", "))],
+                        )
+                    });
+                    if let Err(e) = noted {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
+            self.ask_to_rejoin_if_behind(&session, id).await;
             let leaving = self
                 .mls
                 .get(id)
@@ -317,6 +336,54 @@ impl Client {
                     }
                     Err(e) => tracing::warn!("committing a leave request in {id}: {e}"),
                 }
+            }
+        }
+    }
+
+    /// If this copy of a conversation met a later epoch than it holds (checked again under the
+    /// lock, with what other processes of this home processed meanwhile), asks the members to
+    /// let it back in — once per stuck epoch.
+    async fn ask_to_rejoin_if_behind(&mut self, session: &Session, id: ConversationId) {
+        let Some(&seen) = self.behind.get(&id) else {
+            return;
+        };
+        let Some(conversation) = self.mls.get(id) else {
+            self.behind.remove(&id);
+            return;
+        };
+        let epoch = conversation.epoch();
+        if !conversation.is_active() || epoch >= seen {
+            // Caught up after all, or out of the group: nothing to ask.
+            self.behind.remove(&id);
+            return;
+        }
+        if self.asked_rejoin.get(&id) == Some(&epoch) {
+            return;
+        }
+        match self.mls.ask_to_rejoin(session, id).await {
+            Ok(reached) => {
+                self.asked_rejoin.insert(id, epoch);
+                tracing::info!(
+                    "conversation {id}: this device missed a change (stuck in epoch {epoch}, the \
+                     group is at {seen} or later); asked {reached} members to let it back in"
+                );
+                let hex = id.to_hex();
+                if self.book.groups.contains_key(&hex)
+                    && let Err(e) = self.note_events(
+                        &hex,
+                        &[
+                            "this device missed a change to the group; asked the members to let \
+                           it back in"
+                                .to_owned(),
+                        ],
+                    )
+                {
+                    tracing::warn!("{e:#}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("asking to be let back into conversation {id}: {e}");
+                self.follow_ups.insert(id);
             }
         }
     }

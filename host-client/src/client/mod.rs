@@ -231,7 +231,7 @@ impl Opened {
         match &*self.0 {
             Arrival::Message { sender, .. } => *sender,
             Arrival::Commit { by, .. } => *by,
-            Arrival::LeaveRequest { member, .. } => *member,
+            Arrival::LeaveRequest { member, .. } | Arrival::RejoinRequest { member, .. } => *member,
             Arrival::Joined { roster, .. } => roster
                 .first()
                 .copied()
@@ -341,6 +341,13 @@ pub struct Client {
     mls: Conversations,
     /// Conversations with something to do that needs the relay ([`Client::follow_up`]).
     follow_ups: std::collections::BTreeSet<ConversationId>,
+    /// Conversations whose copy met a message from a later epoch than it can reach (a commit
+    /// was lost for it), with that epoch: asked to be let back in at the next follow-up.
+    behind: std::collections::BTreeMap<ConversationId, u64>,
+    /// The epoch this copy was stuck in when it last asked to be let back in, per conversation
+    /// (asked once per stuck epoch; a restart asks again, which the members find stale once
+    /// one of them answered).
+    asked_rejoin: std::collections::BTreeMap<ConversationId, u64>,
     /// Message ids already filed, per sender: a message sent twice shows once.
     guard: ReplayGuard,
     replay_log: crate::replay::ReplayLog,
@@ -433,6 +440,8 @@ impl Client {
             outbox,
             mls,
             follow_ups: Default::default(),
+            behind: Default::default(),
+            asked_rejoin: Default::default(),
             guard,
             replay_log,
             transport,

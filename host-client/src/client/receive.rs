@@ -57,10 +57,36 @@ impl Client {
                 Ok(Opening::Done(None))
             }
             Err(ServiceError::State(e)) => Err(anyhow::Error::new(e).context("the MLS state")),
+            Err(ServiceError::Mls(MlsError::FutureEpoch { message, current }))
+                if self.note_behind(carriage, message) =>
+            {
+                Ok(Opening::Done(Some(self.rejected(format!(
+                    "a delivery from epoch {message} of a conversation this device holds at \
+                     epoch {current} could not be read: a change to it was lost on the way \
+                     here; asking its members to let this device back in"
+                )))))
+            }
             Err(e) => Ok(Opening::Done(Some(
                 self.rejected(format!("a delivery was refused: {e}")),
             ))),
         }
+    }
+
+    /// Notes that a conversation's copy is behind `epoch` for good (the relay delivers a
+    /// group's commits before what follows them, so a later epoch here means one was lost):
+    /// the next follow-up asks its members to let this device back in.
+    fn note_behind(&mut self, carriage: &[u8], epoch: u64) -> bool {
+        let Ok(carried) = syncra_core::carriage::parse(carriage) else {
+            return false;
+        };
+        let id = ConversationId::from_bytes(carried.header.group_id.0);
+        if self.mls.get(id).is_none() {
+            return false;
+        }
+        let seen = self.behind.entry(id).or_insert(epoch);
+        *seen = (*seen).max(epoch);
+        self.follow_ups.insert(id);
+        true
     }
 
     /// Whether a carriage that MLS refused is one this home has seen already: a replayed
@@ -74,7 +100,10 @@ impl Client {
         let id = ConversationId::from_bytes(carried.header.group_id.0);
         let welcome = carried.header.kind == syncra_core::carriage::CarriageKind::Welcome;
         let seen = match error {
-            MlsError::Replayed | MlsError::CommitLost { .. } | MlsError::OldEpoch { .. } => true,
+            MlsError::Replayed
+            | MlsError::CommitLost { .. }
+            | MlsError::OldEpoch { .. }
+            | MlsError::StaleRejoin => true,
             MlsError::Unsupported(_) => welcome,
             _ => false,
         };
@@ -119,9 +148,31 @@ impl Client {
                 }
                 self.file_commit(conversation, by, &events, removed_me)
             }
-            Arrival::LeaveRequest { conversation, .. } => {
+            Arrival::LeaveRequest { conversation, .. }
+            | Arrival::RejoinRequest { conversation, .. } => {
                 // Any other member commits it; this one does at its next turn.
                 self.follow_ups.insert(conversation);
+                Ok(None)
+            }
+            Arrival::Joined {
+                conversation,
+                rejoined: true,
+                ..
+            } => {
+                self.behind.remove(&conversation);
+                self.asked_rejoin.remove(&conversation);
+                self.sync_roster_of(conversation)?;
+                let hex = conversation.to_hex();
+                if self.book.groups.contains_key(&hex) {
+                    self.note_events(
+                        &hex,
+                        &[
+                            "you are back in: this device had missed a change to the group \
+                           (what was sent meanwhile could not be read here)"
+                                .to_owned(),
+                        ],
+                    )?;
+                }
                 Ok(None)
             }
             // A group shows once a message names it; a 1:1 chat with its first message.
@@ -362,6 +413,11 @@ impl Client {
                     self.member_name(member)
                 )),
                 // Keys healing is not news to the people in the conversation.
+                RosterEvent::Rejoined { by, member } => lines.push(format!(
+                    "{} let {} back in",
+                    self.member_name(by),
+                    self.member_name(member)
+                )),
                 RosterEvent::Updated { .. } => {}
             }
         }

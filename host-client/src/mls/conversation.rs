@@ -40,6 +40,7 @@ use zeroize::Zeroizing;
 
 use super::error::MlsError;
 use super::identity::{IdentitySigner, MlsIdentity, bound_user_id};
+use super::rejoin::RejoinRequest;
 use super::storage::StorageError;
 use super::{CIPHERSUITE, GROUP_ID_LEN, Provider, state};
 
@@ -111,6 +112,19 @@ impl MemberKeyPackage {
     /// that its credential is bound to its key. Pass the id the directory was asked for; a
     /// package for anyone else is refused.
     pub fn from_bytes(bytes: &[u8], expected: UserId) -> Result<Self, MlsError> {
+        let package = Self::from_bytes_of_anyone(bytes)?;
+        if package.user_id != expected {
+            return Err(MlsError::InvalidKeyPackage(format!(
+                "it belongs to user {}, not to {expected}",
+                package.user_id
+            )));
+        }
+        Ok(package)
+    }
+
+    /// [`MemberKeyPackage::from_bytes`] for a package whose owner is not known in advance
+    /// (a rejoin request carries its sender's own): the same checks, whoever it belongs to.
+    pub(crate) fn from_bytes_of_anyone(bytes: &[u8]) -> Result<Self, MlsError> {
         let message =
             MlsMessageIn::tls_deserialize_exact_bytes(bytes).map_err(|_| MlsError::Malformed {
                 expected: "KeyPackage",
@@ -127,11 +141,6 @@ impl MemberKeyPackage {
             return Err(MlsError::Ciphersuite(key_package.ciphersuite().into()));
         }
         let user_id = leaf_user(key_package.leaf_node())?;
-        if user_id != expected {
-            return Err(MlsError::InvalidKeyPackage(format!(
-                "it belongs to user {user_id}, not to {expected}"
-            )));
-        }
         Ok(MemberKeyPackage {
             user_id,
             key_package,
@@ -141,6 +150,11 @@ impl MemberKeyPackage {
     /// Whose package it is.
     pub fn user_id(&self) -> UserId {
         self.user_id
+    }
+
+    /// Its signature key: its owner's Ed25519 identity key (bound to the id when parsed).
+    pub(crate) fn signature_key(&self) -> &[u8] {
+        self.key_package.leaf_node().signature_key().as_slice()
     }
 }
 
@@ -160,6 +174,14 @@ pub enum Intent {
     Remove(Vec<UserId>),
     /// Refresh this member's own leaf (post-compromise healing).
     Update,
+    /// Let a member whose copy fell behind back in: its leaf (`leaf_key`, as its request
+    /// named it) removed and `package` added, in one commit ([`super::rejoin`]).
+    Readmit {
+        /// The member's new KeyPackage.
+        package: Box<MemberKeyPackage>,
+        /// The encryption key of the leaf it replaces.
+        leaf_key: Vec<u8>,
+    },
 }
 
 /// A commit this member made, to hand to the relay.
@@ -200,6 +222,14 @@ pub enum RosterEvent {
         /// Who is gone.
         member: UserId,
     },
+    /// `by` let `member` back in: its copy had fallen behind, its old leaf was replaced by a
+    /// fresh one ([`super::rejoin`]).
+    Rejoined {
+        /// Who committed it.
+        by: UserId,
+        /// Who is back.
+        member: UserId,
+    },
     /// `member` replaced its leaf keys (nothing changes for the people, the keys heal).
     Updated {
         /// Whose keys changed.
@@ -212,6 +242,7 @@ impl fmt::Display for RosterEvent {
         match self {
             RosterEvent::Added { by, member } => write!(f, "{by} added {member}"),
             RosterEvent::Removed { by, member } => write!(f, "{by} removed {member}"),
+            RosterEvent::Rejoined { by, member } => write!(f, "{by} let {member} back in"),
             RosterEvent::Updated { member } => write!(f, "{member} updated their keys"),
         }
     }
@@ -574,8 +605,9 @@ impl Conversation {
     }
 
     fn intent_of(&self, staged: &StagedCommit) -> Intent {
-        // Our own commits carry one kind of change each; the packages were validated when
-        // they were added, so a failing one cannot occur and is skipped.
+        // Our own commits carry one kind of change each (a readmission removes and adds the
+        // same member); the packages were validated when they were added, so a failing one
+        // cannot occur and is skipped.
         let adds: Vec<MemberKeyPackage> = staged
             .add_proposals()
             .filter_map(|p| {
@@ -588,6 +620,19 @@ impl Conversation {
                     })
             })
             .collect();
+        let removed_leaves: Vec<LeafNodeIndex> = staged
+            .remove_proposals()
+            .map(|p| p.remove_proposal().removed())
+            .collect();
+        if let ([package], [leaf]) = (adds.as_slice(), removed_leaves.as_slice())
+            && let Some(member) = self.group.member_at(*leaf)
+            && bound_user_id(&member.credential, &member.signature_key) == Ok(package.user_id)
+        {
+            return Intent::Readmit {
+                package: Box::new(package.clone()),
+                leaf_key: member.encryption_key,
+            };
+        }
         if !adds.is_empty() {
             return Intent::Add(adds);
         }
@@ -644,7 +689,101 @@ impl Conversation {
                 self.remove(&left).map(Some)
             }
             Intent::Update => self.update().map(Some),
+            Intent::Readmit { package, leaf_key } => match self.readmit_leaf(&package, &leaf_key) {
+                Ok(out) => Ok(Some(out)),
+                // The winner let them back in already (or removed them).
+                Err(MlsError::StaleRejoin | MlsError::NotInConversation(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
         }
+    }
+
+    /// The public encryption key of this member's own leaf (what a rejoin request names).
+    pub fn own_leaf_key(&self) -> Option<Vec<u8>> {
+        let me = self.group.own_leaf_index();
+        self.group
+            .members()
+            .find(|m| m.index == me)
+            .map(|m| m.encryption_key)
+    }
+
+    /// Whether a rejoin request holds against this copy of the conversation: for this group,
+    /// from another member who is in it, whose copy is behind ours, naming the leaf the group
+    /// holds for it now ([`super::rejoin`]).
+    pub fn check_rejoin(&self, request: &RejoinRequest) -> Result<LeafNodeIndex, MlsError> {
+        if request.group != self.id {
+            return Err(MlsError::WrongGroup);
+        }
+        if !self.group.is_active() {
+            return Err(MlsError::NotAMember);
+        }
+        let user = request.package.user_id();
+        if user == self.signer.user_id() {
+            return Err(MlsError::BadRejoin("it is this member's own"));
+        }
+        if request.epoch >= self.epoch() {
+            return Err(MlsError::BadRejoin(
+                "its sender's copy is not behind this one",
+            ));
+        }
+        self.leaf_named(&request.package, &request.leaf_key)
+    }
+
+    /// The leaf of `package`'s owner, if its encryption key is `leaf_key`.
+    fn leaf_named(
+        &self,
+        package: &MemberKeyPackage,
+        leaf_key: &[u8],
+    ) -> Result<LeafNodeIndex, MlsError> {
+        let user = package.user_id();
+        let member = self
+            .group
+            .members()
+            .find(|m| bound_user_id(&m.credential, &m.signature_key) == Ok(user))
+            .ok_or(MlsError::NotInConversation(user))?;
+        if member.encryption_key != leaf_key {
+            return Err(MlsError::StaleRejoin);
+        }
+        Ok(member.index)
+    }
+
+    /// Lets the member behind a valid rejoin request back in: one commit removing its stuck
+    /// leaf and adding its new KeyPackage, and the Welcome for it. Pending until the relay's
+    /// verdict, like every commit.
+    pub fn readmit(&mut self, request: &RejoinRequest) -> Result<CommitOutput, MlsError> {
+        self.check_rejoin(request)?;
+        self.readmit_leaf(&request.package, &request.leaf_key)
+    }
+
+    fn readmit_leaf(
+        &mut self,
+        package: &MemberKeyPackage,
+        leaf_key: &[u8],
+    ) -> Result<CommitOutput, MlsError> {
+        self.ensure_can_commit()?;
+        let leaf = self.leaf_named(package, leaf_key)?;
+        let epoch = self.epoch();
+        let bundle = self
+            .group
+            .commit_builder()
+            // Only the readmission: leave requests wait for their own commit.
+            .consume_proposal_store(false)
+            .propose_removals([leaf])
+            .propose_adds([package.key_package.clone()])
+            .load_psks(&self.provider.storage)
+            .map_err(|e| MlsError::InvalidCommit(e.to_string()))?
+            .build(
+                &self.provider.rand,
+                &self.provider.crypto,
+                self.signer.as_ref(),
+                |_| true,
+            )
+            .map_err(|e| MlsError::InvalidCommit(e.to_string()))?
+            .stage_commit(&self.provider)
+            .map_err(|e| MlsError::InvalidCommit(e.to_string()))?;
+        let welcome = bundle.to_welcome_msg();
+        let (commit, _, _) = bundle.into_contents();
+        self.output(epoch, commit, welcome)
     }
 
     /// Encrypts an application message for every member, in the current epoch.
@@ -791,6 +930,33 @@ impl Conversation {
                     ));
                 }
             }
+        }
+        // A member removed and added in one commit was let back in (a rejoin).
+        let removed: Vec<UserId> = events
+            .iter()
+            .filter_map(|e| match e {
+                RosterEvent::Removed { member, .. } => Some(*member),
+                _ => None,
+            })
+            .collect();
+        let back: Vec<UserId> = events
+            .iter()
+            .filter_map(|e| match e {
+                RosterEvent::Added { member, .. } if removed.contains(member) => Some(*member),
+                _ => None,
+            })
+            .collect();
+        if !back.is_empty() {
+            events.retain(|e| match e {
+                RosterEvent::Removed { member, .. } | RosterEvent::Added { member, .. } => {
+                    !back.contains(member)
+                }
+                _ => true,
+            });
+            events.extend(
+                back.into_iter()
+                    .map(|member| RosterEvent::Rejoined { by, member }),
+            );
         }
         if let Some(leaf) = staged.update_path_leaf_node() {
             let before = self.user_at(by_leaf)?;

@@ -132,6 +132,17 @@ pub enum MlsError {
     /// Removing someone who is not a member.
     #[error("user {0} is not a member of this conversation")]
     NotInConversation(UserId),
+    /// A rejoin request that does not hold: a bad signature, or it names a leaf of the
+    /// member that is not the one in the group now (made before a rejoin that already
+    /// happened, or replayed), or it comes from a member whose copy is not behind.
+    #[error("rejoin request refused: {0}")]
+    BadRejoin(&'static str),
+    /// A rejoin request naming a leaf of its member that the group no longer holds: made
+    /// before a rejoin that already happened (another member answered it first), or replayed.
+    #[error(
+        "rejoin request refused: it names a leaf the member no longer has (answered already, or replayed)"
+    )]
+    StaleRejoin,
     /// The message is invalid for a reason MLS defines that none of the above names.
     #[error("invalid message: {0}")]
     Invalid(String),

@@ -66,6 +66,11 @@ impl IdentitySigner {
     pub fn user_id(&self) -> UserId {
         UserId::from_identity_key(&self.public)
     }
+
+    /// Signs a Syncra transcript (its first byte is 0: never an MLS `SignContent`).
+    pub(crate) fn sign_transcript(&self, transcript: &[u8]) -> [u8; 64] {
+        self.identity.sign(transcript)
+    }
 }
 
 impl fmt::Debug for IdentitySigner {
@@ -216,6 +221,25 @@ impl MlsIdentity {
     /// A one-time KeyPackage: whoever claims it from the directory may add this member once.
     pub fn key_package(&self) -> Result<KeyPackageOutput, MlsError> {
         self.build_key_package(false)
+    }
+
+    /// A request to be let back into `conversation`, whose copy fell behind for good
+    /// ([`super::rejoin`]): a fresh one-time KeyPackage (its private half joins the key store,
+    /// so save that before sending), this member's leaf key and the epoch it is stuck in,
+    /// signed with the identity key.
+    pub fn rejoin_request(&self, conversation: &Conversation) -> Result<Vec<u8>, MlsError> {
+        if !conversation.is_active() {
+            return Err(MlsError::NotAMember);
+        }
+        let leaf_key = conversation.own_leaf_key().ok_or(MlsError::NotAMember)?;
+        let package = self.key_package()?;
+        Ok(super::rejoin::encode(
+            &self.signer,
+            conversation.id(),
+            conversation.epoch(),
+            &leaf_key,
+            &package.bytes,
+        ))
     }
 
     /// The last-resort KeyPackage, handed out when the one-time ones are used up. Joining with

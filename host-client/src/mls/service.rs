@@ -40,6 +40,7 @@ use super::conversation::{
 };
 use super::error::MlsError;
 use super::identity::MlsIdentity;
+use super::rejoin::RejoinRequest;
 use crate::net::{NetError, Session};
 
 /// What a carriage from the relay turned out to be, once processed.
@@ -52,6 +53,17 @@ pub enum Arrival {
         roster: Vec<UserId>,
         /// The epoch it was joined in.
         epoch: u64,
+        /// It replaced this member's copy of a conversation that had fallen behind: the
+        /// others let it back in ([`super::rejoin`]).
+        rejoined: bool,
+    },
+    /// A member whose copy fell behind asks to be let back in; any other member answers it
+    /// ([`Conversations::readmit_pending`]).
+    RejoinRequest {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who asks.
+        member: UserId,
     },
     /// An application message.
     Message {
@@ -97,11 +109,16 @@ impl std::fmt::Debug for Arrival {
                 conversation,
                 roster,
                 epoch,
+                rejoined,
             } => write!(
                 f,
-                "Joined({conversation}, {} members, epoch {epoch})",
+                "Joined({conversation}, {} members, epoch {epoch}, rejoined {rejoined})",
                 roster.len()
             ),
+            Arrival::RejoinRequest {
+                conversation,
+                member,
+            } => write!(f, "RejoinRequest({conversation}, {member})"),
             // The plaintext stays out of logs.
             Arrival::Message {
                 conversation,
@@ -240,6 +257,9 @@ pub struct Conversations {
     groups: HashMap<ConversationId, Conversation>,
     /// Commits that lost their epoch, to make again once the winner is processed.
     lost: HashMap<ConversationId, Intent>,
+    /// Rejoin requests received and checked, to answer with a commit
+    /// ([`Conversations::readmit_pending`]).
+    rejoins: HashMap<ConversationId, Vec<RejoinRequest>>,
     /// When this member's leaf was last fresh in each conversation (joined, created, or one
     /// of its commits accepted), in ms since the epoch.
     refreshed: HashMap<ConversationId, u64>,
@@ -289,6 +309,7 @@ impl Conversations {
             identity,
             groups: HashMap::new(),
             lost: HashMap::new(),
+            rejoins: HashMap::new(),
             refreshed: HashMap::new(),
             store: None,
             welcomed: Vec::new(),
@@ -350,6 +371,7 @@ impl Conversations {
             // A lost commit's intent is only this process's to rebase.
             let groups = &self.groups;
             self.lost.retain(|id, _| groups.contains_key(id));
+            self.rejoins.retain(|id, _| groups.contains_key(id));
             if let Some(store) = &mut self.store {
                 store.stamp = stamp;
             }
@@ -727,6 +749,81 @@ impl Conversations {
         self.commit(session, id, out).await
     }
 
+    /// Asks the other members to let this member back into a conversation whose copy fell
+    /// behind for good ([`super::rejoin`]): a rejoin request, signed, with a fresh KeyPackage
+    /// (on disk before it leaves), sent to each other member this copy knows of. One who has
+    /// left the group since is skipped (the relay refuses them as recipients). Answers how
+    /// many members the request reached.
+    pub async fn ask_to_rejoin(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<usize, ServiceError> {
+        let recipients = self.others(id)?;
+        let conversation = self.groups.get(&id).ok_or(ServiceError::Unknown(id))?;
+        let epoch = conversation.epoch();
+        let body = self.identity.rejoin_request(conversation)?;
+        // The KeyPackage's private half is in the key store, on disk before anyone can use it.
+        self.shared_dirty = true;
+        self.checkpoint(Some(id))?;
+        let mut reached = 0;
+        for member in recipients {
+            match self
+                .carry(
+                    session,
+                    id,
+                    CarriageKind::Rejoin,
+                    epoch,
+                    vec![member],
+                    &body,
+                )
+                .await
+            {
+                Ok(_) => reached += 1,
+                Err(ServiceError::Net(NetError::Refused {
+                    code: ErrorCode::NotAMember,
+                    ..
+                })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(reached)
+    }
+
+    /// Whether rejoin requests wait for an answer in this conversation.
+    pub fn has_rejoin_requests(&self, id: ConversationId) -> bool {
+        self.rejoins.get(&id).is_some_and(|r| !r.is_empty())
+    }
+
+    /// Answers the rejoin requests received in a conversation: each member still behind is let
+    /// back in with one commit (its stuck leaf removed, its new KeyPackage added) and the
+    /// Welcome. A request another member answered first is stale by then and dropped. Answers
+    /// who was let back in, and what failed.
+    pub async fn readmit_pending(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> (Vec<UserId>, Vec<ServiceError>) {
+        let mut back = Vec::new();
+        let mut failed = Vec::new();
+        for request in self.rejoins.remove(&id).unwrap_or_default() {
+            let member = request.package.user_id();
+            let out = match self.conversation(id).and_then(|c| Ok(c.readmit(&request)?)) {
+                Ok(out) => out,
+                Err(ServiceError::Mls(MlsError::StaleRejoin)) => continue,
+                Err(e) => {
+                    failed.push(e);
+                    continue;
+                }
+            };
+            match self.commit(session, id, out).await {
+                Ok(_) => back.push(member),
+                Err(e) => failed.push(e),
+            }
+        }
+        (back, failed)
+    }
+
     /// Makes a commit that lost its epoch again, on the epoch the winner moved the group to.
     /// `None` when nothing was lost or the winner already did it all.
     pub async fn rebase(
@@ -855,22 +952,31 @@ impl Conversations {
         let me = self.identity.user_id();
         let conversation = self.conversation(id)?;
         let before = conversation.roster()?;
-        let after: Vec<UserId> = match conversation.pending_intent() {
-            Some(Intent::Add(added)) => before
-                .iter()
-                .copied()
-                .chain(added.iter().map(MemberKeyPackage::user_id))
-                .collect(),
-            Some(Intent::Remove(removed)) => before
-                .iter()
-                .copied()
-                .filter(|u| !removed.contains(u))
-                .collect(),
-            Some(Intent::Update) | None => before.clone(),
+        let (after, joiners): (Vec<UserId>, Vec<UserId>) = match conversation.pending_intent() {
+            Some(Intent::Add(added)) => {
+                let added: Vec<UserId> = added.iter().map(MemberKeyPackage::user_id).collect();
+                (before.iter().copied().chain(added.clone()).collect(), added)
+            }
+            Some(Intent::Remove(removed)) => (
+                before
+                    .iter()
+                    .copied()
+                    .filter(|u| !removed.contains(u))
+                    .collect(),
+                Vec::new(),
+            ),
+            // The same people; the one let back in gets the Welcome.
+            Some(Intent::Readmit { package, .. }) => (before.clone(), vec![package.user_id()]),
+            Some(Intent::Update) | None => (before.clone(), Vec::new()),
         };
         // Everyone in the group before the commit gets it, the removed included (so they learn
-        // they are out); the added get the Welcome instead.
-        let recipients: Vec<UserId> = before.iter().copied().filter(|u| *u != me).collect();
+        // they are out); the added — and a member let back in, whose copy could not process
+        // it — get the Welcome instead.
+        let recipients: Vec<UserId> = before
+            .iter()
+            .copied()
+            .filter(|u| *u != me && !joiners.contains(u))
+            .collect();
         let carriage = CarriageHeader {
             message_id: message_id(),
             kind: CarriageKind::Commit,
@@ -911,17 +1017,12 @@ impl Conversations {
         self.refreshed.insert(id, syncra_core::now_ms());
         self.shared_dirty = true;
         self.checkpoint(Some(id))?;
-        if let Some(welcome) = out.welcome {
-            let joiners: Vec<UserId> = after
-                .iter()
-                .copied()
-                .filter(|u| !before.contains(u))
-                .collect();
-            if !joiners.is_empty() {
-                self.welcomed = self
-                    .carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
-                    .await?;
-            }
+        if let Some(welcome) = out.welcome
+            && !joiners.is_empty()
+        {
+            self.welcomed = self
+                .carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
+                .await?;
         }
         Ok(epoch)
     }
@@ -932,6 +1033,7 @@ impl Conversations {
         let arrival = self.process_carriage(bytes)?;
         let id = match &arrival {
             Arrival::Joined { conversation, .. }
+            | Arrival::RejoinRequest { conversation, .. }
             | Arrival::Message { conversation, .. }
             | Arrival::LeaveRequest { conversation, .. }
             | Arrival::Commit { conversation, .. } => *conversation,
@@ -972,12 +1074,33 @@ impl Conversations {
         let carried = carriage::parse(bytes)?;
         let header = carried.header;
         let id = ConversationId::from_bytes(header.group_id.0);
+        if header.kind == CarriageKind::Rejoin {
+            let request = RejoinRequest::from_bytes(carried.body, id, header.epoch)?;
+            let member = request.package.user_id();
+            self.conversation(id)?.check_rejoin(&request)?;
+            let pending = self.rejoins.entry(id).or_default();
+            pending.retain(|r| r.package.user_id() != member);
+            pending.push(request);
+            return Ok(Arrival::RejoinRequest {
+                conversation: id,
+                member,
+            });
+        }
         if header.kind == CarriageKind::Welcome {
-            if self.groups.contains_key(&id) {
-                return Err(
-                    MlsError::Unsupported("a Welcome to a conversation already joined").into(),
-                );
-            }
+            // A Welcome to a conversation this member is in is one already processed — unless
+            // its copy is behind the Welcome's epoch or out of the group: then the others let
+            // it back in (a removal and an addition in one commit, which only a member can
+            // make), and the copy is replaced.
+            let rejoined = match self.groups.get(&id) {
+                None => false,
+                Some(old) if !old.is_active() || old.epoch() < header.epoch => true,
+                Some(_) => {
+                    return Err(MlsError::Unsupported(
+                        "a Welcome to a conversation already joined",
+                    )
+                    .into());
+                }
+            };
             let conversation = self.identity.join(carried.body)?;
             if conversation.id() != id || conversation.epoch() != header.epoch {
                 return Err(ServiceError::Mismatch {
@@ -992,6 +1115,7 @@ impl Conversations {
             let roster = conversation.roster()?;
             let epoch = conversation.epoch();
             self.groups.insert(id, conversation);
+            self.lost.remove(&id);
             // Joined with a fresh KeyPackage: the leaf is as fresh as that package. The package
             // left the store.
             self.refreshed.insert(id, syncra_core::now_ms());
@@ -1000,6 +1124,7 @@ impl Conversations {
                 conversation: id,
                 roster,
                 epoch,
+                rejoined,
             });
         }
         let framing = Framing::of(carried.body)?;

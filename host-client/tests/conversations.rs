@@ -168,6 +168,84 @@ async fn concurrent_roster_changes_one_wins_and_the_other_is_made_again() {
     }
 }
 
+/// What a long-running session's loop (`Serve`) does with what arrives: processes each
+/// delivery, then the follow-ups it left.
+async fn serve_for_a_while(
+    client: &mut Client,
+    pushes: &mut tokio::sync::mpsc::Receiver<syncra_client::net::Push>,
+) {
+    use syncra_client::net::Push;
+    while let Ok(Some(push)) = tokio::time::timeout(Duration::from_millis(400), pushes.recv()).await
+    {
+        match push {
+            Push::Deliver(carriage) => {
+                client.receive(&carriage).await.unwrap();
+            }
+            Push::Pending(entry, carriage) => {
+                client.receive(&carriage).await.unwrap();
+                client.acknowledge(entry).await;
+            }
+            _ => continue,
+        }
+        client.follow_up().await;
+    }
+}
+
+/// In a long-running session (the TUI, `listen`, a bot: its loop owns the deliveries) a roster
+/// change that loses its epoch is not an error: the person is told it is made again once the
+/// other member's change arrives, and the loop makes it then — the event "you added dave"
+/// follows, and everyone ends with the same roster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roster_change_that_loses_its_epoch_in_a_long_running_session_is_made_again() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    let mut erin = user(dir.path(), &relay, "erin").await;
+    add(&mut alice, &["bob", "dave"]).await;
+    add(&mut bob, &["alice", "erin"]).await;
+    add(&mut dave, &["alice"]).await;
+    add(&mut erin, &["bob"]).await;
+    alice.group_create("g", &["bob".to_owned()]).await.unwrap();
+    settle(&mut bob).await;
+    // Alice's deliveries go to her loop from now on, as in the TUI.
+    let mut pushes = alice.take_pushes().unwrap();
+    bob.group_update("g", &["erin".to_owned()], &[])
+        .await
+        .unwrap();
+    // Alice's loop has not processed bob's commit yet: her change loses the epoch.
+    alice
+        .group_update("g", &["dave".to_owned()], &[])
+        .await
+        .unwrap();
+    let said = texts(&alice, "@g");
+    assert!(
+        said.iter()
+            .any(|t| t.contains("at the same moment; adding dave is made again")),
+        "{said:?}"
+    );
+    assert!(!said.contains(&"you added dave".to_owned()), "{said:?}");
+    serve_for_a_while(&mut alice, &mut pushes).await;
+    let said = texts(&alice, "@g");
+    assert!(said.contains(&"you added dave".to_owned()), "{said:?}");
+    settle(&mut bob).await;
+    settle(&mut dave).await;
+    let roster = |c: &Client| {
+        let mut m = c.book().group("g").unwrap().members.clone();
+        m.sort();
+        m
+    };
+    assert_eq!(roster(&alice).len(), 4, "{:?}", roster(&alice));
+    assert_eq!(roster(&alice), roster(&bob));
+    // Her outbox (the group's name for dave, which waited for the new epoch) and a message.
+    alice.drain_outbox().await.unwrap();
+    alice.send_text("@g", "hello dave").await.unwrap();
+    settle(&mut dave).await;
+    let name = dave.book().groups.values().next().unwrap().name.clone();
+    assert!(texts(&dave, &format!("@{name}")).contains(&"hello dave".to_owned()));
+}
+
 /// A member leaves: its request (a proposal) is committed by another member's client at its
 /// next turn; the leaver learns it is out, the others see who removed whom, and nothing sent
 /// afterwards reaches the leaver.

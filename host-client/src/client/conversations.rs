@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::message::GroupLabel;
-use crate::mls::{ConversationId, LEAF_UPDATE_INTERVAL_MS, ServiceError};
+use crate::mls::{ConversationId, Intent, LEAF_UPDATE_INTERVAL_MS, ServiceError};
 
 /// One-time KeyPackages a client keeps in the directory.
 pub const KEY_PACKAGE_TARGET: u32 = 10;
@@ -291,10 +291,42 @@ impl Client {
                 self.follow_ups.insert(id);
                 continue;
             }
-            if self.mls.has_lost_commit(id)
-                && let Err(e) = self.mls.rebase(&session, id).await
-            {
-                tracing::warn!("making a lost commit of conversation {id} again: {e}");
+            if let Some(intent) = self.mls.lost_intent(id) {
+                let names = |ids: Vec<UserId>| -> String {
+                    ids.iter()
+                        .map(|m| self.book.name_of(m))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let event = match intent {
+                    Intent::Add(added) => Some(format!(
+                        "you added {}",
+                        names(added.iter().map(|p| p.user_id()).collect())
+                    )),
+                    Intent::Remove(removed) => Some(format!("you removed {}", names(removed))),
+                    Intent::Readmit { package, .. } => Some(format!(
+                        "you let {} back in",
+                        names(vec![package.user_id()])
+                    )),
+                    Intent::Update => None,
+                };
+                match self.mls.rebase(&session, id).await {
+                    Ok(Some(_)) => {
+                        let noted = self.sync_roster_of(id).and_then(|()| match &event {
+                            Some(text) => {
+                                self.note_events(&id.to_hex(), std::slice::from_ref(text))
+                            }
+                            None => Ok(()),
+                        });
+                        if let Err(e) = noted {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!("making a lost commit of conversation {id} again: {e}")
+                    }
+                }
             }
             if self.mls.has_rejoin_requests(id) {
                 let (back, failed) = self.mls.readmit_pending(&session, id).await;

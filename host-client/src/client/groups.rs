@@ -185,6 +185,7 @@ impl Client {
         }
         let session = self.require_session()?;
         let mut events = Vec::new();
+        let mut deferred: Option<&str> = None;
         for (adding, ids) in [(true, add_ids), (false, remove_ids)] {
             let ids: Vec<UserId> = {
                 let current = self.mls.get(conversation).ok_or_else(|| {
@@ -197,11 +198,31 @@ impl Client {
             if ids.is_empty() {
                 continue;
             }
-            self.commit_change(&session, conversation, adding, &ids)
-                .await?;
             let names: Vec<String> = ids.iter().map(|m| self.book.name_of(m)).collect();
+            let names = names.join(", ");
+            if let Some(deferred) = deferred {
+                // One change waits for its turn already: this one is not tried.
+                events.push(format!(
+                    "{} {names} was not tried: {deferred} waits for its turn; try again once it \
+                     is made",
+                    if adding { "adding" } else { "removing" }
+                ));
+                continue;
+            }
             let verb = if adding { "added" } else { "removed" };
-            events.push(format!("you {verb} {}", names.join(", ")));
+            if self
+                .commit_change(&session, conversation, adding, &ids)
+                .await?
+            {
+                events.push(format!("you {verb} {names}"));
+            } else {
+                let doing = if adding { "adding" } else { "removing" };
+                events.push(format!(
+                    "another member changed @{name} at the same moment; {doing} {names} is made \
+                     again once their change arrives"
+                ));
+                deferred = Some(doing);
+            }
         }
         if events.is_empty() {
             return Err(ClientError::Invalid(
@@ -224,7 +245,7 @@ impl Client {
         conversation: ConversationId,
         adding: bool,
         ids: &[UserId],
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         let first = {
             let _lock = self
                 .mls
@@ -250,7 +271,12 @@ impl Client {
                 _ => break,
             }
         }
-        result.map_err(|e| match e {
+        if matches!(result, Err(ServiceError::Conflict { .. })) && self.pushes_rx.is_none() {
+            // A long-running session (the TUI, `listen`, a bot) owns its deliveries: the
+            // winning commit arrives through its loop, and `follow_up` makes this one again then.
+            return Ok(false);
+        }
+        result.map(|()| true).map_err(|e| match e {
             ServiceError::Net(NetError::Refused {
                 code: ErrorCode::NotFound,
                 ..

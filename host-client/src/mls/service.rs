@@ -1070,6 +1070,11 @@ impl Conversations {
         self.lost.contains_key(&id)
     }
 
+    /// What the commit to make again meant to do, if there is one.
+    pub fn lost_intent(&self, id: ConversationId) -> Option<Intent> {
+        self.lost.get(&id).cloned()
+    }
+
     fn process_carriage(&mut self, bytes: &[u8]) -> Result<Arrival, ServiceError> {
         let carried = carriage::parse(bytes)?;
         let header = carried.header;

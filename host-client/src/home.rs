@@ -137,6 +137,12 @@ impl Home {
         self.root.join("mls")
     }
 
+    /// Messages opened by MLS that wait to be filed (a stranger's, during the lookup of their
+    /// handle), sealed with the storage key; filed at the next start after a crash.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
+    }
+
     /// Whether an identity exists here.
     pub fn has_identity(&self) -> bool {
         self.key_file().exists()

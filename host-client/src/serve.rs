@@ -287,6 +287,8 @@ impl<S: Future<Output = ()>> Serve<S> {
                 {
                     tracing::warn!("outbox: {e:#}");
                 }
+                // What waits for time rather than a delivery (a copy behind for long enough).
+                client.follow_up().await;
             }
             Wake::Push(Push::Deliver(carriage)) => {
                 self.deliver(client, None, &carriage).await;
@@ -400,6 +402,12 @@ impl<S: Future<Output = ()>> Serve<S> {
             return;
         }
         if self.parked_len < MAX_PARKED && client.lookup_needed(&opened).is_some() {
+            // Kept on disk while it waits: its key is used, so it would never open again after
+            // a crash (client/spool.rs). Without the disk it still waits, in memory only.
+            let mut opened = opened;
+            if let Err(e) = client.spool(&mut opened) {
+                tracing::warn!("keeping a waiting message on disk: {e:#}");
+            }
             self.parked
                 .entry(sender)
                 .or_default()

@@ -427,6 +427,17 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     let typed = bob.send_text("@g", "typed while stuck").await.unwrap();
     assert!(!matches!(typed.state, SendState::Delivered), "{typed:?}");
     assert_eq!(bob.outbox_len(), 1);
+    // A commit may only be late (one stored during a login race comes at the next ping): his
+    // client waits REJOIN_GRACE (45 s) before asking...
+    bob.follow_up().await;
+    assert!(
+        !texts(&bob, "@g")
+            .iter()
+            .any(|t| t.contains("asked the members")),
+        "asked at once"
+    );
+    // ...which this test does not sit out.
+    bob.rejoin_after(Duration::ZERO);
     bob.follow_up().await;
     assert!(
         texts(&bob, "@g")

@@ -232,6 +232,85 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
     assert_eq!(contact.handle, "alice");
 }
 
+/// A stranger's message waits for the lookup of their handle after MLS opened it (its key is
+/// used: that copy never opens again). The process dies in that window — here the lookups hang
+/// on the relay's frozen PostgreSQL store and the serving task is aborted — and the message is
+/// not lost: it was kept sealed in `spool/`, and the next start files it (as a message request,
+/// under the sender's short id until the handle is known). Before the spool, this lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
+    use syncra_client::client::{Serve, ServeEvent};
+    use syncra_test_support::postgres::PostgresServer;
+
+    let mut pg = PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut stranger = user(dir.path(), &relay, "stranger").await;
+    bob.add_contact("alice").await.unwrap();
+    alice.add_contact("bob").await.unwrap();
+    stranger.add_contact("bob").await.unwrap();
+    let stranger_id = stranger.user_id();
+    // Delivered live to bob's session (no mailbox copy will come again).
+    let report = stranger.send_text("bob", "do not lose me").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered);
+    let report = alice.send_text("bob", "from a contact").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered);
+    pg.pause();
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn(async move {
+        let mut serve = Serve::new(&mut bob, std::future::pending::<()>()).unwrap();
+        while let Some(event) = serve.next(&mut bob).await {
+            if let ServeEvent::Incoming(Incoming::Message { text, .. }) = event {
+                let _ = events_tx.send(text);
+            }
+        }
+    });
+    // The contact's message is shown while the stranger's waits for its lookup...
+    let text = tokio::time::timeout(DEADLINE, events.recv())
+        .await
+        .expect("the contact's message")
+        .unwrap();
+    assert_eq!(text, "from a contact");
+    // ...and the process dies.
+    serving.abort();
+    let _ = serving.await;
+    let spooled = std::fs::read_dir(dir.path().join("bob").join("spool"))
+        .unwrap()
+        .count();
+    assert_eq!(spooled, 1, "the waiting message is on disk");
+    pg.resume();
+
+    let bob = Client::open(Home::at(dir.path().join("bob")), PASS).unwrap();
+    let conversation = syncra_client::Target::Direct(stranger_id).conversation();
+    let filed: Vec<String> = bob
+        .history()
+        .read(&conversation)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(filed, ["do not lose me"]);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("bob").join("spool"))
+            .unwrap()
+            .count(),
+        0,
+        "filed, then removed"
+    );
+    // A second start files nothing twice.
+    drop(bob);
+    let bob = Client::open(Home::at(dir.path().join("bob")), PASS).unwrap();
+    assert_eq!(bob.history().read(&conversation).unwrap().0.len(), 1);
+}
+
 /// No head-of-line blocking on receive: messages from strangers (each needs a directory lookup
 /// to learn the sender's handle) do not hold up a contact's message. The directory is made to
 /// hang for real — the relay's PostgreSQL identity store is frozen (SIGSTOP) after the messages

@@ -376,7 +376,7 @@ impl Client {
     /// lock, with what other processes of this home processed meanwhile), asks the members to
     /// let it back in — once per stuck epoch.
     async fn ask_to_rejoin_if_behind(&mut self, session: &Session, id: ConversationId) {
-        let Some(&seen) = self.behind.get(&id) else {
+        let Some(&(seen, since)) = self.behind.get(&id) else {
             return;
         };
         let Some(conversation) = self.mls.get(id) else {
@@ -390,6 +390,12 @@ impl Client {
             return;
         }
         if self.asked_rejoin.get(&id) == Some(&epoch) {
+            return;
+        }
+        if since.elapsed() < self.rejoin_grace {
+            // Maybe only late (a mailbox entry from a login race comes at the next ping):
+            // looked at again at a later follow-up.
+            self.follow_ups.insert(id);
             return;
         }
         match self.mls.ask_to_rejoin(session, id).await {
@@ -418,6 +424,12 @@ impl Client {
                 self.follow_ups.insert(id);
             }
         }
+    }
+
+    /// How long a conversation's copy must stay behind a later epoch before this client asks
+    /// its members to let it back in ([`REJOIN_GRACE`] unless changed; tests shorten it).
+    pub fn rejoin_after(&mut self, grace: Duration) {
+        self.rejoin_grace = grace;
     }
 
     /// Keeps the directory stocked with this member's KeyPackages and refreshes its leaf

@@ -29,6 +29,7 @@ mod conversations;
 mod groups;
 mod receive;
 mod send;
+mod spool;
 
 pub use conversations::KEY_PACKAGE_TARGET;
 
@@ -219,10 +220,16 @@ pub enum Opening {
     Opened(Opened),
 }
 
+/// How long a conversation's copy must stay behind a later epoch before its members are asked
+/// to let it back in: longer than the 30 s ping at which a mailbox entry stored during a login
+/// race arrives, so a commit that is merely late is not mistaken for one that is lost.
+pub const REJOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// A delivery MLS processed (its sender authenticated, its state saved) that is not filed
-/// yet. Only [`Client::file_delivery`] can use it.
+/// yet. Only [`Client::file_delivery`] can use it. If it was spooled ([`Client::spool`]) while
+/// it waits, the file's path: removed once it is filed.
 #[derive(Debug)]
-pub struct Opened(Box<Arrival>);
+pub struct Opened(Box<Arrival>, Option<std::path::PathBuf>);
 
 impl Opened {
     /// Who it is from, as MLS authenticated it (a commit: its committer; a Welcome: the first
@@ -342,8 +349,11 @@ pub struct Client {
     /// Conversations with something to do that needs the relay ([`Client::follow_up`]).
     follow_ups: std::collections::BTreeSet<ConversationId>,
     /// Conversations whose copy met a message from a later epoch than it can reach (a commit
-    /// was lost for it), with that epoch: asked to be let back in at the next follow-up.
-    behind: std::collections::BTreeMap<ConversationId, u64>,
+    /// was lost for it), with that epoch and when it was first met: asked to be let back in
+    /// once it has stayed behind for `rejoin_grace`.
+    behind: std::collections::BTreeMap<ConversationId, (u64, std::time::Instant)>,
+    /// How long a copy must stay behind before asking ([`Client::rejoin_after`]).
+    rejoin_grace: std::time::Duration,
     /// The epoch this copy was stuck in when it last asked to be let back in, per conversation
     /// (asked once per stuck epoch; a restart asks again, which the members find stale once
     /// one of them answered).
@@ -431,7 +441,7 @@ impl Client {
         let replay_log =
             crate::replay::ReplayLog::new(home.root().join("replay.log"), keys.storage.clone());
         replay_log.load_into(&mut guard, syncra_core::now_ms())?;
-        Ok(Client {
+        let mut client = Client {
             home,
             settings,
             keys,
@@ -441,6 +451,7 @@ impl Client {
             mls,
             follow_ups: Default::default(),
             behind: Default::default(),
+            rejoin_grace: REJOIN_GRACE,
             asked_rejoin: Default::default(),
             guard,
             replay_log,
@@ -452,7 +463,15 @@ impl Client {
             rejected: 0,
             insecure_flag: false,
             published: None,
-        })
+        };
+        // Messages a crash left between opening and filing (client/spool.rs).
+        let filed = client
+            .file_spooled()
+            .context("filing the messages a crash left unfiled")?;
+        if filed > 0 {
+            tracing::info!("filed {filed} messages a previous run had opened but not filed");
+        }
+        Ok(client)
     }
 
     /// My user id.

@@ -20,12 +20,19 @@ impl Client {
     /// comes back as [`Incoming::Rejected`], is counted and changes nothing. An `Err` is a
     /// local failure (the disk), never a peer's doing.
     pub async fn receive(&mut self, carriage: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        let opened = match self.open_delivery(carriage)? {
+        let mut opened = match self.open_delivery(carriage)? {
             Opening::Done(incoming) => return Ok(incoming),
             Opening::Opened(opened) => opened,
         };
         let record = match self.lookup_needed(&opened) {
-            Some(session) => session.lookup_id(opened.sender()).await.ok(),
+            Some(session) => {
+                // Kept on disk while it waits: its key is used, it never opens again. Without
+                // the disk it still waits, in memory only.
+                if let Err(e) = self.spool(&mut opened) {
+                    tracing::warn!("keeping a waiting message on disk: {e:#}");
+                }
+                session.lookup_id(opened.sender()).await.ok()
+            }
             None => None,
         };
         self.file_delivery(opened, record)
@@ -51,7 +58,7 @@ impl Client {
             self.mls.receive(carriage)
         };
         match result {
-            Ok(arrival) => Ok(Opening::Opened(Opened(Box::new(arrival)))),
+            Ok(arrival) => Ok(Opening::Opened(Opened(Box::new(arrival), None))),
             // Already processed by another process of this home (it filed it), or a repeat.
             Err(ServiceError::Mls(e)) if self.already_processed(carriage, &e) => {
                 Ok(Opening::Done(None))
@@ -83,8 +90,11 @@ impl Client {
         if self.mls.get(id).is_none() {
             return false;
         }
-        let seen = self.behind.entry(id).or_insert(epoch);
-        *seen = (*seen).max(epoch);
+        let seen = self
+            .behind
+            .entry(id)
+            .or_insert((epoch, std::time::Instant::now()));
+        seen.0 = seen.0.max(epoch);
         self.follow_ups.insert(id);
         true
     }
@@ -128,7 +138,20 @@ impl Client {
         opened: Opened,
         looked_up: Option<IdentityRecord>,
     ) -> anyhow::Result<Option<Incoming>> {
-        match *opened.0 {
+        let Opened(arrival, spooled) = opened;
+        let shown = self.file_arrival(*arrival, looked_up)?;
+        if let Some(path) = spooled {
+            self.unspool(&path);
+        }
+        Ok(shown)
+    }
+
+    fn file_arrival(
+        &mut self,
+        arrival: Arrival,
+        looked_up: Option<IdentityRecord>,
+    ) -> anyhow::Result<Option<Incoming>> {
+        match arrival {
             Arrival::Message {
                 conversation,
                 sender,

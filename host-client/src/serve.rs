@@ -288,15 +288,15 @@ impl<S: Future<Output = ()>> Serve<S> {
                     tracing::warn!("outbox: {e:#}");
                 }
                 // What waits for time rather than a delivery (a copy behind for long enough).
-                client.follow_up().await;
+                self.follow_up(client).await;
             }
             Wake::Push(Push::Deliver(carriage)) => {
                 self.deliver(client, None, &carriage).await;
-                client.follow_up().await;
+                self.follow_up(client).await;
             }
             Wake::Push(Push::Pending(entry, carriage)) => {
                 self.deliver(client, Some(entry), &carriage).await;
-                client.follow_up().await;
+                self.follow_up(client).await;
             }
             Wake::Push(Push::BacklogDone(count)) => {
                 if count > 0 {
@@ -365,6 +365,15 @@ impl<S: Future<Output = ()>> Serve<S> {
                     retry_in.as_secs_f64()
                 );
             }
+        }
+    }
+
+    /// What deliveries left to do that needs the relay ([`Client::follow_up`]), and the events
+    /// it noted, shown as they happen.
+    async fn follow_up(&mut self, client: &mut Client) {
+        client.follow_up().await;
+        for incoming in client.take_follow_up_events() {
+            self.events.push_back(ServeEvent::Incoming(incoming));
         }
     }
 

@@ -229,6 +229,16 @@ async fn a_roster_change_that_loses_its_epoch_in_a_long_running_session_is_made_
     serve_for_a_while(&mut alice, &mut pushes).await;
     let said = texts(&alice, "@g");
     assert!(said.contains(&"you added dave".to_owned()), "{said:?}");
+    // Shown as it happens, not only on the next look at the history.
+    let live: Vec<Vec<String>> = alice
+        .take_follow_up_events()
+        .into_iter()
+        .filter_map(|i| match i {
+            syncra_client::Incoming::Message { events, .. } => Some(events),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live, [["you added dave"]]);
     settle(&mut bob).await;
     settle(&mut dave).await;
     let roster = |c: &Client| {
@@ -450,8 +460,19 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     // Alice's client answers; carol's finds the request answered already.
     settle(&mut alice).await;
     alice.follow_up().await;
+    // What a long-running session (the TUI, `listen`) shows as it happens.
+    let live: Vec<Vec<String>> = alice
+        .take_follow_up_events()
+        .into_iter()
+        .filter_map(|i| match i {
+            syncra_client::Incoming::Message { events, .. } => Some(events),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live, [["you let bob back in"]]);
     settle(&mut carol).await;
     carol.follow_up().await;
+    assert!(carol.take_follow_up_events().is_empty(), "answered already");
     settle(&mut dave).await;
     dave.follow_up().await;
     settle(&mut bob).await;

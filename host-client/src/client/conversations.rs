@@ -312,10 +312,8 @@ impl Client {
                 };
                 match self.mls.rebase(&session, id).await {
                     Ok(Some(_)) => {
-                        let noted = self.sync_roster_of(id).and_then(|()| match &event {
-                            Some(text) => {
-                                self.note_events(&id.to_hex(), std::slice::from_ref(text))
-                            }
+                        let noted = self.sync_roster_of(id).and_then(|()| match event {
+                            Some(text) => self.note_live(&id.to_hex(), vec![text]),
                             None => Ok(()),
                         });
                         if let Err(e) = noted {
@@ -336,9 +334,9 @@ impl Client {
                 if !back.is_empty() {
                     let names: Vec<String> = back.iter().map(|m| self.book.name_of(m)).collect();
                     let noted = self.sync_roster_of(id).and_then(|()| {
-                        self.note_events(
+                        self.note_live(
                             &id.to_hex(),
-                            &[format!("you let {} back in", names.join(", "))],
+                            vec![format!("you let {} back in", names.join(", "))],
                         )
                     });
                     if let Err(e) = noted {
@@ -360,7 +358,7 @@ impl Client {
                         let names: Vec<String> =
                             leaving.iter().map(|m| self.book.name_of(m)).collect();
                         let noted = self.sync_roster_of(id).and_then(|()| {
-                            self.note_events(&id.to_hex(), &[format!("{} left", names.join(", "))])
+                            self.note_live(&id.to_hex(), vec![format!("{} left", names.join(", "))])
                         });
                         if let Err(e) = noted {
                             tracing::warn!("{e:#}");
@@ -407,11 +405,11 @@ impl Client {
                 );
                 let hex = id.to_hex();
                 if self.book.groups.contains_key(&hex)
-                    && let Err(e) = self.note_events(
+                    && let Err(e) = self.note_live(
                         &hex,
-                        &[
+                        vec![
                             "this device missed a change to the group; asked the members to let \
-                           it back in"
+                             it back in"
                                 .to_owned(),
                         ],
                     )

@@ -69,6 +69,32 @@ impl Client {
         Ok(())
     }
 
+    /// [`Client::note_events`] for what a follow-up did on its own (a departure committed, a
+    /// member let back in, a lost change made again): also queued for a long-running session
+    /// to show as it happens ([`Client::take_follow_up_events`]).
+    pub(super) fn note_live(&mut self, hex: &str, events: Vec<String>) -> anyhow::Result<()> {
+        self.note_events(hex, &events)?;
+        let me = self.user_id();
+        self.shown_later.push(Incoming::Message {
+            target: Target::Group(hex.to_owned()),
+            group_name: self.book.groups.get(hex).map(|g| g.name.clone()),
+            from: me,
+            from_name: self.name_of(&me),
+            text: String::new(),
+            timestamp_ms: syncra_core::now_ms(),
+            id: hex_id(&new_message_id()),
+            request: false,
+            events,
+        });
+        Ok(())
+    }
+
+    /// What follow-ups noted since the last call, to show as it happens (events in a group's
+    /// history; [`Serve`] passes them on as [`ServeEvent::Incoming`]).
+    pub fn take_follow_up_events(&mut self) -> Vec<Incoming> {
+        std::mem::take(&mut self.shown_later)
+    }
+
     /// Sends the group's name to its members (an empty group message): how members added by
     /// a commit learn what to call it. Through the outbox, so it is not lost offline.
     async fn announce_name(&mut self, hex: &str) -> Result<(), ClientError> {

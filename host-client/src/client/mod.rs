@@ -354,6 +354,8 @@ pub struct Client {
     behind: std::collections::BTreeMap<ConversationId, (u64, std::time::Instant)>,
     /// How long a copy must stay behind before asking ([`Client::rejoin_after`]).
     rejoin_grace: std::time::Duration,
+    /// Events follow-ups noted, for a long-running session to show ([`Client::note_live`]).
+    shown_later: Vec<Incoming>,
     /// The epoch this copy was stuck in when it last asked to be let back in, per conversation
     /// (asked once per stuck epoch; a restart asks again, which the members find stale once
     /// one of them answered).
@@ -452,6 +454,7 @@ impl Client {
             follow_ups: Default::default(),
             behind: Default::default(),
             rejoin_grace: REJOIN_GRACE,
+            shown_later: Vec::new(),
             asked_rejoin: Default::default(),
             guard,
             replay_log,

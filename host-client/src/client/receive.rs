@@ -186,17 +186,19 @@ impl Client {
                 self.asked_rejoin.remove(&conversation);
                 self.sync_roster_of(conversation)?;
                 let hex = conversation.to_hex();
-                if self.book.groups.contains_key(&hex) {
-                    self.note_events(
-                        &hex,
-                        &[
-                            "you are back in: this device had missed a change to the group \
-                           (what was sent meanwhile could not be read here)"
-                                .to_owned(),
-                        ],
-                    )?;
+                if !self.book.groups.contains_key(&hex) {
+                    return Ok(None);
                 }
-                Ok(None)
+                self.note_live(
+                    &hex,
+                    vec![
+                        "you are back in: this device had missed a change to the group (what \
+                         was sent meanwhile could not be read here)"
+                            .to_owned(),
+                    ],
+                )?;
+                // Shown as the answer to this delivery rather than later.
+                Ok(self.shown_later.pop())
             }
             // A group shows once a message names it; a 1:1 chat with its first message.
             Arrival::Joined { .. } => Ok(None),

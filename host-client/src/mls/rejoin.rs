@@ -153,3 +153,38 @@ fn decode(bytes: &[u8], group: ConversationId, epoch: u64) -> Result<RejoinReque
         package,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The request is hostile input to every member who reads it: every cut and every flipped
+    //! byte is refused with an error, never a panic.
+    use syncra_core::crypto::keys::IdentityKeyPair;
+
+    use super::super::MlsIdentity;
+    use super::*;
+
+    #[test]
+    fn every_prefix_and_every_flipped_byte_is_refused() {
+        let identity = MlsIdentity::new(&IdentityKeyPair::generate());
+        let conversation = identity.create_conversation().expect("create");
+        let (id, epoch) = (conversation.id(), conversation.epoch());
+        let request = identity.rejoin_request(&conversation).expect("request");
+        let parsed = RejoinRequest::from_bytes(&request, id, epoch).expect("valid");
+        assert_eq!(parsed.package.user_id(), identity.user_id());
+        assert_eq!(Some(parsed.leaf_key), conversation.own_leaf_key());
+        for cut in 0..request.len() {
+            assert!(RejoinRequest::from_bytes(&request[..cut], id, epoch).is_err());
+        }
+        let mut longer = request.clone();
+        longer.push(0);
+        assert!(RejoinRequest::from_bytes(&longer, id, epoch).is_err());
+        for i in 0..request.len() {
+            let mut flipped = request.clone();
+            flipped[i] ^= 0x01;
+            assert!(
+                RejoinRequest::from_bytes(&flipped, id, epoch).is_err(),
+                "byte {i} flipped was accepted"
+            );
+        }
+    }
+}

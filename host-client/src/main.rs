@@ -577,6 +577,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "mls:         {} conversations (1:1 and groups)",
                 client.conversation_count()
             );
+            for aside in client.conversations_set_aside() {
+                println!(
+                    "set aside:   conversation {} (its state was damaged: {}), kept as {}",
+                    aside.id,
+                    escape(&aside.why),
+                    aside.path.display()
+                );
+            }
             println!(
                 "outbox:      {} waiting, {} set aside in {}",
                 client.outbox_len(),

@@ -515,3 +515,78 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
         "nobody but bob refused anything"
     );
 }
+
+/// A conversation whose state file is damaged (a disk error, a bad copy) no longer stops the
+/// client from opening: that one file is renamed `<file>.damaged` (nothing deleted) and listed,
+/// every other conversation carries on, a message in the damaged one is refused with what to
+/// do, and the next message to that person starts a new 1:1 chat whose id is below the damaged
+/// one — so the other side, which still holds the old chat, sends in the new one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_conversation_is_set_aside_and_a_new_chat_takes_its_place() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut carol = user(dir.path(), &relay, "carol").await;
+    add(&mut alice, &["bob"]).await;
+    add(&mut bob, &["alice", "carol"]).await;
+    add(&mut carol, &["bob"]).await;
+    alice.send_text("bob", "first").await.unwrap();
+    carol.send_text("bob", "from carol").await.unwrap();
+    settle(&mut bob).await;
+    let with_alice = bob.direct_with(alice.user_id()).unwrap();
+    let with_carol = bob.direct_with(carol.user_id()).unwrap();
+
+    // Bob's state of his chat with alice is damaged on disk.
+    let bob_home = bob.home().clone();
+    bob.disconnect().await;
+    drop(bob);
+    let file = bob_home.mls_dir().join(format!("{with_alice}.state"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let mut bob = Client::open(bob_home.clone(), PASS).unwrap();
+    let aside = bob.conversations_set_aside().to_vec();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(aside[0].id, with_alice);
+    assert_eq!(
+        std::fs::read(&aside[0].path).unwrap(),
+        bytes,
+        "kept as it was"
+    );
+    assert!(!file.exists());
+    bob.connect().await.unwrap();
+    // The chat with carol carries on.
+    assert_eq!(bob.direct_with(carol.user_id()), Some(with_carol));
+    carol.send_text("bob", "still fine").await.unwrap();
+    // Alice still writes in the old chat: refused, saying what to do.
+    alice.send_text("bob", "lost on the way").await.unwrap();
+    settle(&mut bob).await;
+    assert!(texts(&bob, "carol").contains(&"still fine".to_owned()));
+    assert_eq!(bob.rejected_count(), 1);
+
+    // Bob writes to alice: a new chat, below the set-aside one; alice answers in it.
+    bob.send_text("alice", "my copy broke, here again")
+        .await
+        .unwrap();
+    let new_chat = bob.direct_with(alice.user_id()).unwrap();
+    assert!(
+        new_chat < with_alice,
+        "{new_chat} should sort below {with_alice}"
+    );
+    settle(&mut alice).await;
+    assert_eq!(alice.direct_with(bob.user_id()), Some(new_chat));
+    alice.send_text("bob", "got it").await.unwrap();
+    settle(&mut bob).await;
+    let seen = texts(&bob, "alice");
+    assert!(seen.contains(&"got it".to_owned()), "{seen:?}");
+    assert!(!seen.contains(&"lost on the way".to_owned()));
+    assert_eq!(bob.rejected_count(), 1);
+    // Reopening sets nothing aside twice.
+    bob.disconnect().await;
+    drop(bob);
+    let bob = Client::open(bob_home, PASS).unwrap();
+    assert!(bob.conversations_set_aside().is_empty());
+}

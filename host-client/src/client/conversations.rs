@@ -454,6 +454,11 @@ impl Client {
         Ok(())
     }
 
+    /// Conversations set aside because their state was damaged (docs/PROTOCOL.md §9.5).
+    pub fn conversations_set_aside(&self) -> &[crate::mls::SetAside] {
+        self.mls.set_aside()
+    }
+
     /// Number of MLS conversations this member is in.
     pub fn conversation_count(&self) -> usize {
         self.mls

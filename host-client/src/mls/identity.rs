@@ -28,7 +28,7 @@ use syncra_core::crypto::keys::IdentityKeyPair;
 use syncra_core::id::{USER_ID_LEN, UserId};
 use zeroize::Zeroizing;
 
-use super::conversation::Conversation;
+use super::conversation::{Conversation, ConversationId};
 use super::error::{BindingError, MlsError};
 use super::storage::Storage;
 use super::{CIPHERSUITE, GROUP_ID_LEN, Provider, create_config, join_config, state};
@@ -292,10 +292,27 @@ impl MlsIdentity {
     /// A new conversation whose id says whether it is a named group or a 1:1 chat
     /// ([`ConversationId::is_group`](super::ConversationId::is_group)).
     pub fn create_conversation_as(&self, group: bool) -> Result<Conversation, MlsError> {
+        self.create_conversation_below(group, None)
+    }
+
+    /// [`MlsIdentity::create_conversation_as`], with an id below `below` (a 1:1 chat that must
+    /// win the smaller-id rule over one set aside; `None`: any id).
+    pub(crate) fn create_conversation_below(
+        &self,
+        group: bool,
+        below: Option<ConversationId>,
+    ) -> Result<Conversation, MlsError> {
         let provider = Provider::default();
         let mut id = [0u8; GROUP_ID_LEN];
         syncra_core::crypto::fill_random(&mut id);
         id[0] = (id[0] & 0x7f) | if group { 0x80 } else { 0 };
+        if let Some(bound) = below {
+            let bound = u128::from_be_bytes(*bound.as_bytes());
+            if bound > 0 {
+                // Uniform below the bound; the bound's top bit is clear, so this one's is too.
+                id = (u128::from_be_bytes(id) % bound).to_be_bytes();
+            }
+        }
         let group = MlsGroup::new_with_group_id(
             &provider,
             self.signer.as_ref(),

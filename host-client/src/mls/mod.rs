@@ -52,7 +52,9 @@ pub use conversation::{
 pub use error::{BindingError, MlsError};
 pub use identity::{IdentitySigner, KeyPackageOutput, MlsIdentity, bound_user_id, credential_for};
 pub use rejoin::RejoinRequest;
-pub use service::{Arrival, Conversations, LEAF_UPDATE_INTERVAL_MS, ServiceError, StateError};
+pub use service::{
+    Arrival, Conversations, LEAF_UPDATE_INTERVAL_MS, ServiceError, SetAside, StateError,
+};
 
 /// The one ciphersuite Syncra speaks: DHKEM(X25519), AES-128-GCM, SHA-256, Ed25519.
 ///

@@ -24,6 +24,8 @@
 //! after the other on the same ordered path, so the other side joins before it reads.
 
 use std::collections::HashMap;
+
+use data_encoding::BASE32_NOPAD;
 use std::path::Path;
 
 use syncra_core::UserId;
@@ -270,6 +272,23 @@ pub struct Conversations {
     /// The KeyPackage store or the leaf schedule changed since the last save (most changes
     /// touch one conversation only, and each file written is a disk sync).
     shared_dirty: bool,
+    /// Conversations whose state file was damaged when the home was opened, set aside
+    /// ([`Conversations::open`]): never used again.
+    set_aside: Vec<SetAside>,
+}
+
+/// A conversation whose state file did not open or decode: renamed to `<file>.damaged`
+/// (nothing deleted) so that the other conversations carry on. It is never used again — a
+/// restored older state would reuse message keys — and its members let this member back in by
+/// adding it again; a 1:1 chat starts anew with the next message (docs/PROTOCOL.md §9.5).
+#[derive(Debug, Clone)]
+pub struct SetAside {
+    /// The conversation, as its file name says.
+    pub id: ConversationId,
+    /// Where its state is now.
+    pub path: std::path::PathBuf,
+    /// What was wrong with it.
+    pub why: String,
 }
 
 /// The directory the state is sealed into, and the stamp of what this process last read or
@@ -314,6 +333,7 @@ impl Conversations {
             store: None,
             welcomed: Vec::new(),
             shared_dirty: false,
+            set_aside: Vec::new(),
         }
     }
 
@@ -331,7 +351,7 @@ impl Conversations {
             source,
         })?;
         let stamp = read_stamp(dir)?;
-        let mut conversations = Self::load(identity, dir, key)?;
+        let mut conversations = Self::load_with(identity, dir, key, true)?;
         conversations.store = Some(Store {
             dir: dir.to_owned(),
             key: key.clone(),
@@ -364,9 +384,10 @@ impl Conversations {
         file.lock().map_err(io)?;
         let stamp = read_stamp(&store.dir)?;
         if stamp != store.stamp {
-            let fresh = Self::load(identity, &store.dir, &store.key)?;
+            let fresh = Self::load_with(identity, &store.dir, &store.key, true)?;
             self.identity = fresh.identity;
             self.groups = fresh.groups;
+            self.set_aside.extend(fresh.set_aside);
             self.refreshed = fresh.refreshed;
             // A lost commit's intent is only this process's to rebase.
             let groups = &self.groups;
@@ -487,6 +508,19 @@ impl Conversations {
         dir: &Path,
         key: &LocalKey,
     ) -> Result<Self, StateError> {
+        Self::load_with(identity, dir, key, false)
+    }
+
+    /// [`Conversations::load`]; with `set_aside`, a conversation file that does not open or
+    /// decode is renamed to `<file>.damaged` and listed ([`Conversations::set_aside`]) instead
+    /// of failing the whole load. The KeyPackage store and the leaf schedule are never set
+    /// aside: without them no conversation can be trusted to carry on.
+    fn load_with(
+        identity: &IdentityKeyPair,
+        dir: &Path,
+        key: &LocalKey,
+        set_aside: bool,
+    ) -> Result<Self, StateError> {
         let open = |file: &str| -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
             let path = dir.join(file);
             match std::fs::read(&path) {
@@ -533,16 +567,51 @@ impl Conversations {
             if file == KEY_STORE_FILE || file == UPDATES_FILE || !file.ends_with(STATE_SUFFIX) {
                 continue;
             }
-            let Some(state) = open(file)? else { continue };
-            let conversation = Conversation::from_bytes(&state, &conversations.identity)
-                .map_err(|e| damaged(file, e))?;
-            if format!("{}{STATE_SUFFIX}", conversation.id()) != file {
-                return Err(StateError::Damaged {
-                    path: dir.join(file),
-                    why: format!("it holds conversation {}", conversation.id()),
-                });
+            let loaded = open(file).and_then(|state| {
+                let Some(state) = state else { return Ok(None) };
+                let conversation = Conversation::from_bytes(&state, &conversations.identity)
+                    .map_err(|e| damaged(file, e))?;
+                if format!("{}{STATE_SUFFIX}", conversation.id()) != file {
+                    return Err(StateError::Damaged {
+                        path: dir.join(file),
+                        why: format!("it holds conversation {}", conversation.id()),
+                    });
+                }
+                Ok(Some(conversation))
+            });
+            match loaded {
+                Ok(Some(conversation)) => conversations.insert(conversation),
+                Ok(None) => {}
+                Err(StateError::Damaged { path, why }) if set_aside => {
+                    let Some(id) = file
+                        .strip_suffix(STATE_SUFFIX)
+                        .and_then(|name| {
+                            BASE32_NOPAD
+                                .decode(name.to_ascii_uppercase().as_bytes())
+                                .ok()
+                        })
+                        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+                        .map(ConversationId::from_bytes)
+                    else {
+                        // Not named as a conversation: not ours to rename.
+                        return Err(StateError::Damaged { path, why });
+                    };
+                    let aside = dir.join(format!("{file}.damaged"));
+                    if let Err(source) = std::fs::rename(&path, &aside) {
+                        return Err(StateError::Io { path, source });
+                    }
+                    tracing::warn!(
+                        "the state of conversation {id} was damaged ({why}); set aside as {}",
+                        aside.display()
+                    );
+                    conversations.set_aside.push(SetAside {
+                        id,
+                        path: aside,
+                        why,
+                    });
+                }
+                Err(e) => return Err(e),
             }
-            conversations.insert(conversation);
         }
         if let Some(refreshed) = open(UPDATES_FILE)? {
             if !refreshed.len().is_multiple_of(24) {
@@ -623,7 +692,18 @@ impl Conversations {
         for &user in members {
             packages.push(self.claim(session, user).await?);
         }
-        let mut conversation = self.identity.create_conversation_as(group)?;
+        // A new 1:1 chat gets an id below every set-aside one, so that a peer who still holds
+        // a set-aside chat with this member sends in the new one (the smaller id wins, §9.8).
+        let below = if group {
+            None
+        } else {
+            self.set_aside
+                .iter()
+                .map(|s| s.id)
+                .filter(|id| !id.is_group())
+                .min()
+        };
+        let mut conversation = self.identity.create_conversation_below(group, below)?;
         let id = conversation.id();
         let out = conversation.add(&packages)?;
         self.groups.insert(id, conversation);
@@ -1063,6 +1143,11 @@ impl Conversations {
             }
         }
         self.checkpoint(None)
+    }
+
+    /// The conversations set aside because their state was damaged ([`SetAside`]).
+    pub fn set_aside(&self) -> &[SetAside] {
+        &self.set_aside
     }
 
     /// Whether this member has a commit to make again ([`Conversations::rebase`]).

@@ -225,6 +225,10 @@ pub enum Opening {
 /// race arrives, so a commit that is merely late is not mistaken for one that is lost.
 pub const REJOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
 
+/// Deliveries from a later epoch than their conversation's copy reached, held at most (they
+/// wait for a commit that is late; beyond this the oldest is refused).
+pub const HELD_FUTURE_MAX: usize = 256;
+
 /// A delivery MLS processed (its sender authenticated, its state saved) that is not filed
 /// yet. Only [`Client::file_delivery`] can use it. If it was spooled ([`Client::spool`]) while
 /// it waits, the file's path: removed once it is filed.
@@ -356,6 +360,10 @@ pub struct Client {
     rejoin_grace: std::time::Duration,
     /// Events follow-ups noted, for a long-running session to show ([`Client::note_live`]).
     shown_later: Vec<Incoming>,
+    /// Deliveries from a later epoch than their conversation's copy reached (conversation,
+    /// epoch, carriage), in arrival order: processed once the commits before them are, refused
+    /// if the copy is let back in instead.
+    held_future: std::collections::VecDeque<(ConversationId, u64, Vec<u8>)>,
     /// The epoch this copy was stuck in when it last asked to be let back in, per conversation
     /// (asked once per stuck epoch; a restart asks again, which the members find stale once
     /// one of them answered).
@@ -455,6 +463,7 @@ impl Client {
             behind: Default::default(),
             rejoin_grace: REJOIN_GRACE,
             shown_later: Vec::new(),
+            held_future: Default::default(),
             asked_rejoin: Default::default(),
             guard,
             replay_log,

@@ -74,11 +74,9 @@ impl Client {
             Err(ServiceError::Mls(MlsError::FutureEpoch { message, current }))
                 if self.note_behind(carriage, message) =>
             {
-                Ok(Opening::Done(Some(self.rejected(format!(
-                    "a delivery from epoch {message} of a conversation this device holds at \
-                     epoch {current} could not be read: a change to it was lost on the way \
-                     here; asking its members to let this device back in"
-                )))))
+                // A commit before it has not been processed: held until it is (it may only be
+                // late), refused if this copy is let back in instead.
+                Ok(Opening::Done(self.hold_future(carriage, message, current)))
             }
             Err(e) => Ok(Opening::Done(Some(
                 self.rejected(format!("a delivery was refused: {e}")),
@@ -104,6 +102,66 @@ impl Client {
         seen.0 = seen.0.max(epoch);
         self.follow_ups.insert(id);
         true
+    }
+
+    /// Holds a delivery from a later epoch than this copy reached (at most [`HELD_FUTURE_MAX`];
+    /// beyond, the oldest is refused). Answers what to show now.
+    fn hold_future(&mut self, carriage: &[u8], epoch: u64, current: u64) -> Option<Incoming> {
+        let Ok(carried) = syncra_core::carriage::parse(carriage) else {
+            return None;
+        };
+        let id = ConversationId::from_bytes(carried.header.group_id.0);
+        self.held_future.push_back((id, epoch, carriage.to_vec()));
+        if self.held_future.len() <= HELD_FUTURE_MAX {
+            return None;
+        }
+        self.held_future.pop_front();
+        Some(self.rejected(format!(
+            "a delivery from epoch {epoch} of a conversation this device holds at epoch \
+             {current} was dropped: more than {HELD_FUTURE_MAX} wait for changes not processed"
+        )))
+    }
+
+    /// After a conversation moved to a later epoch: the held deliveries it can now read are
+    /// processed and filed, in order, and queued to show ([`Client::take_follow_up_events`]).
+    fn retry_held(&mut self, conversation: ConversationId, epoch: u64) -> anyhow::Result<()> {
+        if !self
+            .held_future
+            .iter()
+            .any(|(id, _, _)| *id == conversation)
+        {
+            return Ok(());
+        }
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_future)
+            .into_iter()
+            .partition(|(id, at, _)| *id == conversation && *at <= epoch);
+        self.held_future = rest.into();
+        for (_, _, carriage) in ready {
+            let shown = match self.open_delivery(&carriage)? {
+                Opening::Done(shown) => shown,
+                Opening::Opened(opened) => self.file_delivery(opened, None)?,
+            };
+            if let Some(shown) = shown {
+                self.shown_later.push(shown);
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses what was held for a conversation whose copy was replaced (let back in): sent
+    /// while this copy was out of step, it cannot be read.
+    fn drop_held(&mut self, conversation: ConversationId) {
+        let (dropped, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_future)
+            .into_iter()
+            .partition(|(id, _, _)| *id == conversation);
+        self.held_future = rest.into();
+        for (_, epoch, _) in dropped {
+            let shown = self.rejected(format!(
+                "a delivery from epoch {epoch} of conversation {conversation} was sent while \
+                 this device was out of step with it and cannot be read"
+            ));
+            self.shown_later.push(shown);
+        }
     }
 
     /// Whether a carriage that MLS refused is one this home has seen already: a replayed
@@ -171,12 +229,14 @@ impl Client {
                 events,
                 removed_me,
                 rebase,
-                ..
+                epoch,
             } => {
                 if rebase {
                     self.follow_ups.insert(conversation);
                 }
-                self.file_commit(conversation, by, &events, removed_me)
+                let shown = self.file_commit(conversation, by, &events, removed_me)?;
+                self.retry_held(conversation, epoch)?;
+                Ok(shown)
             }
             Arrival::LeaveRequest { conversation, .. }
             | Arrival::RejoinRequest { conversation, .. } => {
@@ -191,6 +251,7 @@ impl Client {
             } => {
                 self.behind.remove(&conversation);
                 self.asked_rejoin.remove(&conversation);
+                self.drop_held(conversation);
                 self.sync_roster_of(conversation)?;
                 let hex = conversation.to_hex();
                 if !self.book.groups.contains_key(&hex) {

@@ -19,15 +19,21 @@
 //!   Welcome joins, a commit moves the conversation on (with the roster changes as events),
 //!   an application message is decrypted with its authenticated sender.
 //!
+//! - **Rejoin**: a copy that fell behind for good asks the others to let it back in
+//!   ([`Conversations::ask_to_rejoin`]); a member answers with one commit replacing its leaf
+//!   ([`Conversations::readmit_pending`]); the Welcome replaces the stuck copy
+//!   ([`super::rejoin`]).
+//! - **Damage**: a conversation file that does not open is set aside when the home is opened
+//!   ([`SetAside`]), so the others carry on.
+//!
 //! A 1:1 chat is [`Conversations::create`] with one other member followed by a message: the
 //! commit claims the group's first epoch, then the Welcome and the first message leave one
 //! after the other on the same ordered path, so the other side joins before it reads.
 
 use std::collections::HashMap;
-
-use data_encoding::BASE32_NOPAD;
 use std::path::Path;
 
+use data_encoding::BASE32_NOPAD;
 use syncra_core::UserId;
 use syncra_core::carriage::{self, CarriageHeader, CarriageKind, GroupId};
 use syncra_core::crypto::keys::IdentityKeyPair;

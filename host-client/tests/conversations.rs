@@ -38,6 +38,25 @@ fn texts(client: &Client, with: &str) -> Vec<String> {
         .collect()
 }
 
+/// The members of group `g`, sorted.
+fn roster(client: &Client) -> Vec<syncra_core::UserId> {
+    let mut members = client.book().group("g").unwrap().members.clone();
+    members.sort();
+    members
+}
+
+/// The events a client's follow-ups queued to show as they happen, per message.
+fn live_events(client: &mut Client) -> Vec<Vec<String>> {
+    client
+        .take_follow_up_events()
+        .into_iter()
+        .filter_map(|i| match i {
+            syncra_client::Incoming::Message { events, .. } => Some(events),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn add(client: &mut Client, handles: &[&str]) {
     for handle in handles {
         client.add_contact(handle).await.unwrap();
@@ -152,11 +171,6 @@ async fn concurrent_roster_changes_one_wins_and_the_other_is_made_again() {
     b.unwrap();
     settle(&mut alice).await;
     settle(&mut bob).await;
-    let roster = |c: &Client| {
-        let mut m = c.book().group("g").unwrap().members.clone();
-        m.sort();
-        m
-    };
     assert_eq!(roster(&alice).len(), 4, "{:?}", roster(&alice));
     assert_eq!(roster(&alice), roster(&bob));
     // Both new members joined and read the group.
@@ -230,22 +244,10 @@ async fn a_roster_change_that_loses_its_epoch_in_a_long_running_session_is_made_
     let said = texts(&alice, "@g");
     assert!(said.contains(&"you added dave".to_owned()), "{said:?}");
     // Shown as it happens, not only on the next look at the history.
-    let live: Vec<Vec<String>> = alice
-        .take_follow_up_events()
-        .into_iter()
-        .filter_map(|i| match i {
-            syncra_client::Incoming::Message { events, .. } => Some(events),
-            _ => None,
-        })
-        .collect();
+    let live = live_events(&mut alice);
     assert_eq!(live, [["you added dave"]]);
     settle(&mut bob).await;
     settle(&mut dave).await;
-    let roster = |c: &Client| {
-        let mut m = c.book().group("g").unwrap().members.clone();
-        m.sort();
-        m
-    };
     assert_eq!(roster(&alice).len(), 4, "{:?}", roster(&alice));
     assert_eq!(roster(&alice), roster(&bob));
     // Her outbox (the group's name for dave, which waited for the new epoch) and a message.
@@ -462,14 +464,7 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     settle(&mut alice).await;
     alice.follow_up().await;
     // What a long-running session (the TUI, `listen`) shows as it happens.
-    let live: Vec<Vec<String>> = alice
-        .take_follow_up_events()
-        .into_iter()
-        .filter_map(|i| match i {
-            syncra_client::Incoming::Message { events, .. } => Some(events),
-            _ => None,
-        })
-        .collect();
+    let live = live_events(&mut alice);
     assert_eq!(live, [["you let bob back in"]]);
     settle(&mut carol).await;
     carol.follow_up().await;

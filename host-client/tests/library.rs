@@ -232,6 +232,17 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
     assert_eq!(contact.handle, "alice");
 }
 
+/// A relay whose identity store is a PostgreSQL server of the test's own (to freeze).
+async fn relay_on_postgres() -> (syncra_test_support::postgres::PostgresServer, TestRelay) {
+    let pg = syncra_test_support::postgres::PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    (pg, relay)
+}
+
 /// A stranger's message waits for the lookup of their handle after MLS opened it (its key is
 /// used: that copy never opens again). The process dies in that window — here the lookups hang
 /// on the relay's frozen PostgreSQL store and the serving task is aborted — and the message is
@@ -240,14 +251,7 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
     use syncra_client::client::{Serve, ServeEvent};
-    use syncra_test_support::postgres::PostgresServer;
-
-    let mut pg = PostgresServer::start();
-    let url = pg.url();
-    let relay = TestRelay::start(|c| {
-        c.store = serde_json::json!({ "kind": "postgres", "url": url });
-    })
-    .await;
+    let (mut pg, relay) = relay_on_postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let mut bob = user(dir.path(), &relay, "bob").await;
     let mut alice = user(dir.path(), &relay, "alice").await;
@@ -320,14 +324,7 @@ async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_senders_do_not_hold_up_a_contact() {
     use syncra_client::client::{Serve, ServeEvent};
-    use syncra_test_support::postgres::PostgresServer;
-
-    let mut pg = PostgresServer::start();
-    let url = pg.url();
-    let relay = TestRelay::start(|c| {
-        c.store = serde_json::json!({ "kind": "postgres", "url": url });
-    })
-    .await;
+    let (mut pg, relay) = relay_on_postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let mut bob = user(dir.path(), &relay, "bob").await;
     let mut alice = user(dir.path(), &relay, "alice").await;

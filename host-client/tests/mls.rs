@@ -75,6 +75,23 @@ impl Person {
     fn refuse(&mut self, bytes: &[u8]) -> MlsError {
         self.conv().process(bytes).unwrap_err()
     }
+
+    /// A request to be let back in: the conversation, the epoch this copy is in, the bytes.
+    fn rejoin_request(&mut self) -> (syncra_client::mls::ConversationId, u64, Vec<u8>) {
+        let conv = self.conv.as_ref().expect("in the conversation");
+        let request = self.mls.rejoin_request(conv).unwrap();
+        (conv.id(), conv.epoch(), request)
+    }
+}
+
+/// Alice (`people[0]`) updates her leaf; everyone processes the commit but bob (`people[1]`),
+/// who never gets it.
+fn bob_misses_a_commit(people: &mut [Person]) {
+    let out = people[0].conv().update().unwrap();
+    people[0].conv().commit_accepted().unwrap();
+    for p in &mut people[2..] {
+        p.apply(&out.commit);
+    }
 }
 
 /// Makes a group: `people[0]` creates it and adds all the others in one commit; then every
@@ -549,22 +566,14 @@ fn a_member_offline_across_several_commits_catches_up_in_order() {
 fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     let mut people = group(3);
     let (alice, bob, carol) = (people[0].id(), people[1].id(), people[2].id());
-    // Alice updates; the commit never reaches bob.
-    let out = people[0].conv().update().unwrap();
-    people[0].conv().commit_accepted().unwrap();
-    people[2].apply(&out.commit);
+    bob_misses_a_commit(&mut people);
     let missed = people[0].send("sent while bob was out of step");
     assert!(matches!(
         people[1].refuse(&missed),
         MlsError::FutureEpoch { .. }
     ));
 
-    let stuck = people[1].conv().epoch();
-    let id = people[1].conv().id();
-    let request = people[1]
-        .mls
-        .rejoin_request(people[1].conv.as_ref().unwrap())
-        .unwrap();
+    let (id, stuck, request) = people[1].rejoin_request();
     // The group and the epoch are signed: a relay cannot point the request elsewhere.
     for (group, epoch) in [
         (id, stuck + 1),
@@ -626,11 +635,7 @@ fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
         Err(MlsError::StaleRejoin)
     ));
     // A member whose copy is not behind has nothing to ask for.
-    let current = people[2].conv().epoch();
-    let request = people[2]
-        .mls
-        .rejoin_request(people[2].conv.as_ref().unwrap())
-        .unwrap();
+    let (_, current, request) = people[2].rejoin_request();
     let parsed = RejoinRequest::from_bytes(&request, id, current).unwrap();
     assert!(matches!(
         people[0].conv().check_rejoin(&parsed),
@@ -643,15 +648,8 @@ fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
 #[test]
 fn two_members_answering_one_rejoin_request_readmit_once() {
     let mut people = group(3);
-    let out = people[0].conv().update().unwrap();
-    people[0].conv().commit_accepted().unwrap();
-    people[2].apply(&out.commit);
-    let stuck = people[1].conv().epoch();
-    let id = people[1].conv().id();
-    let request = people[1]
-        .mls
-        .rejoin_request(people[1].conv.as_ref().unwrap())
-        .unwrap();
+    bob_misses_a_commit(&mut people);
+    let (id, stuck, request) = people[1].rejoin_request();
     let parsed = RejoinRequest::from_bytes(&request, id, stuck).unwrap();
     let winner = people[0].conv().readmit(&parsed).unwrap();
     let _loser = people[2].conv().readmit(&parsed).unwrap();

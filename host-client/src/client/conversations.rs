@@ -292,34 +292,20 @@ impl Client {
                 continue;
             }
             if let Some(intent) = self.mls.lost_intent(id) {
-                let names = |ids: Vec<UserId>| -> String {
-                    ids.iter()
-                        .map(|m| self.book.name_of(m))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
                 let event = match intent {
                     Intent::Add(added) => Some(format!(
                         "you added {}",
-                        names(added.iter().map(|p| p.user_id()).collect())
+                        self.names(added.iter().map(|p| p.user_id()))
                     )),
-                    Intent::Remove(removed) => Some(format!("you removed {}", names(removed))),
+                    Intent::Remove(removed) => Some(format!("you removed {}", self.names(removed))),
                     Intent::Readmit { package, .. } => Some(format!(
                         "you let {} back in",
-                        names(vec![package.user_id()])
+                        self.names([package.user_id()])
                     )),
                     Intent::Update => None,
                 };
                 match self.mls.rebase(&session, id).await {
-                    Ok(Some(_)) => {
-                        let noted = self.sync_roster_of(id).and_then(|()| match event {
-                            Some(text) => self.note_live(&id.to_hex(), vec![text]),
-                            None => Ok(()),
-                        });
-                        if let Err(e) = noted {
-                            tracing::warn!("{e:#}");
-                        }
-                    }
+                    Ok(Some(_)) => self.note_change(id, event),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!("making a lost commit of conversation {id} again: {e}")
@@ -332,16 +318,8 @@ impl Client {
                     tracing::warn!("letting a member back into conversation {id}: {e}");
                 }
                 if !back.is_empty() {
-                    let names: Vec<String> = back.iter().map(|m| self.book.name_of(m)).collect();
-                    let noted = self.sync_roster_of(id).and_then(|()| {
-                        self.note_live(
-                            &id.to_hex(),
-                            vec![format!("you let {} back in", names.join(", "))],
-                        )
-                    });
-                    if let Err(e) = noted {
-                        tracing::warn!("{e:#}");
-                    }
+                    let event = format!("you let {} back in", self.names(back));
+                    self.note_change(id, Some(event));
                 }
             }
             self.ask_to_rejoin_if_behind(&session, id).await;
@@ -355,18 +333,33 @@ impl Client {
                 match self.mls.commit_departures(&session, id).await {
                     Ok(_) => {
                         drop(lock);
-                        let names: Vec<String> =
-                            leaving.iter().map(|m| self.book.name_of(m)).collect();
-                        let noted = self.sync_roster_of(id).and_then(|()| {
-                            self.note_live(&id.to_hex(), vec![format!("{} left", names.join(", "))])
-                        });
-                        if let Err(e) = noted {
-                            tracing::warn!("{e:#}");
-                        }
+                        let event = format!("{} left", self.names(leaving));
+                        self.note_change(id, Some(event));
                     }
                     Err(e) => tracing::warn!("committing a leave request in {id}: {e}"),
                 }
             }
+        }
+    }
+
+    /// Names for people, joined for an event line.
+    fn names(&self, ids: impl IntoIterator<Item = UserId>) -> String {
+        ids.into_iter()
+            .map(|m| self.book.name_of(&m))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// After a follow-up changed a conversation's roster: my group entry follows it, and the
+    /// event (if any) is noted and shown as it happens. A failure is logged (the change itself
+    /// is made).
+    fn note_change(&mut self, id: ConversationId, event: Option<String>) {
+        let noted = self.sync_roster_of(id).and_then(|()| match event {
+            Some(text) => self.note_live(&id.to_hex(), vec![text]),
+            None => Ok(()),
+        });
+        if let Err(e) = noted {
+            tracing::warn!("{e:#}");
         }
     }
 

@@ -125,18 +125,7 @@ impl Client {
     /// After a conversation moved to a later epoch: the held deliveries it can now read are
     /// processed and filed, in order, and queued to show ([`Client::take_follow_up_events`]).
     fn retry_held(&mut self, conversation: ConversationId, epoch: u64) -> anyhow::Result<()> {
-        if !self
-            .held_future
-            .iter()
-            .any(|(id, _, _)| *id == conversation)
-        {
-            return Ok(());
-        }
-        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_future)
-            .into_iter()
-            .partition(|(id, at, _)| *id == conversation && *at <= epoch);
-        self.held_future = rest.into();
-        for (_, _, carriage) in ready {
+        for (_, carriage) in self.take_held(conversation, epoch) {
             let shown = match self.open_delivery(&carriage)? {
                 Opening::Done(shown) => shown,
                 Opening::Opened(opened) => self.file_delivery(opened, None)?,
@@ -148,14 +137,27 @@ impl Client {
         Ok(())
     }
 
+    /// Takes the held deliveries of `conversation` made in epoch `up_to` or before, in order
+    /// (epoch, carriage); the others stay held.
+    fn take_held(&mut self, conversation: ConversationId, up_to: u64) -> Vec<(u64, Vec<u8>)> {
+        if !self
+            .held_future
+            .iter()
+            .any(|(id, _, _)| *id == conversation)
+        {
+            return Vec::new();
+        }
+        let (taken, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_future)
+            .into_iter()
+            .partition(|(id, at, _)| *id == conversation && *at <= up_to);
+        self.held_future = rest.into();
+        taken.into_iter().map(|(_, at, c)| (at, c)).collect()
+    }
+
     /// Refuses what was held for a conversation whose copy was replaced (let back in): sent
     /// while this copy was out of step, it cannot be read.
     fn drop_held(&mut self, conversation: ConversationId) {
-        let (dropped, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_future)
-            .into_iter()
-            .partition(|(id, _, _)| *id == conversation);
-        self.held_future = rest.into();
-        for (_, epoch, _) in dropped {
+        for (epoch, _) in self.take_held(conversation, u64::MAX) {
             let shown = self.rejected(format!(
                 "a delivery from epoch {epoch} of conversation {conversation} was sent while \
                  this device was out of step with it and cannot be read"

@@ -710,7 +710,12 @@ impl Conversation {
     /// Whether a rejoin request holds against this copy of the conversation: for this group,
     /// from another member who is in it, whose copy is behind ours, naming the leaf the group
     /// holds for it now ([`super::rejoin`]).
-    pub fn check_rejoin(&self, request: &RejoinRequest) -> Result<LeafNodeIndex, MlsError> {
+    pub fn check_rejoin(&self, request: &RejoinRequest) -> Result<(), MlsError> {
+        self.rejoin_leaf(request).map(drop)
+    }
+
+    /// [`Conversation::check_rejoin`], answering the leaf the request names.
+    fn rejoin_leaf(&self, request: &RejoinRequest) -> Result<LeafNodeIndex, MlsError> {
         if request.group != self.id {
             return Err(MlsError::WrongGroup);
         }
@@ -751,17 +756,27 @@ impl Conversation {
     /// leaf and adding its new KeyPackage, and the Welcome for it. Pending until the relay's
     /// verdict, like every commit.
     pub fn readmit(&mut self, request: &RejoinRequest) -> Result<CommitOutput, MlsError> {
-        self.check_rejoin(request)?;
-        self.readmit_leaf(&request.package, &request.leaf_key)
+        let leaf = self.rejoin_leaf(request)?;
+        self.commit_readmission(&request.package, leaf)
     }
 
+    /// A readmission made again on the epoch that beat it: if the leaf is still the one named.
     fn readmit_leaf(
         &mut self,
         package: &MemberKeyPackage,
         leaf_key: &[u8],
     ) -> Result<CommitOutput, MlsError> {
-        self.ensure_can_commit()?;
         let leaf = self.leaf_named(package, leaf_key)?;
+        self.commit_readmission(package, leaf)
+    }
+
+    /// One commit removing `leaf` and adding `package`.
+    fn commit_readmission(
+        &mut self,
+        package: &MemberKeyPackage,
+        leaf: LeafNodeIndex,
+    ) -> Result<CommitOutput, MlsError> {
+        self.ensure_can_commit()?;
         let epoch = self.epoch();
         let bundle = self
             .group

@@ -1156,12 +1156,7 @@ impl Conversations {
         &self.set_aside
     }
 
-    /// Whether this member has a commit to make again ([`Conversations::rebase`]).
-    pub fn has_lost_commit(&self, id: ConversationId) -> bool {
-        self.lost.contains_key(&id)
-    }
-
-    /// What the commit to make again meant to do, if there is one.
+    /// What a commit to make again ([`Conversations::rebase`]) meant to do, if there is one.
     pub fn lost_intent(&self, id: ConversationId) -> Option<Intent> {
         self.lost.get(&id).cloned()
     }

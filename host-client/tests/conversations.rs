@@ -514,6 +514,129 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     );
 }
 
+/// The Welcome that lets a member back in can be lost like any delivery (here: bob is away and
+/// the relay's mailbox keeps it one second). His client, still behind, asks again once its wait
+/// for an answer ran out, naming the leaf his copy still knows; the members, who remember the
+/// first return, let him in again, and everyone reads everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_return_was_lost_asks_again_and_is_let_back_in() {
+    let relay = TestRelay::start(|c| {
+        c.mailbox["ttl_secs"] = serde_json::json!(1);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut carol = user(dir.path(), &relay, "carol").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    add(&mut alice, &["bob", "carol", "dave"]).await;
+    add(&mut bob, &["alice", "carol"]).await;
+    add(&mut carol, &["alice", "bob"]).await;
+    add(&mut dave, &["alice"]).await;
+    alice
+        .group_create("g", &["bob".to_owned(), "carol".to_owned()])
+        .await
+        .unwrap();
+    settle(&mut bob).await;
+    settle(&mut carol).await;
+
+    // Bob loses the commit that adds dave: his MLS state is put back from a copy.
+    let bob_home = bob.home().clone();
+    let copy = dir.path().join("bob-mls-copy");
+    copy_dir(&bob_home.mls_dir(), &copy);
+    alice
+        .group_update("g", &["dave".to_owned()], &[])
+        .await
+        .unwrap();
+    for c in [&mut bob, &mut carol, &mut dave] {
+        settle(c).await;
+    }
+    bob.disconnect().await;
+    drop(bob);
+    std::fs::remove_dir_all(bob_home.mls_dir()).unwrap();
+    copy_dir(&copy, &bob_home.mls_dir());
+    let mut bob = Client::open(bob_home, PASS).unwrap();
+    bob.connect().await.unwrap();
+    alice.send_text("@g", "while bob is stuck").await.unwrap();
+    settle(&mut bob).await;
+
+    let again = "no answer yet; asked the members again to let this device back in";
+    let asked = |c: &Client, line: &str| texts(c, "@g").iter().filter(|t| *t == line).count();
+    bob.rejoin_after(Duration::ZERO);
+    bob.rejoin_again_after(Duration::from_secs(2));
+    bob.follow_up().await;
+    assert_eq!(
+        asked(
+            &bob,
+            "this device missed a change to the group; asked the members to let it back in"
+        ),
+        1
+    );
+    // Not again before the wait.
+    bob.follow_up().await;
+    assert_eq!(asked(&bob, again), 0);
+
+    // Bob is away when alice lets him back in; the Welcome waits for him in the mailbox and
+    // expires there.
+    bob.disconnect().await;
+    settle(&mut alice).await;
+    alice.follow_up().await;
+    assert_eq!(live_events(&mut alice), [["you let bob back in"]]);
+    for c in [&mut carol, &mut dave] {
+        settle(c).await;
+        c.follow_up().await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    bob.connect().await.unwrap();
+    settle(&mut bob).await;
+    assert!(
+        !texts(&bob, "@g")
+            .iter()
+            .any(|t| t.starts_with("you are back in")),
+        "the Welcome was kept: {:?}",
+        texts(&bob, "@g")
+    );
+
+    // His wait ran out: he asks again, naming the leaf his copy still knows.
+    bob.follow_up().await;
+    assert_eq!(asked(&bob, again), 1, "{:?}", texts(&bob, "@g"));
+    settle(&mut alice).await;
+    alice.follow_up().await;
+    assert_eq!(live_events(&mut alice), [["you let bob back in"]]);
+    for c in [&mut carol, &mut dave] {
+        settle(c).await;
+        c.follow_up().await;
+    }
+    settle(&mut bob).await;
+    assert!(
+        texts(&bob, "@g")
+            .iter()
+            .any(|t| t.starts_with("you are back in")),
+        "{:?}",
+        texts(&bob, "@g")
+    );
+    alice.send_text("@g", "welcome back").await.unwrap();
+    bob.send_text("@g", "back at last").await.unwrap();
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        settle(c).await;
+    }
+    assert!(texts(&bob, "@g").contains(&"welcome back".to_owned()));
+    for c in [&alice, &carol, &dave] {
+        assert!(texts(c, "@g").contains(&"back at last".to_owned()));
+    }
+    let members = alice.book().group("g").unwrap().members.clone();
+    assert_eq!(members.len(), 4);
+    assert_eq!(bob.book().group("g").unwrap().members, members);
+    assert_eq!(
+        alice.rejected_count() + carol.rejected_count() + dave.rejected_count(),
+        0,
+        "no member refused the second request"
+    );
+    // Once back, the client has nothing more to ask.
+    bob.follow_up().await;
+    assert_eq!(asked(&bob, again), 1);
+}
+
 /// A conversation whose state file is damaged (a disk error, a bad copy) no longer stops the
 /// client from opening: that one file is renamed `<file>.damaged` (nothing deleted) and listed,
 /// every other conversation carries on, a message in the damaged one is refused with what to

@@ -643,6 +643,73 @@ fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     ));
 }
 
+/// The Welcome that let a member back in can be lost too: its copy still knows the leaf the
+/// group replaced, so its next request names that leaf. The members, who remember the return
+/// (with their state), take it as long as its KeyPackage is new; a replay of either request
+/// stays stale.
+#[test]
+fn a_member_whose_return_was_lost_is_let_back_in_when_it_asks_again() {
+    let mut people = group(3);
+    let (alice, bob, carol) = (people[0].id(), people[1].id(), people[2].id());
+    bob_misses_a_commit(&mut people);
+    let (id, stuck, first) = people[1].rejoin_request();
+    let first = RejoinRequest::from_bytes(&first, id, stuck).unwrap();
+    let lost = people[0].conv().readmit(&first).unwrap();
+    deliver_commit(&mut people[..1], 0, &lost.commit);
+    people[2].apply(&lost.commit);
+    // The Welcome never reaches bob: his copy is the stuck one still.
+    drop(lost.welcome);
+    assert_eq!(people[1].conv().epoch(), stuck);
+
+    // What a member remembers of the return survives its state's round trip through bytes.
+    let bytes = people[2].conv().to_bytes();
+    people[2].conv = Some(Conversation::from_bytes(&bytes, &people[2].mls).unwrap());
+    // The first request again (a replay) is stale: its package is bob's leaf now.
+    for p in [0, 2] {
+        assert!(matches!(
+            people[p].conv().check_rejoin(&first),
+            Err(MlsError::StaleRejoin)
+        ));
+    }
+    let (_, again_epoch, again) = people[1].rejoin_request();
+    assert_eq!(again_epoch, stuck);
+    let again = RejoinRequest::from_bytes(&again, id, stuck).unwrap();
+    assert_eq!(
+        again.leaf_key, first.leaf_key,
+        "his copy still knows the old leaf"
+    );
+    people[2].conv().check_rejoin(&again).unwrap();
+    let back = people[0].conv().readmit(&again).unwrap();
+    people[0].conv().commit_accepted().unwrap();
+    match people[2].apply(&back.commit) {
+        Incoming::Commit { events, .. } => assert_eq!(
+            events,
+            [RosterEvent::Rejoined {
+                by: alice,
+                member: bob
+            }]
+        ),
+        other => panic!("expected a commit, got {other:?}"),
+    }
+    people[1].join(&back.welcome.unwrap());
+    assert_agree(&mut people);
+    let m = people[1].send("back at last");
+    people[0].read(&m, bob, "back at last");
+    people[2].read(&m, bob, "back at last");
+    let m = people[2].send("hello again");
+    people[1].read(&m, carol, "hello again");
+
+    // Neither request lets anyone churn bob now.
+    for request in [&first, &again] {
+        for p in [0, 2] {
+            assert!(matches!(
+                people[p].conv().check_rejoin(request),
+                Err(MlsError::StaleRejoin)
+            ));
+        }
+    }
+}
+
 /// Of two members answering one rejoin request at once, the relay accepts one commit; the
 /// other's, made again on the winner, has nothing left to do.
 #[test]

@@ -278,6 +278,14 @@ impl Client {
     /// epoch made again, other members' leave requests committed. [`Serve`] calls it after
     /// every delivery; a failure is logged and tried again after the next one.
     pub async fn follow_up(&mut self) {
+        // Rejoin requests left unanswered for their wait are asked again.
+        let unanswered: Vec<ConversationId> = self
+            .asked_rejoin
+            .iter()
+            .filter(|(_, asked)| asked.at.elapsed() >= asked.wait)
+            .map(|(id, _)| *id)
+            .collect();
+        self.follow_ups.extend(unanswered);
         if self.follow_ups.is_empty() {
             return;
         }
@@ -365,24 +373,35 @@ impl Client {
 
     /// If this copy of a conversation met a later epoch than it holds (checked again under the
     /// lock, with what other processes of this home processed meanwhile), asks the members to
-    /// let it back in — once per stuck epoch.
+    /// let it back in — once per stuck epoch, and again if no answer comes (the request or the
+    /// Welcome answering it lost), waiting twice as long each time.
     async fn ask_to_rejoin_if_behind(&mut self, session: &Session, id: ConversationId) {
         let Some(&(seen, since)) = self.behind.get(&id) else {
+            self.asked_rejoin.remove(&id);
             return;
         };
         let Some(conversation) = self.mls.get(id) else {
             self.behind.remove(&id);
+            self.asked_rejoin.remove(&id);
             return;
         };
         let epoch = conversation.epoch();
         if !conversation.is_active() || epoch >= seen {
             // Caught up after all, or out of the group: nothing to ask.
             self.behind.remove(&id);
+            self.asked_rejoin.remove(&id);
             return;
         }
-        if self.asked_rejoin.get(&id) == Some(&epoch) {
-            return;
-        }
+        let before = self.asked_rejoin.get(&id).copied();
+        let again = match before {
+            Some(asked) if asked.epoch == epoch => {
+                if asked.at.elapsed() < asked.wait {
+                    return;
+                }
+                true
+            }
+            _ => false,
+        };
         if since.elapsed() < self.rejoin_grace {
             // Maybe only late (a mailbox entry from a login race comes at the next ping):
             // looked at again at a later follow-up.
@@ -391,21 +410,31 @@ impl Client {
         }
         match self.mls.ask_to_rejoin(session, id).await {
             Ok(reached) => {
-                self.asked_rejoin.insert(id, epoch);
+                let wait = match before {
+                    Some(asked) if again => (asked.wait * 2).min(REJOIN_RETRY_MAX),
+                    _ => self.rejoin_retry,
+                };
+                self.asked_rejoin.insert(
+                    id,
+                    Asked {
+                        epoch,
+                        at: std::time::Instant::now(),
+                        wait,
+                    },
+                );
                 tracing::info!(
                     "conversation {id}: this device missed a change (stuck in epoch {epoch}, the \
-                     group is at {seen} or later); asked {reached} members to let it back in"
+                     group is at {seen} or later); asked {reached} members to let it back in{}",
+                    if again { " again" } else { "" }
                 );
                 let hex = id.to_hex();
+                let line = if again {
+                    "no answer yet; asked the members again to let this device back in"
+                } else {
+                    "this device missed a change to the group; asked the members to let it back in"
+                };
                 if self.book.groups.contains_key(&hex)
-                    && let Err(e) = self.note_live(
-                        &hex,
-                        vec![
-                            "this device missed a change to the group; asked the members to let \
-                             it back in"
-                                .to_owned(),
-                        ],
-                    )
+                    && let Err(e) = self.note_live(&hex, vec![line.to_owned()])
                 {
                     tracing::warn!("{e:#}");
                 }
@@ -421,6 +450,13 @@ impl Client {
     /// its members to let it back in ([`REJOIN_GRACE`] unless changed; tests shorten it).
     pub fn rejoin_after(&mut self, grace: Duration) {
         self.rejoin_grace = grace;
+    }
+
+    /// How long this client waits for an answer to its first rejoin request in a conversation
+    /// before asking again, doubled after each ([`REJOIN_RETRY`] unless changed; tests shorten
+    /// it).
+    pub fn rejoin_again_after(&mut self, wait: Duration) {
+        self.rejoin_retry = wait;
     }
 
     /// Keeps the directory stocked with this member's KeyPackages and refreshes its leaf

@@ -225,6 +225,25 @@ pub enum Opening {
 /// race arrives, so a commit that is merely late is not mistaken for one that is lost.
 pub const REJOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
 
+/// How long a copy still behind waits for an answer to its rejoin request before asking again
+/// (the request, or the Welcome that answered it, can be lost like any commit); doubled after
+/// each unanswered request, up to [`REJOIN_RETRY_MAX`].
+pub const REJOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// The longest wait between two rejoin requests of a copy still behind.
+pub const REJOIN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(6 * 60 * 60);
+
+/// A rejoin request this process sent for a conversation ([`Client::follow_up`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    /// The epoch the copy was stuck in.
+    epoch: u64,
+    /// When the request went out.
+    at: std::time::Instant,
+    /// How long to wait for an answer before asking again.
+    wait: std::time::Duration,
+}
+
 /// Deliveries from a later epoch than their conversation's copy reached, held at most (they
 /// wait for a commit that is late; beyond this the oldest is refused).
 pub const HELD_FUTURE_MAX: usize = 256;
@@ -364,10 +383,12 @@ pub struct Client {
     /// epoch, carriage), in arrival order: processed once the commits before them are, refused
     /// if the copy is let back in instead.
     held_future: std::collections::VecDeque<(ConversationId, u64, Vec<u8>)>,
-    /// The epoch this copy was stuck in when it last asked to be let back in, per conversation
-    /// (asked once per stuck epoch; a restart asks again, which the members find stale once
-    /// one of them answered).
-    asked_rejoin: std::collections::BTreeMap<ConversationId, u64>,
+    /// The last rejoin request per conversation still behind: asked again if no answer came
+    /// in its wait (a restart asks again at once; the members find a request stale once one of
+    /// them answered it).
+    asked_rejoin: std::collections::BTreeMap<ConversationId, Asked>,
+    /// The first wait for an answer to a rejoin request ([`Client::rejoin_again_after`]).
+    rejoin_retry: std::time::Duration,
     /// Message ids already filed, per sender: a message sent twice shows once.
     guard: ReplayGuard,
     replay_log: crate::replay::ReplayLog,
@@ -465,6 +486,7 @@ impl Client {
             shown_later: Vec::new(),
             held_future: Default::default(),
             asked_rejoin: Default::default(),
+            rejoin_retry: REJOIN_RETRY,
             guard,
             replay_log,
             transport,

@@ -34,6 +34,7 @@ use openmls::prelude::{
     MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessMessageError, ProcessedMessageContent,
     Proposal, ProtocolVersion, Sender, StagedCommit, ValidationError, tls_codec::DeserializeBytes,
 };
+use openmls::treesync::EncryptionKey;
 use openmls_rust_crypto::RustCrypto;
 use syncra_core::id::UserId;
 use zeroize::Zeroizing;
@@ -374,6 +375,20 @@ fn leaf_user(leaf: &LeafNode) -> Result<UserId, MlsError> {
     )?)
 }
 
+/// How many readmissions a conversation remembers ([`Readmitted`]).
+const READMISSIONS_KEPT: usize = 32;
+
+/// A member let back in ([`super::rejoin`]): the leaf key its stuck copy knew and the one it
+/// came back with. Kept with the group's state, so that a member whose Welcome was lost can ask
+/// again naming the leaf its copy still knows, while a request whose package was used (a
+/// replay, or one answered already) stays stale.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Readmitted {
+    user: UserId,
+    from: Vec<u8>,
+    to: Vec<u8>,
+}
+
 /// One MLS group as seen by this member: its state, its storage and the signer.
 pub struct Conversation {
     id: ConversationId,
@@ -648,12 +663,14 @@ impl Conversation {
 
     /// The relay accepted this member's pending commit: move to the next epoch.
     pub fn commit_accepted(&mut self) -> Result<u64, MlsError> {
-        if self.group.pending_commit().is_none() {
+        let Some(pending) = self.group.pending_commit() else {
             return Err(MlsError::NoPendingCommit);
-        }
+        };
+        let returns = self.readmissions_in(pending);
         self.group
             .merge_pending_commit(&self.provider)
             .map_err(|e| MlsError::internal("merging our commit", e))?;
+        self.remember_readmissions(returns)?;
         Ok(self.epoch())
     }
 
@@ -734,7 +751,10 @@ impl Conversation {
         self.leaf_named(&request.package, &request.leaf_key)
     }
 
-    /// The leaf of `package`'s owner, if its encryption key is `leaf_key`.
+    /// The leaf of `package`'s owner, if `leaf_key` names it: its encryption key now, or one
+    /// the owner left when let back in before while `package` was not used since — that
+    /// return's Welcome never reached the owner, whose copy still knows the old leaf
+    /// ([`super::rejoin`], "A lost Welcome").
     fn leaf_named(
         &self,
         package: &MemberKeyPackage,
@@ -746,10 +766,83 @@ impl Conversation {
             .members()
             .find(|m| bound_user_id(&m.credential, &m.signature_key) == Ok(user))
             .ok_or(MlsError::NotInConversation(user))?;
-        if member.encryption_key != leaf_key {
-            return Err(MlsError::StaleRejoin);
+        if member.encryption_key == leaf_key {
+            return Ok(member.index);
         }
-        Ok(member.index)
+        let returns = self.readmissions()?;
+        let left_before = returns
+            .iter()
+            .any(|r| r.user == user && r.from.as_slice() == leaf_key);
+        let new_leaf = package.key_package.leaf_node().encryption_key();
+        let is_new_leaf = |key: &[u8]| EncryptionKey::from(key.to_vec()) == *new_leaf;
+        let used = is_new_leaf(&member.encryption_key)
+            || returns.iter().any(|r| r.user == user && is_new_leaf(&r.to));
+        if left_before && !used {
+            return Ok(member.index);
+        }
+        Err(MlsError::StaleRejoin)
+    }
+
+    /// The members let back in, the last [`READMISSIONS_KEPT`], oldest first.
+    fn readmissions(&self) -> Result<Vec<Readmitted>, MlsError> {
+        Ok(self
+            .provider
+            .storage
+            .readmissions(self.id.as_bytes())
+            .map_err(|e| MlsError::internal("reading who was let back in", e))?
+            .unwrap_or_default())
+    }
+
+    /// The readmissions a commit makes: each member it removes and adds back, with the leaf
+    /// key removed. Read before the commit is merged (the removed leaves are still in the
+    /// tree); [`Conversation::remember_readmissions`] adds the leaf keys added, once merged.
+    fn readmissions_in(&self, staged: &StagedCommit) -> Vec<(UserId, Vec<u8>)> {
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        for queued in staged.queued_proposals() {
+            match queued.proposal() {
+                Proposal::Remove(remove) => {
+                    if let Some(m) = self.group.member_at(remove.removed())
+                        && let Ok(user) = bound_user_id(&m.credential, &m.signature_key)
+                    {
+                        removed.push((user, m.encryption_key));
+                    }
+                }
+                Proposal::Add(add) => {
+                    if let Ok(user) = leaf_user(add.key_package().leaf_node()) {
+                        added.push(user);
+                    }
+                }
+                _ => {}
+            }
+        }
+        removed.retain(|(user, _)| added.contains(user));
+        removed
+    }
+
+    /// Keeps the readmissions of a merged commit (the last [`READMISSIONS_KEPT`]), each with
+    /// the leaf its member has now.
+    fn remember_readmissions(&mut self, returns: Vec<(UserId, Vec<u8>)>) -> Result<(), MlsError> {
+        if returns.is_empty() {
+            return Ok(());
+        }
+        let mut all = self.readmissions()?;
+        for (user, from) in returns {
+            let to = self
+                .group
+                .members()
+                .find(|m| bound_user_id(&m.credential, &m.signature_key) == Ok(user))
+                .map(|m| m.encryption_key);
+            if let Some(to) = to {
+                all.push(Readmitted { user, from, to });
+            }
+        }
+        let excess = all.len().saturating_sub(READMISSIONS_KEPT);
+        all.drain(..excess);
+        self.provider
+            .storage
+            .write_readmissions(self.id.as_bytes(), &all)
+            .map_err(|e| MlsError::internal("keeping who was let back in", e))
     }
 
     /// Lets the member behind a valid rejoin request back in: one commit removing its stuck
@@ -871,9 +964,11 @@ impl Conversation {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let events = self.check_commit(&staged, sender, sender_leaf)?;
                 let removed_me = staged.self_removed();
+                let returns = self.readmissions_in(&staged);
                 self.group
                     .merge_staged_commit(&self.provider, *staged)
                     .map_err(|e| MlsError::internal("merging a commit", e))?;
+                self.remember_readmissions(returns)?;
                 Ok(Incoming::Commit {
                     by: sender,
                     events,

@@ -23,6 +23,17 @@
 //! ([`MlsError::StaleRejoin`]). That also makes the members who race to answer one request
 //! harmless: the relay accepts one commit for the epoch, the others find the request stale.
 //!
+//! **A lost Welcome.** The Welcome of a return can itself be lost (the same ways a commit
+//! can); the member's copy then still knows the old leaf, which the group no longer holds. Its
+//! client asks again after a while ([`crate::client::REJOIN_RETRY`], doubling), naming that
+//! leaf with a fresh KeyPackage. So every member keeps, with the group's state, the last
+//! returns it saw (who, the leaf removed, the leaf added): a request naming a leaf its sender
+//! left when let back in before is taken — the member's leaf now is the one replaced — as long
+//! as its KeyPackage was not used since (the leaf it would add is not the member's leaf now,
+//! nor one an earlier return added). A replay of an answered request stays stale; the relay
+//! holding back a request the member made and releasing it later can cause at most one more
+//! return per request the member made.
+//!
 //! **What a malicious relay can do with it**: nothing a member could not. It cannot forge a
 //! request (the signature), cannot point one at another group or epoch (both are signed), and
 //! a member only readmits a member who is in the group, with that member's own KeyPackage.

@@ -59,6 +59,9 @@ enum Label {
     EpochKeyPairs = 16,
     KeyPackage = 17,
     Psk = 18,
+    /// Syncra's own record, not openmls's: the members of a group let back in
+    /// ([`super::conversation`]), kept with the group's state.
+    Readmissions = 19,
 }
 
 /// A value that would not encode, or stored bytes that do not decode.
@@ -129,6 +132,23 @@ impl Storage {
             .get(&key)
             .map(|bytes| decode(label, bytes))
             .transpose()
+    }
+
+    /// The members of a group let back in, as [`super::conversation`] keeps them.
+    pub(crate) fn readmissions<V: DeserializeOwned>(
+        &self,
+        group_id: &[u8],
+    ) -> Result<Option<V>, StorageError> {
+        self.read(Label::Readmissions, &group_id)
+    }
+
+    /// Replaces the members of a group let back in.
+    pub(crate) fn write_readmissions(
+        &self,
+        group_id: &[u8],
+        value: &impl Serialize,
+    ) -> Result<(), StorageError> {
+        self.write(Label::Readmissions, &group_id, value)
     }
 
     fn delete(&self, label: Label, key: &impl Serialize) -> Result<(), StorageError> {
@@ -215,6 +235,7 @@ fn label_name(label: Label) -> &'static str {
         Label::EpochKeyPairs => "epoch key pairs",
         Label::KeyPackage => "KeyPackage",
         Label::Psk => "PSK",
+        Label::Readmissions => "readmissions",
     }
 }
 

@@ -578,9 +578,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 client.conversation_count()
             );
             for aside in client.conversations_set_aside() {
+                let what = match aside.id {
+                    Some(id) => format!("conversation {id}"),
+                    None => "a state file, started anew".to_owned(),
+                };
                 println!(
-                    "set aside:   conversation {} (its state was damaged: {}), kept as {}",
-                    aside.id,
+                    "set aside:   {what} (damaged: {}), kept as {}",
                     escape(&aside.why),
                     aside.path.display()
                 );

@@ -637,6 +637,59 @@ async fn a_member_whose_return_was_lost_asks_again_and_is_let_back_in() {
     assert_eq!(asked(&bob, again), 1);
 }
 
+/// A damaged KeyPackage store and leaf schedule no longer stop the client: both are set aside
+/// (renamed, listed), a new store takes the old one's place, and the packages published from
+/// the old one — whose private halves are gone — are withdrawn from the directory when the
+/// client connects, so whoever adds this member next gets a package it can join with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_key_package_store_is_set_aside_and_its_packages_withdrawn() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    add(&mut alice, &["bob"]).await;
+    add(&mut bob, &["alice"]).await;
+
+    let bob_home = bob.home().clone();
+    bob.disconnect().await;
+    drop(bob);
+    for file in ["key-packages.state", "leaf-updates.state"] {
+        let path = bob_home.mls_dir().join(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let mut bob = Client::open(bob_home.clone(), PASS).unwrap();
+    let aside: Vec<_> = bob.conversations_set_aside().to_vec();
+    assert_eq!(aside.len(), 2, "{aside:?}");
+    for (aside, file) in aside
+        .iter()
+        .zip(["key-packages.state.damaged", "leaf-updates.state.damaged"])
+    {
+        assert_eq!(aside.id, None);
+        assert_eq!(aside.path, bob_home.mls_dir().join(file));
+        assert!(aside.path.exists());
+    }
+    bob.connect().await.unwrap();
+
+    // Alice's first message claims one of bob's packages: a fresh one, which he joins with.
+    alice.send_text("bob", "can you read this?").await.unwrap();
+    settle(&mut bob).await;
+    assert_eq!(texts(&bob, "alice"), ["can you read this?"]);
+    assert_eq!(bob.rejected_count(), 0);
+    bob.send_text("alice", "yes").await.unwrap();
+    settle(&mut alice).await;
+    assert_eq!(texts(&alice, "bob"), ["can you read this?", "yes"]);
+    // Done once: a restart withdraws nothing more.
+    let home = bob.home().clone();
+    bob.disconnect().await;
+    drop(bob);
+    assert!(!home.mls_dir().join("withdraw-key-packages").exists());
+    let bob = Client::open(home, PASS).unwrap();
+    assert!(bob.conversations_set_aside().is_empty());
+}
+
 /// A conversation whose state file is damaged (a disk error, a bad copy) no longer stops the
 /// client from opening: that one file is renamed `<file>.damaged` (nothing deleted) and listed,
 /// every other conversation carries on, a message in the damaged one is refused with what to
@@ -671,7 +724,7 @@ async fn a_damaged_conversation_is_set_aside_and_a_new_chat_takes_its_place() {
     let mut bob = Client::open(bob_home.clone(), PASS).unwrap();
     let aside = bob.conversations_set_aside().to_vec();
     assert_eq!(aside.len(), 1);
-    assert_eq!(aside[0].id, with_alice);
+    assert_eq!(aside[0].id, Some(with_alice));
     assert_eq!(
         std::fs::read(&aside[0].path).unwrap(),
         bytes,

@@ -64,12 +64,21 @@ impl Client {
                 Ok(Opening::Done(None))
             }
             Err(ServiceError::State(e)) => Err(anyhow::Error::new(e).context("the MLS state")),
-            Err(ServiceError::Unknown(id)) if self.mls.set_aside().iter().any(|s| s.id == id) => {
+            Err(ServiceError::Unknown(id)) if self.mls.set_aside().iter().any(|s| s.id == Some(id)) => {
                 Ok(Opening::Done(Some(self.rejected(format!(
                     "a delivery in conversation {id}, which this device set aside when its \
                      state was damaged, cannot be read: writing to the person starts a new chat; \
                      in a group, a member adds you again"
                 )))))
+            }
+            Err(ServiceError::Mls(MlsError::NoMatchingKeyPackage))
+                if self.mls.set_aside().iter().any(|s| s.id.is_none()) =>
+            {
+                Ok(Opening::Done(Some(self.rejected(
+                    "a Welcome made with a KeyPackage this device lost when its KeyPackage store \
+                     was damaged and set aside cannot be read: whoever added you adds you again"
+                        .to_owned(),
+                ))))
             }
             Err(ServiceError::Mls(MlsError::FutureEpoch { message, current }))
                 if self.note_behind(carriage, message) =>

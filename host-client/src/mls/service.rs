@@ -31,7 +31,7 @@
 //! after the other on the same ordered path, so the other side joins before it reads.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use data_encoding::BASE32_NOPAD;
 use syncra_core::UserId;
@@ -214,6 +214,9 @@ const UPDATES_FILE: &str = "leaf-updates.state";
 const GENERATION_FILE: &str = "generation";
 /// The lock every process of one home takes around a change of the MLS state.
 const LOCK_FILE: &str = "mls.lock";
+/// Present while the KeyPackages published from a KeyPackage store that was set aside still
+/// wait to be withdrawn (holds nothing).
+const WITHDRAW_FILE: &str = "withdraw-key-packages";
 
 /// How often a member refreshes its own leaf in each conversation when nothing else did: a
 /// stolen copy of its state stops reading at the next refresh, so this bounds how long a
@@ -229,7 +232,7 @@ pub enum StateError {
     #[error("{path}: {source}")]
     Io {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What failed.
         source: std::io::Error,
     },
@@ -237,7 +240,7 @@ pub enum StateError {
     #[error("{path}: damaged or not this home's MLS state ({why})")]
     Damaged {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What is wrong.
         why: String,
     },
@@ -279,28 +282,68 @@ pub struct Conversations {
     /// touch one conversation only, and each file written is a disk sync).
     shared_dirty: bool,
     /// Conversations whose state file was damaged when the home was opened, set aside
-    /// ([`Conversations::open`]): never used again.
+    /// ([`Conversations::open`]): never used again. Also the KeyPackage store and the leaf
+    /// schedule, when theirs was.
     set_aside: Vec<SetAside>,
+    /// The KeyPackage store was set aside: the packages still published for this member have
+    /// lost their private halves, and are withdrawn at the next [`Conversations::replenish`]
+    /// (a marker file keeps this across a restart until it is done).
+    withdraw_packages: bool,
 }
 
 /// A conversation whose state file did not open or decode: renamed to `<file>.damaged`
 /// (nothing deleted) so that the other conversations carry on. It is never used again — a
 /// restored older state would reuse message keys — and its members let this member back in by
 /// adding it again; a 1:1 chat starts anew with the next message (docs/PROTOCOL.md §9.5).
+///
+/// The KeyPackage store and the leaf schedule are set aside the same way (`id` is `None`): a
+/// new store takes the old one's place and the packages published from the old one are
+/// withdrawn; an empty schedule makes every leaf due for a refresh.
 #[derive(Debug, Clone)]
 pub struct SetAside {
-    /// The conversation, as its file name says.
-    pub id: ConversationId,
+    /// The conversation, as its file name says; `None` for the KeyPackage store or the leaf
+    /// schedule (`path` says which).
+    pub id: Option<ConversationId>,
     /// Where its state is now.
-    pub path: std::path::PathBuf,
+    pub path: PathBuf,
     /// What was wrong with it.
     pub why: String,
+}
+
+/// Renames a damaged state file to `<file>.damaged` (nothing is deleted) and says so.
+fn put_aside(
+    id: Option<ConversationId>,
+    path: PathBuf,
+    why: String,
+) -> Result<SetAside, StateError> {
+    let mut aside = path.clone().into_os_string();
+    aside.push(".damaged");
+    let aside = PathBuf::from(aside);
+    if let Err(source) = std::fs::rename(&path, &aside) {
+        return Err(StateError::Io { path, source });
+    }
+    match id {
+        Some(id) => tracing::warn!(
+            "the state of conversation {id} was damaged ({why}); set aside as {}",
+            aside.display()
+        ),
+        None => tracing::warn!(
+            "{} was damaged ({why}); set aside as {}, started anew",
+            path.display(),
+            aside.display()
+        ),
+    }
+    Ok(SetAside {
+        id,
+        path: aside,
+        why,
+    })
 }
 
 /// The directory the state is sealed into, and the stamp of what this process last read or
 /// wrote there.
 struct Store {
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     key: LocalKey,
     stamp: Option<[u8; 16]>,
 }
@@ -340,6 +383,7 @@ impl Conversations {
             welcomed: Vec::new(),
             shared_dirty: false,
             set_aside: Vec::new(),
+            withdraw_packages: false,
         }
     }
 
@@ -394,6 +438,7 @@ impl Conversations {
             self.identity = fresh.identity;
             self.groups = fresh.groups;
             self.set_aside.extend(fresh.set_aside);
+            self.withdraw_packages |= fresh.withdraw_packages;
             self.refreshed = fresh.refreshed;
             // A lost commit's intent is only this process's to rebase.
             let groups = &self.groups;
@@ -517,10 +562,10 @@ impl Conversations {
         Self::load_with(identity, dir, key, false)
     }
 
-    /// [`Conversations::load`]; with `set_aside`, a conversation file that does not open or
-    /// decode is renamed to `<file>.damaged` and listed ([`Conversations::set_aside`]) instead
-    /// of failing the whole load. The KeyPackage store and the leaf schedule are never set
-    /// aside: without them no conversation can be trusted to carry on.
+    /// [`Conversations::load`]; with `set_aside`, a file that does not open or decode — a
+    /// conversation's, the KeyPackage store, the leaf schedule — is renamed to
+    /// `<file>.damaged` and listed ([`Conversations::set_aside`]) instead of failing the whole
+    /// load ([`SetAside`]).
     fn load_with(
         identity: &IdentityKeyPair,
         dir: &Path,
@@ -546,13 +591,30 @@ impl Conversations {
             path: dir.join(file),
             why: e.to_string(),
         };
-        let mls = match open(KEY_STORE_FILE)? {
-            Some(store) => {
-                MlsIdentity::restore(identity, &store).map_err(|e| damaged(KEY_STORE_FILE, e))?
+        let mut aside = Vec::new();
+        let restored = open(KEY_STORE_FILE).and_then(|store| {
+            store
+                .map(|s| MlsIdentity::restore(identity, &s).map_err(|e| damaged(KEY_STORE_FILE, e)))
+                .transpose()
+        });
+        let withdraw_marker = dir.join(WITHDRAW_FILE);
+        let mls = match restored {
+            Ok(Some(mls)) => mls,
+            Ok(None) => MlsIdentity::new(identity),
+            Err(StateError::Damaged { path, why }) if set_aside => {
+                // The marker first: a crash after the rename still withdraws at the next start.
+                std::fs::write(&withdraw_marker, b"").map_err(|source| StateError::Io {
+                    path: withdraw_marker.clone(),
+                    source,
+                })?;
+                aside.push(put_aside(None, path, why)?);
+                MlsIdentity::new(identity)
             }
-            None => MlsIdentity::new(identity),
+            Err(e) => return Err(e),
         };
         let mut conversations = Conversations::new(mls);
+        conversations.set_aside = aside;
+        conversations.withdraw_packages = withdraw_marker.exists();
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(conversations),
@@ -602,30 +664,30 @@ impl Conversations {
                         // Not named as a conversation: not ours to rename.
                         return Err(StateError::Damaged { path, why });
                     };
-                    let aside = dir.join(format!("{file}.damaged"));
-                    if let Err(source) = std::fs::rename(&path, &aside) {
-                        return Err(StateError::Io { path, source });
-                    }
-                    tracing::warn!(
-                        "the state of conversation {id} was damaged ({why}); set aside as {}",
-                        aside.display()
-                    );
-                    conversations.set_aside.push(SetAside {
-                        id,
-                        path: aside,
-                        why,
-                    });
+                    conversations
+                        .set_aside
+                        .push(put_aside(Some(id), path, why)?);
                 }
                 Err(e) => return Err(e),
             }
         }
-        if let Some(refreshed) = open(UPDATES_FILE)? {
-            if !refreshed.len().is_multiple_of(24) {
-                return Err(StateError::Damaged {
-                    path: dir.join(UPDATES_FILE),
-                    why: "not a list of (conversation, time) pairs".into(),
-                });
+        let schedule = open(UPDATES_FILE).and_then(|refreshed| match refreshed {
+            Some(r) if !r.len().is_multiple_of(24) => Err(StateError::Damaged {
+                path: dir.join(UPDATES_FILE),
+                why: "not a list of (conversation, time) pairs".into(),
+            }),
+            other => Ok(other),
+        });
+        let schedule = match schedule {
+            Ok(schedule) => schedule,
+            Err(StateError::Damaged { path, why }) if set_aside => {
+                // Without it every leaf is due for a refresh: one update commit each.
+                conversations.set_aside.push(put_aside(None, path, why)?);
+                None
             }
+            Err(e) => return Err(e),
+        };
+        if let Some(refreshed) = schedule {
             for entry in refreshed.chunks_exact(24) {
                 let mut id = [0u8; 16];
                 id.copy_from_slice(&entry[..16]);
@@ -647,6 +709,9 @@ impl Conversations {
         session: &Session,
         target: u32,
     ) -> Result<(u32, bool), ServiceError> {
+        if self.withdraw_packages {
+            self.withdraw_published(session).await?;
+        }
         let (held, has_last_resort) = session.publish_key_packages(None, Vec::new()).await?;
         let one_time = (held..target)
             .map(|_| self.identity.key_package().map(|k| k.bytes))
@@ -662,6 +727,58 @@ impl Conversations {
         // Their private halves are on disk before anyone can claim them.
         self.checkpoint(None)?;
         Ok(session.publish_key_packages(last_resort, one_time).await?)
+    }
+
+    /// After the KeyPackage store was set aside: takes this member's one-time packages out of
+    /// the directory (by claiming them, as an adder would: their private halves are gone, so a
+    /// Welcome made with one could never be read) and replaces the last-resort one. Then
+    /// [`Conversations::replenish`] publishes fresh ones from the new store.
+    async fn withdraw_published(&mut self, session: &Session) -> Result<(), ServiceError> {
+        let me = self.identity.user_id();
+        let mut withdrawn = 0;
+        // One claim per package held, and one more that answers the last-resort package.
+        for _ in 0..=syncra_core::store::MAX_KEY_PACKAGES {
+            match session.claim_key_package(me).await {
+                Ok((_, false)) => withdrawn += 1,
+                Ok((_, true)) => break,
+                Err(NetError::Refused {
+                    code: ErrorCode::NotFound,
+                    ..
+                }) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let last_resort = self.identity.last_resort_key_package()?.bytes;
+        self.checkpoint(None)?;
+        session
+            .publish_key_packages(Some(last_resort), Vec::new())
+            .await?;
+        if let Some(store) = &self.store {
+            let marker = store.dir.join(WITHDRAW_FILE);
+            match std::fs::remove_file(&marker) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StateError::Io {
+                        path: marker,
+                        source,
+                    }
+                    .into());
+                }
+            }
+        }
+        self.withdraw_packages = false;
+        tracing::info!(
+            "withdrew {withdrawn} KeyPackages published from the KeyPackage store that was set \
+             aside, and replaced the last-resort one"
+        );
+        Ok(())
+    }
+
+    /// Whether the KeyPackages published from a KeyPackage store that was set aside still
+    /// wait to be withdrawn.
+    pub fn withdrawing_packages(&self) -> bool {
+        self.withdraw_packages
     }
 
     /// Claims and checks a member's KeyPackage.
@@ -705,7 +822,7 @@ impl Conversations {
         } else {
             self.set_aside
                 .iter()
-                .map(|s| s.id)
+                .filter_map(|s| s.id)
                 .filter(|id| !id.is_group())
                 .min()
         };

@@ -11,6 +11,9 @@ build
 start_relay relay
 load relay --url "$RELAY_URL" --pid "$RELAY_PID" --pairs 5 --size 256 \
     --warmup 0.5 --duration 2 --window 4 --drain 2 --json "$WORK/smoke.json"
+# MLS carriages (a group per sender, created by a commit first), the format conversations use.
+load relay --mode mls --url "$RELAY_URL" --pid "$RELAY_PID" --pairs 5 --size 256 \
+    --warmup 0.5 --duration 2 --window 4 --drain 2 --json "$WORK/smoke-mls.json"
 # The mailbox mode on the default (SQLite) mailbox: stored, drained, acknowledged, live.
 load mailbox --url "$RELAY_URL" --pid "$RELAY_PID" --label smoke --senders 2 --recipients 2 \
     --messages 50 --window 8 --json "$WORK/smoke-mailbox.json"

@@ -39,6 +39,9 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use syncra_core::UserId;
+use syncra_core::carriage::{
+    CARRIAGE_VERSION, CarriageHeader, CarriageKind, GROUP_ID_LEN, GroupId,
+};
 use syncra_core::crypto::envelope::{AcceptWindow, Opener, Recipient, ReplayGuard, seal};
 use syncra_core::crypto::keys::IdentityKeyPair;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, PROTOCOL_VERSION};
@@ -71,6 +74,11 @@ pub enum System {
     SyncraRelayOnly,
     /// Syncra relays; sealed per message and opened by every receiver.
     SyncraE2e,
+    /// Syncra relays; MLS carriages (the format every conversation uses): one group per
+    /// sender, created by one commit before the run, then application messages in its epoch 1,
+    /// made ahead of time and not opened (the relay never reads the MLS message, only the
+    /// carriage header, and checks each against its group).
+    SyncraMls,
     /// nats-server over WebSocket.
     Nats,
 }
@@ -531,6 +539,76 @@ pub(crate) fn pool_frames(
         .collect()
 }
 
+/// Creates a sender's MLS group at the relay: a commit carriage for epoch 0 naming the sender
+/// and its recipients, answered before the run starts. The relay only reads carriage headers,
+/// so the MLS message is filler. Receivers see the commit and do not count it ([`is_commit`]).
+async fn create_group(
+    ws: &mut Ws,
+    sender: UserId,
+    recipients: &[UserId],
+) -> anyhow::Result<GroupId> {
+    let mut group = [0u8; GROUP_ID_LEN];
+    syncra_core::crypto::fill_random(&mut group);
+    let mut members = vec![sender];
+    members.extend_from_slice(recipients);
+    let mut message_id = [0u8; STAMP_LEN];
+    syncra_core::crypto::fill_random(&mut message_id);
+    let commit = CarriageHeader {
+        message_id,
+        kind: CarriageKind::Commit,
+        group_id: GroupId(group),
+        epoch: 0,
+        recipients: recipients.to_vec(),
+        members,
+    }
+    .encode(&[0u8; 64]);
+    ws.send(Message::Binary(syncra::send_frame_bytes(1, commit.into())))
+        .await
+        .context("sending a group's commit")?;
+    loop {
+        match syncra::next_frame(ws).await? {
+            Some(Frame::SendResult { outcomes, .. }) => {
+                anyhow::ensure!(
+                    outcomes.iter().all(|o| o.outcome == Outcome::Delivered),
+                    "the relay did not deliver a group's commit: {outcomes:?}"
+                );
+                return Ok(GroupId(group));
+            }
+            Some(Frame::Error { code, message, .. }) => {
+                anyhow::bail!("the relay refused a group's commit: {code:?}: {message}")
+            }
+            Some(_) => {}
+            None => anyhow::bail!("the relay closed the connection during a group's commit"),
+        }
+    }
+}
+
+/// A few application carriages for `group` in epoch 1, with MLS messages of `size` bytes of
+/// filler, to be [`patched`] per message.
+fn carriage_frames(group: GroupId, recipients: &[UserId], size: usize) -> Vec<Vec<u8>> {
+    (0..POOL)
+        .map(|i| {
+            let carriage = CarriageHeader {
+                message_id: [0; STAMP_LEN],
+                kind: CarriageKind::Application,
+                group_id: group,
+                epoch: 1,
+                recipients: recipients.to_vec(),
+                members: Vec::new(),
+            }
+            .encode(&vec![i as u8; size.max(1)]);
+            syncra::send_frame_bytes(0, carriage.into()).to_vec()
+        })
+        .collect()
+}
+
+/// Whether a delivery is an MLS commit (the carriage's kind follows its version byte and
+/// message id).
+fn is_commit(envelope: &[u8]) -> bool {
+    envelope.first() == Some(&CARRIAGE_VERSION)
+        && envelope.get(1 + STAMP_LEN) == Some(&CarriageKind::Commit.as_u8())
+}
+
 /// Registers every user on its server, then logs each in on a fresh connection.
 async fn register_and_login(users: Vec<(LoadUser, String)>) -> anyhow::Result<Vec<(LoadUser, Ws)>> {
     let gate = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
@@ -618,7 +696,7 @@ async fn run_syncra(config: LoadConfig) -> anyhow::Result<LoadReport> {
     // Senders.
     let mut sender_tasks = JoinSet::new();
     let mut wire_bytes = 0;
-    for (s, (user, ws)) in senders.into_iter().enumerate() {
+    for (s, (user, mut ws)) in senders.into_iter().enumerate() {
         let recipients: Vec<Recipient> = group_of(s, k, n).map(|r| recipient_of[r]).collect();
         let envelopes = if e2e {
             let probe = seal(
@@ -634,7 +712,13 @@ async fn run_syncra(config: LoadConfig) -> anyhow::Result<LoadReport> {
                 size: config.size,
             }
         } else {
-            let frames = pool_frames(&user.identity, &recipients, config.size)?;
+            let frames = if config.system == System::SyncraMls {
+                let ids: Vec<UserId> = recipients.iter().map(|r| r.user_id).collect();
+                let group = create_group(&mut ws, user.id(), &ids).await?;
+                carriage_frames(group, &ids, config.size)
+            } else {
+                pool_frames(&user.identity, &recipients, config.size)?
+            };
             wire_bytes = frames[0].len() - SEND_MESSAGE_ID_AT + 1;
             Envelopes::Pool { frames, next: 0 }
         };
@@ -715,7 +799,11 @@ async fn run_syncra(config: LoadConfig) -> anyhow::Result<LoadReport> {
     }
     totals.lost = totals.outcome_delivered.saturating_sub(totals.received);
     report_errors(&errors);
-    let mode = if e2e { "e2e" } else { "relay-only" };
+    let mode = match config.system {
+        System::SyncraE2e => "e2e",
+        System::SyncraMls => "mls",
+        _ => "relay-only",
+    };
     Ok(build_report(
         &config,
         "syncra",
@@ -926,6 +1014,9 @@ async fn syncra_receiver(
                             continue;
                         }
                     }
+                } else if is_commit(&envelope) {
+                    // A group's creation before the run (SyncraMls).
+                    continue;
                 } else {
                     envelope.get(1..).and_then(read_stamp)
                 };

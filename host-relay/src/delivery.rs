@@ -22,7 +22,7 @@
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
 use syncra_core::UserId;
-use syncra_core::carriage::{CARRIAGE_VERSION, Routed};
+use syncra_core::carriage::Routed;
 use syncra_core::error::OpenError;
 use syncra_core::mailbox::PutOutcome;
 use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome, RequestId};
@@ -86,6 +86,17 @@ pub async fn send(
         Ok(h) => h,
         Err(refusal) => return refusal,
     };
+    send_admitted(state, user, request_id, header, envelope).await
+}
+
+/// [`send`] once the header passed [`admit_send`].
+async fn send_admitted(
+    state: &NodeState,
+    user: UserId,
+    request_id: RequestId,
+    header: Routed,
+    envelope: Bytes,
+) -> Bytes {
     if let Routed::Mls(carriage) = &header {
         // One commit per epoch, members only, the current epoch only (groups.rs).
         if let Err((code, why)) = crate::groups::admit(state, user, carriage).await {
@@ -182,18 +193,29 @@ pub fn send_locally<'a>(
     request_id: RequestId,
     envelope: &Bytes,
 ) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
-    if envelope.first() == Some(&CARRIAGE_VERSION) {
-        // An MLS carriage asks the store about its group first (groups.rs); the session reads
-        // its next frame only once this is routed, so order is kept.
-        let envelope = envelope.clone();
-        return Err(Box::pin(async move {
-            Some(send(state, user, request_id, envelope).await)
-        }));
+    let header = match admit_send(state, &user, request_id, envelope) {
+        Ok(header) => header,
+        Err(refusal) => return Ok(refusal),
+    };
+    if let Routed::Mls(carriage) = &header {
+        // An MLS carriage is checked against its group (groups.rs): at once when this node
+        // knows it, else after asking the store — the session reads its next frame only once
+        // this is routed, so order is kept.
+        match crate::groups::admit_known(state, user, carriage) {
+            Some(Ok(())) => {}
+            Some(Err((code, why))) => {
+                count_error(state, code);
+                return Ok(error_frame(request_id, code, why));
+            }
+            None => {
+                let envelope = envelope.clone();
+                return Err(Box::pin(async move {
+                    Some(send_admitted(state, user, request_id, header, envelope).await)
+                }));
+            }
+        }
     }
-    match admit_send(state, &user, request_id, envelope) {
-        Ok(header) => route(state, request_id, header, envelope),
-        Err(refusal) => Ok(refusal),
-    }
+    route(state, request_id, header, envelope)
 }
 
 /// What other nodes did with one recipient's delivery, once local sessions were offered it.

@@ -109,6 +109,9 @@ pub(crate) struct NodeState {
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Relay hooks, asked about every session and envelope.
     pub(crate) hooks: Vec<Arc<dyn plugins::RelayHook>>,
+    /// The MLS groups this node knows without asking the store (only when it is alone on its
+    /// broker: `groups`).
+    pub(crate) groups: groups::GroupCache,
 }
 
 /// A running relay node.
@@ -275,6 +278,7 @@ impl Relay {
             fanout_rate: l.fanout_bytes_per_second_per_user,
             fanout_burst: l.fanout_burst_bytes_per_user,
         });
+        let groups = groups::GroupCache::new(broker.alone());
         let state = Arc::new(NodeState {
             config,
             store,
@@ -288,6 +292,7 @@ impl Relay {
             links,
             draining: std::sync::atomic::AtomicBool::new(false),
             hooks,
+            groups,
         });
 
         let (stop, stop_rx) = watch::channel(false);

@@ -575,3 +575,89 @@ async fn pipelined_carriages_are_routed_in_the_order_they_were_sent() {
         assert_eq!(&body(&mut cb).await, expected, "delivery {i}");
     }
 }
+
+/// A relay alone on its broker (the in-process one) is the only one that moves its groups, so
+/// it checks carriages against what it knows of them instead of reading its store for every
+/// message (`groups.rs`, `GroupCache`). Shown with its PostgreSQL store frozen: messages in a
+/// known group still pass and arrive, every rule still refuses by name, and only a commit —
+/// which must claim its epoch in the store — fails, as `store_unavailable`. Once the store is
+/// back, the next commit moves the group, and the relay follows it: the left epoch is refused,
+/// the new one passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_alone_checks_known_groups_without_asking_its_store() {
+    let mut pg = syncra_test_support::postgres::PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    let mut all = users(&relay, &["gc_alice", "gc_bob", "gc_carol"]).await;
+    let (carol, mut cc) = all.pop().unwrap();
+    let (bob, mut cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    let g = group();
+    let create = carriage(
+        CarriageKind::Commit,
+        g,
+        0,
+        &[&bob],
+        &[&alice, &bob],
+        b"commit 0",
+    );
+    assert_eq!(
+        send(&mut ca, 1, &create).await.unwrap(),
+        [Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"commit 0");
+
+    pg.pause();
+    let hello = carriage(CarriageKind::Application, g, 1, &[&bob], &[], b"hello");
+    assert_eq!(
+        send(&mut ca, 2, &hello).await.unwrap(),
+        [Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"hello");
+    for epoch in [0, 2] {
+        let m = carriage(CarriageKind::Application, g, epoch, &[&bob], &[], b"x");
+        refused(send(&mut ca, 3, &m).await, ErrorCode::WrongEpoch);
+    }
+    let outsider = carriage(CarriageKind::Application, g, 1, &[&alice], &[], b"x");
+    refused(send(&mut cc, 4, &outsider).await, ErrorCode::NotAMember);
+    let to_outsider = carriage(CarriageKind::Application, g, 1, &[&carol], &[], b"x");
+    refused(send(&mut ca, 5, &to_outsider).await, ErrorCode::NotAMember);
+    let add_carol = carriage(
+        CarriageKind::Commit,
+        g,
+        1,
+        &[&bob, &carol],
+        &[&alice, &bob, &carol],
+        b"commit 1",
+    );
+    refused(
+        send(&mut ca, 6, &add_carol).await,
+        ErrorCode::StoreUnavailable,
+    );
+
+    pg.resume();
+    assert_eq!(
+        send(&mut ca, 7, &add_carol).await.unwrap(),
+        [Outcome::Delivered, Outcome::Delivered]
+    );
+    assert_eq!(body(&mut cb).await, b"commit 1");
+    assert_eq!(body(&mut cc).await, b"commit 1");
+    refused(send(&mut cb, 8, &hello).await, ErrorCode::WrongEpoch);
+    let hi = carriage(
+        CarriageKind::Application,
+        g,
+        2,
+        &[&alice, &carol],
+        &[],
+        b"hi",
+    );
+    assert_eq!(
+        send(&mut cb, 9, &hi).await.unwrap(),
+        [Outcome::Delivered, Outcome::Delivered]
+    );
+    assert_eq!(body(&mut ca).await, b"hi");
+    assert_eq!(body(&mut cc).await, b"hi");
+}

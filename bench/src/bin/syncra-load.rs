@@ -67,6 +67,9 @@ enum Mode {
     RelayOnly,
     /// Every message sealed by its sender and opened by every receiver.
     E2e,
+    /// MLS carriages, the format conversations use: a group per sender, created by one commit
+    /// before the run; application messages made ahead of time and not opened.
+    Mls,
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +274,7 @@ fn main() -> anyhow::Result<()> {
             let system = match args.mode {
                 Mode::RelayOnly => System::SyncraRelayOnly,
                 Mode::E2e => System::SyncraE2e,
+                Mode::Mls => System::SyncraMls,
             };
             let config = load_config(system, args.urls, &args.common)?;
             let report = runtime(cli.threads)?.block_on(load::run(config))?;

@@ -9,10 +9,17 @@
 #   7. the in-process relay and nats-server at a fixed 10 000 msg/s (p99).
 # Every run: 100 pairs, 256-byte bodies, window 16 (saturation), DURATION seconds (default 10).
 # CPU per message is the server side's: the relay(s) plus the broker where there is one.
-# Usage: bench/scenarios/cluster-cost.sh   (SKIP_BUILD=1, RELAY_BIN=..., DURATION=...)
+# FORMAT=mls sends MLS carriages (the format conversations use) to the relays instead of sealed
+# envelopes; nats-server gets the same body size either way.
+# Usage: bench/scenarios/cluster-cost.sh   (SKIP_BUILD=1, RELAY_BIN=..., DURATION=..., FORMAT=...)
 source "$(dirname "$0")/lib.sh"
 DURATION="${DURATION:-10}"
 LOAD=(--pairs 100 --size 256 --duration "$DURATION")
+case "${FORMAT:-envelope}" in
+    envelope) RELAY_MODE=(--mode relay-only) ;;
+    mls) RELAY_MODE=(--mode mls) ;;
+    *) echo "FORMAT is envelope or mls, not $FORMAT" >&2; exit 2 ;;
+esac
 build
 
 start_relay single
@@ -36,25 +43,25 @@ start_relay redis-b "${CLUSTER[@]}" SYNCRA_BROKER__KIND=redis SYNCRA_BROKER__URL
 RB_URL="$RELAY_URL"; RB_PID="$RELAY_PID"
 
 banner "1. one relay, in-process broker, window 16"
-load relay --url "$S_URL" --pid "$S_PID" "${LOAD[@]}" --window 16 \
+load relay "${RELAY_MODE[@]}" --url "$S_URL" --pid "$S_PID" "${LOAD[@]}" --window 16 \
     --json "$OUT/c19-single.json"
 banner "2. nats-server over WebSocket, window 16"
 load nats --url "$NATS_WS_URL" --pid "$NATS_PID" "${LOAD[@]}" --window 16 \
     --json "$OUT/c19-nats-server.json"
 banner "3. relay A attached to NATS (node B on the same NATS), sender and receiver on A"
-load relay --url "$NA_URL" --pid "$NA_PID" --pid "$NATS_PID" "${LOAD[@]}" --window 16 \
+load relay "${RELAY_MODE[@]}" --url "$NA_URL" --pid "$NA_PID" --pid "$NATS_PID" "${LOAD[@]}" --window 16 \
     --json "$OUT/c19-nats-same-node.json"
 banner "4. two nodes over NATS, every message crossing"
-load relay --url "$NA_URL" --url "$NB_URL" --pid "$NA_PID" --pid "$NB_PID" --pid "$NATS_PID" \
+load relay "${RELAY_MODE[@]}" --url "$NA_URL" --url "$NB_URL" --pid "$NA_PID" --pid "$NB_PID" --pid "$NATS_PID" \
     "${LOAD[@]}" --window 16 --json "$OUT/c19-nats-two-nodes.json"
 banner "5. relay A attached to Redis (node B on the same Redis), sender and receiver on A"
-load relay --url "$RA_URL" --pid "$RA_PID" --pid "$REDIS_PID" "${LOAD[@]}" --window 16 \
+load relay "${RELAY_MODE[@]}" --url "$RA_URL" --pid "$RA_PID" --pid "$REDIS_PID" "${LOAD[@]}" --window 16 \
     --json "$OUT/c19-redis-same-node.json"
 banner "6. two nodes over Redis, every message crossing"
-load relay --url "$RA_URL" --url "$RB_URL" --pid "$RA_PID" --pid "$RB_PID" --pid "$REDIS_PID" \
+load relay "${RELAY_MODE[@]}" --url "$RA_URL" --url "$RB_URL" --pid "$RA_PID" --pid "$RB_PID" --pid "$REDIS_PID" \
     "${LOAD[@]}" --window 16 --json "$OUT/c19-redis-two-nodes.json"
 banner "7. one relay, in-process broker, 10 000 msg/s; then nats-server"
-load relay --url "$S_URL" --pid "$S_PID" "${LOAD[@]}" --rate 10000 \
+load relay "${RELAY_MODE[@]}" --url "$S_URL" --pid "$S_PID" "${LOAD[@]}" --rate 10000 \
     --json "$OUT/c19-single-10k.json"
 load nats --url "$NATS_WS_URL" --pid "$NATS_PID" "${LOAD[@]}" --rate 10000 \
     --json "$OUT/c19-nats-server-10k.json"

@@ -186,21 +186,24 @@ fn admit_send(
 /// for other nodes now, in this call (so a sender's messages keep their order). Answered on
 /// the spot, without the boxed future a request otherwise costs, when every recipient's
 /// outcome is already known (taken here, or nobody and no mailbox); otherwise the future that
-/// waits for the other nodes' answers and the mailbox is returned.
+/// waits for the other nodes' answers and the mailbox is returned, with whether the send is
+/// routed already (`false`) or is still to be checked and routed in that future (`true`: an
+/// MLS carriage whose group must be read from the store, or a commit) — then the session reads
+/// its next frame only once the future is done, so order is kept.
+#[allow(clippy::type_complexity)] // A future and one flag; a named type would hide that.
 pub fn send_locally<'a>(
     state: &'a NodeState,
     user: UserId,
     request_id: RequestId,
     envelope: &Bytes,
-) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
+) -> Result<Bytes, (BoxFuture<'a, Option<Bytes>>, bool)> {
     let header = match admit_send(state, &user, request_id, envelope) {
         Ok(header) => header,
         Err(refusal) => return Ok(refusal),
     };
     if let Routed::Mls(carriage) = &header {
         // An MLS carriage is checked against its group (groups.rs): at once when this node
-        // knows it, else after asking the store — the session reads its next frame only once
-        // this is routed, so order is kept.
+        // knows it, else after asking the store.
         match crate::groups::admit_known(state, user, carriage) {
             Some(Ok(())) => {}
             Some(Err((code, why))) => {
@@ -209,13 +212,16 @@ pub fn send_locally<'a>(
             }
             None => {
                 let envelope = envelope.clone();
-                return Err(Box::pin(async move {
-                    Some(send_admitted(state, user, request_id, header, envelope).await)
-                }));
+                return Err((
+                    Box::pin(async move {
+                        Some(send_admitted(state, user, request_id, header, envelope).await)
+                    }),
+                    true,
+                ));
             }
         }
     }
-    route(state, request_id, header, envelope)
+    route(state, request_id, header, envelope).map_err(|routed| (routed, false))
 }
 
 /// What other nodes did with one recipient's delivery, once local sessions were offered it.

@@ -688,15 +688,17 @@ enum Step<'a> {
     End,
     /// An answer known at once (a send routed on the spot, or an error).
     Answer(Bytes),
-    /// A request to serve, and whether the next frame waits for it (an MLS carriage).
+    /// A request to serve, and whether the next frame waits for it (a carriage not routed yet).
     Serve(BoxFuture<'a, Option<Bytes>>, bool),
 }
 
 /// Decides what to do with `received`: a send is routed on the spot (local sessions, and the
 /// hand-over to the broker for other nodes) and its answer returned when already known. An
-/// MLS carriage is routed only after its group's check, a store round trip: what the session
-/// sends after it must not be routed before it (a message after its sender's commit would meet
-/// the old epoch), so the loop waits for it before the next frame is read.
+/// MLS carriage whose group must be read from the store (or a commit, which claims its epoch
+/// there) is routed only after that round trip: what the session sends after it must not be
+/// routed before it (a message after its sender's commit would meet the old epoch), so the
+/// loop waits for it before the next frame is read. One checked against a group the node
+/// knows is routed on the spot like an envelope.
 fn classify<'a>(
     state: &'a NodeState,
     user: UserId,
@@ -720,41 +722,45 @@ fn classify<'a>(
             }
             Step::Answer(error_frame(request_id, code, message))
         }
-        Received::Frame(frame) => {
-            let ordered = matches!(
-                &frame,
-                Frame::Send { envelope, .. } if envelope.first() == Some(&CARRIAGE_VERSION)
-            );
-            match start_request(state, user, queue, cursor, frame) {
-                Ok(reply) => Step::Answer(reply),
-                Err(request) => Step::Serve(request, ordered),
-            }
-        }
+        Received::Frame(frame) => match start_request(state, user, queue, cursor, frame) {
+            Ok(reply) => Step::Answer(reply),
+            Err((request, ordered)) => Step::Serve(request, ordered),
+        },
     }
 }
 
 /// Starts serving one request: its answer if it is known at once (a send routed on the spot),
-/// or the future that serves it.
+/// or the future that serves it and whether the next frame must wait for it (a send not
+/// routed yet: [`send_locally`]).
 fn start_request<'a>(
     state: &'a NodeState,
     user: UserId,
     queue: &'a SessionQueue,
     cursor: &'a MailboxCursor,
     frame: Frame,
-) -> Result<Bytes, BoxFuture<'a, Option<Bytes>>> {
+) -> Result<Bytes, (BoxFuture<'a, Option<Bytes>>, bool)> {
     match frame {
         Frame::Send {
             request_id,
             envelope,
         } if state.hooks.is_empty() => send_locally(state, user, request_id, &envelope),
         // A ping is also when entries stored since the login's backlog are picked up.
-        Frame::Ping { nonce } if state.mailbox.stores() => Err(Box::pin(pending_then_pong(
-            state, user, queue, cursor, nonce,
-        ))),
+        Frame::Ping { nonce } if state.mailbox.stores() => Err((
+            Box::pin(pending_then_pong(state, user, queue, cursor, nonce)),
+            false,
+        )),
         Frame::Acknowledge { entry_id } => {
-            Err(Box::pin(acknowledge(state, user, cursor, entry_id)))
+            Err((Box::pin(acknowledge(state, user, cursor, entry_id)), false))
         }
-        other => Err(Box::pin(handle_request(state, user, other))),
+        other => {
+            // With relay hooks a carriage is checked and routed in its future (and requests
+            // are served one at a time anyway).
+            let ordered = matches!(
+                &other,
+                Frame::Send { envelope, .. } if envelope.first() == Some(&CARRIAGE_VERSION)
+            );
+            Err((Box::pin(handle_request(state, user, other)), ordered))
+        }
     }
 }
 

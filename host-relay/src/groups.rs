@@ -57,7 +57,8 @@ use crate::session::with_store_timeout;
 pub type Refusal = (ErrorCode, String);
 
 /// The most groups a [`GroupCache`] keeps; beyond, an arbitrary one is dropped (and read from
-/// the store again when next used). About 100 bytes plus 20 per member each.
+/// the store again when next used). On the order of 150 bytes for a group of two (estimated
+/// from the types: the state, its `Arc`, the map's entry, the members' allocation).
 pub const CACHED_GROUPS_MAX: usize = 100_000;
 
 /// How long a node of a cluster keeps a group it read, from when it asked the store.

@@ -661,6 +661,16 @@ async fn read_loop(
             }
             Step::Serve(request, ordered) => (request, ordered),
         };
+        if ordered {
+            // A carriage still to be checked (a commit, or a group this node must read) starts
+            // only once what the session sent before it is delivered or stored: a commit never
+            // overtakes an earlier message of its sender in a member's mailbox.
+            while let Some(reply) = in_flight.next().await {
+                if !answer(queue, reply).await {
+                    return;
+                }
+            }
+        }
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
         match first {
             // Nothing ahead of it: answer at once (the common case, and the cheapest).

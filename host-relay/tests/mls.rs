@@ -661,3 +661,116 @@ async fn a_relay_alone_checks_known_groups_without_asking_its_store() {
     assert_eq!(body(&mut ca).await, b"hi");
     assert_eq!(body(&mut cc).await, b"hi");
 }
+
+/// A sender's messages and the commit it sends right after them, pipelined (no waiting for
+/// answers), reach an offline member's mailbox in the order they were sent — on a PostgreSQL
+/// mailbox, whose puts run on several connections at once. Messages in a known group are
+/// routed on the spot and stored in their own time; the commit, which must claim its epoch in
+/// the store, starts only once they are stored, so it cannot overtake them (the member would
+/// process it first and could not read them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_overtakes_its_senders_earlier_messages_in_a_mailbox() {
+    let pg = syncra_test_support::postgres::PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+        c.mailbox = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    let mut all = users(&relay, &["ord_alice", "ord_bob"]).await;
+    let (bob, cb) = all.pop().unwrap();
+    let (alice, mut ca) = all.pop().unwrap();
+    drop(cb);
+    let both = [&alice, &bob];
+    // Bob's session may still be closing: wait for the first `stored`.
+    let g = loop {
+        let g = group();
+        let create = carriage(CarriageKind::Commit, g, 0, &[&bob], &both, b"commit 0");
+        if send(&mut ca, 1, &create).await.unwrap() == vec![Outcome::Stored] {
+            break g;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut sent = Vec::new();
+    for round in 1..=3u64 {
+        for i in 0..12 {
+            let text = format!("message {i} in {round}");
+            sent.push(carriage(
+                CarriageKind::Application,
+                g,
+                round,
+                &[&bob],
+                &[],
+                text.as_bytes(),
+            ));
+        }
+        let text = format!("commit {round}");
+        sent.push(carriage(
+            CarriageKind::Commit,
+            g,
+            round,
+            &[&bob],
+            &both,
+            text.as_bytes(),
+        ));
+    }
+    for (i, bytes) in sent.iter().enumerate() {
+        ca.send(&Frame::Send {
+            request_id: 100 + i as u32,
+            envelope: Bytes::copy_from_slice(bytes),
+        })
+        .await;
+    }
+    for i in 0..sent.len() {
+        assert_eq!(
+            answer(&mut ca, 100 + i as u32).await.unwrap(),
+            vec![Outcome::Stored],
+            "carriage {i}"
+        );
+    }
+    let mut cb = RawClient::connect(relay.url()).await;
+    cb.send(&bob.auth_frame(&cb)).await;
+    expect_auth_ok(&mut cb, bob.id()).await;
+    let mut backlog = Vec::new();
+    loop {
+        match cb.frame().await {
+            Frame::Pending { envelope, .. } => backlog.push(
+                syncra_core::carriage::parse(&envelope)
+                    .unwrap()
+                    .body
+                    .to_vec(),
+            ),
+            Frame::PendingEnd { .. } => break,
+            other => panic!("expected the backlog, got {other:?}"),
+        }
+    }
+    // Messages of one epoch may be stored in any order among themselves (MLS reads them so);
+    // what matters is that each commit comes after every message sent before it.
+    let bodies: Vec<Vec<u8>> = std::iter::once(b"commit 0".to_vec())
+        .chain(
+            sent.iter()
+                .map(|b| syncra_core::carriage::parse(b).unwrap().body.to_vec()),
+        )
+        .collect();
+    let mut got = backlog.clone();
+    got.sort();
+    let mut want = bodies.clone();
+    want.sort();
+    assert_eq!(got, want, "everything stored once");
+    for round in 1..=3u64 {
+        let commit = format!("commit {round}").into_bytes();
+        let at = backlog.iter().position(|b| *b == commit).unwrap();
+        for i in 0..12 {
+            let message = format!("message {i} in {round}").into_bytes();
+            let m = backlog.iter().position(|b| *b == message).unwrap();
+            assert!(
+                m < at,
+                "message {i} in {round} after its commit: {backlog:?}"
+            );
+        }
+        if round > 1 {
+            let before = format!("commit {}", round - 1).into_bytes();
+            assert!(backlog.iter().position(|b| *b == before).unwrap() < at);
+        }
+    }
+}

@@ -383,21 +383,14 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A member whose copy of a group missed a commit for good — here its MLS state put back from a
-/// copy taken before the commit, as a restore from backup does; a commit delivered live to a
-/// process that died, or dropped by the mailbox after its time to live, leaves the same — reads
-/// nothing more: every later message is from an epoch it cannot reach. Its client asks the
-/// members to let it back in; another member's client readmits it (one commit, one Welcome).
-/// Then it reads and writes again, what it typed meanwhile goes out, everyone sees who let whom
-/// back in, and the one message sent while it was out of step stays unreadable to it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
-    let relay = TestRelay::start(|_| {}).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut alice = user(dir.path(), &relay, "alice").await;
-    let mut bob = user(dir.path(), &relay, "bob").await;
-    let mut carol = user(dir.path(), &relay, "carol").await;
-    let mut dave = user(dir.path(), &relay, "dave").await;
+/// Alice, bob, carol and dave, with group "g" of alice, bob and carol, to which alice then
+/// added dave — a commit bob processed and then lost: his MLS state was put back from a copy
+/// taken before it, and his client opened again and connected.
+async fn bob_missed_a_commit(relay: &TestRelay, dir: &std::path::Path) -> [Client; 4] {
+    let mut alice = user(dir, relay, "alice").await;
+    let mut bob = user(dir, relay, "bob").await;
+    let mut carol = user(dir, relay, "carol").await;
+    let mut dave = user(dir, relay, "dave").await;
     add(&mut alice, &["bob", "carol", "dave"]).await;
     add(&mut bob, &["alice", "carol"]).await;
     add(&mut carol, &["alice", "bob"]).await;
@@ -411,16 +404,16 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
 
     // A copy of bob's MLS state as it is now.
     let bob_home = bob.home().clone();
-    let copy = dir.path().join("bob-mls-copy");
+    let copy = dir.join("bob-mls-copy");
     copy_dir(&bob_home.mls_dir(), &copy);
     // Alice adds dave; bob processes the commit...
     alice
         .group_update("g", &["dave".to_owned()], &[])
         .await
         .unwrap();
-    settle(&mut bob).await;
-    settle(&mut carol).await;
-    settle(&mut dave).await;
+    for c in [&mut bob, &mut carol, &mut dave] {
+        settle(c).await;
+    }
     // ...and loses it: his MLS state is put back from the copy.
     bob.disconnect().await;
     drop(bob);
@@ -428,6 +421,21 @@ async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     copy_dir(&copy, &bob_home.mls_dir());
     let mut bob = Client::open(bob_home, PASS).unwrap();
     bob.connect().await.unwrap();
+    [alice, bob, carol, dave]
+}
+
+/// A member whose copy of a group missed a commit for good — here its MLS state put back from a
+/// copy taken before the commit, as a restore from backup does; a commit delivered live to a
+/// process that died, or dropped by the mailbox after its time to live, leaves the same — reads
+/// nothing more: every later message is from an epoch it cannot reach. Its client asks the
+/// members to let it back in; another member's client readmits it (one commit, one Welcome).
+/// Then it reads and writes again, what it typed meanwhile goes out, everyone sees who let whom
+/// back in, and the one message sent while it was out of step stays unreadable to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let [mut alice, mut bob, mut carol, mut dave] = bob_missed_a_commit(&relay, dir.path()).await;
 
     alice
         .send_text("@g", "while bob is out of step")
@@ -525,38 +533,7 @@ async fn a_member_whose_return_was_lost_asks_again_and_is_let_back_in() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut alice = user(dir.path(), &relay, "alice").await;
-    let mut bob = user(dir.path(), &relay, "bob").await;
-    let mut carol = user(dir.path(), &relay, "carol").await;
-    let mut dave = user(dir.path(), &relay, "dave").await;
-    add(&mut alice, &["bob", "carol", "dave"]).await;
-    add(&mut bob, &["alice", "carol"]).await;
-    add(&mut carol, &["alice", "bob"]).await;
-    add(&mut dave, &["alice"]).await;
-    alice
-        .group_create("g", &["bob".to_owned(), "carol".to_owned()])
-        .await
-        .unwrap();
-    settle(&mut bob).await;
-    settle(&mut carol).await;
-
-    // Bob loses the commit that adds dave: his MLS state is put back from a copy.
-    let bob_home = bob.home().clone();
-    let copy = dir.path().join("bob-mls-copy");
-    copy_dir(&bob_home.mls_dir(), &copy);
-    alice
-        .group_update("g", &["dave".to_owned()], &[])
-        .await
-        .unwrap();
-    for c in [&mut bob, &mut carol, &mut dave] {
-        settle(c).await;
-    }
-    bob.disconnect().await;
-    drop(bob);
-    std::fs::remove_dir_all(bob_home.mls_dir()).unwrap();
-    copy_dir(&copy, &bob_home.mls_dir());
-    let mut bob = Client::open(bob_home, PASS).unwrap();
-    bob.connect().await.unwrap();
+    let [mut alice, mut bob, mut carol, mut dave] = bob_missed_a_commit(&relay, dir.path()).await;
     alice.send_text("@g", "while bob is stuck").await.unwrap();
     settle(&mut bob).await;
 

@@ -97,11 +97,13 @@ impl GroupCache {
         self.ttl.is_some()
     }
 
-    fn get(&self, group: &GroupId, now: Instant) -> Option<GroupState> {
+    /// What is kept of `group`, unless it expired. Shared, not copied: this is on every
+    /// carriage's path.
+    fn get(&self, group: &GroupId, now: Instant) -> Option<Arc<Known>> {
         let known = self.groups.get(group)?.clone();
         match known.until {
             Some(until) if until <= now => None,
-            _ => Some(known.state.clone()),
+            _ => Some(known),
         }
     }
 
@@ -177,13 +179,14 @@ pub fn admit_known(
     if h.kind == CarriageKind::Commit || (!state.groups.clustered() && !state.broker.alone()) {
         return None;
     }
-    let group = state.groups.get(&h.group_id, Instant::now())?;
+    let known = state.groups.get(&h.group_id, Instant::now())?;
+    let group = &known.state;
     // On a node of a cluster, a carriage from an epoch later than the one kept: the group may
     // have moved since; ask the store. (A node alone knows it did not.)
     if h.epoch > group.epoch && state.groups.clustered() {
         return None;
     }
-    Some(current(&group, sender, h))
+    Some(current(group, sender, h))
 }
 
 /// The rules for a carriage that is not a commit: from a member, in the group's epoch (a
@@ -342,9 +345,9 @@ mod tests {
         // A read that started before the commit to 3 (it saw 2) does not undo it.
         cache.offer(G, state(2), t0, t0);
         let much_later = t0 + Duration::from_secs(86_400);
-        assert_eq!(cache.get(&G, much_later).map(|g| g.epoch), Some(3));
+        assert_eq!(cache.get(&G, much_later).map(|k| k.state.epoch), Some(3));
         cache.offer(G, state(4), much_later, much_later);
-        assert_eq!(cache.get(&G, much_later).map(|g| g.epoch), Some(4));
+        assert_eq!(cache.get(&G, much_later).map(|k| k.state.epoch), Some(4));
     }
 
     #[test]
@@ -353,7 +356,7 @@ mod tests {
         let t0 = Instant::now();
         cache.offer(G, state(3), t0, t0 + Duration::from_millis(10));
         let before = t0 + CLUSTER_GROUP_TTL - Duration::from_millis(1);
-        assert_eq!(cache.get(&G, before).map(|g| g.epoch), Some(3));
+        assert_eq!(cache.get(&G, before).map(|k| k.state.epoch), Some(3));
         assert!(cache.get(&G, t0 + CLUSTER_GROUP_TTL).is_none(), "expired");
         // A read slower than the TTL is not kept at all.
         let late = t0 + CLUSTER_GROUP_TTL + Duration::from_millis(1);
@@ -361,11 +364,11 @@ mod tests {
         assert!(cache.get(&G, late).is_none());
         // Once expired, a fresh read replaces what was kept, whatever its epoch.
         cache.offer(G, state(2), late, late);
-        assert_eq!(cache.get(&G, late).map(|g| g.epoch), Some(2));
+        assert_eq!(cache.get(&G, late).map(|k| k.state.epoch), Some(2));
         // A stale read does not undo a later epoch still kept.
         cache.offer(G, state(5), late, late);
         cache.offer(G, state(4), late, late);
-        assert_eq!(cache.get(&G, late).map(|g| g.epoch), Some(5));
+        assert_eq!(cache.get(&G, late).map(|k| k.state.epoch), Some(5));
         // The hold outlasts every copy: what was read just before a commit is gone by then.
         assert!(COMMIT_HOLD > CLUSTER_GROUP_TTL);
         assert!(cache.get(&G, late + COMMIT_HOLD).is_none());

@@ -93,6 +93,27 @@ async fn body(c: &mut RawClient) -> Vec<u8> {
     syncra_core::carriage::parse(&bytes).unwrap().body.to_vec()
 }
 
+/// Logs `user` in and returns the MLS messages of the backlog its mailbox sends, in order.
+async fn backlog_at_login(relay: &TestRelay, user: &TestUser) -> Vec<Vec<u8>> {
+    let mut c = RawClient::connect(relay.url()).await;
+    c.send(&user.auth_frame(&c)).await;
+    expect_auth_ok(&mut c, user.id()).await;
+    let mut backlog = Vec::new();
+    loop {
+        match c.frame().await {
+            Frame::Pending { envelope, .. } => backlog.push(
+                syncra_core::carriage::parse(&envelope)
+                    .unwrap()
+                    .body
+                    .to_vec(),
+            ),
+            Frame::PendingEnd { .. } => break,
+            other => panic!("expected the backlog, got {other:?}"),
+        }
+    }
+    backlog
+}
+
 async fn users(relay: &TestRelay, names: &[&str]) -> Vec<(TestUser, RawClient)> {
     let mut out = Vec::new();
     for name in names {
@@ -500,24 +521,7 @@ async fn a_member_offline_across_several_commits_catches_up_in_order_from_the_ma
             "carriage {i}"
         );
     }
-    let mut cb = RawClient::connect(relay.url()).await;
-    cb.send(&bob.auth_frame(&cb)).await;
-    expect_auth_ok(&mut cb, bob.id()).await;
-    let mut backlog = Vec::new();
-    loop {
-        match cb.frame().await {
-            Frame::Pending { envelope, .. } => {
-                backlog.push(
-                    syncra_core::carriage::parse(&envelope)
-                        .unwrap()
-                        .body
-                        .to_vec(),
-                );
-            }
-            Frame::PendingEnd { .. } => break,
-            other => panic!("expected the backlog, got {other:?}"),
-        }
-    }
+    let backlog = backlog_at_login(&relay, &bob).await;
     let expected: Vec<Vec<u8>> = std::iter::once(b"probe".to_vec())
         .chain(
             sent.iter()
@@ -728,22 +732,7 @@ async fn a_commit_never_overtakes_its_senders_earlier_messages_in_a_mailbox() {
             "carriage {i}"
         );
     }
-    let mut cb = RawClient::connect(relay.url()).await;
-    cb.send(&bob.auth_frame(&cb)).await;
-    expect_auth_ok(&mut cb, bob.id()).await;
-    let mut backlog = Vec::new();
-    loop {
-        match cb.frame().await {
-            Frame::Pending { envelope, .. } => backlog.push(
-                syncra_core::carriage::parse(&envelope)
-                    .unwrap()
-                    .body
-                    .to_vec(),
-            ),
-            Frame::PendingEnd { .. } => break,
-            other => panic!("expected the backlog, got {other:?}"),
-        }
-    }
+    let backlog = backlog_at_login(&relay, &bob).await;
     // Messages of one epoch may be stored in any order among themselves (MLS reads them so);
     // what matters is that each commit comes after every message sent before it.
     let bodies: Vec<Vec<u8>> = std::iter::once(b"commit 0".to_vec())

@@ -775,12 +775,6 @@ impl Conversations {
         Ok(())
     }
 
-    /// Whether the KeyPackages published from a KeyPackage store that was set aside still
-    /// wait to be withdrawn.
-    pub fn withdrawing_packages(&self) -> bool {
-        self.withdraw_packages
-    }
-
     /// Claims and checks a member's KeyPackage.
     async fn claim(
         &self,

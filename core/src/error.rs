@@ -334,6 +334,10 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// The peer broke the transport's framing rules: nothing more can be read from the
+    /// connection.
+    #[error("{0}")]
+    Protocol(String),
     /// Any other I/O failure on an established connection.
     #[error("connection error: {0}")]
     Other(String),

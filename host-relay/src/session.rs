@@ -109,6 +109,10 @@ async fn receive(state: &NodeState, stream: &mut Box<dyn FrameStream>, ip: IpAdd
             format!("frame of {size} bytes exceeds the {max}-byte limit"),
         )),
         Some(Err(TransportError::Closed(_))) => Received::Closed,
+        // Nothing more can be read: closed saying which rule was broken.
+        Some(Err(TransportError::Protocol(why))) => {
+            Received::Fatal(CloseReason::error(ErrorCode::Malformed, why))
+        }
         Some(Err(e)) => Received::Bad(0, ErrorCode::Malformed, e.to_string()),
         Some(Ok(bytes)) => match Frame::decode(&bytes, state.config.limits.max_frame) {
             Ok(frame) => {

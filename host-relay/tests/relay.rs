@@ -325,6 +325,77 @@ async fn oversized_frames_close_the_connection_with_frame_too_large() {
     still_serving(&relay).await;
 }
 
+/// A WebSocket connection to the relay by hand: the upgrade, then raw bytes.
+async fn raw_websocket(relay: &TestRelay) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = relay
+        .url()
+        .trim_start_matches("ws://")
+        .trim_end_matches('/');
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        socket.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    socket
+}
+
+/// Reads what the relay writes until its close frame; returns the close code.
+async fn close_code(socket: &mut tokio::net::TcpStream) -> u16 {
+    use syncra_transport_ws::frames::{Decoder, Parsed, Role};
+    use tokio::io::AsyncReadExt;
+    let mut decoder = Decoder::new(Role::Client, 1 << 20);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match decoder.decode(&mut buf).unwrap() {
+            Some(Parsed::Close(Some((code, _)))) => return code,
+            Some(Parsed::Close(None)) => panic!("closed without a code"),
+            Some(_) => continue,
+            None => {}
+        }
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            socket.read_buf(&mut buf),
+        )
+        .await
+        .expect("the relay answers in time")
+        .unwrap();
+        assert!(read > 0, "the relay hung up without a close frame");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_breaking_websocket_framing_is_closed_as_malformed() {
+    use tokio::io::AsyncWriteExt;
+    let relay = TestRelay::start(|_| {}).await;
+    // A client's frame must be masked; this one is not (a binary frame of one byte).
+    let mut socket = raw_websocket(&relay).await;
+    socket.write_all(&[0x82, 0x01, 0x01]).await.unwrap();
+    assert_eq!(
+        close_code(&mut socket).await,
+        4000 + ErrorCode::Malformed.as_u16()
+    );
+    // Reserved bits set, with no extension agreed.
+    let mut socket = raw_websocket(&relay).await;
+    socket
+        .write_all(&[0xC2, 0x81, 1, 2, 3, 4, 0x01])
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut socket).await,
+        4000 + ErrorCode::Malformed.as_u16()
+    );
+    still_serving(&relay).await;
+}
+
 #[tokio::test]
 async fn requests_before_authentication_are_refused() {
     let relay = TestRelay::start(|_| {}).await;

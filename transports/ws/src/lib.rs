@@ -18,8 +18,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use frames::{Decoder, FrameError, Parsed, Role, opcode};
+use head::HeadReader;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use syncra_core::error::{PluginError, TransportError};
 use syncra_core::registry::{Kinds, typed_config};
@@ -28,23 +32,22 @@ use syncra_core::transport::{
 };
 use syncra_core::wire::{DEFAULT_MAX_FRAME, ErrorCode};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-mod burst;
+pub mod frames;
+mod head;
 
 /// The kind name this transport registers under.
 pub const KIND: &str = "ws";
 
-/// tungstenite's read buffer, kept for the life of a connection. Reads from the socket go
-/// through a [`burst::BurstReader`], which reads up to 16 KiB at once while data is waiting and
-/// holds nothing while the connection is idle, so this can be small.
-const READ_BUFFER: usize = 1024;
+/// tungstenite's read buffer, for the handshake only.
+const HANDSHAKE_BUFFER: usize = 4096;
 
 /// TLS certificate and key for the accepting side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -154,14 +157,13 @@ impl WsTransport {
         Ok(WsTransport { config, acceptor })
     }
 
+    /// tungstenite's settings, used for the opening handshake only: frames are read and written
+    /// by [`frames`] after it.
     fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .max_message_size(Some(self.config.max_frame))
             .max_frame_size(Some(self.config.max_frame))
-            // tungstenite's default 128 KiB read buffer is kept (and zero-filled before every
-            // read) per connection; with the burst reader below it, 1 KiB costs neither memory
-            // per idle connection nor system calls per frame (docs/BENCHMARKS.md).
-            .read_buffer_size(READ_BUFFER)
+            .read_buffer_size(HANDSHAKE_BUFFER)
     }
 
     fn client_tls(&self) -> Result<TlsConnector, TransportError> {
@@ -300,17 +302,23 @@ impl Transport for WsTransport {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| handshake_err(format!("tls: {e}")))?;
-            let (ws, _) =
-                tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config()))
-                    .await
-                    .map_err(|e| handshake_err(e.to_string()))?;
-            Ok(split(ws, peer_info, self.config.max_frame))
+            let (ws, _) = tokio_tungstenite::client_async_with_config(
+                request,
+                HeadReader::new(tls),
+                Some(self.ws_config()),
+            )
+            .await
+            .map_err(|e| handshake_err(e.to_string()))?;
+            Ok(link(ws, Role::Client, peer_info, self.config.max_frame))
         } else {
-            let (ws, _) =
-                tokio_tungstenite::client_async_with_config(request, tcp, Some(self.ws_config()))
-                    .await
-                    .map_err(|e| handshake_err(e.to_string()))?;
-            Ok(split(ws, peer_info, self.config.max_frame))
+            let (ws, _) = tokio_tungstenite::client_async_with_config(
+                request,
+                HeadReader::new(tcp),
+                Some(self.ws_config()),
+            )
+            .await
+            .map_err(|e| handshake_err(e.to_string()))?;
+            Ok(link(ws, Role::Client, peer_info, self.config.max_frame))
         }
     }
 }
@@ -412,28 +420,29 @@ where
         }
         Ok(resp)
     };
-    let stream = burst::BurstReader::new(stream);
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
-        .await
-        .map_err(|e| match e {
-            tungstenite::Error::Protocol(
-                tungstenite::error::ProtocolError::HandshakeIncomplete,
-            )
-            | tungstenite::Error::ConnectionClosed
-            | tungstenite::Error::AlreadyClosed => closed_before_handshake(),
-            tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                closed_before_handshake()
-            }
-            e => TransportError::Handshake {
-                peer: addr.to_string(),
-                why: e.to_string(),
-            },
-        })?;
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        HeadReader::new(stream),
+        callback,
+        Some(ws_config),
+    )
+    .await
+    .map_err(|e| match e {
+        tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete)
+        | tungstenite::Error::ConnectionClosed
+        | tungstenite::Error::AlreadyClosed => closed_before_handshake(),
+        tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            closed_before_handshake()
+        }
+        e => TransportError::Handshake {
+            peer: addr.to_string(),
+            why: e.to_string(),
+        },
+    })?;
     let peer = PeerInfo {
         addr,
         forwarded_for: forwarded,
     };
-    Ok(split(ws, peer, max_frame))
+    Ok(link(ws, Role::Server, peer, max_frame))
 }
 
 /// The peer closed before finishing its handshake: a TCP health check or port scan, not a
@@ -442,34 +451,99 @@ fn closed_before_handshake() -> TransportError {
     TransportError::Closed("the peer closed the connection during the handshake".into())
 }
 
-fn split<S>(ws: WebSocketStream<S>, peer: PeerInfo, max_frame: usize) -> Connection
+/// Takes a connection over from tungstenite once its handshake is done: from here on frames are
+/// read and written by [`frames`].
+fn link<S>(
+    ws: WebSocketStream<HeadReader<S>>,
+    role: Role,
+    peer: PeerInfo,
+    max_frame: usize,
+) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
+    let (stream, after_head) = ws.into_inner().into_parts();
+    let (read, write) = tokio::io::split(stream);
+    let writer = Arc::new(tokio::sync::Mutex::new(Writer {
+        io: write,
+        out: BytesMut::new(),
+        closed: false,
+        role,
+    }));
     Connection {
-        sink: Box::new(WsSink { sink }),
+        sink: Box::new(WsSink {
+            writer: writer.clone(),
+        }),
         stream: Box::new(WsStream {
-            stream,
+            io: read,
+            buf: after_head,
+            decoder: Decoder::new(role, max_frame),
+            writer,
+            reply: None,
+            owed: false,
             close: None,
-            max_frame,
+            ended: false,
         }),
         peer,
     }
 }
 
-struct WsSink<S> {
-    sink: SplitSink<WebSocketStream<S>, Message>,
+/// The writing side of a connection, shared by its sink and its stream (which answers pings and
+/// close frames).
+struct Writer<S> {
+    io: WriteHalf<S>,
+    /// Frames encoded and not yet written; no capacity once written.
+    out: BytesMut,
+    /// A close frame was queued: nothing more may be sent.
+    closed: bool,
+    role: Role,
 }
 
-fn io_error(e: tungstenite::Error) -> TransportError {
-    match e {
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-            TransportError::Closed("connection closed".into())
+impl<S: AsyncWrite> Writer<S> {
+    /// Encodes frames with opcode `op` into the out buffer (masked with fresh keys by a client).
+    fn queue<'a>(&mut self, op: u8, payloads: impl ExactSizeIterator<Item = &'a [u8]>) {
+        let mut keys = match self.role {
+            Role::Server => Vec::new(),
+            Role::Client => {
+                let mut keys = vec![0u8; 4 * payloads.len()];
+                syncra_core::crypto::fill_random(&mut keys);
+                keys
+            }
+        };
+        let mut keys = keys.as_chunks_mut::<4>().0.iter();
+        for payload in payloads {
+            frames::encode(&mut self.out, op, payload, keys.next().copied());
         }
-        tungstenite::Error::Capacity(c) => TransportError::Other(format!("capacity: {c}")),
-        other => TransportError::Other(other.to_string()),
     }
+
+    /// Writes the out buffer. Cancel-safe: what is not written yet stays for the next flush.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        while !self.out.is_empty() {
+            let n = self.io.write(&self.out).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.out.advance(n);
+        }
+        // Written: an idle connection holds no out buffer.
+        self.out = BytesMut::new();
+        self.io.flush().await
+    }
+}
+
+fn io_error(e: std::io::Error) -> TransportError {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::WriteZero => TransportError::Closed(format!("connection lost: {e}")),
+        _ => TransportError::Other(e.to_string()),
+    }
+}
+
+struct WsSink<S> {
+    writer: Arc<tokio::sync::Mutex<Writer<S>>>,
 }
 
 #[async_trait]
@@ -478,41 +552,96 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn send(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
-        for frame in frames {
-            self.sink
-                .feed(Message::Binary(frame.clone()))
-                .await
-                .map_err(io_error)?;
+        let mut writer = self.writer.lock().await;
+        if writer.closed {
+            return Err(TransportError::Closed("connection closed".into()));
         }
-        self.sink.flush().await.map_err(io_error)
+        let total = frames
+            .iter()
+            .map(|f| frames::encoded_len(f.len(), writer.role == Role::Client))
+            .sum();
+        writer.out.reserve(total);
+        writer.queue(opcode::BINARY, frames.iter().map(|f| &f[..]));
+        writer.flush().await.map_err(io_error)
     }
 
     async fn close(&mut self, reason: CloseReason) -> Result<(), TransportError> {
         let code = match reason.code {
-            Some(code) => CloseCode::from(code.close_code()),
-            None => CloseCode::Normal,
+            Some(code) => code.close_code(),
+            None => 1000,
         };
-        let mut message = reason.message;
-        // Close reasons are limited to 123 bytes by RFC 6455.
-        while message.len() > 120 {
-            message.pop();
+        let mut writer = self.writer.lock().await;
+        if !writer.closed {
+            writer.closed = true;
+            let payload = frames::close_payload(code, &reason.message);
+            writer.queue(opcode::CLOSE, std::iter::once(&payload[..]));
         }
-        let frame = CloseFrame {
-            code,
-            reason: message.into(),
-        };
-        self.sink
-            .send(Message::Close(Some(frame)))
-            .await
-            .map_err(io_error)?;
-        self.sink.close().await.map_err(io_error)
+        writer.flush().await.map_err(io_error)?;
+        writer.io.shutdown().await.map_err(io_error)
     }
 }
 
+/// The most bytes read from the socket at once.
+const BURST: usize = 16 * 1024;
+
+/// A partly received frame up to this size is moved out of its burst buffer while the rest is
+/// awaited (a larger one keeps the buffer it is being read into).
+const SMALL_PARTIAL: usize = 1024;
+
 struct WsStream<S> {
-    stream: SplitStream<WebSocketStream<S>>,
+    io: ReadHalf<S>,
+    /// Bytes read and not yet decoded. It has capacity only while bytes are waiting: it is
+    /// allocated (a burst's worth) when the socket has data and freed as soon as the socket has
+    /// none, so an idle connection holds no read buffer, and a busy one makes one system call
+    /// per burst.
+    buf: BytesMut,
+    decoder: Decoder,
+    writer: Arc<tokio::sync::Mutex<Writer<S>>>,
+    /// A pong or close frame to send in reply, not yet queued on the writer.
+    reply: Option<(u8, Bytes)>,
+    /// A reply was queued and may not be written yet.
+    owed: bool,
     close: Option<CloseReason>,
-    max_frame: usize,
+    /// Nothing more will be read: the peer closed, or broke the protocol.
+    ended: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite> WsStream<S> {
+    /// Sends the reply waiting, if any. Cancel-safe: the reply stays in `self` until queued on
+    /// the writer, and is written by whichever flush comes next.
+    async fn send_reply(&mut self) -> std::io::Result<()> {
+        let mut writer = self.writer.lock().await;
+        if let Some((op, payload)) = self.reply.take() {
+            // After a close frame nothing more may be sent, a pong included.
+            if !writer.closed {
+                writer.closed = op == opcode::CLOSE;
+                writer.queue(op, std::iter::once(&payload[..]));
+            }
+            self.owed = true;
+        }
+        writer.flush().await?;
+        self.owed = false;
+        Ok(())
+    }
+
+    /// Reads what the socket has into `buf`: `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() == self.buf.len()
+            || (self.buf.is_empty() && self.buf.capacity() < BURST)
+        {
+            self.buf.reserve(BURST);
+        }
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf);
+        if read.is_pending() {
+            // Nothing waiting: give the memory back until the socket has data again.
+            if self.buf.is_empty() {
+                self.buf = BytesMut::new();
+            } else if self.buf.len() <= SMALL_PARTIAL && self.buf.capacity() > 2 * SMALL_PARTIAL {
+                self.buf = BytesMut::from(&self.buf[..]);
+            }
+        }
+        read
+    }
 }
 
 #[async_trait]
@@ -522,42 +651,66 @@ where
 {
     async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
         loop {
-            match self.stream.next().await? {
-                Ok(Message::Binary(bytes)) => return Some(Ok(bytes)),
-                Ok(Message::Text(_)) => {
+            if (self.reply.is_some() || self.owed) && self.send_reply().await.is_err() {
+                // The peer is gone; what it sent before is still read below.
+                self.reply = None;
+                self.owed = false;
+            }
+            if self.ended {
+                return None;
+            }
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(Parsed::Binary(bytes))) => return Some(Ok(bytes)),
+                Ok(Some(Parsed::Text)) => {
                     return Some(Err(TransportError::Other(
                         "text messages are not part of the protocol; frames are binary".into(),
                     )));
                 }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Ok(Message::Close(frame)) => {
+                Ok(Some(Parsed::Ping(payload))) => {
+                    self.reply = Some((opcode::PONG, payload));
+                    continue;
+                }
+                Ok(Some(Parsed::Pong)) => continue,
+                Ok(Some(Parsed::Close(frame))) => {
+                    let echo = match &frame {
+                        Some((code, _)) => frames::close_payload(*code, "").freeze(),
+                        None => Bytes::new(),
+                    };
                     self.close = Some(match frame {
-                        Some(f) => {
-                            let n = u16::from(f.code);
-                            CloseReason {
-                                code: (4000..5000)
-                                    .contains(&n)
-                                    .then(|| ErrorCode::from_u16(n - 4000)),
-                                message: f.reason.to_string(),
-                            }
-                        }
+                        Some((n, reason)) => CloseReason {
+                            code: (4000..5000)
+                                .contains(&n)
+                                .then(|| ErrorCode::from_u16(n - 4000)),
+                            message: reason,
+                        },
                         None => CloseReason::normal(""),
                     });
-                    return None;
+                    // Answered with a close frame of the same code (RFC 6455 §5.5.1), sent at
+                    // the top of the loop.
+                    self.reply = Some((opcode::CLOSE, echo));
+                    self.ended = true;
+                    continue;
                 }
-                Err(tungstenite::Error::Capacity(c)) => {
+                Ok(None) => {}
+                Err(FrameError::TooLarge { size, max }) => {
+                    self.ended = true;
                     return Some(Err(TransportError::TooLarge {
-                        size: match c {
-                            tungstenite::error::CapacityError::MessageTooLong { size, .. } => size,
-                            _ => 0,
-                        },
-                        max: self.max_frame,
+                        size: usize::try_from(size).unwrap_or(usize::MAX),
+                        max,
                     }));
                 }
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return None;
+                Err(e @ FrameError::Protocol(_)) => {
+                    self.ended = true;
+                    return Some(Err(TransportError::Protocol(e.to_string())));
                 }
-                Err(e) => return Some(Err(io_error(e))),
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) => self.ended = true,
+                Ok(_) => {}
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(io_error(e)));
+                }
             }
         }
     }

@@ -122,13 +122,12 @@ pub struct SessionQueue {
     /// Frames waiting at most.
     capacity: usize,
     frames: Mutex<Frames>,
-    /// Wakes the writer: frames arrived, or the queue was closed to senders.
+    /// Wakes the writer: frames arrived, or the session was asked to close.
     filled: Notify,
     /// Wakes a reply waiting for room: the writer took frames, or went away.
     drained: Notify,
     dropped: AtomicU64,
     close: Mutex<Option<CloseReason>>,
-    kill: Notify,
 }
 
 /// The frames waiting for a session's writer, and whether more may come.
@@ -160,7 +159,6 @@ impl SessionQueue {
                 drained: Notify::new(),
                 dropped: AtomicU64::new(0),
                 close: Mutex::new(None),
-                kill: Notify::new(),
             }),
         }
     }
@@ -245,23 +243,13 @@ impl SessionQueue {
             *slot = Some(reason);
         }
         drop(slot);
-        // Both the reader and the writer of a session wait for this.
-        self.kill.notify_waiters();
+        // The writer learns it from `next_batch`; a permit is kept if it is not waiting yet.
+        self.filled.notify_one();
     }
 
-    /// Waits until [`SessionQueue::close`] is called; returns the reason.
-    pub async fn closed(&self) -> CloseReason {
-        loop {
-            // Register interest before checking, so a close between the check and the wait is
-            // not missed (notify_waiters stores no permit).
-            let notified = self.kill.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(reason) = self.close.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                return reason;
-            }
-            notified.await;
-        }
+    /// The reason the session was asked to close with, once it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether close was requested.
@@ -274,11 +262,23 @@ impl SessionQueue {
     }
 }
 
+/// What [`SessionOutbox::next_batch`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Frames, swapped into the batch.
+    Batch,
+    /// Nothing waiting, and the session was asked to close, for this reason.
+    Closed(CloseReason),
+    /// Nothing waiting, and the queue is shut: the end.
+    Shut,
+}
+
 impl SessionOutbox {
     /// Waits for frames and swaps every waiting one into `batch`, which must be empty (its
-    /// buffer becomes the queue's). Returns false once the queue is shut and empty. Before it
-    /// waits, it gives back the memory of both buffers: an idle session holds none.
-    pub async fn next_batch(&mut self, batch: &mut VecDeque<Bytes>) -> bool {
+    /// buffer becomes the queue's). Frames waiting are taken before a close is reported, and a
+    /// shut queue reports only what it still holds. Before it waits, it gives back the memory
+    /// of both buffers: an idle session holds none.
+    pub async fn next_batch(&mut self, batch: &mut VecDeque<Bytes>) -> Next {
         debug_assert!(batch.is_empty());
         loop {
             {
@@ -287,12 +287,15 @@ impl SessionOutbox {
                     std::mem::swap(&mut frames.waiting, batch);
                     drop(frames);
                     self.queue.drained.notify_one();
-                    return true;
+                    return Next::Batch;
                 }
                 if frames.shut {
-                    return false;
+                    return Next::Shut;
                 }
                 frames.waiting = VecDeque::new();
+            }
+            if let Some(reason) = self.queue.close_reason() {
+                return Next::Closed(reason);
             }
             *batch = VecDeque::new();
             self.queue.filled.notified().await;
@@ -763,11 +766,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         let mut batch = VecDeque::new();
-        assert!(out.next_batch(&mut batch).await);
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
         assert_eq!(batch.len(), 2);
         assert!(waiting.await.unwrap());
         batch.clear();
-        assert!(out.next_batch(&mut batch).await);
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
         assert_eq!(batch, [Bytes::from_static(b"r")]);
         batch.clear();
         // Found empty, the writer gives both buffers back before it waits.
@@ -787,9 +790,9 @@ mod tests {
             queue.offer(frame.clone(), OverflowPolicy::Reject),
             Offer::Gone
         );
-        assert!(out.next_batch(&mut batch).await);
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
         batch.clear();
-        assert!(!out.next_batch(&mut batch).await);
+        assert_eq!(out.next_batch(&mut batch).await, Next::Shut);
         // The writer gone: a reply says so instead of waiting.
         drop(out);
         assert!(!queue.reply(frame).await);
@@ -804,10 +807,14 @@ mod tests {
         let frame = Bytes::from_static(b"x");
         router.deliver_local(&user, &frame);
         router.deliver_local(&user, &frame);
-        assert_eq!(
-            out.queue.closed().await.code,
-            Some(ErrorCode::QueueOverflow)
-        );
+        let mut out = out;
+        let mut batch = VecDeque::new();
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
+        batch.clear();
+        match out.next_batch(&mut batch).await {
+            Next::Closed(reason) => assert_eq!(reason.code, Some(ErrorCode::QueueOverflow)),
+            other => panic!("expected the session closed, got {other:?}"),
+        }
     }
 
     fn mac(key: u8) -> ClusterMac {

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::NodeState;
 use crate::delivery::{send, send_locally};
-use crate::router::{SessionOutbox, SessionQueue};
+use crate::router::{Next, SessionOutbox, SessionQueue};
 use crate::tokens::{TokenError, TokenGrant};
 
 /// Malformed frames tolerated on one connection before it is closed.
@@ -102,7 +102,13 @@ enum Received {
 }
 
 async fn receive(state: &NodeState, stream: &mut Box<dyn FrameStream>, ip: IpAddr) -> Received {
-    match stream.recv().await {
+    received(state, stream.recv().await, ip)
+}
+
+/// What the transport handed on, decoded and counted. A plain function, so that the decoded
+/// frame (224 bytes) is never part of a session's future while it waits for the next one.
+fn received(state: &NodeState, got: Option<Result<Bytes, TransportError>>, ip: IpAddr) -> Received {
+    match got {
         None => Received::Closed,
         Some(Err(TransportError::TooLarge { size, max })) => Received::Fatal(CloseReason::error(
             ErrorCode::FrameTooLarge,
@@ -366,7 +372,10 @@ pub async fn serve(
 
     drop(pending);
     let user = grant.user;
-    if let Err(why) = crate::plugins::admit(&state.hooks, move |h| h.on_connect(&user, ip)).await {
+    // This and the other waits of the login below are boxed: each happens once, and a task is
+    // as large as its largest wait for as long as the session lives.
+    let admit = crate::plugins::admit(&state.hooks, move |h| h.on_connect(&user, ip));
+    if let Err(why) = Box::pin(admit).await {
         let _ = sink
             .close(CloseReason::error(ErrorCode::HookDenied, why))
             .await;
@@ -398,7 +407,7 @@ pub async fn serve(
     // this waits until they did (see `presence`), so that what they send after this session's
     // `AuthOk` reaches it.
     if state.router.add(user, queue.clone()) && !state.broker.alone() {
-        state.presence.held(user).await;
+        Box::pin(state.presence.held(user)).await;
     }
     state.metrics.sessions.inc();
     debug!(user = %user.short(), session = queue.id, "session started");
@@ -409,18 +418,27 @@ pub async fn serve(
             "the relay is restarting; reconnect shortly",
         ));
     }
-    if send_now(&mut sink, auth_ok).await.is_ok() {
-        let cursor = Arc::new(MailboxCursor::default());
-        let writer = tokio::spawn(write_loop(
-            state.clone(),
-            sink,
-            outbox,
-            user,
-            cursor.clone(),
-        ));
-        read_loop(&state, &mut stream, ip, user, &queue, &cursor).await;
-        queue.close(CloseReason::normal("session ended"));
-        let _ = writer.await;
+    if Box::pin(send_now(&mut sink, auth_ok)).await.is_ok() {
+        // The reader and the writer of a session run in one task, side by side: a second task
+        // would be a second allocation for as long as the session lives, idle or not. Neither
+        // waits on the other (`join!` polls both), so a reader waiting for room in a full
+        // queue is freed by the writer draining it, as before.
+        let cursor = MailboxCursor::default();
+        let reader = read_loop(&state, &mut stream, ip, user, &queue, &cursor);
+        let writer = write_loop(&state, sink, outbox, user, &cursor);
+        tokio::pin!(reader, writer);
+        // The writer ends when the session is asked to close (it flushes what is queued and
+        // sends the reason) or the connection is lost: then nothing more is read. The reader
+        // ends when the peer closes or breaks the protocol: then the writer flushes and closes.
+        let writer_done = tokio::select! {
+            biased;
+            () = &mut writer => true,
+            () = &mut reader => false,
+        };
+        if !writer_done {
+            queue.close(CloseReason::normal("session ended"));
+            writer.await;
+        }
     }
     state.metrics.sessions.dec();
     // The last session here: announced by the presence task, which reads the router when it
@@ -580,8 +598,9 @@ fn request_id_of(f: &Frame) -> RequestId {
     }
 }
 
-/// The authenticated phase: requests until the connection ends, the idle timeout passes, or
-/// the session is closed (shutdown, overflow policy).
+/// The authenticated phase: requests until the connection ends or the idle timeout passes.
+/// A session closed from elsewhere (shutdown, overflow policy, a lost connection) ends when its
+/// writer does: [`serve`] stops reading then.
 ///
 /// Up to [`MAX_IN_FLIGHT`] requests of a session are served at once, so a send that waits for
 /// the broker does not hold up the next one; answers still leave in request order (a
@@ -612,10 +631,7 @@ async fn read_loop(
     let idle_tick = tokio::time::sleep(quarter);
     tokio::pin!(idle_tick);
     let mut quiet_quarters = 0u32;
-    // One registration for the session's life, not one per frame.
-    let closed = queue.closed();
-    tokio::pin!(closed);
-    let mut in_flight: FuturesOrdered<BoxFuture<'_, Option<Bytes>>> = FuturesOrdered::new();
+    let mut in_flight = InFlight(None);
     let mut malformed = 0u32;
     loop {
         // Decided in a plain function, so that the frame is gone before anything is awaited:
@@ -624,7 +640,6 @@ async fn read_loop(
         let step = {
             let received = tokio::select! {
                 biased;
-                _ = &mut closed => return,
                 Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                     if !answer(queue, reply).await {
                         return;
@@ -632,7 +647,7 @@ async fn read_loop(
                     continue;
                 }
                 // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
-                r = receive(state, stream, ip), if in_flight.len() < in_flight_max => r,
+                got = stream.recv(), if in_flight.len() < in_flight_max => received(state, got, ip),
                 () = &mut idle_tick => {
                     quiet_quarters += 1;
                     if quiet_quarters > 4 {
@@ -693,6 +708,37 @@ async fn read_loop(
                 }
             }
         }
+    }
+}
+
+/// A session's requests being served, answered in the order they came. The set exists only
+/// while a request waits: an empty `FuturesOrdered` still holds an allocation (its queue of
+/// ready futures), and most sessions have nothing in flight most of the time.
+struct InFlight<'a>(Option<FuturesOrdered<BoxFuture<'a, Option<Bytes>>>>);
+
+impl<'a> InFlight<'a> {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn push_back(&mut self, request: BoxFuture<'a, Option<Bytes>>) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(request);
+    }
+
+    /// The next answer in order; `None` when nothing is in flight.
+    async fn next(&mut self) -> Option<Option<Bytes>> {
+        let set = self.0.as_mut()?;
+        let answer = set.next().await;
+        if set.is_empty() {
+            self.0 = None;
+        }
+        answer
     }
 }
 
@@ -1062,15 +1108,15 @@ async fn pending_then_pong(
 /// Drains a session's queue onto the connection in batches until it is closed, after sending
 /// the user's mailbox backlog.
 async fn write_loop(
-    state: Arc<NodeState>,
+    state: &NodeState,
     mut sink: Box<dyn FrameSink>,
     mut outbox: SessionOutbox,
     user: UserId,
-    cursor: Arc<MailboxCursor>,
+    cursor: &MailboxCursor,
 ) {
     // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
     if state.mailbox.stores()
-        && Box::pin(send_backlog(&state, &mut sink, &user, &cursor))
+        && Box::pin(send_backlog(state, &mut sink, &user, cursor))
             .await
             .is_err()
     {
@@ -1083,34 +1129,36 @@ async fn write_loop(
     let mut batch: VecDeque<Bytes> = VecDeque::new();
     let queue = outbox.queue.clone();
     let reason = loop {
-        tokio::select! {
-            biased;
-            more = outbox.next_batch(&mut batch) => {
-                if !more {
-                    break CloseReason::normal("session ended");
-                }
+        match outbox.next_batch(&mut batch).await {
+            Next::Batch => {
                 let dropped = queue.take_dropped();
                 if dropped > 0 {
                     state.metrics.queue_overflow.inc_by(dropped);
                     batch.push_back(error_frame(
                         0,
                         ErrorCode::QueueOverflow,
-                        format!("{dropped} messages were refused because this session could not keep up"),
+                        format!(
+                            "{dropped} messages were refused because this session could not keep up"
+                        ),
                     ));
                 }
-                if write_batch(&state, &mut sink, &mut batch, batch_max).await.is_err() {
+                if write_batch(state, &mut sink, &mut batch, batch_max)
+                    .await
+                    .is_err()
+                {
                     queue.close(CloseReason::normal("connection lost"));
                     return;
                 }
             }
-            reason = queue.closed() => break reason,
+            Next::Closed(reason) => break reason,
+            Next::Shut => break CloseReason::normal("session ended"),
         }
     };
     // Flush what is already queued (a draining shutdown must not lose accepted deliveries),
     // then say why we close.
     outbox.shut();
-    while outbox.next_batch(&mut batch).await {
-        if write_batch(&state, &mut sink, &mut batch, batch_max)
+    while outbox.next_batch(&mut batch).await == Next::Batch {
+        if write_batch(state, &mut sink, &mut batch, batch_max)
             .await
             .is_err()
         {

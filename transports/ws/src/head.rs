@@ -14,8 +14,9 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How much is read from the socket at once during the handshake.
-const CHUNK: usize = 4096;
+/// How much is read from the socket at once during the handshake (a request or response head
+/// is a few hundred bytes; a longer one takes more reads).
+const CHUNK: usize = 1024;
 
 /// See the module documentation.
 #[derive(Debug)]

@@ -46,8 +46,10 @@ mod head;
 /// The kind name this transport registers under.
 pub const KIND: &str = "ws";
 
-/// tungstenite's read buffer, for the handshake only.
-const HANDSHAKE_BUFFER: usize = 4096;
+/// tungstenite's read buffer, for the handshake only. Small: a handshake request is a few
+/// hundred bytes (a longer one is read in several pieces), and what a login storm allocates for
+/// a moment stays in the relay's memory as holes between the sessions that follow.
+const HANDSHAKE_BUFFER: usize = 512;
 
 /// TLS certificate and key for the accepting side.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -483,6 +485,7 @@ where
             owed: false,
             close: None,
             ended: false,
+            busy: false,
         }),
         peer,
     }
@@ -584,6 +587,12 @@ where
 /// The most bytes read from the socket at once.
 const BURST: usize = 16 * 1024;
 
+/// The first read after a quiet spell asks for this much; a read that fills it is followed by
+/// reads of [`BURST`] until the socket runs dry. A connection that sends a frame now and then
+/// (logging in, a chat) never holds a burst's worth, not even for a moment: thousands of them
+/// logging in at once would otherwise leave the heap fragmented with freed 16 KiB blocks.
+const FIRST_READ: usize = 1024;
+
 /// A partly received frame up to this size is moved out of its burst buffer while the rest is
 /// awaited (a larger one keeps the buffer it is being read into).
 const SMALL_PARTIAL: usize = 1024;
@@ -604,6 +613,8 @@ struct WsStream<S> {
     close: Option<CloseReason>,
     /// Nothing more will be read: the peer closed, or broke the protocol.
     ended: bool,
+    /// The last read filled what it was given: more is likely waiting.
+    busy: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite> WsStream<S> {
@@ -626,18 +637,24 @@ impl<S: AsyncRead + AsyncWrite> WsStream<S> {
 
     /// Reads what the socket has into `buf`: `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() == self.buf.len()
-            || (self.buf.is_empty() && self.buf.capacity() < BURST)
-        {
-            self.buf.reserve(BURST);
+        let want = if self.busy { BURST } else { FIRST_READ };
+        if self.buf.capacity() - self.buf.len() < want / 2 {
+            self.buf.reserve(want);
         }
+        let room = self.buf.capacity() - self.buf.len();
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf);
-        if read.is_pending() {
-            // Nothing waiting: give the memory back until the socket has data again.
-            if self.buf.is_empty() {
-                self.buf = BytesMut::new();
-            } else if self.buf.len() <= SMALL_PARTIAL && self.buf.capacity() > 2 * SMALL_PARTIAL {
-                self.buf = BytesMut::from(&self.buf[..]);
+        match &read {
+            Poll::Ready(Ok(n)) => self.busy = *n == room,
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                // Nothing waiting: give the memory back until the socket has data again.
+                self.busy = false;
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                } else if self.buf.len() <= SMALL_PARTIAL && self.buf.capacity() > 2 * SMALL_PARTIAL
+                {
+                    self.buf = BytesMut::from(&self.buf[..]);
+                }
             }
         }
         read
@@ -651,7 +668,8 @@ where
 {
     async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
         loop {
-            if (self.reply.is_some() || self.owed) && self.send_reply().await.is_err() {
+            // Boxed: rare, and a pending `recv` is part of every idle connection's memory.
+            if (self.reply.is_some() || self.owed) && Box::pin(self.send_reply()).await.is_err() {
                 // The peer is gone; what it sent before is still read below.
                 self.reply = None;
                 self.owed = false;

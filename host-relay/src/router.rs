@@ -1,7 +1,7 @@
 //! Routing: which live sessions of which users this node holds, and delivery to them.
 //!
 //! A user may be connected more than once (several devices, or a reconnect overlapping the old
-//! session). Each session has a bounded queue drained by its own writer task; delivery only
+//! session). Each session has a bounded queue drained by its own writer; delivery only
 //! ever *tries* to enqueue, so a slow consumer never slows the sender or anyone else.
 //!
 //! The queue is a `VecDeque` under a lock, not a tokio channel: a bounded tokio `mpsc`
@@ -140,7 +140,7 @@ struct Frames {
     gone: bool,
 }
 
-/// The receiving side, owned by the session's writer task.
+/// The receiving side, owned by the session's writer.
 #[derive(Debug)]
 pub struct SessionOutbox {
     /// The shared half.

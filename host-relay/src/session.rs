@@ -87,7 +87,7 @@ pub(crate) async fn with_store_timeout<T>(
     }
 }
 
-/// Sends frames directly on the sink (before the writer task exists).
+/// Sends frames directly on the sink (before the writer takes it over).
 async fn send_now(sink: &mut Box<dyn FrameSink>, frame: Bytes) -> Result<(), TransportError> {
     sink.send(&[frame]).await
 }

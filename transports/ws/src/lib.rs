@@ -465,6 +465,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (stream, after_head) = ws.into_inner().into_parts();
+    let (sink, stream) = halves(stream, after_head, role, max_frame);
+    Connection {
+        sink: Box::new(sink),
+        stream: Box::new(stream),
+        peer,
+    }
+}
+
+/// The two sides of a connection whose handshake is done; `after_head` is what was read after
+/// the handshake's head.
+fn halves<S>(
+    stream: S,
+    after_head: BytesMut,
+    role: Role,
+    max_frame: usize,
+) -> (WsSink<S>, WsStream<S>)
+where
+    S: AsyncRead + AsyncWrite,
+{
     let (read, write) = tokio::io::split(stream);
     let writer = Arc::new(tokio::sync::Mutex::new(Writer {
         io: write,
@@ -472,23 +491,21 @@ where
         closed: false,
         role,
     }));
-    Connection {
-        sink: Box::new(WsSink {
-            writer: writer.clone(),
-        }),
-        stream: Box::new(WsStream {
-            io: read,
-            buf: after_head,
-            decoder: Decoder::new(role, max_frame),
-            writer,
-            reply: None,
-            owed: false,
-            close: None,
-            ended: false,
-            busy: false,
-        }),
-        peer,
-    }
+    let sink = WsSink {
+        writer: writer.clone(),
+    };
+    let stream = WsStream {
+        io: read,
+        buf: after_head,
+        decoder: Decoder::new(role, max_frame),
+        writer,
+        reply: None,
+        owed: false,
+        close: None,
+        ended: false,
+        busy: false,
+    };
+    (sink, stream)
 }
 
 /// The writing side of a connection, shared by its sink and its stream (which answers pings and
@@ -735,5 +752,59 @@ where
 
     fn close_reason(&self) -> Option<CloseReason> {
         self.close.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn masked(payload: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        frames::encode(&mut out, opcode::BINARY, payload, Some([9, 8, 7, 6]));
+        out
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_or_write_buffer() {
+        let (ours, mut peer) = tokio::io::duplex(256 * 1024);
+        let (mut sink, mut stream) = halves(ours, BytesMut::new(), Role::Server, 100_000);
+        // A busy spell: more than a burst's worth in one go, in frames of every size class.
+        let mut sent = Vec::new();
+        let mut wire = BytesMut::new();
+        for len in [10usize, 200, 5_000, 70_000, 3] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+            wire.extend(masked(&payload));
+            sent.push(payload);
+        }
+        peer.write_all(&wire).await.unwrap();
+        for payload in &sent {
+            assert_eq!(stream.recv().await.unwrap().unwrap(), &payload[..]);
+        }
+        // Drained: the next recv waits, and while it waits no read buffer is held.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(20), stream.recv()).await;
+        assert!(waiting.is_err(), "nothing was sent, so recv must wait");
+        assert_eq!(stream.buf.capacity(), 0);
+        // Half a frame waiting is kept compactly, and completed by the rest.
+        let frame = masked(b"split across two writes");
+        peer.write_all(&frame[..7]).await.unwrap();
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(20), stream.recv()).await;
+        assert!(waiting.is_err());
+        assert!(
+            stream.buf.capacity() <= 2 * SMALL_PARTIAL,
+            "{}",
+            stream.buf.capacity()
+        );
+        peer.write_all(&frame[7..]).await.unwrap();
+        assert_eq!(
+            stream.recv().await.unwrap().unwrap(),
+            &b"split across two writes"[..]
+        );
+        // Written: the out buffer is given back.
+        sink.send(&[Bytes::from(vec![1u8; 50_000])]).await.unwrap();
+        assert_eq!(sink.writer.lock().await.out.capacity(), 0);
     }
 }

@@ -469,29 +469,7 @@ async fn accept_loop(
             continue;
         };
         let state = state.clone();
-        sessions.spawn(async move {
-            // One budget for the transport handshake and the login that follows.
-            let deadline = tokio::time::Instant::now()
-                + Duration::from_secs(state.config.limits.handshake_timeout_secs);
-            // The permit is held until the login succeeds or the connection is dropped.
-            let conn = tokio::time::timeout_at(deadline, incoming.handshake).await;
-            match conn {
-                Ok(Ok(conn)) => session::serve(state, conn, deadline, permit).await,
-                // Connected and closed without a handshake: a TCP health check or a port
-                // scan. Counted, never logged above debug.
-                Ok(Err(syncra_core::error::TransportError::Closed(why))) => {
-                    state.metrics.count_refusal("closed_in_handshake");
-                    tracing::debug!(peer = %incoming.addr, "{why}");
-                }
-                Ok(Err(e)) => {
-                    state.metrics.refuse("handshake_failed");
-                    tracing::debug!(peer = %incoming.addr, "handshake failed: {e}");
-                }
-                Err(_) => {
-                    state.metrics.refuse("handshake_timeout");
-                }
-            }
-        });
+        sessions.spawn(session::serve(state, incoming, permit));
     }
     sessions
 }

@@ -19,7 +19,7 @@ use futures_util::stream::FuturesOrdered;
 use syncra_core::carriage::CARRIAGE_VERSION;
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
 use syncra_core::error::{StoreError, TransportError};
-use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream};
+use syncra_core::transport::{CloseReason, Connection, FrameSink, FrameStream, Incoming};
 use syncra_core::wire::{
     ErrorCode, Frame, NONCE_LEN, RequestId, login_statement, register_statement,
 };
@@ -327,20 +327,28 @@ async fn resume(state: &NodeState, token: &str) -> AuthResult {
     }
 }
 
-/// Runs one connection to completion. `deadline` bounds the transport handshake and the
-/// authentication together; `pending` is the connection's place among the connections not yet
-/// logged in, given back once it is.
+/// Runs one connection to completion, from its transport handshake on. One budget bounds the
+/// handshake and the authentication together; `pending` is the connection's place among the
+/// connections not yet logged in, given back once it is.
+///
+/// The handshake is awaited here rather than by the caller: a connection held across the
+/// session by the task that spawned it would be part of every session's memory.
 pub async fn serve(
     state: Arc<NodeState>,
-    conn: Connection,
-    deadline: tokio::time::Instant,
+    incoming: Incoming,
     pending: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let Connection {
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(state.config.limits.handshake_timeout_secs);
+    let handshake = tokio::time::timeout_at(deadline, incoming.handshake).await;
+    let Some(Connection {
         mut sink,
         mut stream,
         peer,
-    } = conn;
+    }) = handshaken(&state, handshake, incoming.addr)
+    else {
+        return;
+    };
     let ip = peer.client_ip();
     let Some(_slot) = state.limits.connect(ip) else {
         state.metrics.refuse("too_many_connections");
@@ -447,6 +455,33 @@ pub async fn serve(
         state.presence.changed(user);
     }
     debug!(user = %user.short(), session = queue.id, "session ended");
+}
+
+/// The connection, if its transport handshake succeeded in time; otherwise the failure counted.
+fn handshaken(
+    state: &NodeState,
+    handshake: Result<Result<Connection, TransportError>, tokio::time::error::Elapsed>,
+    peer: std::net::SocketAddr,
+) -> Option<Connection> {
+    match handshake {
+        Ok(Ok(conn)) => Some(conn),
+        // Connected and closed without a handshake: a TCP health check or a port scan.
+        // Counted, never logged above debug.
+        Ok(Err(TransportError::Closed(why))) => {
+            state.metrics.count_refusal("closed_in_handshake");
+            debug!(peer = %peer, "{why}");
+            None
+        }
+        Ok(Err(e)) => {
+            state.metrics.refuse("handshake_failed");
+            debug!(peer = %peer, "handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            state.metrics.refuse("handshake_timeout");
+            None
+        }
+    }
 }
 
 /// The unauthenticated phase. Returns what the session is granted once authenticated, or

@@ -251,15 +251,6 @@ impl SessionQueue {
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-
-    /// Whether close was requested.
-    #[cfg(test)]
-    pub fn is_closing(&self) -> bool {
-        self.close
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
 }
 
 /// What [`SessionOutbox::next_batch`] found.
@@ -738,7 +729,7 @@ mod tests {
         let third = router.deliver_local(&user, &frame);
         assert_eq!((third.taken, third.full), (0, 1));
         assert_eq!(out.queue.take_dropped(), 1);
-        assert!(!out.queue.is_closing());
+        assert!(out.queue.close_reason().is_none());
         assert!(router.remove(&user, out.queue.id));
         assert!(!router.holds(&user));
     }

@@ -428,16 +428,16 @@ pub async fn serve(
     }
     if Box::pin(send_now(&mut sink, auth_ok)).await.is_ok() {
         // The reader and the writer of a session run in one task, side by side: a second task
-        // would be a second allocation for as long as the session lives, idle or not. Neither
-        // waits on the other (`join!` polls both), so a reader waiting for room in a full
-        // queue is freed by the writer draining it, as before.
+        // would be a second allocation for as long as the session lives, idle or not. Both are
+        // polled until one ends, so a reader waiting for room in a full queue is freed by the
+        // writer draining it, as before. The writer ends when the session is asked to close
+        // (it flushes what is queued and sends the reason) or the connection is lost: then
+        // nothing more is read. The reader ends when the peer closes or breaks the protocol:
+        // then the writer flushes and closes.
         let cursor = MailboxCursor::default();
         let reader = read_loop(&state, &mut stream, ip, user, &queue, &cursor);
         let writer = write_loop(&state, sink, outbox, user, &cursor);
         tokio::pin!(reader, writer);
-        // The writer ends when the session is asked to close (it flushes what is queued and
-        // sends the reason) or the connection is lost: then nothing more is read. The reader
-        // ends when the peer closes or breaks the protocol: then the writer flushes and closes.
         let writer_done = tokio::select! {
             biased;
             () = &mut writer => true,
@@ -719,10 +719,8 @@ async fn read_loop(
             // A carriage still to be checked (a commit, or a group this node must read) starts
             // only once what the session sent before it is delivered or stored: a commit never
             // overtakes an earlier message of its sender in a member's mailbox.
-            while let Some(reply) = in_flight.next().await {
-                if !answer(queue, reply).await {
-                    return;
-                }
+            if !in_flight.answer_all(queue).await {
+                return;
             }
         }
         let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
@@ -736,12 +734,8 @@ async fn read_loop(
             Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
             Poll::Pending => in_flight.push_back(request),
         }
-        if ordered {
-            while let Some(reply) = in_flight.next().await {
-                if !answer(queue, reply).await {
-                    return;
-                }
-            }
+        if ordered && !in_flight.answer_all(queue).await {
+            return;
         }
     }
 }
@@ -764,6 +758,17 @@ impl<'a> InFlight<'a> {
         self.0
             .get_or_insert_with(FuturesOrdered::new)
             .push_back(request);
+    }
+
+    /// Waits for every request in flight and queues their answers in order. False when the
+    /// session is gone.
+    async fn answer_all(&mut self, queue: &SessionQueue) -> bool {
+        while let Some(reply) = self.next().await {
+            if !answer(queue, reply).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// The next answer in order; `None` when nothing is in flight.

@@ -111,6 +111,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Everything the reader hands on, read `chunk` bytes at a time, until it says the end.
+    async fn head_of<S: AsyncRead + Unpin>(reader: &mut HeadReader<S>, chunk: usize) -> Vec<u8> {
+        let mut head = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = reader.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return head;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+    }
+
     #[tokio::test]
     async fn the_head_is_handed_on_and_what_follows_is_kept() {
         let (mut tx, rx) = tokio::io::duplex(4096);
@@ -120,15 +133,7 @@ mod tests {
             .await
             .unwrap();
         let mut reader = HeadReader::new(rx);
-        let mut head = Vec::new();
-        let mut chunk = [0u8; 7];
-        loop {
-            let n = reader.read(&mut chunk).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
+        let head = head_of(&mut reader, 7).await;
         assert_eq!(head, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         let (_, rest) = reader.into_parts();
         assert_eq!(&rest[..], b"\x82\x01A");
@@ -145,15 +150,7 @@ mod tests {
             }
             tx
         });
-        let mut head = Vec::new();
-        let mut chunk = [0u8; 64];
-        loop {
-            let n = reader.read(&mut chunk).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
+        let head = head_of(&mut reader, 64).await;
         assert_eq!(head, b"HTTP/1.1 101 OK\r\nA: \r\r\n\r\n");
         let mut tx = writer.await.unwrap();
         tx.shutdown().await.unwrap();

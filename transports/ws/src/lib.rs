@@ -14,14 +14,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use bytes::Bytes;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use async_trait::async_trait;
+use bytes::{Buf, Bytes, BytesMut};
 use frames::{Decoder, FrameError, Parsed, Role, opcode};
 use head::HeadReader;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
@@ -31,8 +29,7 @@ use syncra_core::transport::{
     CloseReason, Connection, FrameSink, FrameStream, Incoming, Listener, PeerInfo, Transport,
 };
 use syncra_core::wire::{DEFAULT_MAX_FRAME, ErrorCode};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::WebSocketStream;
@@ -304,24 +301,35 @@ impl Transport for WsTransport {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| handshake_err(format!("tls: {e}")))?;
-            let (ws, _) = tokio_tungstenite::client_async_with_config(
-                request,
-                HeadReader::new(tls),
-                Some(self.ws_config()),
-            )
-            .await
-            .map_err(|e| handshake_err(e.to_string()))?;
-            Ok(link(ws, Role::Client, peer_info, self.config.max_frame))
+            self.upgrade(request, tls, peer_info)
+                .await
+                .map_err(|e| handshake_err(e.to_string()))
         } else {
-            let (ws, _) = tokio_tungstenite::client_async_with_config(
-                request,
-                HeadReader::new(tcp),
-                Some(self.ws_config()),
-            )
-            .await
-            .map_err(|e| handshake_err(e.to_string()))?;
-            Ok(link(ws, Role::Client, peer_info, self.config.max_frame))
+            self.upgrade(request, tcp, peer_info)
+                .await
+                .map_err(|e| handshake_err(e.to_string()))
         }
+    }
+}
+
+impl WsTransport {
+    /// The client's opening handshake over an established stream (TLS or not).
+    async fn upgrade<S>(
+        &self,
+        request: tungstenite::handshake::client::Request,
+        stream: S,
+        peer: PeerInfo,
+    ) -> Result<Connection, tungstenite::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            request,
+            HeadReader::new(stream),
+            Some(self.ws_config()),
+        )
+        .await?;
+        Ok(link(ws, Role::Client, peer, self.config.max_frame))
     }
 }
 
@@ -521,18 +529,21 @@ struct Writer<S> {
 
 impl<S: AsyncWrite> Writer<S> {
     /// Encodes frames with opcode `op` into the out buffer (masked with fresh keys by a client).
-    fn queue<'a>(&mut self, op: u8, payloads: impl ExactSizeIterator<Item = &'a [u8]>) {
-        let mut keys = match self.role {
-            Role::Server => Vec::new(),
-            Role::Client => {
-                let mut keys = vec![0u8; 4 * payloads.len()];
-                syncra_core::crypto::fill_random(&mut keys);
-                keys
-            }
-        };
-        let mut keys = keys.as_chunks_mut::<4>().0.iter();
+    fn queue<P: AsRef<[u8]>>(&mut self, op: u8, payloads: &[P]) {
+        let masked = self.role == Role::Client;
+        let mut keys = vec![0u8; if masked { 4 * payloads.len() } else { 0 }];
+        if masked {
+            syncra_core::crypto::fill_random(&mut keys);
+        }
+        let mut keys = keys.as_chunks::<4>().0.iter();
+        self.out.reserve(
+            payloads
+                .iter()
+                .map(|p| frames::encoded_len(p.as_ref().len(), masked))
+                .sum(),
+        );
         for payload in payloads {
-            frames::encode(&mut self.out, op, payload, keys.next().copied());
+            frames::encode(&mut self.out, op, payload.as_ref(), keys.next().copied());
         }
     }
 
@@ -576,12 +587,7 @@ where
         if writer.closed {
             return Err(TransportError::Closed("connection closed".into()));
         }
-        let total = frames
-            .iter()
-            .map(|f| frames::encoded_len(f.len(), writer.role == Role::Client))
-            .sum();
-        writer.out.reserve(total);
-        writer.queue(opcode::BINARY, frames.iter().map(|f| &f[..]));
+        writer.queue(opcode::BINARY, frames);
         writer.flush().await.map_err(io_error)
     }
 
@@ -594,7 +600,7 @@ where
         if !writer.closed {
             writer.closed = true;
             let payload = frames::close_payload(code, &reason.message);
-            writer.queue(opcode::CLOSE, std::iter::once(&payload[..]));
+            writer.queue(opcode::CLOSE, std::slice::from_ref(&payload));
         }
         writer.flush().await.map_err(io_error)?;
         writer.io.shutdown().await.map_err(io_error)
@@ -643,7 +649,7 @@ impl<S: AsyncRead + AsyncWrite> WsStream<S> {
             // After a close frame nothing more may be sent, a pong included.
             if !writer.closed {
                 writer.closed = op == opcode::CLOSE;
-                writer.queue(op, std::iter::once(&payload[..]));
+                writer.queue(op, std::slice::from_ref(&payload));
             }
             self.owed = true;
         }

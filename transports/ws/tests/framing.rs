@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use syncra_core::error::TransportError;
 use syncra_core::transport::{CloseReason, Connection, Listener, Transport};
 use syncra_core::wire::ErrorCode;
-use syncra_transport_ws::{WsConfig, WsTransport};
+use syncra_transport_ws::{WsConfig, WsTransport, frames};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-async fn listener() -> (Box<dyn Listener>, String) {
+/// A listener with a 4 KiB frame limit, its URL and its port.
+async fn listener() -> (Box<dyn Listener>, String, u16) {
     let t = WsTransport::new(WsConfig {
         max_frame: 4096,
         ..WsConfig::default()
@@ -28,7 +29,8 @@ async fn listener() -> (Box<dyn Listener>, String) {
     .unwrap();
     let listener = t.bind("127.0.0.1:0").await.unwrap();
     let url = listener.url();
-    (listener, url)
+    let port = listener.local_addr().port();
+    (listener, url, port)
 }
 
 async fn accepted(listener: &mut Box<dyn Listener>) -> Connection {
@@ -50,7 +52,7 @@ async fn recv(conn: &mut Connection) -> Option<Result<Bytes, TransportError>> {
 
 #[tokio::test]
 async fn a_tungstenite_client_and_our_server_exchange_frames_pings_and_close_codes() {
-    let (mut listener, url) = listener().await;
+    let (mut listener, url, _) = listener().await;
     let client = tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.unwrap() });
     let mut server = accepted(&mut listener).await;
     let (mut ws, _) = client.await.unwrap();
@@ -165,14 +167,12 @@ fn upgrade_request(port: u16) -> String {
     )
 }
 
-/// A masked client frame, by hand.
+/// A masked client frame whose first byte (FIN, reserved bits, opcode) is `first`, as given.
 fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [1u8, 2, 3, 4];
-    assert!(payload.len() < 126);
-    let mut out = vec![first, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    out
+    let mut out = BytesMut::new();
+    frames::encode(&mut out, first & 0x0F, payload, Some([1, 2, 3, 4]));
+    out[0] = first;
+    out.to_vec()
 }
 
 async fn read_response_head(socket: &mut TcpStream) -> String {
@@ -187,14 +187,7 @@ async fn read_response_head(socket: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn a_first_frame_in_the_same_packet_as_the_handshake_is_not_lost() {
-    let (mut listener, url) = listener().await;
-    let port: u16 = url
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (mut listener, _, port) = listener().await;
     let mut socket = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     // Handshake, a fragmented message and a whole one, in one write.
     let mut packet = upgrade_request(port).into_bytes();
@@ -212,14 +205,7 @@ async fn a_first_frame_in_the_same_packet_as_the_handshake_is_not_lost() {
 
 #[tokio::test]
 async fn a_peer_breaking_the_framing_rules_is_refused_and_others_go_on() {
-    let (mut listener, url) = listener().await;
-    let port: u16 = url
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (mut listener, url, port) = listener().await;
     let cases: [(&str, Vec<u8>); 4] = [
         ("was not masked", vec![0x82, 0x01, b'x']),
         ("reserved bits", {

@@ -379,7 +379,7 @@ impl<S: Future<Output = ()>> Serve<S> {
 
     /// One delivery: processed by MLS now; filed now, or after its sender's lookup.
     async fn deliver(&mut self, client: &mut Client, entry: Option<u64>, carriage: &[u8]) {
-        let opened = match client.open_delivery(carriage) {
+        let opened = match client.open_delivery(carriage).await {
             Ok(Opening::Opened(opened)) => opened,
             Ok(Opening::Done(incoming)) => {
                 if let Some(entry) = entry {
@@ -480,7 +480,7 @@ impl<S: Future<Output = ()>> Serve<S> {
         opened: Opened,
         record: Option<IdentityRecord>,
     ) {
-        match client.file_delivery(opened, record) {
+        match client.file_delivery(opened, record).await {
             Ok(incoming) => {
                 if let Some(entry) = entry {
                     client.acknowledge(entry).await;

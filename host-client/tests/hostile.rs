@@ -60,7 +60,10 @@ impl Forger {
     fn create(&mut self, with: &[&str], group: bool) -> ConversationId {
         let ids: Vec<UserId> = with.iter().map(|h| self.id_of(h)).collect();
         let session = self.client.session().unwrap();
-        let _lock = self.mls.lock(&self.keys.identity).unwrap();
+        let _lock = self
+            .rt
+            .block_on(self.mls.lock(&self.keys.identity))
+            .unwrap();
         self.rt
             .block_on(self.mls.create_as(&session, &ids, group))
             .unwrap()
@@ -68,7 +71,10 @@ impl Forger {
 
     /// The carriage of `plaintext` in a conversation, not sent.
     fn seal(&mut self, conversation: ConversationId, plaintext: &[u8]) -> Vec<u8> {
-        let _lock = self.mls.lock(&self.keys.identity).unwrap();
+        let _lock = self
+            .rt
+            .block_on(self.mls.lock(&self.keys.identity))
+            .unwrap();
         self.mls.seal(conversation, plaintext).unwrap().unwrap().0
     }
 

@@ -172,3 +172,51 @@ fn contacts_and_groups_are_encrypted_at_rest() {
             .contains("@secretplans\talice, bob")
     );
 }
+
+/// Another process of the home holds the MLS state's lock across a network round trip (a send
+/// waits for the relay's answer). Waiting for it must leave the runtime serving everything
+/// else — a session's keepalives, a screen, other conversations — even on a runtime with a
+/// single thread, as a bot or a test uses.
+#[test]
+fn waiting_for_the_mls_state_lock_leaves_the_runtime_serving_other_tasks() {
+    use syncra_client::mls::Conversations;
+    use syncra_core::crypto::keys::IdentityKeyPair;
+    use syncra_core::crypto::local_box::LocalKey;
+
+    let dir = tempfile::tempdir().unwrap();
+    let identity = IdentityKeyPair::generate();
+    let mut conversations =
+        Conversations::open(&identity, dir.path(), &LocalKey::generate()).unwrap();
+    // flock(2) locks conflict between open file descriptions as between processes: this is
+    // the other process, holding the lock.
+    let other_process = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("mls.lock"))
+        .unwrap();
+    other_process.lock().unwrap();
+
+    let (ran, ran_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let other_task = tokio::spawn(async move { ran.send(()).unwrap() });
+            let lock = conversations.lock(&identity).await.unwrap();
+            assert!(lock.is_some(), "a kept state is locked");
+            other_task.await.unwrap();
+        });
+    });
+    // With a blocking wait the runtime's one thread sits in flock and the other task never
+    // runs while the lock is held: this runs out, then the lock is released either way.
+    let ran_while_waiting = ran_rx.recv_timeout(syncra_test_support::DEADLINE);
+    drop(other_process);
+    waiter.join().unwrap();
+    assert!(
+        ran_while_waiting.is_ok(),
+        "the runtime stalled while waiting for the MLS state's lock"
+    );
+}

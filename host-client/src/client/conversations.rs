@@ -115,6 +115,7 @@ impl Client {
                 let _lock = self
                     .mls
                     .lock(&self.keys.identity)
+                    .await
                     .map_err(anyhow::Error::new)?;
                 // Another process of this home may have made it meanwhile (read under the lock).
                 if let Some(id) = self.direct_with(*peer) {
@@ -196,6 +197,7 @@ impl Client {
                 let _lock = self
                     .mls
                     .lock(&self.keys.identity)
+                    .await
                     .map_err(anyhow::Error::new)?;
                 self.mls.send(session, conversation, plaintext).await
             };
@@ -293,7 +295,7 @@ impl Client {
             return;
         };
         for id in std::mem::take(&mut self.follow_ups) {
-            let lock = self.mls.lock(&self.keys.identity);
+            let lock = self.mls.lock(&self.keys.identity).await;
             if let Err(e) = lock {
                 tracing::warn!("the MLS state: {e}");
                 self.follow_ups.insert(id);
@@ -466,6 +468,7 @@ impl Client {
         let _lock = self
             .mls
             .lock(&self.keys.identity)
+            .await
             .map_err(|e| ClientError::Local(e.into()))?;
         self.mls
             .replenish(&session, KEY_PACKAGE_TARGET)

@@ -149,6 +149,7 @@ impl Client {
             let _lock = self
                 .mls
                 .lock(&self.keys.identity)
+                .await
                 .map_err(|e| ClientError::Local(e.into()))?;
             self.mls
                 .create_as(&session, &ids, true)
@@ -276,6 +277,7 @@ impl Client {
             let _lock = self
                 .mls
                 .lock(&self.keys.identity)
+                .await
                 .map_err(|e| ClientError::Local(e.into()))?;
             if adding {
                 self.mls.add(session, conversation, ids).await
@@ -291,6 +293,7 @@ impl Client {
                     let _lock = self
                         .mls
                         .lock(&self.keys.identity)
+                        .await
                         .map_err(|e| ClientError::Local(e.into()))?;
                     result = self.mls.rebase(session, conversation).await.map(drop);
                 }
@@ -322,6 +325,7 @@ impl Client {
             let _lock = self
                 .mls
                 .lock(&self.keys.identity)
+                .await
                 .map_err(|e| ClientError::Local(e.into()))?;
             self.mls
                 .leave(&session, conversation)

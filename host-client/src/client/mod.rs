@@ -383,6 +383,9 @@ pub struct Client {
     /// epoch, carriage), in arrival order: processed once the commits before them are, refused
     /// if the copy is let back in instead.
     held_future: std::collections::VecDeque<(ConversationId, u64, Vec<u8>)>,
+    /// Conversations a filed commit moved to a later epoch (conversation, epoch), whose held
+    /// deliveries are processed next ([`Client::file_delivery`]).
+    moved_on: std::collections::VecDeque<(ConversationId, u64)>,
     /// The last rejoin request per conversation still behind: asked again if no answer came
     /// in its wait (a restart asks again at once; the members find a request stale once one of
     /// them answered it).
@@ -485,6 +488,7 @@ impl Client {
             rejoin_grace: REJOIN_GRACE,
             shown_later: Vec::new(),
             held_future: Default::default(),
+            moved_on: Default::default(),
             asked_rejoin: Default::default(),
             rejoin_retry: REJOIN_RETRY,
             guard,
@@ -726,7 +730,7 @@ impl Client {
         })?;
         if rotated {
             // After a key rotation every conversation's leaf is refreshed too.
-            let _lock = self.mls.lock(&self.keys.identity)?;
+            let _lock = self.mls.lock(&self.keys.identity).await?;
             self.mls.all_due();
         }
         // Published whenever the relay may not have it yet: a rotation made while offline, or

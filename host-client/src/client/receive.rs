@@ -20,7 +20,7 @@ impl Client {
     /// comes back as [`Incoming::Rejected`], is counted and changes nothing. An `Err` is a
     /// local failure (the disk), never a peer's doing.
     pub async fn receive(&mut self, carriage: &[u8]) -> anyhow::Result<Option<Incoming>> {
-        let mut opened = match self.open_delivery(carriage)? {
+        let mut opened = match self.open_delivery(carriage).await? {
             Opening::Done(incoming) => return Ok(incoming),
             Opening::Opened(opened) => opened,
         };
@@ -35,13 +35,13 @@ impl Client {
             }
             None => None,
         };
-        self.file_delivery(opened, record)
+        self.file_delivery(opened, record).await
     }
 
     /// The first half of [`receive`](Self::receive): processes the carriage with MLS (its
     /// kind, group and epoch checked against the message inside) and saves the MLS state.
     /// Nothing is filed yet.
-    pub fn open_delivery(&mut self, carriage: &[u8]) -> anyhow::Result<Opening> {
+    pub async fn open_delivery(&mut self, carriage: &[u8]) -> anyhow::Result<Opening> {
         // Another process on this home may have changed contacts or groups since.
         self.book.refresh()?;
         if carriage.first() != Some(&syncra_core::carriage::CARRIAGE_VERSION) {
@@ -54,7 +54,7 @@ impl Client {
             )));
         }
         let result = {
-            let _lock = self.mls.lock(&self.keys.identity)?;
+            let _lock = self.mls.lock(&self.keys.identity).await?;
             self.mls.receive(carriage)
         };
         match result {
@@ -131,16 +131,19 @@ impl Client {
         )))
     }
 
-    /// After a conversation moved to a later epoch: the held deliveries it can now read are
+    /// After conversations moved to a later epoch: the held deliveries they can now read are
     /// processed and filed, in order, and queued to show ([`Client::take_follow_up_events`]).
-    fn retry_held(&mut self, conversation: ConversationId, epoch: u64) -> anyhow::Result<()> {
-        for (_, carriage) in self.take_held(conversation, epoch) {
-            let shown = match self.open_delivery(&carriage)? {
-                Opening::Done(shown) => shown,
-                Opening::Opened(opened) => self.file_delivery(opened, None)?,
-            };
-            if let Some(shown) = shown {
-                self.shown_later.push(shown);
+    /// A commit among them moves its conversation on again, which this loop picks up too.
+    async fn retry_held(&mut self) -> anyhow::Result<()> {
+        while let Some((conversation, epoch)) = self.moved_on.pop_front() {
+            for (_, carriage) in self.take_held(conversation, epoch) {
+                let shown = match self.open_delivery(&carriage).await? {
+                    Opening::Done(shown) => shown,
+                    Opening::Opened(opened) => self.file_opened(opened, None)?,
+                };
+                if let Some(shown) = shown {
+                    self.shown_later.push(shown);
+                }
             }
         }
         Ok(())
@@ -208,8 +211,20 @@ impl Client {
     }
 
     /// The second half of [`receive`](Self::receive): files a processed delivery in history,
-    /// with the sender's directory record if it was looked up, and says what to show.
-    pub fn file_delivery(
+    /// with the sender's directory record if it was looked up, and says what to show. A
+    /// commit among them lets the deliveries held for its epoch be processed next.
+    pub async fn file_delivery(
+        &mut self,
+        opened: Opened,
+        looked_up: Option<IdentityRecord>,
+    ) -> anyhow::Result<Option<Incoming>> {
+        let shown = self.file_opened(opened, looked_up)?;
+        self.retry_held().await?;
+        Ok(shown)
+    }
+
+    /// Files a processed delivery; a commit's conversation is noted for [`Self::retry_held`].
+    pub(super) fn file_opened(
         &mut self,
         opened: Opened,
         looked_up: Option<IdentityRecord>,
@@ -246,7 +261,7 @@ impl Client {
                     self.follow_ups.insert(conversation);
                 }
                 let shown = self.file_commit(conversation, by, &events, removed_me)?;
-                self.retry_held(conversation, epoch)?;
+                self.moved_on.push_back((conversation, epoch));
                 Ok(shown)
             }
             Arrival::LeaveRequest { conversation, .. }

@@ -90,7 +90,7 @@ impl Client {
             let Some(opened) = self.read_spooled(&path) else {
                 continue;
             };
-            self.file_delivery(opened, None)?;
+            self.file_opened(opened, None)?;
             filed += 1;
         }
         Ok(filed)

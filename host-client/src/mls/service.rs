@@ -364,6 +364,21 @@ impl std::fmt::Debug for Conversations {
     }
 }
 
+/// Takes an exclusive lock on `file` without holding up the async runtime: at once when it
+/// is free, otherwise by waiting on the blocking pool. Dropped before it is granted, the lock
+/// is granted to the blocking thread and released at once.
+async fn exclusive(file: std::fs::File) -> std::io::Result<std::fs::File> {
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+                .await
+                .map_err(std::io::Error::other)?
+        }
+    }
+}
+
 fn message_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     syncra_core::crypto::fill_random(&mut id);
@@ -414,7 +429,15 @@ impl Conversations {
     /// reads the state again if another process changed it since. Hold it from before a change
     /// until its output is sent. Without a directory ([`Conversations::new`]) it is a no-op
     /// lock on nothing.
-    pub fn lock(&mut self, identity: &IdentityKeyPair) -> Result<Option<StateLock>, StateError> {
+    ///
+    /// Another process holds the lock across a network round trip (a send waits for the
+    /// relay's answer), so the wait for it happens on tokio's blocking pool: the task that
+    /// asks waits, the runtime's threads go on serving the rest of the client — its screen,
+    /// its keepalives, its other conversations.
+    pub async fn lock(
+        &mut self,
+        identity: &IdentityKeyPair,
+    ) -> Result<Option<StateLock>, StateError> {
         let Some(store) = &self.store else {
             return Ok(None);
         };
@@ -431,7 +454,7 @@ impl Conversations {
             source,
         };
         let file = opts.open(&path).map_err(io)?;
-        file.lock().map_err(io)?;
+        let file = exclusive(file).await.map_err(io)?;
         let stamp = read_stamp(&store.dir)?;
         if stamp != store.stamp {
             let fresh = Self::load_with(identity, &store.dir, &store.key, true)?;

@@ -361,6 +361,11 @@ impl RelayConfig {
                  at least 1"
             );
         }
+        if self.limits.idle_timeout_secs == 0 {
+            bail!(
+                "limits.idle_timeout_secs must be at least 1 (a session that pings is never idle)"
+            );
+        }
         if self.limits.max_frame < 1024 || self.limits.max_frame > 16 * 1024 * 1024 {
             bail!("limits.max_frame must be between 1 KiB and 16 MiB");
         }
@@ -563,6 +568,20 @@ mod tests {
         let err = RelayConfig::load_with_env(None, env(&[("SYNCRA_MAILBOX__TTL_SECS", "0")]))
             .unwrap_err();
         assert!(format!("{err:#}").contains("mailbox.ttl_secs"), "{err:#}");
+    }
+
+    #[test]
+    fn a_zero_idle_timeout_is_refused_by_name() {
+        let err =
+            RelayConfig::load_with_env(None, env(&[("SYNCRA_LIMITS__IDLE_TIMEOUT_SECS", "0")]))
+                .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("limits.idle_timeout_secs"),
+            "{err:#}"
+        );
+        let c = RelayConfig::load_with_env(None, env(&[("SYNCRA_LIMITS__IDLE_TIMEOUT_SECS", "1")]))
+            .unwrap();
+        assert_eq!(c.limits.idle_timeout_secs, 1);
     }
 
     #[test]

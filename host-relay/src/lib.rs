@@ -38,7 +38,7 @@ use syncra_core::wire::ErrorCode;
 use syncra_core::{Health, IdentityStore, Mailbox};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use config::RelayConfig;
 use limits::{LimitSettings, Limits};
@@ -305,6 +305,7 @@ impl Relay {
         if state.mailbox.stores() {
             tokio::spawn(expire_mailbox(state.clone(), stop_rx.clone()));
         }
+        tokio::spawn(idle_sweep(state.clone(), stop_rx.clone()));
         let presence_task = (!state.broker.alone()).then(|| {
             tokio::spawn(presence::run(
                 state.presence.clone(),
@@ -436,6 +437,28 @@ async fn expire_mailbox(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) 
             Ok(0) => {}
             Ok(n) => info!(entries = n, "purged expired mailbox entries"),
             Err(e) => warn!("purging expired mailbox entries failed (will retry): {e}"),
+        }
+    }
+}
+
+/// Closes, with `timeout`, the sessions that sent no frame (not even a ping) for the idle
+/// timeout: one pass over the node every quarter of it ([`router::Router::sweep_idle`]), so a
+/// session is closed between 1 and 1.25 × the timeout after its last frame.
+async fn idle_sweep(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let quarter = Duration::from_secs(state.config.limits.idle_timeout_secs) / 4;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(quarter) => {}
+            _ = stop.changed() => return,
+        }
+        let closed = state.router.sweep_idle(|| {
+            CloseReason::error(
+                ErrorCode::Timeout,
+                "idle for too long; send pings to keep a session open",
+            )
+        });
+        if closed > 0 {
+            debug!(sessions = closed, "closed idle sessions");
         }
     }
 }

@@ -11,7 +11,7 @@
 //! (docs/BENCHMARKS.md, issue 19).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -128,6 +128,8 @@ pub struct SessionQueue {
     drained: Notify,
     dropped: AtomicU64,
     close: Mutex<Option<CloseReason>>,
+    /// The node's idle sweep during which the peer last sent a frame ([`Router::sweep_idle`]).
+    heard: AtomicU32,
 }
 
 /// The frames waiting for a session's writer, and whether more may come.
@@ -159,8 +161,14 @@ impl SessionQueue {
                 drained: Notify::new(),
                 dropped: AtomicU64::new(0),
                 close: Mutex::new(None),
+                heard: AtomicU32::new(0),
             }),
         }
+    }
+
+    /// Notes that the peer sent a frame during idle sweep `sweep` ([`Router::sweep`]).
+    pub fn heard(&self, sweep: u32) {
+        self.heard.store(sweep, Ordering::Relaxed);
     }
 
     fn frames(&self) -> std::sync::MutexGuard<'_, Frames> {
@@ -237,14 +245,17 @@ impl SessionQueue {
     }
 
     /// Asks the writer to flush what is queued, send a close frame with `reason` and stop.
-    pub fn close(&self, reason: CloseReason) {
+    /// False if it was asked before (the first reason stands).
+    pub fn close(&self, reason: CloseReason) -> bool {
         let mut slot = self.close.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
+        let first = slot.is_none();
+        if first {
             *slot = Some(reason);
         }
         drop(slot);
         // The writer learns it from `next_batch`; a permit is kept if it is not waiting yet.
         self.filled.notify_one();
+        first
     }
 
     /// The reason the session was asked to close with, once it was.
@@ -353,7 +364,13 @@ pub struct Router {
     max_frame: usize,
     sessions: DashMap<UserId, Vec<Arc<SessionQueue>>>,
     next_id: AtomicU64,
+    /// Idle sweeps so far ([`Router::sweep_idle`]).
+    sweeps: AtomicU32,
 }
+
+/// Sweeps without a frame after which a session is idle: with a sweep every quarter of the
+/// idle timeout, the close comes between 1 and 1.25 × the timeout after the last frame.
+pub const IDLE_SWEEPS: u32 = 4;
 
 impl Router {
     /// An empty router for a node; `mac` authenticates what it sends to and takes from other
@@ -371,6 +388,7 @@ impl Router {
             max_frame,
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
+            sweeps: AtomicU32::new(0),
         }
     }
 
@@ -379,8 +397,10 @@ impl Router {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Adds a session. Returns true if it is the user's first on this node (subscribe).
+    /// Adds a session, heard from now. Returns true if it is the user's first on this node
+    /// (subscribe).
     pub fn add(&self, user: UserId, queue: Arc<SessionQueue>) -> bool {
+        queue.heard(self.sweep());
         let mut entry = self.sessions.entry(user).or_default();
         entry.push(queue);
         entry.len() == 1
@@ -486,6 +506,31 @@ impl Router {
         let tag = self.mac.tag(&self.node_id, &payload[PAYLOAD_PREFIX..]);
         payload[NODE_ID_LEN..PAYLOAD_PREFIX].copy_from_slice(&tag);
         payload.freeze()
+    }
+
+    /// The current idle sweep, for a session to note when it last heard its peer
+    /// ([`SessionQueue::heard`]).
+    pub fn sweep(&self) -> u32 {
+        self.sweeps.load(Ordering::Relaxed)
+    }
+
+    /// One idle sweep, made every quarter of the idle timeout: closes with `reason` every
+    /// session whose peer sent no frame during the last [`IDLE_SWEEPS`] sweeps. One pass over
+    /// the node instead of a timer per session, which would cost every session its memory for
+    /// its whole life and, re-armed on each frame, CPU on every message. Returns how many
+    /// sessions it asked to close.
+    pub fn sweep_idle(&self, reason: impl Fn() -> CloseReason) -> usize {
+        let now = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let mut closed = 0;
+        for entry in &self.sessions {
+            for queue in entry.value() {
+                let heard = queue.heard.load(Ordering::Relaxed);
+                if now.wrapping_sub(heard) > IDLE_SWEEPS && queue.close(reason()) {
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     /// Every session, for shutdown.
@@ -806,6 +851,33 @@ mod tests {
             Next::Closed(reason) => assert_eq!(reason.code, Some(ErrorCode::QueueOverflow)),
             other => panic!("expected the session closed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_idle_sweep_closes_only_sessions_not_heard_for_four_sweeps() {
+        let router = router(1, OverflowPolicy::Reject);
+        let timeout = || CloseReason::error(ErrorCode::Timeout, "idle");
+        let (quiet, chatty) = (SessionQueue::channel(1, 4), SessionQueue::channel(2, 4));
+        router.sweep_idle(timeout);
+        // Added during sweep 1: heard then, though nothing was read yet.
+        router.add(UserId::from_identity_key(&[1; 32]), quiet.queue.clone());
+        router.add(UserId::from_identity_key(&[2; 32]), chatty.queue.clone());
+        for _ in 0..IDLE_SWEEPS {
+            chatty.queue.heard(router.sweep());
+            assert_eq!(router.sweep_idle(timeout), 0);
+        }
+        assert!(quiet.queue.close_reason().is_none());
+        chatty.queue.heard(router.sweep());
+        // The fifth sweep since it was last heard: the quiet one is closed, with the reason.
+        assert_eq!(router.sweep_idle(timeout), 1);
+        let reason = quiet
+            .queue
+            .close_reason()
+            .expect("the quiet session is closed");
+        assert_eq!(reason.code, Some(ErrorCode::Timeout));
+        assert!(chatty.queue.close_reason().is_none());
+        // Asked once: a session still flushing is not counted again.
+        assert_eq!(router.sweep_idle(timeout), 0);
     }
 
     fn mac(key: u8) -> ClusterMac {

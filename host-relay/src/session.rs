@@ -633,9 +633,9 @@ fn request_id_of(f: &Frame) -> RequestId {
     }
 }
 
-/// The authenticated phase: requests until the connection ends or the idle timeout passes.
-/// A session closed from elsewhere (shutdown, overflow policy, a lost connection) ends when its
-/// writer does: [`serve`] stops reading then.
+/// The authenticated phase: requests until the connection ends. A session closed from
+/// elsewhere (the node's idle sweep, shutdown, overflow policy, a lost connection) ends when
+/// its writer does: [`serve`] stops reading then.
 ///
 /// Up to [`MAX_IN_FLIGHT`] requests of a session are served at once, so a send that waits for
 /// the broker does not hold up the next one; answers still leave in request order (a
@@ -652,20 +652,11 @@ async fn read_loop(
     queue: &SessionQueue,
     cursor: &MailboxCursor,
 ) {
-    let idle = Duration::from_secs(state.config.limits.idle_timeout_secs);
     let in_flight_max = if state.hooks.is_empty() {
         MAX_IN_FLIGHT
     } else {
         1
     };
-    // The idle timeout is checked in quarters rather than re-armed on every frame (a timer
-    // reset per frame is a measurable share of the relay's CPU at full load): a session is
-    // closed after five quarters without a frame, between 1 and 1.25 × the timeout after its
-    // last frame.
-    let quarter = idle / 4;
-    let idle_tick = tokio::time::sleep(quarter);
-    tokio::pin!(idle_tick);
-    let mut quiet_quarters = 0u32;
     let mut in_flight = InFlight(None);
     let mut malformed = 0u32;
     loop {
@@ -683,21 +674,10 @@ async fn read_loop(
                 }
                 // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
                 got = stream.recv(), if in_flight.len() < in_flight_max => received(state, got, ip),
-                () = &mut idle_tick => {
-                    quiet_quarters += 1;
-                    if quiet_quarters > 4 {
-                        queue.close(CloseReason::error(
-                            ErrorCode::Timeout,
-                            "idle for too long; send pings to keep a session open",
-                        ));
-                        return;
-                    }
-                    let next = idle_tick.deadline() + quarter;
-                    idle_tick.as_mut().reset(next);
-                    continue;
-                }
             };
-            quiet_quarters = 0;
+            // Not idle: the node's sweep closes a session that sends nothing for the idle
+            // timeout (`idle_sweep` in lib.rs), so no session holds a timer of its own.
+            queue.heard(state.router.sweep());
             classify(state, user, queue, cursor, received, &mut malformed)
         };
         let (mut request, ordered) = match step {

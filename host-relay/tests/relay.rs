@@ -683,6 +683,22 @@ async fn idle_sessions_are_closed_with_timeout() {
 }
 
 #[tokio::test]
+async fn a_session_that_pings_outlives_the_idle_timeout_while_a_quiet_one_is_closed() {
+    let relay = TestRelay::start(|c| c.limits.idle_timeout_secs = 2).await;
+    let (mut chatty, _) = TestUser::new("chatty").register(relay.url()).await;
+    let (mut quiet, _) = TestUser::new("quiet").register(relay.url()).await;
+    // Three times the timeout, a ping every eighth of it.
+    for nonce in 0..24u64 {
+        chatty.send(&Frame::Ping { nonce }).await;
+        assert_eq!(chatty.reply().await, Frame::Pong { nonce });
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    quiet.expect_close(ErrorCode::Timeout).await;
+    chatty.send(&Frame::Ping { nonce: 99 }).await;
+    assert_eq!(chatty.reply().await, Frame::Pong { nonce: 99 });
+}
+
+#[tokio::test]
 async fn health_and_metrics_are_served() {
     let relay = TestRelay::start(|_| {}).await;
     still_serving(&relay).await;

@@ -492,7 +492,10 @@ async fn accept_loop(
             continue;
         };
         let state = state.clone();
-        sessions.spawn(session::serve(state, incoming, permit));
+        // Boxed: a task's memory is rounded up to 128 bytes (tokio aligns it to a cache line,
+        // which the allocator pays for too); the session's state in a box of its own costs
+        // what it is, plus a small task, for as long as the session lives.
+        sessions.spawn(Box::pin(session::serve(state, incoming, permit)));
     }
     sessions
 }

@@ -7,6 +7,7 @@
 //! pointless or abusive (too many failed logins, a frame over the size limit, a timeout).
 
 use std::collections::VecDeque;
+use std::future::Ready;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use futures_util::stream::FuturesOrdered;
 use syncra_core::carriage::CARRIAGE_VERSION;
 use syncra_core::crypto::keys::{SignedPrekey, verify_signature};
@@ -327,30 +328,58 @@ async fn resume(state: &NodeState, token: &str) -> AuthResult {
     }
 }
 
-/// Runs one connection to completion, from its transport handshake on. One budget bounds the
-/// handshake and the authentication together; `pending` is the connection's place among the
-/// connections not yet logged in, given back once it is.
+/// A connection past its login: what the session needs of the admission phase.
+struct Admitted<'a> {
+    sink: Box<dyn FrameSink>,
+    stream: Box<dyn FrameStream>,
+    ip: IpAddr,
+    user: UserId,
+    /// The connection's place among its address's connections.
+    _slot: crate::limits::ConnectionSlot<'a>,
+    /// The encoded `AuthOk`, sent first.
+    auth_ok: Bytes,
+}
+
+/// Runs one connection to completion, from its transport handshake on.
 ///
-/// The handshake is awaited here rather than by the caller: a connection held across the
-/// session by the task that spawned it would be part of every session's memory.
-pub async fn serve(
+/// The handshake, the login and the admission hooks run in a boxed future of their own, freed
+/// once the session starts: a task is as large as its largest state for as long as it runs,
+/// and the session's own state is what every idle connection pays for. A plain function
+/// returning an `async` block, because an `async fn` keeps its arguments twice in its state.
+pub fn serve(
     state: Arc<NodeState>,
     incoming: Incoming,
     pending: tokio::sync::OwnedSemaphorePermit,
-) {
+) -> impl Future<Output = ()> + Send {
+    // One pointer in the task's state instead of the two themselves (64 bytes), which it would
+    // keep, moved out or not, for as long as it runs.
+    let connection = Box::new((incoming, pending));
+    async move {
+        let Some(admitted) = Box::pin(admit(&state, *connection)).await else {
+            return;
+        };
+        run(&state, admitted).await;
+    }
+}
+
+/// The admission phase: the transport handshake and the login, under one budget, and the
+/// hooks' verdict. `pending` is the connection's place among the connections not yet logged
+/// in, given back once it is. `None` when the connection ended (closed, refused or timed out;
+/// counted and answered here).
+async fn admit(
+    state: &NodeState,
+    (incoming, pending): (Incoming, tokio::sync::OwnedSemaphorePermit),
+) -> Option<Admitted<'_>> {
     let deadline = tokio::time::Instant::now()
         + Duration::from_secs(state.config.limits.handshake_timeout_secs);
     let handshake = tokio::time::timeout_at(deadline, incoming.handshake).await;
-    let Some(Connection {
+    let Connection {
         mut sink,
         mut stream,
         peer,
-    }) = handshaken(&state, handshake, incoming.addr)
-    else {
-        return;
-    };
+    } = handshaken(state, handshake, incoming.addr)?;
     let ip = peer.client_ip();
-    let Some(_slot) = state.limits.connect(ip) else {
+    let Some(slot) = state.limits.connect(ip) else {
         state.metrics.refuse("too_many_connections");
         let _ = sink
             .close(CloseReason::error(
@@ -358,36 +387,34 @@ pub async fn serve(
                 "too many connections from your address",
             ))
             .await;
-        return;
+        return None;
     };
-    // Boxed: the login's state (store calls, signature checks) is large and only needed once,
-    // and a task's memory is its largest state for as long as it runs.
-    let login = Box::pin(authenticate(&state, &mut sink, &mut stream, ip));
-    let grant = match tokio::time::timeout_at(deadline, login).await {
-        Ok(Some(grant)) => grant,
-        Ok(None) => return,
-        Err(_) => {
-            state.metrics.refuse("auth_timeout");
-            let _ = sink
-                .close(CloseReason::error(
-                    ErrorCode::Timeout,
-                    "authentication took too long",
-                ))
-                .await;
-            return;
-        }
-    };
+    let grant =
+        match tokio::time::timeout_at(deadline, authenticate(state, &mut sink, &mut stream, ip))
+            .await
+        {
+            Ok(Some(grant)) => grant,
+            Ok(None) => return None,
+            Err(_) => {
+                state.metrics.refuse("auth_timeout");
+                let _ = sink
+                    .close(CloseReason::error(
+                        ErrorCode::Timeout,
+                        "authentication took too long",
+                    ))
+                    .await;
+                return None;
+            }
+        };
 
     drop(pending);
     let user = grant.user;
-    // This and the other waits of the login below are boxed: each happens once, and a task is
-    // as large as its largest wait for as long as the session lives.
     let admit = crate::plugins::admit(&state.hooks, move |h| h.on_connect(&user, ip));
-    if let Err(why) = Box::pin(admit).await {
+    if let Err(why) = admit.await {
         let _ = sink
             .close(CloseReason::error(ErrorCode::HookDenied, why))
             .await;
-        return;
+        return None;
     }
 
     // Authenticated: the token goes out first, directly, then the writer owns the sink.
@@ -403,58 +430,95 @@ pub async fn serve(
             let _ = sink
                 .close(CloseReason::error(ErrorCode::Internal, "internal error"))
                 .await;
-            return;
+            return None;
         }
     };
-    let outbox = SessionQueue::channel(
-        state.router.next_session_id(),
-        state.config.limits.queue_capacity,
-    );
-    let queue = outbox.queue.clone();
-    // A first session here: other nodes learn it through the presence announcements, and
-    // this waits until they did (see `presence`), so that what they send after this session's
-    // `AuthOk` reaches it.
-    if state.router.add(user, queue.clone()) && !state.broker.alone() {
-        Box::pin(state.presence.held(user)).await;
-    }
-    state.metrics.sessions.inc();
-    debug!(user = %user.short(), session = queue.id, "session started");
-    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
-        // Logged in while the relay drains: the shutdown already closed the sessions it knew.
-        queue.close(CloseReason::error(
-            ErrorCode::ShuttingDown,
-            "the relay is restarting; reconnect shortly",
-        ));
-    }
-    if Box::pin(send_now(&mut sink, auth_ok)).await.is_ok() {
-        // The reader and the writer of a session run in one task, side by side: a second task
-        // would be a second allocation for as long as the session lives, idle or not. Both are
-        // polled until one ends, so a reader waiting for room in a full queue is freed by the
-        // writer draining it, as before. The writer ends when the session is asked to close
-        // (it flushes what is queued and sends the reason) or the connection is lost: then
-        // nothing more is read. The reader ends when the peer closes or breaks the protocol:
-        // then the writer flushes and closes.
-        let cursor = MailboxCursor::default();
-        let reader = read_loop(&state, &mut stream, ip, user, &queue, &cursor);
-        let writer = write_loop(&state, sink, outbox, user, &cursor);
-        tokio::pin!(reader, writer);
-        let writer_done = tokio::select! {
-            biased;
-            () = &mut writer => true,
-            () = &mut reader => false,
-        };
-        if !writer_done {
-            queue.close(CloseReason::normal("session ended"));
-            writer.await;
+    Some(Admitted {
+        sink,
+        stream,
+        ip,
+        user,
+        _slot: slot,
+        auth_ok,
+    })
+}
+
+/// The session phase: registered with the router, `AuthOk` sent, then requests and deliveries
+/// until either side ends it.
+///
+/// A plain function returning an `async` block, which uses `admitted` where it lies: an
+/// `async fn` would keep its argument and the locals taken out of it, both, for as long as the
+/// session lives.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its state, for the session's whole life"
+)]
+fn run<'a>(
+    state: &'a NodeState,
+    mut admitted: Admitted<'a>,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let user = admitted.user;
+        let outbox = SessionQueue::channel(
+            state.router.next_session_id(),
+            state.config.limits.queue_capacity,
+        );
+        let queue = outbox.queue.clone();
+        // A first session here: other nodes learn it through the presence announcements, and
+        // this waits until they did (see `presence`), so that what they send after this session's
+        // `AuthOk` reaches it.
+        if state.router.add(user, queue.clone()) && !state.broker.alone() {
+            Box::pin(state.presence.held(user)).await;
         }
+        state.metrics.sessions.inc();
+        debug!(user = %user.short(), session = queue.id, "session started");
+        if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+            // Logged in while the relay drains: the shutdown already closed the sessions it knew.
+            queue.close(CloseReason::error(
+                ErrorCode::ShuttingDown,
+                "the relay is restarting; reconnect shortly",
+            ));
+        }
+        if Box::pin(send_now(&mut admitted.sink, admitted.auth_ok))
+            .await
+            .is_ok()
+        {
+            // The reader and the writer of a session run in one task, side by side: a second task
+            // would be a second allocation for as long as the session lives, idle or not. Both are
+            // polled until one ends, so a reader waiting for room in a full queue is freed by the
+            // writer draining it, as before. The writer ends when the session is asked to close
+            // (it flushes what is queued and sends the reason) or the connection is lost: then
+            // nothing more is read. The reader ends when the peer closes or breaks the protocol:
+            // then the writer flushes and closes.
+            let cursor = MailboxCursor::default();
+            let reader = read_loop(
+                state,
+                &mut admitted.stream,
+                admitted.ip,
+                user,
+                &queue,
+                &cursor,
+            );
+            let writer = write_loop(state, admitted.sink, outbox, user, &cursor);
+            tokio::pin!(reader, writer);
+            let writer_done = tokio::select! {
+                biased;
+                () = &mut writer => true,
+                () = &mut reader => false,
+            };
+            if !writer_done {
+                queue.close(CloseReason::normal("session ended"));
+                writer.await;
+            }
+        }
+        state.metrics.sessions.dec();
+        // The last session here: announced by the presence task, which reads the router when it
+        // gets there, so a session that began meanwhile keeps the user announced.
+        if state.router.remove(&user, queue.id) && !state.broker.alone() {
+            state.presence.changed(user);
+        }
+        debug!(user = %user.short(), session = queue.id, "session ended");
     }
-    state.metrics.sessions.dec();
-    // The last session here: announced by the presence task, which reads the router when it
-    // gets there, so a session that began meanwhile keeps the user announced.
-    if state.router.remove(&user, queue.id) && !state.broker.alone() {
-        state.presence.changed(user);
-    }
-    debug!(user = %user.short(), session = queue.id, "session ended");
 }
 
 /// The connection, if its transport handshake succeeded in time; otherwise the failure counted.
@@ -644,99 +708,107 @@ fn request_id_of(f: &Frame) -> RequestId {
 /// to the broker happen in that first poll, so a sender's messages reach every recipient in
 /// the order they were sent. With relay hooks configured, requests are served one at a time
 /// (a hook may delay a message, and a later one must not overtake it).
-async fn read_loop(
-    state: &NodeState,
-    stream: &mut Box<dyn FrameStream>,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its state, for the session's whole life"
+)]
+fn read_loop<'a>(
+    state: &'a NodeState,
+    stream: &'a mut Box<dyn FrameStream>,
     ip: IpAddr,
     user: UserId,
-    queue: &SessionQueue,
-    cursor: &MailboxCursor,
-) {
-    let in_flight_max = if state.hooks.is_empty() {
-        MAX_IN_FLIGHT
-    } else {
-        1
-    };
-    let mut in_flight = InFlight(None);
-    let mut malformed = 0u32;
-    loop {
-        // Decided in a plain function, so that the frame is gone before anything is awaited:
-        // a frame is 224 bytes, and whatever lives across an await is part of this task's
-        // memory for the session's whole life, idle or not.
-        let step = {
-            let received = tokio::select! {
-                biased;
-                Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                    if !answer(queue, reply).await {
+    queue: &'a SessionQueue,
+    cursor: &'a MailboxCursor,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let in_flight_max = if state.hooks.is_empty() {
+            MAX_IN_FLIGHT
+        } else {
+            1
+        };
+        let mut in_flight = InFlight(None);
+        let mut malformed = 0u32;
+        loop {
+            // Decided in a plain function, so that the frame is gone before anything is awaited:
+            // a frame is 224 bytes, and whatever lives across an await is part of this task's
+            // memory for the session's whole life, idle or not.
+            let step = {
+                let received = tokio::select! {
+                    biased;
+                    Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                        if !answer(queue, reply).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
+                    got = stream.recv(), if in_flight.len() < in_flight_max => received(state, got, ip),
+                };
+                // Not idle: the node's sweep closes a session that sends nothing for the idle
+                // timeout (`idle_sweep` in lib.rs), so no session holds a timer of its own.
+                queue.heard(state.router.sweep());
+                classify(state, user, queue, cursor, received, &mut malformed)
+            };
+            let (mut request, ordered) = match step {
+                Step::End => return,
+                // Known at once, nothing ahead of it: answered without a boxed future.
+                Step::Answer(reply) if in_flight.is_empty() => {
+                    if !answer(queue, Some(reply)).await {
                         return;
                     }
                     continue;
                 }
-                // `FrameStream::recv` is cancel-safe, so losing this race loses nothing.
-                got = stream.recv(), if in_flight.len() < in_flight_max => received(state, got, ip),
+                Step::Answer(reply) => {
+                    in_flight.push_back(Box::pin(std::future::ready(Some(reply))));
+                    continue;
+                }
+                Step::Serve(request, ordered) => (request, ordered),
             };
-            // Not idle: the node's sweep closes a session that sends nothing for the idle
-            // timeout (`idle_sweep` in lib.rs), so no session holds a timer of its own.
-            queue.heard(state.router.sweep());
-            classify(state, user, queue, cursor, received, &mut malformed)
-        };
-        let (mut request, ordered) = match step {
-            Step::End => return,
-            // Known at once, nothing ahead of it: answered without a boxed future.
-            Step::Answer(reply) if in_flight.is_empty() => {
-                if !answer(queue, Some(reply)).await {
+            if ordered {
+                // A carriage still to be checked (a commit, or a group this node must read) starts
+                // only once what the session sent before it is delivered or stored: a commit never
+                // overtakes an earlier message of its sender in a member's mailbox. (The waits for
+                // it are boxed: they are rare, and a session's task is as large as its largest.)
+                if !Box::pin(in_flight.answer_all(queue)).await {
                     return;
                 }
-                continue;
             }
-            Step::Answer(reply) => {
-                in_flight.push_back(Box::pin(std::future::ready(Some(reply))));
-                continue;
+            let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
+            match first {
+                // Nothing ahead of it: answer at once (the common case, and the cheapest).
+                Poll::Ready(reply) if in_flight.is_empty() => {
+                    if !answer(queue, reply).await {
+                        return;
+                    }
+                }
+                Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
+                Poll::Pending => in_flight.push_back(request),
             }
-            Step::Serve(request, ordered) => (request, ordered),
-        };
-        if ordered {
-            // A carriage still to be checked (a commit, or a group this node must read) starts
-            // only once what the session sent before it is delivered or stored: a commit never
-            // overtakes an earlier message of its sender in a member's mailbox.
-            if !in_flight.answer_all(queue).await {
+            if ordered && !Box::pin(in_flight.answer_all(queue)).await {
                 return;
             }
-        }
-        let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
-        match first {
-            // Nothing ahead of it: answer at once (the common case, and the cheapest).
-            Poll::Ready(reply) if in_flight.is_empty() => {
-                if !answer(queue, reply).await {
-                    return;
-                }
-            }
-            Poll::Ready(reply) => in_flight.push_back(Box::pin(std::future::ready(reply))),
-            Poll::Pending => in_flight.push_back(request),
-        }
-        if ordered && !in_flight.answer_all(queue).await {
-            return;
         }
     }
 }
 
 /// A session's requests being served, answered in the order they came. The set exists only
 /// while a request waits: an empty `FuturesOrdered` still holds an allocation (its queue of
-/// ready futures), and most sessions have nothing in flight most of the time.
-struct InFlight<'a>(Option<FuturesOrdered<BoxFuture<'a, Option<Bytes>>>>);
+/// ready futures), and most sessions have nothing in flight most of the time. Boxed as well:
+/// the set is 64 bytes, which the session's task would otherwise keep while it has none.
+struct InFlight<'a>(Option<Box<FuturesOrdered<BoxFuture<'a, Option<Bytes>>>>>);
 
 impl<'a> InFlight<'a> {
     fn is_empty(&self) -> bool {
-        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+        self.0.as_ref().is_none_or(|set| set.is_empty())
     }
 
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, FuturesOrdered::len)
+        self.0.as_ref().map_or(0, |set| set.len())
     }
 
     fn push_back(&mut self, request: BoxFuture<'a, Option<Bytes>>) {
         self.0
-            .get_or_insert_with(FuturesOrdered::new)
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
             .push_back(request);
     }
 
@@ -845,13 +917,15 @@ fn start_request<'a>(
 }
 
 /// Queues a request's answer, if it has one. False when the session is gone.
-async fn answer(queue: &SessionQueue, reply: Option<Bytes>) -> bool {
+///
+/// Not an `async fn`: the common case — room in the queue — is decided on the spot, and only
+/// a full queue (the client reads slowly) makes a boxed wait for room, so neither the wait nor
+/// the reply is part of every session's task, which is as large as its largest await.
+fn answer(queue: &SessionQueue, reply: Option<Bytes>) -> Either<Ready<bool>, BoxFuture<'_, bool>> {
     match reply.map(|reply| queue.try_reply(reply)) {
-        None | Some(Ok(())) => true,
-        // The queue is full (the client reads slowly): wait for room. Boxed, so that the wait's
-        // state is not part of every session's task, which is as large as its largest await.
-        Some(Err(Some(reply))) => Box::pin(queue.reply(reply)).await,
-        Some(Err(None)) => false,
+        None | Some(Ok(())) => Either::Left(std::future::ready(true)),
+        Some(Err(Some(reply))) => Either::Right(Box::pin(queue.reply(reply))),
+        Some(Err(None)) => Either::Left(std::future::ready(false)),
     }
 }
 
@@ -1127,65 +1201,71 @@ async fn pending_then_pong(
 
 /// Drains a session's queue onto the connection in batches until it is closed, after sending
 /// the user's mailbox backlog.
-async fn write_loop(
-    state: &NodeState,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its state, for the session's whole life"
+)]
+fn write_loop<'a>(
+    state: &'a NodeState,
     mut sink: Box<dyn FrameSink>,
     mut outbox: SessionOutbox,
     user: UserId,
-    cursor: &MailboxCursor,
-) {
-    // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
-    if state.mailbox.stores()
-        && Box::pin(send_backlog(state, &mut sink, &user, cursor))
-            .await
-            .is_err()
-    {
-        outbox.queue.close(CloseReason::normal("connection lost"));
-        return;
-    }
-    let batch_max = state.config.limits.write_batch;
-    // Swapped with the queue's buffer, so steady traffic allocates nothing; both are given back
-    // whenever the queue runs empty (an idle session holds neither).
-    let mut batch: VecDeque<Bytes> = VecDeque::new();
-    let queue = outbox.queue.clone();
-    let reason = loop {
-        match outbox.next_batch(&mut batch).await {
-            Next::Batch => {
-                let dropped = queue.take_dropped();
-                if dropped > 0 {
-                    state.metrics.queue_overflow.inc_by(dropped);
-                    batch.push_back(error_frame(
+    cursor: &'a MailboxCursor,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
+        if state.mailbox.stores()
+            && Box::pin(send_backlog(state, &mut sink, &user, cursor))
+                .await
+                .is_err()
+        {
+            outbox.queue.close(CloseReason::normal("connection lost"));
+            return;
+        }
+        let batch_max = state.config.limits.write_batch;
+        // Swapped with the queue's buffer, so steady traffic allocates nothing; both are given back
+        // whenever the queue runs empty (an idle session holds neither).
+        let mut batch: VecDeque<Bytes> = VecDeque::new();
+        let queue = outbox.queue.clone();
+        let reason = loop {
+            match outbox.next_batch(&mut batch).await {
+                Next::Batch => {
+                    let dropped = queue.take_dropped();
+                    if dropped > 0 {
+                        state.metrics.queue_overflow.inc_by(dropped);
+                        batch.push_back(error_frame(
                         0,
                         ErrorCode::QueueOverflow,
                         format!(
                             "{dropped} messages were refused because this session could not keep up"
                         ),
                     ));
+                    }
+                    if write_batch(state, &mut sink, &mut batch, batch_max)
+                        .await
+                        .is_err()
+                    {
+                        queue.close(CloseReason::normal("connection lost"));
+                        return;
+                    }
                 }
-                if write_batch(state, &mut sink, &mut batch, batch_max)
-                    .await
-                    .is_err()
-                {
-                    queue.close(CloseReason::normal("connection lost"));
-                    return;
-                }
+                Next::Closed(reason) => break reason,
+                Next::Shut => break CloseReason::normal("session ended"),
             }
-            Next::Closed(reason) => break reason,
-            Next::Shut => break CloseReason::normal("session ended"),
+        };
+        // Flush what is already queued (a draining shutdown must not lose accepted deliveries),
+        // then say why we close.
+        outbox.shut();
+        while outbox.next_batch(&mut batch).await == Next::Batch {
+            if write_batch(state, &mut sink, &mut batch, batch_max)
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
-    };
-    // Flush what is already queued (a draining shutdown must not lose accepted deliveries),
-    // then say why we close.
-    outbox.shut();
-    while outbox.next_batch(&mut batch).await == Next::Batch {
-        if write_batch(state, &mut sink, &mut batch, batch_max)
-            .await
-            .is_err()
-        {
-            return;
-        }
+        let _ = sink.close(reason).await;
     }
-    let _ = sink.close(reason).await;
 }
 
 /// Writes `batch` in writes of at most `batch_max` frames, and empties it.

@@ -185,16 +185,18 @@ impl Limits {
         }
     }
 
+    /// The state of an address, made with full budgets on its first use. The clock is read
+    /// only then: this runs for every frame a relay receives.
     fn address(&self, ip: IpAddr) -> dashmap::mapref::one::RefMut<'_, IpAddr, AddressState> {
-        let now = Instant::now();
-        self.addresses
-            .entry(address_key(ip))
-            .or_insert_with(|| AddressState {
+        self.addresses.entry(address_key(ip)).or_insert_with(|| {
+            let now = Instant::now();
+            AddressState {
                 connections: 0,
                 messages: Bucket::full(self.settings.address_burst, now),
                 auth: Bucket::full(self.settings.auth_per_minute, now),
                 lookups: Bucket::full(self.settings.lookups_per_minute, now),
-            })
+            }
+        })
     }
 
     /// Takes a connection slot for an address, or `None` if it has too many.

@@ -211,8 +211,8 @@ impl Client {
     }
 
     /// The second half of [`receive`](Self::receive): files a processed delivery in history,
-    /// with the sender's directory record if it was looked up, and says what to show. A
-    /// commit among them lets the deliveries held for its epoch be processed next.
+    /// with the sender's directory record if it was looked up, and says what to show. When it
+    /// is a commit, the deliveries held for the epoch it reached are processed next.
     pub async fn file_delivery(
         &mut self,
         opened: Opened,

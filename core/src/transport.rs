@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -72,17 +73,32 @@ pub trait FrameSink: Send {
 }
 
 /// The receiving half of a connection.
-#[async_trait]
+///
+/// A poll method rather than an `async fn`: a boxed future per frame (what `async_trait`
+/// makes) was an allocation for every frame received and, pending, part of every idle
+/// connection's memory. Await frames with [`recv`](trait.FrameStream.html#method.recv) on a
+/// `dyn FrameStream`.
 pub trait FrameStream: Send {
-    /// The next frame; `None` when the peer closed the connection, with the reason it gave.
+    /// Polls for the next frame; `Ready(None)` when the peer closed the connection, with the
+    /// reason it gave.
     ///
-    /// Must be cancel-safe: the relay races `recv` against finished requests and drops the
-    /// future when another branch wins, so a frame partly read must stay buffered in `self`
-    /// for the next call (tungstenite's stream behaves this way).
-    async fn recv(&mut self) -> Option<Result<Bytes, TransportError>>;
+    /// Everything in progress stays in `self` between calls — a frame partly read, an answer
+    /// to the peer being written — so a caller may stop polling at any point and lose nothing:
+    /// the relay races `recv` against finished requests and drops it when another branch wins.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, TransportError>>>;
     /// The close reason the peer gave, once `recv` has returned `None`.
     fn close_reason(&self) -> Option<CloseReason> {
         None
+    }
+}
+
+impl dyn FrameStream + '_ {
+    /// The next frame; `None` when the peer closed the connection. Cancel-safe
+    /// ([`FrameStream::poll_recv`]).
+    pub fn recv(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<Bytes, TransportError>>> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
     }
 }
 

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
@@ -508,7 +508,7 @@ where
         decoder: Decoder::new(role, max_frame),
         writer,
         reply: None,
-        owed: false,
+        replying: None,
         close: None,
         ended: false,
         busy: false,
@@ -629,10 +629,11 @@ struct WsStream<S> {
     buf: BytesMut,
     decoder: Decoder,
     writer: Arc<tokio::sync::Mutex<Writer<S>>>,
-    /// A pong or close frame to send in reply, not yet queued on the writer.
+    /// A pong or close frame to send in reply, not yet handed to the writer.
     reply: Option<(u8, Bytes)>,
-    /// A reply was queued and may not be written yet.
-    owed: bool,
+    /// A reply being queued on the writer and flushed; kept here until done, so a caller that
+    /// stops polling loses nothing.
+    replying: Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>>,
     close: Option<CloseReason>,
     /// Nothing more will be read: the peer closed, or broke the protocol.
     ended: bool,
@@ -641,23 +642,6 @@ struct WsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite> WsStream<S> {
-    /// Sends the reply waiting, if any. Cancel-safe: the reply stays in `self` until queued on
-    /// the writer, and is written by whichever flush comes next.
-    async fn send_reply(&mut self) -> std::io::Result<()> {
-        let mut writer = self.writer.lock().await;
-        if let Some((op, payload)) = self.reply.take() {
-            // After a close frame nothing more may be sent, a pong included.
-            if !writer.closed {
-                writer.closed = op == opcode::CLOSE;
-                writer.queue(op, std::slice::from_ref(&payload));
-            }
-            self.owed = true;
-        }
-        writer.flush().await?;
-        self.owed = false;
-        Ok(())
-    }
-
     /// Reads what the socket has into `buf`: `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let want = if self.busy { BURST } else { FIRST_READ };
@@ -684,28 +668,44 @@ impl<S: AsyncRead + AsyncWrite> WsStream<S> {
     }
 }
 
-#[async_trait]
 impl<S> FrameStream for WsStream<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async fn recv(&mut self) -> Option<Result<Bytes, TransportError>> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, TransportError>>> {
         loop {
-            // Boxed: rare, and a pending `recv` is part of every idle connection's memory.
-            if (self.reply.is_some() || self.owed) && Box::pin(self.send_reply()).await.is_err() {
-                // The peer is gone; what it sent before is still read below.
-                self.reply = None;
-                self.owed = false;
+            if self.replying.is_none()
+                && let Some((op, payload)) = self.reply.take()
+            {
+                // Boxed: rare, and it owns what it needs, so it goes on at the next poll.
+                let writer = self.writer.clone();
+                self.replying = Some(Box::pin(async move {
+                    let mut writer = writer.lock().await;
+                    // After a close frame nothing more may be sent, a pong included.
+                    if !writer.closed {
+                        writer.closed = op == opcode::CLOSE;
+                        writer.queue(op, std::slice::from_ref(&payload));
+                    }
+                    writer.flush().await
+                }));
+            }
+            if let Some(replying) = &mut self.replying {
+                // Answered before anything more is read: a peer that pings cannot pile up
+                // answers faster than they are written. If the peer is gone, what it sent
+                // before is still read below.
+                ready!(replying.as_mut().poll(cx)).ok();
+                self.replying = None;
+                continue;
             }
             if self.ended {
-                return None;
+                return Poll::Ready(None);
             }
             match self.decoder.decode(&mut self.buf) {
-                Ok(Some(Parsed::Binary(bytes))) => return Some(Ok(bytes)),
+                Ok(Some(Parsed::Binary(bytes))) => return Poll::Ready(Some(Ok(bytes))),
                 Ok(Some(Parsed::Text)) => {
-                    return Some(Err(TransportError::Other(
+                    return Poll::Ready(Some(Err(TransportError::Other(
                         "text messages are not part of the protocol; frames are binary".into(),
-                    )));
+                    ))));
                 }
                 Ok(Some(Parsed::Ping(payload))) => {
                     self.reply = Some((opcode::PONG, payload));
@@ -735,22 +735,22 @@ where
                 Ok(None) => {}
                 Err(FrameError::TooLarge { size, max }) => {
                     self.ended = true;
-                    return Some(Err(TransportError::TooLarge {
+                    return Poll::Ready(Some(Err(TransportError::TooLarge {
                         size: usize::try_from(size).unwrap_or(usize::MAX),
                         max,
-                    }));
+                    })));
                 }
                 Err(e @ FrameError::Protocol(_)) => {
                     self.ended = true;
-                    return Some(Err(TransportError::Protocol(e.to_string())));
+                    return Poll::Ready(Some(Err(TransportError::Protocol(e.to_string()))));
                 }
             }
-            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+            match ready!(self.poll_fill(cx)) {
                 Ok(0) => self.ended = true,
                 Ok(_) => {}
                 Err(e) => {
                     self.ended = true;
-                    return Some(Err(io_error(e)));
+                    return Poll::Ready(Some(Err(io_error(e))));
                 }
             }
         }
@@ -772,6 +772,16 @@ mod tests {
         out
     }
 
+    /// The next frame of a stream of this crate's own type.
+    fn recv<S>(
+        stream: &mut WsStream<S>,
+    ) -> impl Future<Output = Option<Result<Bytes, TransportError>>> + '_
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        std::future::poll_fn(move |cx| stream.poll_recv(cx))
+    }
+
     #[tokio::test]
     async fn an_idle_connection_holds_no_read_or_write_buffer() {
         let (ours, mut peer) = tokio::io::duplex(256 * 1024);
@@ -786,18 +796,18 @@ mod tests {
         }
         peer.write_all(&wire).await.unwrap();
         for payload in &sent {
-            assert_eq!(stream.recv().await.unwrap().unwrap(), &payload[..]);
+            assert_eq!(recv(&mut stream).await.unwrap().unwrap(), &payload[..]);
         }
         // Drained: the next recv waits, and while it waits no read buffer is held.
         let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(20), stream.recv()).await;
+            tokio::time::timeout(std::time::Duration::from_millis(20), recv(&mut stream)).await;
         assert!(waiting.is_err(), "nothing was sent, so recv must wait");
         assert_eq!(stream.buf.capacity(), 0);
         // Half a frame waiting is kept compactly, and completed by the rest.
         let frame = masked(b"split across two writes");
         peer.write_all(&frame[..7]).await.unwrap();
         let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(20), stream.recv()).await;
+            tokio::time::timeout(std::time::Duration::from_millis(20), recv(&mut stream)).await;
         assert!(waiting.is_err());
         assert!(
             stream.buf.capacity() <= 2 * SMALL_PARTIAL,
@@ -806,7 +816,7 @@ mod tests {
         );
         peer.write_all(&frame[7..]).await.unwrap();
         assert_eq!(
-            stream.recv().await.unwrap().unwrap(),
+            recv(&mut stream).await.unwrap().unwrap(),
             &b"split across two writes"[..]
         );
         // Written: the out buffer is given back.

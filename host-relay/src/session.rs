@@ -381,13 +381,12 @@ async fn admit(
     let ip = peer.client_ip();
     let Some(slot) = state.limits.connect(ip) else {
         state.metrics.refuse("too_many_connections");
-        let _ = sink
-            .close(CloseReason::error(
-                ErrorCode::TooManyConnections,
-                "too many connections from your address",
-            ))
-            .await;
-        return None;
+        return turn_away(
+            &mut sink,
+            ErrorCode::TooManyConnections,
+            "too many connections from your address",
+        )
+        .await;
     };
     let grant =
         match tokio::time::timeout_at(deadline, authenticate(state, &mut sink, &mut stream, ip))
@@ -397,13 +396,12 @@ async fn admit(
             Ok(None) => return None,
             Err(_) => {
                 state.metrics.refuse("auth_timeout");
-                let _ = sink
-                    .close(CloseReason::error(
-                        ErrorCode::Timeout,
-                        "authentication took too long",
-                    ))
-                    .await;
-                return None;
+                return turn_away(
+                    &mut sink,
+                    ErrorCode::Timeout,
+                    "authentication took too long",
+                )
+                .await;
             }
         };
 
@@ -411,10 +409,7 @@ async fn admit(
     let user = grant.user;
     let admit = crate::plugins::admit(&state.hooks, move |h| h.on_connect(&user, ip));
     if let Err(why) = admit.await {
-        let _ = sink
-            .close(CloseReason::error(ErrorCode::HookDenied, why))
-            .await;
-        return None;
+        return turn_away(&mut sink, ErrorCode::HookDenied, why).await;
     }
 
     // Authenticated: the token goes out first, directly, then the writer owns the sink.
@@ -427,10 +422,7 @@ async fn admit(
         .encode(),
         Err(e) => {
             warn!("cannot issue a resume token: {e:#}");
-            let _ = sink
-                .close(CloseReason::error(ErrorCode::Internal, "internal error"))
-                .await;
-            return None;
+            return turn_away(&mut sink, ErrorCode::Internal, "internal error").await;
         }
     };
     Some(Admitted {
@@ -441,6 +433,16 @@ async fn admit(
         _slot: slot,
         auth_ok,
     })
+}
+
+/// Ends the admission phase: the connection is closed with `code` and `why`.
+async fn turn_away<'a>(
+    sink: &mut Box<dyn FrameSink>,
+    code: ErrorCode,
+    why: impl Into<String>,
+) -> Option<Admitted<'a>> {
+    let _ = sink.close(CloseReason::error(code, why)).await;
+    None
 }
 
 /// The session phase: registered with the router, `AuthOk` sent, then requests and deliveries

@@ -257,6 +257,22 @@ mod tests {
 
     type Verify<'a> = dyn Fn(&[u8], &[u8], &[u8]) -> Result<(), CryptoError> + 'a;
 
+    /// The workspace compiles curve25519-dalek's AVX-512 IFMA backend in for x86_64
+    /// (`.cargo/config.toml`); the crate picks it at run time on a CPU that has IFMA. A
+    /// `RUSTFLAGS` variable replaces the config file's flags, which would silently leave
+    /// verification at the AVX2 speed: this test notices on any x86_64 build.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx512_ifma_backend_is_compiled_in_on_x86_64() {
+        // Read through black_box: a constant in an assert is a lint, and this one is the point.
+        let compiled_in = std::hint::black_box(cfg!(curve25519_dalek_backend = "avx512"));
+        assert!(
+            compiled_in,
+            "built without --cfg curve25519_dalek_backend=\"avx512\" (.cargo/config.toml); \
+             was RUSTFLAGS set without it?"
+        );
+    }
+
     #[test]
     fn verification_agrees_with_rustcrypto_and_stays_strict() {
         let ours = Crypto::default();

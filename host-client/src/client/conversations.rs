@@ -17,9 +17,11 @@ use crate::mls::{ConversationId, Intent, LEAF_UPDATE_INTERVAL_MS, ServiceError};
 /// One-time KeyPackages a client keeps in the directory.
 pub const KEY_PACKAGE_TARGET: u32 = 10;
 
-/// How long a one-shot command waits for the commits it missed when the relay says the group
-/// moved on (`wrong_epoch`) or another commit won (`commit_conflict`).
-const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+/// How long a one-shot command waits, at most, for the commit it missed when the relay says the
+/// group moved on (`wrong_epoch`) or another commit won (`commit_conflict`). The wait ends as
+/// soon as the conversation moved past the epoch in question, so the limit only matters when
+/// that commit never comes.
+pub(super) const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a send got no final answer from the relay.
 #[derive(Debug)]
@@ -202,9 +204,12 @@ impl Client {
                 self.mls.send(session, conversation, plaintext).await
             };
             match result {
-                Err(ServiceError::Behind { .. }) if self.pushes_rx.is_some() && attempt < 2 => {
+                Err(ServiceError::Behind { epoch, .. })
+                    if self.pushes_rx.is_some() && attempt < 2 =>
+                {
                     attempt += 1;
-                    self.catch_up(CATCH_UP_WAIT).await?;
+                    self.catch_up_past(conversation, epoch, CATCH_UP_WAIT)
+                        .await?;
                 }
                 other => return other.map_err(SendProblem::from),
             }
@@ -214,6 +219,36 @@ impl Client {
     /// Processes and files the deliveries this process holds (a one-shot command owns its
     /// deliveries), waiting up to `wait` for the first one. Returns how many were processed.
     pub async fn catch_up(&mut self, wait: Duration) -> anyhow::Result<usize> {
+        self.process_pushes(wait, |_, done| done > 0).await
+    }
+
+    /// Processes and files the deliveries this process holds until `conversation` moved past
+    /// `epoch` (the commit that won it arrived: the relay answered `wrong_epoch` or
+    /// `commit_conflict`) or it is gone, waiting up to `wait` in all. Whatever else arrives
+    /// first — another conversation's messages, a Welcome — is processed on the way instead of
+    /// ending the wait.
+    pub(super) async fn catch_up_past(
+        &mut self,
+        conversation: ConversationId,
+        epoch: u64,
+        wait: Duration,
+    ) -> anyhow::Result<usize> {
+        self.process_pushes(wait, |client, _| {
+            client
+                .mls
+                .get(conversation)
+                .is_none_or(|c| c.epoch() > epoch)
+        })
+        .await
+    }
+
+    /// Processes held deliveries: everything already here, then, until `enough` says so (given
+    /// how many were processed) or `wait` ran out, what arrives.
+    async fn process_pushes(
+        &mut self,
+        wait: Duration,
+        enough: impl Fn(&Self, usize) -> bool,
+    ) -> anyhow::Result<usize> {
         let Some(mut pushes) = self.pushes_rx.take() else {
             return Ok(0);
         };
@@ -222,7 +257,7 @@ impl Client {
         let result = loop {
             let push = match pushes.try_recv() {
                 Ok(push) => push,
-                Err(_) if done > 0 || wait.is_zero() => break Ok(done),
+                Err(_) if wait.is_zero() || enough(self, done) => break Ok(done),
                 Err(_) => match tokio::time::timeout_at(deadline, pushes.recv()).await {
                     Ok(Some(push)) => push,
                     _ => break Ok(done),

@@ -288,8 +288,9 @@ impl Client {
         let mut result = first.map(drop);
         for _ in 0..2 {
             match result {
-                Err(ServiceError::Conflict { .. }) if self.pushes_rx.is_some() => {
-                    self.catch_up(std::time::Duration::from_secs(3)).await?;
+                Err(ServiceError::Conflict { epoch, .. }) if self.pushes_rx.is_some() => {
+                    self.catch_up_past(conversation, epoch, conversations::CATCH_UP_WAIT)
+                        .await?;
                     let _lock = self
                         .mls
                         .lock(&self.keys.identity)

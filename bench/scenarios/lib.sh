@@ -108,6 +108,10 @@ RELAY_LOAD_ENV=(
 # start_relay NAME [VAR=value ...]: starts syncra-relay with the load settings plus the given
 # settings. Sets RELAY_URL, RELAY_PID and RELAY_LOG. Returns 1 (after printing the log) if the
 # relay exits or does not listen.
+# RELAY_EXTRA_ENV: more VAR=value words for every relay started (space-separated), e.g.
+# RELAY_EXTRA_ENV=TOKIO_WORKER_THREADS=1.
+read -r -a RELAY_EXTRA <<<"${RELAY_EXTRA_ENV:-}"
+
 start_relay() {
     local name="$1"
     shift
@@ -116,7 +120,7 @@ start_relay() {
     RELAY_LOG="$WORK/$name.log"
     env -i PATH="$PATH" HOME="${HOME:-/root}" \
         SYNCRA_DATA_DIR="$WORK/$name" SYNCRA_LISTEN="127.0.0.1:$port" \
-        "${RELAY_LOAD_ENV[@]}" "$@" \
+        "${RELAY_LOAD_ENV[@]}" "${RELAY_EXTRA[@]}" "$@" \
         "${RELAY_BIN:-$BIN/syncra-relay}" >"$RELAY_LOG" 2>&1 &
     RELAY_PID=$!
     STARTED_PIDS+=("$RELAY_PID")

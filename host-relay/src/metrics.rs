@@ -40,8 +40,11 @@ pub struct Metrics {
     pub frames_out: Counter<u64, AtomicU64>,
     /// Write batches (frames_out / batches = average batch size).
     pub write_batches: Counter<u64, AtomicU64>,
-    /// Broker payloads received from other nodes.
+    /// Deliveries received from other nodes (one per recipient session's node, each in a batch).
     pub broker_in: Counter,
+    /// Batches of deliveries received from other nodes (broker_in / broker_batches_in = average
+    /// cluster batch size).
+    pub broker_batches_in: Counter,
     /// Broker payloads dropped as not authentic or not a well-formed delivery, by reason.
     pub broker_dropped: Family<Labels, Counter>,
     /// The hot series of the families above, resolved once so the message path does not look
@@ -111,6 +114,7 @@ impl Default for Metrics {
             frames_out: Counter::default(),
             write_batches: Counter::default(),
             broker_in: Counter::default(),
+            broker_batches_in: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Connections accepted", m.connections.clone());
@@ -148,8 +152,13 @@ impl Default for Metrics {
         );
         registry.register(
             "broker_in",
-            "Payloads received from the broker",
+            "Deliveries received from other nodes through the broker",
             m.broker_in.clone(),
+        );
+        registry.register(
+            "broker_batches_in",
+            "Batches of deliveries received from other nodes (broker_in / this = average batch size)",
+            m.broker_batches_in.clone(),
         );
         registry.register(
             "broker_dropped",

@@ -701,6 +701,7 @@ impl BrokerSink for RouterSink {
             Ok(Remote::Batch { from, body }) => {
                 match crate::links::parse_batch(&body, self.router.max_frame()) {
                     Ok((batch, items)) => {
+                        self.metrics.broker_batches_in.inc();
                         let taken: Vec<bool> = items
                             .iter()
                             .map(

@@ -231,6 +231,22 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
             "only the forged payloads were dropped: the nodes' own verify"
         );
     }
+    // The cluster counters count what was authentic only: node A took Bob's deliveries in at
+    // least one batch, node B (to which nobody sent) none, the forged "delivery" included.
+    let (deliveries, batches) = (
+        metric(admin_a, "syncra_relay_broker_in_total").await,
+        metric(admin_a, "syncra_relay_broker_batches_in_total").await,
+    );
+    assert!(
+        deliveries >= 2 && (1..=deliveries).contains(&batches),
+        "node A: {deliveries} deliveries in {batches} batches"
+    );
+    for series in [
+        "syncra_relay_broker_in_total",
+        "syncra_relay_broker_batches_in_total",
+    ] {
+        assert_eq!(metric(admin_b, series).await, 0, "node B: {series}");
+    }
     drop(b);
 }
 

@@ -933,6 +933,18 @@ mod tests {
         from.batch_payload(&crate::links::encode_batch(1, [(user, frame)].into_iter()))
     }
 
+    /// A payload of an earlier format from node `[2; 16]`: its id, HMAC-SHA256 under the test
+    /// cluster key over `label ‖ node id ‖ signed`, then `signed`.
+    fn hmac_payload(label: &[u8], signed: &[u8]) -> Bytes {
+        use hmac::{KeyInit, Mac};
+        let node = [2u8; NODE_ID_LEN];
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&[9; 32]).unwrap();
+        mac.update(label);
+        mac.update(&node);
+        mac.update(signed);
+        Bytes::from([&node[..], &mac.finalize().into_bytes(), signed].concat())
+    }
+
     #[test]
     fn sink_ignores_own_payloads_and_delivers_authentic_deliveries() {
         let here = Arc::new(router(1, OverflowPolicy::Reject));
@@ -989,6 +1001,12 @@ mod tests {
         let frame = |to: &[UserId]| peer.deliver_frame(&envelope_for(to));
         let held = crate::presence::Announcement::Held(vec![other]).encode(1);
         let one = crate::links::encode_batch(1, [(&user, &frame(&[user])[..])].into_iter());
+        // A genuine batch from the peer, changed by `change`.
+        let altered = |change: fn(&mut Vec<u8>)| {
+            let mut p = batch(&peer, &user, &frame(&[user])).to_vec();
+            change(&mut p);
+            Bytes::from(p)
+        };
         let cases: Vec<(&str, &str, Bytes, Dropped)> = vec![
             (
                 "a user topic of the old scheme",
@@ -1029,66 +1047,37 @@ mod tests {
             (
                 "old-format payload (node id + MAC + frame)",
                 &topic,
-                {
-                    let f = frame(&[user]);
-                    let mut p = vec![2u8; NODE_ID_LEN];
-                    // The earlier format's MAC: HMAC under the cluster key over node id and
-                    // frame, without the format's label.
-                    use hmac::{KeyInit, Mac};
-                    let mut old = <HmacSha256 as KeyInit>::new_from_slice(&[9; 32]).unwrap();
-                    old.update(&[2u8; NODE_ID_LEN]);
-                    old.update(&f);
-                    p.extend_from_slice(&old.finalize().into_bytes());
-                    p.extend_from_slice(&f);
-                    Bytes::from(p)
-                },
+                // The earliest format's MAC: over node id and frame, without a label.
+                hmac_payload(b"", &frame(&[user])),
                 Dropped::Mac,
             ),
             (
                 "a genuine batch with one byte of a delivery changed",
                 &topic,
-                {
-                    let mut p = batch(&peer, &user, &frame(&[user])).to_vec();
-                    let last = p.len() - 1;
-                    p[last] ^= 1;
-                    Bytes::from(p)
-                },
+                altered(|p| *p.last_mut().unwrap() ^= 1),
                 Dropped::Mac,
             ),
             (
                 "a genuine batch with one bit of its MAC changed",
                 &topic,
-                {
-                    let mut p = batch(&peer, &user, &frame(&[user])).to_vec();
-                    p[NODE_ID_LEN] ^= 0x80;
-                    Bytes::from(p)
-                },
+                altered(|p| p[NODE_ID_LEN] ^= 0x80),
                 Dropped::Mac,
             ),
             (
                 "a genuine batch cut short by one byte",
                 &topic,
-                {
-                    let p = batch(&peer, &user, &frame(&[user]));
-                    p.slice(..p.len() - 1)
-                },
+                altered(|p| {
+                    p.pop();
+                }),
                 Dropped::Mac,
             ),
             (
                 "the HMAC-SHA256 format before BLAKE3 (syncra/v2)",
                 &topic,
-                {
-                    let signed = [&[kind::BATCH][..], &[0; 10]].concat();
-                    let mut p = vec![2u8; NODE_ID_LEN];
-                    use hmac::{KeyInit, Mac};
-                    let mut v2 = <HmacSha256 as KeyInit>::new_from_slice(&[9; 32]).unwrap();
-                    v2.update(b"syncra/v2/cluster-payload");
-                    v2.update(&[2u8; NODE_ID_LEN]);
-                    v2.update(&signed);
-                    p.extend_from_slice(&v2.finalize().into_bytes());
-                    p.extend_from_slice(&signed);
-                    Bytes::from(p)
-                },
+                hmac_payload(
+                    b"syncra/v2/cluster-payload",
+                    &[&[kind::BATCH][..], &[0; 10]].concat(),
+                ),
                 Dropped::Mac,
             ),
             (

@@ -297,6 +297,19 @@ impl Routed {
         }
     }
 
+    /// The recipients, in order, without collecting them (the relay routes every message
+    /// through this).
+    pub fn recipient_ids(&self) -> impl Iterator<Item = UserId> + '_ {
+        let (sealed, mls) = match self {
+            Routed::Sealed(h) => (Some(h.recipients.iter().map(|r| r.user_id)), None),
+            Routed::Mls(h) => (None, Some(h.recipients.iter().copied())),
+        };
+        sealed
+            .into_iter()
+            .flatten()
+            .chain(mls.into_iter().flatten())
+    }
+
     /// The recipients, in order.
     pub fn recipients(&self) -> Vec<UserId> {
         match self {
@@ -353,6 +366,29 @@ mod tests {
             assert_eq!(parsed.body, b"mls bytes");
             assert_eq!(Routed::parse(&bytes).unwrap(), Routed::Mls(h));
         }
+    }
+
+    #[test]
+    fn recipient_ids_are_the_recipients_in_order_for_both_formats() {
+        let mls = Routed::Mls(header(CarriageKind::Application));
+        assert_eq!(mls.recipient_ids().collect::<Vec<_>>(), vec![id(1), id(2)]);
+        assert_eq!(mls.recipient_ids().collect::<Vec<_>>(), mls.recipients());
+        use crate::crypto::envelope::{Recipient, seal};
+        use crate::crypto::keys::{IdentityKeyPair, PrekeySecret};
+        let sender = IdentityKeyPair::generate();
+        let keys: Vec<_> = (0..3).map(|_| IdentityKeyPair::generate()).collect();
+        let recipients: Vec<_> = keys
+            .iter()
+            .map(|k| Recipient {
+                user_id: k.user_id(),
+                prekey: *PrekeySecret::generate(k, 1).public(),
+            })
+            .collect();
+        let sealed = seal(&sender, &recipients, b"hi", 1).unwrap().bytes;
+        let routed = Routed::parse(&sealed).unwrap();
+        let want: Vec<_> = keys.iter().map(|k| k.user_id()).collect();
+        assert_eq!(routed.recipient_ids().collect::<Vec<_>>(), want);
+        assert_eq!(routed.recipients(), want);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Frame {
             Frame::Deliver { envelope }
             | Frame::Send { envelope, .. }
             | Frame::Pending { envelope, .. } => 16 + envelope.len(),
-            Frame::SendResult { outcomes, .. } => 32 + outcomes.len() * 24,
+            Frame::SendResult { outcomes, .. } => send_result_len(outcomes),
             Frame::PublishKeyPackages {
                 last_resort,
                 one_time,
@@ -625,36 +625,7 @@ impl Frame {
                 request_id,
                 message_id,
                 outcomes,
-            } => {
-                out.put_u8(tag::SEND_RESULT);
-                out.put_u32(*request_id);
-                out.put_slice(message_id);
-                // More outcomes than recipients cannot happen; cut rather than write a frame the
-                // peer would refuse.
-                let outcomes = &outcomes[..outcomes.len().min(MAX_OUTCOMES)];
-                out.put_u16(outcomes.len() as u16);
-                for o in outcomes {
-                    out.put_slice(o.user_id.as_bytes());
-                    match o.outcome {
-                        Outcome::Delivered => {
-                            out.put_u8(OUTCOME_DELIVERED);
-                            out.put_u16(0);
-                        }
-                        Outcome::Offline => {
-                            out.put_u8(OUTCOME_OFFLINE);
-                            out.put_u16(0);
-                        }
-                        Outcome::Stored => {
-                            out.put_u8(OUTCOME_STORED);
-                            out.put_u16(0);
-                        }
-                        Outcome::Rejected(code) => {
-                            out.put_u8(OUTCOME_REJECTED);
-                            out.put_u16(code.as_u16());
-                        }
-                    }
-                }
-            }
+            } => put_send_result(out, *request_id, message_id, outcomes),
             Frame::Deliver { envelope } => {
                 out.put_u8(tag::DELIVER);
                 put_bytes32(out, envelope);
@@ -999,6 +970,63 @@ pub fn encode_deliver(envelope: &[u8]) -> Bytes {
     encode_deliver_after(&[], envelope)
 }
 
+/// Bytes of a [`Frame::SendResult`] with these outcomes, exactly (so its buffer is filled and
+/// becomes a `Bytes` without a second allocation).
+fn send_result_len(outcomes: &[RecipientOutcome]) -> usize {
+    // Version, tag, request id, message id, count; then per outcome a user id, a kind and a
+    // code.
+    1 + 1 + 4 + MESSAGE_ID_LEN + 2 + outcomes.len().min(MAX_OUTCOMES) * (USER_ID_LEN + 1 + 2)
+}
+
+/// A [`Frame::SendResult`] encoded from a slice of outcomes: what the relay answers every send
+/// with, built without collecting the outcomes into the frame's `Vec` first.
+pub fn encode_send_result(
+    request_id: RequestId,
+    message_id: &MessageId,
+    outcomes: &[RecipientOutcome],
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(send_result_len(outcomes));
+    out.put_u8(PROTOCOL_VERSION);
+    put_send_result(&mut out, request_id, message_id, outcomes);
+    out.freeze()
+}
+
+fn put_send_result(
+    out: &mut BytesMut,
+    request_id: RequestId,
+    message_id: &MessageId,
+    outcomes: &[RecipientOutcome],
+) {
+    out.put_u8(tag::SEND_RESULT);
+    out.put_u32(request_id);
+    out.put_slice(message_id);
+    // More outcomes than recipients cannot happen; cut rather than write a frame the
+    // peer would refuse.
+    let outcomes = &outcomes[..outcomes.len().min(MAX_OUTCOMES)];
+    out.put_u16(outcomes.len() as u16);
+    for o in outcomes {
+        out.put_slice(o.user_id.as_bytes());
+        match o.outcome {
+            Outcome::Delivered => {
+                out.put_u8(OUTCOME_DELIVERED);
+                out.put_u16(0);
+            }
+            Outcome::Offline => {
+                out.put_u8(OUTCOME_OFFLINE);
+                out.put_u16(0);
+            }
+            Outcome::Stored => {
+                out.put_u8(OUTCOME_STORED);
+                out.put_u16(0);
+            }
+            Outcome::Rejected(code) => {
+                out.put_u8(OUTCOME_REJECTED);
+                out.put_u16(code.as_u16());
+            }
+        }
+    }
+}
+
 /// [`encode_deliver`] written after `prefix` in the same buffer, so a caller that needs both the
 /// frame and the prefixed frame (the relay's broker payload is its node id, then the frame) gets
 /// the frame as a slice of the whole without a second copy.
@@ -1227,5 +1255,39 @@ mod tests {
             }
             .encode()
         );
+    }
+
+    #[test]
+    fn send_result_helper_matches_frame_encoding_and_sizes_its_buffer_exactly() {
+        let outcome = |n: u8, outcome| RecipientOutcome {
+            user_id: UserId::from_bytes([n; USER_ID_LEN]),
+            outcome,
+        };
+        let kinds = [
+            Outcome::Delivered,
+            Outcome::Offline,
+            Outcome::Stored,
+            Outcome::Rejected(ErrorCode::RateLimited),
+        ];
+        let many: Vec<_> = (0..MAX_OUTCOMES + 3)
+            .map(|i| outcome(i as u8, kinds[i % kinds.len()]))
+            .collect();
+        for outcomes in [&[][..], &many[..1], &many[..4], &many[..]] {
+            let frame = Frame::SendResult {
+                request_id: 7,
+                message_id: [3; MESSAGE_ID_LEN],
+                outcomes: outcomes.to_vec(),
+            };
+            let helper = encode_send_result(7, &[3; MESSAGE_ID_LEN], outcomes);
+            assert_eq!(helper, frame.encode());
+            // Exactly the bytes written: the buffer becomes a `Bytes` without another
+            // allocation, and a wrong size would make it grow mid-encoding.
+            assert_eq!(send_result_len(outcomes), helper.len());
+            let decoded = Frame::decode(&helper, usize::MAX).unwrap();
+            let Frame::SendResult { outcomes: back, .. } = decoded else {
+                panic!("{decoded:?}");
+            };
+            assert_eq!(back, outcomes[..outcomes.len().min(MAX_OUTCOMES)]);
+        }
     }
 }

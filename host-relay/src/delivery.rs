@@ -21,11 +21,12 @@
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
+use smallvec::SmallVec;
 use syncra_core::UserId;
 use syncra_core::carriage::Routed;
 use syncra_core::error::OpenError;
 use syncra_core::mailbox::PutOutcome;
-use syncra_core::wire::{ErrorCode, Frame, Outcome, RecipientOutcome, RequestId};
+use syncra_core::wire::{ErrorCode, Outcome, RecipientOutcome, RequestId, encode_send_result};
 use tokio::sync::oneshot;
 
 use crate::NodeState;
@@ -245,9 +246,10 @@ fn route<'a>(
     let message_id = header.message_id();
     // Encoded once: the frame every local session gets and every broker payload carries.
     let frame = state.router.deliver_frame(envelope);
-    let mut plans: Vec<(UserId, LocalDelivery, Remote)> = header
-        .recipients()
-        .into_iter()
+    // Inline for the usual one recipient: routing allocates nothing per recipient it does not
+    // have to (docs/BENCHMARKS.md, allocations per message).
+    let mut plans: SmallVec<[(UserId, LocalDelivery, Remote); 1]> = header
+        .recipient_ids()
         .map(|r| {
             let local = state.router.deliver_local(&r, &frame);
             (r, local, remote(state, &r, local, &frame))
@@ -258,7 +260,7 @@ fn route<'a>(
         Remote::Known(known) => state.mailbox.stores() && reach(*local, *known) == Reach::Nobody,
     };
     if !plans.iter().any(waits) {
-        let outcomes = plans
+        let outcomes: SmallVec<[RecipientOutcome; 1]> = plans
             .into_iter()
             .map(|(id, local, remote)| {
                 let known = match remote {
@@ -268,17 +270,12 @@ fn route<'a>(
                 counted(state, id, decide(reach(local, known), None))
             })
             .collect();
-        return Ok(Frame::SendResult {
-            request_id,
-            message_id,
-            outcomes,
-        }
-        .encode());
+        return Ok(encode_send_result(request_id, &message_id, &outcomes));
     }
     let envelope = envelope.clone();
     Err(Box::pin(async move {
         let outcomes = if plans.len() == 1 {
-            let (id, local, remote) = plans.remove(0);
+            let (id, local, remote) = plans.swap_remove(0);
             vec![outcome(state, id, local, remote, &envelope).await]
         } else {
             join_all(
@@ -288,14 +285,7 @@ fn route<'a>(
             )
             .await
         };
-        Some(
-            Frame::SendResult {
-                request_id,
-                message_id,
-                outcomes,
-            }
-            .encode(),
-        )
+        Some(encode_send_result(request_id, &message_id, &outcomes))
     }))
 }
 

@@ -312,10 +312,7 @@ impl Routed {
 
     /// The recipients, in order.
     pub fn recipients(&self) -> Vec<UserId> {
-        match self {
-            Routed::Sealed(h) => h.recipients.iter().map(|r| r.user_id).collect(),
-            Routed::Mls(h) => h.recipients.clone(),
-        }
+        self.recipient_ids().collect()
     }
 
     /// How many recipients.
@@ -370,11 +367,12 @@ mod tests {
 
     #[test]
     fn recipient_ids_are_the_recipients_in_order_for_both_formats() {
-        let mls = Routed::Mls(header(CarriageKind::Application));
-        assert_eq!(mls.recipient_ids().collect::<Vec<_>>(), vec![id(1), id(2)]);
-        assert_eq!(mls.recipient_ids().collect::<Vec<_>>(), mls.recipients());
         use crate::crypto::envelope::{Recipient, seal};
         use crate::crypto::keys::{IdentityKeyPair, PrekeySecret};
+
+        let mls = Routed::Mls(header(CarriageKind::Application));
+        assert_eq!(mls.recipient_ids().collect::<Vec<_>>(), vec![id(1), id(2)]);
+        assert_eq!(mls.recipients(), vec![id(1), id(2)]);
         let sender = IdentityKeyPair::generate();
         let keys: Vec<_> = (0..3).map(|_| IdentityKeyPair::generate()).collect();
         let recipients: Vec<_> = keys

@@ -10,7 +10,7 @@
 //! Envelopes travel inside `Send` and `Deliver` as opaque bytes; decoding a frame never looks
 //! inside them, and they are borrowed from the input buffer rather than copied.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::crypto::envelope::{MESSAGE_ID_LEN, MessageId};
 use crate::crypto::keys::SignedPrekey;
@@ -767,18 +767,61 @@ impl Frame {
     /// Decodes one frame, refusing anything over `max_frame` bytes. Never panics; envelope bytes
     /// are shared with `input`, not copied.
     pub fn decode(input: &Bytes, max_frame: usize) -> Result<Frame, WireError> {
+        Self::decode_with(input, max_frame, false).map(|(frame, _)| frame)
+    }
+
+    /// [`Frame::decode`] taking the frame by value, with the same results. The envelope of a
+    /// `Send`, `Deliver` or `Pending` runs to the end of its frame, so it becomes the frame's
+    /// own buffer advanced past the header instead of a second reference to it: a buffer that
+    /// is referenced twice is first moved behind a shared header, one allocation per message
+    /// on the relay's hottest path (docs/BENCHMARKS.md, allocations per message).
+    pub fn decode_owned(input: Bytes, max_frame: usize) -> Result<Frame, WireError> {
+        let (mut frame, tail) = Self::decode_with(&input, max_frame, true)?;
+        let (Some(start), Some(envelope)) = (tail, frame.tail_envelope()) else {
+            return Ok(frame);
+        };
+        let mut rest = input;
+        rest.advance(start);
+        *envelope = rest;
+        Ok(frame)
+    }
+
+    /// The envelope field of the frames whose last field it is (those `decode_owned` fills).
+    fn tail_envelope(&mut self) -> Option<&mut Bytes> {
+        match self {
+            Frame::Send { envelope, .. }
+            | Frame::Deliver { envelope }
+            | Frame::Pending { envelope, .. } => Some(envelope),
+            _ => None,
+        }
+    }
+
+    /// Decodes; with `defer_tail`, a `Send`'s, `Deliver`'s or `Pending`'s envelope is left empty
+    /// and its offset returned, for [`Frame::decode_owned`] to fill.
+    fn decode_with(
+        input: &Bytes,
+        max_frame: usize,
+        defer_tail: bool,
+    ) -> Result<(Frame, Option<usize>), WireError> {
         if input.len() > max_frame {
             return Err(WireError::TooLarge {
                 size: input.len(),
                 max: max_frame,
             });
         }
-        let mut r = Reader { buf: input, pos: 0 };
+        let mut r = Reader {
+            buf: input,
+            pos: 0,
+            defer_tail: false,
+            tail: None,
+        };
         let version = r.u8("version")?;
         if version != PROTOCOL_VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
         let kind = r.u8("type")?;
+        // Only for the frames whose envelope is their last field and is not looked into here.
+        r.defer_tail = defer_tail && matches!(kind, tag::SEND | tag::DELIVER | tag::PENDING);
         let frame = match kind {
             tag::CHALLENGE => Frame::Challenge {
                 relay_id: r.str8("relay_id", MAX_RELAY_ID_LEN)?,
@@ -960,7 +1003,7 @@ impl Frame {
         if rest != 0 {
             return Err(WireError::Trailing(rest));
         }
-        Ok(frame)
+        Ok((frame, r.tail))
     }
 }
 
@@ -1084,6 +1127,9 @@ fn put_prekey(out: &mut BytesMut, p: &SignedPrekey) {
 struct Reader<'a> {
     buf: &'a Bytes,
     pos: usize,
+    /// A `bytes32` that ends the input is not sliced but left empty, its start kept in `tail`.
+    defer_tail: bool,
+    tail: Option<usize>,
 }
 
 impl Reader<'_> {
@@ -1163,9 +1209,13 @@ impl Reader<'_> {
     fn bytes32(&mut self, what: &'static str) -> Result<Bytes, WireError> {
         let n = self.u32(what)? as usize;
         self.need(n, what)?;
-        let b = self.buf.slice(self.pos..self.pos + n);
-        self.pos += n;
-        Ok(b)
+        let (start, end) = (self.pos, self.pos + n);
+        self.pos = end;
+        if self.defer_tail && end == self.buf.len() {
+            self.tail = Some(start);
+            return Ok(Bytes::new());
+        }
+        Ok(self.buf.slice(start..end))
     }
 
     fn bytes16(&mut self, what: &'static str, max: usize) -> Result<Bytes, WireError> {

@@ -193,6 +193,29 @@ proptest! {
     fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
         let _ = Frame::decode(&Bytes::from(data), DEFAULT_MAX_FRAME);
     }
+
+    /// The relay decodes with `decode_owned` (no second reference to the frame's buffer): it
+    /// must give exactly what `decode` gives, for every frame, every prefix of one, a frame
+    /// with bytes after it, and arbitrary bytes.
+    #[test]
+    fn decoding_by_value_gives_what_decoding_by_reference_gives(
+        f in frame(),
+        data in proptest::collection::vec(any::<u8>(), 0..400),
+    ) {
+        let encoded = f.encode();
+        let mut longer = encoded.to_vec();
+        longer.push(0);
+        let mut inputs: Vec<Bytes> = (0..=encoded.len()).map(|cut| encoded.slice(..cut)).collect();
+        inputs.push(Bytes::from(longer));
+        inputs.push(Bytes::from(data));
+        for input in inputs {
+            for max in [DEFAULT_MAX_FRAME, input.len().saturating_sub(1)] {
+                let by_ref = Frame::decode(&input, max);
+                let by_value = Frame::decode_owned(Bytes::copy_from_slice(&input), max);
+                prop_assert_eq!(by_value, by_ref);
+            }
+        }
+    }
 }
 
 fn check(input: &[u8], expect: WireError) {
@@ -332,9 +355,15 @@ fn envelope_bytes_are_shared_not_copied() {
         envelope: Bytes::from(vec![5u8; 1000]),
     }
     .encode();
-    let Frame::Send { envelope, .. } = Frame::decode(&frame, DEFAULT_MAX_FRAME).unwrap() else {
-        panic!("not a send");
-    };
     let inside = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
-    assert!(inside.contains(&(envelope.as_ptr() as usize)));
+    for decoded in [
+        Frame::decode(&frame, DEFAULT_MAX_FRAME),
+        Frame::decode_owned(frame.clone(), DEFAULT_MAX_FRAME),
+    ] {
+        let Ok(Frame::Send { envelope, .. }) = decoded else {
+            panic!("not a send: {decoded:?}");
+        };
+        assert!(inside.contains(&(envelope.as_ptr() as usize)));
+        assert_eq!(envelope, vec![5u8; 1000]);
+    }
 }

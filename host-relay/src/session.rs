@@ -121,7 +121,7 @@ fn received(state: &NodeState, got: Option<Result<Bytes, TransportError>>, ip: I
             Received::Fatal(CloseReason::error(ErrorCode::Malformed, why))
         }
         Some(Err(e)) => Received::Bad(0, ErrorCode::Malformed, e.to_string()),
-        Some(Ok(bytes)) => match Frame::decode(&bytes, state.config.limits.max_frame) {
+        Some(Ok(bytes)) => match Frame::decode_owned(bytes, state.config.limits.max_frame) {
             Ok(frame) => {
                 if let Frame::Send { .. } = frame {
                     state.metrics.hot.sends_in.inc();

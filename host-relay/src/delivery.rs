@@ -21,7 +21,7 @@
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
-use smallvec::SmallVec;
+use smallvec::{SmallVec, smallvec};
 use syncra_core::UserId;
 use syncra_core::carriage::Routed;
 use syncra_core::error::OpenError;
@@ -232,7 +232,7 @@ enum Remote {
     /// because the node cannot trust its presence table).
     Known(Option<Result<u64, ()>>),
     /// Queued for these nodes; their answers come here.
-    Asked(Vec<oneshot::Receiver<Taken>>),
+    Asked(SmallVec<[oneshot::Receiver<Taken>; 1]>),
 }
 
 /// Delivers to every recipient's local sessions, hands the payloads for other nodes to the
@@ -274,9 +274,9 @@ fn route<'a>(
     }
     let envelope = envelope.clone();
     Err(Box::pin(async move {
-        let outcomes = if plans.len() == 1 {
+        let outcomes: SmallVec<[RecipientOutcome; 1]> = if plans.len() == 1 {
             let (id, local, remote) = plans.swap_remove(0);
-            vec![outcome(state, id, local, remote, &envelope).await]
+            smallvec![outcome(state, id, local, remote, &envelope).await]
         } else {
             join_all(
                 plans
@@ -284,6 +284,7 @@ fn route<'a>(
                     .map(|(id, local, remote)| outcome(state, id, local, remote, &envelope)),
             )
             .await
+            .into()
         };
         Some(encode_send_result(request_id, &message_id, &outcomes))
     }))
@@ -309,7 +310,7 @@ fn remote(state: &NodeState, recipient: &UserId, local: LocalDelivery, frame: &B
     // Delivered already, or not: either way the other nodes get their copy; their answer is
     // only needed when no local session took it.
     let answer = local.taken == 0;
-    let asked: Vec<_> = nodes
+    let asked: SmallVec<_> = nodes
         .into_iter()
         .filter_map(|node| state.links.send(node, *recipient, frame.clone(), answer))
         .collect();
@@ -321,15 +322,15 @@ fn remote(state: &NodeState, recipient: &UserId, local: LocalDelivery, frame: &B
 }
 
 /// How many of the asked nodes took it; `Err` if none did and one could not say.
-async fn answers(asked: Vec<oneshot::Receiver<Taken>>) -> Result<u64, ()> {
+async fn answers(asked: SmallVec<[oneshot::Receiver<Taken>; 1]>) -> Result<u64, ()> {
     // Every answer channel is settled or dropped within `links::ANSWER_TIMEOUT` (the links
     // sweep the batches that were not answered in time), so this needs no timer of its own.
     let wait = |rx: oneshot::Receiver<Taken>| async move { rx.await.unwrap_or(Err(())) };
-    let answers = if asked.len() == 1 {
+    let answers: SmallVec<[Taken; 1]> = if asked.len() == 1 {
         let mut asked = asked;
-        vec![wait(asked.remove(0)).await]
+        smallvec![wait(asked.remove(0)).await]
     } else {
-        join_all(asked.into_iter().map(wait)).await
+        join_all(asked.into_iter().map(wait)).await.into()
     };
     let taken = answers.iter().filter(|a| matches!(a, Ok(true))).count() as u64;
     if taken == 0 && answers.iter().any(Result::is_err) {

@@ -312,8 +312,11 @@ pub fn parse_batch(body: &Bytes, max_frame: usize) -> Result<(u64, Vec<(UserId, 
     Ok((u64::from_be_bytes(*batch), items))
 }
 
-/// Takes what a link has queued, up to one batch's worth; the rest stays for the next.
-fn take_batch(link: &Link) -> Vec<Item> {
+/// Moves what a link has queued into the empty `out`, up to one batch's worth; the rest stays
+/// for the next. When everything goes, the two vectors trade places, so the queue keeps the
+/// capacity of the batch before and does not grow again from nothing for every batch.
+fn take_batch(link: &Link, out: &mut Vec<Item>) {
+    debug_assert!(out.is_empty());
     let mut queue = link.queue.lock().unwrap_or_else(PoisonError::into_inner);
     let mut bytes = 0;
     let mut n = 0;
@@ -325,15 +328,17 @@ fn take_batch(link: &Link) -> Vec<Item> {
         n += 1;
     }
     if n == queue.len() {
-        std::mem::take(&mut *queue)
+        std::mem::swap(&mut *queue, out);
     } else {
-        queue.drain(..n).collect()
+        out.extend(queue.drain(..n));
     }
 }
 
 /// The task of one link: publishes batches to `node` one after the other.
 async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
     let topic = node_topic(&node);
+    // The batch being published; its capacity goes back to the queue with the next one.
+    let mut items = Vec::new();
     loop {
         if tokio::time::timeout(IDLE, link.wake.notified())
             .await
@@ -351,19 +356,19 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
             continue;
         }
         loop {
-            let items = take_batch(&link);
+            take_batch(&link, &mut items);
             if items.is_empty() {
                 break;
             }
             let Some(broker) = links.broker.get() else {
-                Links::settle(items.into_iter().map(|i| i.answer).collect(), Err(()));
+                Links::settle(items.drain(..).map(|i| i.answer).collect(), Err(()));
                 continue;
             };
             let batch = links.next_batch.fetch_add(1, Ordering::Relaxed);
             let payload = links.router.batch_payload_with(batch_len(&items), |out| {
                 write_batch(out, batch, items.iter().map(|i| (&i.user, &i.frame[..])));
             });
-            let answers: Vec<_> = items.into_iter().map(|i| i.answer).collect();
+            let answers: Vec<_> = items.drain(..).map(|i| i.answer).collect();
             let wants_answer = answers.iter().any(Option::is_some);
             let now = Instant::now();
             if wants_answer {
@@ -543,6 +548,61 @@ mod tests {
         for rx in rxs {
             assert!(rx.await.is_err());
         }
+    }
+
+    /// A link's queue is taken in send order, at most [`MAX_BATCH`] deliveries and (unless a
+    /// single frame is larger) [`MAX_BATCH_BYTES`] at a time; taking everything hands the
+    /// queue the previous batch's capacity.
+    #[test]
+    fn batches_are_taken_in_order_within_their_limits() {
+        let link = Link::default();
+        let item = |i: usize, len: usize| Item {
+            user: UserId::from_bytes([u8::try_from(i % 251).unwrap(); USER_ID_LEN]),
+            frame: Bytes::from(vec![0; len]),
+            answer: None,
+        };
+        let taken_users = |items: &[Item]| items.iter().map(|i| i.user).collect::<Vec<_>>();
+        link.queue
+            .lock()
+            .unwrap()
+            .extend((0..MAX_BATCH + 44).map(|i| item(i, 10)));
+        let mut out = Vec::new();
+        take_batch(&link, &mut out);
+        let first: Vec<_> = (0..MAX_BATCH).map(|i| item(i, 10).user).collect();
+        assert_eq!(taken_users(&out), first);
+        out.clear();
+        take_batch(&link, &mut out);
+        let rest: Vec<_> = (MAX_BATCH..MAX_BATCH + 44)
+            .map(|i| item(i, 10).user)
+            .collect();
+        assert_eq!(taken_users(&out), rest);
+        assert!(link.queue.lock().unwrap().is_empty());
+        assert!(
+            link.queue.lock().unwrap().capacity() >= MAX_BATCH,
+            "the queue kept the first batch's capacity"
+        );
+        // By bytes: three frames of half the limit go as two batches; a frame over the limit
+        // goes alone.
+        let half = MAX_BATCH_BYTES / 2;
+        link.queue.lock().unwrap().extend([
+            item(1, half),
+            item(2, half),
+            item(3, half),
+            item(4, 2 * MAX_BATCH_BYTES),
+        ]);
+        let mut sizes = Vec::new();
+        loop {
+            out.clear();
+            take_batch(&link, &mut out);
+            if out.is_empty() {
+                break;
+            }
+            sizes.push(out.iter().map(|i| i.frame.len()).collect::<Vec<_>>());
+        }
+        assert_eq!(
+            sizes,
+            vec![vec![half, half], vec![half], vec![2 * MAX_BATCH_BYTES]]
+        );
     }
 
     #[test]

@@ -79,6 +79,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use syncra_core::crypto::local_box::LocalKey;
 use syncra_core::error::BrokerError;
 use syncra_core::id::USER_ID_LEN;
@@ -229,14 +230,18 @@ fn label(node: &NodeId) -> Vec<u8> {
     [&b"syncra/v1/presence"[..], node].concat()
 }
 
+/// The other nodes holding one user.
+pub type Holders = SmallVec<[NodeId; 1]>;
+
 /// The presence table of one node and the state of its announcements.
 #[derive(Debug)]
 pub struct Presence {
     me: NodeId,
     /// Encrypts the announcements: the broker carries them, and they say who is online where.
     key: LocalKey,
-    /// user → the other nodes holding them. Read on every send.
-    holders: DashMap<UserId, Vec<NodeId>>,
+    /// user → the other nodes holding them. Read on every send; inline for the usual one node,
+    /// so reading it allocates nothing.
+    holders: DashMap<UserId, Holders>,
     peers: Mutex<HashMap<NodeId, Peer>>,
     /// Users whose state here changed since the last announcement, and the number of rounds the
     /// task has begun (under the same lock, so a waiter knows which round covers it).
@@ -368,7 +373,7 @@ impl Presence {
     }
 
     /// The other nodes believed to hold a session of `user` (`None`: none).
-    pub fn others(&self, user: &UserId) -> Option<Vec<NodeId>> {
+    pub fn others(&self, user: &UserId) -> Option<Holders> {
         self.holders.get(user).map(|nodes| nodes.clone())
     }
 
@@ -855,6 +860,11 @@ pub(crate) mod tests {
         p.ask.lock().unwrap().drain().collect()
     }
 
+    /// The other nodes `p` believes hold `user`, as a plain list.
+    fn held_by(p: &Presence, user: &UserId) -> Option<Vec<NodeId>> {
+        p.others(user).map(|nodes| nodes.to_vec())
+    }
+
     #[tokio::test]
     async fn the_table_follows_announcements_and_asks_after_a_gap() {
         let p = Presence::new([0; NODE_ID_LEN], key());
@@ -862,13 +872,13 @@ pub(crate) mod tests {
         // Node 1 starts: snapshot, then deltas in order.
         apply(&p, 1, 1, Announcement::SnapshotFirst(vec![a]));
         apply(&p, 1, 2, Announcement::Held(vec![b]));
-        assert_eq!(p.others(&a), Some(vec![[1; NODE_ID_LEN]]));
-        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &a), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &b), Some(vec![[1; NODE_ID_LEN]]));
         apply(&p, 2, 1, Announcement::SnapshotFirst(vec![a]));
         assert_eq!(p.others(&a).map(|n| n.len()), Some(2));
         assert!(asked(&p).is_empty(), "nothing missed yet");
         apply(&p, 1, 3, Announcement::Released(vec![a]));
-        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &a), Some(vec![[2; NODE_ID_LEN]]));
         apply(&p, 1, 3, Announcement::Heartbeat);
         assert!(asked(&p).is_empty());
 
@@ -882,15 +892,15 @@ pub(crate) mod tests {
         assert!(asked(&p).is_empty(), "asked a moment ago");
         // The snapshot replaces whatever node 1 was believed to hold.
         apply(&p, 1, 6, Announcement::SnapshotFirst(vec![b]));
-        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
-        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &a), Some(vec![[2; NODE_ID_LEN]]));
 
         // An old announcement again (a replay by a broker publisher) changes nothing.
         apply(&p, 1, 2, Announcement::Held(vec![a]));
         apply(&p, 1, 3, Announcement::Released(vec![b]));
         apply(&p, 1, 1, Announcement::SnapshotFirst(vec![]));
-        assert_eq!(p.others(&b), Some(vec![[1; NODE_ID_LEN]]));
-        assert_eq!(p.others(&a), Some(vec![[2; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &b), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &a), Some(vec![[2; NODE_ID_LEN]]));
         assert!(asked(&p).is_empty(), "a replay is not a gap");
 
         // A hello for someone else asks nothing of us; one for us or everyone does.
@@ -935,7 +945,7 @@ pub(crate) mod tests {
             p.apply([1; NODE_ID_LEN], &sealed([1; NODE_ID_LEN], 1, &held)),
             Ok(Some(1))
         );
-        assert_eq!(p.others(&user(1)), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &user(1)), Some(vec![[1; NODE_ID_LEN]]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1004,6 +1014,6 @@ pub(crate) mod tests {
         apply(&p, 2, 1, Announcement::SnapshotFirst(vec![user(1)]));
         tokio::time::advance(PEER_TIMEOUT / 2).await;
         p.expire(Instant::now());
-        assert_eq!(p.others(&user(1)), Some(vec![[2; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &user(1)), Some(vec![[2; NODE_ID_LEN]]));
     }
 }

@@ -61,8 +61,8 @@ async fn send_until(c: &mut RawClient, from: &TestUser, to: &TestUser, body: &[u
     }
 }
 
-/// The sink of an outsider listening on the presence topic: it learns the nodes' ids (the
-/// first 16 bytes of every payload are sent in the clear), hence their delivery topics.
+/// The sink of an outsider listening on the presence topic: it learns the nodes' ids (the 16
+/// bytes after every payload's MAC are sent in the clear), hence their delivery topics.
 #[derive(Default)]
 struct Eavesdropper {
     nodes: std::sync::Mutex<std::collections::BTreeSet<[u8; 16]>>,
@@ -70,7 +70,10 @@ struct Eavesdropper {
 
 impl BrokerSink for Eavesdropper {
     fn deliver(&self, _topic: &str, payload: Bytes) -> bool {
-        if let Some(id) = payload.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+        if let Some(id) = payload
+            .get(32..48)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        {
             self.nodes.lock().unwrap().insert(id);
         }
         false
@@ -166,11 +169,13 @@ async fn broker_publishers_cannot_inject(broker: &str, url: &str) {
         // The format before the cluster key: node id, then any frame.
         [&node_id[..], &forged_record].concat(),
         [&node_id[..], &forged_result].concat(),
-        // Node id, a made-up MAC, a well-formed delivery (kind 1, the user, the frame).
+        // A made-up MAC, a node id, a well-formed delivery (kind 1, the user, the frame).
+        [&[0u8; 32], &node_id[..], &[1], alice_id, &forged_deliver].concat(),
+        [&[0u8; 32], &node_id[..], &[1], alice_id, &forged_record].concat(),
+        // The same in the layout before `syncra/v4` (node id first, then the MAC).
         [&node_id[..], &[0u8; 32], &[1], alice_id, &forged_deliver].concat(),
-        [&node_id[..], &[0u8; 32], &[1], alice_id, &forged_record].concat(),
         // A made-up presence announcement: "node 7 holds Alice".
-        [&node_id[..], &[0u8; 32], &[2], &[0; 7], &[1, 1], alice_id].concat(),
+        [&[0u8; 32], &node_id[..], &[2], &[0; 7], &[1, 1], alice_id].concat(),
     ];
     for topic in &topics {
         for payload in &payloads {

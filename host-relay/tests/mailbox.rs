@@ -309,10 +309,18 @@ impl Relay {
     async fn wait_healthy(&self) {
         let deadline = tokio::time::Instant::now() + DEADLINE * 3;
         loop {
-            let (status, body) = http_get(self.admin, "/healthz").await;
-            if status == 200 {
-                return;
-            }
+            // Just after a restart the admin endpoint may not listen yet: the process is only
+            // known to listen on its own port.
+            let listening = tokio::net::TcpStream::connect(self.admin).await.is_ok();
+            let body = if listening {
+                let (status, body) = http_get(self.admin, "/healthz").await;
+                if status == 200 {
+                    return;
+                }
+                body
+            } else {
+                "(the admin endpoint does not listen)".to_owned()
+            };
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the relay never became healthy again: {body}"

@@ -53,8 +53,8 @@ const MAC_CONTEXT: &str = "syncra/v4/cluster-payload";
 /// the 2026-12-07 Intel Xeon (docs/BENCHMARKS.md).
 #[derive(Clone)]
 pub struct ClusterMac {
-    /// The hasher with the derived key already absorbed; cloned per message.
-    keyed: blake3::Hasher,
+    /// The key derived for this payload format.
+    key: zeroize::Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ClusterMac {
@@ -68,17 +68,14 @@ impl ClusterMac {
     pub fn new(key: &[u8; 32]) -> Self {
         // The payload format's version is in the key: a payload of another format (the
         // per-user topics', the HMAC-SHA256 one, `syncra/v3`'s) never verifies as one of this.
-        let derived = zeroize::Zeroizing::new(blake3::derive_key(MAC_CONTEXT, key));
         ClusterMac {
-            keyed: blake3::Hasher::new_keyed(&derived),
+            key: zeroize::Zeroizing::new(blake3::derive_key(MAC_CONTEXT, key)),
         }
     }
 
     /// The MAC of `covered`: everything after the MAC in a payload, in one call.
     fn mac(&self, covered: &[u8]) -> blake3::Hash {
-        let mut mac = self.keyed.clone();
-        mac.update(covered);
-        mac.finalize()
+        blake3::keyed_hash(&self.key, covered)
     }
 
     /// Whether `tag` authenticates `covered` (compared in constant time).

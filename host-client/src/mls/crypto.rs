@@ -41,7 +41,6 @@ use openmls_traits::types::{
     HpkeKeyPair, KemOutput, SignatureScheme,
 };
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use zeroize::Zeroize;
 
 /// Decoded keys kept at most; past it the cache starts over. A group holds one key per
 /// member, so this bounds memory, not the group.
@@ -143,18 +142,14 @@ fn aes128gcm_open(
     let key = aes128gcm(key)?;
     let nonce = gcm_nonce(nonce)?;
     let mut buffer = ct_tag.to_vec();
-    match key.open_in_place(nonce, Aad::from(aad), &mut buffer) {
-        Ok(plaintext) => {
-            let len = plaintext.len();
-            buffer.truncate(len);
-            Ok(buffer)
-        }
-        Err(_) => {
-            // Whatever the buffer holds now (ciphertext, or keystream over it) goes nowhere.
-            buffer.zeroize();
-            Err(CryptoError::AeadDecryptionError)
-        }
-    }
+    // On a wrong tag ring zeroes what it decrypted before returning the error; the buffer
+    // then holds only zeros and the received tag, and is dropped.
+    let len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buffer)
+        .map_err(|_| CryptoError::AeadDecryptionError)?
+        .len();
+    buffer.truncate(len);
+    Ok(buffer)
 }
 
 impl OpenMlsCrypto for Crypto {
@@ -379,15 +374,16 @@ mod tests {
     /// tampering with the same errors, at every length an MLS message has.
     #[test]
     fn aes128gcm_agrees_with_rustcrypto() {
-        use rand::{random, random_range};
+        use rand::random;
 
         let ours = Crypto::default();
         let theirs = RustCrypto::default();
         let gcm = AeadType::Aes128Gcm;
-        for len in [0usize, 1, 12, 15, 16, 17, 255, 256, 496, 512, 1000] {
+        let lengths = [0usize, 1, 12, 15, 16, 17, 255, 256, 496, 512, 1000];
+        for (len, aad_len) in lengths.iter().flat_map(|&n| [(n, 0), (n, n % 41 + 1)]) {
             let key: [u8; 16] = random();
             let nonce: [u8; 12] = random();
-            let aad: Vec<u8> = (0..len % 41).map(|_| random()).collect();
+            let aad: Vec<u8> = (0..aad_len).map(|_| random()).collect();
             let data: Vec<u8> = (0..len).map(|_| random()).collect();
             let sealed = ours.aead_encrypt(gcm, &key, &data, &nonce, &aad).unwrap();
             assert_eq!(
@@ -399,28 +395,33 @@ mod tests {
                 ours.aead_decrypt(gcm, &key, &sealed, &nonce, &aad).unwrap(),
                 data
             );
-            // Tampered: a bit of the ciphertext or tag, the associated data, the key, the
-            // nonce; and too short to hold a tag.
-            let mut flipped = sealed.clone();
-            let at = random_range(0..flipped.len());
-            flipped[at] ^= 1 << random_range(0..8u32);
+            // Tampered: the first byte (ciphertext, or the tag when there is none) and the
+            // tag's last bit, the associated data, the key, the nonce; too short to hold a
+            // tag, and nothing at all.
+            let mut first = sealed.clone();
+            first[0] ^= 0x01;
+            let mut last = sealed.clone();
+            *last.last_mut().expect("a tag") ^= 0x80;
             let mut other_key = key;
             other_key[0] ^= 1;
             let mut other_nonce = nonce;
             other_nonce[11] ^= 0x80;
             let other_aad = [aad.as_slice(), b"x"].concat();
             // (key, ciphertext and tag, nonce, associated data)
-            let cases: [[&[u8]; 4]; 5] = [
-                [&key, &flipped, &nonce, &aad],
+            let cases: [[&[u8]; 4]; 7] = [
+                [&key, &first, &nonce, &aad],
+                [&key, &last, &nonce, &aad],
                 [&key, &sealed, &nonce, &other_aad],
                 [&other_key, &sealed, &nonce, &aad],
                 [&key, &sealed, &other_nonce, &aad],
                 [&key, &sealed[..sealed.len().min(15)], &nonce, &aad],
+                [&key, &[], &nonce, &aad],
             ];
             for [k, ct, n, a] in cases {
                 assert_eq!(
                     ours.aead_decrypt(gcm, k, ct, n, a),
-                    Err(CryptoError::AeadDecryptionError)
+                    Err(CryptoError::AeadDecryptionError),
+                    "length {len}, {aad_len} bytes of associated data"
                 );
                 assert_eq!(
                     theirs.aead_decrypt(gcm, k, ct, n, a),
@@ -437,6 +438,14 @@ mod tests {
         );
         assert_eq!(
             ours.aead_encrypt(gcm, &key[..15], b"m", &nonce, b""),
+            Err(CryptoError::CryptoLibraryError)
+        );
+        assert_eq!(
+            ours.aead_decrypt(gcm, &key[..15], &[0; 32], &nonce, b""),
+            theirs.aead_decrypt(gcm, &key[..15], &[0; 32], &nonce, b"")
+        );
+        assert_eq!(
+            ours.aead_decrypt(gcm, &key[..15], &[0; 32], &nonce, b""),
             Err(CryptoError::CryptoLibraryError)
         );
         assert_eq!(

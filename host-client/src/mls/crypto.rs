@@ -105,17 +105,13 @@ impl Crypto {
     }
 }
 
-/// An AES-128-GCM key for one seal or open; a key of the wrong length is a library error, as in
-/// RustCrypto.
-fn aes128gcm(key: &[u8]) -> Result<LessSafeKey, CryptoError> {
-    UnboundKey::new(&AES_128_GCM, key)
-        .map(LessSafeKey::new)
-        .map_err(|_| CryptoError::CryptoLibraryError)
-}
-
-/// A 96-bit GCM nonce; any other length is a library error (RustCrypto would panic).
-fn gcm_nonce(nonce: &[u8]) -> Result<Nonce, CryptoError> {
-    Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::CryptoLibraryError)
+/// The AES-128-GCM key and 96-bit nonce of one seal or open. A key of the wrong length is a
+/// library error, as in RustCrypto; so is a nonce of the wrong length (RustCrypto would panic).
+fn aes128gcm(key: &[u8], nonce: &[u8]) -> Result<(LessSafeKey, Nonce), CryptoError> {
+    let key = UnboundKey::new(&AES_128_GCM, key).map_err(|_| CryptoError::CryptoLibraryError)?;
+    let nonce =
+        Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::CryptoLibraryError)?;
+    Ok((LessSafeKey::new(key), nonce))
 }
 
 fn aes128gcm_seal(
@@ -124,8 +120,7 @@ fn aes128gcm_seal(
     nonce: &[u8],
     aad: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let key = aes128gcm(key)?;
-    let nonce = gcm_nonce(nonce)?;
+    let (key, nonce) = aes128gcm(key, nonce)?;
     let mut sealed = Vec::with_capacity(data.len() + AES_128_GCM.tag_len());
     sealed.extend_from_slice(data);
     key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut sealed)
@@ -139,8 +134,7 @@ fn aes128gcm_open(
     nonce: &[u8],
     aad: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let key = aes128gcm(key)?;
-    let nonce = gcm_nonce(nonce)?;
+    let (key, nonce) = aes128gcm(key, nonce)?;
     let mut buffer = ct_tag.to_vec();
     // On a wrong tag ring zeroes what it decrypted before returning the error; the buffer
     // then holds only zeros and the received tag, and is dropped.
@@ -337,10 +331,7 @@ mod tests {
     }
 
     fn unhex(hex: &str) -> Vec<u8> {
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect()
+        data_encoding::HEXLOWER.decode(hex.as_bytes()).expect("hex")
     }
 
     /// Test case 4 of the GCM specification (McGrew and Viega): a known answer, with

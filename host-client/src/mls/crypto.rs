@@ -10,6 +10,15 @@
 //! - **Keys are kept decoded.** Decoding is a point decompression (a square root). The keys of
 //!   a group are few and stable; a key of small order is refused when it is decoded and never
 //!   kept.
+//! - **A sender's key gets precomputed tables.** A verification computes `[s]B - [k]A`.
+//!   ed25519-dalek builds a small table of multiples of `A` for every call and walks `A`'s
+//!   scalar in a window of 5; a key verified a second time (a member who writes, rather than
+//!   a leaf checked once when a group is joined) gets tables of 64 multiples of `B` and of
+//!   `-A`, walked in a window of 8 ([`VartimeEdwardsPrecomputation`]), for at most
+//!   [`MAX_TABLES`] keys. The equation and its checks are ed25519-dalek's own (`s` canonical,
+//!   `k = SHA-512(R || A || M)`, the result compressed and compared with `R`'s bytes); only
+//!   the way the same point is computed differs, and the tests hold both paths to
+//!   RustCrypto's answers.
 //! - **`R` is checked without decompressing it.** `verify_strict` decompresses the signature's
 //!   `R` (a second square root) to test that it is not of small order, then checks that
 //!   `[s]B - [k]A` compresses to `R`'s bytes. Once that check has passed, `R`'s bytes are the
@@ -29,9 +38,13 @@
 //! Everything else is delegated to RustCrypto unchanged.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, LazyLock, Mutex};
 
-use curve25519_dalek::constants::EIGHT_TORSION;
+use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
+use curve25519_dalek::edwards::{EdwardsPoint, VartimeEdwardsPrecomputation};
+use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::VartimePrecomputedMultiscalarMul;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use openmls::prelude::tls_codec::SecretVLBytes;
 use openmls_rust_crypto::RustCrypto;
@@ -41,10 +54,18 @@ use openmls_traits::types::{
     HpkeKeyPair, KemOutput, SignatureScheme,
 };
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use sha2::{Digest, Sha512};
 
 /// Decoded keys kept at most; past it the cache starts over. A group holds one key per
 /// member, so this bounds memory, not the group.
 const MAX_KEYS: usize = 4096;
+/// Keys with precomputed tables at most (about 20 KiB each with the AVX-512 or AVX2 backend,
+/// so 5 MiB in all); further keys are verified with their decoded point alone until the cache
+/// starts over.
+const MAX_TABLES: usize = 256;
+/// Verifications with a key before it gets its tables: building them costs about a third of
+/// a verification, so a key checked once (a leaf of a group being joined) does not pay it.
+const USES_BEFORE_TABLES: u32 = 1;
 
 /// The canonical encodings of the eight points of small order (the 8-torsion subgroup).
 /// Compression is one-to-one from points to canonical encodings, so these are all of them.
@@ -58,7 +79,93 @@ fn small_order_encodings() -> &'static [[u8; 32]; 8] {
 #[derive(Default)]
 pub(crate) struct Crypto {
     inner: RustCrypto,
-    keys: Mutex<HashMap<[u8; 32], VerifyingKey>>,
+    keys: Mutex<Keys>,
+}
+
+/// The decoded keys, and how many of them have tables.
+#[derive(Default)]
+struct Keys {
+    known: HashMap<[u8; 32], Known>,
+    tables: usize,
+}
+
+/// A decoded key (never of small order).
+struct Known {
+    key: VerifyingKey,
+    uses: u32,
+    /// Multiples of `B` and `-A`, once the key has been used often enough.
+    tables: Option<Arc<VartimeEdwardsPrecomputation>>,
+}
+
+/// How a signature is checked: with the decoded key, or with its tables.
+enum Check {
+    Key(VerifyingKey),
+    Tables(Arc<VartimeEdwardsPrecomputation>),
+}
+
+impl Keys {
+    /// How to check a signature by `pk`; `Err` for bytes that are not a point.
+    fn check_for(&mut self, pk: &[u8; 32]) -> Result<Check, CryptoError> {
+        if self.known.len() >= MAX_KEYS && !self.known.contains_key(pk) {
+            *self = Keys::default();
+        }
+        let known = match self.known.entry(*pk) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(slot) => {
+                let key =
+                    VerifyingKey::from_bytes(pk).map_err(|_| CryptoError::CryptoLibraryError)?;
+                // `verify_strict` refuses every signature under a small-order key.
+                if key.is_weak() {
+                    return Err(CryptoError::InvalidSignature);
+                }
+                slot.insert(Known {
+                    key,
+                    uses: 0,
+                    tables: None,
+                })
+            }
+        };
+        if let Some(tables) = &known.tables {
+            return Ok(Check::Tables(Arc::clone(tables)));
+        }
+        if known.uses < USES_BEFORE_TABLES || self.tables >= MAX_TABLES {
+            known.uses = known.uses.saturating_add(1);
+            return Ok(Check::Key(known.key));
+        }
+        let minus_a = -known.key.to_edwards();
+        let tables = Arc::new(VartimeEdwardsPrecomputation::new([
+            ED25519_BASEPOINT_POINT,
+            minus_a,
+        ]));
+        known.tables = Some(Arc::clone(&tables));
+        self.tables += 1;
+        Ok(Check::Tables(tables))
+    }
+}
+
+/// ed25519-dalek's verification equation (`VerifyingKey::verify`) with the tables of `A`:
+/// `s` canonical, `k = SHA-512(R || A || M)`, and `[s]B + [k](-A)` compresses to `R`'s bytes.
+fn verify_with_tables(
+    tables: &VartimeEdwardsPrecomputation,
+    pk: &[u8; 32],
+    data: &[u8],
+    signature: &[u8; 64],
+) -> bool {
+    let (r, s) = signature.split_at(32);
+    let Ok(s) = <[u8; 32]>::try_from(s) else {
+        return false;
+    };
+    let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s)) else {
+        return false;
+    };
+    let k = Scalar::from_hash(
+        Sha512::new()
+            .chain_update(r)
+            .chain_update(pk)
+            .chain_update(data),
+    );
+    let expected: EdwardsPoint = tables.vartime_multiscalar_mul([s, k]);
+    expected.compress().as_bytes()[..] == *r
 }
 
 impl Crypto {
@@ -69,32 +176,23 @@ impl Crypto {
         let signature: [u8; 64] = signature
             .try_into()
             .map_err(|_| CryptoError::CryptoLibraryError)?;
-        let key = {
-            // A poisoned lock only means another thread panicked mid-insert of a decoded key;
-            // the map is still a map of valid keys.
-            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            match keys.get(&pk) {
-                Some(key) => *key,
-                None => {
-                    let key = VerifyingKey::from_bytes(&pk)
-                        .map_err(|_| CryptoError::CryptoLibraryError)?;
-                    // `verify_strict` refuses every signature under a small-order key.
-                    if key.is_weak() {
-                        return Err(CryptoError::InvalidSignature);
-                    }
-                    if keys.len() >= MAX_KEYS {
-                        keys.clear();
-                    }
-                    keys.insert(pk, key);
-                    key
-                }
-            }
-        };
+        // A poisoned lock only means another thread panicked while it held it; the cache
+        // still holds only valid keys and their tables.
+        let check = self
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check_for(&pk)?;
         // `verify_strict`, in the order the module docs explain: the ordinary check first
         // (canonical `s`, and `[s]B - [k]A` compresses to exactly `R`'s bytes), then `R` not
         // of small order, decided on its now canonical bytes.
-        key.verify(data, &Signature::from_bytes(&signature))
-            .map_err(|_| CryptoError::InvalidSignature)?;
+        let verified = match check {
+            Check::Key(key) => key.verify(data, &Signature::from_bytes(&signature)).is_ok(),
+            Check::Tables(tables) => verify_with_tables(&tables, &pk, data, &signature),
+        };
+        if !verified {
+            return Err(CryptoError::InvalidSignature);
+        }
         if small_order_encodings()
             .iter()
             .any(|r| signature[..32] == r[..])
@@ -480,6 +578,128 @@ mod tests {
         );
     }
 
+    /// The order of the base point, little-endian: `s + L` is the same scalar in a
+    /// non-canonical encoding, which strict verification refuses.
+    const L: [u8; 32] = [
+        0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde,
+        0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ];
+
+    /// `signature` with `L` added to its `s`.
+    fn with_s_plus_l(signature: &[u8; 64]) -> [u8; 64] {
+        let mut out = *signature;
+        let mut carry = 0u16;
+        for (i, l) in L.iter().enumerate() {
+            let sum = u16::from(signature[32 + i]) + u16::from(*l) + carry;
+            out[32 + i] = sum.to_le_bytes()[0];
+            carry = sum >> 8;
+        }
+        assert_eq!(carry, 0, "s < L, so s + L < 2^256");
+        out
+    }
+
+    /// The path a key's next verification takes: `true` once it has tables.
+    fn has_tables(c: &Crypto, pk: &[u8; 32]) -> bool {
+        c.keys
+            .lock()
+            .unwrap()
+            .known
+            .get(pk)
+            .is_some_and(|k| k.tables.is_some())
+    }
+
+    /// Every answer of the decoded-key path and of the tables path is RustCrypto's: genuine
+    /// signatures over messages of several lengths, another message, a bit flipped in `R` or
+    /// in `s`, `s + L`, `s = L`, and `R` or `s` zeroed. Each case is asked three times of
+    /// the same cache, so the first answer comes from the decoded key and the later ones from
+    /// the tables it gets on its second use.
+    #[test]
+    fn tables_verify_exactly_as_the_decoded_key_does() {
+        let theirs = RustCrypto::default();
+        let key = IdentityKeyPair::generate();
+        let pk = key.public();
+        let mut cases: Vec<(String, Vec<u8>, [u8; 64])> = Vec::new();
+        for len in [0usize, 1, 64, 200, 5000] {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let sig = key.sign(&msg);
+            cases.push((format!("genuine, {len} bytes"), msg.clone(), sig));
+            let mut other = msg.clone();
+            other.push(1);
+            cases.push((format!("another message, {len} bytes"), other, sig));
+            for (name, byte) in [
+                ("R", 0),
+                ("R's last byte", 31),
+                ("s", 32),
+                ("s's last byte", 63),
+            ] {
+                let mut flipped = sig;
+                flipped[byte] ^= 0x01;
+                cases.push((format!("{name} flipped, {len} bytes"), msg.clone(), flipped));
+            }
+            cases.push((
+                format!("s + L, {len} bytes"),
+                msg.clone(),
+                with_s_plus_l(&sig),
+            ));
+            let mut s_is_l = sig;
+            s_is_l[32..].copy_from_slice(&L);
+            cases.push((format!("s = L, {len} bytes"), msg.clone(), s_is_l));
+            let mut zero_r = sig;
+            zero_r[..32].fill(0);
+            cases.push((format!("R zeroed, {len} bytes"), msg.clone(), zero_r));
+            let mut zero_s = sig;
+            zero_s[32..].fill(0);
+            cases.push((format!("s zeroed, {len} bytes"), msg, zero_s));
+        }
+        let ours = Crypto::default();
+        for (round, path) in ["the decoded key", "the tables", "the tables again"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(has_tables(&ours, &pk), round > 0, "before {path}");
+            for (name, msg, sig) in &cases {
+                let want = theirs.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
+                let got = ours.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
+                assert_eq!(got, want, "{name}, with {path}");
+                assert_eq!(want.is_ok(), name.starts_with("genuine"), "{name}");
+            }
+        }
+    }
+
+    /// At most [`MAX_TABLES`] keys get tables; the keys after them keep verifying with their
+    /// decoded point, genuine signatures accepted and altered ones refused.
+    #[test]
+    fn tables_are_kept_for_at_most_max_tables_keys() {
+        let ours = Crypto::default();
+        let msg = b"bounded";
+        let keys: Vec<_> = (0..MAX_TABLES + 3)
+            .map(|_| IdentityKeyPair::generate())
+            .collect();
+        for key in &keys {
+            let sig = key.sign(msg);
+            for _ in 0..3 {
+                assert_eq!(
+                    ours.verify_signature(SignatureScheme::ED25519, msg, &key.public(), &sig),
+                    Ok(())
+                );
+            }
+        }
+        assert_eq!(ours.keys.lock().unwrap().tables, MAX_TABLES);
+        let with_tables = keys
+            .iter()
+            .filter(|k| has_tables(&ours, &k.public()))
+            .count();
+        assert_eq!(with_tables, MAX_TABLES);
+        let last = keys.last().unwrap();
+        assert!(!has_tables(&ours, &last.public()));
+        let mut altered = last.sign(msg);
+        altered[40] ^= 0x80;
+        assert_eq!(
+            ours.verify_signature(SignatureScheme::ED25519, msg, &last.public(), &altered),
+            Err(CryptoError::InvalidSignature)
+        );
+    }
+
     /// A signature whose `R` is the small-order point `EIGHT_TORSION[target]`, by a key
     /// `A = [a]B + EIGHT_TORSION[1]` (of mixed order, so not weak) or, for `target` 0, by the
     /// honest key `A = [a]B`: with `s = k·a`, `[s]B - [k]A` is `-[k]` times the torsion part,
@@ -531,7 +751,11 @@ mod tests {
                 c.verify_signature(SignatureScheme::ED25519, &msg, &public, &sig)
             };
             assert_eq!(verify(&theirs), Err(CryptoError::InvalidSignature));
-            assert_eq!(verify(&ours), Err(CryptoError::InvalidSignature));
+            // Three times: with the decoded key, then with its tables (the key of targets 1
+            // to 7 is the same, of mixed order).
+            for _ in 0..3 {
+                assert_eq!(verify(&ours), Err(CryptoError::InvalidSignature));
+            }
             seen.push(sig[..32].to_vec());
         }
         // All eight encodings were reached, and they are the table's.

@@ -12,13 +12,17 @@
 //!   kept.
 //! - **A sender's key gets precomputed tables.** A verification computes `[s]B - [k]A`.
 //!   ed25519-dalek builds a small table of multiples of `A` for every call and walks `A`'s
-//!   scalar in a window of 5; a key verified a second time (a member who writes, rather than
-//!   a leaf checked once when a group is joined) gets tables of 64 multiples of `B` and of
-//!   `-A`, walked in a window of 8 ([`VartimeEdwardsPrecomputation`]), for at most
-//!   [`MAX_TABLES`] keys. The equation and its checks are ed25519-dalek's own (`s` canonical,
-//!   `k = SHA-512(R || A || M)`, the result compressed and compared with `R`'s bytes); only
-//!   the way the same point is computed differs, and the tests hold both paths to
-//!   RustCrypto's answers.
+//!   scalar in a window of 5; a key checked a third time (a member who writes, rather than a
+//!   KeyPackage, whose leaf and package are two checks, or a leaf checked once when a group is
+//!   joined) gets tables of 64 multiples of `B` and of `-A`, walked in a window of 8
+//!   ([`VartimeEdwardsPrecomputation`]), for at most [`MAX_TABLES`] keys. Only where
+//!   curve25519-dalek runs its AVX2 or AVX-512 code (x86_64 with AVX2), where building them
+//!   costs about a third of a verification; its portable code builds them with a field
+//!   inversion per entry, which a key's messages would take long to repay, so there keys keep
+//!   ed25519-dalek's path. The equation and its checks are ed25519-dalek's own (`s`
+//!   canonical, `k = SHA-512(R || A || M)` over the key's bytes as given, the result
+//!   compressed and compared with `R`'s bytes); only the way the same point is computed
+//!   differs, and the tests hold each path to RustCrypto's answers.
 //! - **`R` is checked without decompressing it.** `verify_strict` decompresses the signature's
 //!   `R` (a second square root) to test that it is not of small order, then checks that
 //!   `[s]B - [k]A` compresses to `R`'s bytes. Once that check has passed, `R`'s bytes are the
@@ -38,7 +42,6 @@
 //! Everything else is delegated to RustCrypto unchanged.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
@@ -59,13 +62,27 @@ use sha2::{Digest, Sha512};
 /// Decoded keys kept at most; past it the cache starts over. A group holds one key per
 /// member, so this bounds memory, not the group.
 const MAX_KEYS: usize = 4096;
-/// Keys with precomputed tables at most (about 20 KiB each with the AVX-512 or AVX2 backend,
-/// so 5 MiB in all); further keys are verified with their decoded point alone until the cache
+/// Keys with precomputed tables at most (20 KiB each with the AVX-512 or AVX2 backend, so
+/// 5 MiB in all); further keys are verified with their decoded point alone until the cache
 /// starts over.
 const MAX_TABLES: usize = 256;
-/// Verifications with a key before it gets its tables: building them costs about a third of
-/// a verification, so a key checked once (a leaf of a group being joined) does not pay it.
-const USES_BEFORE_TABLES: u32 = 1;
+/// Checks with a key before it gets its tables (failed checks count): a KeyPackage is two
+/// (its leaf and itself) and a leaf in a Welcome one, so only a key that signs messages pays
+/// for tables.
+const USES_BEFORE_TABLES: u32 = 2;
+
+/// Whether curve25519-dalek runs its vector code here, where tables are cheap to build.
+fn tables_pay() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: LazyLock<bool> = LazyLock::new(|| std::is_x86_feature_detected!("avx2"));
+        *AVX2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// The canonical encodings of the eight points of small order (the 8-torsion subgroup).
 /// Compression is one-to-one from points to canonical encodings, so these are all of them.
@@ -106,29 +123,33 @@ enum Check {
 impl Keys {
     /// How to check a signature by `pk`; `Err` for bytes that are not a point.
     fn check_for(&mut self, pk: &[u8; 32]) -> Result<Check, CryptoError> {
-        if self.known.len() >= MAX_KEYS && !self.known.contains_key(pk) {
-            *self = Keys::default();
-        }
-        let known = match self.known.entry(*pk) {
-            Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(slot) => {
-                let key =
-                    VerifyingKey::from_bytes(pk).map_err(|_| CryptoError::CryptoLibraryError)?;
-                // `verify_strict` refuses every signature under a small-order key.
-                if key.is_weak() {
-                    return Err(CryptoError::InvalidSignature);
-                }
-                slot.insert(Known {
+        if !self.known.contains_key(pk) {
+            let key = VerifyingKey::from_bytes(pk).map_err(|_| CryptoError::CryptoLibraryError)?;
+            // `verify_strict` refuses every signature under a small-order key.
+            if key.is_weak() {
+                return Err(CryptoError::InvalidSignature);
+            }
+            // Only a valid key starts the cache over.
+            if self.known.len() >= MAX_KEYS {
+                *self = Keys::default();
+            }
+            self.known.insert(
+                *pk,
+                Known {
                     key,
                     uses: 0,
                     tables: None,
-                })
-            }
-        };
+                },
+            );
+        }
+        let known = self
+            .known
+            .get_mut(pk)
+            .ok_or(CryptoError::CryptoLibraryError)?;
         if let Some(tables) = &known.tables {
             return Ok(Check::Tables(Arc::clone(tables)));
         }
-        if known.uses < USES_BEFORE_TABLES || self.tables >= MAX_TABLES {
+        if known.uses < USES_BEFORE_TABLES || self.tables >= MAX_TABLES || !tables_pay() {
             known.uses = known.uses.saturating_add(1);
             return Ok(Check::Key(known.key));
         }
@@ -609,31 +630,38 @@ mod tests {
     }
 
     /// Every answer of the decoded-key path and of the tables path is RustCrypto's: genuine
-    /// signatures over messages of several lengths, another message, a bit flipped in `R` or
-    /// in `s`, `s + L`, `s = L`, and `R` or `s` zeroed. Each case is asked three times of
-    /// the same cache, so the first answer comes from the decoded key and the later ones from
-    /// the tables it gets on its second use.
+    /// signatures over messages of several lengths, another message, another key's signature,
+    /// a bit flipped in `R` (its sign bit too) or in `s`, `s + L`, `s = L`, and `R` or `s`
+    /// zeroed. Each case is asked first of a fresh cache (the decoded key), then twice of a
+    /// cache whose key has its tables.
     #[test]
     fn tables_verify_exactly_as_the_decoded_key_does() {
         let theirs = RustCrypto::default();
         let key = IdentityKeyPair::generate();
+        let other = IdentityKeyPair::generate();
         let pk = key.public();
         let mut cases: Vec<(String, Vec<u8>, [u8; 64])> = Vec::new();
         for len in [0usize, 1, 64, 200, 5000] {
             let msg: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let sig = key.sign(&msg);
             cases.push((format!("genuine, {len} bytes"), msg.clone(), sig));
-            let mut other = msg.clone();
-            other.push(1);
-            cases.push((format!("another message, {len} bytes"), other, sig));
-            for (name, byte) in [
-                ("R", 0),
-                ("R's last byte", 31),
-                ("s", 32),
-                ("s's last byte", 63),
+            let mut longer = msg.clone();
+            longer.push(1);
+            cases.push((format!("another message, {len} bytes"), longer, sig));
+            cases.push((
+                format!("another key's signature, {len} bytes"),
+                msg.clone(),
+                other.sign(&msg),
+            ));
+            for (name, byte, bit) in [
+                ("R's first bit", 0, 0x01),
+                ("R's last byte", 31, 0x01),
+                ("R's sign bit", 31, 0x80),
+                ("s's first bit", 32, 0x01),
+                ("s's last byte", 63, 0x01),
             ] {
                 let mut flipped = sig;
-                flipped[byte] ^= 0x01;
+                flipped[byte] ^= bit;
                 cases.push((format!("{name} flipped, {len} bytes"), msg.clone(), flipped));
             }
             cases.push((
@@ -651,53 +679,129 @@ mod tests {
             zero_s[32..].fill(0);
             cases.push((format!("s zeroed, {len} bytes"), msg, zero_s));
         }
-        let ours = Crypto::default();
-        for (round, path) in ["the decoded key", "the tables", "the tables again"]
-            .iter()
-            .enumerate()
-        {
-            assert_eq!(has_tables(&ours, &pk), round > 0, "before {path}");
+        let want = |msg: &[u8], sig: &[u8; 64]| {
+            theirs.verify_signature(SignatureScheme::ED25519, msg, &pk, sig)
+        };
+        for (name, msg, sig) in &cases {
+            let fresh = Crypto::default();
+            let got = fresh.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
+            assert!(!has_tables(&fresh, &pk));
+            assert_eq!(got, want(msg, sig), "{name}, with the decoded key");
+            assert_eq!(got.is_ok(), name.starts_with("genuine"), "{name}");
+        }
+        let warm = Crypto::default();
+        let (msg, sig) = (&cases[0].1, &cases[0].2);
+        for _ in 0..=USES_BEFORE_TABLES {
+            assert_eq!(
+                warm.verify_signature(SignatureScheme::ED25519, msg, &pk, sig),
+                Ok(())
+            );
+        }
+        assert_eq!(has_tables(&warm, &pk), tables_pay());
+        for round in ["with the tables", "with the tables again"] {
             for (name, msg, sig) in &cases {
-                let want = theirs.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
-                let got = ours.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
-                assert_eq!(got, want, "{name}, with {path}");
-                assert_eq!(want.is_ok(), name.starts_with("genuine"), "{name}");
+                let got = warm.verify_signature(SignatureScheme::ED25519, msg, &pk, sig);
+                assert_eq!(got, want(msg, sig), "{name}, {round}");
             }
         }
     }
 
-    /// At most [`MAX_TABLES`] keys get tables; the keys after them keep verifying with their
-    /// decoded point, genuine signatures accepted and altered ones refused.
+    /// A key gets its tables on its check after [`USES_BEFORE_TABLES`]; at most
+    /// [`MAX_TABLES`] keys do, and the keys after them keep verifying with their decoded
+    /// point. When the cache starts over at [`MAX_KEYS`], the count of tables does too.
     #[test]
     fn tables_are_kept_for_at_most_max_tables_keys() {
         let ours = Crypto::default();
         let msg = b"bounded";
+        let verify = |key: &[u8; 32], sig: &[u8; 64]| {
+            ours.verify_signature(SignatureScheme::ED25519, msg, key, sig)
+        };
         let keys: Vec<_> = (0..MAX_TABLES + 3)
             .map(|_| IdentityKeyPair::generate())
             .collect();
         for key in &keys {
             let sig = key.sign(msg);
-            for _ in 0..3 {
-                assert_eq!(
-                    ours.verify_signature(SignatureScheme::ED25519, msg, &key.public(), &sig),
-                    Ok(())
-                );
+            for check in 0..=USES_BEFORE_TABLES {
+                assert!(!has_tables(&ours, &key.public()), "check {check}");
+                assert_eq!(verify(&key.public(), &sig), Ok(()));
             }
         }
-        assert_eq!(ours.keys.lock().unwrap().tables, MAX_TABLES);
+        let expected = if tables_pay() { MAX_TABLES } else { 0 };
+        assert_eq!(ours.keys.lock().unwrap().tables, expected);
         let with_tables = keys
             .iter()
             .filter(|k| has_tables(&ours, &k.public()))
             .count();
-        assert_eq!(with_tables, MAX_TABLES);
+        assert_eq!(with_tables, expected);
         let last = keys.last().unwrap();
         assert!(!has_tables(&ours, &last.public()));
         let mut altered = last.sign(msg);
         altered[40] ^= 0x80;
         assert_eq!(
-            ours.verify_signature(SignatureScheme::ED25519, msg, &last.public(), &altered),
+            verify(&last.public(), &altered),
             Err(CryptoError::InvalidSignature)
         );
+        // Fill the cache with keys checked once, then one more: it starts over.
+        let filler = ours.keys.lock().unwrap().known.len()..MAX_KEYS;
+        for _ in filler {
+            let key = IdentityKeyPair::generate();
+            assert_eq!(
+                verify(&key.public(), &[0; 64]),
+                Err(CryptoError::InvalidSignature)
+            );
+        }
+        assert_eq!(ours.keys.lock().unwrap().known.len(), MAX_KEYS);
+        let newcomer = IdentityKeyPair::generate();
+        let sig = newcomer.sign(msg);
+        for _ in 0..=USES_BEFORE_TABLES {
+            assert_eq!(verify(&newcomer.public(), &sig), Ok(()));
+        }
+        let keys_after = ours.keys.lock().unwrap();
+        assert_eq!(keys_after.known.len(), 1);
+        assert_eq!(keys_after.tables, usize::from(tables_pay()));
+    }
+
+    /// `R` the identity point encoded with its sign bit set: a second encoding of a
+    /// small-order point, which the check of `R`'s canonical bytes cannot name. The honest
+    /// key's `s = k·a` makes `[s]B - [k]A` that very point, so only comparing compressed bytes
+    /// (never points) refuses it, as `verify_strict` does; asked three times, so the tables
+    /// refuse it too.
+    #[test]
+    fn a_second_encoding_of_a_small_order_r_is_refused_on_both_paths() {
+        let a = Scalar::from_bytes_mod_order(clamp_integer([0x33; 32]));
+        let public = (ED25519_BASEPOINT_POINT * a).compress().to_bytes();
+        let mut r = [0u8; 32];
+        r[0] = 1;
+        r[31] = 0x80;
+        let decoded = curve25519_dalek::edwards::CompressedEdwardsY(r).decompress();
+        assert_eq!(
+            decoded,
+            Some(EIGHT_TORSION[0]),
+            "the identity, sign bit set"
+        );
+        let msg = b"a second encoding";
+        let k = Scalar::from_hash(
+            Sha512::new()
+                .chain_update(r)
+                .chain_update(public)
+                .chain_update(msg),
+        );
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&r);
+        sig[32..].copy_from_slice((k * a).as_bytes());
+        let theirs = RustCrypto::default();
+        assert_eq!(
+            theirs.verify_signature(SignatureScheme::ED25519, msg, &public, &sig),
+            Err(CryptoError::InvalidSignature)
+        );
+        let ours = Crypto::default();
+        for _ in 0..=USES_BEFORE_TABLES + 1 {
+            assert_eq!(
+                ours.verify_signature(SignatureScheme::ED25519, msg, &public, &sig),
+                Err(CryptoError::InvalidSignature)
+            );
+        }
+        assert_eq!(has_tables(&ours, &public), tables_pay());
     }
 
     /// A signature whose `R` is the small-order point `EIGHT_TORSION[target]`, by a key
@@ -751,9 +855,9 @@ mod tests {
                 c.verify_signature(SignatureScheme::ED25519, &msg, &public, &sig)
             };
             assert_eq!(verify(&theirs), Err(CryptoError::InvalidSignature));
-            // Three times: with the decoded key, then with its tables (the key of targets 1
-            // to 7 is the same, of mixed order).
-            for _ in 0..3 {
+            // With the decoded key, then with its tables (the key of targets 1 to 7 is the
+            // same, of mixed order).
+            for _ in 0..=USES_BEFORE_TABLES + 1 {
                 assert_eq!(verify(&ours), Err(CryptoError::InvalidSignature));
             }
             seen.push(sig[..32].to_vec());

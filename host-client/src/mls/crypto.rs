@@ -170,13 +170,10 @@ fn verify_with_tables(
     tables: &VartimeEdwardsPrecomputation,
     pk: &[u8; 32],
     data: &[u8],
-    signature: &[u8; 64],
+    signature: &Signature,
 ) -> bool {
-    let (r, s) = signature.split_at(32);
-    let Ok(s) = <[u8; 32]>::try_from(s) else {
-        return false;
-    };
-    let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s)) else {
+    let r = signature.r_bytes();
+    let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(*signature.s_bytes())) else {
         return false;
     };
     let k = Scalar::from_hash(
@@ -186,7 +183,7 @@ fn verify_with_tables(
             .chain_update(data),
     );
     let expected: EdwardsPoint = tables.vartime_multiscalar_mul([s, k]);
-    expected.compress().as_bytes()[..] == *r
+    expected.compress().as_bytes() == r
 }
 
 impl Crypto {
@@ -194,9 +191,11 @@ impl Crypto {
         // The same errors as RustCrypto: a bad key or length is a library error, a signature
         // that does not verify is invalid.
         let pk: [u8; 32] = pk.try_into().map_err(|_| CryptoError::CryptoLibraryError)?;
-        let signature: [u8; 64] = signature
-            .try_into()
-            .map_err(|_| CryptoError::CryptoLibraryError)?;
+        let signature = Signature::from_bytes(
+            &signature
+                .try_into()
+                .map_err(|_| CryptoError::CryptoLibraryError)?,
+        );
         // A poisoned lock only means another thread panicked while it held it; the cache
         // still holds only valid keys and their tables.
         let check = self
@@ -208,7 +207,7 @@ impl Crypto {
         // (canonical `s`, and `[s]B - [k]A` compresses to exactly `R`'s bytes), then `R` not
         // of small order, decided on its now canonical bytes.
         let verified = match check {
-            Check::Key(key) => key.verify(data, &Signature::from_bytes(&signature)).is_ok(),
+            Check::Key(key) => key.verify(data, &signature).is_ok(),
             Check::Tables(tables) => verify_with_tables(&tables, &pk, data, &signature),
         };
         if !verified {
@@ -216,7 +215,7 @@ impl Crypto {
         }
         if small_order_encodings()
             .iter()
-            .any(|r| signature[..32] == r[..])
+            .any(|r| signature.r_bytes() == r)
         {
             return Err(CryptoError::InvalidSignature);
         }

@@ -22,6 +22,7 @@ mod metrics;
 pub mod plugins;
 mod presence;
 mod router;
+mod sealed_mailbox;
 mod session;
 mod tokens;
 
@@ -184,6 +185,7 @@ impl Relay {
             config.auth.token_ttl_secs,
         )?;
         let store = open_store(&registry, &config).await?;
+        let metrics = Arc::new(Metrics::default());
         let (mailbox_section, mailbox_limits) = config.mailbox_settings()?;
         let mailbox = registry
             .mailboxes
@@ -195,6 +197,17 @@ impl Relay {
                     config.describe_source()
                 )
             })?;
+        // Entries carry a MAC under the cluster key, so what someone else wrote into a shared
+        // backend never reaches a session (sealed_mailbox.rs).
+        let mailbox: Arc<dyn Mailbox> = if mailbox.stores() {
+            Arc::new(sealed_mailbox::SealedMailbox::new(
+                mailbox,
+                &tokens.cluster_key(),
+                metrics.clone(),
+            ))
+        } else {
+            mailbox
+        };
         let transport = registry
             .transports
             .create(config.transport_section(), ())
@@ -214,7 +227,6 @@ impl Relay {
             router::ClusterMac::new(&tokens.cluster_key()),
             config.limits.max_frame,
         ));
-        let metrics = Arc::new(Metrics::default());
         let presence = Arc::new(Presence::new(
             node_id,
             presence::presence_key(&tokens.cluster_key()),

@@ -23,6 +23,14 @@
 //! retry). An answer is MAC'd like every payload, and is accepted only from the node the batch
 //! was sent to and only for as many deliveries as it held.
 //!
+//! # Bounds
+//!
+//! A publish that blocks (a broker that stopped reading) holds its link's queue. A sender still
+//! hears within about [`ANSWER_TIMEOUT`]: deliveries queued for [`STALE_SWEEPS`] sweeps are
+//! settled as unknown without being published, and a link holds at most [`MAX_QUEUED`]
+//! deliveries (beyond, one is settled as unknown at once), so memory stays bounded too
+//! (`a_stuck_publish_neither_holds_senders_nor_grows_its_queue`).
+//!
 //! # Order
 //!
 //! A sender's deliveries enter the link's queue in the order the session routes them, and a
@@ -33,7 +41,7 @@
 //! broker, or let an answer settle a batch it was not for.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -55,6 +63,14 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// How long a sender waits for the destination's answer before it reports "unknown" (give or
 /// take a quarter: batches are swept four times per this period).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deliveries a link holds unpublished at most; beyond, a delivery is settled as unknown at
+/// once (its sender hears `broker_unavailable`). Only a destination the broker cannot keep up
+/// with fills it: 64 batches' worth.
+pub const MAX_QUEUED: usize = 64 * MAX_BATCH;
+/// Sweeps (each [`ANSWER_TIMEOUT`] / 4) after which a delivery still queued behind a slow
+/// publish is settled as unknown instead of published: a sender waits about
+/// [`ANSWER_TIMEOUT`] for a delivery in a queue as for one in flight.
+const STALE_SWEEPS: u32 = 4;
 /// A link with nothing to send for this long ends its task (a new one starts with the next
 /// delivery), so links to nodes that left do not accumulate.
 const IDLE: Duration = Duration::from_secs(60);
@@ -66,6 +82,8 @@ struct Item {
     user: UserId,
     frame: Bytes,
     answer: Option<oneshot::Sender<Taken>>,
+    /// The sweep count when it was queued (a clock read per delivery would cost more).
+    queued: u32,
 }
 
 #[derive(Default)]
@@ -88,6 +106,8 @@ pub struct Links {
     links: DashMap<NodeId, Arc<Link>>,
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_batch: AtomicU64,
+    /// Sweeps so far: the age of queued deliveries, in [`ANSWER_TIMEOUT`] / 4.
+    sweeps: AtomicU32,
     /// Answers the sink made, for the task that publishes them.
     answers: mpsc::UnboundedSender<(NodeId, Reply)>,
     answers_rx: Mutex<Option<mpsc::UnboundedReceiver<(NodeId, Reply)>>>,
@@ -119,6 +139,7 @@ impl Links {
             links: DashMap::new(),
             waiting: Mutex::default(),
             next_batch: AtomicU64::new(1),
+            sweeps: AtomicU32::new(0),
             answers,
             answers_rx: Mutex::new(Some(answers_rx)),
         }
@@ -157,15 +178,12 @@ impl Links {
             user,
             frame,
             answer: tx,
+            queued: self.sweeps.load(Ordering::Relaxed),
         };
         // Pushed while the map's guard is held, so an idle link cannot be removed between
         // finding it and pushing (see `flush`).
         if let Some(link) = self.links.get(&node) {
-            link.queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(item);
-            link.wake.notify_one();
+            Self::queue(&link, item);
             return rx;
         }
         let link = self.links.entry(node).or_insert_with(|| {
@@ -173,12 +191,22 @@ impl Links {
             tokio::spawn(flush(Arc::clone(self), node, Arc::clone(&link)));
             link
         });
-        link.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(item);
-        link.wake.notify_one();
+        Self::queue(&link, item);
         rx
+    }
+
+    /// Queues `item` on `link`, or settles it as unknown if the link holds [`MAX_QUEUED`].
+    fn queue(link: &Link, item: Item) {
+        let mut queue = link.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.len() >= MAX_QUEUED {
+            drop(queue);
+            debug!("a link to another node is full; a delivery is settled as unknown");
+            Self::settle(vec![item.answer], Err(()));
+            return;
+        }
+        queue.push(item);
+        drop(queue);
+        link.wake.notify_one();
     }
 
     /// Settles a batch with an answer from `from` (MAC verified): `body` is
@@ -240,13 +268,29 @@ impl Links {
         }
     }
 
-    /// Forgets batches sent more than [`ANSWER_TIMEOUT`] ago: their senders hear "unknown"
-    /// (the answer channel is dropped).
+    /// Forgets batches sent more than [`ANSWER_TIMEOUT`] ago, and settles deliveries queued
+    /// for [`STALE_SWEEPS`] sweeps and still not published (a publish that blocks holds its
+    /// link's queue): their senders hear "unknown" (the answer channel is dropped).
     fn sweep(&self, now: Instant) {
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, w| now.duration_since(w.sent) < ANSWER_TIMEOUT);
+        let sweeps = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        for link in self.links.iter() {
+            let mut queue = link.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            // Queued in order, so the stale ones are a prefix.
+            let stale = queue
+                .iter()
+                .take_while(|i| sweeps.wrapping_sub(i.queued) >= STALE_SWEEPS)
+                .count();
+            if stale > 0 {
+                let answers: Vec<_> = queue.drain(..stale).map(|i| i.answer).collect();
+                drop(queue);
+                debug!("{stale} deliveries to another node were not published in time");
+                Self::settle(answers, Err(()));
+            }
+        }
     }
 }
 
@@ -550,6 +594,78 @@ mod tests {
         }
     }
 
+    /// A broker whose publishes never complete (a server that stopped reading).
+    struct Stuck;
+
+    #[async_trait::async_trait]
+    impl Broker for Stuck {
+        fn kind(&self) -> &'static str {
+            "stuck"
+        }
+
+        async fn publish(
+            &self,
+            _: &str,
+            _: Bytes,
+        ) -> Result<syncra_core::PublishReceipt, syncra_core::error::BrokerError> {
+            std::future::pending().await
+        }
+
+        async fn subscribe(&self, _: &str) -> Result<(), syncra_core::error::BrokerError> {
+            Ok(())
+        }
+
+        async fn unsubscribe(&self, _: &str) -> Result<(), syncra_core::error::BrokerError> {
+            Ok(())
+        }
+    }
+
+    /// Behind a publish that never completes, a link holds at most [`MAX_QUEUED`] deliveries
+    /// (the next one is settled as unknown at once), and what it holds is settled as unknown
+    /// after [`STALE_SWEEPS`] sweeps — about [`ANSWER_TIMEOUT`], as for the batch in flight —
+    /// not when the publish ends (never, here).
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_publish_neither_holds_senders_nor_grows_its_queue() {
+        let l = links();
+        assert!(l.broker.set(Arc::new(Stuck)).is_ok());
+        let there = [2; NODE_ID_LEN];
+        let send = || {
+            l.send(
+                there,
+                UserId::from_bytes([1; USER_ID_LEN]),
+                Bytes::from_static(b"frame"),
+                true,
+            )
+            .unwrap()
+        };
+        let in_flight = send();
+        // The link's task takes it and waits in the publish.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(l.waiting.lock().unwrap().len(), 1);
+        let mut queued: Vec<_> = (0..MAX_QUEUED).map(|_| send()).collect();
+        let mut over = send();
+        assert_eq!(over.try_recv(), Ok(Err(())), "a full link refuses at once");
+        for _ in 1..STALE_SWEEPS {
+            tokio::time::advance(ANSWER_TIMEOUT / 4).await;
+            l.sweep(Instant::now());
+        }
+        assert!(
+            queued.iter_mut().all(|rx| rx.try_recv().is_err()),
+            "still waiting"
+        );
+        tokio::time::advance(ANSWER_TIMEOUT / 4).await;
+        l.sweep(Instant::now());
+        for rx in &mut queued {
+            assert_eq!(rx.try_recv(), Ok(Err(())));
+        }
+        assert!(in_flight.await.is_err(), "the batch in flight, swept too");
+        // Room again.
+        let mut next = send();
+        assert!(next.try_recv().is_err(), "queued, not refused");
+    }
+
     /// A link's queue is taken in send order, at most [`MAX_BATCH`] deliveries and (unless a
     /// single frame is larger) [`MAX_BATCH_BYTES`] at a time; taking everything hands the
     /// queue the previous batch's capacity.
@@ -560,6 +676,7 @@ mod tests {
             user: UserId::from_bytes([u8::try_from(i % 251).unwrap(); USER_ID_LEN]),
             frame: Bytes::from(vec![0; len]),
             answer: None,
+            queued: 0,
         };
         let taken_users = |items: &[Item]| items.iter().map(|i| i.user).collect::<Vec<_>>();
         link.queue

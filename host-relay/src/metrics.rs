@@ -60,6 +60,8 @@ pub struct Metrics {
     pub mailbox_failures: Counter,
     /// Mailbox entries sent to sessions (backlogs at login and later checks).
     pub mailbox_out: Counter,
+    /// Mailbox entries skipped because this relay did not store them (`crate::sealed_mailbox`).
+    pub mailbox_foreign: Counter,
 }
 
 /// Series of labelled families that every message touches (clones share the family's values).
@@ -103,6 +105,7 @@ impl Default for Metrics {
             mailbox_log: RefusalLog::default(),
             mailbox_failures: Counter::default(),
             mailbox_out: Counter::default(),
+            mailbox_foreign: Counter::default(),
             broker_dropped: Family::default(),
             connections: Counter::default(),
             refused: Family::default(),
@@ -175,6 +178,11 @@ impl Default for Metrics {
             "Mailbox entries sent to sessions",
             m.mailbox_out.clone(),
         );
+        registry.register(
+            "mailbox_foreign",
+            "Mailbox entries skipped because no relay of this cluster stored them (their MAC is missing or wrong)",
+            m.mailbox_foreign.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -216,6 +224,19 @@ impl Metrics {
                 "the mailbox failed: {e}; senders are told mailbox_unavailable and their \
                  outboxes retry; {earlier} more failures in the previous {}s window \
                  (syncra_relay_mailbox_failures_total)",
+                REFUSAL_LOG_WINDOW.as_secs()
+            );
+        }
+    }
+
+    /// Counts `n` mailbox entries skipped as foreign and logs it once per window.
+    pub fn mailbox_foreign(&self, n: u64) {
+        self.mailbox_foreign.inc_by(n);
+        if let Some(earlier) = self.mailbox_log.due("foreign") {
+            warn!(
+                "skipped {n} mailbox entries that no relay of this cluster stored (their MAC is \
+                 missing or wrong: written to the mailbox's backend by someone else); {earlier} \
+                 more in the previous {}s window (syncra_relay_mailbox_foreign_total)",
                 REFUSAL_LOG_WINDOW.as_secs()
             );
         }

@@ -47,6 +47,23 @@
 //! [`PEER_TIMEOUT`] is forgotten. A node whose own publishes failed sends `Hello` to everyone
 //! and its snapshot once the broker takes publishes again.
 //!
+//! # Departed nodes stay departed
+//!
+//! A broker publisher without the cluster key can record authentic announcements and publish
+//! them again (docs/THREAT_MODEL.md §2.2). Numbers only grow, so a node ignores a numbered
+//! announcement not above the last one it applied from that node; but forgetting a node would
+//! forget that number too, and a replayed `Held` would then bring a dead node back as the
+//! holder of real users (their senders wait for an answer that never comes) and into the set
+//! every `Held` waits for. So a node remembers the nodes that left its table, the last
+//! [`REMEMBERED_DEPARTURES`] of them:
+//!
+//! - a node that said `Bye` is *retired*: a node id is drawn at random each time a relay
+//!   process starts (`Relay::start`) and `Bye` is the last thing its presence task sends, so
+//!   nothing from that id is genuine any more, and every announcement from it is ignored;
+//! - a node forgotten after [`PEER_TIMEOUT`] may only have been cut off, and must be able to
+//!   come back: its last number is kept, and if it is heard from again its entry starts from
+//!   that number, so that only announcements it sent since (higher numbers) are applied.
+//!
 //! # A first login waits until the other nodes applied its `Held`
 //!
 //! A user's first session on a node completes its login (gets `AuthOk`) only once every other
@@ -73,7 +90,8 @@
 //! trust a length it has not checked, or block the broker's delivery task (applying is a few
 //! map operations; publishing is the presence task's job).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -106,6 +124,16 @@ pub const SETTLE: Duration = Duration::from_millis(250);
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
 /// Users per announcement: 20 KiB of ids, far below any broker's payload limit.
 pub const USERS_PER_ANNOUNCEMENT: usize = 1_000;
+/// How many nodes that left the table (said `Bye` or were forgotten) a node remembers, the
+/// oldest dropped first: under half a MiB.
+///
+/// Bounded by count, not by age: a recording does not age, so forgetting a node after an hour
+/// would only tell a replaying publisher how long to wait. Nor can a broker publisher add
+/// entries at will: each is the id of a real node (announcements are sealed to their sender),
+/// and an id already remembered keeps its place, so replaying remembered nodes pushes nothing
+/// out. Only that many later departures of other real nodes (over a year of daily restarts of
+/// a cluster of ten) push a node out.
+pub const REMEMBERED_DEPARTURES: usize = 4096;
 
 /// One presence announcement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +241,71 @@ struct Peer {
     /// When this node last asked it for a snapshot.
     asked: Option<Instant>,
     users: HashSet<UserId>,
+    /// Back in the table after it was forgotten, and nothing newer than what it sent before
+    /// was applied since: perhaps only a replayed heartbeat. Until it sends a higher number, a
+    /// `Held` does not wait for its acknowledgement ([`Presence::awaited`]).
+    returned: bool,
+}
+
+/// How a node left this node's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// It said `Bye`: its id never speaks again.
+    Retired,
+    /// It was not heard from for [`PEER_TIMEOUT`]; the last number applied from it.
+    Expired(u64),
+}
+
+/// The nodes that left the table, so that their recorded announcements cannot bring them back
+/// (see the module docs). At most [`REMEMBERED_DEPARTURES`], the oldest dropped first.
+#[derive(Debug, Default)]
+struct Departed {
+    gone: HashMap<NodeId, Gone>,
+    /// The keys of `gone`, in the order they were first added.
+    order: VecDeque<NodeId>,
+}
+
+impl Departed {
+    fn retired(&self, node: &NodeId) -> bool {
+        self.gone.get(node) == Some(&Gone::Retired)
+    }
+
+    fn expired(&self, node: &NodeId) -> bool {
+        matches!(self.gone.get(node), Some(Gone::Expired(_)))
+    }
+
+    /// The number a node's entry starts from when it is heard from: the last one applied
+    /// before it was forgotten, or 0 for a node never seen.
+    fn last_seq(&self, node: &NodeId) -> u64 {
+        match self.gone.get(node) {
+            Some(Gone::Expired(seq)) => *seq,
+            Some(Gone::Retired) | None => 0,
+        }
+    }
+
+    /// Notes that `node` left. A node remembered already keeps its place (a replaying
+    /// publisher can make it come and go, and push nothing out by that); retiring wins over
+    /// expiring, and of two numbers the higher is kept.
+    fn note(&mut self, node: NodeId, how: Gone) {
+        match self.gone.entry(node) {
+            Entry::Occupied(mut known) => {
+                let merged = match (*known.get(), how) {
+                    (Gone::Expired(a), Gone::Expired(b)) => Gone::Expired(a.max(b)),
+                    _ => Gone::Retired,
+                };
+                known.insert(merged);
+            }
+            Entry::Vacant(new) => {
+                new.insert(how);
+                self.order.push_back(node);
+                if self.order.len() > REMEMBERED_DEPARTURES
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.gone.remove(&oldest);
+                }
+            }
+        }
+    }
 }
 
 /// The key presence announcements are sealed under, derived from the cluster key.
@@ -243,6 +336,8 @@ pub struct Presence {
     /// so reading it allocates nothing.
     holders: DashMap<UserId, Holders>,
     peers: Mutex<HashMap<NodeId, Peer>>,
+    /// The nodes that left `peers`. Locked only while `peers` is.
+    departed: Mutex<Departed>,
     /// Users whose state here changed since the last announcement, and the number of rounds the
     /// task has begun (under the same lock, so a waiter knows which round covers it).
     changed: Mutex<(HashSet<UserId>, u64)>,
@@ -273,6 +368,7 @@ impl Presence {
             key,
             holders: DashMap::new(),
             peers: Mutex::default(),
+            departed: Mutex::default(),
             changed: Mutex::default(),
             wake: Notify::new(),
             snapshot_wanted: AtomicBool::new(false),
@@ -333,6 +429,21 @@ impl Presence {
             .unwrap_or_else(PoisonError::into_inner)
             .keys()
             .copied()
+            .collect()
+    }
+
+    /// The nodes a `Held` waits for: those in the table, except a node back after it was
+    /// forgotten that has sent nothing newer since (a broker publisher replaying a dead node's
+    /// heartbeat would otherwise make every first login wait [`CONFIRM_TIMEOUT`]; a node that
+    /// was only cut off is asked for a snapshot when heard from, and counts again once that
+    /// arrives).
+    fn awaited(&self) -> HashSet<NodeId> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, p)| !p.returned)
+            .map(|(id, _)| *id)
             .collect()
     }
 
@@ -433,19 +544,29 @@ impl Presence {
         let (seq, announcement) = Announcement::parse(&body)?;
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut departed = self.departed.lock().unwrap_or_else(PoisonError::into_inner);
+        if departed.retired(&from) {
+            // It said `Bye`, and its id is not used again: a replay by a broker publisher,
+            // ignored like an old number (nothing to count: it is authentic).
+            return Ok(None);
+        }
         if announcement == Announcement::Bye {
+            departed.note(from, Gone::Retired);
             if let Some(peer) = peers.remove(&from) {
                 self.forget(&from, peer.users);
                 self.acks_seen.send_modify(|n| *n = n.wrapping_add(1));
             }
             return Ok(None);
         }
+        // A node forgotten after PEER_TIMEOUT starts again from the last number applied, so
+        // that its recorded announcements stay old.
         let peer = peers.entry(from).or_insert_with(|| Peer {
-            seq: 0,
+            seq: departed.last_seq(&from),
             synced: false,
             heard: now,
             asked: None,
             users: HashSet::new(),
+            returned: departed.expired(&from),
         });
         peer.heard = now;
         let in_order = peer.synced && seq == peer.seq.wrapping_add(1);
@@ -455,6 +576,7 @@ impl Presence {
             // announcement again, which a broker publisher could replay. Ignored.
             return Ok(None);
         }
+        drop(departed);
         let mut lost = false;
         let mut applied_held = None;
         match announcement {
@@ -505,6 +627,7 @@ impl Presence {
         }
         if numbered {
             peer.seq = seq;
+            peer.returned = false;
         }
         if lost {
             peer.synced = false;
@@ -536,9 +659,10 @@ impl Presence {
         }
     }
 
-    /// Forgets peers not heard from for [`PEER_TIMEOUT`].
+    /// Forgets peers not heard from for [`PEER_TIMEOUT`], keeping their last numbers.
     fn expire(&self, now: Instant) {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut departed = self.departed.lock().unwrap_or_else(PoisonError::into_inner);
         let silent: Vec<NodeId> = peers
             .iter()
             .filter(|(_, p)| now.duration_since(p.heard) >= PEER_TIMEOUT)
@@ -547,6 +671,7 @@ impl Presence {
         for node in silent {
             if let Some(peer) = peers.remove(&node) {
                 debug!("presence: a node was silent for {PEER_TIMEOUT:?}; forgetting it");
+                departed.note(node, Gone::Expired(peer.seq));
                 self.forget(&node, peer.users);
             }
         }
@@ -712,7 +837,7 @@ pub async fn run(
             let (held, released): (Vec<UserId>, Vec<UserId>) =
                 users.into_iter().partition(|u| router.holds(u));
             if !held.is_empty() {
-                want = presence.peer_ids();
+                want = presence.awaited();
             }
             for part in held.chunks(USERS_PER_ANNOUNCEMENT) {
                 match announce_held(&presence, &router, broker, part.to_vec()).await {
@@ -1015,5 +1140,164 @@ pub(crate) mod tests {
         tokio::time::advance(PEER_TIMEOUT / 2).await;
         p.expire(Instant::now());
         assert_eq!(held_by(&p, &user(1)), Some(vec![[2; NODE_ID_LEN]]));
+    }
+
+    /// What a broker publisher recorded of node 1 while it lived: its snapshot naming user 1,
+    /// a `Held` naming user 2 and a heartbeat.
+    fn node_1_lived(p: &Presence) -> Vec<(u64, Announcement)> {
+        let recorded = vec![
+            (1, Announcement::SnapshotFirst(vec![user(1)])),
+            (2, Announcement::Held(vec![user(2)])),
+            (2, Announcement::Heartbeat),
+        ];
+        for (seq, a) in recorded.clone() {
+            apply(p, 1, seq, a);
+        }
+        assert_eq!(held_by(p, &user(2)), Some(vec![[1; NODE_ID_LEN]]));
+        recorded
+    }
+
+    /// Replays `recorded` heartbeat first (so that the node is in the table again when its
+    /// numbered announcements come), and returns what `apply` answered for each.
+    fn replay(p: &Presence, recorded: &[(u64, Announcement)]) -> Vec<Option<u64>> {
+        let mut order: Vec<&(u64, Announcement)> = recorded.iter().collect();
+        order.sort_by_key(|(_, a)| a.numbered());
+        order
+            .into_iter()
+            .map(|(seq, a)| {
+                p.apply([1; NODE_ID_LEN], &sealed([1; NODE_ID_LEN], *seq, a))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_cannot_bring_back_a_node_that_said_bye() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        let recorded = node_1_lived(&p);
+        apply(&p, 1, 2, Announcement::Bye);
+        assert_eq!(p.peer_count(), 0);
+
+        // Its id was new when it started and it said it left: nothing more from it is applied,
+        // not even the hello or the heartbeat that would put it back in the table.
+        let mut recorded = recorded;
+        recorded.push((2, Announcement::Hello(None)));
+        assert!(
+            replay(&p, &recorded).iter().all(Option::is_none),
+            "nothing to acknowledge"
+        );
+        assert_eq!(p.others(&user(1)), None);
+        assert_eq!(p.others(&user(2)), None);
+        assert_eq!(p.peer_count(), 0, "a `Held` would wait for it");
+        assert!(p.peer_ids().is_empty());
+        assert!(!p.snapshot_wanted.load(Ordering::Acquire));
+        assert!(asked(&p).is_empty());
+        // Its goodbye again changes nothing either.
+        apply(&p, 1, 2, Announcement::Bye);
+        assert_eq!(p.peer_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_cannot_bring_back_the_users_of_an_expired_node() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        let recorded = node_1_lived(&p);
+        tokio::time::advance(PEER_TIMEOUT).await;
+        p.expire(Instant::now());
+        assert_eq!(p.peer_count(), 0);
+
+        // Its numbered announcements are older than the last number applied before it was
+        // forgotten: ignored, nothing to acknowledge, nobody held. (The heartbeat puts it back
+        // in the table, without users: the residual risk in docs/THREAT_MODEL.md §2.2.)
+        assert!(replay(&p, &recorded).iter().all(Option::is_none));
+        assert_eq!(p.others(&user(1)), None);
+        assert_eq!(p.others(&user(2)), None);
+        assert_eq!(p.peer_count(), 1, "the replayed heartbeat");
+        assert!(
+            p.awaited().is_empty(),
+            "a login does not wait for a node back on a replayed heartbeat"
+        );
+        // Forgotten again, and replayed again: the number it reached is still remembered.
+        tokio::time::advance(PEER_TIMEOUT).await;
+        p.expire(Instant::now());
+        assert!(replay(&p, &recorded).iter().all(Option::is_none));
+        assert_eq!(p.others(&user(1)), None);
+        assert_eq!(p.others(&user(2)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_back_after_expiry_is_taken_with_its_new_numbers() {
+        let p = Presence::new([0; NODE_ID_LEN], key());
+        node_1_lived(&p);
+        tokio::time::advance(PEER_TIMEOUT).await;
+        p.expire(Instant::now());
+        assert_eq!(p.peer_count(), 0);
+
+        // Heard again (a heartbeat): in the table, but a `Held` does not wait for it yet.
+        apply(&p, 1, 2, Announcement::Heartbeat);
+        assert_eq!(p.peer_count(), 1);
+        assert!(p.awaited().is_empty());
+        // It was only cut off: its next `Held` (number 3) is applied and acknowledged, and,
+        // since what it did meanwhile is unknown, it is asked for a snapshot.
+        assert_eq!(
+            p.apply(
+                [1; NODE_ID_LEN],
+                &sealed([1; NODE_ID_LEN], 3, &Announcement::Held(vec![user(3)]))
+            ),
+            Ok(Some(3))
+        );
+        assert_eq!(held_by(&p, &user(3)), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(asked(&p), vec![[1; NODE_ID_LEN]]);
+        assert_eq!(
+            p.awaited(),
+            HashSet::from([[1; NODE_ID_LEN]]),
+            "a higher number: waited for again"
+        );
+        apply(
+            &p,
+            1,
+            4,
+            Announcement::SnapshotFirst(vec![user(1), user(3)]),
+        );
+        assert_eq!(held_by(&p, &user(1)), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(held_by(&p, &user(3)), Some(vec![[1; NODE_ID_LEN]]));
+        assert_eq!(p.others(&user(2)), None);
+        assert_eq!(p.peer_ids(), HashSet::from([[1; NODE_ID_LEN]]));
+        // In order again: nothing more to ask.
+        apply(&p, 1, 5, Announcement::Released(vec![user(1)]));
+        apply(&p, 1, 5, Announcement::Heartbeat);
+        assert_eq!(p.others(&user(1)), None);
+        assert!(asked(&p).is_empty());
+    }
+
+    #[test]
+    fn departed_nodes_are_remembered_up_to_a_bound() {
+        fn node(n: usize) -> NodeId {
+            let mut id = [0; NODE_ID_LEN];
+            id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            id
+        }
+        let mut d = Departed::default();
+        d.note(node(0), Gone::Expired(7));
+        d.note(node(1), Gone::Retired);
+        // Coming and going again neither lowers a number, nor un-retires, nor moves a node.
+        d.note(node(0), Gone::Expired(3));
+        d.note(node(1), Gone::Expired(9));
+        assert_eq!(d.last_seq(&node(0)), 7);
+        assert!(d.retired(&node(1)) && !d.retired(&node(0)));
+        d.note(node(0), Gone::Retired);
+        assert!(d.retired(&node(0)));
+        for n in 2..REMEMBERED_DEPARTURES {
+            d.note(node(n), Gone::Expired(n as u64));
+        }
+        assert_eq!(d.gone.len(), REMEMBERED_DEPARTURES);
+        assert!(d.retired(&node(0)));
+        // One more departure: the oldest is forgotten, and only it.
+        d.note(node(REMEMBERED_DEPARTURES), Gone::Expired(1));
+        assert_eq!(d.gone.len(), REMEMBERED_DEPARTURES);
+        assert_eq!(d.order.len(), REMEMBERED_DEPARTURES);
+        assert!(!d.retired(&node(0)));
+        assert_eq!(d.last_seq(&node(0)), 0);
+        assert!(d.retired(&node(1)));
+        assert_eq!(d.last_seq(&node(2)), 2);
     }
 }

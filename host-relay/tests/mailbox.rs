@@ -607,3 +607,123 @@ async fn a_burst_of_acknowledgements_deletes_exactly_up_to_the_highest() {
     let got = login_and_collect(&bob, &url, 100).await;
     assert_eq!(got, bodies[200..], "exactly the unacknowledged 100 remain");
 }
+
+/// Someone who can write to the mailbox's backend but is not a relay of the cluster (an
+/// ordinary client of the same Redis or NATS server, without the cluster key) appends entries
+/// to a recipient's mailbox: a genuine-looking envelope from a registered user (which the
+/// recipient's client would accept if it were handed out), entries written with the backend's
+/// own format, and on NATS a bare publish on the recipient's subject, without the plugin's
+/// headers. None reaches the recipient; each is counted; a relay's put after them is still
+/// `stored` (before, on NATS, an entry without headers made every later put and take of that
+/// recipient fail) and the recipient's backlog is exactly what senders stored through the relay.
+async fn foreign_entries_never_reach_a_session(kind: Kind) {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(kind, dir.path());
+    let url_of_backend = match &backend {
+        Backend::Redis(s) => s.url(),
+        Backend::Nats(s) => s.url(),
+        _ => unreachable!("shared backends only"),
+    };
+    let env = backend.mailbox_env();
+    let relay = Relay::start(&dir.path().join("relay"), &env_refs(&env));
+    let url = relay.url();
+    let (alice, bob, eve) = (
+        TestUser::new("alice"),
+        TestUser::new("bob"),
+        TestUser::new("eve"),
+    );
+    let (mut ca, _) = alice.register(&url).await;
+    register_away(&bob, &url).await;
+    register_away(&eve, &url).await;
+    relay.wait_sessions(1).await;
+    assert_eq!(
+        send(&mut ca, 1, &alice, &bob, b"before").await,
+        Outcome::Stored
+    );
+
+    // The outsider writes with the backend's own plugin, as any client of that server can.
+    let registry = syncra_relay::plugin_registry().unwrap();
+    let outsider = registry
+        .mailboxes
+        .create(
+            serde_json::json!({ "kind": env[0].1, "url": url_of_backend }),
+            syncra_core::mailbox::MailboxLimits::default(),
+        )
+        .await
+        .unwrap();
+    let now = syncra_core::now_ms();
+    let forged = [
+        eve.seal(&[&bob], b"from the backend"),
+        b"not an envelope".to_vec(),
+        Vec::new(),
+    ];
+    for body in &forged {
+        outsider
+            .put(&bob.id(), Bytes::from(body.clone()), now)
+            .await
+            .unwrap();
+    }
+    let foreign = forged.len() as u64;
+    if matches!(kind, Kind::Nats) {
+        // A bare publish: JetStream stores it in the stream, without the plugin's headers.
+        let broker = registry
+            .brokers
+            .create(
+                serde_json::json!({ "kind": "nats", "url": url_of_backend }),
+                std::sync::Arc::new(Deaf) as std::sync::Arc<dyn syncra_core::broker::BrokerSink>,
+            )
+            .await
+            .unwrap();
+        broker
+            .publish_confirm(
+                &syncra_broker_nats::mailbox::subject(&bob.id()),
+                Bytes::from(eve.seal(&[&bob], b"bare publish")),
+                syncra_core::Confirm::Nothing,
+            )
+            .await
+            .unwrap();
+        // No entry of the plugin's format: the relay's next put for Bob removes it, so the
+        // relay never reads it as an entry (and does not count it).
+    }
+    assert_eq!(
+        send(&mut ca, 2, &alice, &bob, b"after").await,
+        Outcome::Stored
+    );
+
+    let (_cb, backlog) = login_backlog(&bob, &url).await;
+    let bodies: Vec<Vec<u8>> = backlog.iter().map(|(_, e)| bob.open(e)).collect();
+    assert_eq!(
+        bodies,
+        [b"before".to_vec(), b"after".to_vec()],
+        "{kind:?}: only what went through the relay"
+    );
+    let (_, metrics) = http_get(relay.admin, "/metrics").await;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("syncra_relay_mailbox_foreign_total "))
+        .map(|v| v.trim().parse::<u64>().unwrap());
+    assert_eq!(
+        counted,
+        Some(foreign),
+        "{kind:?}: every foreign entry counted"
+    );
+}
+
+/// A broker sink that takes nothing (the outsider only publishes).
+struct Deaf;
+
+impl syncra_core::broker::BrokerSink for Deaf {
+    fn deliver(&self, _topic: &str, _payload: Bytes) -> bool {
+        false
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_foreign_entries_never_reach_a_session() {
+    foreign_entries_never_reach_a_session(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_foreign_entries_never_reach_a_session() {
+    foreign_entries_never_reach_a_session(Kind::Nats).await;
+}

@@ -537,7 +537,10 @@ async fn serve(
             message = subscriber.next() => {
                 let Some(message) = message else { return };
                 let taken = sink.deliver(&topic, message.payload);
-                if let Some(reply) = message.reply {
+                // Anyone who can publish chooses the reply subject: only a broker's own answer
+                // inbox is answered, so that a publisher cannot make every node publish on a
+                // subject of its choice (another node's topic, a JetStream API subject).
+                if let Some(reply) = message.reply.filter(|r| is_answer_inbox(r)) {
                     let answer = Bytes::from_static(if taken { TAKEN } else { NOT_TAKEN });
                     // Bounded: while disconnected the client's queue can fill, and a stuck
                     // answer must not keep this topic from being served or stopped.
@@ -550,6 +553,20 @@ async fn serve(
             }
         }
     }
+}
+
+/// Whether `reply` has the form of a broker's answer inbox, `_INBOX.<id>.<token>` (see
+/// `NatsBroker::expect_answers`): the only reply subjects a node answers.
+fn is_answer_inbox(reply: &str) -> bool {
+    let mut parts = reply.split('.');
+    parts.next() == Some("_INBOX")
+        && parts
+            .next()
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        && parts.next().is_some_and(|t| {
+            !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit())
+        })
+        && parts.next().is_none()
 }
 
 /// Logs a connection event of the client serving `category` (`broker` or `mailbox`).
@@ -734,6 +751,28 @@ mod tests {
     use syncra_test_support::broker::Refusing;
 
     use super::*;
+
+    #[test]
+    fn only_a_brokers_answer_inbox_is_answered() {
+        // `Client::new_inbox`: `_INBOX.` and a 22-character NUID.
+        assert!(is_answer_inbox("_INBOX.x6KDn3TqnCBNodt3eC2Djk.17"));
+        for other in [
+            "syncra.n.0123456789abcdef0123456789abcdef",
+            "syncra.presence",
+            "$JS.API.STREAM.DELETE.SYNCRA_MAILBOX",
+            "_INBOX",
+            "_INBOX.abc",
+            "_INBOX.abc.",
+            "_INBOX..1",
+            "_INBOX.abc.1.2",
+            "_INBOX.abc.x1",
+            "_INBOX.a-b.1",
+            "_INBOX.abc.123456789012345678901",
+            "_inbox.abc.1",
+        ] {
+            assert!(!is_answer_inbox(other), "{other}");
+        }
+    }
 
     async fn create_error(section: serde_json::Value) -> PluginError {
         let mut kinds = Kinds::new("broker", &[]);

@@ -273,6 +273,17 @@ struct Usage {
     count: u64,
 }
 
+/// What reading a subject's usage found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    Usage(Usage),
+    /// The entry with this sequence lacks this plugin's headers, or has totals no put wrote:
+    /// someone who can publish on the NATS server appended it, not a relay. (Entries' contents
+    /// are authenticated by the relay itself, `host-relay/src/sealed_mailbox.rs`; well-formed
+    /// totals that lie are an availability attack, see docs/THREAT_MODEL.md §2.2.)
+    Foreign(u64),
+}
+
 impl NatsMailbox {
     /// Connects and opens (or creates) the stream with these limits.
     ///
@@ -336,13 +347,6 @@ impl NatsMailbox {
         MailboxError::Unavailable(format!(
             "mailbox in stream {STREAM} at nats {}: {action} failed: {e}",
             self.server
-        ))
-    }
-
-    fn corrupt(&self, m: &StreamMessage, why: &str) -> MailboxError {
-        MailboxError::Corrupt(format!(
-            "stream {STREAM} at nats {}, entry {}: {why}",
-            self.server, m.sequence
         ))
     }
 
@@ -501,19 +505,26 @@ impl NatsMailbox {
         }
     }
 
-    /// What `subject` holds now.
-    async fn usage(&self, subject: &str) -> Result<Usage, MailboxError> {
+    /// What `subject` holds now, or the sequence of an entry there without this plugin's
+    /// headers (written by someone else: see [`Read::Foreign`]).
+    async fn usage(&self, subject: &str) -> Result<Read, MailboxError> {
         let last = match self
             .stream
             .direct_get_last_for_subject(subject.to_owned())
             .await
         {
             Ok(m) => m,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Usage::default()),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                return Ok(Read::Usage(Usage::default()));
+            }
             Err(e) => return Err(self.unavailable("reading a mailbox's last entry", e)),
         };
-        let bytes_through = self.header(&last, BYTES_THROUGH)?;
-        let count_through = self.header(&last, COUNT_THROUGH)?;
+        let (Ok(bytes_through), Ok(count_through)) = (
+            self.header(&last, BYTES_THROUGH),
+            self.header(&last, COUNT_THROUGH),
+        ) else {
+            return Ok(Read::Foreign(last.sequence));
+        };
         let mut usage = Usage {
             last: last.sequence,
             bytes_through,
@@ -527,19 +538,23 @@ impl NatsMailbox {
             .next("reading a mailbox's first entry", subject, 1)
             .await?
         else {
-            return Ok(usage);
+            return Ok(Read::Usage(usage));
         };
-        let before_bytes = self
-            .header(&first, BYTES_THROUGH)?
-            .checked_sub(first.payload.len() as u64)
-            .ok_or_else(|| self.corrupt(&first, "its byte total is below its own size"))?;
-        let before_count = self
-            .header(&first, COUNT_THROUGH)?
-            .checked_sub(1)
-            .ok_or_else(|| self.corrupt(&first, "its entry total is 0"))?;
+        // A total below the entry's own size, or a count of 0, is not something a put wrote.
+        let before = |name: &str, own: u64| {
+            self.header(&first, name)
+                .ok()
+                .and_then(|through| through.checked_sub(own))
+        };
+        let (Some(before_bytes), Some(before_count)) = (
+            before(BYTES_THROUGH, first.payload.len() as u64),
+            before(COUNT_THROUGH, 1),
+        ) else {
+            return Ok(Read::Foreign(first.sequence));
+        };
         usage.bytes = bytes_through.saturating_sub(before_bytes);
         usage.count = count_through.saturating_sub(before_count);
-        Ok(usage)
+        Ok(Read::Usage(usage))
     }
 
     fn stripe(&self, user: &UserId) -> &Mutex<()> {
@@ -589,7 +604,15 @@ impl Mailbox for NatsMailbox {
         let subject = subject(recipient);
         let _serialised = self.stripe(recipient).lock().await;
         for _ in 0..PUT_ATTEMPTS {
-            let usage = self.usage(&subject).await?;
+            let usage = match self.usage(&subject).await? {
+                Read::Usage(usage) => usage,
+                // Not ours: removed, so that it neither blocks this recipient's puts nor counts
+                // towards their quota.
+                Read::Foreign(seq) => {
+                    self.delete_seq(seq).await?;
+                    continue;
+                }
+            };
             if usage.count >= self.limits.max_entries
                 || usage.bytes.saturating_add(size) > self.limits.max_bytes
             {
@@ -665,9 +688,11 @@ impl Mailbox for NatsMailbox {
                 else {
                     return Ok(out);
                 };
-                let stored_at_ms = self.header(&first, STORED_AT)?;
                 let from = first.sequence.saturating_add(1);
-                if stored_at_ms >= oldest {
+                // An entry without this plugin's headers was not put here by a relay: skipped.
+                if let Ok(stored_at_ms) = self.header(&first, STORED_AT)
+                    && stored_at_ms >= oldest
+                {
                     out.push(MailboxEntry {
                         id: first.sequence,
                         stored_at_ms,
@@ -704,8 +729,9 @@ impl Mailbox for NatsMailbox {
             more = may_have_more;
             for (seq, headers, delivery) in entries {
                 from = seq.saturating_add(1);
-                let stored_at_ms = self.header_in(headers.as_ref(), seq, STORED_AT)?;
-                if stored_at_ms >= oldest {
+                if let Ok(stored_at_ms) = self.header_in(headers.as_ref(), seq, STORED_AT)
+                    && stored_at_ms >= oldest
+                {
                     out.push(MailboxEntry {
                         id: seq,
                         stored_at_ms,
@@ -809,7 +835,9 @@ impl Mailbox for NatsMailbox {
         let mut from = 1;
         let mut gone = 0;
         while let Some(m) = self.next("purging expired entries", &all, from).await? {
-            if self.header(&m, STORED_AT)? >= cutoff {
+            // An entry without this plugin's headers was not put here by a relay: it goes too,
+            // rather than stopping expiry for the whole stream.
+            if self.header(&m, STORED_AT).is_ok_and(|at| at >= cutoff) {
                 break;
             }
             from = m.sequence.saturating_add(1);

@@ -138,3 +138,47 @@ async fn a_server_that_stops_answering_is_noticed_and_survived() {
     })
     .await;
 }
+
+/// A publisher chooses the reply subject of what it publishes: a node answers only a broker's
+/// answer inbox, so nobody can make every node publish on a subject of its choice (another
+/// node's delivery topic, a JetStream API subject). Deterministic: the outsider's publishes are
+/// served in order, so once the answer to its last one (on an inbox) arrives, an answer to the
+/// first would have arrived before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_answer_inboxes_are_answered() {
+    use futures_util::StreamExt;
+    let server = NatsServer::start();
+    let (sink, mut inbox) = RecordingSink::new();
+    let node = NatsBroker::connect(&NatsConfig::new(server.url()), sink)
+        .await
+        .unwrap();
+    let topic = unique_name("nats.served");
+    node.subscribe(&topic).await.unwrap();
+    let outsider = async_nats::connect(server.url()).await.unwrap();
+    let mut chosen = outsider.subscribe("victim.>").await.unwrap();
+    let mut answers = outsider.subscribe("_INBOX.>").await.unwrap();
+    outsider.flush().await.unwrap();
+    for reply in ["victim.topic", "victim.x.1"] {
+        outsider
+            .publish_with_reply(topic.clone(), reply, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+    }
+    let last = format!("{}.1", outsider.new_inbox());
+    outsider
+        .publish_with_reply(topic.clone(), last.clone(), Bytes::from_static(b"y"))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(syncra_test_support::DEADLINE, answers.next())
+        .await
+        .expect("the inbox is answered")
+        .unwrap();
+    assert_eq!(answer.subject.as_str(), last);
+    for _ in 0..3 {
+        inbox.next("the node's sink got every publish").await;
+    }
+    assert!(
+        futures_util::FutureExt::now_or_never(chosen.next()).is_none(),
+        "a subject the publisher chose was answered"
+    );
+}

@@ -312,3 +312,70 @@ async fn an_acknowledgement_deletes_up_to_its_id_on_any_node() {
     a.ack(&to, read[5].id).await.unwrap();
     assert_eq!(a.take(&to, 0, 100, now).await.unwrap().len(), 3);
 }
+
+/// Anyone who can publish on the NATS server can append to a recipient's subject: an entry
+/// without the plugin's headers, one whose totals no put could have written (below its own
+/// size; a count of 0), one with a time that is not a number. Before, the first made every take
+/// and put of that recipient fail as `Corrupt` and stopped expiry for the whole stream. Now
+/// takes skip them, a put removes what it finds at either end of the subject and stores, and
+/// expiry removes them from the stream's front. (The relay also refuses any entry it did not
+/// MAC: `host-relay/src/sealed_mailbox.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_published_by_others_neither_block_nor_come_out() {
+    use syncra_broker_nats::mailbox::{BYTES_THROUGH, COUNT_THROUGH, STORED_AT, subject};
+    let server = NatsServer::start_jetstream();
+    let m = mailbox(&server, limits(100, 100_000)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let to = recipient();
+    let now = syncra_core::now_ms();
+    let publish = async |headers: &[(&str, &str)], body: &'static [u8]| {
+        let mut map = async_nats::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, *v);
+        }
+        js.publish_with_headers(subject(&to), map, Bytes::from_static(body))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    // Without the plugin's format: never an entry; expiry removes them rather than stopping.
+    publish(&[], b"no headers").await;
+    publish(&[(STORED_AT, "soon")], b"a time that is no number").await;
+    assert!(
+        m.take(&to, 0, 100, now).await.unwrap().is_empty(),
+        "neither is an entry"
+    );
+    assert_eq!(m.expire(now).await.unwrap(), 2, "both removed by expiry");
+    // Totals no put writes, at both ends of the subject: the next put removes them and stores.
+    let at = now.to_string();
+    publish(
+        &[(STORED_AT, &at), (BYTES_THROUGH, "1"), (COUNT_THROUGH, "1")],
+        b"a byte total below its own size",
+    )
+    .await;
+    publish(
+        &[
+            (STORED_AT, &at),
+            (BYTES_THROUGH, "500"),
+            (COUNT_THROUGH, "0"),
+        ],
+        b"a count of 0",
+    )
+    .await;
+    let stored = match m.put(&to, Bytes::from_static(b"genuine"), now).await {
+        Ok(PutOutcome::Stored(id)) => id,
+        other => panic!("a put after foreign entries: {other:?}"),
+    };
+    let taken = m.take(&to, 0, 100, now).await.unwrap();
+    assert_eq!(ids(&taken), [stored], "only the genuine entry is left");
+    assert_eq!(&taken[0].delivery[..], b"genuine");
+    assert_eq!(m.expire(now + 3_600_001).await.unwrap(), 1);
+    assert!(
+        m.take(&to, 0, 100, now + 3_600_001)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

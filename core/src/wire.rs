@@ -154,6 +154,22 @@ impl ErrorCode {
         (31, ErrorCode::BadKeyPackage),
     ];
 
+    /// Whether the same request may succeed later unchanged: the relay or a backend behind it
+    /// is busy, restarting or down, or the sender went too fast. A client keeps a message that
+    /// met one of these in its outbox and sends it again; any other refusal is final.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited
+                | ErrorCode::QueueOverflow
+                | ErrorCode::BrokerUnavailable
+                | ErrorCode::StoreUnavailable
+                | ErrorCode::MailboxUnavailable
+                | ErrorCode::Timeout
+                | ErrorCode::ShuttingDown
+        )
+    }
+
     /// The numeric code.
     pub fn as_u16(self) -> u16 {
         if let ErrorCode::Other(n) = self {

@@ -76,17 +76,7 @@ impl NetError {
     pub fn is_transient(&self) -> bool {
         matches!(self, NetError::Unreachable(_) | NetError::Disconnected)
             && !matches!(self, NetError::Plaintext { .. })
-            || matches!(
-                self,
-                NetError::Refused {
-                    code: ErrorCode::RateLimited
-                        | ErrorCode::StoreUnavailable
-                        | ErrorCode::BrokerUnavailable
-                        | ErrorCode::ShuttingDown
-                        | ErrorCode::Timeout,
-                    ..
-                }
-            )
+            || matches!(self, NetError::Refused { code, .. } if code.is_transient())
     }
 }
 

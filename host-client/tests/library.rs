@@ -390,3 +390,60 @@ async fn new_senders_do_not_hold_up_a_contact() {
     let _ = stop_tx.send(());
     serving.await.unwrap();
 }
+
+/// The relay's mailbox backend goes down while the recipient is away: the relay answers
+/// `rejected: mailbox_unavailable`, which may pass. The message stays in the sender's outbox
+/// (before, only `broker_unavailable` and `rate_limited` kept it: this one was marked failed
+/// and removed, lost although docs/PROTOCOL.md §2.6 promised a retry), and goes out once the
+/// backend is back; the recipient reads both messages, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_while_the_mailbox_is_down_stays_in_the_outbox() {
+    let mut redis = syncra_test_support::servers::RedisServer::start_durable();
+    let url = redis.url();
+    let relay = TestRelay::start(|c| {
+        c.mailbox = serde_json::json!({ "kind": "redis", "url": url });
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    bob.disconnect().await;
+    drop(bob);
+
+    let first = alice.send_text("bob", "while it works").await.unwrap();
+    assert_eq!(first.state, SendState::Stored, "{first:?}");
+    redis.stop();
+    let second = alice.send_text("bob", "while it is down").await.unwrap();
+    assert!(
+        matches!(&second.state, SendState::Queued(why) if why.contains("mailbox")),
+        "{second:?}"
+    );
+    assert_eq!(alice.outbox_len(), 1, "kept for another try");
+
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
+    loop {
+        let sent = alice.drain_outbox().await.unwrap();
+        if sent.iter().any(|r| r.state == SendState::Stored) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stored once the mailbox was back: {sent:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(alice.outbox_len(), 0);
+
+    let mut bob = Client::open(Home::at(dir.path().join("bob")), PASS).unwrap();
+    let mut pushes = bob.take_pushes().unwrap();
+    bob.connect().await.unwrap();
+    let mut texts = Vec::new();
+    while texts.len() < 2 {
+        if let (Incoming::Message { text, .. }, _) = next_message(&mut bob, &mut pushes).await {
+            texts.push(text);
+        }
+    }
+    assert_eq!(texts, ["while it works", "while it is down"]);
+}

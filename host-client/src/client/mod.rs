@@ -881,11 +881,10 @@ impl Client {
     }
 }
 
-fn is_transient_rejection(o: &Outcome) -> bool {
-    matches!(
-        o,
-        Outcome::Rejected(ErrorCode::BrokerUnavailable | ErrorCode::RateLimited)
-    )
+/// Whether a recipient's outcome is a refusal that may not be repeated: a rejection that is
+/// not transient ([`ErrorCode::is_transient`]).
+fn is_final_rejection(o: &Outcome) -> bool {
+    matches!(o, Outcome::Rejected(code) if !code.is_transient())
 }
 
 /// The overall state from per-recipient outcomes: failed if any was rejected, offline if any

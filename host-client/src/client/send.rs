@@ -203,8 +203,11 @@ impl Client {
         {
             Ok(outcomes) => {
                 let state = overall(&outcomes);
+                // Refused for a reason that may pass (the relay's mailbox or broker was down, the
+                // sender too fast) and for no final one: kept and sent again. Recipients it
+                // reached meanwhile show the repeat once (by message id).
                 if let SendState::Failed(why) = &state
-                    && outcomes.iter().all(|o| is_transient_rejection(&o.outcome))
+                    && !outcomes.iter().any(|o| is_final_rejection(&o.outcome))
                 {
                     return Ok(queued(why.clone()));
                 }

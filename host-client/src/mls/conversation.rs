@@ -1229,6 +1229,59 @@ mod tests {
         }
     }
 
+    /// A relay knows a conversation's id and can claim its members' published KeyPackages: it
+    /// builds a group of its own under that id, as mallory (a user of its own, honestly bound
+    /// to her key), and sends bob the Welcome — a copy "behind" the Welcome's epoch would have
+    /// been replaced by it, mallory inside. Replacing a copy takes a Welcome made by a member of
+    /// it: refused before bob's KeyPackage is used up; alice's readmission of bob is taken.
+    #[test]
+    fn a_welcome_replacing_a_copy_must_come_from_a_member_of_it() {
+        let (_alice, mut a, bob, b) = pair();
+        let members = b.roster().expect("roster");
+        let mallory_keys = IdentityKeyPair::generate();
+        let mallory = MlsIdentity::new(&mallory_keys);
+        let provider = Provider::default();
+        let signer = IdentitySigner::new(&mallory_keys);
+        let mut fake = MlsGroup::new_with_group_id(
+            &provider,
+            &signer,
+            &create_config(),
+            GroupId::from_slice(a.id().as_bytes()),
+            credential_for(&mallory_keys),
+        )
+        .expect("create");
+        let (_, welcome, _) = fake
+            .add_members(&provider, &signer, &[key_package_of(&bob).key_package])
+            .expect("add");
+        let welcome = welcome.to_bytes().expect("encode");
+        match bob.rejoin_from(&welcome, &members) {
+            Err(MlsError::WelcomeFromOutsider {
+                conversation,
+                sender,
+            }) => {
+                assert_eq!(conversation, a.id());
+                assert_eq!(sender, mallory.user_id());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Refused before anything was used: as a first invitation the same Welcome still joins
+        // (a new conversation shows its members; what was refused is the silent replacement).
+        assert!(bob.join(&welcome).is_ok());
+
+        // Bob's copy falls behind; he asks to be let back in, and alice, a member, does it.
+        let _ = a.update().expect("update");
+        a.commit_accepted().expect("accepted");
+        let body = bob.rejoin_request(&b).expect("request");
+        let request = RejoinRequest::from_bytes(&body, b.id(), b.epoch()).expect("request");
+        a.check_rejoin(&request).expect("behind");
+        let out = a.readmit(&request).expect("readmit");
+        a.commit_accepted().expect("accepted");
+        let back = bob
+            .rejoin_from(&out.welcome.expect("welcome"), &members)
+            .expect("a member's Welcome is taken");
+        assert_eq!(back.epoch(), a.epoch());
+    }
+
     #[test]
     fn a_commit_adding_a_leaf_not_bound_to_its_key_is_not_merged() {
         let (alice, mut a, _bob, mut b) = pair();

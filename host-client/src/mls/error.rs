@@ -152,6 +152,21 @@ pub enum MlsError {
     /// The Welcome could not be used (bad signature, tree mismatch, unsupported extension).
     #[error("invalid Welcome: {0}")]
     InvalidWelcome(String),
+
+    /// A Welcome that would replace this member's copy of a conversation was made by someone
+    /// who was not a member of it: only a member can let someone back in. (A relay that knows
+    /// a group's id could otherwise build a group of its own under that id, with the real
+    /// members' published KeyPackages and a leaf of its own, and take the conversation over.)
+    #[error(
+        "a Welcome to conversation {conversation} from {sender}, who is not a member of it; \
+         ignored (only a member can let someone back in)"
+    )]
+    WelcomeFromOutsider {
+        /// The conversation it would have replaced.
+        conversation: super::ConversationId,
+        /// Who made it.
+        sender: UserId,
+    },
     /// The KeyPackage is invalid (bad signature, expired, wrong suite).
     #[error("invalid KeyPackage: {0}")]
     InvalidKeyPackage(String),

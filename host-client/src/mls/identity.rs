@@ -330,6 +330,25 @@ impl MlsIdentity {
     /// otherwise the join is refused before any state is kept. The KeyPackage used is deleted
     /// from the store, unless it is the last-resort one.
     pub fn join(&self, welcome: &[u8]) -> Result<Conversation, MlsError> {
+        self.join_from(welcome, None)
+    }
+
+    /// [`Identity::join`], for a Welcome that would replace a copy this member has: refused
+    /// unless the member who made it (the Welcome's signer, bound to its user) is one of
+    /// `members`, before any state is kept or a KeyPackage used up.
+    pub fn rejoin_from(
+        &self,
+        welcome: &[u8],
+        members: &[UserId],
+    ) -> Result<Conversation, MlsError> {
+        self.join_from(welcome, Some(members))
+    }
+
+    fn join_from(
+        &self,
+        welcome: &[u8],
+        members: Option<&[UserId]>,
+    ) -> Result<Conversation, MlsError> {
         let message = MlsMessageIn::tls_deserialize_exact_bytes(welcome).map_err(|_| {
             MlsError::Malformed {
                 expected: "Welcome",
@@ -374,6 +393,26 @@ impl MlsIdentity {
         }
         for member in staged.members() {
             bound_user_id(&member.credential, &member.signature_key)?;
+        }
+        if let Some(members) = members {
+            // The signer of the Welcome's group info, verified by openmls against this leaf.
+            let sender = staged
+                .welcome_sender()
+                .map_err(|e| MlsError::InvalidWelcome(e.to_string()))?;
+            let sender = bound_user_id(sender.credential(), sender.signature_key().as_slice())?;
+            if sender == self.user_id() || !members.contains(&sender) {
+                return Err(MlsError::WelcomeFromOutsider {
+                    conversation: ConversationId::from_bytes(
+                        staged
+                            .group_context()
+                            .group_id()
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| MlsError::GroupIdLength(id_len))?,
+                    ),
+                    sender,
+                });
+            }
         }
         let group = staged
             .into_group(&provider)

@@ -1316,9 +1316,12 @@ impl Conversations {
             // its copy is behind the Welcome's epoch or out of the group: then the others let
             // it back in (a removal and an addition in one commit, which only a member can
             // make), and the copy is replaced.
-            let rejoined = match self.groups.get(&id) {
-                None => false,
-                Some(old) if !old.is_active() || old.epoch() < header.epoch => true,
+            // Only a member of the copy it replaces can have made it: the Welcome's signer must
+            // be in that copy's roster (a relay knows group ids and can claim KeyPackages, but
+            // cannot sign as a member).
+            let replaced = match self.groups.get(&id) {
+                None => None,
+                Some(old) if !old.is_active() || old.epoch() < header.epoch => Some(old.roster()?),
                 Some(_) => {
                     return Err(MlsError::Unsupported(
                         "a Welcome to a conversation already joined",
@@ -1326,7 +1329,11 @@ impl Conversations {
                     .into());
                 }
             };
-            let conversation = self.identity.join(carried.body)?;
+            let rejoined = replaced.is_some();
+            let conversation = match &replaced {
+                None => self.identity.join(carried.body)?,
+                Some(members) => self.identity.rejoin_from(carried.body, members)?,
+            };
             if conversation.id() != id || conversation.epoch() != header.epoch {
                 return Err(ServiceError::Mismatch {
                     declared: format!("a Welcome to {id} in epoch {}", header.epoch),

@@ -86,13 +86,40 @@ pub fn check_bot_text(text: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Carries out a plugin's actions: replies go to `reply_to`, sends to whoever they name.
+/// Actions one plugin call may ask for: each sends a message as the user, durably, so a
+/// plugin returning thousands would hold the session for as long as they take. The rest are
+/// refused with one error.
+pub const MAX_BOT_ACTIONS: usize = 16;
+
+/// The commands a plugin declared, for a person to read: each name escaped (a plugin chooses
+/// it, and could put terminal escapes in it), at most 32 of them, each cut at 64 characters.
+pub fn command_list(commands: &[syncra_plugin_wasm::BotCommand]) -> String {
+    const SHOWN: usize = 32;
+    const NAME: usize = 64;
+    let mut names: Vec<String> = commands
+        .iter()
+        .take(SHOWN)
+        .map(|c| {
+            let name: String = c.name.chars().take(NAME).collect();
+            format!("/{}", escape_untrusted(&name))
+        })
+        .collect();
+    if commands.len() > SHOWN {
+        names.push(format!("and {} more", commands.len() - SHOWN));
+    }
+    names.join(", ")
+}
+
+/// Carries out a plugin's actions: replies go to `reply_to`, sends to whoever they name. At
+/// most [`MAX_BOT_ACTIONS`]; beyond them, one error for the rest.
 pub async fn perform(
     client: &mut Client,
     reply_to: &Target,
-    actions: Vec<BotAction>,
+    mut actions: Vec<BotAction>,
 ) -> Vec<Result<crate::SendReport, ClientError>> {
     let mut out = Vec::new();
+    let over = actions.len().saturating_sub(MAX_BOT_ACTIONS);
+    actions.truncate(MAX_BOT_ACTIONS);
     for action in actions {
         let result = match action {
             BotAction::Reply(text) => {
@@ -110,6 +137,15 @@ pub async fn perform(
             tracing::warn!("a plugin action failed: {e:#}");
         }
         out.push(result);
+    }
+    if over > 0 {
+        let e = ClientError::Invalid(format!(
+            "the plugin asked for {} actions in one call; the first {MAX_BOT_ACTIONS} were \
+             carried out and the other {over} refused",
+            over + MAX_BOT_ACTIONS
+        ));
+        tracing::warn!("{e}");
+        out.push(Err(e));
     }
     out
 }
@@ -188,6 +224,34 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plugin chooses its command names: they reach the terminal escaped, cut, and at most
+    /// 32 of them (an OSC 52 sequence would otherwise write the person's clipboard).
+    #[test]
+    fn command_names_are_inert_and_bounded() {
+        let command = |name: &str| syncra_plugin_wasm::BotCommand {
+            name: name.to_owned(),
+            help: String::new(),
+        };
+        let shown = command_list(&[
+            command("roll"),
+            command("x\u{1b}]52;c;aGk=\u{7}"),
+            command("\u{202e}txt.exe"),
+            command(&"n".repeat(500)),
+        ]);
+        assert!(
+            !shown.chars().any(syncra_core::text::is_unsafe_char),
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("/roll, /x\\u{1b}]52;c;aGk=\\u{7}, /\\u{202e}txt.exe, "),
+            "{shown}"
+        );
+        assert!(shown.ends_with(&format!("/{}", "n".repeat(64))), "{shown}");
+        let many: Vec<_> = (0..100).map(|i| command(&format!("c{i}"))).collect();
+        let shown = command_list(&many);
+        assert!(shown.ends_with("/c31, and 68 more"), "{shown}");
+    }
 
     #[test]
     fn bot_names_name_a_file_so_they_are_plain() {

@@ -534,11 +534,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .as_deref()
                     .unwrap_or("(unregistered)"),
                 client.user_id(),
-                commands
-                    .iter()
-                    .map(|c| format!("/{}", c.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                syncra_client::bot::command_list(&commands)
             );
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -160,6 +160,19 @@ async fn a_hostile_bot_is_contained_and_chat_goes_on() {
             format!("hi bob, {attack} done")
         );
     }
+    // A call asking for 40 replies gets the first 16; the next message is answered next.
+    send(&mut alice, "badbot", "flood 40").await;
+    for i in 0..syncra_client::bot::MAX_BOT_ACTIONS {
+        assert_eq!(
+            next_text(&mut alice, &mut alice_pushes).await,
+            format!("flood {i}")
+        );
+    }
+    send(&mut alice, "badbot", "ping after flood").await;
+    assert_eq!(
+        next_text(&mut alice, &mut alice_pushes).await,
+        "still alive: ping after flood"
+    );
     send(&mut alice, "badbot", "fs /etc/hostname").await;
     let reply = next_text(&mut alice, &mut alice_pushes).await;
     assert!(reply.starts_with("fs denied"), "{reply}");

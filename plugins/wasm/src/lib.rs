@@ -270,6 +270,10 @@ impl WasmHost {
         config.consume_fuel(true);
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        // 64-bit memories and tables are of no use to a plugin built for wasm32-wasip2, and a
+        // 64-bit table lets `table.grow` overflow, a path the limiter must not be the only
+        // guard of.
+        config.wasm_memory64(false);
         // Compiled code is cached on disk (wasmtime's default cache directory), so a large
         // component compiles once per machine, not once per start. Without a usable cache
         // directory it simply compiles every time.
@@ -308,6 +312,44 @@ struct HostState {
     table: ResourceTable,
     limits: Limiter,
     kv: Arc<Mutex<KvStore>>,
+    log: LogBudget,
+}
+
+/// Log lines a plugin instance may write in a burst, and then per second: a host call costs
+/// the guest no fuel, so without a budget one call could write the disk full before its
+/// deadline. What is over budget is counted and said in the next line that is written.
+const LOG_BURST: f64 = 100.0;
+const LOG_PER_SECOND: f64 = 10.0;
+
+/// A token bucket of log lines.
+#[derive(Debug)]
+struct LogBudget {
+    tokens: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new() -> Self {
+        LogBudget {
+            tokens: LOG_BURST,
+            last: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be written at `now`, and how many were suppressed before it.
+    fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * LOG_PER_SECOND).min(LOG_BURST);
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl WasiView for HostState {
@@ -319,10 +361,26 @@ impl WasiView for HostState {
     }
 }
 
-fn log_line(name: &str, level: &str, message: &str) {
-    // Plugin output is untrusted: cut it and never let it forge extra log lines.
-    let mut m: String = message.chars().take(1000).collect();
-    m.retain(|c| c != '\n' && c != '\r');
+/// What a plugin's log message becomes in the host's log: cut at 1 000 characters, with every
+/// control, line break and bidi override written as a visible escape (plugin output is
+/// untrusted: it must neither forge log lines nor reach a terminal raw).
+fn log_text(message: &str, suppressed: u64) -> String {
+    let cut: String = message.chars().take(1000).collect();
+    let text = syncra_core::text::escape_untrusted(&cut).into_owned();
+    if suppressed > 0 {
+        format!(
+            "{text} ({suppressed} earlier lines of this plugin were over its log budget and not written)"
+        )
+    } else {
+        text
+    }
+}
+
+fn log_line(name: &str, level: &str, message: &str, budget: &mut LogBudget) {
+    let Some(suppressed) = budget.allow(std::time::Instant::now()) else {
+        return;
+    };
+    let m = log_text(message, suppressed);
     match level {
         "error" => tracing::error!(plugin = name, "{m}"),
         "warn" => tracing::warn!(plugin = name, "{m}"),
@@ -342,7 +400,7 @@ macro_rules! host_impl {
                     Level::Warn => "warn",
                     Level::Error => "error",
                 };
-                log_line(&self.name, level, &message);
+                log_line(&self.name, level, &message, &mut self.log);
             }
 
             fn now_ms(&mut self) -> u64 {
@@ -376,8 +434,15 @@ host_impl!(bot_bindings);
 host_impl!(hook_bindings);
 impl hook_bindings::syncra::plugin::relay_types::Host for HostState {}
 
+/// Resources (pollables, streams, sockets) one plugin instance may hold at once.
+pub(crate) const MAX_RESOURCES: usize = 4096;
+/// Bytes of randomness one `get-random-bytes` call may ask for: the host allocates them, and
+/// WASI's default (64 MiB) is more than a plugin's whole memory cap.
+pub(crate) const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+
 fn build_wasi(name: &str, grants: &Grants) -> Result<WasiCtx, WasmError> {
     let mut b = WasiCtx::builder();
+    b.max_random_size(MAX_RANDOM_BYTES);
     // Nothing is inherited: no environment, no arguments, no stdin. Network only if granted.
     b.allow_tcp(grants.network)
         .allow_udp(grants.network)
@@ -550,5 +615,52 @@ pub fn resolve_path(base: Option<&Path>, path: &Path) -> PathBuf {
     match base {
         Some(dir) if path.is_relative() => dir.join(path),
         _ => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plugin writes at most a burst of lines and then ten a second, and the next line it
+    /// may write says how many were not; every line is escaped and cut.
+    #[test]
+    fn plugin_log_lines_are_budgeted_escaped_and_cut() {
+        let start = std::time::Instant::now();
+        let mut budget = LogBudget::new();
+        let written = (0..10_000)
+            .filter(|_| budget.allow(start).is_some())
+            .count();
+        assert_eq!(written, LOG_BURST as usize);
+        let later = start + std::time::Duration::from_millis(1000);
+        assert_eq!(budget.allow(later), Some(10_000 - LOG_BURST as u64));
+        assert_eq!(budget.allow(later), Some(0));
+        let text = log_text("a\nforged: line\u{1b}[2J\u{202e}", 3);
+        assert!(
+            !text.chars().any(syncra_core::text::is_unsafe_char),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("a\\nforged: line\\u{1b}[2J\\u{202e} (3 earlier"),
+            "{text}"
+        );
+        assert_eq!(log_text(&"x".repeat(5000), 0).len(), 1000);
+    }
+
+    /// 64-bit memories and tables are refused when a plugin is compiled: a 64-bit table let
+    /// `table.grow` by an amount that overflows reach the limiter as a failure report without
+    /// a request before it (see `limits.rs`).
+    #[test]
+    fn sixty_four_bit_memories_and_tables_are_refused() {
+        let host = WasmHost::new().unwrap();
+        for wat in ["(module (memory i64 1))", "(module (table i64 1 funcref))"] {
+            assert!(
+                wasmtime::Module::new(&host.engine, wat).is_err(),
+                "{wat} compiled"
+            );
+        }
+        assert!(
+            wasmtime::Module::new(&host.engine, "(module (memory 1) (table 1 funcref))").is_ok()
+        );
     }
 }

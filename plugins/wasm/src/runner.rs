@@ -211,9 +211,16 @@ impl<W: World> Runner<W> {
             HostState {
                 name: self.name.clone(),
                 wasi,
-                table: ResourceTable::new(),
+                table: {
+                    // Handles a guest holds at once (pollables, streams): not the default
+                    // million, whose host memory the memory cap does not see.
+                    let mut table = ResourceTable::new();
+                    table.set_max_capacity(crate::MAX_RESOURCES);
+                    table
+                },
                 limits: Limiter::new(self.config.memory_mib),
                 kv: self.kv.clone(),
+                log: crate::LogBudget::new(),
             },
         );
         store.limiter(|s| &mut s.limits);

@@ -2,8 +2,8 @@
 //! `loop` spins forever, `hog` allocates until memory runs out, `trap` panics, `fs [PATH]` tries to
 //! read a host file, `net ADDR` tries to open a TCP connection, `sleep` sleeps for five minutes
 //! (WASI `subscribe-duration` and a blocking wait, through `std::thread::sleep`, burning no
-//! fuel); anything else is echoed, so a test can check the plugin still works after being
-//! restarted.
+//! fuel), `flood N` answers with N replies; anything else is echoed, so a test can check the
+//! plugin still works after being restarted.
 
 wit_bindgen::generate!({ path: "../../../plugin-sdk/wit", world: "bot" });
 
@@ -51,6 +51,14 @@ impl Guest for Hostile {
                     Ok(_) => format!("connected to {addr}"),
                     Err(e) => format!("net denied: {e}"),
                 }
+            }
+            "flood" => {
+                let n: usize = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1000);
+                return (0..n).map(|i| Action::Reply(format!("flood {i}"))).collect();
             }
             _ => format!("still alive: {text}"),
         };

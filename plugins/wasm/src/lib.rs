@@ -146,8 +146,13 @@ pub struct PluginHealth {
 pub struct Grants {
     /// Directories the plugin may read and write, mounted at the same path inside.
     pub dirs: Vec<PathBuf>,
-    /// Outgoing network access (TCP/UDP and name lookups).
+    /// Outgoing network access (TCP/UDP and name lookups) to public addresses: connecting and
+    /// sending only, never binding a chosen address, listening or accepting.
     pub network: bool,
+    /// With `network`, also loopback, private, link-local and other non-public addresses: the
+    /// host's own services (a broker, a database, the admin endpoint) and a cloud's metadata
+    /// endpoint are reachable from there, so this is a grant of its own.
+    pub network_local: bool,
     /// The host's stderr for the plugin's own prints (its `log` import always works).
     pub stderr: bool,
 }
@@ -434,6 +439,61 @@ host_impl!(bot_bindings);
 host_impl!(hook_bindings);
 impl hook_bindings::syncra::plugin::relay_types::Host for HostState {}
 
+/// Whether a plugin granted the network may use `addr` so: connect and send to public
+/// addresses (or, with `local`, to any), bind only the ephemeral wildcard (what a connection or
+/// a datagram binds implicitly), never listen or accept.
+fn socket_allowed(
+    addr: std::net::SocketAddr,
+    used: wasmtime_wasi::sockets::SocketAddrUse,
+    local: bool,
+) -> bool {
+    use wasmtime_wasi::sockets::SocketAddrUse;
+    match used {
+        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+            addr.ip().is_unspecified() && addr.port() == 0
+        }
+        SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => false,
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+            local || is_public(addr.ip())
+        }
+    }
+}
+
+/// Whether `ip` is an address on the internet rather than this host, its networks or a
+/// special range (loopback, private, shared, link-local, unique-local, multicast,
+/// documentation, unspecified; an IPv4-mapped IPv6 address as its IPv4 address).
+fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+                || (a == 192 && b == 0) // IETF protocol assignments
+                || a >= 240) // reserved
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || first == 0x2001 && v6.segments()[1] == 0xdb8) // documentation
+        }
+    }
+}
+
 /// Resources (pollables, streams, sockets) one plugin instance may hold at once.
 pub(crate) const MAX_RESOURCES: usize = 4096;
 /// Bytes of randomness one `get-random-bytes` call may ask for: the host allocates them, and
@@ -449,6 +509,11 @@ fn build_wasi(name: &str, grants: &Grants) -> Result<WasiCtx, WasmError> {
         .allow_ip_name_lookup(grants.network);
     if grants.network {
         b.inherit_network();
+        let local = grants.network_local;
+        b.socket_addr_check(move |addr, used| {
+            let allowed = socket_allowed(addr, used, local);
+            Box::pin(async move { allowed })
+        });
     }
     if grants.stderr {
         b.inherit_stderr();
@@ -621,6 +686,49 @@ pub fn resolve_path(base: Option<&Path>, path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the network granted, a plugin connects and sends to public addresses only (the
+    /// host's own services and a cloud's metadata endpoint need `network_local`), binds only
+    /// the ephemeral wildcard, and never listens or accepts.
+    #[test]
+    fn the_network_grant_reaches_public_addresses_only() {
+        use wasmtime_wasi::sockets::SocketAddrUse as U;
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        for public in [
+            "1.1.1.1:443",
+            "[2606:4700::1111]:443",
+            "[::ffff:8.8.8.8]:53",
+        ] {
+            assert!(socket_allowed(at(public), U::TcpConnect, false), "{public}");
+            assert!(socket_allowed(at(public), U::UdpSend, false), "{public}");
+        }
+        for local in [
+            "127.0.0.1:6379",
+            "10.1.2.3:4222",
+            "172.16.0.1:5432",
+            "192.168.1.1:80",
+            "169.254.169.254:80",
+            "100.64.0.1:80",
+            "0.0.0.0:80",
+            "224.0.0.1:5353",
+            "255.255.255.255:9",
+            "[::1]:7444",
+            "[fe80::1]:80",
+            "[fd00::1]:80",
+            "[::ffff:127.0.0.1]:6379",
+            "[::]:80",
+        ] {
+            assert!(!socket_allowed(at(local), U::TcpConnect, false), "{local}");
+            assert!(!socket_allowed(at(local), U::UdpSend, false), "{local}");
+            assert!(socket_allowed(at(local), U::TcpConnect, true), "{local}");
+        }
+        assert!(socket_allowed(at("0.0.0.0:0"), U::TcpBind, false));
+        assert!(socket_allowed(at("[::]:0"), U::UdpBind, false));
+        assert!(!socket_allowed(at("0.0.0.0:8080"), U::TcpBind, true));
+        assert!(!socket_allowed(at("127.0.0.1:0"), U::UdpBind, true));
+        assert!(!socket_allowed(at("0.0.0.0:0"), U::TcpListen, true));
+        assert!(!socket_allowed(at("1.1.1.1:1234"), U::TcpAccept, true));
+    }
 
     /// A plugin writes at most a burst of lines and then ten a second, and the next line it
     /// may write says how many were not; every line is escaped and cut.

@@ -340,10 +340,25 @@ fn files_and_sockets_need_a_grant() {
     let net = reply(jailed.on_message(&message(&format!("net {addr}"))).unwrap());
     assert!(net.starts_with("net denied"), "{net}");
 
+    // The network alone reaches public addresses only: not this host's services.
+    let public_only = bot("hostile", |c| {
+        c.grants = Grants {
+            network: true,
+            ..Grants::default()
+        }
+    });
+    let net = reply(
+        public_only
+            .on_message(&message(&format!("net {addr}")))
+            .unwrap(),
+    );
+    assert!(net.starts_with("net denied"), "{net}");
+
     let granted = bot("hostile", |c| {
         c.grants = Grants {
             dirs: vec![dir.path().to_path_buf()],
             network: true,
+            network_local: true,
             stderr: false,
         }
     });

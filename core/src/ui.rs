@@ -12,6 +12,12 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::id::UserId;
 
+/// The largest message text, in bytes, a person (or a bot) may send in one message. It keeps
+/// the sealed message well under the relay's frame limit: a longer text could never leave the
+/// outbox. Frontends check it before they clear what was typed, and the client refuses a
+/// longer text with a clear error before anything is written.
+pub const MAX_MESSAGE_TEXT: usize = 200 * 1024;
+
 /// A conversation: one contact or one group.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConversationId {

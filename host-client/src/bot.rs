@@ -72,7 +72,7 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
 /// under the envelope's body limit (256 KiB with the message's own fields) and well under the
 /// relay's frame limit; a longer text is refused at once with a log line, never queued (it
 /// could never leave the outbox).
-pub const MAX_BOT_TEXT: usize = 200 * 1024;
+pub const MAX_BOT_TEXT: usize = syncra_core::ui::MAX_MESSAGE_TEXT;
 
 /// Refuses a bot text over [`MAX_BOT_TEXT`], saying so.
 pub fn check_bot_text(text: &str) -> Result<(), ClientError> {

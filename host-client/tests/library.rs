@@ -391,6 +391,29 @@ async fn new_senders_do_not_hold_up_a_contact() {
     serving.await.unwrap();
 }
 
+/// A text over the limit for one message is refused with a clear error before anything is
+/// written: it could never leave the outbox, and would hold up what is typed after it.
+#[tokio::test]
+async fn a_text_over_the_limit_is_refused_before_the_outbox() {
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let _bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    let long = "x".repeat(syncra_core::ui::MAX_MESSAGE_TEXT + 1);
+    match alice.send_text("bob", &long).await {
+        Err(syncra_client::client::ClientError::Invalid(why)) => {
+            assert!(why.contains("limit"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(alice.outbox_len(), 0);
+    assert!(alice.history_of("bob", None).unwrap().is_empty());
+    let fits = "x".repeat(syncra_core::ui::MAX_MESSAGE_TEXT);
+    let sent = alice.send_text("bob", &fits).await.unwrap();
+    assert_eq!(sent.state, SendState::Delivered, "{sent:?}");
+}
+
 /// The relay's mailbox backend goes down while the recipient is away: the relay answers
 /// `rejected: mailbox_unavailable`, which may pass. The message stays in the sender's outbox
 /// (before, only `broker_unavailable` and `rate_limited` kept it: this one was marked failed

@@ -40,6 +40,16 @@ impl Client {
                 "nothing to send: the message is empty".into(),
             ));
         }
+        // A longer text could never leave the outbox (the relay refuses the frame), and would
+        // hold up every message typed after it.
+        if text.len() > syncra_core::ui::MAX_MESSAGE_TEXT {
+            return Err(ClientError::Invalid(format!(
+                "the message is {} bytes, over the {}-byte limit for one message; it was not \
+                 sent (split it into several)",
+                text.len(),
+                syncra_core::ui::MAX_MESSAGE_TEXT
+            )));
+        }
         let id = hex_id(&new_message_id());
         let pending = Pending {
             id: id.clone(),

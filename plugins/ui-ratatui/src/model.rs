@@ -833,6 +833,18 @@ fn send_composer(m: &mut Main) -> Vec<UserAction> {
         ));
         return Vec::new();
     }
+    if text.len() > syncra_core::ui::MAX_MESSAGE_TEXT {
+        // Kept in the composer: the person can cut it in two.
+        m.status = Some((
+            format!(
+                "the message is {} KiB, over the {} KiB limit for one message: split it",
+                text.len().div_ceil(1024),
+                syncra_core::ui::MAX_MESSAGE_TEXT / 1024
+            ),
+            true,
+        ));
+        return Vec::new();
+    }
     // Clear the composer only once the text is handed to the client (which writes it to the
     // outbox before anything else), so nothing typed is lost.
     let mut fresh = TextArea::default();

@@ -369,6 +369,27 @@ fn sending_to_a_changed_key_is_blocked_and_the_text_kept() {
     assert!(main_of(&m).status.as_ref().unwrap().0.contains("blocked"));
 }
 
+/// A text over the limit for one message is not sent, and stays in the composer (nothing
+/// typed is lost; the client would refuse it, and it could never leave the outbox).
+#[test]
+fn a_message_over_the_limit_stays_in_the_composer() {
+    let mut m = main_model();
+    let line = "x".repeat(1000);
+    let text = vec![line.as_str(); 210].join("\n");
+    m.update(Message::Paste(text.clone()));
+    m.update(key(KeyCode::Char('y')));
+    assert!(m.update(key(KeyCode::Enter)).is_empty());
+    let main = main_of(&m);
+    assert!(
+        main.status
+            .as_ref()
+            .unwrap()
+            .0
+            .contains("over the 200 KiB limit")
+    );
+    assert_eq!(main.composer.lines().join("\n"), text);
+}
+
 #[test]
 fn a_long_paste_asks_first() {
     let mut m = main_model();

@@ -158,10 +158,12 @@ pub async fn ask(
     let hooks = hooks.to_vec();
     match tokio::task::spawn_blocking(move || decide(hooks.iter().map(|h| f(h.as_ref())))).await {
         Ok(v) => v,
-        // A panic in our own glue, not in the guest (guest failures are verdicts already).
+        // A panic in our own glue or a native hook (guest failures are verdicts already):
+        // refused, since which hook failed, and whether it was to fail open, is not known here,
+        // and a policy must not be bypassed by making its call fail.
         Err(e) => {
-            tracing::error!("a relay hook call panicked: {e}");
-            Verdict::Allow
+            tracing::error!("a relay hook call panicked: {e}; refusing");
+            Verdict::Deny("a relay policy check failed; try again later".into())
         }
     }
 }
@@ -396,6 +398,32 @@ mod wasm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hook whose call panics (a bug in glue or a native hook): refused, never allowed.
+    #[tokio::test]
+    async fn a_hook_call_that_panics_is_a_refusal() {
+        struct Panics;
+        impl RelayHook for Panics {
+            fn name(&self) -> &str {
+                "panics"
+            }
+            fn on_connect(&self, _: &syncra_core::UserId, _: std::net::IpAddr) -> Verdict {
+                panic!("a bug")
+            }
+            fn on_envelope(
+                &self,
+                _: &syncra_core::UserId,
+                _: &[syncra_core::UserId],
+                _: usize,
+            ) -> Verdict {
+                panic!("a bug")
+            }
+        }
+        let hooks: Vec<Arc<dyn RelayHook>> = vec![Arc::new(Panics)];
+        let user = syncra_core::UserId::from_bytes([1; syncra_core::id::USER_ID_LEN]);
+        let verdict = ask(&hooks, move |h| h.on_envelope(&user, &[], 10)).await;
+        assert!(matches!(verdict, Verdict::Deny(_)), "{verdict:?}");
+    }
 
     #[test]
     fn first_deny_wins_and_delays_add_up_bounded() {

@@ -404,10 +404,26 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
         };
         let sender = opened.sender();
-        if let Some(queue) = self.parked.get_mut(&sender) {
-            // Behind the same sender's earlier messages, so their order holds.
-            queue.push_back((entry, opened));
-            self.parked_len += 1;
+        if self.parked.contains_key(&sender) {
+            if self.parked_len >= MAX_PARKED {
+                // At the bound (a relay can hold a lookup's answer back while one sender's
+                // messages keep coming): what this sender has waiting is filed now, without
+                // its lookup (under its short id, as after a crash), then this one. Order
+                // holds and memory stays bounded.
+                self.file_parked(client, sender, None).await;
+                self.file(client, entry, opened, None).await;
+                return;
+            }
+            // Behind the same sender's earlier messages, so their order holds; on disk like
+            // them, since its key is used too.
+            let mut opened = opened;
+            if let Err(e) = client.spool(&mut opened) {
+                tracing::warn!("keeping a waiting message on disk: {e:#}");
+            }
+            if let Some(queue) = self.parked.get_mut(&sender) {
+                queue.push_back((entry, opened));
+                self.parked_len += 1;
+            }
             return;
         }
         if self.parked_len < MAX_PARKED && client.lookup_needed(&opened).is_some() {

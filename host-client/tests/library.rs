@@ -247,7 +247,9 @@ async fn relay_on_postgres() -> (syncra_test_support::postgres::PostgresServer, 
 /// used: that copy never opens again). The process dies in that window — here the lookups hang
 /// on the relay's frozen PostgreSQL store and the serving task is aborted — and the message is
 /// not lost: it was kept sealed in `spool/`, and the next start files it (as a message request,
-/// under the sender's short id until the handle is known). Before the spool, this lost it.
+/// under the sender's short id until the handle is known). Before the spool, this lost it; and
+/// until 2026-12-07 a second message of the same sender, waiting behind the first, was kept in
+/// memory only and lost too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
     use syncra_client::client::{Serve, ServeEvent};
@@ -262,6 +264,9 @@ async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
     let stranger_id = stranger.user_id();
     // Delivered live to bob's session (no mailbox copy will come again).
     let report = stranger.send_text("bob", "do not lose me").await.unwrap();
+    assert_eq!(report.state, SendState::Delivered);
+    // A second one waits behind the first (before, only the first was kept on disk).
+    let report = stranger.send_text("bob", "nor me").await.unwrap();
     assert_eq!(report.state, SendState::Delivered);
     let report = alice.send_text("bob", "from a contact").await.unwrap();
     assert_eq!(report.state, SendState::Delivered);
@@ -288,7 +293,7 @@ async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
     let spooled = std::fs::read_dir(dir.path().join("bob").join("spool"))
         .unwrap()
         .count();
-    assert_eq!(spooled, 1, "the waiting message is on disk");
+    assert_eq!(spooled, 2, "the waiting messages are on disk");
     pg.resume();
 
     let bob = Client::open(Home::at(dir.path().join("bob")), PASS).unwrap();
@@ -301,7 +306,7 @@ async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
         .into_iter()
         .map(|m| m.text)
         .collect();
-    assert_eq!(filed, ["do not lose me"]);
+    assert_eq!(filed, ["do not lose me", "nor me"]);
     assert_eq!(
         std::fs::read_dir(dir.path().join("bob").join("spool"))
             .unwrap()
@@ -312,7 +317,7 @@ async fn a_message_waiting_for_its_senders_lookup_survives_a_crash() {
     // A second start files nothing twice.
     drop(bob);
     let bob = Client::open(Home::at(dir.path().join("bob")), PASS).unwrap();
-    assert_eq!(bob.history().read(&conversation).unwrap().0.len(), 1);
+    assert_eq!(bob.history().read(&conversation).unwrap().0.len(), 2);
 }
 
 /// No head-of-line blocking on receive: messages from strangers (each needs a directory lookup

@@ -157,11 +157,12 @@ impl ErrorCode {
     /// Whether the same request may succeed later unchanged: the relay or a backend behind it
     /// is busy, restarting or down, or the sender went too fast. A client keeps a message that
     /// met one of these in its outbox and sends it again; any other refusal is final.
+    /// `queue_overflow` is final: a recipient that never reads would otherwise hold the head of
+    /// every sender's outbox for good.
     pub fn is_transient(self) -> bool {
         matches!(
             self,
             ErrorCode::RateLimited
-                | ErrorCode::QueueOverflow
                 | ErrorCode::BrokerUnavailable
                 | ErrorCode::StoreUnavailable
                 | ErrorCode::MailboxUnavailable

@@ -406,11 +406,15 @@ async fn a_text_over_the_limit_is_refused_before_the_outbox() {
     let _bob = user(dir.path(), &relay, "bob").await;
     alice.add_contact("bob").await.unwrap();
     let long = "x".repeat(syncra_core::ui::MAX_MESSAGE_TEXT + 1);
-    match alice.send_text("bob", &long).await {
-        Err(syncra_client::client::ClientError::Invalid(why)) => {
-            assert!(why.contains("limit"), "{why}")
+    // Under the limit in bytes, but six times larger once encoded (control characters).
+    let controls = "\u{1}".repeat(syncra_core::ui::MAX_MESSAGE_TEXT / 2);
+    for text in [long, controls] {
+        match alice.send_text("bob", &text).await {
+            Err(syncra_client::client::ClientError::Invalid(why)) => {
+                assert!(why.contains("limit"), "{why}")
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
     assert_eq!(alice.outbox_len(), 0);
     assert!(alice.history_of("bob", None).unwrap().is_empty());

@@ -199,7 +199,7 @@ impl Relay {
             })?;
         // Entries carry a MAC under the cluster key, so what someone else wrote into a shared
         // backend never reaches a session (sealed_mailbox.rs).
-        let mailbox: Arc<dyn Mailbox> = if mailbox.stores() {
+        let mailbox: Arc<dyn Mailbox> = if sealed_mailbox::SealedMailbox::wanted(mailbox.as_ref()) {
             Arc::new(sealed_mailbox::SealedMailbox::new(
                 mailbox,
                 &tokens.cluster_key(),

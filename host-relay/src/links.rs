@@ -156,6 +156,7 @@ impl Links {
             .take();
         if let Some(rx) = rx {
             tokio::spawn(publish_answers(Arc::clone(self), rx));
+            tokio::spawn(sweep(Arc::downgrade(self)));
         }
     }
 
@@ -458,21 +459,27 @@ async fn flush(links: Arc<Links>, node: NodeId, link: Arc<Link>) {
     }
 }
 
-/// Publishes the answers the sink made, in order, and forgets the batches whose answers did
-/// not come in time (their senders then hear "unknown": a dropped answer channel).
-async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(NodeId, Reply)>) {
-    let mut sweep = tokio::time::interval(ANSWER_TIMEOUT / 4);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Forgets, every [`ANSWER_TIMEOUT`] / 4, the batches whose answers did not come in time and
+/// the deliveries queued too long (their senders then hear "unknown"). A task of its own, so
+/// that a publish that blocks (of answers or of batches) cannot hold it up; it ends with the
+/// links.
+async fn sweep(links: std::sync::Weak<Links>) {
+    let mut tick = tokio::time::interval(ANSWER_TIMEOUT / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (to, reply) = tokio::select! {
-            next = rx.recv() => match next {
-                Some(answer) => answer,
-                None => return,
-            },
-            _ = sweep.tick() => {
-                links.sweep(Instant::now());
-                continue;
-            }
+        tick.tick().await;
+        let Some(links) = links.upgrade() else {
+            return;
+        };
+        links.sweep(Instant::now());
+    }
+}
+
+/// Publishes the answers the sink made, in order.
+async fn publish_answers(links: Arc<Links>, mut rx: mpsc::UnboundedReceiver<(NodeId, Reply)>) {
+    loop {
+        let Some((to, reply)) = rx.recv().await else {
+            return;
         };
         let Some(broker) = links.broker.get() else {
             continue;

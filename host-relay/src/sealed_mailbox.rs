@@ -19,8 +19,14 @@
 //! client shows a message id once), or filling a recipient's quota (an availability attack,
 //! like dropping broker traffic; keep the backend's credentials to the relays, DEPLOY.md).
 //!
-//! Applied to every mailbox that stores, the embedded SQLite one included: one rule, and the
-//! byte quota counts what is stored — each delivery and its 16-byte MAC.
+//! Applied to the mailboxes whose backend is shared with other clients: Redis and NATS (and any
+//! kind this relay does not know). Not to SQLite (a file of the relay's own) or Postgres (the
+//! identity store's database, whose writers are as strong as the relay, THREAT_MODEL.md §2.3):
+//! there the MAC would guard against no one, and it would drop every held entry when the token
+//! key is rotated or the relay is upgraded across this change. With the MAC, the byte quota
+//! counts what is stored — each delivery and its 16-byte MAC — and rotating the token key (the
+//! cluster key's seed) or upgrading from a relay without the MAC leaves the entries held then
+//! unreadable: drain the mailbox first (docs/DEPLOY.md).
 //!
 //! Must never: hand out an entry whose MAC does not verify, or stop at a foreign entry while
 //! genuine ones follow it.
@@ -44,13 +50,15 @@ const CONTEXT: &str = "syncra 2026-12-07 mailbox entry MAC v1";
 /// Foreign entries one take skips at most before it gives up with `Corrupt` (the genuine
 /// entries after them wait in the mailbox for the next take; memory and time stay bounded
 /// whatever a backend's writer appended).
-pub const MAX_FOREIGN_PER_TAKE: usize = 4096;
+pub const MAX_FOREIGN_PER_TAKE: usize = 65_536;
 
 /// A [`Mailbox`] whose entries carry a MAC under the cluster's key.
 pub struct SealedMailbox {
     inner: Arc<dyn Mailbox>,
     key: Zeroizing<[u8; 32]>,
     metrics: Arc<Metrics>,
+    /// [`MAX_FOREIGN_PER_TAKE`] (smaller in tests).
+    max_foreign: usize,
 }
 
 impl std::fmt::Debug for SealedMailbox {
@@ -62,12 +70,19 @@ impl std::fmt::Debug for SealedMailbox {
 }
 
 impl SealedMailbox {
+    /// Whether `inner`'s entries get a MAC: it stores, and its backend is not one only the
+    /// relay (SQLite) or its identity store's writers (Postgres) can write.
+    pub fn wanted(inner: &dyn Mailbox) -> bool {
+        inner.stores() && !matches!(inner.kind(), "sqlite" | "postgres")
+    }
+
     /// `inner`, with entries MAC'd under a key derived from `cluster_key`.
     pub fn new(inner: Arc<dyn Mailbox>, cluster_key: &[u8; 32], metrics: Arc<Metrics>) -> Self {
         SealedMailbox {
             inner,
             key: Zeroizing::new(blake3::derive_key(CONTEXT, cluster_key)),
             metrics,
+            max_foreign: MAX_FOREIGN_PER_TAKE,
         }
     }
 
@@ -147,11 +162,13 @@ impl Mailbox for SealedMailbox {
             if short {
                 break Ok(());
             }
-            if foreign > MAX_FOREIGN_PER_TAKE {
+            if foreign > self.max_foreign {
                 break Err(MailboxError::Corrupt(format!(
-                    "more than {MAX_FOREIGN_PER_TAKE} entries in a row in this recipient's \
-                     mailbox were not stored by a relay of this cluster (their MAC is missing or \
-                     wrong); the entries after them wait for the next read"
+                    "more than {} entries in a row in this recipient's mailbox were not stored \
+                     by a relay of this cluster (their MAC is missing or wrong); the entries \
+                     after them cannot be read until those are gone (acknowledged, expired or \
+                     cleared)",
+                    self.max_foreign
                 )));
             }
         };
@@ -222,6 +239,17 @@ mod tests {
             .into_iter()
             .map(|e| e.delivery.to_vec())
             .collect()
+    }
+
+    /// The relay's own SQLite file and the identity store's Postgres get no MAC (their writers
+    /// are the relay or as strong as it; a MAC there would only drop held entries at a token
+    /// key rotation), nor does `none`; a shared backend does (`redis_…`/`nats_foreign_entries_…`
+    /// in `host-relay/tests/mailbox.rs`).
+    #[tokio::test]
+    async fn only_shared_backends_get_the_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!SealedMailbox::wanted(sqlite(dir.path()).await.as_ref()));
+        assert!(!SealedMailbox::wanted(&syncra_core::mailbox::NoMailbox));
     }
 
     /// What the backend holds is the MAC and the delivery; a take gives the delivery back.
@@ -318,9 +346,10 @@ mod tests {
     async fn a_flood_of_foreign_entries_is_an_error_not_an_endless_read() {
         let dir = tempfile::tempdir().unwrap();
         let inner = sqlite(dir.path()).await;
-        let (m, metrics) = sealed(&inner, 1);
+        let (mut m, metrics) = sealed(&inner, 1);
+        m.max_foreign = 1000;
         let to = user(1);
-        for _ in 0..=MAX_FOREIGN_PER_TAKE + 300 {
+        for _ in 0..=1300 {
             inner.put(&to, Bytes::from_static(b"x"), NOW).await.unwrap();
         }
         m.put(&to, Bytes::from_static(b"real"), NOW).await.unwrap();
@@ -329,7 +358,7 @@ mod tests {
             matches!(&err, MailboxError::Corrupt(why) if why.contains("not stored by a relay")),
             "{err}"
         );
-        assert!(metrics.mailbox_foreign.get() > MAX_FOREIGN_PER_TAKE as u64);
+        assert!(metrics.mailbox_foreign.get() > 1000);
         let raw = inner.take(&to, 0, 10_000, NOW).await.unwrap();
         assert_eq!(&raw.last().unwrap().delivery[MAC_LEN..], b"real");
     }

@@ -42,7 +42,11 @@ impl Client {
         }
         // A longer text could never leave the outbox (the relay refuses the frame), and would
         // hold up every message typed after it.
-        if text.len() > syncra_core::ui::MAX_MESSAGE_TEXT {
+        // Control characters take six bytes each once encoded: the encoded text is bounded too.
+        let encoded = serde_json::to_string(text).map_or(usize::MAX, |t| t.len());
+        if text.len() > syncra_core::ui::MAX_MESSAGE_TEXT
+            || encoded > 2 * syncra_core::ui::MAX_MESSAGE_TEXT
+        {
             return Err(ClientError::Invalid(format!(
                 "the message is {} bytes, over the {}-byte limit for one message; it was not \
                  sent (split it into several)",

@@ -483,13 +483,17 @@ fn is_public(ip: std::net::IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let [first, second, ..] = v6.segments();
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local
                 || (first & 0xffc0) == 0xfe80 // link-local
-                || first == 0x2001 && v6.segments()[1] == 0xdb8) // documentation
+                || (first == 0x2001 && second == 0xdb8) // documentation
+                // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16) carry an IPv4
+                // address, which may be a private one: refused rather than decoded.
+                || (first == 0x64 && (second == 0xff9b))
+                || first == 0x2002)
         }
     }
 }
@@ -717,6 +721,9 @@ mod tests {
             "[fd00::1]:80",
             "[::ffff:127.0.0.1]:6379",
             "[::]:80",
+            "[64:ff9b::a00:1]:80",
+            "[64:ff9b:1::a00:1]:80",
+            "[2002:a00:1::1]:80",
         ] {
             assert!(!socket_allowed(at(local), U::TcpConnect, false), "{local}");
             assert!(!socket_allowed(at(local), U::UdpSend, false), "{local}");

@@ -77,7 +77,8 @@ impl ResourceLimiter for Limiter {
         // Nothing is given back: wasmtime also reports a growth as failed without asking
         // `memory_growing` first (a size that overflows), and taking back the last allowed
         // growth then would let a guest grow, fail, and grow again without bound. Counting a
-        // failed growth errs on the safe side (a store is thrown away after its call fails).
+        // growth that the memory's own maximum refused errs on the safe side: a guest that keeps
+        // asking past its own maximum only reaches its cap sooner.
         self.last_memory_grow = 0;
         Ok(())
     }

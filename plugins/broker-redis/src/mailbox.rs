@@ -59,10 +59,15 @@ for _, e in ipairs(entries) do
     if fields[i] == 'd' then d = fields[i + 1] end
     if fields[i] == 't' then t = tonumber(fields[i + 1]) end
   end
-  if ARGV[1] ~= '-' or (t ~= nil and t < tonumber(ARGV[2])) then
+  -- An entry without d or t was not written by PUT (another client of the server appended it):
+  -- removed whenever it is met, and not counted against the usage it never added to.
+  local ours = d ~= nil and t ~= nil and string.sub(e[1], -2) == '-0'
+  if ARGV[1] ~= '-' or not ours or t < tonumber(ARGV[2]) then
     redis.call('XDEL', KEYS[1], e[1])
-    gone = gone + 1
-    size = size + string.len(d or '')
+    if ours then
+      gone = gone + 1
+      size = size + string.len(d)
+    end
   end
 end
 if gone > 0 then
@@ -248,11 +253,16 @@ impl Mailbox for RedisMailbox {
             let [Value::BulkString(id), Value::Array(fields)] = parts.as_slice() else {
                 return Err(corrupt("an entry is not [id, fields]"));
             };
-            let id = std::str::from_utf8(id)
+            // An entry this plugin did not write (an id not `<n>-0`, no `d` or `t`) was appended
+            // by another client of the server: skipped, never a failure of the whole read. (The
+            // relay also refuses any entry it did not MAC: host-relay/src/sealed_mailbox.rs.)
+            let Some(id) = std::str::from_utf8(id)
                 .ok()
                 .and_then(|s| s.strip_suffix("-0"))
                 .and_then(|n| n.parse::<u64>().ok())
-                .ok_or_else(|| corrupt("an entry id is not <n>-0"))?;
+            else {
+                continue;
+            };
             let (mut d, mut t) = (None, None);
             for pair in fields.chunks(2) {
                 if let [Value::BulkString(k), Value::BulkString(v)] = pair {
@@ -264,7 +274,7 @@ impl Mailbox for RedisMailbox {
                 }
             }
             let (Some(delivery), Some(stored_at_ms)) = (d, t) else {
-                return Err(corrupt("an entry lacks d or t"));
+                continue;
             };
             if stored_at_ms >= oldest {
                 out.push(MailboxEntry {

@@ -89,6 +89,14 @@ pub trait Mailbox: Send + Sync {
         true
     }
 
+    /// Whether only the relays (or writers as strong as a relay, such as the identity store's
+    /// database) can write to this mailbox's backend. `false` (the default) for a backend other
+    /// clients can reach, such as a broker's server: the relay then MACs every entry and hands
+    /// out only those that verify (`host-relay/src/sealed_mailbox.rs`).
+    fn relays_only(&self) -> bool {
+        false
+    }
+
     /// Stores a delivery for `recipient`, durably, unless its quota is reached.
     async fn put(
         &self,

@@ -202,7 +202,9 @@ impl Links {
         if queue.len() >= MAX_QUEUED {
             drop(queue);
             debug!("a link to another node is full; a delivery is settled as unknown");
-            Self::settle(vec![item.answer], Err(()));
+            if let Some(tx) = item.answer {
+                let _ = tx.send(Err(()));
+            }
             return;
         }
         queue.push(item);

@@ -20,8 +20,9 @@
 //! like dropping broker traffic; keep the backend's credentials to the relays, DEPLOY.md).
 //!
 //! Applied to the mailboxes whose backend is shared with other clients: Redis and NATS (and any
-//! kind this relay does not know). Not to SQLite (a file of the relay's own) or Postgres (the
-//! identity store's database, whose writers are as strong as the relay, THREAT_MODEL.md §2.3):
+//! kind that does not say otherwise, [`Mailbox::relays_only`]). Not to SQLite (a file of the
+//! relay's own) or Postgres (the identity store's database, whose writers are as strong as the
+//! relay, THREAT_MODEL.md §2.3):
 //! there the MAC would guard against no one, and it would drop every held entry when the token
 //! key is rotated or the relay is upgraded across this change. With the MAC, the byte quota
 //! counts what is stored — each delivery and its 16-byte MAC — and rotating the token key (the
@@ -35,6 +36,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
+use subtle::ConstantTimeEq;
 use syncra_core::mailbox::{Mailbox, MailboxEntry, MailboxError, PutOutcome};
 use syncra_core::{Health, UserId};
 use zeroize::Zeroizing;
@@ -70,10 +72,10 @@ impl std::fmt::Debug for SealedMailbox {
 }
 
 impl SealedMailbox {
-    /// Whether `inner`'s entries get a MAC: it stores, and its backend is not one only the
-    /// relay (SQLite) or its identity store's writers (Postgres) can write.
+    /// Whether `inner`'s entries get a MAC: it stores, and others than the relays can write
+    /// to its backend ([`Mailbox::relays_only`]).
     pub fn wanted(inner: &dyn Mailbox) -> bool {
-        inner.stores() && !matches!(inner.kind(), "sqlite" | "postgres")
+        inner.stores() && !inner.relays_only()
     }
 
     /// `inner`, with entries MAC'd under a key derived from `cluster_key`.
@@ -98,12 +100,7 @@ impl SealedMailbox {
     /// The delivery of a stored entry, if its MAC verifies (compared in constant time).
     fn open(&self, recipient: &UserId, stored: &Bytes) -> Option<Bytes> {
         let (mac, delivery) = stored.split_first_chunk::<MAC_LEN>()?;
-        let want = self.mac(recipient, delivery);
-        let same = mac
-            .iter()
-            .zip(want.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        (same == 0).then(|| stored.slice(MAC_LEN..))
+        bool::from(mac.ct_eq(&self.mac(recipient, delivery))).then(|| stored.slice(MAC_LEN..))
     }
 }
 

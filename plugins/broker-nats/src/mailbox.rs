@@ -350,28 +350,17 @@ impl NatsMailbox {
         ))
     }
 
-    /// A number from one of our headers.
-    fn header(&self, m: &StreamMessage, name: &str) -> Result<u64, MailboxError> {
-        self.header_in(Some(&m.headers), m.sequence, name)
+    /// A number from one of our headers; `None` if it is missing or not a number (an entry
+    /// this plugin did not write).
+    fn header(m: &StreamMessage, name: &str) -> Option<u64> {
+        Self::header_in(Some(&m.headers), name)
     }
 
-    /// A number from one of our headers of the entry with sequence `seq`.
-    fn header_in(
-        &self,
-        headers: Option<&HeaderMap>,
-        seq: u64,
-        name: &str,
-    ) -> Result<u64, MailboxError> {
+    /// [`NatsMailbox::header`] of an entry's headers.
+    fn header_in(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
         headers
             .and_then(|h| h.get(name))
             .and_then(|v| v.as_str().parse::<u64>().ok())
-            .ok_or_else(|| {
-                MailboxError::Corrupt(format!(
-                    "stream {STREAM} at nats {}, entry {seq}: header {name} is missing or not a \
-                     number",
-                    self.server
-                ))
-            })
     }
 
     /// A short-lived consumer reading `subject` from sequence `from` on: no acknowledgements,
@@ -519,9 +508,9 @@ impl NatsMailbox {
             }
             Err(e) => return Err(self.unavailable("reading a mailbox's last entry", e)),
         };
-        let (Ok(bytes_through), Ok(count_through)) = (
-            self.header(&last, BYTES_THROUGH),
-            self.header(&last, COUNT_THROUGH),
+        let (Some(bytes_through), Some(count_through)) = (
+            Self::header(&last, BYTES_THROUGH),
+            Self::header(&last, COUNT_THROUGH),
         ) else {
             return Ok(Read::Foreign(last.sequence));
         };
@@ -541,11 +530,7 @@ impl NatsMailbox {
             return Ok(Read::Usage(usage));
         };
         // A total below the entry's own size, or a count of 0, is not something a put wrote.
-        let before = |name: &str, own: u64| {
-            self.header(&first, name)
-                .ok()
-                .and_then(|through| through.checked_sub(own))
-        };
+        let before = |name: &str, own: u64| Self::header(&first, name)?.checked_sub(own);
         let (Some(before_bytes), Some(before_count)) = (
             before(BYTES_THROUGH, first.payload.len() as u64),
             before(COUNT_THROUGH, 1),
@@ -690,7 +675,7 @@ impl Mailbox for NatsMailbox {
                 };
                 let from = first.sequence.saturating_add(1);
                 // An entry without this plugin's headers was not put here by a relay: skipped.
-                if let Ok(stored_at_ms) = self.header(&first, STORED_AT)
+                if let Some(stored_at_ms) = Self::header(&first, STORED_AT)
                     && stored_at_ms >= oldest
                 {
                     out.push(MailboxEntry {
@@ -729,7 +714,7 @@ impl Mailbox for NatsMailbox {
             more = may_have_more;
             for (seq, headers, delivery) in entries {
                 from = seq.saturating_add(1);
-                if let Ok(stored_at_ms) = self.header_in(headers.as_ref(), seq, STORED_AT)
+                if let Some(stored_at_ms) = Self::header_in(headers.as_ref(), STORED_AT)
                     && stored_at_ms >= oldest
                 {
                     out.push(MailboxEntry {
@@ -837,7 +822,7 @@ impl Mailbox for NatsMailbox {
         while let Some(m) = self.next("purging expired entries", &all, from).await? {
             // An entry without this plugin's headers was not put here by a relay: it goes too,
             // rather than stopping expiry for the whole stream.
-            if self.header(&m, STORED_AT).is_ok_and(|at| at >= cutoff) {
+            if Self::header(&m, STORED_AT).is_some_and(|at| at >= cutoff) {
                 break;
             }
             from = m.sequence.saturating_add(1);

@@ -87,6 +87,12 @@ impl Mailbox for PostgresMailbox {
         KIND
     }
 
+    /// The identity store's database, whose writers are as strong as a relay
+    /// (docs/THREAT_MODEL.md §2.3).
+    fn relays_only(&self) -> bool {
+        true
+    }
+
     async fn put(
         &self,
         recipient: &UserId,

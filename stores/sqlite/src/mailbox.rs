@@ -408,6 +408,11 @@ impl Mailbox for SqliteMailbox {
         KIND
     }
 
+    /// A file of the relay's own.
+    fn relays_only(&self) -> bool {
+        true
+    }
+
     async fn put(
         &self,
         recipient: &UserId,

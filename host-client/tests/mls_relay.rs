@@ -92,11 +92,19 @@ impl Member {
         }
     }
 
+    /// The next carriage is a commit whose declared member list (what the relay keeps) is
+    /// the roster it made.
     async fn expect_commit(&mut self) -> (Vec<RosterEvent>, bool) {
         match self.next().await {
             Arrival::Commit {
-                events, removed_me, ..
-            } => (events, removed_me),
+                events,
+                removed_me,
+                misdeclared,
+                ..
+            } => {
+                assert_eq!(misdeclared, None, "an honest commit declares its roster");
+                (events, removed_me)
+            }
             other => panic!("expected a commit, got {other:?}"),
         }
     }
@@ -728,4 +736,113 @@ async fn a_member_leaves_through_a_proposal_that_another_member_commits() {
         alice.mls.commit_departures(&alice.session, g).await,
         Err(ServiceError::Mls(MlsError::NothingToDo(_)))
     ));
+}
+
+/// A commit carries every leave request queued when it was made, also beside an addition: the
+/// member list given to the relay is the roster the commit makes, so the one who left is out of
+/// the relay's list too and can no longer send to the group (before, an addition declared the
+/// old roster plus the newcomer, and the relay kept taking the leaver's carriages).
+#[tokio::test]
+async fn a_leave_request_committed_beside_an_addition_leaves_the_relay_s_list_too() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut alice = Member::join(&relay, "la_alice").await;
+    let mut bob = Member::join(&relay, "la_bob").await;
+    let mut carol = Member::join(&relay, "la_carol").await;
+    let mut dave = Member::join(&relay, "la_dave").await;
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
+
+    carol.mls.leave(&carol.session, g).await.unwrap();
+    for m in [&mut alice, &mut bob] {
+        match m.next().await {
+            Arrival::LeaveRequest { member, .. } => assert_eq!(member, carol.id()),
+            other => panic!("expected Carol's leave request, got {other:?}"),
+        }
+    }
+    // Alice adds Dave; her commit carries Carol's queued departure with it.
+    alice
+        .mls
+        .add(&alice.session, g, &[dave.id()])
+        .await
+        .unwrap();
+    dave.expect_joined().await;
+    let (_, removed_me) = carol.expect_commit().await;
+    assert!(
+        removed_me,
+        "the addition's commit took Carol's leave request"
+    );
+    let (events, _) = bob.expect_commit().await;
+    assert!(
+        events.contains(&RosterEvent::Removed {
+            by: alice.id(),
+            member: carol.id()
+        }),
+        "{events:?}"
+    );
+    let three = sorted(vec![alice.id(), bob.id(), dave.id()]);
+    assert_eq!(bob.roster(g), three);
+
+    // Carol is out of the relay's list as well: a carriage from her is refused.
+    let header = syncra_core::carriage::CarriageHeader {
+        message_id: [7; 16],
+        kind: syncra_core::carriage::CarriageKind::Application,
+        group_id: syncra_core::carriage::GroupId(*g.as_bytes()),
+        epoch: alice.epoch(g),
+        recipients: vec![alice.id()],
+        members: Vec::new(),
+    };
+    let refused = carol
+        .session
+        .send(header.encode(b"still here?"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            NetError::Refused {
+                code: ErrorCode::NotAMember,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+}
+
+/// The member list beside a commit is its author's word, unsigned; the relay decides by it who
+/// may send to the group. A list that is not the roster the commit made is reported with the
+/// commit (the client names its author in the group's history), whoever changed it.
+#[tokio::test]
+async fn a_commit_whose_member_list_is_not_its_roster_is_reported() {
+    let relay = TestRelay::start(|_| {}).await;
+    let mut alice = Member::join(&relay, "md_alice").await;
+    let mut bob = Member::join(&relay, "md_bob").await;
+    let mut carol = Member::join(&relay, "md_carol").await;
+    let outsider = TestUser::new("md_mallory");
+    let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
+
+    alice.mls.update(&alice.session, g).await.unwrap();
+    carol.expect_commit().await;
+    let commit = bob.next_raw().await;
+    let mut header = syncra_core::carriage::parse(&commit).unwrap().header;
+    let honest = header.members.clone();
+    assert_eq!(sorted(honest.clone()), bob.roster(g));
+    // Bob left out, an outsider let in.
+    header.members = vec![alice.id(), carol.id(), outsider.id()];
+    let relabelled = header.encode(&body(&commit));
+    match bob.mls.receive(&relabelled).unwrap() {
+        Arrival::Commit {
+            by, misdeclared, ..
+        } => {
+            assert_eq!(by, alice.id());
+            assert_eq!(
+                misdeclared,
+                Some(vec![alice.id(), carol.id(), outsider.id()])
+            );
+        }
+        other => panic!("expected the commit, got {other:?}"),
+    }
+    assert_eq!(
+        bob.epoch(g),
+        alice.epoch(g),
+        "the commit itself is processed"
+    );
 }

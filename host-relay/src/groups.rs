@@ -13,7 +13,8 @@
 //!   not reach the first time) is routed, not refused.
 //! - **Members only.** Every carriage's sender must be a member as the last commit declared
 //!   (`not_a_member`), and its recipients too: an MLS message goes to members; a commit may
-//!   also go to those it removes, so they learn they are out.
+//!   also go to those it removes, so they learn they are out — and must go to everyone it
+//!   leaves out of the list.
 //! - **The current epoch only.** An application message, proposal or Welcome made in another
 //!   epoch than the group's is refused (`wrong_epoch`): members keep no keys of left epochs, so
 //!   such a message could not be read — its sender processes the commit it missed and encrypts
@@ -240,6 +241,20 @@ async fn commit(
         None => &[],
     };
     outsiders(&h.recipients, &h.members, before, h)?;
+    // Whoever the commit drops from the list gets it: a member cut off learns it is out (and
+    // a list that lies about it reaches the one it lies about, whose client reports it).
+    if let Some(dropped) = before
+        .iter()
+        .find(|u| !h.members.contains(u) && !h.recipients.contains(u))
+    {
+        return Err((
+            ErrorCode::NotAMember,
+            format!(
+                "a commit that leaves {dropped} out of group {} must be sent to {dropped}",
+                h.group_id
+            ),
+        ));
+    }
     let advanced = with_store_timeout(state.store.advance_group(
         &h.group_id,
         h.epoch,

@@ -4,6 +4,10 @@
 use super::*;
 use crate::mls::{Arrival, MlsError, RosterEvent, ServiceError};
 
+/// How many people a misdeclared member list names in its event line (a list can hold
+/// thousands).
+const MISDECLARED_NAMES: usize = 8;
+
 impl Client {
     /// Deliveries refused or skipped since this process started (bad, replayed messages
     /// aside).
@@ -256,11 +260,18 @@ impl Client {
                 removed_me,
                 rebase,
                 epoch,
+                misdeclared,
             } => {
                 if rebase {
                     self.follow_ups.insert(conversation);
                 }
-                let shown = self.file_commit(conversation, by, &events, removed_me)?;
+                let shown = self.file_commit(
+                    conversation,
+                    by,
+                    &events,
+                    removed_me,
+                    misdeclared.as_deref(),
+                )?;
                 self.moved_on.push_back((conversation, epoch));
                 Ok(shown)
             }
@@ -503,13 +514,16 @@ impl Client {
     }
 
     /// A commit of another member: the roster shown follows it, and each change becomes an
-    /// event in the group's history ("alice added eve", "alice removed you").
+    /// event in the group's history ("alice added eve", "alice removed you"). A member list
+    /// given to the relay that is not the roster the commit made becomes an event too, naming
+    /// its author: the relay decides by that list who may send to the group.
     fn file_commit(
         &mut self,
         conversation: ConversationId,
         by: UserId,
         events: &[RosterEvent],
         removed_me: bool,
+        misdeclared: Option<&[UserId]>,
     ) -> anyhow::Result<Option<Incoming>> {
         let hex = conversation.to_hex();
         if !self.book.groups.contains_key(&hex) {
@@ -542,6 +556,24 @@ impl Client {
         }
         if removed_me && lines.is_empty() {
             lines.push(format!("{who} removed you"));
+        }
+        if let Some(declared) = misdeclared {
+            let named: Vec<String> = declared
+                .iter()
+                .take(MISDECLARED_NAMES)
+                .map(|m| self.member_name(m))
+                .collect();
+            let more = declared.len().saturating_sub(MISDECLARED_NAMES);
+            lines.push(format!(
+                "{who} told the relay the group is {}{} — not who is in it; until the next \
+                 change the relay may refuse members or take messages from others",
+                named.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
         }
         if lines.is_empty() {
             return Ok(None);

@@ -619,10 +619,37 @@ impl Conversation {
             .map(|staged| self.intent_of(staged))
     }
 
+    /// Who is in the group once this member's pending commit is merged, in leaf order: the
+    /// roster without the leaves the commit removes, then the members it adds. Read from the
+    /// staged commit itself, so leave requests it carries beside an addition count too (what
+    /// the relay is told; [`Self::pending_intent`] names only the change this member asked
+    /// for). `None` when no commit is pending.
+    pub fn roster_after_pending(&self) -> Result<Option<Vec<UserId>>, MlsError> {
+        let Some(staged) = self.group.pending_commit() else {
+            return Ok(None);
+        };
+        let removed: Vec<LeafNodeIndex> = staged
+            .remove_proposals()
+            .map(|p| p.remove_proposal().removed())
+            .collect();
+        let mut after = Vec::new();
+        for member in self.group.members() {
+            if !removed.contains(&member.index) {
+                after.push(bound_user_id(&member.credential, &member.signature_key)?);
+            }
+        }
+        for add in staged.add_proposals() {
+            after.push(leaf_user(add.add_proposal().key_package().leaf_node())?);
+        }
+        Ok(Some(after))
+    }
+
     fn intent_of(&self, staged: &StagedCommit) -> Intent {
-        // Our own commits carry one kind of change each (a readmission removes and adds the
-        // same member); the packages were validated when they were added, so a failing one
-        // cannot occur and is skipped.
+        // The change this member asked for: one kind each (a readmission removes and adds the
+        // same member). A commit also carries the leave requests queued when it was made; they
+        // are not part of the intent (a rebase finds them queued again or gone) but are part of
+        // its outcome ([`Self::roster_after_pending`]). The packages were validated when they
+        // were added, so a failing one cannot occur and is skipped.
         let adds: Vec<MemberKeyPackage> = staged
             .add_proposals()
             .filter_map(|p| {

@@ -107,6 +107,11 @@ pub enum Arrival {
         /// It won an epoch this member had also committed in: call
         /// [`Conversations::rebase`] to make that commit again.
         rebase: bool,
+        /// The member list its author gave the relay, when it is not the roster the commit
+        /// made (the relay decides who may send to the group by that list): someone the group
+        /// holds is refused by the relay, or someone outside it is let through to the relay's
+        /// checks (never into the conversation: that is the roster's).
+        misdeclared: Option<Vec<UserId>>,
     },
 }
 
@@ -149,10 +154,12 @@ impl std::fmt::Debug for Arrival {
                 epoch,
                 removed_me,
                 rebase,
+                misdeclared,
             } => write!(
                 f,
                 "Commit({conversation}, by {by}, {events:?}, epoch {epoch}, removed_me \
-                 {removed_me}, rebase {rebase})"
+                 {removed_me}, rebase {rebase}, misdeclared {})",
+                misdeclared.is_some()
             ),
         }
     }
@@ -1172,22 +1179,17 @@ impl Conversations {
         let me = self.identity.user_id();
         let conversation = self.conversation(id)?;
         let before = conversation.roster()?;
-        let (after, joiners): (Vec<UserId>, Vec<UserId>) = match conversation.pending_intent() {
-            Some(Intent::Add(added)) => {
-                let added: Vec<UserId> = added.iter().map(MemberKeyPackage::user_id).collect();
-                (before.iter().copied().chain(added.clone()).collect(), added)
-            }
-            Some(Intent::Remove(removed)) => (
-                before
-                    .iter()
-                    .copied()
-                    .filter(|u| !removed.contains(u))
-                    .collect(),
-                Vec::new(),
-            ),
-            // The same people; the one let back in gets the Welcome.
-            Some(Intent::Readmit { package, .. }) => (before.clone(), vec![package.user_id()]),
-            Some(Intent::Update) | None => (before.clone(), Vec::new()),
+        // What the relay is told the group is after this commit: the staged commit's own
+        // outcome (a leave request it carries beside an addition included), never a guess
+        // from the change asked for.
+        let after = conversation
+            .roster_after_pending()?
+            .unwrap_or_else(|| before.clone());
+        let joiners: Vec<UserId> = match conversation.pending_intent() {
+            Some(Intent::Add(added)) => added.iter().map(MemberKeyPackage::user_id).collect(),
+            // The one let back in gets the Welcome.
+            Some(Intent::Readmit { package, .. }) => vec![package.user_id()],
+            Some(Intent::Remove(_) | Intent::Update) | None => Vec::new(),
         };
         // Everyone in the group before the commit gets it, the removed included (so they learn
         // they are out); the added — and a member let back in, whose copy could not process
@@ -1406,6 +1408,30 @@ impl Conversations {
                 if let Some(intent) = discarded {
                     self.lost.insert(id, intent);
                 }
+                // The relay keeps the member list the commit's author declared beside it
+                // (unsigned, the author's word): compared with the roster the commit made.
+                let me = self.identity.user_id();
+                let roster = if removed_me {
+                    Vec::new()
+                } else {
+                    self.conversation(id)?.roster()?
+                };
+                let misdeclared = if removed_me {
+                    header.members.contains(&me).then(|| header.members.clone())
+                } else {
+                    let mut declared = header.members.clone();
+                    let mut actual = roster;
+                    declared.sort_unstable();
+                    actual.sort_unstable();
+                    (declared != actual).then(|| header.members.clone())
+                };
+                if let Some(declared) = &misdeclared {
+                    tracing::warn!(
+                        "conversation {id}: {by} told the relay the members after its commit are \
+                         {} people that differ from the group's own roster",
+                        declared.len()
+                    );
+                }
                 Ok(Arrival::Commit {
                     conversation: id,
                     by,
@@ -1413,6 +1439,7 @@ impl Conversations {
                     epoch,
                     removed_me,
                     rebase,
+                    misdeclared,
                 })
             }
         }

@@ -1,6 +1,20 @@
 //! A plugin's private key-value store: a small map, optionally kept in a file (written
 //! atomically, 0600), with a size quota so a plugin cannot fill the disk.
 //!
+//! # When it is written
+//!
+//! `set` and `delete` change the map in memory only; [`KvStore::flush`] writes the whole map
+//! once, if it changed. The runner flushes once after every guest call, whatever its outcome
+//! ([`SharedKv::flush`]), so a guest that sets a key a thousand times in one call costs one
+//! write and one fsync, not a thousand, and the writes a call made before it trapped or was
+//! stopped are kept, as they were when each one went to the disk at once. A store is flushed
+//! when it is dropped too. What a crash loses: the writes of the calls that were running, which
+//! had not returned to their callers.
+//!
+//! The map is serialised under the store's lock; the file is written and synced outside it, so
+//! the guests of other instances read and write the map meanwhile. Flushes take a lock of their
+//! own, so snapshots reach the disk in the order they were taken.
+//!
 //! With a [`StoreKey`] (the client gives its bots the key that seals history), the file is
 //! AES-256-GCM sealed and bound to the plugin's name, like the rest of the client's state at
 //! rest: what a bot remembers about people is not readable from the disk, and one bot's store
@@ -9,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use syncra_core::crypto::local_box::LocalKey;
 
@@ -55,6 +70,12 @@ pub struct KvStore {
     seal: Option<(LocalKey, Vec<u8>)>,
     map: BTreeMap<String, Vec<u8>>,
     used: usize,
+    /// Counts the changes to the map; `durable` is the count the file holds. Counts rather
+    /// than a flag, so that a flush that finds its changes written by another knows it.
+    version: u64,
+    durable: u64,
+    /// How many times the file was written.
+    writes: u64,
 }
 
 impl KvStore {
@@ -72,7 +93,11 @@ impl KvStore {
         let mut s = KvStore {
             path: path.map(Path::to_path_buf),
             seal: key.map(|k| (k.0.clone(), label(name))),
-            ..KvStore::default()
+            map: BTreeMap::new(),
+            used: 0,
+            version: 0,
+            durable: 0,
+            writes: 0,
         };
         let Some(p) = path else {
             return Ok(s);
@@ -103,7 +128,7 @@ impl KvStore {
         self.map.get(key).cloned()
     }
 
-    /// Sets a value within the quota.
+    /// Sets a value within the quota, in memory: [`KvStore::flush`] writes it to the file.
     pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         let old = self.map.get(&key).map(|v| key.len() + v.len()).unwrap_or(0);
         let new_used = self.used - old + key.len() + value.len();
@@ -114,20 +139,41 @@ impl KvStore {
         }
         self.map.insert(key, value);
         self.used = new_used;
-        self.persist()
+        self.version += 1;
+        Ok(())
     }
 
-    /// Removes a value.
+    /// Removes a value, in memory: [`KvStore::flush`] writes the change to the file.
     pub fn delete(&mut self, key: &str) {
         if let Some(v) = self.map.remove(key) {
             self.used -= key.len() + v.len();
-            let _ = self.persist();
+            self.version += 1;
         }
     }
 
-    fn persist(&self) -> Result<(), String> {
-        let Some(path) = &self.path else {
+    /// Writes the store to its file if it changed since it was last written.
+    pub fn flush(&mut self) -> Result<(), String> {
+        if self.version == self.durable {
             return Ok(());
+        }
+        let version = self.version;
+        if let Some(pending) = self.snapshot()? {
+            pending.write()?;
+            self.writes += 1;
+        }
+        self.durable = version;
+        Ok(())
+    }
+
+    /// How many times the store was written to its file.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The file's new contents, sealed if the store is; `None` for a store in memory only.
+    fn snapshot(&self) -> Result<Option<Pending>, String> {
+        let Some(path) = &self.path else {
+            return Ok(None);
         };
         let json =
             zeroize::Zeroizing::new(serde_json::to_vec(&self.map).map_err(|e| e.to_string())?);
@@ -135,15 +181,105 @@ impl KvStore {
             Some((key, label)) => key.seal(label, &json),
             None => json.to_vec(),
         };
-        syncra_core::crypto::keyfile::write_private(path, &bytes).map_err(|e| e.to_string())?;
-        if self.seal.is_some() {
+        Ok(Some(Pending {
+            path: path.clone(),
+            bytes: zeroize::Zeroizing::new(bytes),
+            sealed: self.seal.is_some(),
+        }))
+    }
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        if let Err(why) = self.flush() {
+            let path = self.path.as_deref().unwrap_or(Path::new("")).display();
+            tracing::error!(
+                "writing the plugin store {path} at shutdown failed: {why}; its last changes are \
+                 lost"
+            );
+        }
+    }
+}
+
+/// A snapshot of a store, to be written.
+struct Pending {
+    path: PathBuf,
+    /// Plaintext for an unsealed store: wiped once written.
+    bytes: zeroize::Zeroizing<Vec<u8>>,
+    sealed: bool,
+}
+
+impl Pending {
+    fn write(&self) -> Result<(), String> {
+        syncra_core::crypto::keyfile::write_private(&self.path, &self.bytes)
+            .map_err(|e| e.to_string())?;
+        if self.sealed {
             // The plaintext an older version kept goes once its sealed replacement is on disk.
-            match std::fs::remove_file(legacy_path(path)) {
+            match std::fs::remove_file(legacy_path(&self.path)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
+        Ok(())
+    }
+}
+
+/// A store shared by all the instances of one plugin.
+#[derive(Debug)]
+pub(crate) struct SharedKv {
+    store: Mutex<KvStore>,
+    /// Held through a whole flush: snapshots are written in the order they were taken, and two
+    /// writes never share `write_private`'s temporary file.
+    writing: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SharedKv {
+    pub(crate) fn new(store: KvStore) -> Self {
+        SharedKv {
+            store: Mutex::new(store),
+            writing: Mutex::new(()),
+        }
+    }
+
+    /// The store, for a guest's `kv_*` call: held only while the map is read or changed.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, KvStore> {
+        lock(&self.store)
+    }
+
+    /// Writes the store if it changed, serialising it under the store's lock and writing the
+    /// file outside it. Returns once every change made before the call is on disk, whoever
+    /// wrote it. A failed write leaves the changes to be written by the next flush.
+    pub(crate) fn flush(&self) -> Result<(), String> {
+        {
+            let store = self.lock();
+            if store.version == store.durable {
+                return Ok(());
+            }
+        }
+        let _writing = lock(&self.writing);
+        let (pending, version) = {
+            let store = self.lock();
+            // Another flush may have written these changes while this one waited.
+            if store.version == store.durable {
+                return Ok(());
+            }
+            (store.snapshot()?, store.version)
+        };
+        let written = match &pending {
+            Some(pending) => {
+                pending.write()?;
+                1
+            }
+            None => 0,
+        };
+        let mut store = self.lock();
+        store.durable = version;
+        store.writes += written;
         Ok(())
     }
 }
@@ -159,8 +295,46 @@ mod tests {
         let mut kv = KvStore::open(Some(&path)).unwrap();
         kv.set("a".into(), vec![1; 10]).unwrap();
         assert!(kv.set("big".into(), vec![0; QUOTA_BYTES]).is_err());
+        kv.flush().unwrap();
         let kv2 = KvStore::open(Some(&path)).unwrap();
         assert_eq!(kv2.get("a"), Some(vec![1; 10]));
+    }
+
+    /// Sets and deletes change the map only: a thousand of them cost one write at the flush,
+    /// and a flush with nothing new writes nothing.
+    #[test]
+    fn a_thousand_sets_are_written_once_at_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.json");
+        let mut kv = KvStore::open(Some(&path)).unwrap();
+        for n in 0..1000u32 {
+            kv.set("n".into(), n.to_le_bytes().to_vec()).unwrap();
+            kv.set(format!("gone{n}"), vec![1]).unwrap();
+            kv.delete(&format!("gone{n}"));
+        }
+        assert_eq!(kv.writes(), 0);
+        assert!(!path.exists(), "written before the flush");
+        kv.flush().unwrap();
+        assert_eq!(kv.writes(), 1);
+        kv.flush().unwrap();
+        assert_eq!(kv.writes(), 1);
+        let back = KvStore::open(Some(&path)).unwrap();
+        assert_eq!(back.get("n"), Some(999u32.to_le_bytes().to_vec()));
+        assert_eq!(back.get("gone999"), None);
+    }
+
+    /// Changes not yet flushed are written when the store is dropped.
+    #[test]
+    fn a_dropped_store_writes_what_it_has_not_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.json");
+        let shared = SharedKv::new(KvStore::open(Some(&path)).unwrap());
+        shared.lock().set("a".into(), vec![1]).unwrap();
+        shared.flush().unwrap();
+        shared.lock().set("a".into(), vec![2]).unwrap();
+        drop(shared);
+        let back = KvStore::open(Some(&path)).unwrap();
+        assert_eq!(back.get("a"), Some(vec![2]));
     }
 
     #[test]
@@ -170,6 +344,7 @@ mod tests {
         let key = StoreKey(LocalKey::generate());
         let mut kv = KvStore::open_as(Some(&path), Some(&key), "echo").unwrap();
         kv.set("alice".into(), b"likes tea".to_vec()).unwrap();
+        kv.flush().unwrap();
         let on_disk = std::fs::read(&path).unwrap();
         assert!(
             !on_disk.windows(5).any(|w| w == b"alice"),
@@ -196,10 +371,12 @@ mod tests {
         let legacy = dir.path().join("echo.kv.json");
         let mut old = KvStore::open(Some(&legacy)).unwrap();
         old.set("n".into(), vec![7]).unwrap();
+        old.flush().unwrap();
         let key = StoreKey(LocalKey::generate());
         let mut kv = KvStore::open_as(Some(&path), Some(&key), "echo").unwrap();
         assert_eq!(kv.get("n"), Some(vec![7]));
         kv.set("m".into(), vec![8]).unwrap();
+        kv.flush().unwrap();
         assert!(!legacy.exists(), "the plaintext copy is left behind");
         let back = KvStore::open_as(Some(&path), Some(&key), "echo").unwrap();
         assert_eq!(back.get("n"), Some(vec![7]));

@@ -22,12 +22,13 @@ mod runner;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use kv::SharedKv;
 use limits::Limiter;
 use runner::{CallKind, Runner, World};
 
@@ -316,7 +317,7 @@ struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: Limiter,
-    kv: Arc<Mutex<KvStore>>,
+    kv: Arc<SharedKv>,
     log: LogBudget,
 }
 
@@ -413,21 +414,16 @@ macro_rules! host_impl {
             }
 
             fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
-                self.kv.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+                self.kv.lock().get(&key)
             }
 
+            // Changes the map only; the runner writes the store once after the call (`kv`).
             fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-                self.kv
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set(key, value)
+                self.kv.lock().set(key, value)
             }
 
             fn kv_delete(&mut self, key: String) {
-                self.kv
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .delete(&key)
+                self.kv.lock().delete(&key)
             }
         }
 
@@ -605,6 +601,12 @@ macro_rules! plugin_basics {
             /// How it is doing.
             pub fn health(&self) -> PluginHealth {
                 self.runner.health()
+            }
+
+            /// How many times its key-value store was written to its file: at most once per
+            /// call, however many keys the call set.
+            pub fn store_writes(&self) -> u64 {
+                self.runner.store_writes()
             }
         }
     };

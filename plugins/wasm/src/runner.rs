@@ -10,18 +10,25 @@
 //! does not move while the guest waits inside a host call. The deadline is wall-clock time and
 //! stops everything else: epoch interruption (the engine's epoch ticks every [`EPOCH_TICK`], and
 //! each store traps once its deadline in ticks has passed) stops guest code, and a
-//! `tokio::time::timeout` around the call stops a guest blocked in an asynchronous host call —
+//! `tokio::time::timeout_at` around the call stops a guest blocked in an asynchronous host call —
 //! a WASI `poll` on a `subscribe-duration` pollable (`std::thread::sleep`), a socket read. The
 //! WASI imports are linked asynchronously for exactly this: the synchronous bindings block their
 //! thread inside `block_on`, where neither an epoch nor a timeout can reach them. When the
 //! timeout fires, the call's future is dropped, which unwinds the guest's fiber; the store is
 //! then thrown away like after any failure.
 //!
+//! The deadline is the caller's: it starts when the call is asked for, and waiting for a free
+//! instance, making a fresh one and the call itself all spend the same one, so a caller is held
+//! for one deadline (by a guest that computes, up to two epoch ticks more), never one per step.
+//! A caller that finds no time left before the guest would run gets [`WasmError::Busy`], which
+//! is not the plugin's failure; a guest that runs and passes what is left is stopped, and
+//! counted, like any other.
+//!
 //! # Why a pool
 //!
 //! An instance serves one call at a time. With one instance, one slow call (up to its deadline)
 //! would hold up every other caller; with `instances` of them, that many calls run at once and a
-//! caller waits for a free one at most for the call's deadline, then gets [`WasmError::Busy`].
+//! caller waits for a free one within its deadline, then gets [`WasmError::Busy`].
 //! Instances are made on demand and reused most-recent-first, so a lightly used plugin runs in
 //! one instance and keeps its in-memory state; state that must be shared by all instances
 //! belongs in the plugin's key-value store.
@@ -33,6 +40,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 
+use crate::kv::SharedKv;
 use crate::limits::Limiter;
 use crate::{CallFailure, HostState, KvStore, PluginHealth, WasmError, WasmHost, WasmPluginConfig};
 
@@ -120,7 +128,7 @@ pub(crate) struct Runner<W> {
     engine: Engine,
     linker: Linker<HostState>,
     component: Component,
-    kv: Arc<Mutex<KvStore>>,
+    kv: Arc<SharedKv>,
     pool: Mutex<Pool<W>>,
     freed: Condvar,
     failures: Mutex<Failures>,
@@ -157,7 +165,7 @@ impl<W: World> Runner<W> {
         // Asynchronous WASI, so that a guest blocked in `poll` can be stopped (see above).
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| load_err(e.to_string()))?;
         W::add_to_linker(&mut linker).map_err(|e| load_err(e.to_string()))?;
-        let kv = Arc::new(Mutex::new(
+        let kv = Arc::new(SharedKv::new(
             KvStore::open_as(config.kv_file.as_deref(), config.kv_key.as_ref(), &name)
                 .map_err(|e| load_err(e.to_string()))?,
         ));
@@ -179,13 +187,13 @@ impl<W: World> Runner<W> {
         // is running async code already. A fresh thread has no runtime context, so `load` may be
         // called from async code (the relay's start, `syncra bot run`). Calls, like every
         // blocking function, belong on a blocking thread (`spawn_blocking`).
-        let first = std::thread::scope(|s| s.spawn(|| runner.fresh()).join()).map_err(|_| {
-            WasmError::Load {
+        let make = || runner.fresh(Instant::now() + runner.deadline());
+        let first =
+            std::thread::scope(|s| s.spawn(make).join()).map_err(|_| WasmError::Load {
                 name: runner.name.clone(),
                 path: runner.config.path.clone(),
                 why: "instantiating panicked".into(),
-            }
-        })??;
+            })??;
         lock(&runner.pool).idle.push(first);
         Ok(runner)
     }
@@ -195,16 +203,27 @@ impl<W: World> Runner<W> {
     }
 
     /// Arms a store for one call (or an instantiation): a full fuel budget and an epoch
-    /// deadline. One tick is added because the next tick may come at once.
-    fn arm(&self, store: &mut Store<HostState>) -> wasmtime::Result<()> {
+    /// deadline of `ticks` (see [`ticks_left`]).
+    fn arm(&self, store: &mut Store<HostState>, ticks: u64) -> wasmtime::Result<()> {
         store.set_fuel(self.config.fuel_per_call)?;
-        let tick = EPOCH_TICK.as_millis() as u64;
-        store.set_epoch_deadline(self.config.deadline_ms.div_ceil(tick) + 1);
+        store.set_epoch_deadline(ticks);
         store.data_mut().limits.take_refusal();
         Ok(())
     }
 
-    fn fresh(&self) -> Result<Live<W>, WasmError> {
+    fn busy(&self) -> WasmError {
+        WasmError::Busy {
+            name: self.name.clone(),
+            instances: self.config.instances,
+        }
+    }
+
+    /// A fresh instance, made within the deadline `until`; [`WasmError::Busy`] if none of it
+    /// is left.
+    fn fresh(&self, until: Instant) -> Result<Live<W>, WasmError> {
+        let Some(ticks) = ticks_left(until) else {
+            return Err(self.busy());
+        };
         let wasi = crate::build_wasi(&self.name, &self.config.grants)?;
         let mut store = Store::new(
             &self.engine,
@@ -230,11 +249,11 @@ impl<W: World> Runner<W> {
             path: self.config.path.clone(),
             why: format!("instantiating: {why}"),
         };
-        self.arm(&mut store).map_err(|e| load_err(e.to_string()))?;
-        let deadline = self.deadline();
+        self.arm(&mut store, ticks)
+            .map_err(|e| load_err(e.to_string()))?;
         let made = wasmtime_wasi::runtime::in_tokio(async {
-            tokio::time::timeout(
-                deadline,
+            tokio::time::timeout_at(
+                until.into(),
                 W::instantiate(&mut store, &self.component, &self.linker),
             )
             .await
@@ -250,9 +269,8 @@ impl<W: World> Runner<W> {
     }
 
     /// Takes an idle instance, or the right to make one (`None`), waiting for one to be freed
-    /// at most for a call's deadline.
-    fn take(&self) -> Result<Option<Live<W>>, WasmError> {
-        let until = Instant::now() + self.deadline();
+    /// until the call's deadline.
+    fn take(&self, until: Instant) -> Result<Option<Live<W>>, WasmError> {
         let mut pool = lock(&self.pool);
         loop {
             if let Some(live) = pool.idle.pop() {
@@ -265,10 +283,7 @@ impl<W: World> Runner<W> {
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(WasmError::Busy {
-                    name: self.name.clone(),
-                    instances: self.config.instances,
-                });
+                return Err(self.busy());
             }
             pool = self
                 .freed
@@ -291,11 +306,31 @@ impl<W: World> Runner<W> {
         self.freed.notify_one();
     }
 
-    /// Runs `f` on an instance with a fresh fuel budget and the deadline. A failure discards
-    /// the instance and counts towards disabling the plugin.
+    /// Runs `f` on an instance with a fresh fuel budget, within one deadline that starts now
+    /// (see the module's comment). A failure discards the instance and counts towards
+    /// disabling the plugin. Afterwards, whatever the outcome, the plugin's key-value store is
+    /// written once if the call changed it (see `kv`).
     pub(crate) fn call<R>(
         &self,
         kind: CallKind,
+        f: impl AsyncFnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
+    ) -> Result<R, WasmError> {
+        let until = Instant::now() + self.deadline();
+        let outcome = self.call_until(kind, until, f);
+        if let Err(why) = self.kv.flush() {
+            tracing::error!(
+                plugin = %self.name,
+                "writing its key-value store failed: {why}; the changes are kept in memory and \
+                 written again after its next call"
+            );
+        }
+        outcome
+    }
+
+    fn call_until<R>(
+        &self,
+        kind: CallKind,
+        until: Instant,
         f: impl AsyncFnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
     ) -> Result<R, WasmError> {
         {
@@ -307,24 +342,32 @@ impl<W: World> Runner<W> {
                 });
             }
         }
-        let live = match self.take()? {
+        let mut live = match self.take(until)? {
             Some(live) => live,
-            None => match self.fresh() {
+            None => match self.fresh(until) {
                 Ok(live) => live,
+                Err(e @ WasmError::Busy { .. }) => {
+                    self.give_back(None);
+                    return Err(e);
+                }
                 Err(e) => {
                     self.give_back(None);
                     return Err(self.failed(kind, e));
                 }
             },
         };
-        let mut live = live;
-        if let Err(e) = self.arm(&mut live.store) {
+        let Some(ticks) = ticks_left(until) else {
+            // Waiting and instantiating used the whole deadline: the guest is not called, and
+            // its instance is still good.
+            self.give_back(Some(live));
+            return Err(self.busy());
+        };
+        if let Err(e) = self.arm(&mut live.store, ticks) {
             self.give_back(None);
             return Err(self.failed(kind, self.call_err(CallFailure::Trap, e.to_string())));
         }
-        let deadline = self.deadline();
         let outcome = wasmtime_wasi::runtime::in_tokio(async {
-            tokio::time::timeout(deadline, f(&mut live.store, &live.instance)).await
+            tokio::time::timeout_at(until.into(), f(&mut live.store, &live.instance)).await
         });
         match outcome {
             Ok(Ok(r)) => {
@@ -413,6 +456,10 @@ impl<W: World> Runner<W> {
         err
     }
 
+    pub(crate) fn store_writes(&self) -> u64 {
+        self.kv.lock().writes()
+    }
+
     pub(crate) fn health(&self) -> PluginHealth {
         // The pool's lock first, alone: `give_back` takes the pool's, then the failures'.
         let busy = u32::try_from(lock(&self.pool).busy).unwrap_or(u32::MAX);
@@ -424,6 +471,19 @@ impl<W: World> Runner<W> {
             last_error: failures.last_error.clone(),
         }
     }
+}
+
+/// The epoch deadline, in ticks from now, of a guest that must stop at `until`; `None` once it
+/// has passed. Rounded up, and one tick added because the next tick may come at once: epoch
+/// interruption may stop a computing guest up to two ticks late, never early (a guest waiting in
+/// WASI is stopped at `until` by the timeout).
+fn ticks_left(until: Instant) -> Option<u64> {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    let ticks = left.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+    Some(u64::try_from(ticks).unwrap_or(u64::MAX - 1) + 1)
 }
 
 #[cfg(test)]

@@ -1,16 +1,17 @@
 //! The sandbox against real components (examples/bots, built for wasm32-wasip2): each hostile
 //! behaviour is stopped and says why (fuel, deadline, memory cap, trap), the plugin restarts, a
-//! plugin that keeps failing is disabled, a hook's slow call does not hold up its other calls,
-//! and another plugin keeps serving throughout.
+//! plugin that keeps failing is disabled, a hook's slow call does not hold up its other calls
+//! nor a caller for more than one deadline, a call writes the plugin's store once however many
+//! keys it sets, and another plugin keeps serving throughout.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Barrier, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use syncra_plugin_wasm::{
     BotAction, BotMessage, BotPlugin, CallFailure, ConnectInfo, EnvelopeMeta, Grants, HookPlugin,
-    Verdict, WasmError, WasmHost, WasmPluginConfig,
+    KvStore, Verdict, WasmError, WasmHost, WasmPluginConfig,
 };
 
 /// Path of an example component, building the examples once if needed.
@@ -318,6 +319,97 @@ fn a_sleeping_hook_call_does_not_hold_up_the_next_call() {
     assert!(is_deadline(&err), "{err}");
     assert_eq!(hostile.health().busy, 0);
     assert_eq!(hostile.health().failures, 1);
+}
+
+/// A caller's deadline covers everything its call waits for. The only instance is taken by a
+/// call that sleeps until its deadline; a second sleeping call, started 0.3 deadlines later,
+/// waits for the instance and then may run only in what is left of its own deadline. A marker
+/// hook whose deadline is 1.45 deadlines, started at the same moment as the second call, must
+/// answer after it: with a deadline per step, the second call would wait 0.7 deadlines and then
+/// sleep a whole one of its own, answering after 1.7.
+#[test]
+fn a_hook_call_that_waits_for_an_instance_is_held_one_deadline_in_all() {
+    const DEADLINE_MS: u64 = 2_000;
+    let hostile = Arc::new(hook("hostile_hook", |c| {
+        c.instances = 1;
+        c.deadline_ms = DEADLINE_MS;
+    }));
+    let marker = Arc::new(hook("hostile_hook", |c| {
+        c.deadline_ms = DEADLINE_MS * 145 / 100;
+    }));
+    // 6 KiB: the hook sleeps for five minutes, until its deadline stops it.
+    let sleeper = {
+        let hostile = hostile.clone();
+        std::thread::spawn(move || hostile.on_envelope(&envelope(1, 6 * 1024)))
+    };
+    wait_for("the sleeping call to start", || hostile.health().busy == 1);
+    // Not a wait for readiness: the second caller must start well after the first, so that
+    // its wait ends with the instance freed, not with every instance still busy.
+    std::thread::sleep(Duration::from_millis(DEADLINE_MS * 3 / 10));
+    let start = Arc::new(Barrier::new(2));
+    let (done, finished) = mpsc::channel();
+    let callers = [("second caller", hostile.clone()), ("marker", marker)].map(|(who, hook)| {
+        let (start, done) = (start.clone(), done.clone());
+        std::thread::spawn(move || {
+            start.wait();
+            let answer = hook.on_envelope(&envelope(1, 6 * 1024));
+            done.send((who, answer)).unwrap();
+        })
+    });
+    let (first, answer) = finished.recv().unwrap();
+    assert_eq!(
+        first, "second caller",
+        "the marker answered first: the second caller was held longer than one deadline"
+    );
+    let err = answer.unwrap_err();
+    assert!(
+        is_deadline(&err) || matches!(err, WasmError::Busy { .. }),
+        "{err}"
+    );
+    let (_, marker_answer) = finished.recv().unwrap();
+    assert!(is_deadline(&marker_answer.unwrap_err()));
+    for caller in callers {
+        caller.join().unwrap();
+    }
+    assert!(is_deadline(&sleeper.join().unwrap().unwrap_err()));
+    assert_eq!(hostile.health().busy, 0);
+}
+
+/// However many keys a call sets, the plugin's store is written once, after the call; a call
+/// that sets nothing writes nothing; what a call set before it trapped is kept.
+#[test]
+fn a_call_writes_the_plugin_store_once_however_many_keys_it_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hostile.json");
+    let hostile = bot("hostile", |c| {
+        c.kv_file = Some(file.clone());
+        // Time enough for a write per key on a slow disk: this test counts writes, it does not
+        // time them.
+        c.deadline_ms = 60_000;
+    });
+    let counter = |n: u32| Some(n.to_le_bytes().to_vec());
+    let before = hostile.store_writes();
+    assert_eq!(
+        reply(hostile.on_message(&message("kv 1000")).unwrap()),
+        "set the counter 1000 times"
+    );
+    assert_eq!(hostile.store_writes(), before + 1);
+    assert_eq!(
+        KvStore::open(Some(&file)).unwrap().get("counter"),
+        counter(999)
+    );
+    assert_eq!(
+        reply(hostile.on_message(&message("ping")).unwrap()),
+        "still alive: ping"
+    );
+    assert_eq!(hostile.store_writes(), before + 1);
+    let err = hostile.on_message(&message("kv 10 trap")).unwrap_err();
+    assert!(matches!(err, WasmError::Call { .. }), "{err}");
+    assert_eq!(hostile.store_writes(), before + 2);
+    assert_eq!(
+        KvStore::open(Some(&file)).unwrap().get("counter"),
+        counter(9)
+    );
 }
 
 #[test]

@@ -2,12 +2,14 @@
 //! `loop` spins forever, `hog` allocates until memory runs out, `trap` panics, `fs [PATH]` tries to
 //! read a host file, `net ADDR` tries to open a TCP connection, `sleep` sleeps for five minutes
 //! (WASI `subscribe-duration` and a blocking wait, through `std::thread::sleep`, burning no
-//! fuel), `flood N` answers with N replies; anything else is echoed, so a test can check the
+//! fuel), `flood N` answers with N replies, `kv N` sets the key `counter` in its store N times
+//! (0 to N-1) and `kv N trap` then panics; anything else is echoed, so a test can check the
 //! plugin still works after being restarted.
 
 wit_bindgen::generate!({ path: "../../../plugin-sdk/wit", world: "bot" });
 
 use exports::syncra::plugin::handler::Guest;
+use syncra::plugin::host::kv_set;
 use syncra::plugin::types::{Action, CommandInfo, Message};
 
 struct Hostile;
@@ -58,7 +60,22 @@ impl Guest for Hostile {
                     .nth(1)
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(1000);
-                return (0..n).map(|i| Action::Reply(format!("flood {i}"))).collect();
+                return (0..n)
+                    .map(|i| Action::Reply(format!("flood {i}")))
+                    .collect();
+            }
+            "kv" => {
+                let mut words = text.split_whitespace().skip(1);
+                let n: u32 = words.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
+                for i in 0..n {
+                    if let Err(e) = kv_set("counter", &i.to_le_bytes()) {
+                        return vec![Action::Reply(format!("kv failed: {e}"))];
+                    }
+                }
+                if words.next() == Some("trap") {
+                    panic!("asked to trap after setting the counter {n} times");
+                }
+                format!("set the counter {n} times")
             }
             _ => format!("still alive: {text}"),
         };

@@ -554,7 +554,8 @@ fn group_commands_in_the_interface_change_the_roster() {
     let ev = cl.expect("the removal", |l| l["type"] == "group_event");
     assert_eq!(ev["text"], "alice removed you", "{ev}");
     writeln!(stdin, "/quit").unwrap();
-    let _ = line.wait();
+    let status = line.wait().unwrap();
+    assert!(status.success(), "/quit ends line mode cleanly: {status}");
     let h = alice.history_json("@trio");
     assert!(
         h.iter()

@@ -346,7 +346,8 @@ fn peer_text_is_inert_in_line_mode_history_and_export_and_exact_in_json() {
     assert_eq!(code, 0, "{out}");
     wait_for(&mut printed, "send the keys");
     writeln!(stdin, "/quit").unwrap();
-    let _ = line.wait();
+    let status = line.wait().unwrap();
+    assert!(status.success(), "/quit ends line mode cleanly: {status}");
     let screen = printed.join("\n");
     assert!(!has_control(&screen), "{screen:?}");
     assert!(

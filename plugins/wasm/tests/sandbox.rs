@@ -95,7 +95,6 @@ fn echo_and_dice_bots_answer() {
 fn an_infinite_loop_is_stopped_by_its_budget_and_the_plugin_restarts() {
     let hostile = bot("hostile", |c| c.fuel_per_call = 50_000_000);
     let echo = bot("echo", |_| {});
-    let started = Instant::now();
     let err = hostile.on_message(&message("loop")).unwrap_err();
     assert!(
         matches!(
@@ -108,8 +107,6 @@ fn an_infinite_loop_is_stopped_by_its_budget_and_the_plugin_restarts() {
         "{err}"
     );
     assert!(err.to_string().contains("ran out of fuel"), "{err}");
-    // Not a timing assertion: a generous bound that only a missing budget would exceed.
-    assert!(started.elapsed() < Duration::from_secs(60));
     // Restarted: it answers again, and the other plugin never stopped.
     assert_eq!(
         reply(hostile.on_message(&message("ping")).unwrap()),
@@ -159,8 +156,13 @@ fn a_trap_restarts_and_repeated_failures_disable() {
         reply(hostile.on_message(&message("ok")).unwrap()),
         "still alive: ok"
     );
-    for _ in 0..3 {
-        let _ = hostile.on_message(&message("trap"));
+    for i in 0..3 {
+        let err = hostile.on_message(&message("trap")).unwrap_err();
+        assert!(
+            matches!(err, WasmError::Call { .. }),
+            "trap {i} is a failed call, not a refusal (the plugin is disabled after the third): \
+             {err}"
+        );
     }
     assert!(hostile.is_disabled());
     assert!(matches!(

@@ -128,6 +128,8 @@ pub struct Serve<S> {
     /// mailbox entry to acknowledge once filed.
     parked: HashMap<UserId, VecDeque<(Option<u64>, Opened)>>,
     parked_len: usize,
+    /// The bound on `parked_len` ([`MAX_PARKED`] unless changed; tests lower it).
+    max_parked: usize,
     /// Senders whose lookup waits for a free slot.
     queued: VecDeque<UserId>,
     /// Mailbox entries that repeat a message still parked: acknowledged only once nothing is
@@ -158,10 +160,18 @@ impl<S: Future<Output = ()>> Serve<S> {
             looking_up: HashMap::new(),
             parked: HashMap::new(),
             parked_len: 0,
+            max_parked: MAX_PARKED,
             queued: VecDeque::new(),
             deferred_acks: Vec::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Keeps at most `n` messages waiting for their senders' lookups instead of
+    /// [`MAX_PARKED`] (tests: the relay's rate limit lets no test send 512).
+    pub fn max_parked(mut self, n: usize) -> Self {
+        self.max_parked = n;
+        self
     }
 
     /// Checks the keys this often instead of every [`KEY_CHECK_EVERY`] (tests).
@@ -405,7 +415,7 @@ impl<S: Future<Output = ()>> Serve<S> {
         };
         let sender = opened.sender();
         if self.parked.contains_key(&sender) {
-            if self.parked_len >= MAX_PARKED {
+            if self.parked_len >= self.max_parked {
                 // At the bound (a relay can hold a lookup's answer back while one sender's
                 // messages keep coming): what this sender has waiting is filed now, without
                 // its lookup (under its short id, as after a crash), then this one. Order
@@ -426,7 +436,7 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
             return;
         }
-        if self.parked_len < MAX_PARKED && client.lookup_needed(&opened).is_some() {
+        if self.parked_len < self.max_parked && client.lookup_needed(&opened).is_some() {
             // Kept on disk while it waits: its key is used, so it would never open again after
             // a crash (client/spool.rs). Without the disk it still waits, in memory only.
             let mut opened = opened;

@@ -396,6 +396,68 @@ async fn new_senders_do_not_hold_up_a_contact() {
     serving.await.unwrap();
 }
 
+/// At the bound on messages waiting for their senders' lookups (here 2; `MAX_PARKED`), nothing
+/// waits more and nothing is lost: a sender whose next message finds the bound reached has what
+/// it has waiting filed at once without its lookup (under its short id), in order, then that
+/// message; a new sender at the bound is filed at once. The relay's store is frozen throughout,
+/// so every lookup hangs; what did wait comes out when it thaws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_bound_on_waiting_messages_they_are_filed_in_order_and_none_is_lost() {
+    use syncra_client::client::{Serve, ServeEvent};
+    let (mut pg, relay) = relay_on_postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut strangers = Vec::new();
+    for i in 0..3 {
+        let mut s = user(dir.path(), &relay, &format!("stranger{i}")).await;
+        s.add_contact("bob").await.unwrap();
+        strangers.push(s);
+    }
+    // Bob is connected and nobody reads his deliveries yet: they wait in his session, in the
+    // order they were sent.
+    for (who, text) in [(1, "b0"), (0, "a0"), (0, "a1"), (0, "a2"), (2, "c0")] {
+        let report = strangers[who].send_text("bob", text).await.unwrap();
+        assert_eq!(report.state, SendState::Delivered, "{text}");
+    }
+    pg.pause();
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let mut serve = Serve::new(&mut bob, stop).unwrap().max_parked(2);
+        while let Some(event) = serve.next(&mut bob).await {
+            if let ServeEvent::Incoming(Incoming::Message { text, request, .. }) = event {
+                let _ = events_tx.send((text, request));
+            }
+        }
+    });
+    let mut next = async || {
+        tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .expect("a message in time")
+            .unwrap()
+    };
+    // b0 and a0 wait (the bound); a1 finds it reached: a0 then a1 are filed. a2 waits in the
+    // room a0 left; c0 finds the bound reached and is filed at once. All while the store is
+    // frozen.
+    for text in ["a0", "a1", "c0"] {
+        assert_eq!(next().await, (text.to_owned(), true));
+    }
+    pg.resume();
+    let mut rest = vec![next().await, next().await];
+    rest.sort();
+    assert_eq!(rest, [("a2".to_owned(), true), ("b0".to_owned(), true)]);
+    let _ = stop_tx.send(());
+    serving.await.unwrap();
+    assert_eq!(events.recv().await, None, "no message twice");
+    let spool = dir.path().join("bob").join("spool");
+    let left = std::fs::read_dir(&spool).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "nothing is left waiting on disk");
+}
+
 /// A text over the limit for one message is refused with a clear error before anything is
 /// written: it could never leave the outbox, and would hold up what is typed after it.
 #[tokio::test]

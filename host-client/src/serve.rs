@@ -39,6 +39,10 @@ use crate::net::{Push, Session};
 /// prekeys for erasure). Rotation periods are days; this bounds how late a rotation can be.
 pub const KEY_CHECK_EVERY: Duration = Duration::from_secs(600);
 
+/// How long a fresh connection waits for the end of the login's backlog before it does what
+/// waits for answers anyway (a relay that never ends it must not keep the outbox waiting).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+
 /// How often the outbox is looked at while connected (entries other processes wrote).
 const OUTBOX_EVERY: Duration = Duration::from_secs(2);
 
@@ -59,7 +63,8 @@ pub enum ServeEvent {
         /// Which attempt this is.
         attempt: u32,
     },
-    /// Connected, and the outbox drained.
+    /// Connected and caught up: the login's backlog read, the keys' upkeep done and the
+    /// outbox drained.
     Connected {
         /// Messages the outbox sent on connecting.
         sent: usize,
@@ -121,6 +126,11 @@ pub struct Serve<S> {
     /// Rotation failures in a row (for the retry backoff).
     key_failures: u32,
     next_outbox: Instant,
+    /// Logged in and reading the login's backlog, until its end or this instant: nothing that
+    /// waits for an answer runs meanwhile (key upkeep, the outbox), since an answer can sit
+    /// behind more backlog than the deliveries channel holds while this loop would wait for
+    /// it instead of reading.
+    catching_up: Option<Instant>,
     lookups: JoinSet<(UserId, Option<IdentityRecord>)>,
     /// Whose lookup each task is (to file their messages even if a task failed).
     looking_up: HashMap<tokio::task::Id, UserId>,
@@ -156,6 +166,7 @@ impl<S: Future<Output = ()>> Serve<S> {
             next_key_check: now + KEY_CHECK_EVERY,
             key_failures: 0,
             next_outbox: now + OUTBOX_EVERY,
+            catching_up: None,
             lookups: JoinSet::new(),
             looking_up: HashMap::new(),
             parked: HashMap::new(),
@@ -232,15 +243,17 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
         };
         let key_check = async {
-            match connected {
-                true => tokio::time::sleep_until(self.next_key_check).await,
-                false => std::future::pending().await,
+            match (connected, self.catching_up) {
+                (true, None) => tokio::time::sleep_until(self.next_key_check).await,
+                _ => std::future::pending().await,
             }
         };
+        // While catching up, the outbox's turn comes at the catch-up's limit instead.
         let outbox = async {
-            match connected {
-                true => tokio::time::sleep_until(self.next_outbox).await,
-                false => std::future::pending().await,
+            match (connected, self.catching_up) {
+                (true, None) => tokio::time::sleep_until(self.next_outbox).await,
+                (true, Some(limit)) => tokio::time::sleep_until(limit).await,
+                (false, _) => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -286,10 +299,18 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
             Wake::Connect => self.connect(client).await,
             Wake::Closed => {
+                self.catching_up = None;
                 client.disconnect().await;
                 self.schedule_retry("the connection to the relay was lost".into());
             }
             Wake::KeyCheck => self.maintain_keys(client).await,
+            Wake::Outbox if self.catching_up.is_some() => {
+                tracing::warn!(
+                    "the relay has not ended the login's backlog within {}s; going on",
+                    CATCH_UP_LIMIT.as_secs()
+                );
+                self.caught_up(client).await;
+            }
             Wake::Outbox => {
                 self.next_outbox = Instant::now() + OUTBOX_EVERY;
                 if client.outbox_len() > 0
@@ -312,6 +333,9 @@ impl<S: Future<Output = ()>> Serve<S> {
                 if count > 0 {
                     self.events.push_back(ServeEvent::Backlog(count));
                 }
+                if self.catching_up.is_some() {
+                    self.caught_up(client).await;
+                }
             }
             Wake::Push(Push::Notice(code, message)) => {
                 self.events.push_back(ServeEvent::Notice(code, message));
@@ -332,22 +356,31 @@ impl<S: Future<Output = ()>> Serve<S> {
         self.events.push_back(ServeEvent::Connecting {
             attempt: self.attempt + 1,
         });
-        match client.connect().await {
+        match client.login().await {
             Ok(()) => {
                 self.attempt = 0;
                 self.retry_at = None;
-                self.next_outbox = Instant::now() + OUTBOX_EVERY;
-                let sent = match client.drain_outbox().await {
-                    Ok(reports) => reports.len(),
-                    Err(e) => {
-                        tracing::warn!("outbox: {e:#}");
-                        0
-                    }
-                };
-                self.events.push_back(ServeEvent::Connected { sent });
+                // The backlog first (see `catching_up`); the rest in `caught_up`.
+                self.catching_up = Some(Instant::now() + CATCH_UP_LIMIT);
             }
             Err(e) => self.schedule_retry(e.to_string()),
         }
+    }
+
+    /// The login's backlog is read (or the relay did not say so within [`CATCH_UP_LIMIT`]):
+    /// the key upkeep of a fresh connection, then the outbox, then `Connected`.
+    async fn caught_up(&mut self, client: &mut Client) {
+        self.catching_up = None;
+        client.upkeep().await;
+        self.next_outbox = Instant::now() + OUTBOX_EVERY;
+        let sent = match client.drain_outbox().await {
+            Ok(reports) => reports.len(),
+            Err(e) => {
+                tracing::warn!("outbox: {e:#}");
+                0
+            }
+        };
+        self.events.push_back(ServeEvent::Connected { sent });
     }
 
     fn schedule_retry(&mut self, reason: String) {

@@ -232,6 +232,75 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
     assert_eq!(contact.handle, "alice");
 }
 
+/// A long-running session whose login brings a backlog larger than the deliveries channel
+/// reads it before anything that waits for an answer: before, connecting stocked the
+/// KeyPackage directory and drained the outbox first, each request's answer sat behind the
+/// backlog the loop was not reading, and nothing was shown until the request timed out (15 s
+/// each). Now every message comes, in order, then the backlog's count, then `Connected` once
+/// the key upkeep and the outbox are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_session_reads_a_large_backlog_before_it_waits_for_answers() {
+    use syncra_client::client::{Serve, ServeEvent};
+    let relay = TestRelay::start(|c| {
+        c.limits.messages_per_second_per_user = 100_000;
+        c.limits.message_burst_per_user = 100_000;
+        c.limits.messages_per_second_per_address = 100_000;
+        c.limits.message_burst_per_address = 100_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    alice.add_contact("bob").await.unwrap();
+    bob.add_contact("alice").await.unwrap();
+    bob.disconnect().await;
+    const N: usize = 1100;
+    for i in 0..N {
+        let report = alice.send_text("bob", &format!("m{i}")).await.unwrap();
+        assert_eq!(report.state, SendState::Stored, "m{i}");
+    }
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let mut serve = Serve::new(&mut bob, stop).unwrap();
+        while let Some(event) = serve.next(&mut bob).await {
+            let _ = events_tx.send(event);
+        }
+    });
+    let mut texts = Vec::new();
+    let mut backlog = None;
+    loop {
+        let event = tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} messages", texts.len()))
+            .unwrap();
+        match event {
+            ServeEvent::Incoming(Incoming::Message { text, .. }) => {
+                assert!(backlog.is_none(), "{text} after the backlog's end");
+                texts.push(text);
+            }
+            ServeEvent::Backlog(count) => backlog = Some(count),
+            ServeEvent::Connected { sent } => {
+                assert_eq!(sent, 0);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected, "every message, in order, before Connected");
+    assert!(
+        backlog.is_some_and(|n| n as usize >= N),
+        "the backlog's end came before Connected: {backlog:?}"
+    );
+    let _ = stop_tx.send(());
+    serving.await.unwrap();
+}
+
 /// A relay whose identity store is a PostgreSQL server of the test's own (to freeze).
 async fn relay_on_postgres() -> (syncra_test_support::postgres::PostgresServer, TestRelay) {
     let pg = syncra_test_support::postgres::PostgresServer::start();

@@ -649,9 +649,22 @@ impl Client {
         Ok(())
     }
 
-    /// Connects (or reconnects) to the configured relay, then rotates the prekey if due and
-    /// sends what waits in the outbox.
+    /// Connects (or reconnects) to the configured relay, then does the key upkeep that needs
+    /// it ([`Client::upkeep`]).
     pub async fn connect(&mut self) -> Result<(), NetError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        self.login().await?;
+        self.upkeep().await;
+        Ok(())
+    }
+
+    /// Connects (or reconnects) to the configured relay and logs in, nothing more: a session
+    /// that reads its deliveries ([`Serve`]) reads the login's backlog before anything that
+    /// waits for an answer (an answer can sit behind a backlog larger than the deliveries
+    /// channel), then calls [`Client::upkeep`].
+    pub async fn login(&mut self) -> Result<(), NetError> {
         if self.is_connected() {
             return Ok(());
         }
@@ -681,6 +694,13 @@ impl Client {
         }
         self.token = Some(session.token.clone());
         self.session = Some(session);
+        Ok(())
+    }
+
+    /// What a fresh connection does for the keys: rotates the prekey if due, stocks the
+    /// KeyPackage directory and refreshes leaves that are due. A failure is logged and tried
+    /// again later.
+    pub async fn upkeep(&mut self) {
         if let Err(e) = self.rotate_prekey_if_due().await {
             // A long-running session (`Serve`) retries with backoff; a one-shot command
             // retries at its next connection.
@@ -689,7 +709,6 @@ impl Client {
         if let Err(e) = self.maintain_mls().await {
             tracing::warn!("MLS upkeep failed (will retry): {e:#}");
         }
-        Ok(())
     }
 
     /// Rotates the signed prekey if it is due and erases retired ones past their grace, saving

@@ -229,23 +229,25 @@ async fn commit(
                 .into(),
         ));
     }
-    let before: &[UserId] = match &group {
+    let (before, current): (&[UserId], bool) = match &group {
         Some(g) => {
             member(g, sender, h)?;
             // The same commit again: it won this epoch already; route it to whom it names.
             if g.last_commit == h.message_id && g.epoch == h.epoch.saturating_add(1) {
                 return outsiders(&h.recipients, &g.members, &[], h);
             }
-            &g.members
+            (&g.members, g.epoch == h.epoch)
         }
-        None => &[],
+        None => (&[], true),
     };
     outsiders(&h.recipients, &h.members, before, h)?;
     // Whoever the commit drops from the list gets it: a member cut off learns it is out (and
-    // a list that lies about it reaches the one it lies about, whose client reports it).
+    // a list that lies about it reaches the one it lies about, whose client reports it). Only
+    // a commit made on the list this node holds is held to it; one made in another epoch
+    // loses to the store's epoch check (`commit_conflict`, and its author rebases).
     if let Some(dropped) = before
         .iter()
-        .find(|u| !h.members.contains(u) && !h.recipients.contains(u))
+        .find(|u| current && !h.members.contains(u) && !h.recipients.contains(u))
     {
         return Err((
             ErrorCode::NotAMember,

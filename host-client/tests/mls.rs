@@ -5,6 +5,11 @@
 //!
 //! A small `Net` stands in for the relay: it decides which commit wins an epoch and hands every
 //! member the same messages in the same order.
+//!
+//! Who holds an epoch's secrets is shown by the epoch's exporter ([`Conversation::export_secret`],
+//! RFC 9420 §8.5), not by a refusal: a refusal may come from a check the wrapper makes before
+//! openmls decrypts anything (`NotAMember`, `FutureEpoch`), while two copies derive the same
+//! exporter only if both hold the epoch's key schedule.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use syncra_client::mls::{
@@ -13,6 +18,15 @@ use syncra_client::mls::{
 };
 use syncra_core::crypto::keys::IdentityKeyPair;
 use syncra_core::id::UserId;
+
+/// The exporter label the tests compare epochs by.
+const LABEL: &str = "syncra test: who holds this epoch";
+
+/// The exporter of `conv`'s current epoch: two copies agree on it exactly when both hold that
+/// epoch's secrets.
+fn exporter(conv: &Conversation) -> Result<Vec<u8>, MlsError> {
+    conv.export_secret(LABEL, b"", 32).map(|s| s.to_vec())
+}
 
 /// One person: the identity and, once in, their conversation.
 struct Person {
@@ -76,6 +90,11 @@ impl Person {
         self.conv().process(bytes).unwrap_err()
     }
 
+    /// The exporter of the epoch this member is in.
+    fn exporter(&mut self) -> Vec<u8> {
+        exporter(self.conv()).unwrap()
+    }
+
     /// A request to be let back in: the conversation, the epoch this copy is in, the bytes.
     fn rejoin_request(&mut self) -> (syncra_client::mls::ConversationId, u64, Vec<u8>) {
         let conv = self.conv.as_ref().expect("in the conversation");
@@ -129,12 +148,15 @@ fn deliver_commit(people: &mut [Person], author: usize, commit: &[u8]) {
     }
 }
 
+/// Everyone is in the same epoch with the same roster, and holds that epoch's secrets.
 fn assert_agree(people: &mut [Person]) {
     let epoch = people[0].conv().epoch();
     let roster = people[0].conv().roster().unwrap();
+    let secret = people[0].exporter();
     for p in people.iter_mut() {
         assert_eq!(p.conv().epoch(), epoch);
         assert_eq!(p.conv().roster().unwrap(), roster);
+        assert_eq!(p.exporter(), secret);
     }
 }
 
@@ -230,26 +252,57 @@ fn a_removed_member_cannot_read_what_follows() {
     let mut people = group(3);
     let carol = people[2].id();
     // A copy of carol's state from before the removal: what she would have if she ignored it.
-    let stale = Conversation::from_bytes(&people[2].conv().to_bytes(), &people[2].mls).unwrap();
+    // It holds the secrets of epoch 3, as everyone does.
+    let mut stale = Conversation::from_bytes(&people[2].conv().to_bytes(), &people[2].mls).unwrap();
+    let epoch_3 = people[0].exporter();
+    assert_eq!(exporter(&stale).unwrap(), epoch_3);
 
-    let out = people[0].conv().remove(&[carol]).unwrap();
-    deliver_commit(&mut people, 0, &out.commit);
+    let removal = people[0].conv().remove(&[carol]).unwrap();
+    deliver_commit(&mut people, 0, &removal.commit);
     assert!(!people[2].conv().is_active());
+    // Alice and bob derive the secrets of epoch 4 alike; they are new.
+    let epoch_4 = people[0].exporter();
+    assert_eq!(people[1].exporter(), epoch_4);
+    assert_ne!(epoch_4, epoch_3);
+    // Carol processed the removal, the one commit she could, and came out without them: the
+    // commit's path secrets were encrypted to alice and bob only, so openmls merged its public
+    // tree and no key schedule.
+    assert!(matches!(
+        exporter(people[2].conv()),
+        Err(MlsError::NotAMember)
+    ));
 
     let secret = people[0].send("carol must not read this");
     let from = people[0].id();
     people[1].read(&secret, from, "carol must not read this");
+    // (Refused before openmls sees it: her copy knows it is out. What shows she cannot read
+    // it is the exporter above.)
     assert!(matches!(people[2].refuse(&secret), MlsError::NotAMember));
-    // Her earlier state has no key for the new epoch either: the keys of epoch 2 were
-    // encrypted to alice and bob only.
-    let mut stale = stale;
-    assert!(matches!(
-        stale.process(&secret),
-        Err(MlsError::FutureEpoch {
-            message: 4,
-            current: 3
-        })
-    ));
+
+    // Her earlier state holds epoch 3's secrets, not epoch 4's, and cannot get there: every
+    // later message and commit is from an epoch it has not reached...
+    let out = people[1].conv().update().unwrap();
+    deliver_commit(&mut people, 1, &out.commit);
+    let epoch_5 = people[0].exporter();
+    assert_eq!(people[1].exporter(), epoch_5);
+    for bytes in [&secret, &out.commit] {
+        assert!(matches!(
+            stale.process(bytes),
+            Err(MlsError::FutureEpoch {
+                message: 4,
+                current: 3
+            })
+        ));
+    }
+    assert_eq!(exporter(&stale).unwrap(), epoch_3);
+    // ...and the one commit it can process, the removal, ends it as it ended carol.
+    match stale.process(&removal.commit).unwrap() {
+        Incoming::Commit {
+            removed_me, epoch, ..
+        } => assert!(removed_me && epoch == 4),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(exporter(&stale), Err(MlsError::NotAMember)));
     // And she cannot commit or send any more.
     assert!(matches!(
         people[2].conv().encrypt(b"x"),
@@ -267,13 +320,25 @@ fn a_member_added_later_cannot_read_what_came_before() {
     let before = people[0].send("before dave");
     let from = people[0].id();
     people[1].read(&before, from, "before dave");
+    // The secrets of the epoch "before dave" was sent in, as its members derive them.
+    let epoch_before = people[1].conv().epoch();
+    let secret_before = people[1].exporter();
+    assert_eq!(people[0].exporter(), secret_before);
 
     let mut dave = Person::new();
     let out = people[0].conv().add(&[dave.key_package()]).unwrap();
     deliver_commit(&mut people, 0, &out.commit);
     dave.join(out.welcome.as_deref().unwrap());
 
-    let epoch_before = people[1].conv().epoch() - 1;
+    // The Welcome gives dave the secrets of the epoch the add began: he derives what the
+    // others derive...
+    let joined = people[0].exporter();
+    assert_eq!(people[1].exporter(), joined);
+    assert_eq!(dave.exporter(), joined);
+    assert_eq!(dave.conv().epoch(), epoch_before + 1);
+    // ...and nothing of the epoch before: its exporter is not what he holds, and he keeps no
+    // state for that epoch to open its messages with.
+    assert_ne!(dave.exporter(), secret_before);
     match dave.refuse(&before) {
         MlsError::OldEpoch { message, current } => {
             assert_eq!(message, epoch_before);
@@ -302,13 +367,15 @@ fn a_copied_state_stops_decrypting_after_its_owner_updates() {
     ));
 
     // ...and keeps up with other members' commits, which encrypt to bob's leaf, whose keys
-    // it holds.
+    // it holds: it derives the secrets of the epoch they make, as the members do.
     let out = people[2].conv().update().unwrap();
     deliver_commit(&mut people, 2, &out.commit);
     assert!(matches!(
         attacker.process(&out.commit),
         Ok(Incoming::Commit { .. })
     ));
+    let before_update = people[0].exporter();
+    assert_eq!(exporter(&attacker).unwrap(), before_update);
     let m2 = people[0].send("two");
     assert!(matches!(
         attacker.process(&m2),
@@ -318,26 +385,44 @@ fn a_copied_state_stops_decrypting_after_its_owner_updates() {
     people[1].read(&m2, from, "two");
 
     // Bob updates: fresh leaf keys the copy never saw, and the new path secrets are
-    // encrypted to alice's and carol's subtrees, not to anything the copy holds.
+    // encrypted to alice's and carol's subtrees, not to anything the copy holds. The members
+    // agree on the secrets of the new epoch.
     let out = people[1].conv().update().unwrap();
     deliver_commit(&mut people, 1, &out.commit);
-    // The copy cannot even open bob's commit: to it, it is its own message echoed back.
+    let healed = people[0].exporter();
+    assert_eq!(people[1].exporter(), healed);
+    assert_eq!(people[2].exporter(), healed);
+    assert_ne!(healed, before_update);
+    // The copy cannot get them. The update is the only commit it could process next, and
+    // openmls does not open a message from its own leaf: to the copy it is its own message
+    // echoed back.
     assert!(matches!(
         attacker.process(&out.commit),
-        Err(MlsError::Unsupported(_))
+        Err(MlsError::Unsupported(
+            "this member's own message, echoed back"
+        ))
     ));
+    // It is left with the secrets of the epoch before the update, not those after it.
+    assert_eq!(exporter(&attacker).unwrap(), before_update);
+    assert_ne!(exporter(&attacker).unwrap(), healed);
+
     let m3 = people[0].send("three");
     let from = people[0].id();
     people[1].read(&m3, from, "three");
     let from = people[0].id();
     people[2].read(&m3, from, "three");
-    assert!(matches!(
-        attacker.process(&m3),
-        Err(MlsError::FutureEpoch { .. })
-    ));
     let m4 = people[1].send("four");
     people[0].read(&m4, bob, "four");
-    assert!(attacker.process(&m4).is_err());
+    // Everything after the update is from an epoch the copy has not reached.
+    for m in [&m3, &m4] {
+        assert!(matches!(
+            attacker.process(m),
+            Err(MlsError::FutureEpoch {
+                message: 5,
+                current: 4
+            })
+        ));
+    }
 }
 
 #[test]
@@ -568,6 +653,7 @@ fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     let (alice, bob, carol) = (people[0].id(), people[1].id(), people[2].id());
     bob_misses_a_commit(&mut people);
     let missed = people[0].send("sent while bob was out of step");
+    let missed_secret = people[0].exporter();
     assert!(matches!(
         people[1].refuse(&missed),
         MlsError::FutureEpoch { .. }
@@ -622,8 +708,15 @@ fn a_member_that_missed_a_commit_for_good_is_let_back_in() {
     let m = people[1].send("I am back");
     people[0].read(&m, bob, "I am back");
     people[2].read(&m, bob, "I am back");
-    // What was sent while bob was out stays unreadable for him.
-    assert!(people[1].conv().process(&missed).is_err());
+    // What was sent while bob was out stays unreadable for him: the Welcome brought him into
+    // the epoch after it, with none of the secrets of the epoch it was sent in.
+    assert_ne!(people[1].exporter(), missed_secret);
+    match people[1].refuse(&missed) {
+        MlsError::OldEpoch { message, current } => {
+            assert_eq!((message, current), (stuck + 1, stuck + 2));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // The same request again names a leaf bob no longer has.
     assert!(matches!(
@@ -753,7 +846,10 @@ fn state_survives_a_round_trip_through_bytes() {
 
     // Another identity cannot load it, and damage is refused.
     let stranger = MlsIdentity::new(&IdentityKeyPair::generate());
-    assert!(Conversation::from_bytes(&people[1].conv().to_bytes(), &stranger).is_err());
+    assert!(matches!(
+        Conversation::from_bytes(&people[1].conv().to_bytes(), &stranger),
+        Err(MlsError::Unsupported("another identity's conversation"))
+    ));
     let mut damaged = people[1].conv().to_bytes().to_vec();
     damaged.truncate(damaged.len() / 2);
     assert!(matches!(
@@ -803,7 +899,10 @@ fn key_packages_are_one_time_except_the_last_resort_one_and_survive_a_restart() 
     let mut forged = one_time.bytes.clone();
     let mid = forged.len() / 2;
     forged[mid] ^= 1;
-    assert!(MemberKeyPackage::from_bytes(&forged, bob_key.user_id()).is_err());
+    assert!(matches!(
+        MemberKeyPackage::from_bytes(&forged, bob_key.user_id()),
+        Err(MlsError::InvalidKeyPackage(_))
+    ));
 }
 
 #[test]

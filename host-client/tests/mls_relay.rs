@@ -7,14 +7,19 @@
 //! copied state stops decrypting after its owner's next update, two concurrent commits end with
 //! one winner and everyone in the same epoch, an offline member catches up in order, and
 //! tampered, replayed and out-of-epoch messages are refused with their own errors.
+//!
+//! Who holds an epoch's secrets is shown by the epoch's exporter ([`Conversation::export_secret`],
+//! RFC 9420 §8.5), not by a refusal: a refusal may come from a check the client makes before
+//! openmls decrypts anything (`NotAMember`, `FutureEpoch`), while two copies derive the same
+//! exporter only if both hold the epoch's key schedule.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use syncra_client::mls::{
-    Arrival, Conversation, ConversationId, Conversations, MlsError, MlsIdentity, RosterEvent,
-    ServiceError,
+    Arrival, Conversation, ConversationId, Conversations, Incoming, MlsError, MlsIdentity,
+    RosterEvent, ServiceError,
 };
 use syncra_client::net::{Dial, Login, NetError, Push, Session};
 use syncra_core::UserId;
@@ -22,6 +27,15 @@ use syncra_core::wire::{ErrorCode, Outcome};
 use syncra_test_relay::{TestRelay, TestUser};
 use syncra_test_support::DEADLINE;
 use tokio::sync::mpsc;
+
+/// The exporter label the tests compare epochs by.
+const LABEL: &str = "syncra test: who holds this epoch";
+
+/// The exporter of `conv`'s current epoch: two copies agree on it exactly when both hold that
+/// epoch's secrets.
+fn exporter(conv: &Conversation) -> Result<Vec<u8>, MlsError> {
+    conv.export_secret(LABEL, b"", 32).map(|s| s.to_vec())
+}
 
 /// One person with a live session and their conversations.
 struct Member {
@@ -135,6 +149,11 @@ impl Member {
         self.mls.get(id).unwrap().epoch()
     }
 
+    /// The exporter of the epoch this member's copy of `id` is in.
+    fn exporter(&self, id: ConversationId) -> Vec<u8> {
+        exporter(self.mls.get(id).unwrap()).unwrap()
+    }
+
     fn roster(&self, id: ConversationId) -> Vec<UserId> {
         let mut r = self.mls.get(id).unwrap().roster().unwrap();
         r.sort();
@@ -242,6 +261,14 @@ async fn a_removed_member_cannot_read_what_follows_and_a_later_one_cannot_read_w
         Ok(Arrival::Message { .. })
     ));
     carol.expect_message(&alice, "before").await;
+    // Everyone holds the secrets of epoch 1, Carol too; a copy of her state keeps them (what
+    // she would have if she ignored her removal).
+    let epoch_1 = alice.exporter(g);
+    assert_eq!(bob.exporter(g), epoch_1);
+    assert_eq!(carol.exporter(g), epoch_1);
+    let mut stale =
+        Conversation::from_bytes(&carol.mls.get(g).unwrap().to_bytes(), carol.mls.identity())
+            .unwrap();
 
     // Alice removes Carol: Carol learns it from the commit and is out.
     alice
@@ -259,8 +286,20 @@ async fn a_removed_member_cannot_read_what_follows_and_a_later_one_cannot_read_w
         }]
     );
     bob.expect_commit().await;
+    // Alice and Bob derive the secrets of epoch 2 alike. Carol processed the commit and holds
+    // none of them: its path secrets were encrypted to Alice and Bob only, so openmls merged
+    // its public tree and no key schedule. Her earlier copy still holds epoch 1's.
+    let epoch_2 = alice.exporter(g);
+    assert_eq!(bob.exporter(g), epoch_2);
+    assert_ne!(epoch_2, epoch_1);
+    assert!(matches!(
+        exporter(carol.mls.get(g).unwrap()),
+        Err(MlsError::NotAMember)
+    ));
+    assert_eq!(exporter(&stale).unwrap(), epoch_1);
 
-    // What follows goes to Bob only, and Carol's state cannot open it.
+    // What follows goes to Bob only. Carol's client refuses it before openmls sees it (it
+    // knows she is out); her earlier copy has not reached its epoch.
     assert_eq!(alice.say(g, "after carol").await, vec![Outcome::Delivered]);
     let after = bob.next_raw().await;
     assert!(matches!(
@@ -274,6 +313,13 @@ async fn a_removed_member_cannot_read_what_follows_and_a_later_one_cannot_read_w
         ),
         "a removed member's state must not open later messages"
     );
+    assert!(matches!(
+        stale.process(&body(&after)),
+        Err(MlsError::FutureEpoch {
+            message: 2,
+            current: 1
+        })
+    ));
     // And Carol's client refuses to write to a conversation she is no longer in (the relay
     // would refuse it too: host-relay/tests/mls.rs).
     let refused = carol.mls.send(&carol.session, g, b"still here?").await;
@@ -288,15 +334,42 @@ async fn a_removed_member_cannot_read_what_follows_and_a_later_one_cannot_read_w
         .add(&alice.session, g, &[dave.id()])
         .await
         .unwrap();
-    bob.expect_commit().await;
+    let add = bob.next_raw().await;
+    assert!(matches!(
+        bob.mls.receive(&add),
+        Ok(Arrival::Commit {
+            misdeclared: None,
+            ..
+        })
+    ));
+    // Carol's earlier copy cannot follow the next commit either: it is from epoch 2.
+    assert!(matches!(
+        stale.process(&body(&add)),
+        Err(MlsError::FutureEpoch {
+            message: 2,
+            current: 1
+        })
+    ));
+    assert_eq!(exporter(&stale).unwrap(), epoch_1);
     assert_eq!(dave.expect_joined().await, g);
+    // The Welcome gives Dave the secrets of epoch 3, which the others derive too, and nothing
+    // of the epochs before it: their exporters are not what he holds, and he keeps no state
+    // for them to open their messages with.
+    let epoch_3 = alice.exporter(g);
+    assert_eq!(bob.exporter(g), epoch_3);
+    assert_eq!(dave.exporter(g), epoch_3);
+    assert_ne!(dave.exporter(g), epoch_1);
+    assert_ne!(dave.exporter(g), epoch_2);
     alice.say(g, "welcome dave").await;
     dave.expect_message(&alice, "welcome dave").await;
     bob.expect_message(&alice, "welcome dave").await;
-    for (what, old) in [("before", &before), ("after carol", &after)] {
+    for (what, old, epoch) in [("before", &before, 1), ("after carol", &after, 2)] {
         let err = dave.mls.receive(old).unwrap_err();
         assert!(
-            matches!(err, ServiceError::Mls(MlsError::OldEpoch { .. })),
+            matches!(
+                err,
+                ServiceError::Mls(MlsError::OldEpoch { message, current: 3 }) if message == epoch
+            ),
             "a later member must not open {what:?}: {err:?}"
         );
     }
@@ -313,7 +386,8 @@ async fn a_copied_state_stops_decrypting_after_its_owners_next_update() {
     let mut bob = Member::join(&relay, "heal_bob").await;
     let chat = chat_of_two(&mut alice, &mut bob).await;
 
-    // An attacker copies Bob's state (a stolen disk image) and reads along.
+    // An attacker copies Bob's state (a stolen disk image) and reads along: it holds the
+    // secrets of the epoch, as the members do.
     let stolen = bob.mls.get(chat).unwrap().to_bytes();
     let mut copy = Conversation::from_bytes(&stolen, bob.mls.identity()).unwrap();
     alice.say(chat, "read by the copy").await;
@@ -322,14 +396,22 @@ async fn a_copied_state_stops_decrypting_after_its_owners_next_update() {
         bob.mls.receive(&seen),
         Ok(Arrival::Message { .. })
     ));
-    assert!(
-        copy.process(&body(&seen)).is_ok(),
-        "before healing the copy reads"
-    );
+    match copy.process(&body(&seen)) {
+        Ok(Incoming::Message { plaintext, .. }) => {
+            assert_eq!(
+                &plaintext[..],
+                b"read by the copy",
+                "before healing the copy reads"
+            );
+        }
+        other => panic!("before healing the copy reads: {other:?}"),
+    }
+    let before_update = alice.exporter(chat);
+    assert_eq!(exporter(&copy).unwrap(), before_update);
 
-    // Bob updates his leaf through the relay; Alice processes it.
-    // The copy sees the commit too, but cannot follow it: the new path secrets are encrypted
-    // to the other members' keys, not to the leaf it stole.
+    // Bob updates his leaf through the relay; Alice processes it. The new path secret is
+    // encrypted to Alice's leaf, not to the leaf the copy stole: the two members derive the
+    // new epoch's secrets alike.
     bob.mls.update(&bob.session, chat).await.unwrap();
     let commit = alice.next_raw().await;
     match alice.mls.receive(&commit).unwrap() {
@@ -338,19 +420,37 @@ async fn a_copied_state_stops_decrypting_after_its_owners_next_update() {
         }
         other => panic!("expected Bob's update, got {other:?}"),
     }
+    let healed = alice.exporter(chat);
+    assert_eq!(bob.exporter(chat), healed);
+    assert_ne!(healed, before_update);
+    // The copy cannot get them. The update is the only commit it could process next, and
+    // openmls does not open a message from its own leaf: to the copy it is its own message
+    // echoed back. It is left with the secrets of the epoch before the update.
+    let err = copy.process(&body(&commit)).unwrap_err();
     assert!(
-        copy.process(&body(&commit)).is_err(),
-        "the copy must not be able to process the update"
+        matches!(
+            err,
+            MlsError::Unsupported("this member's own message, echoed back")
+        ),
+        "{err:?}"
     );
+    assert_eq!(exporter(&copy).unwrap(), before_update);
+    assert_ne!(exporter(&copy).unwrap(), healed);
     alice.say(chat, "after the update").await;
-    let healed = bob.next_raw().await;
+    let after = bob.next_raw().await;
     assert!(matches!(
-        bob.mls.receive(&healed),
+        bob.mls.receive(&after),
         Ok(Arrival::Message { .. })
     ));
-    let err = copy.process(&body(&healed)).unwrap_err();
+    let err = copy.process(&body(&after)).unwrap_err();
     assert!(
-        matches!(err, MlsError::FutureEpoch { .. }),
+        matches!(
+            err,
+            MlsError::FutureEpoch {
+                message: 2,
+                current: 1
+            }
+        ),
         "the copy cannot follow the update, so it reads nothing after it: {err:?}"
     );
 }

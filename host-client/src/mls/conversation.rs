@@ -28,12 +28,12 @@ use std::sync::Arc;
 
 use data_encoding::BASE32_NOPAD;
 use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
-use openmls::prelude::MlsGroupStateError;
 use openmls::prelude::{
     ContentType, GroupId, KeyPackage, LeafNode, LeafNodeIndex, LeafNodeParameters, MlsGroup,
     MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessMessageError, ProcessedMessageContent,
     Proposal, ProtocolVersion, Sender, StagedCommit, ValidationError, tls_codec::DeserializeBytes,
 };
+use openmls::prelude::{ExportSecretError, MlsGroupStateError};
 use openmls::treesync::EncryptionKey;
 use openmls_rust_crypto::RustCrypto;
 use syncra_core::id::UserId;
@@ -436,6 +436,32 @@ impl Conversation {
     /// Whether this member is still in the group (false once a commit removed it).
     pub fn is_active(&self) -> bool {
         self.group.is_active()
+    }
+
+    /// The RFC 9420 exporter of the current epoch (§8.5, `MLS-Exporter(label, context, len)`):
+    /// a value every member of this epoch derives alike from the epoch's key schedule and
+    /// nobody else can compute. An application keys something of its own to the group with
+    /// it (a distinct label for each use); tests compare it to show who holds an epoch's
+    /// secrets. Every commit changes it.
+    ///
+    /// Refused with [`MlsError::NotAMember`] once a commit removed this member: openmls merges
+    /// only the public tree of a commit that removes it (the path secrets are not encrypted to
+    /// it), so its copy holds no secrets of the epoch that commit began.
+    pub fn export_secret(
+        &self,
+        label: &str,
+        context: &[u8],
+        len: u16,
+    ) -> Result<Zeroizing<Vec<u8>>, MlsError> {
+        self.group
+            .export_secret(&self.provider.crypto, label, context, len.into())
+            .map(Zeroizing::new)
+            .map_err(|e| match e {
+                ExportSecretError::GroupStateError(MlsGroupStateError::UseAfterEviction) => {
+                    MlsError::NotAMember
+                }
+                other => MlsError::internal("exporting a secret", other),
+            })
     }
 
     /// The members, in leaf order: the membership every member agrees on.

@@ -17,7 +17,7 @@ use syncra_core::wire::ErrorCode;
 use tokio::sync::mpsc;
 
 use crate::client::{Client, Incoming, InitOptions, RegisterError, SendState, Target};
-use crate::history::StoredMessage;
+use crate::history::{LastMessages, StoredMessage};
 use crate::home::Home;
 use crate::net::probe;
 use crate::serve::{Serve, ServeEvent, Wake};
@@ -54,17 +54,7 @@ pub async fn run(
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (act_tx, act_rx) = mpsc::channel(256);
     let ui = tokio::spawn(async move { frontend.run(ev_rx, act_tx).await });
-    let mut controller = Controller {
-        home,
-        events: ev_tx,
-        client: None,
-        serve: None,
-        unread: HashMap::new(),
-        open: None,
-        init_options: InitOptions::default(),
-        extensions: Vec::new(),
-        options,
-    };
+    let mut controller = Controller::new(home, ev_tx, options);
     let result = controller.run(act_rx).await;
     // The UI returns when the person quits or the event channel closes.
     drop(controller);
@@ -88,6 +78,10 @@ struct Controller {
     /// Client extensions and the commands each offers.
     extensions: Vec<(std::sync::Arc<syncra_plugin_wasm::BotPlugin>, Vec<String>)>,
     options: Options,
+    /// The last message of every log, for the conversation list. The list goes out after every
+    /// message, sent or received; reading every log in full each time made one message cost
+    /// the whole history, so the logs are read once and then only what was appended since.
+    previews: LastMessages,
 }
 
 fn to_target(id: &ConversationId) -> Target {
@@ -98,6 +92,21 @@ fn to_target(id: &ConversationId) -> Target {
 }
 
 impl Controller {
+    fn new(home: Home, events: mpsc::Sender<AppEvent>, options: Options) -> Self {
+        Controller {
+            home,
+            events,
+            client: None,
+            serve: None,
+            unread: HashMap::new(),
+            open: None,
+            init_options: InitOptions::default(),
+            extensions: Vec::new(),
+            options,
+            previews: LastMessages::default(),
+        }
+    }
+
     async fn emit(&self, event: AppEvent) {
         let _ = self.events.send(event).await;
     }
@@ -241,6 +250,7 @@ impl Controller {
         };
         self.serve = Some(serve);
         self.client = Some(client);
+        self.previews.clear();
         if let Some(me) = self.me() {
             self.emit(AppEvent::Ready(me)).await;
         }
@@ -339,6 +349,8 @@ impl Controller {
                 }
             }
             UserAction::Refresh => {
+                // Everything again, from the logs' first lines too.
+                self.previews.clear();
                 self.send_connection().await;
                 self.send_conversations().await;
             }
@@ -728,27 +740,22 @@ impl Controller {
             .collect()
     }
 
-    async fn send_conversations(&self) {
+    /// Sends the conversation list. Names, marks and unread counts come from the book and the
+    /// counters each time; the last message of each log from [`Controller::previews`], which
+    /// reads only what was appended since the last list (a log replaced since is read again).
+    async fn send_conversations(&mut self) {
         let Some(client) = self.client.as_ref() else {
             return;
         };
+        let previews = &mut self.previews;
         let mut list = Vec::new();
-        let last = |target: &Target| -> (Option<String>, u64) {
-            let (messages, _) = client
+        let mut last = |target: &Target| -> (Option<String>, u64) {
+            client
                 .history()
-                .read(&target.conversation())
-                .unwrap_or_default();
-            messages
-                .iter()
-                .rev()
-                .find(|m| !m.held)
-                .map(|m| {
-                    (
-                        Some(m.text.lines().next().unwrap_or("").to_owned()),
-                        m.timestamp_ms,
-                    )
-                })
-                .unwrap_or((None, 0))
+                .last_message(&target.conversation(), previews)
+                .ok()
+                .flatten()
+                .map_or((None, 0), |m| (Some(m.first_line), m.timestamp_ms))
         };
         for c in client.book().contacts.values() {
             let target = Target::Direct(c.record.user_id);
@@ -791,3 +798,159 @@ impl Controller {
 
 /// How long a relay check may take during onboarding.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use syncra_core::crypto::keyfile::KdfParams;
+    use syncra_test_relay::TestRelay;
+    use syncra_test_support::DEADLINE;
+
+    use super::*;
+    use crate::history::LastMessage;
+    use crate::net::Push;
+
+    async fn user(dir: &std::path::Path, relay: &TestRelay, handle: &str) -> Client {
+        let options = InitOptions {
+            kdf: KdfParams::MINIMUM,
+        };
+        let mut c = Client::init(Home::at(dir.join(handle)), "pw for tests", options).unwrap();
+        c.register(relay.url(), handle).await.unwrap();
+        c
+    }
+
+    /// Receives until a delivery is something to show.
+    async fn next_incoming(client: &mut Client, pushes: &mut mpsc::Receiver<Push>) -> Incoming {
+        loop {
+            let push = tokio::time::timeout(DEADLINE, pushes.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let (Push::Deliver(carriage) | Push::Pending(_, carriage)) = push else {
+                continue;
+            };
+            if let Some(incoming) = client.receive(&carriage).await.unwrap() {
+                return incoming;
+            }
+        }
+    }
+
+    /// (full reads, lines decrypted) of the controller's history so far.
+    fn reads(controller: &Controller) -> (usize, usize) {
+        let counts = &controller.client.as_ref().unwrap().history().counts;
+        (
+            counts.full_reads.load(Relaxed),
+            counts.lines_opened.load(Relaxed),
+        )
+    }
+
+    /// Lines in every log of the controller's history.
+    fn lines_stored(controller: &Controller) -> usize {
+        let history = controller.client.as_ref().unwrap().history();
+        history
+            .conversations()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let log = std::fs::read(history.dir().join(format!("{c}.log"))).unwrap();
+                log.iter().filter(|&&b| b == b'\n').count()
+            })
+            .sum()
+    }
+
+    /// The last conversation list sent, with every event before it dropped.
+    fn last_list(events: &mut mpsc::Receiver<AppEvent>) -> Vec<ConversationSummary> {
+        let mut list = None;
+        while let Ok(event) = events.try_recv() {
+            if let AppEvent::Conversations(l) = event {
+                list = Some(l);
+            }
+        }
+        list.expect("a conversation list was sent")
+    }
+
+    /// Every summary's preview and time are what a full read of its log finds.
+    fn assert_previews_as_full_reads(controller: &Controller, list: &[ConversationSummary]) {
+        let client = controller.client.as_ref().unwrap();
+        assert_eq!(list.len(), client.book().contacts.len());
+        for summary in list {
+            let ConversationId::Direct(id) = &summary.id else {
+                panic!("only contacts here");
+            };
+            let target = to_target(&summary.id);
+            let (messages, _) = client.history().read(&target.conversation()).unwrap();
+            let last = LastMessage::of(&messages);
+            let added = client.book().by_id(id).unwrap().added_ms;
+            assert_eq!(
+                (summary.last_preview.clone(), summary.last_activity_ms),
+                last.map_or((None, added), |m| (
+                    Some(m.first_line),
+                    m.timestamp_ms.max(added)
+                )),
+                "{}",
+                summary.name
+            );
+        }
+    }
+
+    /// A long history, then 50 messages in and a few out: after the first conversation list,
+    /// no log is read in full again and each line is decrypted once, while every list shows
+    /// what a full read of each log would.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_costs_the_same_however_long_the_history() {
+        let relay = TestRelay::start(|_| {}).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut alice = user(dir.path(), &relay, "alice").await;
+        let mut bob = user(dir.path(), &relay, "bob").await;
+        let mut carol = user(dir.path(), &relay, "carol").await;
+        alice.add_contact("bob").await.unwrap();
+        carol.add_contact("bob").await.unwrap();
+        bob.add_contact("alice").await.unwrap();
+        bob.add_contact("carol").await.unwrap();
+        let mut pushes = bob.take_pushes().unwrap();
+        // Bob already has a long history with alice.
+        let alice_id = alice.user_id();
+        let with_alice = Target::Direct(alice_id).conversation();
+        for i in 0..200 {
+            let text = format!("seeded {i}\nsecond line");
+            let line = StoredMessage::received(format!("seed{i}"), alice_id, i, text);
+            bob.history().append(&with_alice, &line).unwrap();
+        }
+
+        let (tx, mut events) = mpsc::channel(4096);
+        let mut controller = Controller::new(bob.home().clone(), tx, Options::default());
+        controller.client = Some(bob);
+        controller.send_conversations().await;
+        assert_previews_as_full_reads(&controller, &last_list(&mut events));
+
+        // What the controller reads from here on (the checks' own full reads left out).
+        let (mut full_reads, mut opened) = (0, 0);
+        let stored = lines_stored(&controller);
+        for i in 0..50 {
+            let from = if i % 5 == 4 { &mut carol } else { &mut alice };
+            let text = format!("message {i}\nmore");
+            from.send_text("bob", &text).await.unwrap();
+            let client = controller.client.as_mut().unwrap();
+            let incoming = next_incoming(client, &mut pushes).await;
+            let before = reads(&controller);
+            controller.on_incoming(incoming).await;
+            if i % 10 == 9 {
+                let to = ConversationId::Direct(alice_id);
+                controller.send(to, format!("reply {i}")).await;
+            }
+            let after = reads(&controller);
+            full_reads += after.0 - before.0;
+            opened += after.1 - before.1;
+            assert_previews_as_full_reads(&controller, &last_list(&mut events));
+        }
+        let appended = lines_stored(&controller) - stored;
+        assert_eq!(full_reads, 0, "the conversation list read a log in full");
+        assert!(
+            opened <= appended,
+            "{opened} lines decrypted for {appended} appended: each should be read once"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 //! returns the [`UserAction`]s to send to the client. Rendering ([`crate::view`]) only reads.
 //! This keeps every behaviour testable without a terminal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEvent, MouseEventKind};
 use ratatui_textarea::TextArea;
@@ -153,7 +153,7 @@ pub struct Main {
     /// The open conversation.
     pub selected: Option<ConversationId>,
     /// Messages per conversation, oldest first.
-    pub messages: HashMap<ConversationId, Vec<ChatLine>>,
+    pub messages: HashMap<ConversationId, Transcript>,
     /// Lines scrolled up from the bottom of the message view (0 = following).
     pub scroll: usize,
     /// New messages arrived below while scrolled up.
@@ -172,6 +172,63 @@ pub struct Main {
     pub extra_commands: Vec<CommandInfo>,
     /// Ring the bell on the next render.
     pub bell: bool,
+}
+
+/// Lines kept per conversation: the most the `history` command loads. Older lines are dropped
+/// as new ones arrive (they stay in the client's history), so a conversation that stays open
+/// for days costs the same to update and draw as one opened a minute ago.
+pub const MAX_LINES_KEPT: usize = 5000;
+
+/// The loaded lines of one conversation, oldest first, at most [`MAX_LINES_KEPT`], each
+/// message id once.
+#[derive(Debug, Default, Clone)]
+pub struct Transcript {
+    lines: VecDeque<ChatLine>,
+    /// The ids in `lines`: a message delivered twice is found without a scan.
+    ids: HashSet<String>,
+}
+
+impl Transcript {
+    /// The lines the client loaded (the newest [`MAX_LINES_KEPT`] of them).
+    pub fn loaded(lines: Vec<ChatLine>) -> Self {
+        let mut t = Transcript::default();
+        let skip = lines.len().saturating_sub(MAX_LINES_KEPT);
+        for line in lines.into_iter().skip(skip) {
+            t.ids.insert(line.message_id.clone());
+            t.lines.push_back(line);
+        }
+        t
+    }
+
+    /// Adds a line unless a line with its id is already here; drops the oldest beyond
+    /// [`MAX_LINES_KEPT`].
+    pub fn push(&mut self, line: ChatLine) {
+        if !self.ids.insert(line.message_id.clone()) {
+            return;
+        }
+        self.lines.push_back(line);
+        while self.lines.len() > MAX_LINES_KEPT {
+            if let Some(old) = self.lines.pop_front() {
+                self.ids.remove(&old.message_id);
+            }
+        }
+    }
+
+    /// The line with this message id (the newest, should the client have loaded it twice).
+    pub fn find_mut(&mut self, message_id: &str) -> Option<&mut ChatLine> {
+        if !self.ids.contains(message_id) {
+            return None;
+        }
+        self.lines
+            .iter_mut()
+            .rev()
+            .find(|l| l.message_id == message_id)
+    }
+
+    /// The lines, oldest first.
+    pub fn lines(&self) -> &VecDeque<ChatLine> {
+        &self.lines
+    }
 }
 
 /// Which screen is up.
@@ -412,17 +469,17 @@ impl Model {
                 lines,
             } => {
                 if let Screen::Main(m) = &mut self.screen {
-                    m.messages.insert(conversation, lines);
+                    m.messages.insert(conversation, Transcript::loaded(lines));
                 }
             }
             AppEvent::Message(line) => {
                 if let Screen::Main(m) = &mut self.screen {
                     let open = m.selected.as_ref() == Some(&line.conversation);
                     let incoming = !line.outgoing;
-                    let list = m.messages.entry(line.conversation.clone()).or_default();
-                    if !list.iter().any(|l| l.message_id == line.message_id) {
-                        list.push(line.clone());
-                    }
+                    m.messages
+                        .entry(line.conversation.clone())
+                        .or_default()
+                        .push(line.clone());
                     if open && m.scroll > 0 && incoming {
                         m.new_below = true;
                     }
@@ -441,7 +498,7 @@ impl Model {
             } => {
                 if let Screen::Main(m) = &mut self.screen
                     && let Some(list) = m.messages.get_mut(&conversation)
-                    && let Some(line) = list.iter_mut().find(|l| l.message_id == message_id)
+                    && let Some(line) = list.find_mut(&message_id)
                 {
                     line.delivery = Some(state);
                 }
@@ -784,8 +841,9 @@ fn run_command(m: &mut Main, line: &str) -> Vec<UserAction> {
                 .selected
                 .as_ref()
                 .and_then(|s| m.messages.get(s))
-                .map(|lines| {
-                    lines
+                .map(|transcript| {
+                    transcript
+                        .lines()
                         .iter()
                         .filter(|l| l.text.to_lowercase().contains(&args.to_lowercase()))
                         .count()

@@ -1,5 +1,7 @@
 //! Rendering: reads the [`Model`], draws a frame. No state changes here.
 
+use std::collections::VecDeque;
+
 use ratatui::Frame;
 use ratatui::layout::{Alignment, Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -386,65 +388,87 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     out
 }
 
+/// The rendered lines of the newest messages of `lines`, oldest first: at least `want` of
+/// them, or all there are. Only these are wrapped, so a redraw costs what the view shows (plus
+/// what it is scrolled up by), not the whole conversation.
 fn message_lines<'a>(
     m: &Main,
-    lines: &'a [ChatLine],
+    lines: &'a VecDeque<ChatLine>,
+    theme: &Theme,
+    width: usize,
+    want: usize,
+) -> Vec<Line<'a>> {
+    let mut blocks = Vec::new();
+    let mut count = 0;
+    for i in (0..lines.len()).rev() {
+        if count >= want {
+            break;
+        }
+        let previous = i.checked_sub(1).map(|p| &lines[p]);
+        let block = message_block(m, &lines[i], previous, theme, width);
+        count += block.len();
+        blocks.push(block);
+    }
+    blocks.into_iter().rev().flatten().collect()
+}
+
+/// One message as lines: a day rule first when its day is not the previous message's.
+fn message_block<'a>(
+    m: &Main,
+    l: &'a ChatLine,
+    previous: Option<&ChatLine>,
     theme: &Theme,
     width: usize,
 ) -> Vec<Line<'a>> {
     let mut out = Vec::new();
-    let mut last_day = String::new();
-    for l in lines {
-        let t = Civil::from_ms(l.timestamp_ms);
-        let day = t.date();
-        if day != last_day {
-            let label = format!(" {day} ");
-            let side = width.saturating_sub(label.len()) / 2;
-            out.push(Line::styled(
-                format!("{}{label}{}", "─".repeat(side), "─".repeat(side)),
-                Style::default().fg(theme.muted),
-            ));
-            last_day = day;
-        }
-        let who = if l.outgoing {
-            m.me.handle.clone().unwrap_or_else(|| "me".into())
+    let t = Civil::from_ms(l.timestamp_ms);
+    let day = t.date();
+    if previous.is_none_or(|p| Civil::from_ms(p.timestamp_ms).date() != day) {
+        let label = format!(" {day} ");
+        let side = width.saturating_sub(label.len()) / 2;
+        out.push(Line::styled(
+            format!("{}{label}{}", "─".repeat(side), "─".repeat(side)),
+            Style::default().fg(theme.muted),
+        ));
+    }
+    let who = if l.outgoing {
+        m.me.handle.clone().unwrap_or_else(|| "me".into())
+    } else {
+        l.sender_name.clone().unwrap_or_else(|| l.sender.short())
+    };
+    let who_style = if l.outgoing {
+        Style::default().fg(theme.accent)
+    } else {
+        Style::default().add_modifier(Modifier::BOLD)
+    };
+    let head = format!("{} {who}: ", t.hm());
+    let mark = delivery_mark(l.delivery);
+    let text_width = width.saturating_sub(head.chars().count()).max(8);
+    let wrapped = wrap(&l.text, text_width);
+    for (i, part) in wrapped.into_iter().enumerate() {
+        let mut spans = if i == 0 {
+            vec![
+                Span::styled(t.hm(), Style::default().fg(theme.muted)),
+                Span::raw(" "),
+                Span::styled(format!("{who}: "), who_style),
+            ]
         } else {
-            l.sender_name.clone().unwrap_or_else(|| l.sender.short())
+            vec![Span::raw(" ".repeat(head.chars().count()))]
         };
-        let who_style = if l.outgoing {
-            Style::default().fg(theme.accent)
-        } else {
-            Style::default().add_modifier(Modifier::BOLD)
+        spans.push(Span::raw(part));
+        out.push(Line::from(spans));
+    }
+    if !mark.is_empty()
+        && let Some(last) = out.last_mut()
+    {
+        let color = match l.delivery {
+            Some(syncra_core::ui::DeliveryState::Delivered) => theme.ok,
+            Some(syncra_core::ui::DeliveryState::Failed) => theme.error,
+            Some(syncra_core::ui::DeliveryState::Offline) => theme.warn,
+            _ => theme.muted,
         };
-        let head = format!("{} {who}: ", t.hm());
-        let mark = delivery_mark(l.delivery);
-        let text_width = width.saturating_sub(head.chars().count()).max(8);
-        let wrapped = wrap(&l.text, text_width);
-        for (i, part) in wrapped.into_iter().enumerate() {
-            let mut spans = if i == 0 {
-                vec![
-                    Span::styled(t.hm(), Style::default().fg(theme.muted)),
-                    Span::raw(" "),
-                    Span::styled(format!("{who}: "), who_style),
-                ]
-            } else {
-                vec![Span::raw(" ".repeat(head.chars().count()))]
-            };
-            spans.push(Span::raw(part));
-            out.push(Line::from(spans));
-        }
-        if !mark.is_empty()
-            && let Some(last) = out.last_mut()
-        {
-            let color = match l.delivery {
-                Some(syncra_core::ui::DeliveryState::Delivered) => theme.ok,
-                Some(syncra_core::ui::DeliveryState::Failed) => theme.error,
-                Some(syncra_core::ui::DeliveryState::Offline) => theme.warn,
-                _ => theme.muted,
-            };
-            last.spans
-                .push(Span::styled(format!(" {mark}"), Style::default().fg(color)));
-        }
+        last.spans
+            .push(Span::styled(format!(" {mark}"), Style::default().fg(color)));
     }
     out
 }
@@ -502,13 +526,19 @@ fn conversation_view(m: &Main, theme: &Theme, frame: &mut Frame<'_>, area: Rect)
     let block = titled(&title, theme);
     let inner = block.inner(messages_area);
     frame.render_widget(block, messages_area);
+    let height = inner.height as usize;
+    // Rendered from the newest message back, as far as the view reaches. When that is not
+    // every message, `total` undercounts, but it is still at least `m.scroll + height`: the
+    // scroll is not clamped and the same bottom lines are shown.
     let lines = m
         .selected
         .as_ref()
         .and_then(|id| m.messages.get(id))
-        .map(|l| message_lines(m, l, theme, inner.width as usize))
+        .map(|t| {
+            let want = m.scroll.saturating_add(height);
+            message_lines(m, t.lines(), theme, inner.width as usize, want)
+        })
         .unwrap_or_default();
-    let height = inner.height as usize;
     let total = lines.len();
     let max_scroll = total.saturating_sub(height);
     let scroll = m.scroll.min(max_scroll);
@@ -712,7 +742,55 @@ fn overlays(m: &Main, model: &Model, theme: &Theme, frame: &mut Frame<'_>, area:
 
 #[cfg(test)]
 mod tests {
-    use super::wrap;
+    #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
+
+    use std::collections::VecDeque;
+
+    use syncra_core::UserId;
+    use syncra_core::ui::{AppEvent, ChatLine, ConversationId, Me};
+
+    use super::{message_lines, wrap};
+    use crate::config::{Keymap, Theme};
+    use crate::model::{Message, Model, Screen};
+
+    /// 2026-11-25 08:26:40 UTC.
+    const T0: u64 = 1_795_600_000_000;
+
+    #[test]
+    fn only_the_newest_messages_are_rendered_and_as_the_whole_would_be() {
+        let mut model = Model::new(Keymap::default(), false);
+        model.update(Message::App(AppEvent::Ready(Me {
+            user_id: UserId::from_identity_key(&[1; 32]),
+            handle: Some("alice".into()),
+            relay: None,
+            fingerprint: String::new(),
+        })));
+        let Screen::Main(m) = &model.screen else {
+            panic!("not the main screen");
+        };
+        // Three hours apart, so the day changes every eighth message; every third wraps.
+        let lines: VecDeque<ChatLine> = (0..2000u64)
+            .map(|i| ChatLine {
+                conversation: ConversationId::Direct(UserId::from_identity_key(&[2; 32])),
+                message_id: i.to_string(),
+                sender: UserId::from_identity_key(&[2; 32]),
+                sender_name: Some("bob".into()),
+                outgoing: i % 2 == 0,
+                timestamp_ms: T0 + i * 3 * 3_600_000,
+                text: "word ".repeat(if i % 3 == 0 { 30 } else { 2 }),
+                delivery: None,
+            })
+            .collect();
+        let theme = Theme::default();
+        let all = message_lines(m, &lines, &theme, 60, usize::MAX);
+        for want in [0, 1, 7, 20, 100, 1000] {
+            let newest = message_lines(m, &lines, &theme, 60, want);
+            assert!(newest.len() >= want.min(all.len()));
+            // Past `want` by at most one message (its day rule and up to three wrapped lines).
+            assert!(newest.len() < want + 5, "{want}: {}", newest.len());
+            assert_eq!(newest[..], all[all.len() - newest.len()..], "{want}");
+        }
+    }
 
     #[test]
     fn wraps_on_words_and_breaks_long_words() {

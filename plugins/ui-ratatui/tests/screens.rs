@@ -291,6 +291,92 @@ fn scrollback_with_new_messages_below() {
     insta::assert_snapshot!("scrolled_new_below", render(&m, 100, 12));
 }
 
+/// Messages in the open conversation with bob, `count` of them a few minutes apart from
+/// `from` on (so they cross a day), every fifth too long for one line.
+fn many_messages(m: &mut Model, from: u64, count: usize) {
+    for i in 0..count {
+        let text = if i % 5 == 0 {
+            format!("message {i} is a long one that wraps over more than a single line of the view")
+        } else {
+            format!("message {i}")
+        };
+        let mut l = line(0, 2, i % 3 == 0, from + i as u64 * 300_000, &text, None);
+        l.message_id = format!("many{i}");
+        m.update(Message::App(AppEvent::Message(l)));
+    }
+}
+
+#[test]
+fn a_long_conversation_scrolls_to_its_first_line_and_back() {
+    let mut m = main_model();
+    many_messages(&mut m, T0, 400);
+    let bottom = render(&m, 100, 12);
+    assert!(bottom.contains("message 399"), "{bottom}");
+    // Far past the top: the scroll stops at the first line, the day rule of the first message.
+    for _ in 0..300 {
+        m.update(Message::Key(KeyEvent::new(
+            KeyCode::PageUp,
+            KeyModifiers::NONE,
+        )));
+    }
+    let top = render(&m, 100, 12);
+    assert!(top.contains("2026-11-24"), "{top}");
+    assert!(top.contains("hi alice, long time no see"), "{top}");
+    for _ in 0..300 {
+        m.update(Message::Key(KeyEvent::new(
+            KeyCode::PageDown,
+            KeyModifiers::NONE,
+        )));
+    }
+    assert_eq!(render(&m, 100, 12), bottom);
+}
+
+#[test]
+fn a_conversation_keeps_its_newest_lines_each_once() {
+    use syncra_ui_ratatui::model::MAX_LINES_KEPT;
+    let mut m = main_model();
+    let bob = ConversationId::Direct(uid(2));
+    many_messages(&mut m, T0, MAX_LINES_KEPT + 10);
+    let ids = |m: &Model| -> Vec<String> {
+        let lines = main_of(m).messages[&bob].lines();
+        lines.iter().map(|l| l.message_id.clone()).collect()
+    };
+    let kept = ids(&m);
+    assert_eq!(kept.len(), MAX_LINES_KEPT);
+    // The oldest went first: the 6 loaded lines, then the first 10 new ones.
+    assert_eq!(kept[0], "many10");
+    // A message delivered again is not shown twice.
+    for i in [10, 2000, MAX_LINES_KEPT + 9] {
+        let mut l = line(0, 2, false, T0, "again", None);
+        l.message_id = format!("many{i}");
+        m.update(Message::App(AppEvent::Message(l)));
+    }
+    assert_eq!(ids(&m), kept);
+    // A delivery mark still finds its line.
+    m.update(Message::App(AppEvent::Delivery {
+        conversation: bob.clone(),
+        message_id: format!("many{}", MAX_LINES_KEPT + 9),
+        state: DeliveryState::Failed,
+    }));
+    let lines = main_of(&m).messages[&bob].lines();
+    assert_eq!(lines.back().unwrap().delivery, Some(DeliveryState::Failed));
+    // A loaded history longer than that keeps its newest lines too.
+    let long: Vec<ChatLine> = (0..MAX_LINES_KEPT + 1)
+        .map(|i| {
+            let mut l = line(0, 2, false, T0, "old", None);
+            l.message_id = format!("h{i}");
+            l
+        })
+        .collect();
+    m.update(Message::App(AppEvent::History {
+        conversation: bob.clone(),
+        lines: long,
+    }));
+    let lines = main_of(&m).messages[&bob].lines();
+    assert_eq!(lines.len(), MAX_LINES_KEPT);
+    assert_eq!(lines[0].message_id, "h1");
+}
+
 #[test]
 fn key_changed_banner_and_request() {
     let mut m = main_model();
@@ -476,9 +562,9 @@ fn delivery_updates_change_the_mark() {
         message_id: "m6".into(),
         state: DeliveryState::Delivered,
     }));
-    let msgs = &main_of(&m).messages[&ConversationId::Direct(uid(2))];
+    let msgs = main_of(&m).messages[&ConversationId::Direct(uid(2))].lines();
     assert_eq!(
-        msgs.last().unwrap().delivery,
+        msgs.back().unwrap().delivery,
         Some(DeliveryState::Delivered)
     );
 }

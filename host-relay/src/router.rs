@@ -9,6 +9,14 @@
 //! every session, idle or not. This one holds no buffer until a frame arrives, and gives it back
 //! whenever its writer finds it empty, so an idle session pays for a few words
 //! (docs/BENCHMARKS.md, issue 19).
+//!
+//! A queued frame is either a **reply** to the session's own request or a **delivery** pushed
+//! to it. They share one queue, in the order they came, except while the writer sends the
+//! login's mailbox backlog: deliveries must wait until the backlog's `PendingEnd`, replies need
+//! not, so replies are then held apart and the writer takes them between pages of the backlog
+//! ([`SessionOutbox::take_replies`]). Without that, a reconnecting client's every answer waited
+//! behind up to the whole mailbox (10 000 entries), and once the queue filled with them, its
+//! reader stopped and live deliveries to it were refused.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -139,10 +147,23 @@ pub struct SessionQueue {
 #[derive(Debug, Default)]
 struct Frames {
     waiting: VecDeque<Bytes>,
+    /// While the login's mailbox backlog is written: the replies, held apart from the
+    /// deliveries in `waiting` so that they can overtake the backlog (which deliveries must
+    /// not). `None` otherwise, and then replies wait in `waiting` with the deliveries.
+    replies: Option<VecDeque<Bytes>>,
     /// The writer closed the queue (it is flushing before it ends): nothing more is taken.
     shut: bool,
     /// The writer is gone: nothing will be written any more.
     gone: bool,
+}
+
+/// What a queued frame is, which decides whether it may overtake the mailbox backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// A frame pushed to the session (a `Deliver`): after the backlog's `PendingEnd`.
+    Delivery,
+    /// The answer to the session's own request: may overtake the backlog.
+    Reply,
 }
 
 /// The receiving side, owned by the session's writer.
@@ -179,16 +200,26 @@ impl SessionQueue {
     }
 
     /// Queues `frame` if there is room: `Ok`, or why not (full, or the writer is gone) and
-    /// the frame back.
-    fn push(&self, frame: Bytes) -> Result<(), (Offer, Bytes)> {
+    /// the frame back. While the backlog is written, replies and deliveries wait apart and
+    /// each may fill `capacity`: deliveries that cannot leave yet never hold up a reply, and a
+    /// reply never takes a delivery's room. (Replies are few at a time: the session's reader
+    /// waits for room before it reads on.)
+    fn push(&self, frame: Bytes, lane: Lane) -> Result<(), (Offer, Bytes)> {
         let mut frames = self.frames();
         if frames.gone || frames.shut {
             return Err((Offer::Gone, frame));
         }
-        if frames.waiting.len() >= self.capacity {
+        let Frames {
+            waiting, replies, ..
+        } = &mut *frames;
+        let queue = match (lane, replies) {
+            (Lane::Reply, Some(replies)) => replies,
+            _ => waiting,
+        };
+        if queue.len() >= self.capacity {
             return Err((Offer::Full, frame));
         }
-        frames.waiting.push_back(frame);
+        queue.push_back(frame);
         drop(frames);
         self.filled.notify_one();
         Ok(())
@@ -196,7 +227,7 @@ impl SessionQueue {
 
     /// Tries to enqueue a delivery. Returns whether the session took it.
     pub fn offer(&self, frame: Bytes, policy: OverflowPolicy) -> Offer {
-        match self.push(frame) {
+        match self.push(frame, Lane::Delivery) {
             Ok(()) => Offer::Taken,
             Err((Offer::Full, _)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +246,7 @@ impl SessionQueue {
     /// Enqueues a reply to this session's own request if there is room; if not, gives it back
     /// (`Some`) to wait with [`SessionQueue::reply`], or says the session is gone (`None`).
     pub fn try_reply(&self, frame: Bytes) -> Result<(), Option<Bytes>> {
-        match self.push(frame) {
+        match self.push(frame, Lane::Reply) {
             Ok(()) => Ok(()),
             Err((Offer::Full, frame)) => Err(Some(frame)),
             Err(_) => Err(None),
@@ -231,7 +262,7 @@ impl SessionQueue {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            match self.push(frame) {
+            match self.push(frame, Lane::Reply) {
                 Ok(()) => return true,
                 Err((Offer::Full, back)) => {
                     frame = back;
@@ -307,6 +338,49 @@ impl SessionOutbox {
         }
     }
 
+    /// From now until [`SessionOutbox::end_backlog`], replies are held apart from deliveries
+    /// for [`SessionOutbox::take_replies`]. Called before the session's reader starts, so
+    /// that every reply can overtake the backlog.
+    pub fn begin_backlog(&mut self) {
+        let mut frames = self.queue.frames();
+        // Allocates nothing until a reply comes.
+        frames.replies.get_or_insert_with(VecDeque::new);
+    }
+
+    /// Swaps the replies queued so far into `batch`, which must be empty, without waiting and
+    /// leaving the deliveries queued: between pages of the backlog. Takes nothing outside
+    /// the backlog.
+    pub fn take_replies(&mut self, batch: &mut VecDeque<Bytes>) {
+        debug_assert!(batch.is_empty());
+        let mut frames = self.queue.frames();
+        match frames.replies.as_mut() {
+            Some(replies) if !replies.is_empty() => {
+                std::mem::swap(replies, batch);
+                drop(frames);
+                // A reply waiting for room has it now.
+                self.queue.drained.notify_one();
+            }
+            _ => {}
+        }
+    }
+
+    /// The backlog's `PendingEnd` is written: replies and deliveries share the queue again.
+    /// Replies still held leave first (each kind keeps its own order; a reply queued now comes
+    /// after them all).
+    pub fn end_backlog(&mut self) {
+        let mut frames = self.queue.frames();
+        let Some(mut replies) = frames.replies.take() else {
+            return;
+        };
+        if replies.is_empty() {
+            return;
+        }
+        replies.append(&mut frames.waiting);
+        frames.waiting = replies;
+        drop(frames);
+        self.queue.filled.notify_one();
+    }
+
     /// Takes the oldest waiting frame, if any.
     #[cfg(test)]
     pub fn try_recv(&mut self) -> Option<Bytes> {
@@ -333,6 +407,7 @@ impl Drop for SessionOutbox {
         let mut frames = self.queue.frames();
         frames.gone = true;
         frames.waiting = VecDeque::new();
+        frames.replies = None;
         drop(frames);
         self.queue.drained.notify_one();
     }
@@ -838,6 +913,54 @@ mod tests {
         // The writer gone: a reply says so instead of waiting.
         drop(out);
         assert!(!queue.reply(frame).await);
+    }
+
+    /// While the backlog is written, replies are taken apart from deliveries, which stay
+    /// queued in their order; each kind has its own room; afterwards, replies still held
+    /// leave first and the queue is one again.
+    #[tokio::test]
+    async fn during_the_backlog_replies_are_taken_apart_and_deliveries_stay() {
+        tokio::time::timeout(Duration::from_secs(10), replies_apart())
+            .await
+            .expect("nothing here waits for room");
+    }
+
+    async fn replies_apart() {
+        let mut out = SessionQueue::channel(1, 2);
+        out.begin_backlog();
+        let queue = out.queue.clone();
+        let b = Bytes::from_static;
+        let offer = |f| queue.offer(b(f), OverflowPolicy::Reject);
+        assert_eq!(offer(b"d1"), Offer::Taken);
+        assert!(queue.reply(b(b"r1")).await);
+        assert_eq!(offer(b"d2"), Offer::Taken);
+        assert!(queue.reply(b(b"r2")).await);
+        // Deliveries that cannot leave yet take no room from replies, nor replies from them.
+        assert_eq!(offer(b"d3"), Offer::Full);
+        assert_eq!(queue.try_reply(b(b"r3")), Err(Some(b(b"r3"))));
+        let mut batch = VecDeque::new();
+        out.take_replies(&mut batch);
+        assert_eq!(batch, [b(b"r1"), b(b"r2")]);
+        batch.clear();
+        out.take_replies(&mut batch);
+        assert!(batch.is_empty(), "nothing but replies is taken");
+        assert!(queue.reply(b(b"r3")).await);
+        out.end_backlog();
+        // One queue again: the replies still held first, then the deliveries, each in order.
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
+        assert_eq!(batch, [b(b"r3"), b(b"d1"), b(b"d2")]);
+        batch.clear();
+        assert_eq!(offer(b"d4"), Offer::Taken);
+        assert!(queue.reply(b(b"r4")).await);
+        assert_eq!(out.next_batch(&mut batch).await, Next::Batch);
+        assert_eq!(batch, [b(b"d4"), b(b"r4")]);
+        batch.clear();
+        out.take_replies(&mut batch);
+        assert!(
+            batch.is_empty(),
+            "outside the backlog nothing is taken apart"
+        );
+        assert_eq!(queue.take_dropped(), 1);
     }
 
     #[tokio::test]

@@ -461,10 +461,14 @@ fn run<'a>(
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
         let user = admitted.user;
-        let outbox = SessionQueue::channel(
+        let mut outbox = SessionQueue::channel(
             state.router.next_session_id(),
             state.config.limits.queue_capacity,
         );
+        if state.mailbox.stores() {
+            // Before anything can be queued: every reply may overtake the backlog.
+            outbox.begin_backlog();
+        }
         let queue = outbox.queue.clone();
         // A first session here: other nodes learn it through the presence announcements, and
         // this waits until they did (see `presence`), so that what they send after this session's
@@ -1142,12 +1146,26 @@ async fn next_pending(
 /// The login backlog: every entry of the user's mailbox, in order, then `PendingEnd`. Runs in
 /// the writer before it drains the session's queue, so the backlog arrives before any live
 /// delivery (which waits in the queue meanwhile).
+///
+/// Replies do not wait for it (`docs/PROTOCOL.md` §2.6): before every `write_batch` frames of
+/// the backlog, the replies queued so far are written. A backlog is up to 10 000 entries,
+/// written as fast as the client reads them, and a reconnecting client asks things meanwhile
+/// (lookups, sends, KeyPackages): behind the whole backlog its requests timed out, and once
+/// their replies filled the queue its reader stopped and live deliveries to it were refused.
+/// Replies may go first because none depends on the backlog: the client matches them by
+/// request id, an acknowledgement has no reply, and what a `Pong` vouches for (the requests
+/// before it were served) holds whatever comes between. Replies queued after the last look stay
+/// queued and follow `PendingEnd`, which keeps the `Pending` frames a ping picks up once the
+/// backlog is sent behind it.
 async fn send_backlog(
     state: &NodeState,
     sink: &mut Box<dyn FrameSink>,
+    outbox: &mut SessionOutbox,
     user: &UserId,
     cursor: &MailboxCursor,
 ) -> Result<(), TransportError> {
+    let batch_max = state.config.limits.write_batch;
+    let mut replies = VecDeque::new();
     let mut count = 0u32;
     loop {
         match next_pending(state, user, cursor).await {
@@ -1155,7 +1173,13 @@ async fn send_backlog(
             Ok(frames) => {
                 count = count.saturating_add(frames.len() as u32);
                 let last_page = frames.len() < MAILBOX_PAGE;
-                sink.send(&frames).await?;
+                for part in frames.chunks(batch_max) {
+                    outbox.take_replies(&mut replies);
+                    if !replies.is_empty() {
+                        write_batch(state, sink, &mut replies, batch_max).await?;
+                    }
+                    sink.send(part).await?;
+                }
                 if last_page {
                     break;
                 }
@@ -1170,7 +1194,9 @@ async fn send_backlog(
     cursor
         .backlog_sent
         .store(true, std::sync::atomic::Ordering::Release);
-    sink.send(&[Frame::PendingEnd { count }.encode()]).await
+    sink.send(&[Frame::PendingEnd { count }.encode()]).await?;
+    outbox.end_backlog();
+    Ok(())
 }
 
 /// Answers a ping, first sending what was stored for the user since the last check (an entry
@@ -1217,7 +1243,7 @@ fn write_loop<'a>(
     async move {
         // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
         if state.mailbox.stores()
-            && Box::pin(send_backlog(state, &mut sink, &user, cursor))
+            && Box::pin(send_backlog(state, &mut sink, &mut outbox, &user, cursor))
                 .await
                 .is_err()
         {

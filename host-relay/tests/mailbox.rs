@@ -608,6 +608,150 @@ async fn a_burst_of_acknowledgements_deletes_exactly_up_to_the_highest() {
     assert_eq!(got, bodies[200..], "exactly the unacknowledged 100 remain");
 }
 
+/// Entries of the large backlog below, and the size of each body: 2 000 × 16 KB is about
+/// 32 MB, far more than the sockets between the relay and the test buffer (a few MB on
+/// loopback), so the relay is still writing the backlog when the requests arrive — it cannot
+/// write more before the client reads.
+const BIG_BACKLOG: usize = 2000;
+const BIG_BODY: usize = 16 * 1024;
+
+/// A big body numbered `i`: its number, then filler up to [`BIG_BODY`].
+fn big_body(i: usize) -> Vec<u8> {
+    let mut body = format!("{i:05}:").into_bytes();
+    body.resize(BIG_BODY, b'x');
+    body
+}
+
+/// Stores `n` big bodies from `from` for `to`, pipelined 32 at a time (the requests a relay
+/// serves at once), each answered `stored`.
+async fn store_big(c: &mut RawClient, from: &TestUser, to: &TestUser, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
+        for &i in chunk {
+            c.send(&Frame::Send {
+                request_id: i as u32 + 1,
+                envelope: from.seal(&[to], &big_body(i)).into(),
+            })
+            .await;
+        }
+        for &i in chunk {
+            match c.reply().await {
+                Frame::SendResult {
+                    request_id,
+                    outcomes,
+                    ..
+                } => {
+                    assert_eq!(request_id, i as u32 + 1);
+                    assert_eq!(outcomes[0].outcome, Outcome::Stored, "entry {i}");
+                }
+                other => panic!("expected a send result, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A large backlog does not hold up the answers to what the client asks meanwhile: replies may
+/// overtake the backlog's `Pending` frames, while the backlog itself still arrives whole and in
+/// order and live deliveries still come only after `PendingEnd`. Before, the relay wrote the
+/// whole backlog before any reply, so a reconnecting client's lookups and sends timed out
+/// behind a big mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_overtake_a_large_backlog_and_live_deliveries_still_follow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2 000 large sends in a moment: above the default per-user, per-address and fan-out
+    // budgets, which are not what this test is about.
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        &[
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
+            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
+            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
+            ("SYNCRA_LIMITS__FANOUT_BURST_BYTES_PER_USER", "1073741824"),
+            (
+                "SYNCRA_LIMITS__FANOUT_BYTES_PER_SECOND_PER_USER",
+                "1073741824",
+            ),
+        ],
+    );
+    let url = relay.url();
+    let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
+    let (mut ca, _) = alice.register(&url).await;
+    register_away(&bob, &url).await;
+    relay.wait_sessions(1).await;
+    store_big(&mut ca, &alice, &bob, BIG_BACKLOG).await;
+
+    // Bob logs in and, reading nothing after `AuthOk`, asks two things; Alice then reaches him
+    // live while his backlog is still being written.
+    let mut cb = RawClient::connect(&url).await;
+    cb.send(&bob.auth_frame(&cb)).await;
+    expect_auth_ok(&mut cb, bob.id()).await;
+    cb.send(&Frame::LookupHandle {
+        request_id: 1,
+        handle: alice.handle.clone(),
+    })
+    .await;
+    cb.send(&Frame::Ping { nonce: 2 }).await;
+    assert_eq!(
+        send(&mut ca, 90_000, &alice, &bob, b"live").await,
+        Outcome::Delivered,
+        "his session took it"
+    );
+
+    let mut entries: Vec<(u64, Bytes)> = Vec::new();
+    let (mut record, mut pong, mut end) = (None, None, None);
+    loop {
+        match cb.frame().await {
+            Frame::Pending { entry_id, envelope } => {
+                assert!(end.is_none(), "a Pending after PendingEnd");
+                entries.push((entry_id, envelope));
+            }
+            Frame::Record {
+                request_id: 1,
+                record: r,
+            } => {
+                assert_eq!(r.handle.as_str(), alice.handle);
+                record = Some(entries.len());
+            }
+            Frame::Pong { nonce: 2 } => {
+                assert!(record.is_some(), "replies leave in request order");
+                pong = Some(entries.len());
+            }
+            Frame::PendingEnd { count } => {
+                assert!(
+                    record.is_some() && pong.is_some(),
+                    "the answers overtake the backlog: lookup after entry {record:?}, pong \
+                     after entry {pong:?}, PendingEnd after entry {}",
+                    entries.len()
+                );
+                assert_eq!(
+                    count as usize,
+                    entries.len(),
+                    "PendingEnd counts the backlog"
+                );
+                end = Some(count);
+            }
+            Frame::Deliver { envelope } => {
+                assert!(end.is_some(), "a live delivery before PendingEnd");
+                assert_eq!(bob.open(&envelope), b"live");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(entries.len(), BIG_BACKLOG, "the whole backlog");
+    assert!(
+        entries.windows(2).all(|w| w[0].0 < w[1].0),
+        "entry ids strictly increase"
+    );
+    for (i, (_, envelope)) in entries.iter().enumerate() {
+        assert_eq!(
+            bob.open(envelope),
+            big_body(i),
+            "entry {i} in the order stored"
+        );
+    }
+}
+
 /// Someone who can write to the mailbox's backend but is not a relay of the cluster (an
 /// ordinary client of the same Redis or NATS server, without the cluster key) appends entries
 /// to a recipient's mailbox: a genuine-looking envelope from a registered user (which the

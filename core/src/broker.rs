@@ -26,6 +26,9 @@ pub trait BrokerSink: Send + Sync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PublishReceipt {
     /// How many receivers took the payload, if the broker can tell. `Some(0)` means nobody.
+    /// Every broker shipped counts for [`Confirm::Count`] and [`Confirm::Any`], and the
+    /// conformance suite (`syncra_test_support::broker_conformance`) requires it of the
+    /// brokers it runs on; `None` is what [`Confirm::Nothing`] may answer.
     pub receivers: Option<u64>,
 }
 

@@ -43,6 +43,34 @@ pub const KEY_CHECK_EVERY: Duration = Duration::from_secs(600);
 /// waits for answers anyway (a relay that never ends it must not keep the outbox waiting).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 
+/// How long a fresh connection that has received nothing waits before it takes the backlog to
+/// be over: a relay without a mailbox sends no `PendingEnd`. Every delivery during the backlog
+/// starts it again.
+const CATCH_UP_QUIET: Duration = Duration::from_secs(1);
+
+/// Reading the login's backlog ([`Serve::catching_up`]).
+#[derive(Clone, Copy, Debug)]
+struct CatchUp {
+    /// Over if nothing arrives before this.
+    quiet_until: Instant,
+    /// Over at this, whatever arrives.
+    limit: Instant,
+}
+
+impl CatchUp {
+    fn started() -> Self {
+        let now = Instant::now();
+        CatchUp {
+            quiet_until: now + CATCH_UP_QUIET,
+            limit: now + CATCH_UP_LIMIT,
+        }
+    }
+
+    fn ends_at(&self) -> Instant {
+        self.quiet_until.min(self.limit)
+    }
+}
+
 /// How often the outbox is looked at while connected (entries other processes wrote).
 const OUTBOX_EVERY: Duration = Duration::from_secs(2);
 
@@ -126,11 +154,12 @@ pub struct Serve<S> {
     /// Rotation failures in a row (for the retry backoff).
     key_failures: u32,
     next_outbox: Instant,
-    /// Logged in and reading the login's backlog, until its end or this instant: nothing that
-    /// waits for an answer runs meanwhile (key upkeep, the outbox), since an answer can sit
-    /// behind more backlog than the deliveries channel holds while this loop would wait for
-    /// it instead of reading.
-    catching_up: Option<Instant>,
+    /// Logged in and reading the login's backlog: nothing that waits for an answer runs
+    /// meanwhile (key upkeep, the outbox, follow-ups), since an answer can sit behind more
+    /// backlog than the deliveries channel holds while this loop would wait for it instead of
+    /// reading. Ends at `PendingEnd`, or at its quiet time (a relay without a mailbox sends
+    /// none), or at its limit.
+    catching_up: Option<CatchUp>,
     lookups: JoinSet<(UserId, Option<IdentityRecord>)>,
     /// Whose lookup each task is (to file their messages even if a task failed).
     looking_up: HashMap<tokio::task::Id, UserId>,
@@ -252,7 +281,7 @@ impl<S: Future<Output = ()>> Serve<S> {
         let outbox = async {
             match (connected, self.catching_up) {
                 (true, None) => tokio::time::sleep_until(self.next_outbox).await,
-                (true, Some(limit)) => tokio::time::sleep_until(limit).await,
+                (true, Some(catch_up)) => tokio::time::sleep_until(catch_up.ends_at()).await,
                 (false, _) => std::future::pending().await,
             }
         };
@@ -304,11 +333,13 @@ impl<S: Future<Output = ()>> Serve<S> {
                 self.schedule_retry("the connection to the relay was lost".into());
             }
             Wake::KeyCheck => self.maintain_keys(client).await,
-            Wake::Outbox if self.catching_up.is_some() => {
-                tracing::warn!(
-                    "the relay has not ended the login's backlog within {}s; going on",
-                    CATCH_UP_LIMIT.as_secs()
-                );
+            Wake::Outbox if let Some(catch_up) = self.catching_up => {
+                if Instant::now() >= catch_up.limit {
+                    tracing::warn!(
+                        "the relay has not ended the login's backlog within {}s; going on",
+                        CATCH_UP_LIMIT.as_secs()
+                    );
+                }
                 self.caught_up(client).await;
             }
             Wake::Outbox => {
@@ -323,11 +354,11 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
             Wake::Push(Push::Deliver(carriage)) => {
                 self.deliver(client, None, &carriage).await;
-                self.follow_up(client).await;
+                self.after_delivery(client).await;
             }
             Wake::Push(Push::Pending(entry, carriage)) => {
                 self.deliver(client, Some(entry), &carriage).await;
-                self.follow_up(client).await;
+                self.after_delivery(client).await;
             }
             Wake::Push(Push::BacklogDone(count)) => {
                 if count > 0 {
@@ -361,14 +392,15 @@ impl<S: Future<Output = ()>> Serve<S> {
                 self.attempt = 0;
                 self.retry_at = None;
                 // The backlog first (see `catching_up`); the rest in `caught_up`.
-                self.catching_up = Some(Instant::now() + CATCH_UP_LIMIT);
+                self.catching_up = Some(CatchUp::started());
             }
             Err(e) => self.schedule_retry(e.to_string()),
         }
     }
 
-    /// The login's backlog is read (or the relay did not say so within [`CATCH_UP_LIMIT`]):
-    /// the key upkeep of a fresh connection, then the outbox, then `Connected`.
+    /// The login's backlog is read (`PendingEnd`, or nothing came for [`CATCH_UP_QUIET`], or
+    /// [`CATCH_UP_LIMIT`] passed): the key upkeep of a fresh connection, then the outbox, then
+    /// `Connected`, then what the backlog's deliveries left to follow up.
     async fn caught_up(&mut self, client: &mut Client) {
         self.catching_up = None;
         client.upkeep().await;
@@ -381,6 +413,17 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
         };
         self.events.push_back(ServeEvent::Connected { sent });
+        // What the backlog's deliveries left to do.
+        self.follow_up(client).await;
+    }
+
+    /// After a delivery: its follow-ups, or, while catching up, a later end of the quiet time
+    /// (the follow-ups wait for `caught_up`).
+    async fn after_delivery(&mut self, client: &mut Client) {
+        match &mut self.catching_up {
+            Some(catch_up) => catch_up.quiet_until = Instant::now() + CATCH_UP_QUIET,
+            None => self.follow_up(client).await,
+        }
     }
 
     fn schedule_retry(&mut self, reason: String) {

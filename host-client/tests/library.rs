@@ -301,6 +301,41 @@ async fn a_serving_session_reads_a_large_backlog_before_it_waits_for_answers() {
     serving.await.unwrap();
 }
 
+/// A relay without a mailbox sends no `PendingEnd`: a serving session that hears nothing after
+/// logging in takes its backlog to be over and comes online, sending what waited in its outbox
+/// (it would otherwise wait for the catch-up's 60 s limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_session_on_a_relay_without_a_mailbox_comes_online() {
+    use syncra_client::client::{Serve, ServeEvent};
+    let relay = TestRelay::start(|c| c.mailbox = serde_json::json!({ "kind": "none" })).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    bob.disconnect().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let mut serve = Serve::new(&mut bob, stop).unwrap();
+        while let Some(event) = serve.next(&mut bob).await {
+            let _ = events_tx.send(event);
+        }
+    });
+    loop {
+        let event = tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .expect("online without a PendingEnd")
+            .unwrap();
+        if let ServeEvent::Connected { sent } = event {
+            assert_eq!(sent, 0);
+            break;
+        }
+    }
+    let _ = stop_tx.send(());
+    serving.await.unwrap();
+}
+
 /// A relay whose identity store is a PostgreSQL server of the test's own (to freeze).
 async fn relay_on_postgres() -> (syncra_test_support::postgres::PostgresServer, TestRelay) {
     let pg = syncra_test_support::postgres::PostgresServer::start();

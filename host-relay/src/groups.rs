@@ -13,8 +13,7 @@
 //!   not reach the first time) is routed, not refused.
 //! - **Members only.** Every carriage's sender must be a member as the last commit declared
 //!   (`not_a_member`), and its recipients too: an MLS message goes to members; a commit may
-//!   also go to those it removes, so they learn they are out — and must go to everyone it
-//!   leaves out of the list.
+//!   also go to those it removes, so they learn they are out.
 //! - **The current epoch only.** An application message, proposal or Welcome made in another
 //!   epoch than the group's is refused (`wrong_epoch`): members keep no keys of left epochs, so
 //!   such a message could not be read — its sender processes the commit it missed and encrypts
@@ -229,34 +228,18 @@ async fn commit(
                 .into(),
         ));
     }
-    let (before, current): (&[UserId], bool) = match &group {
+    let before: &[UserId] = match &group {
         Some(g) => {
             member(g, sender, h)?;
             // The same commit again: it won this epoch already; route it to whom it names.
             if g.last_commit == h.message_id && g.epoch == h.epoch.saturating_add(1) {
                 return outsiders(&h.recipients, &g.members, &[], h);
             }
-            (&g.members, g.epoch == h.epoch)
+            &g.members
         }
-        None => (&[], true),
+        None => &[],
     };
     outsiders(&h.recipients, &h.members, before, h)?;
-    // Whoever the commit drops from the list gets it: a member cut off learns it is out (and
-    // a list that lies about it reaches the one it lies about, whose client reports it). Only
-    // a commit made on the list this node holds is held to it; one made in another epoch
-    // loses to the store's epoch check (`commit_conflict`, and its author rebases).
-    if let Some(dropped) = before
-        .iter()
-        .find(|u| current && !h.members.contains(u) && !h.recipients.contains(u))
-    {
-        return Err((
-            ErrorCode::NotAMember,
-            format!(
-                "a commit that leaves {dropped} out of group {} must be sent to {dropped}",
-                h.group_id
-            ),
-        ));
-    }
     let advanced = with_store_timeout(state.store.advance_group(
         &h.group_id,
         h.epoch,

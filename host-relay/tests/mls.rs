@@ -353,13 +353,6 @@ async fn messages_from_other_epochs_outsiders_and_unknown_groups_are_refused_by_
             "include its sender",
         ),
         (
-            "a commit that drops a member without sending it to them",
-            0,
-            carriage(Commit, g, 1, &[], &[&alice], b"quiet removal"),
-            ErrorCode::NotAMember,
-            "must be sent to",
-        ),
-        (
             "a commit by an outsider",
             2,
             carriage(Commit, g, 1, &[&alice], &[&alice, &dave], b"takeover"),

@@ -182,8 +182,8 @@ async fn publish(node: &Node, topic: &str, payload: &Bytes, case: &str) -> Publi
 }
 
 /// Asserts a receipt reports exactly `expected` receivers. The contract lets a broker answer
-/// "cannot tell" (`None`); every broker this suite runs on counts (the relay's outcomes rest on
-/// the count), so "cannot tell" from one of them is a defect, not a pass.
+/// "cannot tell" (`None`); every broker this suite runs on counts, so "cannot tell" from one of
+/// them is a defect, not a pass (before, a broker that never counted passed every count).
 fn assert_receivers(receipt: PublishReceipt, expected: u64, case: &str) {
     assert_eq!(
         receipt.receivers,

@@ -514,9 +514,10 @@ impl Client {
     }
 
     /// A commit of another member: the roster shown follows it, and each change becomes an
-    /// event in the group's history ("alice added eve", "alice removed you"). A member list
-    /// given to the relay that is not the roster the commit made becomes an event too, naming
-    /// its author: the relay decides by that list who may send to the group.
+    /// event in the group's history ("alice added eve", "alice removed you"). A member list that
+    /// came with the commit (the relay decides by it who may send to the group) and is not the
+    /// roster the commit made becomes an event too: worded as what came with the commit, since
+    /// the list is not signed and the relay could have changed it.
     fn file_commit(
         &mut self,
         conversation: ConversationId,
@@ -565,8 +566,10 @@ impl Client {
                 .collect();
             let more = declared.len().saturating_sub(MISDECLARED_NAMES);
             lines.push(format!(
-                "{who} told the relay the group is {}{} — not who is in it; until the next \
-                 change the relay may refuse members or take messages from others",
+                "the member list that came with {}'s change names {}{} — not who is in the \
+                 group; until the next change the relay may refuse members or take messages \
+                 from others",
+                self.member_name(&by),
                 named.join(", "),
                 if more > 0 {
                     format!(" and {more} more")

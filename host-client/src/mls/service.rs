@@ -1408,8 +1408,8 @@ impl Conversations {
                 if let Some(intent) = discarded {
                     self.lost.insert(id, intent);
                 }
-                // The relay keeps the member list the commit's author declared beside it
-                // (unsigned, the author's word): compared with the roster the commit made.
+                // The relay keeps the member list that came beside the commit (unsigned: its
+                // author's word, or the relay's): compared with the roster the commit made.
                 let me = self.identity.user_id();
                 let roster = if removed_me {
                     Vec::new()
@@ -1427,8 +1427,8 @@ impl Conversations {
                 };
                 if let Some(declared) = &misdeclared {
                     tracing::warn!(
-                        "conversation {id}: {by} told the relay the members after its commit are \
-                         {} people that differ from the group's own roster",
+                        "conversation {id}: the member list that came with {by}'s commit ({} \
+                         people) is not the roster the commit made",
                         declared.len()
                     );
                 }

@@ -90,11 +90,11 @@ pub enum WasmError {
         /// The same, in words.
         why: String,
     },
-    /// Every instance of the plugin was busy for the whole deadline; the call was not made and
-    /// does not count as the plugin's failure.
+    /// Every instance of the plugin was busy for (part of) the caller's deadline: the call was
+    /// not made, or ran in what was left and passed it. Not the plugin's failure.
     #[error(
         "plugin {name:?} is busy: all {instances} of its instances were serving other calls for \
-         its whole deadline"
+         much or all of the call's deadline"
     )]
     Busy {
         /// The plugin's name.

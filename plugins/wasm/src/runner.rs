@@ -187,7 +187,7 @@ impl<W: World> Runner<W> {
         // is running async code already. A fresh thread has no runtime context, so `load` may be
         // called from async code (the relay's start, `syncra bot run`). Calls, like every
         // blocking function, belong on a blocking thread (`spawn_blocking`).
-        let make = || runner.fresh(Instant::now() + runner.deadline());
+        let make = || runner.fresh(Instant::now() + runner.deadline(), false);
         let first =
             std::thread::scope(|s| s.spawn(make).join()).map_err(|_| WasmError::Load {
                 name: runner.name.clone(),
@@ -220,7 +220,7 @@ impl<W: World> Runner<W> {
 
     /// A fresh instance, made within the deadline `until`; [`WasmError::Busy`] if none of it
     /// is left.
-    fn fresh(&self, until: Instant) -> Result<Live<W>, WasmError> {
+    fn fresh(&self, until: Instant, shortened: bool) -> Result<Live<W>, WasmError> {
         let Some(ticks) = ticks_left(until) else {
             return Err(self.busy());
         };
@@ -262,10 +262,25 @@ impl<W: World> Runner<W> {
             Ok(Ok(instance)) => Ok(Live { store, instance }),
             Ok(Err(e)) => {
                 let refused = store.data_mut().limits.take_refusal();
-                Err(load_err(self.describe(&e, refused).1))
+                let (reason, why) = self.describe(&e, refused);
+                if reason == CallFailure::Deadline && shortened {
+                    return Err(self.busy());
+                }
+                Err(load_err(why))
             }
+            Err(_) if shortened => Err(self.busy()),
             Err(_) => Err(load_err(self.deadline_passed())),
         }
+    }
+
+    /// Whether a caller that must be answered by `until` has just waited for an instance for
+    /// more than an epoch tick: what is left of its deadline is then shorter than the plugin's.
+    /// Passing such a shortened deadline is not the plugin's failure (anyone who floods the host
+    /// with calls could otherwise get it disabled): the caller gets [`WasmError::Busy`] and
+    /// nothing is counted. Making an instance does not shorten it: a plugin whose failures
+    /// discard its instances is still counted.
+    fn shortened(&self, until: Instant) -> bool {
+        until.saturating_duration_since(Instant::now()) + EPOCH_TICK < self.deadline()
     }
 
     /// Takes an idle instance, or the right to make one (`None`), waiting for one to be freed
@@ -342,9 +357,11 @@ impl<W: World> Runner<W> {
                 });
             }
         }
-        let mut live = match self.take(until)? {
+        let taken = self.take(until)?;
+        let shortened = self.shortened(until);
+        let mut live = match taken {
             Some(live) => live,
-            None => match self.fresh(until) {
+            None => match self.fresh(until, shortened) {
                 Ok(live) => live,
                 Err(e @ WasmError::Busy { .. }) => {
                     self.give_back(None);
@@ -379,7 +396,15 @@ impl<W: World> Runner<W> {
                 let refused = live.store.data_mut().limits.take_refusal();
                 self.give_back(None);
                 let (reason, why) = self.describe(&e, refused);
+                if reason == CallFailure::Deadline && shortened {
+                    return Err(self.busy());
+                }
                 Err(self.failed(kind, self.call_err(reason, why)))
+            }
+            // Stopped: its instance goes (the guest was unwound mid-call).
+            Err(_) if shortened => {
+                self.give_back(None);
+                Err(self.busy())
             }
             Err(_) => {
                 self.give_back(None);

@@ -363,11 +363,10 @@ fn a_hook_call_that_waits_for_an_instance_is_held_one_deadline_in_all() {
         first, "second caller",
         "the marker answered first: the second caller was held longer than one deadline"
     );
+    // It ran in what was left and passed it: busy, not the plugin's failure (a flood of calls
+    // must not get a well-behaved hook disabled).
     let err = answer.unwrap_err();
-    assert!(
-        is_deadline(&err) || matches!(err, WasmError::Busy { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, WasmError::Busy { .. }), "{err}");
     let (_, marker_answer) = finished.recv().unwrap();
     assert!(is_deadline(&marker_answer.unwrap_err()));
     for caller in callers {
@@ -375,6 +374,11 @@ fn a_hook_call_that_waits_for_an_instance_is_held_one_deadline_in_all() {
     }
     assert!(is_deadline(&sleeper.join().unwrap().unwrap_err()));
     assert_eq!(hostile.health().busy, 0);
+    assert_eq!(
+        hostile.health().failures,
+        1,
+        "only the call that had its whole deadline counts"
+    );
 }
 
 /// However many keys a call sets, the plugin's store is written once, after the call; a call

@@ -43,10 +43,11 @@ pub const KEY_CHECK_EVERY: Duration = Duration::from_secs(600);
 /// waits for answers anyway (a relay that never ends it must not keep the outbox waiting).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 
-/// How long a fresh connection that has received nothing waits before it takes the backlog to
-/// be over: a relay without a mailbox sends no `PendingEnd`. Every delivery during the backlog
-/// starts it again.
-const CATCH_UP_QUIET: Duration = Duration::from_secs(1);
+/// How long a fresh connection that has received no backlog entry waits before it takes the
+/// backlog to be over: a relay of before 2026-12-07 without a mailbox sends no `PendingEnd`.
+/// Every backlog entry starts it again (live deliveries do not: on such a relay they are all
+/// there is).
+const CATCH_UP_QUIET: Duration = Duration::from_secs(5);
 
 /// Reading the login's backlog ([`Serve::catching_up`]).
 #[derive(Clone, Copy, Debug)]
@@ -157,8 +158,8 @@ pub struct Serve<S> {
     /// Logged in and reading the login's backlog: nothing that waits for an answer runs
     /// meanwhile (key upkeep, the outbox, follow-ups), since an answer can sit behind more
     /// backlog than the deliveries channel holds while this loop would wait for it instead of
-    /// reading. Ends at `PendingEnd`, or at its quiet time (a relay without a mailbox sends
-    /// none), or at its limit.
+    /// reading. Ends at `PendingEnd`, or at its quiet time (an older relay without a mailbox
+    /// sends none), or at its limit.
     catching_up: Option<CatchUp>,
     lookups: JoinSet<(UserId, Option<IdentityRecord>)>,
     /// Whose lookup each task is (to file their messages even if a task failed).
@@ -354,7 +355,9 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
             Wake::Push(Push::Deliver(carriage)) => {
                 self.deliver(client, None, &carriage).await;
-                self.after_delivery(client).await;
+                if self.catching_up.is_none() {
+                    self.follow_up(client).await;
+                }
             }
             Wake::Push(Push::Pending(entry, carriage)) => {
                 self.deliver(client, Some(entry), &carriage).await;
@@ -364,7 +367,8 @@ impl<S: Future<Output = ()>> Serve<S> {
                 if count > 0 {
                     self.events.push_back(ServeEvent::Backlog(count));
                 }
-                if self.catching_up.is_some() {
+                // One from a session that has just ended ends nothing (`Closed` comes next).
+                if self.catching_up.is_some() && client.is_connected() {
                     self.caught_up(client).await;
                 }
             }
@@ -417,8 +421,8 @@ impl<S: Future<Output = ()>> Serve<S> {
         self.follow_up(client).await;
     }
 
-    /// After a delivery: its follow-ups, or, while catching up, a later end of the quiet time
-    /// (the follow-ups wait for `caught_up`).
+    /// After a backlog entry: its follow-ups, or, while catching up, a later end of the quiet
+    /// time (the follow-ups wait for `caught_up`).
     async fn after_delivery(&mut self, client: &mut Client) {
         match &mut self.catching_up {
             Some(catch_up) => catch_up.quiet_until = Instant::now() + CATCH_UP_QUIET,

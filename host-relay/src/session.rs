@@ -1242,11 +1242,14 @@ fn write_loop<'a>(
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
         // Boxed: the backlog's state is needed once, and a task is as large as its largest await.
-        if state.mailbox.stores()
-            && Box::pin(send_backlog(state, &mut sink, &mut outbox, &user, cursor))
-                .await
-                .is_err()
-        {
+        // A relay without a mailbox ends an empty backlog all the same, so a client knows at
+        // once that nothing is held (docs/PROTOCOL.md §2.3).
+        let backlog = if state.mailbox.stores() {
+            Box::pin(send_backlog(state, &mut sink, &mut outbox, &user, cursor)).await
+        } else {
+            sink.send(&[Frame::PendingEnd { count: 0 }.encode()]).await
+        };
+        if backlog.is_err() {
             outbox.queue.close(CloseReason::normal("connection lost"));
             return;
         }

@@ -226,7 +226,11 @@ async fn mailbox_none_is_the_strict_stateless_relay() {
     cb.send(&bob.auth_frame(&cb)).await;
     expect_auth_ok(&mut cb, bob.id()).await;
     cb.send(&Frame::Ping { nonce: 3 }).await;
-    // Nothing was held: the first frame after login is the pong.
+    // Nothing was held: an empty backlog's end, then the pong.
+    match cb.recv().await {
+        Received::Frame(Frame::PendingEnd { count: 0 }) => {}
+        other => panic!("expected an empty backlog's end, got {other:?}"),
+    }
     match cb.recv().await {
         Received::Frame(Frame::Pong { nonce: 3 }) => {}
         other => panic!("expected only the pong, got {other:?}"),

@@ -22,7 +22,8 @@
 //! for one deadline (by a guest that computes, up to two epoch ticks more), never one per step.
 //! A caller that finds no time left before the guest would run gets [`WasmError::Busy`], which
 //! is not the plugin's failure; a guest that runs and passes what is left is stopped, and
-//! counted, like any other.
+//! counted like any other unless its caller had waited more than half the deadline for an
+//! instance (then it is `Busy` too: see `Runner::shortened`).
 //!
 //! # Why a pool
 //!
@@ -274,13 +275,14 @@ impl<W: World> Runner<W> {
     }
 
     /// Whether a caller that must be answered by `until` has just waited for an instance for
-    /// more than an epoch tick: what is left of its deadline is then shorter than the plugin's.
-    /// Passing such a shortened deadline is not the plugin's failure (anyone who floods the host
-    /// with calls could otherwise get it disabled): the caller gets [`WasmError::Busy`] and
-    /// nothing is counted. Making an instance does not shorten it: a plugin whose failures
-    /// discard its instances is still counted.
+    /// more than half its deadline. Passing what is left then is not the plugin's failure
+    /// (anyone who floods the host with calls could otherwise get a well-behaved plugin
+    /// disabled): the caller gets [`WasmError::Busy`] and nothing is counted. A call with half
+    /// its deadline or more still counts, so a plugin that hangs is disabled even under steady
+    /// load, by the calls that found an instance soon enough. Making an instance does not
+    /// shorten a deadline: a plugin whose failures discard its instances is still counted.
     fn shortened(&self, until: Instant) -> bool {
-        until.saturating_duration_since(Instant::now()) + EPOCH_TICK < self.deadline()
+        until.saturating_duration_since(Instant::now()) < self.deadline() / 2
     }
 
     /// Takes an idle instance, or the right to make one (`None`), waiting for one to be freed

@@ -795,3 +795,57 @@ async fn a_message_that_arrives_before_its_commit_is_read_once_the_commit_is() {
         "caught up: nothing to ask"
     );
 }
+
+/// The member list that comes with a commit is unsigned: one that is not the roster the commit
+/// made (here rewritten on the way, as a relay could) is written in the group's history as what
+/// came with that member's change — the roster shown stays the MLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_list_that_is_not_the_roster_is_an_event_in_the_group() {
+    use syncra_client::net::Push;
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    add(&mut alice, &["bob", "dave"]).await;
+    add(&mut bob, &["alice", "dave"]).await;
+    add(&mut dave, &["alice"]).await;
+    alice.group_create("g", &["bob".to_owned()]).await.unwrap();
+    settle(&mut bob).await;
+    let mut pushes = bob.take_pushes().unwrap();
+    alice
+        .group_update("g", &["dave".to_owned()], &[])
+        .await
+        .unwrap();
+    let commit = loop {
+        match tokio::time::timeout(syncra_test_support::DEADLINE, pushes.recv())
+            .await
+            .expect("the commit in time")
+            .unwrap()
+        {
+            Push::Deliver(carriage) => break carriage,
+            _ => continue,
+        }
+    };
+    let parsed = syncra_core::carriage::parse(&commit).unwrap();
+    assert_eq!(
+        parsed.header.kind,
+        syncra_core::carriage::CarriageKind::Commit
+    );
+    let mut header = parsed.header.clone();
+    // Dave left out of the list the relay would keep.
+    header.members.retain(|m| *m != dave.user_id());
+    let rewritten = header.encode(parsed.body);
+    bob.receive(&rewritten).await.unwrap();
+    let seen = texts(&bob, "@g");
+    assert!(
+        seen.iter().any(|t| t.starts_with("alice added ")),
+        "{seen:?}"
+    );
+    let line = seen
+        .iter()
+        .find(|t| t.starts_with("the member list that came with alice's change names "))
+        .unwrap_or_else(|| panic!("no event for the list: {seen:?}"));
+    assert!(line.contains("not who is in the group"), "{line}");
+    assert_eq!(roster(&bob).len(), 3, "the roster shown is the MLS one");
+}

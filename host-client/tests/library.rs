@@ -203,27 +203,37 @@ async fn a_long_running_session_rotates_its_prekey_on_a_timer() {
     );
 }
 
-/// A one-shot command (nobody reads the session's pushes) of someone with a mailbox backlog
-/// larger than the push channel is not stalled: its requests are still answered, and the
-/// unread entries stay at the relay for the next login.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
-    let relay = TestRelay::start(|c| {
+/// A relay whose per-user and per-address message budgets a test's bursts do not reach.
+async fn relay_without_send_limits() -> TestRelay {
+    TestRelay::start(|c| {
         c.limits.messages_per_second_per_user = 100_000;
         c.limits.message_burst_per_user = 100_000;
         c.limits.messages_per_second_per_address = 100_000;
         c.limits.message_burst_per_address = 100_000;
     })
-    .await;
+    .await
+}
+
+/// Alice sends "m0" … to bob, who is away: each is stored in his mailbox.
+async fn store_for_bob(alice: &mut Client, n: usize) {
+    for i in 0..n {
+        let report = alice.send_text("bob", &format!("m{i}")).await.unwrap();
+        assert_eq!(report.state, SendState::Stored, "m{i}");
+    }
+}
+
+/// A one-shot command (nobody reads the session's pushes) of someone with a mailbox backlog
+/// larger than the push channel is not stalled: its requests are still answered, and the
+/// unread entries stay at the relay for the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
+    let relay = relay_without_send_limits().await;
     let dir = tempfile::tempdir().unwrap();
     let mut alice = user(dir.path(), &relay, "alice").await;
     let mut bob = user(dir.path(), &relay, "bob").await;
     bob.disconnect().await;
     alice.add_contact("bob").await.unwrap();
-    for i in 0..1100 {
-        let report = alice.send_text("bob", &format!("m{i}")).await.unwrap();
-        assert_eq!(report.state, SendState::Stored, "m{i}");
-    }
+    store_for_bob(&mut alice, 1100).await;
     bob.connect().await.unwrap();
     let (contact, _) = tokio::time::timeout(DEADLINE, bob.add_contact("alice"))
         .await
@@ -241,13 +251,7 @@ async fn a_one_shot_session_with_a_large_backlog_is_not_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_session_reads_a_large_backlog_before_it_waits_for_answers() {
     use syncra_client::client::{Serve, ServeEvent};
-    let relay = TestRelay::start(|c| {
-        c.limits.messages_per_second_per_user = 100_000;
-        c.limits.message_burst_per_user = 100_000;
-        c.limits.messages_per_second_per_address = 100_000;
-        c.limits.message_burst_per_address = 100_000;
-    })
-    .await;
+    let relay = relay_without_send_limits().await;
     let dir = tempfile::tempdir().unwrap();
     let mut alice = user(dir.path(), &relay, "alice").await;
     let mut bob = user(dir.path(), &relay, "bob").await;
@@ -255,10 +259,7 @@ async fn a_serving_session_reads_a_large_backlog_before_it_waits_for_answers() {
     bob.add_contact("alice").await.unwrap();
     bob.disconnect().await;
     const N: usize = 1100;
-    for i in 0..N {
-        let report = alice.send_text("bob", &format!("m{i}")).await.unwrap();
-        assert_eq!(report.state, SendState::Stored, "m{i}");
-    }
+    store_for_bob(&mut alice, N).await;
 
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -123,6 +123,16 @@ impl Member {
         }
     }
 
+    async fn expect_leave_request(&mut self, from: &Member) {
+        match self.next().await {
+            Arrival::LeaveRequest { member, .. } => assert_eq!(member, from.id()),
+            other => panic!(
+                "expected {}'s leave request, got {other:?}",
+                from.user.handle
+            ),
+        }
+    }
+
     async fn expect_message(&mut self, from: &Member, text: &str) {
         match self.next().await {
             Arrival::Message {
@@ -801,12 +811,8 @@ async fn a_member_leaves_through_a_proposal_that_another_member_commits() {
 
     // Carol asks to leave; she cannot commit her own departure.
     carol.mls.leave(&carol.session, g).await.unwrap();
-    for m in [&mut alice, &mut bob] {
-        match m.next().await {
-            Arrival::LeaveRequest { member, .. } => assert_eq!(member, carol.id()),
-            other => panic!("expected Carol's leave request, got {other:?}"),
-        }
-    }
+    alice.expect_leave_request(&carol).await;
+    bob.expect_leave_request(&carol).await;
     // Alice commits it: Carol learns she is out, Bob sees who removed whom.
     assert_eq!(
         alice
@@ -852,12 +858,8 @@ async fn a_leave_request_committed_beside_an_addition_leaves_the_relay_s_list_to
     let g = group_of_three(&mut alice, &mut bob, &mut carol).await;
 
     carol.mls.leave(&carol.session, g).await.unwrap();
-    for m in [&mut alice, &mut bob] {
-        match m.next().await {
-            Arrival::LeaveRequest { member, .. } => assert_eq!(member, carol.id()),
-            other => panic!("expected Carol's leave request, got {other:?}"),
-        }
-    }
+    alice.expect_leave_request(&carol).await;
+    bob.expect_leave_request(&carol).await;
     // Alice adds Dave; her commit carries Carol's queued departure with it.
     alice
         .mls

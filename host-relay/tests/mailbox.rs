@@ -570,6 +570,14 @@ async fn nats_across_nodes() {
     stored_on_one_node_is_delivered_on_another(Kind::Nats).await;
 }
 
+/// Per-user and per-address message budgets a test's bursts do not reach.
+const NO_SEND_LIMITS: [(&str, &str); 4] = [
+    ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
+    ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
+    ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
+    ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
+];
+
 /// A draining client acknowledges every entry as it files it; the relay coalesces the burst
 /// (one mailbox call at a time per session, up to the highest id so far). Nothing beyond the
 /// highest acknowledged id is deleted, everything up to it is, and a pong after the burst means
@@ -579,15 +587,7 @@ async fn a_burst_of_acknowledgements_deletes_exactly_up_to_the_highest() {
     let dir = tempfile::tempdir().unwrap();
     // 300 sends and 200 acknowledgements in a moment: above the default per-user and
     // per-address budgets, which are not what this test is about.
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        &[
-            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
-            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
-            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
-            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
-        ],
-    );
+    let relay = Relay::start(&dir.path().join("relay"), &NO_SEND_LIMITS);
     let url = relay.url();
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));
     let (mut ca, _) = alice.register(&url).await;
@@ -666,16 +666,16 @@ async fn replies_overtake_a_large_backlog_and_live_deliveries_still_follow_it() 
     let relay = Relay::start(
         &dir.path().join("relay"),
         &[
-            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_USER", "100000"),
-            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_USER", "100000"),
-            ("SYNCRA_LIMITS__MESSAGES_PER_SECOND_PER_ADDRESS", "100000"),
-            ("SYNCRA_LIMITS__MESSAGE_BURST_PER_ADDRESS", "100000"),
-            ("SYNCRA_LIMITS__FANOUT_BURST_BYTES_PER_USER", "1073741824"),
-            (
-                "SYNCRA_LIMITS__FANOUT_BYTES_PER_SECOND_PER_USER",
-                "1073741824",
-            ),
-        ],
+            NO_SEND_LIMITS.as_slice(),
+            &[
+                ("SYNCRA_LIMITS__FANOUT_BURST_BYTES_PER_USER", "1073741824"),
+                (
+                    "SYNCRA_LIMITS__FANOUT_BYTES_PER_SECOND_PER_USER",
+                    "1073741824",
+                ),
+            ],
+        ]
+        .concat(),
     );
     let url = relay.url();
     let (alice, bob) = (TestUser::new("alice"), TestUser::new("bob"));

@@ -1410,21 +1410,17 @@ impl Conversations {
                 }
                 // The relay keeps the member list that came beside the commit (unsigned: its
                 // author's word, or the relay's): compared with the roster the commit made.
-                let me = self.identity.user_id();
-                let roster = if removed_me {
-                    Vec::new()
-                } else {
-                    self.conversation(id)?.roster()?
-                };
-                let misdeclared = if removed_me {
-                    header.members.contains(&me).then(|| header.members.clone())
+                // A commit that removed this member: only its own absence can be checked.
+                let wrong = if removed_me {
+                    header.members.contains(&self.identity.user_id())
                 } else {
                     let mut declared = header.members.clone();
-                    let mut actual = roster;
+                    let mut actual = self.conversation(id)?.roster()?;
                     declared.sort_unstable();
                     actual.sort_unstable();
-                    (declared != actual).then(|| header.members.clone())
+                    declared != actual
                 };
+                let misdeclared = wrong.then(|| header.members.clone());
                 if let Some(declared) = &misdeclared {
                     tracing::warn!(
                         "conversation {id}: the member list that came with {by}'s commit ({} \

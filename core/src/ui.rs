@@ -214,6 +214,17 @@ pub enum AppEvent {
         /// The new state.
         state: DeliveryState,
     },
+    /// A message the client refused before storing it (over the size limit, the contact's key
+    /// changed, the outbox could not be written): nothing of it was kept or sent, so the text
+    /// comes back for the front end to give to the person again, with the reason.
+    NotSent {
+        /// Where it was to go.
+        conversation: ConversationId,
+        /// The text, exactly as it was handed over.
+        text: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A pinned contact's identity key changed: sending is blocked until re-verification.
     KeyChanged {
         /// The contact.

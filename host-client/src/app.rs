@@ -111,6 +111,17 @@ impl Controller {
         let _ = self.events.send(event).await;
     }
 
+    /// Hands a refused message's text back to the front end, which gives it to the person
+    /// again: what was typed is never dropped, whatever refused it.
+    async fn not_sent(&self, conversation: ConversationId, text: String, reason: String) {
+        self.emit(AppEvent::NotSent {
+            conversation,
+            text,
+            reason,
+        })
+        .await;
+    }
+
     async fn run(&mut self, mut actions: mpsc::Receiver<UserAction>) -> anyhow::Result<()> {
         self.start().await?;
         loop {
@@ -584,13 +595,16 @@ impl Controller {
 
     async fn send(&mut self, conversation: ConversationId, text: String) {
         let Some(client) = self.client.as_mut() else {
+            let reason = "not unlocked yet: nothing can be sent".to_owned();
+            self.not_sent(conversation, text, reason).await;
             return;
         };
         let target = to_target(&conversation);
         let pending = match client.queue(&target, &text) {
             Ok(p) => p,
             Err(e) => {
-                self.emit(AppEvent::Error(format!("{e:#}"))).await;
+                // Nothing of it was stored: the text goes back to the person with the reason.
+                self.not_sent(conversation, text, format!("{e:#}")).await;
                 return;
             }
         };
@@ -894,6 +908,48 @@ mod tests {
                 summary.name
             );
         }
+    }
+
+    /// A message the client refuses is handed back whole, with the reason, and nothing of it
+    /// is kept: here a paste of control characters, within the limit as typed but over it once
+    /// encoded (before, the front end had cleared it and only an error came back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_message_comes_back_to_the_front_end() {
+        let relay = TestRelay::start(|_| {}).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut alice = user(dir.path(), &relay, "alice").await;
+        let _bob = user(dir.path(), &relay, "bob").await;
+        alice.add_contact("bob").await.unwrap();
+        let bob = ConversationId::Direct(alice.book().by_handle("bob").unwrap().record.user_id);
+        let (tx, mut events) = mpsc::channel(64);
+        let mut controller = Controller::new(alice.home().clone(), tx, Options::default());
+        controller.client = Some(alice);
+
+        let text = format!("keep this {}", "\u{1}".repeat(70_000));
+        controller.send(bob.clone(), text.clone()).await;
+        let Ok(AppEvent::NotSent {
+            conversation,
+            text: back,
+            reason,
+        }) = events.try_recv()
+        else {
+            panic!("no NotSent");
+        };
+        assert_eq!((conversation, back == text), (bob.clone(), true));
+        assert!(reason.contains("over the"), "{reason}");
+        assert!(events.try_recv().is_err(), "nothing else happened");
+        let client = controller.client.as_ref().unwrap();
+        assert_eq!(client.outbox_len(), 0);
+        let conversation = to_target(&bob).conversation();
+        assert!(client.history().read(&conversation).unwrap().0.is_empty());
+
+        // Without a client (not unlocked yet) it comes back too.
+        controller.client = None;
+        controller.send(bob.clone(), "early".into()).await;
+        assert!(matches!(
+            events.try_recv(),
+            Ok(AppEvent::NotSent { text, .. }) if text == "early"
+        ));
     }
 
     /// A long history, then 50 messages in and a few out: after the first conversation list,

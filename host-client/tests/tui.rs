@@ -5,6 +5,8 @@
 //! rather than skipping.
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly: that is how a test reports.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -168,4 +170,51 @@ fn two_tuis_onboard_and_chat() {
         assert!(Instant::now() < deadline, "syncra did not quit on Ctrl-Q");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A message the client refuses goes back into the composer with the reason, in the real
+/// program: here a paste of 70 000 control characters and a few words, 70 KB as typed but over
+/// the limit once encoded. Before, the composer was cleared when Enter handed the text over,
+/// the client refused it, and only the error was left on the screen.
+#[test]
+fn a_message_the_client_refuses_goes_back_into_the_composer() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    common::User::new(dir.path(), "bob").onboard(&relay.url());
+    let home = dir.path().join("alice");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join("settings.toml"),
+        format!("relay = \"{}\"\n", relay.url()),
+    )
+    .unwrap();
+    let socket = format!("syncra-test-refused-{}", std::process::id());
+    let alice = Tmux::start(&socket, "alice", &home);
+    alice.onboard("alice");
+    alice.keys(&["C-p"]);
+    alice.wait_for("Command");
+    alice.text("add bob");
+    alice.keys(&["Enter"]);
+    alice.wait_for("added bob");
+
+    // Pasted (bracketed, as a terminal pastes), the words last so the composer shows them.
+    let paste = dir.path().join("paste");
+    std::fs::write(
+        &paste,
+        format!("{} keep this draft", "\u{1}".repeat(70_000)),
+    )
+    .unwrap();
+    tmux(
+        &socket,
+        &["load-buffer", "-b", "blob", paste.to_str().unwrap()],
+    );
+    tmux(
+        &socket,
+        &["paste-buffer", "-p", "-b", "blob", "-t", "alice"],
+    );
+    alice.wait_for("keep this draft");
+    alice.keys(&["Enter"]);
+    let screen = alice.wait_for("not sent:");
+    assert!(screen.contains("keep this draft"), "{screen}");
+    assert!(!screen.contains("write a message"), "{screen}");
 }

@@ -182,6 +182,15 @@ impl State {
             )),
             AppEvent::Notice(n) => say(&format!("* {n}")),
             AppEvent::Error(e) => say(&format!("error: {e}")),
+            // The text is the line just typed, still on the screen above.
+            AppEvent::NotSent {
+                conversation,
+                reason,
+                ..
+            } => say(&format!(
+                "not sent to {}: {reason}",
+                self.name_of(&conversation)
+            )),
             // Outgoing lines are what the person just typed; commands and shutdown need no line.
             AppEvent::Message(_) | AppEvent::Commands(_) | AppEvent::Shutdown => {}
         }

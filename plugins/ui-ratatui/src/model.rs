@@ -283,6 +283,25 @@ fn text_area(placeholder: &str) -> TextArea<'static> {
     t
 }
 
+/// An empty message composer.
+fn composer() -> TextArea<'static> {
+    text_area("write a message — Enter sends, Alt-Enter for a new line")
+}
+
+/// Gives a message the client refused back to the person: into the composer, before anything
+/// typed since, the cursor at the end.
+fn give_back(m: &mut Main, text: &str) {
+    let typed_since = text_of(&m.composer);
+    let mut fresh = composer();
+    fresh.insert_str(text);
+    if !typed_since.is_empty() {
+        fresh.insert_newline();
+        fresh.insert_str(&typed_since);
+    }
+    m.composer = fresh;
+    m.focus = Focus::Composer;
+}
+
 fn secret_area(placeholder: &str) -> TextArea<'static> {
     let mut t = text_area(placeholder);
     t.set_mask_char('•');
@@ -503,6 +522,19 @@ impl Model {
                     line.delivery = Some(state);
                 }
             }
+            AppEvent::NotSent {
+                conversation,
+                text,
+                reason,
+            } => {
+                if let Screen::Main(m) = &mut self.screen {
+                    // Back where it was written, so Enter cannot send it elsewhere.
+                    let actions = select(m, Some(conversation));
+                    give_back(m, &text);
+                    m.status = Some((format!("not sent: {reason}"), true));
+                    return actions;
+                }
+            }
             AppEvent::KeyChanged { handle, .. } => {
                 if let Screen::Main(m) = &mut self.screen {
                     m.status = Some((
@@ -546,8 +578,6 @@ impl Model {
     }
 
     fn open_main(&mut self, me: Me) {
-        let mut composer = text_area("write a message — Enter sends, Alt-Enter for a new line");
-        composer.set_cursor_line_style(ratatui::style::Style::default());
         self.screen = Screen::Main(Box::new(Main {
             me,
             connection: ConnectionState::Connecting(0),
@@ -556,7 +586,7 @@ impl Model {
             messages: HashMap::new(),
             scroll: 0,
             new_below: false,
-            composer,
+            composer: composer(),
             filter: text_area("filter"),
             focus: Focus::Composer,
             overlay: None,
@@ -871,7 +901,7 @@ fn send_composer(m: &mut Main) -> Vec<UserAction> {
         let builtin = COMMANDS.iter().any(|(n, _)| *n == word);
         let plugin = m.extra_commands.iter().any(|c| c.name == word);
         if builtin || plugin {
-            m.composer = TextArea::default();
+            m.composer = composer();
             return run_command(m, cmd);
         }
     }
@@ -903,11 +933,9 @@ fn send_composer(m: &mut Main) -> Vec<UserAction> {
         ));
         return Vec::new();
     }
-    // Clear the composer only once the text is handed to the client (which writes it to the
-    // outbox before anything else), so nothing typed is lost.
-    let mut fresh = TextArea::default();
-    fresh.set_placeholder_text("write a message — Enter sends, Alt-Enter for a new line");
-    m.composer = fresh;
+    // Clear the composer only once the text is handed to the client, which writes it to the
+    // outbox before anything else or, refusing it, gives it back (`AppEvent::NotSent`).
+    m.composer = composer();
     m.scroll = 0;
     m.new_below = false;
     vec![UserAction::Send { conversation, text }]
@@ -1222,6 +1250,16 @@ fn inert(event: AppEvent) -> AppEvent {
         },
         AppEvent::Notice(text) => AppEvent::Notice(clean(text)),
         AppEvent::Error(text) => AppEvent::Error(clean(text)),
+        // The text is the person's own, going back where they typed it.
+        AppEvent::NotSent {
+            conversation,
+            text,
+            reason,
+        } => AppEvent::NotSent {
+            conversation,
+            text,
+            reason: clean(reason),
+        },
         // No free text in these (the default relay is our own setting).
         other => other,
     }

@@ -476,6 +476,67 @@ fn a_message_over_the_limit_stays_in_the_composer() {
     assert_eq!(main.composer.lines().join("\n"), text);
 }
 
+/// A message the client refused (`AppEvent::NotSent`: its key changed meanwhile, the outbox
+/// could not be written…) comes back: into the composer of the conversation it was written
+/// in, reopened if the person moved on (so Enter cannot send it elsewhere), before anything
+/// typed since, with the reason. Nothing typed is lost.
+#[test]
+fn a_message_the_client_refuses_comes_back_where_it_was_written() {
+    let mut m = main_model();
+    let bob = ConversationId::Direct(uid(2));
+    m.update(Message::Paste("for bob\nsecond line".into()));
+    let sent = m.update(key(KeyCode::Enter));
+    let [UserAction::Send { conversation, text }] = &sent[..] else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(
+        (conversation, text.as_str()),
+        (&bob, "for bob\nsecond line")
+    );
+    assert_eq!(main_of(&m).composer.lines(), [""]);
+    // The person moves on to carol and starts a new message before the answer comes.
+    m.update(alt(KeyCode::Down));
+    assert_eq!(main_of(&m).selected, Some(ConversationId::Direct(uid(3))));
+    typed(&mut m, "hi carol");
+    let actions = m.update(Message::App(AppEvent::NotSent {
+        conversation: bob.clone(),
+        text: text.clone(),
+        reason: "the outbox could not be written: \x1b[2Jdisk full".into(),
+    }));
+    assert_eq!(
+        actions,
+        vec![
+            UserAction::LoadHistory {
+                conversation: bob.clone(),
+                limit: 500
+            },
+            UserAction::MarkRead(bob.clone())
+        ]
+    );
+    let main = main_of(&m);
+    assert_eq!(main.selected, Some(bob));
+    assert_eq!(main.focus, Focus::Composer);
+    assert_eq!(
+        main.composer.lines(),
+        ["for bob", "second line", "hi carol"]
+    );
+    assert_eq!(main.composer.cursor(), (2, "hi carol".len()));
+    let (status, is_error) = main.status.clone().unwrap();
+    assert!(is_error);
+    assert!(status.starts_with("not sent: the outbox could not be written"));
+    assert!(!status.contains('\x1b'), "{status:?}");
+    // Into an empty composer it comes back alone, the cursor at its end.
+    let mut m = main_model();
+    m.update(Message::App(AppEvent::NotSent {
+        conversation: ConversationId::Direct(uid(2)),
+        text: "again".into(),
+        reason: "no".into(),
+    }));
+    assert_eq!(main_of(&m).composer.lines(), ["again"]);
+    assert_eq!(main_of(&m).composer.cursor(), (0, 5));
+    assert!(render(&m, 80, 24).contains("again"));
+}
+
 #[test]
 fn a_long_paste_asks_first() {
     let mut m = main_model();

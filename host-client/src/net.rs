@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -103,8 +103,14 @@ pub enum Push {
     /// ([`Session::acknowledge`]) once it is handled (in the history, or refused), or the relay
     /// sends it again at the next login.
     Pending(u64, Bytes),
-    /// The mailbox backlog of this login is complete: this many `Pending` came before it.
-    BacklogDone(u32),
+    /// The mailbox backlog of a login is complete: this many `Pending` came before it.
+    BacklogDone {
+        /// How many.
+        count: u32,
+        /// The connection whose login it ends ([`Session::connection`]): the pushes of every
+        /// connection share one channel, so one can still be read after its connection closed.
+        connection: u64,
+    },
     /// An error not tied to a request (for example: messages were dropped).
     Notice(ErrorCode, String),
 }
@@ -120,6 +126,8 @@ pub struct Session {
     ended: watch::Receiver<bool>,
     /// The authenticated user.
     pub user: UserId,
+    /// This connection's number, unique in the process.
+    pub connection: u64,
     /// The relay id the relay's challenge named (pinned at registration).
     pub relay_id: String,
     /// The resume token.
@@ -338,7 +346,10 @@ impl Session {
                             "the relay authenticated someone else".into(),
                         ));
                     }
-                    let (pending, closed, ended) = spawn_reader(stream, pushes, pushes_unread);
+                    static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+                    let connection = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+                    let (pending, closed, ended) =
+                        spawn_reader(stream, pushes, pushes_unread, connection);
                     let session = Arc::new(Session {
                         sink: Mutex::new(sink),
                         pending,
@@ -346,6 +357,7 @@ impl Session {
                         closed,
                         ended,
                         user: user_id,
+                        connection,
                         relay_id,
                         token,
                         token_expires_ms,
@@ -611,6 +623,7 @@ fn spawn_reader(
     mut stream: Box<dyn syncra_core::transport::FrameStream>,
     pushes: mpsc::Sender<Push>,
     unread: bool,
+    connection: u64,
 ) -> (Pending, Arc<AtomicBool>, watch::Receiver<bool>) {
     // A push for nobody must not stop the reader (replies come behind it): dropped at once.
     let push = move |p: Push| {
@@ -642,7 +655,9 @@ fn spawn_reader(
                 Frame::Pending { entry_id, envelope } => {
                     push(Push::Pending(entry_id, envelope)).await;
                 }
-                Frame::PendingEnd { count } => push(Push::BacklogDone(count)).await,
+                Frame::PendingEnd { count } => {
+                    push(Push::BacklogDone { count, connection }).await;
+                }
                 Frame::Error {
                     request_id: 0,
                     code,

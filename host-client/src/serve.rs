@@ -150,6 +150,9 @@ pub struct Serve<S> {
     retry_at: Option<Instant>,
     /// No relay is configured yet: do not try until [`Serve::connect_now`].
     paused: bool,
+    /// A login succeeded and the end of its connection is not handled yet: a connection found
+    /// gone is `Closed` (backoff, `Disconnected`), even if it went while this loop was busy.
+    live: bool,
     key_check_every: Duration,
     next_key_check: Instant,
     /// Rotation failures in a row (for the retry backoff).
@@ -192,6 +195,7 @@ impl<S: Future<Output = ()>> Serve<S> {
             attempt: 0,
             retry_at: None,
             paused: false,
+            live: false,
             key_check_every: KEY_CHECK_EVERY,
             next_key_check: now + KEY_CHECK_EVERY,
             key_failures: 0,
@@ -257,6 +261,9 @@ impl<S: Future<Output = ()>> Serve<S> {
     pub async fn wait(&mut self, session: Option<Arc<Session>>, connected: bool) -> Wake {
         if self.stopped {
             return Wake::Stop;
+        }
+        if self.live && !connected {
+            return Wake::Closed;
         }
         let connect_at =
             (!connected && !self.paused).then(|| self.retry_at.unwrap_or_else(Instant::now));
@@ -329,6 +336,7 @@ impl<S: Future<Output = ()>> Serve<S> {
             }
             Wake::Connect => self.connect(client).await,
             Wake::Closed => {
+                self.live = false;
                 self.catching_up = None;
                 client.disconnect().await;
                 self.schedule_retry("the connection to the relay was lost".into());
@@ -363,12 +371,17 @@ impl<S: Future<Output = ()>> Serve<S> {
                 self.deliver(client, Some(entry), &carriage).await;
                 self.after_delivery(client).await;
             }
-            Wake::Push(Push::BacklogDone(count)) => {
+            Wake::Push(Push::BacklogDone { count, connection }) => {
                 if count > 0 {
                     self.events.push_back(ServeEvent::Backlog(count));
                 }
-                // One from a session that has just ended ends nothing (`Closed` comes next).
-                if self.catching_up.is_some() && client.is_connected() {
+                // Only this connection's end ends its catch-up: one that a connection which has
+                // ended left in the channel ends nothing (before, it brought the client online
+                // with the new login's backlog unread).
+                let this_one = client
+                    .session()
+                    .is_some_and(|s| s.connection == connection && !s.is_closed());
+                if self.catching_up.is_some() && this_one {
                     self.caught_up(client).await;
                 }
             }
@@ -393,6 +406,7 @@ impl<S: Future<Output = ()>> Serve<S> {
         });
         match client.login().await {
             Ok(()) => {
+                self.live = true;
                 self.attempt = 0;
                 self.retry_at = None;
                 // The backlog first (see `catching_up`); the rest in `caught_up`.

@@ -89,7 +89,7 @@ async fn next_text(client: &mut Client, pushes: &mut mpsc::Receiver<Push>) -> St
                     return text;
                 }
             }
-            Push::Notice(..) | Push::BacklogDone(_) => {}
+            Push::Notice(..) | Push::BacklogDone { .. } => {}
         }
     }
 }

@@ -31,7 +31,7 @@ async fn next_delivery(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<u8> {
             .unwrap()
         {
             Push::Deliver(e) | Push::Pending(_, e) => return e.to_vec(),
-            Push::Notice(..) | Push::BacklogDone(_) => continue,
+            Push::Notice(..) | Push::BacklogDone { .. } => continue,
         }
     }
 }
@@ -335,6 +335,59 @@ async fn a_serving_session_on_a_relay_without_a_mailbox_comes_online() {
     }
     let _ = stop_tx.send(());
     serving.await.unwrap();
+}
+
+/// The pushes of every connection share one channel, so a connection that closed can leave its
+/// backlog's end to be read after the next login: it ends nothing of the new catch-up, the new
+/// connection's own end does. (Before, any `PendingEnd` read while connected ended it: after a
+/// relay restart in the middle of a large backlog, the client came online with the new login's
+/// backlog unread and its requests waited behind it.) And a connection that goes while the
+/// loop is busy is `Closed` — a retry after a backoff, said with `Disconnected` — not an
+/// immediate new login that skips both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_end_left_by_a_closed_connection_ends_no_catch_up() {
+    use syncra_client::client::{Serve, ServeEvent, Wake};
+    let relay = TestRelay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    bob.disconnect().await;
+    let mut serve = Serve::new(&mut bob, std::future::pending::<()>()).unwrap();
+    serve.handle(&mut bob, Wake::Connect).await;
+    let first = bob.session().unwrap().connection;
+    // The connection goes while the loop is doing something else.
+    bob.disconnect().await;
+    let wake = serve.wait(bob.session(), bob.is_connected()).await;
+    assert!(matches!(wake, Wake::Closed), "{wake:?}");
+    serve.handle(&mut bob, wake).await;
+    assert!(
+        serve
+            .take_events()
+            .any(|e| matches!(e, ServeEvent::Disconnected { .. }))
+    );
+    serve.handle(&mut bob, Wake::Connect).await;
+    let second = bob.session().unwrap().connection;
+    assert_ne!(first, second);
+    let connected = |serve: &mut Serve<std::future::Pending<()>>| {
+        serve
+            .take_events()
+            .any(|e| matches!(e, ServeEvent::Connected { .. }))
+    };
+    let end_of = |connection| {
+        Wake::Push(Push::BacklogDone {
+            count: 0,
+            connection,
+        })
+    };
+    serve.handle(&mut bob, end_of(first)).await;
+    assert!(
+        !connected(&mut serve),
+        "online on the first connection's end"
+    );
+    serve.handle(&mut bob, end_of(second)).await;
+    assert!(
+        connected(&mut serve),
+        "not online on its own connection's end"
+    );
 }
 
 /// A relay whose identity store is a PostgreSQL server of the test's own (to freeze).

@@ -86,7 +86,7 @@ impl Member {
                     self.session.acknowledge(entry).await.unwrap();
                     return bytes;
                 }
-                Push::BacklogDone(_) | Push::Notice(..) => {}
+                Push::BacklogDone { .. } | Push::Notice(..) => {}
             }
         }
     }

@@ -958,7 +958,7 @@ fn now_secs() -> u64 {
     syncra_core::now_ms() / 1000
 }
 
-pub use crate::serve::{KEY_CHECK_EVERY, Serve, ServeEvent};
+pub use crate::serve::{KEY_CHECK_EVERY, Serve, ServeEvent, Wake};
 
 #[cfg(test)]
 mod tests {

@@ -439,10 +439,19 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "keyfile".into());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    // A temporary file of this write's own: two writes of one file at once (two threads, two
+    // processes) each rename a whole file into place, the last one standing, never a mix.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
+    // Left by a process that crashed mid-write and had this one's pid: never another writer's.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
     {
         let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -452,7 +461,15 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
-    fs::rename(&tmp, path).map_err(io)?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io(e)
+    })?;
+    // The rename itself is made durable with the directory (some file systems refuse to sync
+    // a directory; the file is in place either way).
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
@@ -619,5 +636,34 @@ mod tests {
         assert_eq!(dir_mode, 0o700);
         let back = KeyFile::read(&path).unwrap().unlock(b"pw", true).unwrap();
         assert_eq!(back.get("identity"), Some(&[1u8; 32][..]));
+    }
+
+    /// Two threads writing one file at once: every write succeeds, and the file is always one
+    /// of the two contents whole, never a mix, and no temporary file is left. (Before, both
+    /// wrote one temporary file named after the process: one truncated what the other was
+    /// writing, the torn file was renamed into place, and the other's rename failed.)
+    #[test]
+    fn writes_of_one_file_at_once_never_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let contents = &[vec![1u8; 300_000], vec![2u8; 100_000]];
+        std::thread::scope(|scope| {
+            for content in contents {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..50 {
+                        write_private(path, content).unwrap();
+                        let now = fs::read(path).unwrap();
+                        assert!(
+                            contents.contains(&now),
+                            "a mixed file of {} bytes",
+                            now.len()
+                        );
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 }

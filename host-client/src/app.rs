@@ -408,8 +408,18 @@ impl Controller {
                 help: (*help).to_owned(),
             })
             .collect();
+        let mut names = std::collections::HashSet::new();
         for config in configs {
             let name = config.name();
+            // One store per name: two extensions of one name would drop each other's keys.
+            if !names.insert(name.clone()) {
+                self.emit(AppEvent::Error(format!(
+                    "extension {name}: another extension has this name; give one a `name` of \
+                     its own"
+                )))
+                .await;
+                continue;
+            }
             let dir = store_dir.clone();
             let key = client.plugin_store_key();
             let loaded = tokio::task::spawn_blocking(move || {

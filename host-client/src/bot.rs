@@ -33,7 +33,9 @@ pub fn load(
     key: StoreKey,
 ) -> anyhow::Result<Arc<BotPlugin>> {
     if config.kv_file.is_none() {
-        config.kv_file = Some(store_dir.join(format!("{}.kv", config.name())));
+        let name = config.name();
+        check_name(&name).context("its store file is named after it: give it a `name`")?;
+        config.kv_file = Some(store_dir.join(format!("{name}.kv")));
     }
     config.kv_key = Some(key);
     let plugin = BotPlugin::load(wasm_host()?, config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -52,8 +54,8 @@ pub async fn call<R: Send + 'static>(
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Checks a bot name given with `--name`: it names the bot's store file, so only letters,
-/// digits, `-` and `_`, 1 to 64 of them.
+/// Checks a bot's name (`--name`, an extension's `name`, else its file's stem): it names the
+/// bot's store file, so only letters, digits, `-` and `_`, 1 to 64 of them.
 pub fn check_name(name: &str) -> anyhow::Result<()> {
     let ok = (1..=64).contains(&name.len())
         && name
@@ -251,6 +253,24 @@ mod tests {
         let many: Vec<_> = (0..100).map(|i| command(&format!("c{i}"))).collect();
         let shown = command_list(&many);
         assert!(shown.ends_with("/c31, and 68 more"), "{shown}");
+    }
+
+    /// A store file named after an extension whose name is not plain (a name from the
+    /// settings, or a file stem with a dot) is refused before anything loads: before, the name
+    /// went into the path as it was (`../x` wrote outside `plugins/`).
+    #[test]
+    fn a_bot_whose_name_cannot_name_its_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = StoreKey(syncra_core::crypto::local_box::LocalKey::generate());
+        let mut named = WasmPluginConfig::new(dir.path().join("ok.wasm"));
+        named.name = Some("../outside".into());
+        let stem = WasmPluginConfig::new(dir.path().join("dice.v2.wasm"));
+        for config in [named, stem] {
+            let err = load(config, dir.path(), key.clone()).err().unwrap();
+            let err = format!("{err:#}");
+            assert!(err.contains("is not usable"), "{err}");
+            assert!(err.contains("give it a `name`"), "{err}");
+        }
     }
 
     #[test]

@@ -174,6 +174,36 @@ struct Entry {
     path: std::path::PathBuf,
 }
 
+/// Refuses two entries naming one `kv_file`: each hook writes its whole store to its file, so
+/// two would drop each other's keys, and their writes at once could leave a file neither
+/// wrote. Paths are compared as written, relative ones from the config's directory.
+fn one_store_per_file(entries: &[serde_json::Value], base: Option<&Path>) -> anyhow::Result<()> {
+    let mut stores: std::collections::HashMap<std::path::PathBuf, usize> = Default::default();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(file) = entry.get("kv_file").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        let file = match base {
+            Some(dir) if Path::new(file).is_relative() => dir.join(file),
+            _ => Path::new(file).to_path_buf(),
+        };
+        let file: std::path::PathBuf = file
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        if let Some(first) = stores.get(&file) {
+            bail!(
+                "[[plugins]] entries {} and {} both keep their store in kv_file {}: give each                  hook a file of its own",
+                first + 1,
+                i + 1,
+                file.display()
+            );
+        }
+        stores.insert(file, i);
+    }
+    Ok(())
+}
+
 /// Loads every `[[plugins]]` entry: native brokers go into the registry, hooks are returned.
 pub fn load(
     entries: &[serde_json::Value],
@@ -184,6 +214,7 @@ pub fn load(
     #[cfg_attr(not(feature = "plugins-wasm"), allow(unused_mut))]
     let mut hooks: Vec<Arc<dyn RelayHook>> = Vec::new();
     let _ = (&registry, base);
+    one_store_per_file(entries, base)?;
     for (i, entry) in entries.iter().enumerate() {
         let head: Entry = serde_json::from_value(entry.clone()).with_context(|| {
             format!(
@@ -398,6 +429,31 @@ mod wasm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two hooks with one store file are refused before anything loads, however the path
+    /// is spelled; different files are fine.
+    #[test]
+    fn two_hooks_cannot_share_a_store_file() {
+        let base = Path::new("/etc/syncra");
+        let hook =
+            |kv: &str| serde_json::json!({ "kind": "wasm", "path": "h.wasm", "kv_file": kv });
+        let err = one_store_per_file(&[hook("a.kv"), hook("b.kv"), hook("./a.kv")], Some(base))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entries 1 and 3"), "{err}");
+        assert!(err.contains("/etc/syncra/a.kv"), "{err}");
+        let err = one_store_per_file(&[hook("/etc/syncra/b.kv"), hook("b.kv")], Some(base))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entries 1 and 2"), "{err}");
+        assert!(one_store_per_file(&[hook("a.kv"), hook("b.kv")], Some(base)).is_ok());
+        let mut registry = PluginRegistry::new(crate::kinds::KNOWN);
+        let err = load(&[hook("x.kv"), hook("x.kv")], Some(base), &mut registry)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("both keep their store"), "{err}");
+    }
 
     /// A hook whose call panics (a bug in glue or a native hook): refused, never allowed.
     #[tokio::test]

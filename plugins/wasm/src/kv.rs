@@ -59,8 +59,38 @@ fn invalid(path: &Path, why: impl std::fmt::Display) -> std::io::Error {
     )
 }
 
-/// The most a plugin may keep, keys and values together.
+/// The most a plugin may keep, keys and values together, counted as [`entry_cost`] does.
 pub const QUOTA_BYTES: usize = 1024 * 1024;
+
+/// What holding one entry costs the host beyond its bytes (the map's node, two buffers).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// What an entry counts against the quota: its size in the file — the key as a JSON string
+/// (a control character escaped takes up to six bytes), the value as a JSON array of numbers
+/// (up to four bytes per byte) — plus [`ENTRY_OVERHEAD`]. So the quota bounds the file the
+/// host writes after every changing call and the memory the map takes, not just the bytes
+/// the guest gave: counted as given, one key of control characters made a file six times the
+/// quota, and a third of a million empty entries took some 35 MB of the host's memory.
+pub fn entry_cost(key: &str, value: &[u8]) -> usize {
+    let key_len: usize = key
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum();
+    let value_len: usize = value
+        .iter()
+        .map(|&b| match b {
+            0..=9 => 2,
+            10..=99 => 3,
+            _ => 4,
+        })
+        .sum();
+    // Quotes, colon, brackets, comma.
+    key_len + value_len + 6 + ENTRY_OVERHEAD
+}
 
 /// The store.
 #[derive(Debug, Default)]
@@ -119,7 +149,7 @@ impl KvStore {
             (Err(e), _) => return Err(e),
         };
         s.map = serde_json::from_slice(&plaintext).map_err(|e| invalid(p, e))?;
-        s.used = s.map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        s.used = s.map.iter().map(|(k, v)| entry_cost(k, v)).sum();
         Ok(s)
     }
 
@@ -130,8 +160,8 @@ impl KvStore {
 
     /// Sets a value within the quota, in memory: [`KvStore::flush`] writes it to the file.
     pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let old = self.map.get(&key).map(|v| key.len() + v.len()).unwrap_or(0);
-        let new_used = self.used - old + key.len() + value.len();
+        let old = self.map.get(&key).map_or(0, |v| entry_cost(&key, v));
+        let new_used = self.used - old + entry_cost(&key, &value);
         if new_used > QUOTA_BYTES {
             return Err(format!(
                 "the plugin store is full ({QUOTA_BYTES} bytes); delete something first"
@@ -146,7 +176,7 @@ impl KvStore {
     /// Removes a value, in memory: [`KvStore::flush`] writes the change to the file.
     pub fn delete(&mut self, key: &str) {
         if let Some(v) = self.map.remove(key) {
-            self.used -= key.len() + v.len();
+            self.used -= entry_cost(key, &v);
             self.version += 1;
         }
     }
@@ -254,18 +284,30 @@ impl SharedKv {
     /// Writes the store if it changed, serialising it under the store's lock and writing the
     /// file outside it. Returns once every change made before the call is on disk, whoever
     /// wrote it. A failed write leaves the changes to be written by the next flush.
+    ///
+    /// Flushes that wait for one another share writes: a flush returns at once when a write
+    /// made while it waited holds every change made before it began, even if other changes
+    /// came since (theirs are their callers' to wait for). Under a steady stream of changing
+    /// calls, each caller waits for at most the write in progress and one more, not for one
+    /// write per caller ahead of it.
     pub(crate) fn flush(&self) -> Result<(), String> {
-        {
+        let target = {
             let store = self.lock();
             if store.version == store.durable {
                 return Ok(());
             }
-        }
+            store.version
+        };
+        self.flush_to(target)
+    }
+
+    /// Returns once the file holds at least the store's `target`-th change.
+    fn flush_to(&self, target: u64) -> Result<(), String> {
         let _writing = lock(&self.writing);
         let (pending, version) = {
             let store = self.lock();
             // Another flush may have written these changes while this one waited.
-            if store.version == store.durable {
+            if store.durable >= target {
                 return Ok(());
             }
             (store.snapshot()?, store.version)
@@ -324,6 +366,109 @@ mod tests {
     }
 
     /// Changes not yet flushed are written when the store is dropped.
+    /// A flush that waited while another wrote its changes returns without writing again,
+    /// though changes came since: those are their own callers' to wait for (before, every
+    /// waiting caller wrote the whole store again, one write per caller ahead of it).
+    #[test]
+    fn a_flush_whose_changes_another_wrote_does_not_write_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv");
+        let kv = SharedKv::new(KvStore::open(Some(&path)).unwrap());
+        kv.lock().set("a".into(), vec![1]).unwrap();
+        // This call's flush begins: it needs the first change on disk; it waits meanwhile.
+        let mine = kv.lock().version;
+        kv.lock().set("b".into(), vec![2]).unwrap();
+        kv.flush().unwrap(); // another call's flush writes both changes
+        assert_eq!(kv.lock().writes(), 1);
+        kv.lock().set("c".into(), vec![3]).unwrap(); // a third call, still running
+        kv.flush_to(mine).unwrap();
+        assert_eq!(
+            kv.lock().writes(),
+            1,
+            "written again for changes already on disk"
+        );
+        // The third call's own flush writes its change.
+        kv.flush().unwrap();
+        assert_eq!(kv.lock().writes(), 2);
+        drop(kv);
+        assert_eq!(KvStore::open(Some(&path)).unwrap().get("c"), Some(vec![3]));
+    }
+
+    /// Calls on many threads, each changing the store and flushing: every change is on disk
+    /// when its flush returns, however the writes were shared.
+    #[test]
+    fn concurrent_flushes_keep_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv");
+        let kv = std::sync::Arc::new(SharedKv::new(KvStore::open(Some(&path)).unwrap()));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let kv = kv.clone();
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let key = format!("{t}-{i}");
+                        kv.lock().set(key.clone(), vec![t; 1000]).unwrap();
+                        kv.flush().unwrap();
+                        // Opened unchanged, it writes nothing when dropped.
+                        let on_disk = KvStore::open(Some(&path)).unwrap();
+                        assert_eq!(on_disk.get(&key), Some(vec![t; 1000]), "{key}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// The quota bounds the file and the entries, whatever the guest puts in them: a key of
+    /// control characters, values of large bytes, or many empty entries each stop short of a
+    /// file over the quota (before, the first made a file six times the quota and the last
+    /// some 350 000 entries).
+    #[test]
+    fn the_quota_bounds_the_file_and_the_number_of_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        // The cost of an entry is its share of the file, exactly.
+        for (key, value) in [
+            ("k", vec![]),
+            ("a\"\\\n\u{1}é", vec![0, 9, 10, 99, 100, 255]),
+        ] {
+            let mut one = BTreeMap::new();
+            one.insert(key.to_owned(), value.clone());
+            let json = serde_json::to_vec(&one).unwrap();
+            // The map's braces, less the comma the last entry does not have; a value's
+            // last byte has no comma either.
+            let share = json.len() - 1 + usize::from(!value.is_empty());
+            assert_eq!(entry_cost(key, &value), share + ENTRY_OVERHEAD, "{key:?}");
+        }
+        let fills: [&dyn Fn(usize) -> (String, Vec<u8>); 3] = [
+            &|i| (format!("{i}{}", "\u{1}".repeat(QUOTA_BYTES / 16)), vec![]),
+            &|i| (format!("v{i}"), vec![255; 10_000]),
+            &|i| (format!("{i}"), vec![]),
+        ];
+        for (n, fill) in fills.iter().enumerate() {
+            let path = dir.path().join(format!("kv{n}"));
+            let mut kv = KvStore::open(Some(&path)).unwrap();
+            let mut entries = 0;
+            for i in 0.. {
+                let (key, value) = fill(i);
+                if kv.set(key, value).is_err() {
+                    break;
+                }
+                entries += 1;
+            }
+            kv.flush().unwrap();
+            let size = std::fs::metadata(&path).unwrap().len() as usize;
+            assert!(size <= QUOTA_BYTES + 1, "fill {n}: a file of {size} bytes");
+            assert!(
+                entries <= QUOTA_BYTES / ENTRY_OVERHEAD,
+                "fill {n}: {entries}"
+            );
+            assert!(entries > 0, "fill {n}: nothing fitted");
+        }
+    }
+
     #[test]
     fn a_dropped_store_writes_what_it_has_not_yet() {
         let dir = tempfile::tempdir().unwrap();

@@ -333,7 +333,13 @@ impl<W: World> Runner<W> {
         f: impl AsyncFnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
     ) -> Result<R, WasmError> {
         let until = Instant::now() + self.deadline();
-        let outcome = self.call_until(kind, until, f);
+        let mut ran = false;
+        let outcome = self.call_until(kind, until, &mut ran, f);
+        // A call that never reached the guest changed nothing, and its caller (told at once
+        // that the plugin is busy or disabled) does not wait for other calls' writes.
+        if !ran {
+            return outcome;
+        }
         if let Err(why) = self.kv.flush() {
             tracing::error!(
                 plugin = %self.name,
@@ -344,10 +350,12 @@ impl<W: World> Runner<W> {
         outcome
     }
 
+    /// The call itself; `ran` is set once it has an instance slot (guest code may run).
     fn call_until<R>(
         &self,
         kind: CallKind,
         until: Instant,
+        ran: &mut bool,
         f: impl AsyncFnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
     ) -> Result<R, WasmError> {
         {
@@ -360,6 +368,8 @@ impl<W: World> Runner<W> {
             }
         }
         let taken = self.take(until)?;
+        // From here guest code may run (instantiating one runs its start code).
+        *ran = true;
         let shortened = self.shortened(until);
         let mut live = match taken {
             Some(live) => live,

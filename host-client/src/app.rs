@@ -953,6 +953,18 @@ mod tests {
         let conversation = to_target(&bob).conversation();
         assert!(client.history().read(&conversation).unwrap().0.is_empty());
 
+        // Refused after the outbox took it (its history could not be written: here a
+        // directory where the log goes): taken back from the outbox too, so the text given
+        // back is not also sent.
+        let log = client.history().dir().join(format!("{conversation}.log"));
+        std::fs::create_dir_all(&log).unwrap();
+        controller.send(bob.clone(), "hello".into()).await;
+        assert!(matches!(
+            events.try_recv(),
+            Ok(AppEvent::NotSent { text, .. }) if text == "hello"
+        ));
+        assert_eq!(controller.client.as_ref().unwrap().outbox_len(), 0);
+
         // Without a client (not unlocked yet) it comes back too.
         controller.client = None;
         controller.send(bob.clone(), "early".into()).await;

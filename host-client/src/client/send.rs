@@ -64,7 +64,7 @@ impl Client {
         };
         // Durable before anything else: from here on, nothing typed can be lost.
         self.outbox.put(&pending)?;
-        self.history.append(
+        let filed = self.history.append(
             &pending.conversation,
             &StoredMessage {
                 id: id.clone(),
@@ -77,7 +77,15 @@ impl Client {
                 held: false,
                 event: false,
             },
-        )?;
+        );
+        if let Err(e) = filed {
+            // Refused whole: a message that is not in history does not leave either (the
+            // person gets the text back and may send it again; it must not go twice).
+            if let Err(undo) = self.outbox.remove(&id) {
+                tracing::error!("taking back message {id} from the outbox failed: {undo:#}");
+            }
+            return Err(e.into());
+        }
         Ok(pending)
     }
 

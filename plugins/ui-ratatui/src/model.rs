@@ -172,6 +172,12 @@ pub struct Main {
     pub extra_commands: Vec<CommandInfo>,
     /// Ring the bell on the next render.
     pub bell: bool,
+    /// Texts the client gave back for a conversation that was not open: they go back into
+    /// the composer when it is opened.
+    pub held: HashMap<ConversationId, String>,
+    /// The texts given back at the start of the composer, while unchanged: one given back
+    /// after them goes after them, so several come back in the order they were sent.
+    pub given_back: Option<String>,
 }
 
 /// Lines kept per conversation: the most the `history` command loads. Older lines are dropped
@@ -288,18 +294,43 @@ fn composer() -> TextArea<'static> {
     text_area("write a message — Enter sends, Alt-Enter for a new line")
 }
 
-/// Gives a message the client refused back to the person: into the composer, before anything
-/// typed since, the cursor at the end.
+/// Gives a message the client refused back to the person: into the composer, after the texts
+/// given back before it and before anything typed since, the cursor at the end.
 fn give_back(m: &mut Main, text: &str) {
-    let typed_since = text_of(&m.composer);
+    let typed = text_of(&m.composer);
+    let (mut block, since) = match m.given_back.take() {
+        Some(earlier) if typed.starts_with(&earlier) => {
+            let rest = &typed[earlier.len()..];
+            let since = rest.strip_prefix('\n').unwrap_or(rest).to_owned();
+            (earlier, since)
+        }
+        _ => (String::new(), typed),
+    };
+    if !block.is_empty() {
+        block.push('\n');
+    }
+    block.push_str(text);
     let mut fresh = composer();
-    fresh.insert_str(text);
-    if !typed_since.is_empty() {
+    fresh.insert_str(&block);
+    if !since.is_empty() {
         fresh.insert_newline();
-        fresh.insert_str(&typed_since);
+        fresh.insert_str(&since);
     }
     m.composer = fresh;
     m.focus = Focus::Composer;
+    m.given_back = Some(block);
+}
+
+/// A conversation's name as the list shows it.
+pub fn conversation_name(m: &Main, id: &ConversationId) -> String {
+    m.conversations
+        .iter()
+        .find(|c| &c.id == id)
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| match id {
+            ConversationId::Direct(u) => u.short(),
+            ConversationId::Group(g) => g.chars().take(8).collect(),
+        })
 }
 
 fn secret_area(placeholder: &str) -> TextArea<'static> {
@@ -528,11 +559,28 @@ impl Model {
                 reason,
             } => {
                 if let Screen::Main(m) = &mut self.screen {
-                    // Back where it was written, so Enter cannot send it elsewhere.
-                    let actions = select(m, Some(conversation));
-                    give_back(m, &text);
-                    m.status = Some((format!("not sent: {reason}"), true));
-                    return actions;
+                    // Only into the composer of the conversation it was written in, so Enter
+                    // cannot send it elsewhere, nor move what is typed for another.
+                    if m.selected.as_ref() == Some(&conversation) {
+                        give_back(m, &text);
+                        m.status = Some((format!("not sent: {reason}"), true));
+                    } else {
+                        let name = conversation_name(m, &conversation);
+                        m.status = Some((
+                            format!(
+                                "not sent to {name}: {reason} — it is back in the composer when \
+                                 you open {name}"
+                            ),
+                            true,
+                        ));
+                        m.held
+                            .entry(conversation)
+                            .and_modify(|held| {
+                                held.push('\n');
+                                held.push_str(&text);
+                            })
+                            .or_insert(text);
+                    }
                 }
             }
             AppEvent::KeyChanged { handle, .. } => {
@@ -593,6 +641,8 @@ impl Model {
             status: None,
             extra_commands: Vec::new(),
             bell: false,
+            held: HashMap::new(),
+            given_back: None,
         }));
     }
 }
@@ -773,6 +823,9 @@ fn select(m: &mut Main, id: Option<ConversationId>) -> Vec<UserAction> {
     m.selected = id.clone();
     m.scroll = 0;
     m.new_below = false;
+    if let Some(text) = id.as_ref().and_then(|id| m.held.remove(id)) {
+        give_back(m, &text);
+    }
     match id {
         Some(id) => vec![
             UserAction::LoadHistory {
@@ -936,6 +989,7 @@ fn send_composer(m: &mut Main) -> Vec<UserAction> {
     // Clear the composer only once the text is handed to the client, which writes it to the
     // outbox before anything else or, refusing it, gives it back (`AppEvent::NotSent`).
     m.composer = composer();
+    m.given_back = None;
     m.scroll = 0;
     m.new_below = false;
     vec![UserAction::Send { conversation, text }]

@@ -12,8 +12,8 @@ use syncra_core::ui::{ChatLine, ConnectionState, ConversationId};
 
 use crate::config::{KeyAction, Theme};
 use crate::model::{
-    HandleStatus, Main, Model, Onboarding, Overlay, Screen, Step, Unlock, delivery_mark,
-    palette_matches, strength_hint,
+    HandleStatus, Main, Model, Onboarding, Overlay, Screen, Step, Unlock, conversation_name,
+    delivery_mark, palette_matches, strength_hint,
 };
 
 /// Draws the whole interface.
@@ -249,17 +249,6 @@ fn unlock(u: &Unlock, theme: &Theme, frame: &mut Frame<'_>, area: Rect) {
         ),
     };
     frame.render_widget(Paragraph::new(line).wrap(Wrap { trim: true }), status);
-}
-
-fn conversation_name(m: &Main, id: &ConversationId) -> String {
-    m.conversations
-        .iter()
-        .find(|c| &c.id == id)
-        .map(|c| c.name.clone())
-        .unwrap_or_else(|| match id {
-            ConversationId::Direct(u) => u.short(),
-            ConversationId::Group(g) => g.chars().take(8).collect(),
-        })
 }
 
 fn main_screen(m: &Main, model: &Model, theme: &Theme, frame: &mut Frame<'_>, area: Rect) {

@@ -477,64 +477,76 @@ fn a_message_over_the_limit_stays_in_the_composer() {
 }
 
 /// A message the client refused (`AppEvent::NotSent`: its key changed meanwhile, the outbox
-/// could not be written…) comes back: into the composer of the conversation it was written
-/// in, reopened if the person moved on (so Enter cannot send it elsewhere), before anything
-/// typed since, with the reason. Nothing typed is lost.
+/// could not be written…) comes back into the composer of the conversation it was written in,
+/// after what was given back before it and before anything typed since, with the reason —
+/// and only there: if the person moved on, it waits for that conversation to be opened, so
+/// Enter cannot send it elsewhere nor carry what is typed for another. Nothing typed is lost.
 #[test]
 fn a_message_the_client_refuses_comes_back_where_it_was_written() {
     let mut m = main_model();
     let bob = ConversationId::Direct(uid(2));
+    let carol = ConversationId::Direct(uid(3));
+    let refused = |m: &mut Model, conversation: &ConversationId, text: &str| {
+        m.update(Message::App(AppEvent::NotSent {
+            conversation: conversation.clone(),
+            text: text.into(),
+            reason: "the outbox could not be written: \x1b[2Jdisk full".into(),
+        }))
+    };
+    // Two sent in a row, both refused, and something typed meanwhile.
     m.update(Message::Paste("for bob\nsecond line".into()));
     let sent = m.update(key(KeyCode::Enter));
-    let [UserAction::Send { conversation, text }] = &sent[..] else {
-        panic!("{sent:?}");
-    };
     assert_eq!(
-        (conversation, text.as_str()),
-        (&bob, "for bob\nsecond line")
+        sent,
+        [UserAction::Send {
+            conversation: bob.clone(),
+            text: "for bob\nsecond line".into()
+        }]
     );
     assert_eq!(main_of(&m).composer.lines(), [""]);
-    // The person moves on to carol and starts a new message before the answer comes.
-    m.update(alt(KeyCode::Down));
-    assert_eq!(main_of(&m).selected, Some(ConversationId::Direct(uid(3))));
-    typed(&mut m, "hi carol");
-    let actions = m.update(Message::App(AppEvent::NotSent {
-        conversation: bob.clone(),
-        text: text.clone(),
-        reason: "the outbox could not be written: \x1b[2Jdisk full".into(),
-    }));
-    assert_eq!(
-        actions,
-        vec![
-            UserAction::LoadHistory {
-                conversation: bob.clone(),
-                limit: 500
-            },
-            UserAction::MarkRead(bob.clone())
-        ]
-    );
+    typed(&mut m, "and more");
+    m.update(key(KeyCode::Enter));
+    typed(&mut m, "typed since");
+    assert!(refused(&mut m, &bob, "for bob\nsecond line").is_empty());
+    assert!(refused(&mut m, &bob, "and more").is_empty());
     let main = main_of(&m);
-    assert_eq!(main.selected, Some(bob));
-    assert_eq!(main.focus, Focus::Composer);
+    assert_eq!(main.selected, Some(bob.clone()));
     assert_eq!(
         main.composer.lines(),
-        ["for bob", "second line", "hi carol"]
+        ["for bob", "second line", "and more", "typed since"]
     );
-    assert_eq!(main.composer.cursor(), (2, "hi carol".len()));
+    assert_eq!(main.composer.cursor(), (3, "typed since".len()));
     let (status, is_error) = main.status.clone().unwrap();
     assert!(is_error);
     assert!(status.starts_with("not sent: the outbox could not be written"));
     assert!(!status.contains('\x1b'), "{status:?}");
-    // Into an empty composer it comes back alone, the cursor at its end.
+
+    // Refused after the person moved on to carol and started writing to her: her composer
+    // keeps only her text; bob's comes back when bob is opened.
     let mut m = main_model();
-    m.update(Message::App(AppEvent::NotSent {
-        conversation: ConversationId::Direct(uid(2)),
-        text: "again".into(),
-        reason: "no".into(),
-    }));
-    assert_eq!(main_of(&m).composer.lines(), ["again"]);
-    assert_eq!(main_of(&m).composer.cursor(), (0, 5));
-    assert!(render(&m, 80, 24).contains("again"));
+    typed(&mut m, "to bob");
+    m.update(key(KeyCode::Enter));
+    m.update(alt(KeyCode::Down));
+    assert_eq!(main_of(&m).selected, Some(carol.clone()));
+    typed(&mut m, "hi carol");
+    assert!(refused(&mut m, &bob, "to bob").is_empty());
+    let main = main_of(&m);
+    assert_eq!(main.selected, Some(carol));
+    assert_eq!(main.composer.lines(), ["hi carol"]);
+    let status = &main.status.as_ref().unwrap().0;
+    assert!(status.starts_with("not sent to bob: "), "{status}");
+    assert!(status.contains("when you open bob"), "{status}");
+    m.update(key(KeyCode::Enter)); // hi carol goes to carol
+    let actions = m.update(alt(KeyCode::Up));
+    assert_eq!(
+        actions[0],
+        UserAction::LoadHistory {
+            conversation: bob,
+            limit: 500
+        }
+    );
+    assert_eq!(main_of(&m).composer.lines(), ["to bob"]);
+    assert!(render(&m, 80, 24).contains("to bob"));
 }
 
 #[test]

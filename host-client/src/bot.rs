@@ -34,7 +34,10 @@ pub fn load(
 ) -> anyhow::Result<Arc<BotPlugin>> {
     if config.kv_file.is_none() {
         let name = config.name();
-        check_name(&name).context("its store file is named after it: give it a `name`")?;
+        check_name(&name).context(
+            "its store file is named after it: give it another name (`--name`, or `name` in \
+             its settings entry) or a `kv_file`",
+        )?;
         config.kv_file = Some(store_dir.join(format!("{name}.kv")));
     }
     config.kv_key = Some(key);
@@ -55,15 +58,19 @@ pub async fn call<R: Send + 'static>(
 }
 
 /// Checks a bot's name (`--name`, an extension's `name`, else its file's stem): it names the
-/// bot's store file, so only letters, digits, `-` and `_`, 1 to 64 of them.
+/// bot's store file, so only letters, digits, `-`, `_` and `.` (not first, never two in a
+/// row), 1 to 64 of them.
 pub fn check_name(name: &str) -> anyhow::Result<()> {
     let ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && !name.contains("..")
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         anyhow::bail!(
-            "bot name {:?} is not usable: use 1 to 64 letters, digits, - or _",
+            "bot name {:?} is not usable: use 1 to 64 letters, digits, -, _ or . (not first, \
+             not two in a row)",
             escape_untrusted(name)
         );
     }
@@ -256,29 +263,38 @@ mod tests {
     }
 
     /// A store file named after an extension whose name is not plain (a name from the
-    /// settings, or a file stem with a dot) is refused before anything loads: before, the name
-    /// went into the path as it was (`../x` wrote outside `plugins/`).
+    /// settings, or a file stem starting with a dot) is refused before anything loads: before,
+    /// the name went into the path as it was (`../x` wrote outside `plugins/`).
     #[test]
     fn a_bot_whose_name_cannot_name_its_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let key = StoreKey(syncra_core::crypto::local_box::LocalKey::generate());
         let mut named = WasmPluginConfig::new(dir.path().join("ok.wasm"));
         named.name = Some("../outside".into());
-        let stem = WasmPluginConfig::new(dir.path().join("dice.v2.wasm"));
+        let stem = WasmPluginConfig::new(dir.path().join(".hidden.wasm"));
         for config in [named, stem] {
             let err = load(config, dir.path(), key.clone()).err().unwrap();
             let err = format!("{err:#}");
             assert!(err.contains("is not usable"), "{err}");
-            assert!(err.contains("give it a `name`"), "{err}");
+            assert!(err.contains("give it another name"), "{err}");
         }
     }
 
     #[test]
     fn bot_names_name_a_file_so_they_are_plain() {
-        for ok in ["greeter", "dice-2", "my_bot"] {
+        for ok in ["greeter", "dice-2", "my_bot", "dice.v2"] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../x", "a/b", "a b", "x.kv", &"n".repeat(65)] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "a b",
+            ".hidden",
+            "a..b",
+            "..",
+            &"n".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }

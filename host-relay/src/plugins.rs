@@ -193,7 +193,8 @@ fn one_store_per_file(entries: &[serde_json::Value], base: Option<&Path>) -> any
             .collect();
         if let Some(first) = stores.get(&file) {
             bail!(
-                "[[plugins]] entries {} and {} both keep their store in kv_file {}: give each                  hook a file of its own",
+                "[[plugins]] entries {} and {} both keep their store in kv_file {}: give each \
+                 hook a file of its own",
                 first + 1,
                 i + 1,
                 file.display()
@@ -453,6 +454,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("both keep their store"), "{err}");
+        assert!(err.ends_with("give each hook a file of its own"), "{err}");
     }
 
     /// A hook whose call panics (a bug in glue or a native hook): refused, never allowed.

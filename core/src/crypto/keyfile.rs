@@ -439,16 +439,15 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "keyfile".into());
-    // A temporary file of this write's own: two writes of one file at once (two threads, two
-    // processes) each rename a whole file into place, the last one standing, never a mix.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
-    // Left by a process that crashed mid-write and had this one's pid: never another writer's.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
+    // A temporary file of this write's own (a random name, created new): two writes of one
+    // file at once — two threads, two processes, two containers whose processes share a pid —
+    // each rename a whole file into place, the last one standing, never a mix.
+    let mut suffix = [0u8; 8];
+    crate::crypto::fill_random(&mut suffix);
+    let tmp = dir.join(format!(
+        ".{file_name}.tmp-{}",
+        data_encoding::HEXLOWER.encode(&suffix)
+    ));
     {
         let mut opts = fs::OpenOptions::new();
         opts.write(true).create_new(true);

@@ -162,7 +162,9 @@ impl KvStore {
     pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         let old = self.map.get(&key).map_or(0, |v| entry_cost(&key, v));
         let new_used = self.used - old + entry_cost(&key, &value);
-        if new_used > QUOTA_BYTES {
+        // Only growth is refused: a store over the quota (one written before it was counted
+        // this way) can still be rewritten in place and shrunk.
+        if new_used > QUOTA_BYTES && new_used > self.used {
             return Err(format!(
                 "the plugin store is full ({QUOTA_BYTES} bytes); delete something first"
             ));
@@ -467,6 +469,27 @@ mod tests {
             );
             assert!(entries > 0, "fill {n}: nothing fitted");
         }
+    }
+
+    /// A store over the quota (kept before entries were counted as they are now) still opens,
+    /// reads, and takes a value of the same size or smaller in place; only growth is refused.
+    #[test]
+    fn a_store_over_the_quota_can_be_rewritten_and_shrunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv");
+        let mut old = BTreeMap::new();
+        old.insert("state".to_owned(), vec![200u8; 500_000]);
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let mut kv = KvStore::open(Some(&path)).unwrap();
+        assert_eq!(kv.get("state"), Some(vec![200u8; 500_000]));
+        assert!(kv.set("state".into(), vec![201u8; 500_000]).is_ok());
+        assert!(kv.set("state".into(), vec![99u8; 400_000]).is_ok()); // still over
+        assert!(
+            kv.set("more".into(), vec![1]).is_err(),
+            "growth over the quota"
+        );
+        assert!(kv.set("state".into(), vec![9u8; 100]).is_ok());
+        assert!(kv.set("more".into(), vec![1]).is_ok());
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub type Refusal = (ErrorCode, String);
 /// from the types: the state, its `Arc`, the map's entry, the members' allocation).
 pub const CACHED_GROUPS_MAX: usize = 100_000;
 
+/// The most member ids a [`GroupCache`] keeps, all groups together (32 MiB of ids): a commit
+/// may declare up to 513 members, and any user can name a new group, so a bound on the number
+/// of groups alone let a flood of commits for new groups of 513 take gigabytes of a node.
+pub const CACHED_MEMBERS_MAX: usize = 1_000_000;
+
 /// How long a node of a cluster keeps a group it read, from when it asked the store.
 pub const CLUSTER_GROUP_TTL: Duration = Duration::from_millis(250);
 
@@ -80,15 +85,45 @@ pub struct GroupCache {
     groups: DashMap<GroupId, Arc<Known>>,
     /// `None` on a node alone on its broker; else [`CLUSTER_GROUP_TTL`].
     ttl: Option<Duration>,
+    /// Member ids kept, all groups together (approximate under concurrent offers).
+    members: std::sync::atomic::AtomicUsize,
+    /// [`CACHED_GROUPS_MAX`] and [`CACHED_MEMBERS_MAX`] (tests lower them).
+    groups_max: usize,
+    members_max: usize,
 }
 
 impl GroupCache {
     /// A cache for a node `alone` on its broker (exact, kept) or one of a cluster (kept for
     /// [`CLUSTER_GROUP_TTL`]).
     pub fn new(alone: bool) -> Self {
+        Self::with_limits(alone, CACHED_GROUPS_MAX, CACHED_MEMBERS_MAX)
+    }
+
+    fn with_limits(alone: bool, groups_max: usize, members_max: usize) -> Self {
         GroupCache {
             groups: DashMap::new(),
             ttl: (!alone).then_some(CLUSTER_GROUP_TTL),
+            members: std::sync::atomic::AtomicUsize::new(0),
+            groups_max,
+            members_max,
+        }
+    }
+
+    /// Drops arbitrary other groups (read from the store again when next used) until one more
+    /// with `adding` members fits both bounds.
+    fn make_room(&self, group: &GroupId, adding: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let full = self.groups.len() >= self.groups_max && !self.groups.contains_key(group);
+            let crowded = self.members.load(Relaxed).saturating_add(adding) > self.members_max;
+            if !full && !crowded {
+                return;
+            }
+            let victim = self.groups.iter().map(|e| *e.key()).find(|k| k != group);
+            let Some(victim) = victim else { return };
+            if let Some((_, gone)) = self.groups.remove(&victim) {
+                self.members.fetch_sub(gone.state.members.len(), Relaxed);
+            }
         }
     }
 
@@ -116,22 +151,23 @@ impl GroupCache {
         if until.is_some_and(|until| until <= now) {
             return;
         }
-        if self.groups.len() >= CACHED_GROUPS_MAX && !self.groups.contains_key(&group) {
-            let victim = self.groups.iter().next().map(|e| *e.key());
-            if let Some(victim) = victim {
-                self.groups.remove(&victim);
-            }
-        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let adding = state.members.len();
+        self.make_room(&group, adding);
         let known = Arc::new(Known { state, until });
         match self.groups.entry(group) {
             Entry::Vacant(v) => {
                 v.insert(known);
+                self.members.fetch_add(adding, Relaxed);
             }
             Entry::Occupied(mut o) => {
                 let old = o.get();
                 let expired = old.until.is_some_and(|u| u <= now);
                 if expired || known.state.epoch >= old.state.epoch {
+                    let replaced = old.state.members.len();
                     o.insert(known);
+                    self.members.fetch_add(adding, Relaxed);
+                    self.members.fetch_sub(replaced, Relaxed);
                 }
             }
         }
@@ -348,6 +384,38 @@ mod tests {
         assert_eq!(cache.get(&G, much_later).map(|k| k.state.epoch), Some(3));
         cache.offer(G, state(4), much_later, much_later);
         assert_eq!(cache.get(&G, much_later).map(|k| k.state.epoch), Some(4));
+    }
+
+    /// Commits for new groups each declaring many members take a node no more than its bound on
+    /// member ids, and no more than its bound on groups; the group just offered is kept.
+    #[test]
+    fn the_cache_keeps_at_most_its_bounds_of_groups_and_members() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cache = GroupCache::with_limits(true, 50, 2_000);
+        let t0 = Instant::now();
+        let big = |epoch: u64, n: usize| GroupState {
+            members: (0..n)
+                .map(|i| UserId::from_identity_key(&[(i % 251) as u8; 32]))
+                .collect(),
+            ..state(epoch)
+        };
+        for i in 0..200u8 {
+            let group = GroupId([i; 16]);
+            cache.offer(group, big(1, 513), t0, t0);
+            assert!(cache.get(&group, t0).is_some(), "the group offered is kept");
+            let kept: usize = cache.groups.iter().map(|e| e.state.members.len()).sum();
+            assert_eq!(kept, cache.members.load(Relaxed));
+            assert!(kept <= 2_000, "{kept} member ids");
+        }
+        for i in 0..200u8 {
+            cache.offer(GroupId([i; 16]), state(1), t0, t0);
+            assert!(cache.groups.len() <= 50);
+        }
+        // A group replaced by a later epoch counts its new members only.
+        cache.offer(G, big(2, 10), t0, t0);
+        cache.offer(G, big(3, 20), t0, t0);
+        let kept: usize = cache.groups.iter().map(|e| e.state.members.len()).sum();
+        assert_eq!((kept, cache.members.load(Relaxed)), (20, 20));
     }
 
     #[test]

@@ -849,3 +849,59 @@ async fn a_member_list_that_is_not_the_roster_is_an_event_in_the_group() {
     assert!(line.contains("not who is in the group"), "{line}");
     assert_eq!(roster(&bob).len(), 3, "the roster shown is the MLS one");
 }
+
+/// A change without a verdict — here the relay's store hangs, so the relay answers
+/// `store_unavailable` after its 5 s store timeout — stays pending with the commit as sent,
+/// and goes again by itself once the store is back: the members end in one epoch with the
+/// change made, and it shows as made. (Before, a refusal that may pass dropped the change, and a
+/// commit whose answer was lost stayed pending until another member committed: every later
+/// change of this member, its scheduled leaf updates included, was refused meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_without_a_verdict_is_sent_again_by_itself() {
+    let mut pg = syncra_test_support::postgres::PostgresServer::start();
+    let url = pg.url();
+    let relay = TestRelay::start(|c| {
+        c.store = serde_json::json!({ "kind": "postgres", "url": url });
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = user(dir.path(), &relay, "alice").await;
+    let mut bob = user(dir.path(), &relay, "bob").await;
+    let mut dave = user(dir.path(), &relay, "dave").await;
+    add(&mut alice, &["bob", "dave"]).await;
+    add(&mut bob, &["alice"]).await;
+    add(&mut dave, &["alice"]).await;
+    let both = ["bob".to_owned(), "dave".to_owned()];
+    alice.group_create("g", &both).await.unwrap();
+    settle(&mut bob).await;
+    settle(&mut dave).await;
+    assert_eq!(roster(&bob).len(), 3);
+
+    pg.pause();
+    let err = alice
+        .group_update("g", &[], &["dave".to_owned()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sent again by itself"), "{err}");
+    // Nothing happened yet: the change is pending, the roster as it was.
+    assert_eq!(roster(&alice).len(), 3);
+    pg.resume();
+
+    alice.follow_up().await;
+    assert!(
+        texts(&alice, "@g").contains(&"you removed dave".to_owned()),
+        "{:?}",
+        texts(&alice, "@g")
+    );
+    settle(&mut bob).await;
+    assert_eq!(roster(&alice).len(), 2, "{:?}", roster(&alice));
+    assert_eq!(roster(&alice), roster(&bob));
+    // One epoch for both: what alice writes now, bob reads; dave is out.
+    alice.send_text("@g", "just us").await.unwrap();
+    settle(&mut bob).await;
+    assert!(texts(&bob, "@g").contains(&"just us".to_owned()));
+    settle(&mut dave).await;
+    let name = dave.book().groups.values().next().unwrap().name.clone();
+    assert!(!texts(&dave, &format!("@{name}")).contains(&"just us".to_owned()));
+}

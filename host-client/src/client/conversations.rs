@@ -17,6 +17,10 @@ use crate::mls::{ConversationId, Intent, LEAF_UPDATE_INTERVAL_MS, ServiceError};
 /// One-time KeyPackages a client keeps in the directory.
 pub const KEY_PACKAGE_TARGET: u32 = 10;
 
+/// How often a commit of this member's with no verdict is sent again while connected (at once
+/// after a login too).
+pub const RESEND_EVERY: Duration = Duration::from_secs(30);
+
 /// How long a one-shot command waits, at most, for the commit it missed when the relay says the
 /// group moved on (`wrong_epoch`) or another commit won (`commit_conflict`). The wait ends as
 /// soon as the conversation moved past the epoch in question, so the limit only matters when
@@ -58,7 +62,9 @@ impl From<ServiceError> for SendProblem {
         let transient = match &e {
             ServiceError::Net(net) => net.is_transient(),
             // The winner or the missed commit is on its way; the disk may come back.
-            ServiceError::Behind { .. } | ServiceError::Conflict { .. } => true,
+            ServiceError::Behind { .. }
+            | ServiceError::Conflict { .. }
+            | ServiceError::Unanswered { .. } => true,
             ServiceError::State(_) => true,
             _ => false,
         };
@@ -315,6 +321,7 @@ impl Client {
     /// epoch made again, other members' leave requests committed. [`Serve`] calls it after
     /// every delivery; a failure is logged and tried again after the next one.
     pub async fn follow_up(&mut self) {
+        self.resend_unanswered().await;
         // Rejoin requests left unanswered for their wait are asked again.
         let unanswered: Vec<ConversationId> = self
             .asked_rejoin
@@ -337,18 +344,7 @@ impl Client {
                 continue;
             }
             if let Some(intent) = self.mls.lost_intent(id) {
-                let event = match intent {
-                    Intent::Add(added) => Some(format!(
-                        "you added {}",
-                        self.names(added.iter().map(|p| p.user_id()))
-                    )),
-                    Intent::Remove(removed) => Some(format!("you removed {}", self.names(removed))),
-                    Intent::Readmit { package, .. } => Some(format!(
-                        "you let {} back in",
-                        self.names([package.user_id()])
-                    )),
-                    Intent::Update => None,
-                };
+                let event = self.event_of(intent);
                 match self.mls.rebase(&session, id).await {
                     Ok(Some(_)) => self.note_change(id, event),
                     Ok(None) => {}
@@ -398,6 +394,58 @@ impl Client {
     /// After a follow-up changed a conversation's roster: my group entry follows it, and the
     /// event (if any) is noted and shown as it happens. A failure is logged (the change itself
     /// is made).
+    /// What the history says when a change of this member's is made.
+    fn event_of(&self, intent: Intent) -> Option<String> {
+        match intent {
+            Intent::Add(added) => Some(format!(
+                "you added {}",
+                self.names(added.iter().map(|p| p.user_id()))
+            )),
+            Intent::Remove(removed) => Some(format!("you removed {}", self.names(removed))),
+            Intent::Readmit { package, .. } => Some(format!(
+                "you let {} back in",
+                self.names([package.user_id()])
+            )),
+            Intent::Update => None,
+        }
+    }
+
+    /// Sends again, at most every [`RESEND_EVERY`] (and at once after a login), each commit of
+    /// this member's that had no verdict (no answer came, or the relay's store was away): the
+    /// same commit, which the relay routes if it won already and decides now if not.
+    async fn resend_unanswered(&mut self) {
+        let now = std::time::Instant::now();
+        if self.resend_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let unanswered = self.mls.unanswered();
+        if unanswered.is_empty() {
+            return;
+        }
+        let Some(session) = self.session() else {
+            return;
+        };
+        self.resend_at = Some(now + RESEND_EVERY);
+        for id in unanswered {
+            if let Err(e) = self.mls.lock(&self.keys.identity).await {
+                tracing::warn!("the MLS state: {e}");
+                return;
+            }
+            let intent = self.mls.get(id).and_then(|c| c.pending_intent());
+            match self.mls.resend(&session, id).await {
+                Ok(Some(_)) => {
+                    let event = intent.and_then(|i| self.event_of(i));
+                    self.note_change(id, event);
+                }
+                // Another commit won (`Conflict`): the change is made again once the winner
+                // is processed, as any lost commit's.
+                Ok(None) | Err(ServiceError::Unanswered { .. } | ServiceError::Conflict { .. }) => {
+                }
+                Err(e) => tracing::warn!("sending a change to conversation {id} again: {e}"),
+            }
+        }
+    }
+
     fn note_change(&mut self, id: ConversationId, event: Option<String>) {
         let noted = self.sync_roster_of(id).and_then(|()| match event {
             Some(text) => self.note_live(&id.to_hex(), vec![text]),

@@ -371,6 +371,9 @@ pub struct Client {
     mls: Conversations,
     /// Conversations with something to do that needs the relay ([`Client::follow_up`]).
     follow_ups: std::collections::BTreeSet<ConversationId>,
+    /// When this member's commits with no verdict are next sent again (`None`: at the next
+    /// follow-up; a login resets it).
+    resend_at: Option<std::time::Instant>,
     /// Conversations whose copy met a message from a later epoch than it can reach (a commit
     /// was lost for it), with that epoch and when it was first met: asked to be let back in
     /// once it has stayed behind for `rejoin_grace`.
@@ -484,6 +487,7 @@ impl Client {
             outbox,
             mls,
             follow_ups: Default::default(),
+            resend_at: None,
             behind: Default::default(),
             rejoin_grace: REJOIN_GRACE,
             shown_later: Vec::new(),
@@ -694,6 +698,8 @@ impl Client {
         }
         self.token = Some(session.token.clone());
         self.session = Some(session);
+        // A commit left without a verdict goes again at the first follow-up.
+        self.resend_at = None;
         Ok(())
     }
 

@@ -39,6 +39,7 @@ use syncra_core::carriage::{self, CarriageHeader, CarriageKind, GroupId};
 use syncra_core::crypto::keys::IdentityKeyPair;
 use syncra_core::crypto::local_box::LocalKey;
 use syncra_core::error::OpenError;
+use syncra_core::id::USER_ID_LEN;
 use syncra_core::wire::{ErrorCode, RecipientOutcome};
 use zeroize::Zeroizing;
 
@@ -201,6 +202,20 @@ pub enum ServiceError {
     /// The state on disk could not be read or written; nothing left the device.
     #[error(transparent)]
     State(#[from] StateError),
+    /// This member's commit has no verdict yet: no answer came, or the relay refused it for a
+    /// time (its store was unavailable). It stays pending and the same commit is sent again
+    /// ([`Conversations::resend`]): the relay routes it if it already won its epoch, and
+    /// decides now if it had not.
+    #[error(
+        "the relay has not taken the change to conversation {conversation} yet ({why}); it is \
+         sent again by itself"
+    )]
+    Unanswered {
+        /// The conversation.
+        conversation: ConversationId,
+        /// What happened.
+        why: String,
+    },
     /// The group moved past the epoch this message was made in. Process what arrives, then
     /// send the same text again.
     #[error("conversation {conversation} moved past epoch {epoch}; send again once caught up")]
@@ -216,6 +231,8 @@ pub enum ServiceError {
 const KEY_STORE_FILE: &str = "key-packages.state";
 /// The file of when this member last refreshed its leaf in each conversation.
 const UPDATES_FILE: &str = "leaf-updates.state";
+/// The file of this member's commits that have no verdict yet ([`Unsent`]).
+const UNSENT_FILE: &str = "unsent-commits";
 /// A random stamp rewritten with every save, so a process sharing the directory knows when to
 /// read it again (not secret).
 const GENERATION_FILE: &str = "generation";
@@ -269,6 +286,84 @@ fn label(file: &str) -> Vec<u8> {
     label
 }
 
+/// A commit of this member's that has no verdict from the relay yet: the carriage as sent (its
+/// message id with it, so the relay knows it again), and the Welcome to send once it is
+/// accepted. Kept on disk beside the pending commit it belongs to, and good only while the
+/// conversation holds that commit pending in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unsent {
+    epoch: u64,
+    carriage: Vec<u8>,
+    joiners: Vec<UserId>,
+    welcome: Option<Vec<u8>>,
+}
+
+impl Unsent {
+    /// The count, then each: conversation id, epoch, carriage, joiners, whether a Welcome
+    /// follows, the Welcome (lengths as u32, big-endian).
+    fn encode_all(all: &HashMap<ConversationId, Unsent>) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&u32::try_from(all.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for (id, u) in all {
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&u.epoch.to_be_bytes());
+            let put = |out: &mut Vec<u8>, bytes: &[u8]| {
+                // A carriage is far below 4 GiB (the relay's frame limit).
+                out.extend_from_slice(
+                    &u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes(),
+                );
+                out.extend_from_slice(bytes);
+            };
+            put(&mut out, &u.carriage);
+            let joiners: Vec<u8> = u.joiners.iter().flat_map(|j| *j.as_bytes()).collect();
+            put(&mut out, &joiners);
+            out.push(u8::from(u.welcome.is_some()));
+            put(&mut out, u.welcome.as_deref().unwrap_or_default());
+        }
+        out
+    }
+
+    fn decode_all(mut bytes: &[u8]) -> Option<HashMap<ConversationId, Unsent>> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = bytes.split_at_checked(n)?;
+            *bytes = rest;
+            Some(head)
+        }
+        fn take_len<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+            let n = u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?);
+            take(bytes, usize::try_from(n).ok()?)
+        }
+        let mut all = HashMap::new();
+        let count = u32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?);
+        for _ in 0..count {
+            let id = ConversationId::from_bytes(take(&mut bytes, 16)?.try_into().ok()?);
+            let epoch = u64::from_be_bytes(take(&mut bytes, 8)?.try_into().ok()?);
+            let carriage = take_len(&mut bytes)?.to_vec();
+            let joiners = take_len(&mut bytes)?;
+            if !joiners.len().is_multiple_of(USER_ID_LEN) {
+                return None;
+            }
+            let joiners = joiners
+                .chunks_exact(USER_ID_LEN)
+                .map(|j| j.try_into().ok().map(UserId::from_bytes))
+                .collect::<Option<Vec<_>>>()?;
+            let has_welcome = take(&mut bytes, 1)?[0] == 1;
+            let welcome = take_len(&mut bytes)?.to_vec();
+            let welcome = has_welcome.then_some(welcome);
+            all.insert(
+                id,
+                Unsent {
+                    epoch,
+                    carriage,
+                    joiners,
+                    welcome,
+                },
+            );
+        }
+        bytes.is_empty().then_some(all)
+    }
+}
+
 /// This member's MLS conversations and the relay protocol around them.
 pub struct Conversations {
     identity: MlsIdentity,
@@ -288,6 +383,8 @@ pub struct Conversations {
     /// The KeyPackage store or the leaf schedule changed since the last save (most changes
     /// touch one conversation only, and each file written is a disk sync).
     shared_dirty: bool,
+    /// This member's commits with no verdict yet, to send again ([`Conversations::resend`]).
+    unsent: HashMap<ConversationId, Unsent>,
     /// Conversations whose state file was damaged when the home was opened, set aside
     /// ([`Conversations::open`]): never used again. Also the KeyPackage store and the leaf
     /// schedule, when theirs was.
@@ -403,6 +500,7 @@ impl Conversations {
             refreshed: HashMap::new(),
             store: None,
             welcomed: Vec::new(),
+            unsent: HashMap::new(),
             shared_dirty: false,
             set_aside: Vec::new(),
             withdraw_packages: false,
@@ -563,7 +661,8 @@ impl Conversations {
             refreshed.extend_from_slice(id.as_bytes());
             refreshed.extend_from_slice(&at.to_be_bytes());
         }
-        self.save_file(dir, key, UPDATES_FILE, &refreshed)
+        self.save_file(dir, key, UPDATES_FILE, &refreshed)?;
+        self.save_file(dir, key, UNSENT_FILE, &Unsent::encode_all(&self.unsent))
     }
 
     fn save_file(
@@ -717,6 +816,26 @@ impl Conversations {
             }
             Err(e) => return Err(e),
         };
+        let unsent = open(UNSENT_FILE).and_then(|unsent| match unsent {
+            Some(bytes) => {
+                Unsent::decode_all(&bytes)
+                    .map(Some)
+                    .ok_or_else(|| StateError::Damaged {
+                        path: dir.join(UNSENT_FILE),
+                        why: "not a list of unanswered commits".into(),
+                    })
+            }
+            None => Ok(None),
+        });
+        match unsent {
+            Ok(unsent) => conversations.unsent = unsent.unwrap_or_default(),
+            // Without it a commit whose answer was lost stays pending until another member's
+            // commit ends its epoch, as before such commits were sent again.
+            Err(StateError::Damaged { path, why }) if set_aside => {
+                conversations.set_aside.push(put_aside(None, path, why)?);
+            }
+            Err(e) => return Err(e),
+        }
         if let Some(refreshed) = schedule {
             for entry in refreshed.chunks_exact(24) {
                 let mut id = [0u8; 16];
@@ -856,8 +975,17 @@ impl Conversations {
         self.groups.insert(id, conversation);
         self.refreshed.insert(id, syncra_core::now_ms());
         self.shared_dirty = true;
-        self.commit(session, id, out).await?;
-        Ok(id)
+        match self.commit(session, id, out).await {
+            Ok(_) => Ok(id),
+            Err(e @ ServiceError::Unanswered { .. }) => {
+                // Nobody joined it yet: dropped rather than kept pending, and the next try
+                // starts another (if this commit did reach the relay, its group is never
+                // joined: the Welcome goes only after the verdict).
+                self.forget(id)?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds members to a conversation (a commit, then a Welcome for them).
@@ -1208,9 +1336,46 @@ impl Conversations {
             members: after.clone(),
         }
         .encode(&out.commit);
-        // The pending commit is on disk before the relay can accept it.
+        // The pending commit, and the commit as sent, are on disk before the relay can accept
+        // it: if no verdict comes, the same commit goes again.
+        self.unsent.insert(
+            id,
+            Unsent {
+                epoch: out.epoch,
+                carriage,
+                joiners,
+                welcome: out.welcome,
+            },
+        );
+        self.shared_dirty = true;
         self.checkpoint(Some(id))?;
-        match session.send(carriage).await {
+        self.settle(session, id).await
+    }
+
+    /// Sends this member's unanswered commit in `id` and acts on the verdict: merged once the
+    /// relay accepts it (then the Welcome goes to the members it added), dropped with its
+    /// intent kept when another commit won, dropped when refused for good. With no verdict
+    /// (no answer, or a refusal that may pass) it stays pending, to be sent again.
+    async fn settle(&mut self, session: &Session, id: ConversationId) -> Result<u64, ServiceError> {
+        let Some(unsent) = self.unsent.get(&id).cloned() else {
+            return Err(ServiceError::Unknown(id));
+        };
+        let verdict = session.send(unsent.carriage).await;
+        if let Err(e) = &verdict {
+            let for_now = match e {
+                NetError::Refused { code, .. } => code.is_transient(),
+                _ => true,
+            };
+            if for_now {
+                return Err(ServiceError::Unanswered {
+                    conversation: id,
+                    why: e.to_string(),
+                });
+            }
+        }
+        self.unsent.remove(&id);
+        self.shared_dirty = true;
+        match verdict {
             Ok(_) => {}
             Err(NetError::Refused {
                 code: ErrorCode::CommitConflict,
@@ -1221,29 +1386,33 @@ impl Conversations {
                 self.checkpoint(Some(id))?;
                 return Err(ServiceError::Conflict {
                     conversation: id,
-                    epoch: out.epoch,
+                    epoch: unsent.epoch,
                 });
             }
-            Err(e @ NetError::Refused { .. }) => {
+            Err(e) => {
                 // Refused for good (not a member, a malformed carriage): the commit never
                 // happened.
                 self.conversation(id)?.commit_rejected()?;
                 self.checkpoint(Some(id))?;
                 return Err(e.into());
             }
-            // Not known whether the relay took it: the commit stays pending.
-            Err(e) => return Err(e.into()),
         }
         let epoch = self.conversation(id)?.commit_accepted()?;
         // Every commit of ours carries a fresh path for our leaf.
         self.refreshed.insert(id, syncra_core::now_ms());
-        self.shared_dirty = true;
         self.checkpoint(Some(id))?;
-        if let Some(welcome) = out.welcome
-            && !joiners.is_empty()
+        if let Some(welcome) = unsent.welcome
+            && !unsent.joiners.is_empty()
         {
             self.welcomed = self
-                .carry(session, id, CarriageKind::Welcome, epoch, joiners, &welcome)
+                .carry(
+                    session,
+                    id,
+                    CarriageKind::Welcome,
+                    epoch,
+                    unsent.joiners,
+                    &welcome,
+                )
                 .await?;
         }
         Ok(epoch)
@@ -1276,6 +1445,7 @@ impl Conversations {
         self.groups.remove(&id);
         self.lost.remove(&id);
         self.refreshed.remove(&id);
+        self.unsent.remove(&id);
         if let Some(store) = &self.store {
             let path = store.dir.join(format!("{id}{STATE_SUFFIX}"));
             match std::fs::remove_file(&path) {
@@ -1295,6 +1465,37 @@ impl Conversations {
     /// What a commit to make again ([`Conversations::rebase`]) meant to do, if there is one.
     pub fn lost_intent(&self, id: ConversationId) -> Option<Intent> {
         self.lost.get(&id).cloned()
+    }
+
+    /// The conversations with a commit of this member's that has no verdict yet
+    /// ([`ServiceError::Unanswered`]).
+    pub fn unanswered(&self) -> Vec<ConversationId> {
+        self.unsent.keys().copied().collect()
+    }
+
+    /// Sends this member's commit in `id` that has no verdict yet again: the same commit, with
+    /// the same message id, so the relay routes it if it won its epoch already and decides now
+    /// if it had not. Answers the epoch it reached; `None` when there is no such commit, or it
+    /// is no longer pending (another commit ended its epoch meanwhile: then it is dropped).
+    pub async fn resend(
+        &mut self,
+        session: &Session,
+        id: ConversationId,
+    ) -> Result<Option<u64>, ServiceError> {
+        let Some(unsent) = self.unsent.get(&id) else {
+            return Ok(None);
+        };
+        let still_pending = self
+            .groups
+            .get(&id)
+            .is_some_and(|c| c.pending_intent().is_some() && c.epoch() == unsent.epoch);
+        if !still_pending {
+            self.unsent.remove(&id);
+            self.shared_dirty = true;
+            self.checkpoint(Some(id))?;
+            return Ok(None);
+        }
+        self.settle(session, id).await.map(Some)
     }
 
     fn process_carriage(&mut self, bytes: &[u8]) -> Result<Arrival, ServiceError> {
@@ -1438,6 +1639,49 @@ impl Conversations {
                     misdeclared,
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unanswered commits read back as written, with or without a Welcome; a list cut
+    /// short anywhere, or with bytes after it, is refused whole (the file is then set aside).
+    #[test]
+    fn unanswered_commits_read_back_as_written_and_damage_is_refused() {
+        let joiner = UserId::from_identity_key(&[5; 32]);
+        let mut all = HashMap::new();
+        all.insert(
+            ConversationId::from_bytes([1; 16]),
+            Unsent {
+                epoch: 7,
+                carriage: vec![1, 2, 3],
+                joiners: vec![joiner],
+                welcome: Some(vec![9; 40]),
+            },
+        );
+        all.insert(
+            ConversationId::from_bytes([2; 16]),
+            Unsent {
+                epoch: u64::MAX,
+                carriage: Vec::new(),
+                joiners: Vec::new(),
+                welcome: None,
+            },
+        );
+        let bytes = Unsent::encode_all(&all);
+        assert_eq!(Unsent::decode_all(&bytes), Some(all));
+        assert_eq!(
+            Unsent::decode_all(&Unsent::encode_all(&HashMap::new())),
+            Some(HashMap::new())
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Unsent::decode_all(&longer), None);
+        for cut in 0..bytes.len() {
+            assert_eq!(Unsent::decode_all(&bytes[..cut]), None, "cut at {cut}");
         }
     }
 }

@@ -418,19 +418,31 @@ impl Client {
         if self.resend_at.is_some_and(|at| now < at) {
             return;
         }
-        let unanswered = self.mls.unanswered();
-        if unanswered.is_empty() {
-            return;
-        }
         let Some(session) = self.session() else {
             return;
         };
-        self.resend_at = Some(now + RESEND_EVERY);
-        for id in unanswered {
-            if let Err(e) = self.mls.lock(&self.keys.identity).await {
+        // Read under the lock: another process of this home may have left one.
+        let unanswered = match self.mls.lock(&self.keys.identity).await {
+            Ok(_lock) => self.mls.unanswered(),
+            Err(e) => {
                 tracing::warn!("the MLS state: {e}");
                 return;
             }
+        };
+        if unanswered.is_empty() {
+            return;
+        }
+        self.resend_at = Some(now + RESEND_EVERY);
+        for id in unanswered {
+            // Held through the send and what follows: another process of this home may be
+            // processing the same conversation.
+            let _lock = match self.mls.lock(&self.keys.identity).await {
+                Ok(lock) => lock,
+                Err(e) => {
+                    tracing::warn!("the MLS state: {e}");
+                    return;
+                }
+            };
             let intent = self.mls.get(id).and_then(|c| c.pending_intent());
             match self.mls.resend(&session, id).await {
                 Ok(Some(_)) => {

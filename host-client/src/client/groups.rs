@@ -237,18 +237,26 @@ impl Client {
                 continue;
             }
             let verb = if adding { "added" } else { "removed" };
-            if self
+            let doing = if adding { "adding" } else { "removing" };
+            match self
                 .commit_change(&session, conversation, adding, &ids)
                 .await?
             {
-                events.push(format!("you {verb} {names}"));
-            } else {
-                let doing = if adding { "adding" } else { "removing" };
-                events.push(format!(
-                    "another member changed @{name} at the same moment; {doing} {names} is made \
-                     again once their change arrives"
-                ));
-                deferred = Some(doing);
+                Change::Made => events.push(format!("you {verb} {names}")),
+                Change::Again => {
+                    events.push(format!(
+                        "another member changed @{name} at the same moment; {doing} {names} is \
+                         made again once their change arrives"
+                    ));
+                    deferred = Some(doing);
+                }
+                Change::Unanswered(why) => {
+                    events.push(format!(
+                        "{doing} {names} has no answer from the relay yet ({why}); it is sent \
+                         again by itself"
+                    ));
+                    deferred = Some(doing);
+                }
             }
         }
         if events.is_empty() {
@@ -264,7 +272,7 @@ impl Client {
         Ok(self.book.groups.get(&group.id).cloned().unwrap_or(group))
     }
 
-    /// One add or remove commit; after losing the epoch to another member's commit, catches
+    /// One add or remove commit (what came of it: [`Change`]); after losing the epoch to another member's commit, catches
     /// up (a one-shot command processes its deliveries) and makes it again, twice at most.
     async fn commit_change(
         &mut self,
@@ -272,7 +280,7 @@ impl Client {
         conversation: ConversationId,
         adding: bool,
         ids: &[UserId],
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Change, ClientError> {
         let first = {
             let _lock = self
                 .mls
@@ -304,9 +312,13 @@ impl Client {
         if matches!(result, Err(ServiceError::Conflict { .. })) && self.pushes_rx.is_none() {
             // A long-running session (the TUI, `listen`, a bot) owns its deliveries: the
             // winning commit arrives through its loop, and `follow_up` makes this one again then.
-            return Ok(false);
+            return Ok(Change::Again);
         }
-        result.map(|()| true).map_err(|e| match e {
+        if let Err(ServiceError::Unanswered { error, .. }) = &result {
+            // Pending, and sent again by the follow-ups (`Conversations::resend`).
+            return Ok(Change::Unanswered(error.to_string()));
+        }
+        result.map(|()| Change::Made).map_err(|e| match e {
             ServiceError::Net(NetError::Refused {
                 code: ErrorCode::NotFound,
                 ..
@@ -336,4 +348,14 @@ impl Client {
         self.note_events(&group.id, &["you asked to leave".to_owned()])?;
         Ok(group)
     }
+}
+
+/// What came of one roster change.
+enum Change {
+    /// Made: the relay accepted it.
+    Made,
+    /// Another member's change won the epoch: made again once theirs arrives.
+    Again,
+    /// No verdict yet (why): pending, and sent again by itself.
+    Unanswered(String),
 }

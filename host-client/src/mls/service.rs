@@ -207,14 +207,14 @@ pub enum ServiceError {
     /// ([`Conversations::resend`]): the relay routes it if it already won its epoch, and
     /// decides now if it had not.
     #[error(
-        "the relay has not taken the change to conversation {conversation} yet ({why}); it is \
-         sent again by itself"
+        "the relay has not taken the change to conversation {conversation} yet ({error}); it \
+         is sent again by itself"
     )]
     Unanswered {
         /// The conversation.
         conversation: ConversationId,
-        /// What happened.
-        why: String,
+        /// What happened instead of a verdict.
+        error: NetError,
     },
     /// The group moved past the epoch this message was made in. Process what arrives, then
     /// send the same text again.
@@ -362,6 +362,17 @@ impl Unsent {
         }
         bytes.is_empty().then_some(all)
     }
+}
+
+/// A commit's carriage with its recipients cut to the members it declares (the same message
+/// id and MLS message); `None` when that leaves it as it was.
+fn members_only(carriage: &[u8]) -> Option<Vec<u8>> {
+    let parsed = carriage::parse(carriage).ok()?;
+    let mut header = parsed.header;
+    let before = header.recipients.len();
+    let members = header.members.clone();
+    header.recipients.retain(|r| members.contains(r));
+    (header.recipients.len() < before).then(|| header.encode(parsed.body))
 }
 
 /// This member's MLS conversations and the relay protocol around them.
@@ -568,6 +579,9 @@ impl Conversations {
             self.set_aside.extend(fresh.set_aside);
             self.withdraw_packages |= fresh.withdraw_packages;
             self.refreshed = fresh.refreshed;
+            // Written by whichever process made the commit; sent again by whichever follows
+            // up first (under this lock).
+            self.unsent = fresh.unsent;
             // A lost commit's intent is only this process's to rebase.
             let groups = &self.groups;
             self.lost.retain(|id, _| groups.contains_key(id));
@@ -977,12 +991,12 @@ impl Conversations {
         self.shared_dirty = true;
         match self.commit(session, id, out).await {
             Ok(_) => Ok(id),
-            Err(e @ ServiceError::Unanswered { .. }) => {
+            Err(ServiceError::Unanswered { error, .. }) => {
                 // Nobody joined it yet: dropped rather than kept pending, and the next try
                 // starts another (if this commit did reach the relay, its group is never
                 // joined: the Welcome goes only after the verdict).
                 self.forget(id)?;
-                Err(e)
+                Err(error.into())
             }
             Err(e) => Err(e),
         }
@@ -1360,47 +1374,62 @@ impl Conversations {
         let Some(unsent) = self.unsent.get(&id).cloned() else {
             return Err(ServiceError::Unknown(id));
         };
-        let verdict = session.send(unsent.carriage).await;
-        if let Err(e) = &verdict {
-            let for_now = match e {
-                NetError::Refused { code, .. } => code.is_transient(),
-                _ => true,
-            };
-            if for_now {
-                return Err(ServiceError::Unanswered {
-                    conversation: id,
-                    why: e.to_string(),
-                });
-            }
+        let mut verdict = session.send(unsent.carriage.clone()).await;
+        if let Err(NetError::Refused {
+            code: ErrorCode::NotAMember,
+            ..
+        }) = &verdict
+            && let Some(narrowed) = members_only(&unsent.carriage)
+        {
+            // A commit that won its epoch already is routed again to the group's members only
+            // (the relay knows it by its message id, not who it removed): those it removed had
+            // it when it won.
+            verdict = session.send(narrowed).await;
         }
-        self.unsent.remove(&id);
-        self.shared_dirty = true;
-        match verdict {
-            Ok(_) => {}
+        let for_now = match &verdict {
+            Ok(_) => false,
+            Err(NetError::Refused { code, .. }) => code.is_transient(),
+            Err(_) => true,
+        };
+        if for_now && let Err(error) = verdict {
+            return Err(ServiceError::Unanswered {
+                conversation: id,
+                error,
+            });
+        }
+        // The conversation is written before the commit as sent is dropped: a crash between
+        // the two leaves a copy of a commit no longer pending, which `resend` drops, never a
+        // pending commit without its copy.
+        let outcome = match verdict {
+            Ok(_) => {
+                let epoch = self.conversation(id)?.commit_accepted()?;
+                // Every commit of ours carries a fresh path for our leaf.
+                self.refreshed.insert(id, syncra_core::now_ms());
+                Ok(epoch)
+            }
             Err(NetError::Refused {
                 code: ErrorCode::CommitConflict,
                 ..
             }) => {
                 let intent = self.conversation(id)?.commit_rejected()?;
                 self.lost.insert(id, intent);
-                self.checkpoint(Some(id))?;
-                return Err(ServiceError::Conflict {
+                Err(ServiceError::Conflict {
                     conversation: id,
                     epoch: unsent.epoch,
-                });
+                })
             }
             Err(e) => {
                 // Refused for good (not a member, a malformed carriage): the commit never
                 // happened.
                 self.conversation(id)?.commit_rejected()?;
-                self.checkpoint(Some(id))?;
-                return Err(e.into());
+                Err(e.into())
             }
-        }
-        let epoch = self.conversation(id)?.commit_accepted()?;
-        // Every commit of ours carries a fresh path for our leaf.
-        self.refreshed.insert(id, syncra_core::now_ms());
+        };
         self.checkpoint(Some(id))?;
+        self.unsent.remove(&id);
+        self.shared_dirty = true;
+        self.checkpoint(Some(id))?;
+        let epoch = outcome?;
         if let Some(welcome) = unsent.welcome
             && !unsent.joiners.is_empty()
         {
@@ -1646,6 +1675,32 @@ impl Conversations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A removal sent again goes to the members it declares only, the same message id and MLS
+    /// message; a carriage already addressed to members only is left as it is.
+    #[test]
+    fn a_commit_sent_again_to_members_only_keeps_its_id_and_message() {
+        let [a, b, gone] = [1u8, 2, 3].map(|n| UserId::from_identity_key(&[n; 32]));
+        let header = CarriageHeader {
+            message_id: [4; 16],
+            kind: CarriageKind::Commit,
+            group_id: GroupId([5; 16]),
+            epoch: 9,
+            recipients: vec![b, gone],
+            members: vec![a, b],
+        };
+        let narrowed = members_only(&header.encode(b"mls")).unwrap();
+        let parsed = carriage::parse(&narrowed).unwrap();
+        assert_eq!(parsed.body, b"mls");
+        assert_eq!(
+            parsed.header,
+            CarriageHeader {
+                recipients: vec![b],
+                ..header.clone()
+            }
+        );
+        assert_eq!(members_only(&narrowed), None);
+    }
 
     /// The unanswered commits read back as written, with or without a Welcome; a list cut
     /// short anywhere, or with bytes after it, is refused whole (the file is then set aside).

@@ -410,10 +410,11 @@ impl Client {
         }
     }
 
-    /// Sends again, at most every [`RESEND_EVERY`] (and at once after a login), each commit of
-    /// this member's that had no verdict (no answer came, or the relay's store was away): the
-    /// same commit, which the relay routes if it won already and decides now if not.
-    async fn resend_unanswered(&mut self) {
+    /// Sends again, at most every [`RESEND_EVERY`] (and at once after a login: from
+    /// [`Client::upkeep`], so a one-shot command does it too), each commit of this member's that
+    /// had no verdict (no answer came, or the relay's store was away): the same commit, which
+    /// the relay routes if it won already and decides now if not.
+    pub(super) async fn resend_unanswered(&mut self) {
         let now = std::time::Instant::now();
         if self.resend_at.is_some_and(|at| now < at) {
             return;
@@ -421,6 +422,8 @@ impl Client {
         let Some(session) = self.session() else {
             return;
         };
+        // The lock is taken at most this often, even with nothing to send.
+        self.resend_at = Some(now + RESEND_EVERY);
         // Read under the lock: another process of this home may have left one.
         let unanswered = match self.mls.lock(&self.keys.identity).await {
             Ok(_lock) => self.mls.unanswered(),
@@ -432,7 +435,6 @@ impl Client {
         if unanswered.is_empty() {
             return;
         }
-        self.resend_at = Some(now + RESEND_EVERY);
         for id in unanswered {
             // Held through the send and what follows: another process of this home may be
             // processing the same conversation.

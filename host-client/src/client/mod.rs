@@ -707,6 +707,8 @@ impl Client {
     /// KeyPackage directory and refreshes leaves that are due. A failure is logged and tried
     /// again later.
     pub async fn upkeep(&mut self) {
+        // Before the leaf updates: a commit still without a verdict would hold them back.
+        self.resend_unanswered().await;
         if let Err(e) = self.rotate_prekey_if_due().await {
             // A long-running session (`Serve`) retries with backoff; a one-shot command
             // retries at its next connection.

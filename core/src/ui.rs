@@ -111,6 +111,17 @@ pub struct ConversationSummary {
     pub request: bool,
 }
 
+/// A conversation's name as `list` shows it; a short form of its id when it is not listed.
+pub fn conversation_name(list: &[ConversationSummary], id: &ConversationId) -> String {
+    list.iter()
+        .find(|c| &c.id == id)
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| match id {
+            ConversationId::Direct(u) => u.short(),
+            ConversationId::Group(g) => g.chars().take(8).collect(),
+        })
+}
+
 /// A secret typed by the person (a passphrase). Its `Debug` never shows it and it is wiped from
 /// memory when dropped, so it can travel in actions without leaking into logs.
 #[derive(Clone, PartialEq, Eq)]

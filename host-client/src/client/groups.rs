@@ -272,8 +272,9 @@ impl Client {
         Ok(self.book.groups.get(&group.id).cloned().unwrap_or(group))
     }
 
-    /// One add or remove commit (what came of it: [`Change`]); after losing the epoch to another member's commit, catches
-    /// up (a one-shot command processes its deliveries) and makes it again, twice at most.
+    /// One add or remove commit (what came of it: [`Change`]); after losing the epoch to
+    /// another member's commit, catches up (a one-shot command processes its deliveries) and
+    /// makes it again, twice at most.
     async fn commit_change(
         &mut self,
         session: &Session,

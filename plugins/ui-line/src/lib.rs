@@ -58,14 +58,7 @@ const HELP: &str = "commands: /list, /open NAME, /add HANDLE, /verify, /verified
 
 impl State {
     fn name_of(&self, id: &ConversationId) -> String {
-        self.conversations
-            .iter()
-            .find(|c| &c.id == id)
-            .map(|c| c.name.clone())
-            .unwrap_or_else(|| match id {
-                ConversationId::Direct(u) => u.short(),
-                ConversationId::Group(g) => g.chars().take(8).collect(),
-            })
+        syncra_core::ui::conversation_name(&self.conversations, id)
     }
 
     fn on_event(&mut self, event: AppEvent) {

@@ -323,14 +323,7 @@ fn give_back(m: &mut Main, text: &str) {
 
 /// A conversation's name as the list shows it.
 pub fn conversation_name(m: &Main, id: &ConversationId) -> String {
-    m.conversations
-        .iter()
-        .find(|c| &c.id == id)
-        .map(|c| c.name.clone())
-        .unwrap_or_else(|| match id {
-            ConversationId::Direct(u) => u.short(),
-            ConversationId::Group(g) => g.chars().take(8).collect(),
-        })
+    syncra_core::ui::conversation_name(&m.conversations, id)
 }
 
 fn secret_area(placeholder: &str) -> TextArea<'static> {
